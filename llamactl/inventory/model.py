@@ -1,0 +1,368 @@
+"""The typed inventory: pydantic models for each settings block, dataclasses for the resolved cluster.
+
+Models are strict (YAML already has types: ``port: "22"`` is a mistake worth reporting) and forbid
+unknown keys, so misspellings surface with a "did you mean".
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+MAX_GPUS = 64
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _absolute(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError("an absolute path")
+    return value
+
+
+def _check_address(value: str) -> str:
+    if not re.match(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*\Z", value) or len(value) > 253:
+        raise ValueError("a host name or an IP address")
+    return value
+
+
+class SSHSettings(_Model):
+    user: str | None = None  # None: ~/.ssh/config or the local user name decides
+    port: Port = 22
+    identity_file: str | None = None
+    jump: str | None = None  # ProxyJump, [user@]host[:port]
+    known_hosts: str = "~/.ssh/known_hosts"
+    host_key_policy: Literal["strict", "accept-new"] = "strict"
+    connect_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
+    use_ssh_config: bool = True
+
+
+class GenerationSettings(_Model):
+    max_new_tokens: Annotated[int, Field(ge=1, le=131072)] = 1024
+    temperature: Annotated[float, Field(ge=0, le=5)] = 0.6
+    top_p: Annotated[float, Field(gt=0, le=1)] = 0.9
+    do_sample: bool = False
+
+
+class ModelSettings(_Model):
+    source: str  # a path on the host or a hub id
+    upload_from: str | None = None  # a local directory copied to `source`
+    revision: str = "main"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    generation: GenerationSettings = GenerationSettings()
+
+
+class ApiKeysRef(_Model):
+    """Where the API keys come from. ``keys`` is filled by the loader, never from YAML."""
+
+    env: str | None = None
+    file: str | None = None
+    keys: tuple[str, ...] = Field(default=(), repr=False, exclude=True)
+
+    @field_validator("env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not ENV_NAME_RE.match(value):
+            raise ValueError("an environment variable name like LLAMACTL_API_KEYS")
+        return value
+
+
+class CacheSettings(_Model):
+    max_entries: Annotated[int, Field(ge=0)] = 1024
+    max_mb: Annotated[int, Field(ge=0)] = 256
+    include_sampled: bool = False
+
+
+class ServerSettings(_Model):
+    user: str = "llamactl"  # the unit's User=; "root" runs as root (test labs)
+    max_batch_size: Annotated[int, Field(ge=1, le=256)] = 8
+    max_wait_ms: Annotated[int, Field(ge=0, le=10000)] = 10
+    queue_limit: Annotated[int, Field(ge=0)] = 64
+    request_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    drain_timeout_s: Annotated[float, Field(ge=0)] = 60.0
+    max_body_mb: Annotated[int, Field(ge=1)] = 20
+    max_image_pixels: Annotated[int, Field(ge=1)] = 40_000_000
+    max_image_mb: Annotated[int, Field(ge=1)] = 15
+    api_keys: ApiKeysRef | None = None
+    cache: CacheSettings = CacheSettings()
+    env: dict[str, str] = {}
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value: str) -> str:
+        if not re.match(r"[a-z_][a-z0-9_-]{0,31}\Z", value):
+            raise ValueError("a user name like llamactl or root")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, item in value.items():
+            if not ENV_NAME_RE.match(name):
+                raise ValueError(f'environment variable names like HF_HUB_OFFLINE, not "{name}"')
+            if name.startswith("LLAMACTL_") or name == "CUDA_VISIBLE_DEVICES":
+                raise ValueError(f"extra variables only; {name} is set from the inventory's own settings")
+            if any(ord(c) < 32 for c in item):
+                raise ValueError(f"single-line values (no control characters in {name})")
+        return value
+
+
+class PipSettings(_Model):
+    index_url: str | None = None
+    extra_index_urls: list[str] = []
+    find_links: list[str] = []
+    no_index: bool = False
+    wheelhouse: str | None = None  # a local directory of wheels uploaded to air-gapped hosts
+
+
+class HostConfig(_Model):
+    """One server host after defaults -> group -> host merging (the YAML shape)."""
+
+    address: str
+    ssh: SSHSettings = SSHSettings()
+    python: str = "/usr/bin/python3"
+    install_dir: str = "/opt/llamactl"
+    gpus: Any = 1  # a count or a list of indices; checked by the validator below
+    base_port: Port = 8000
+    ports: list[Port] | None = None  # explicit per-instance ports (overrides base_port + i)
+    bind: str = "0.0.0.0"
+    model: ModelSettings
+    server: ServerSettings = ServerSettings()
+    pip: PipSettings = PipSettings()
+
+    @field_validator("address", "bind")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return _check_address(value)
+
+    @field_validator("install_dir", "python")
+    @classmethod
+    def _abs(cls, value: str) -> str:
+        return _absolute(value)
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpus(cls, value: Any) -> Any:
+        expected = f"a GPU count from 0 to {MAX_GPUS} or a list of distinct GPU indices"
+        if isinstance(value, bool):
+            raise ValueError(expected)
+        if isinstance(value, int):
+            if not 0 <= value <= MAX_GPUS:
+                raise ValueError(expected)
+            return list(range(value))
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            if len(set(value)) != len(value) or any(not 0 <= v < 1024 for v in value):
+                raise ValueError(expected)
+            return list(value)
+        raise ValueError(expected)
+
+
+class TLSSettings(_Model):
+    listen: Port = 443
+    certificate: str
+    certificate_key: str
+    redirect_http: bool = True  # plain-HTTP listener answers 301 to https (False: serve both)
+
+    @field_validator("certificate", "certificate_key")
+    @classmethod
+    def _abs(cls, value: str) -> str:
+        return _absolute(value)
+
+
+class RateLimit(_Model):
+    requests_per_second: Annotated[int, Field(ge=1)]
+    burst: Annotated[int, Field(ge=0)] = 0
+
+
+class BalancerHostConfig(_Model):
+    address: str
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return _check_address(value)
+    ssh: dict[str, Any] = {}  # merged over defaults.ssh, then typed as SSHSettings
+
+
+class BalancerConfig(_Model):
+    hosts: dict[str, BalancerHostConfig | None]
+    listen: Port = 80
+    listen_address: str | None = None
+    server_name: str = "_"
+    tls: TLSSettings | None = None
+    method: Literal["least_conn", "round_robin", "ip_hash"] = "least_conn"
+    max_fails: Annotated[int, Field(ge=0)] = 2
+    fail_timeout_s: Annotated[int, Field(ge=1)] = 10
+    keepalive: Annotated[int, Field(ge=0)] = 32
+    next_upstream_tries: Annotated[int, Field(ge=1, le=100)] = 3
+    next_upstream_timeout_s: Annotated[int, Field(ge=0)] | None = None  # None: proxy_read_timeout_s
+    client_max_body_size_mb: Annotated[int, Field(ge=1)] = 25
+    proxy_connect_timeout_s: Annotated[int, Field(ge=1)] = 5
+    proxy_read_timeout_s: Annotated[int, Field(ge=1)] = 900
+    rate_limit: RateLimit | None = None
+    config_path: str = "/etc/nginx/conf.d/llamactl.conf"
+    prometheus_targets_path: str = "/etc/prometheus/file_sd/llamactl.json"
+
+    @field_validator("config_path", "prometheus_targets_path")
+    @classmethod
+    def _abs(cls, value: str) -> str:
+        return _absolute(value)
+
+
+class RolloutSpec(_Model):
+    batch: int | str = 1  # a count or a percentage such as "25%"
+    max_unavailable: Annotated[int, Field(ge=1)] = 1
+    drain_timeout_s: Annotated[float, Field(ge=0)] = 60.0
+    ready_timeout_s: Annotated[float, Field(gt=0)] = 900.0
+    canary: bool = True
+
+    @field_validator("batch", mode="before")
+    @classmethod
+    def _batch(cls, value: Any) -> Any:
+        expected = 'a count of at least 1 or a percentage from 1% to 100% like "25%"'
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        if isinstance(value, str) and re.match(r"\d{1,3}%\Z", value) and 1 <= int(value[:-1]) <= 100:
+            return value
+        raise ValueError(expected)
+
+    def batch_size(self, total: int) -> int:
+        """Instances per batch for a cluster of ``total`` instances (at least 1)."""
+        if isinstance(self.batch, int):
+            return max(1, min(self.batch, total))
+        return max(1, total * int(self.batch[:-1]) // 100)
+
+
+class HealthSpec(_Model):
+    interval_s: Annotated[float, Field(gt=0)] = 5.0
+    timeout_s: Annotated[float, Field(gt=0)] = 3.0
+    fall: Annotated[int, Field(ge=1)] = 3
+    rise: Annotated[int, Field(ge=1)] = 2
+    startup_grace_s: Annotated[float, Field(ge=0)] = 600.0
+
+
+class Document(_Model):
+    """The top level. Sections merged by hand are kept untyped here and typed per host later."""
+
+    version: Literal[1]
+    cluster: str
+    defaults: dict[str, Any] = {}
+    groups: dict[str, dict[str, Any] | None]
+    balancer: BalancerConfig
+    rollout: RolloutSpec = RolloutSpec()
+    health: HealthSpec = HealthSpec()
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError("a name of letters, digits, '.', '_' or '-' (at most 63, starting alphanumeric)")
+        return value
+
+
+# --- the resolved cluster -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instance:
+    host: str
+    index: int
+    gpu: int | None
+    address: str
+    port: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.host}/{self.index}"
+
+    @property
+    def unit(self) -> str:
+        return f"llamactl@{self.index}.service"
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    name: str
+    address: str
+    group: str
+    ssh: SSHSettings
+    python: str
+    install_dir: str
+    bind: str
+    gpus: list[int]
+    base_port: int
+    model: ModelSettings
+    server: ServerSettings
+    pip: PipSettings
+    instances: list[Instance] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BalancerHost:
+    name: str
+    address: str
+    ssh: SSHSettings
+
+
+@dataclass(frozen=True)
+class BalancerSpec:
+    hosts: list[BalancerHost]
+    listen: int
+    listen_address: str | None
+    server_name: str
+    tls: TLSSettings | None
+    method: str
+    max_fails: int
+    fail_timeout_s: int
+    keepalive: int
+    next_upstream_tries: int
+    next_upstream_timeout_s: int
+    client_max_body_size_mb: int
+    proxy_connect_timeout_s: int
+    proxy_read_timeout_s: int
+    rate_limit: RateLimit | None
+    config_path: str
+    prometheus_targets_path: str
+
+
+@dataclass(frozen=True)
+class Inventory:
+    path: Path
+    cluster: str
+    hosts: list[HostSpec]
+    balancer: BalancerSpec
+    rollout: RolloutSpec
+    health: HealthSpec
+
+    def instances(self) -> list[Instance]:
+        return [inst for host in self.hosts for inst in host.instances]
+
+    def host(self, name: str) -> HostSpec:
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        raise KeyError(name)
+
+    @property
+    def endpoint(self) -> str:
+        """Base URL of the first balancer host."""
+        lb = self.balancer.hosts[0]
+        addr = f"[{lb.address}]" if ":" in lb.address else lb.address
+        if self.balancer.tls is not None:
+            return f"https://{addr}:{self.balancer.tls.listen}"
+        return f"http://{addr}:{self.balancer.listen}"
