@@ -161,6 +161,8 @@ def plan_host(
 ) -> HostPlan:
     plan = HostPlan(host=host)
     plan.problems = preflight(facts, install_dir=install_dir, gpus=gpus)
+    if model_upload is None and model_path and model_path.startswith("/") and facts.model_present is False:
+        plan.problems.append(f"model directory {model_path} does not exist on the host (set model.upload_from?)")
     if plan.problems:
         return plan
 
@@ -205,9 +207,6 @@ def plan_host(
             manifest = json.dumps({"files": model_upload.manifest}, sort_keys=True, indent=1).encode()
             plan.steps.append(Upload(posixpath.join(model_path, MODEL_MANIFEST), "model manifest", content=manifest))
             plan.changes.append(f"uploaded {len(changed)} changed model file(s) to {model_path}")
-    elif model_path and model_path.startswith("/") and facts.model_present is False:
-        plan.problems.append(f"model directory {model_path} does not exist on the host (set model.upload_from?)")
-        return plan
 
     unit_changed = False
     changed_paths: set[str] = set()

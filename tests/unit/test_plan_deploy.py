@@ -1,0 +1,174 @@
+"""The deploy planner on synthetic host facts: assert on the generated steps and commands."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from llamactl.plan.command import Command
+from llamactl.plan.deploy import Artifact, ModelUpload, Release, Run, Upload, pip_install_command, plan_host
+from llamactl.plan.facts import FactsError, HostFacts, UnitState, gather_command, parse_facts
+
+UNIT = "/etc/systemd/system/llamactl@.service"
+ENV0 = "/etc/llamactl/instance-0.env"
+ENV1 = "/etc/llamactl/instance-1.env"
+FILES = {UNIT: (b"[Unit]\n", 0o644), ENV0: (b"LLAMACTL_PORT=8000\n", 0o600), ENV1: (b"LLAMACTL_PORT=8001\n", 0o600)}
+DIGESTS = {p: hashlib.sha256(c).hexdigest() for p, (c, _) in FILES.items()}
+INSTANCES = [("h1/0", 0, "llamactl@0.service", "http://10.0.0.1:8000"),
+             ("h1/1", 1, "llamactl@1.service", "http://10.0.0.1:8001")]
+RELEASE = Release("0.1.0-abc", Artifact(Path("/w/llamactl-0.1.0-py3-none-any.whl"), "llamactl-0.1.0-py3-none-any.whl",
+                                        "ab" * 32, 1000),
+                  (Artifact(Path("/wh/torch.whl"), "torch.whl", "", 5), Artifact(Path("/wh/x.whl"), "x.whl", "", 7)))
+PIP = {"index_url": None, "extra_index_urls": [], "find_links": [], "no_index": True}
+
+FRESH = HostFacts(python=(3, 11, 2), venv=True, free_bytes=50 * 1024**3, systemd=True,
+                  files={p: None for p in FILES}, wheelhouse={}, releases=[], current=None,
+                  model_manifest=None, model_present=False, units={})
+CONVERGED = replace(
+    FRESH, files=dict(DIGESTS), wheelhouse={"torch.whl": 5, "x.whl": 7}, releases=["0.1.0-abc"], current="0.1.0-abc",
+    model_present=True,
+    units={u: UnitState("active", "enabled") for (_, _, u, _) in INSTANCES},
+    env_files=[ENV0, ENV1],
+)
+
+
+def plan(facts: HostFacts, **kw: object):  # type: ignore[no-untyped-def]
+    args: dict[str, object] = dict(host="h1", python="/usr/bin/python3", install_dir="/opt/llamactl", gpus=[],
+                                   instances=INSTANCES, files=FILES, file_digests=DIGESTS, facts=facts,
+                                   release=RELEASE, pip_settings=PIP, model_path=None, model_upload=None)
+    args.update(kw)
+    return plan_host(**args)  # type: ignore[arg-type]
+
+
+def commands(p) -> list[str]:  # type: ignore[no-untyped-def]
+    return [s.command.display() for s in p.steps if isinstance(s, Run)]
+
+
+def test_fresh_host_gets_everything() -> None:
+    p = plan(FRESH)
+    assert p.problems == []
+    uploads = [s.remote_path for s in p.steps if isinstance(s, Upload)]
+    assert uploads[:3] == ["/opt/llamactl/wheelhouse/torch.whl", "/opt/llamactl/wheelhouse/x.whl",
+                           "/opt/llamactl/wheels/llamactl-0.1.0-py3-none-any.whl"]
+    assert set(FILES) <= set(uploads)
+    cmds = commands(p)
+    assert cmds[0] == "mkdir -p /opt/llamactl/releases /etc/llamactl /opt/llamactl/wheels /opt/llamactl/wheelhouse"
+    assert cmds[1] == (
+        "rm -rf /opt/llamactl/releases/0.1.0-abc && /usr/bin/python3 -m venv /opt/llamactl/releases/0.1.0-abc && "
+        "/opt/llamactl/releases/0.1.0-abc/bin/python -m pip install --quiet --disable-pip-version-check --no-index "
+        "--find-links /opt/llamactl/wheelhouse "
+        "'/opt/llamactl/wheels/llamactl-0.1.0-py3-none-any.whl[server]' && "
+        "touch /opt/llamactl/releases/0.1.0-abc/.complete"
+    )
+    assert "systemctl daemon-reload" in cmds
+    assert any(c.startswith("ln -sfn /opt/llamactl/releases/0.1.0-abc /opt/llamactl/current.new") for c in cmds)
+    assert "systemctl enable llamactl@0.service llamactl@1.service" in cmds
+    assert [(a.unit, a.action) for a in p.actions] == [("llamactl@0.service", "start"), ("llamactl@1.service", "start")]
+    env_uploads = [s for s in p.steps if isinstance(s, Upload) and s.remote_path == ENV0]
+    assert env_uploads[0].mode == 0o600 and env_uploads[0].secret
+
+
+def test_converged_host_is_a_noop() -> None:
+    p = plan(CONVERGED)
+    assert p.steps == [] and p.actions == [] and p.changed == 0
+
+
+def test_only_changed_instance_restarts() -> None:
+    files = dict(FILES)
+    files[ENV1] = (b"LLAMACTL_PORT=8001\nLLAMACTL_MAX_BATCH_SIZE=2\n", 0o600)
+    digests = {p: hashlib.sha256(c).hexdigest() for p, (c, _) in files.items()}
+    p = plan(CONVERGED, files=files, file_digests=digests)
+    assert [s.remote_path for s in p.steps if isinstance(s, Upload)] == [ENV1]
+    assert "systemctl daemon-reload" not in commands(p)  # an env file is not a unit
+    assert [(a.unit, a.action, a.why) for a in p.actions] == [("llamactl@1.service", "restart", "settings changed")]
+
+
+def test_new_release_restarts_all_serving_and_reuses_wheelhouse() -> None:
+    rel = replace(RELEASE, release_id="0.1.1-def")
+    p = plan(CONVERGED, release=rel)
+    assert not any(isinstance(s, Upload) and "wheelhouse" in s.remote_path for s in p.steps)
+    assert [a.action for a in p.actions] == ["restart", "restart"]
+    assert all(a.why == "new release" for a in p.actions)
+
+
+def test_crashed_unit_is_started_not_restarted() -> None:
+    units = dict(CONVERGED.units)
+    units["llamactl@0.service"] = UnitState("failed", "enabled")
+    p = plan(replace(CONVERGED, units=units))
+    assert [(a.unit, a.action) for a in p.actions] == [("llamactl@0.service", "start")]
+
+
+def test_stale_instance_is_removed() -> None:
+    facts = replace(CONVERGED, env_files=[ENV0, ENV1, "/etc/llamactl/instance-2.env"])
+    cmds = commands(plan(facts))
+    assert cmds[1] == "systemctl disable --now llamactl@2.service && rm -f /etc/llamactl/instance-2.env"
+    assert "systemctl daemon-reload" in cmds
+
+
+@pytest.mark.parametrize(
+    ("facts", "kw", "message"),
+    [
+        (replace(FRESH, python=(3, 8, 10)), {}, "python 3.8.10 found, llamactl needs >= 3.10"),
+        (replace(FRESH, venv=False), {}, "python has no venv/ensurepip module (on Debian: apt-get install python3-venv)"),
+        (replace(FRESH, systemd=False), {}, "systemd is not running as the init system (/run/systemd/system is missing)"),
+        (replace(FRESH, free_bytes=1024**3), {}, "only 1.0 GiB free under /opt/llamactl, need 3 GiB"),
+        (FRESH, {"gpus": [0, 1]}, "the inventory gives this host GPUs but nvidia-smi is missing or failed"),
+        (replace(FRESH, gpu_count=2), {"gpus": [0, 3]}, "GPU index 3 configured but nvidia-smi lists 2 GPU(s)"),
+        (FRESH, {"model_path": "/srv/models/x"},
+         "model directory /srv/models/x does not exist on the host (set model.upload_from?)"),
+    ],
+)
+def test_preflight_problems(facts: HostFacts, kw: dict[str, object], message: str) -> None:
+    p = plan(facts, **kw)
+    assert p.problems == [message]
+    assert p.steps == []
+
+
+def test_model_upload_sends_only_changed_files() -> None:
+    upload = ModelUpload((Artifact(Path("/m/a"), "a", "1" * 64, 1), Artifact(Path("/m/b"), "b", "2" * 64, 1)),
+                         {"a": "1" * 64, "b": "2" * 64})
+    facts = replace(CONVERGED, model_manifest={"files": {"a": "1" * 64, "b": "old"}})
+    p = plan(facts, model_path="/srv/m", model_upload=upload)
+    assert [s.remote_path for s in p.steps if isinstance(s, Upload)] == ["/srv/m/b", "/srv/m/.llamactl-manifest.json"]
+    unchanged = replace(CONVERGED, model_manifest={"files": {"a": "1" * 64, "b": "2" * 64}})
+    assert plan(unchanged, model_path="/srv/m", model_upload=upload).steps == []
+
+
+def test_pip_settings_are_passed_through() -> None:
+    line = pip_install_command("/usr/bin/python3", "/r", "/w.whl", index_url="https://pypi.example/simple",
+                               extra_index_urls=["https://x/simple"], find_links=["/links"], no_index=False)
+    assert "--index-url https://pypi.example/simple --extra-index-url https://x/simple --find-links /links" in line
+
+
+def test_gather_script_runs_and_parses(tmp_path: Path) -> None:
+    """The real fact-gathering script, run by a local python against a temp install dir."""
+    (tmp_path / "releases" / "r1").mkdir(parents=True)
+    (tmp_path / "releases" / "r1" / ".complete").touch()
+    (tmp_path / "releases" / "half").mkdir()
+    (tmp_path / "current").symlink_to(tmp_path / "releases" / "r1")
+    (tmp_path / "wheelhouse").mkdir()
+    (tmp_path / "wheelhouse" / "a.whl").write_bytes(b"12345")
+    f = tmp_path / "f.conf"
+    f.write_bytes(b"hello")
+    cmd: Command = gather_command(sys.executable, install_dir=str(tmp_path), files=[str(f), str(tmp_path / "nope")],
+                                  wheelhouse_dir=str(tmp_path / "wheelhouse"), units=[], model_path=str(tmp_path),
+                                  model_manifest=None, gpus=False, env_dir=str(tmp_path))
+    out = subprocess.run(list(cmd.argv), capture_output=True, text=True, check=True).stdout
+    facts = parse_facts(out)
+    assert facts.python[:2] == sys.version_info[:2]
+    assert facts.releases == ["r1"] and facts.current == "r1"
+    assert facts.wheelhouse == {"a.whl": 5}
+    assert facts.files == {str(f): hashlib.sha256(b"hello").hexdigest(), str(tmp_path / "nope"): None}
+    assert facts.model_present is True
+
+
+@pytest.mark.parametrize("text", ["", "garbage", json.dumps({"python": [3]})])
+def test_parse_facts_rejects_garbage(text: str) -> None:
+    with pytest.raises(FactsError):
+        parse_facts(text)
