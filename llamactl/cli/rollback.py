@@ -1,0 +1,43 @@
+"""`llamactl rollback`: return every host to its previous release."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from llamactl.cli.console import console_for
+from llamactl.errors import OperationFailed
+
+
+def rollback_command(
+    inventory: Path = typer.Argument(..., help="The inventory YAML file."),
+    to: Optional[str] = typer.Option(None, "--to", help="A release id to return to (default: the previous one)."),  # noqa: UP007
+) -> None:
+    """Activate the previous release on every host, then restart instances batch by batch.
+
+    Example: llamactl rollback inventory.yaml
+    """
+    from llamactl.inventory import load_inventory
+    from llamactl.ops.rollback import rollback
+
+    inv = load_inventory(inventory)
+    console = console_for(stderr=False)
+    results, rolling_error = rollback(inv, to=to,
+                                      progress=lambda h, m: console_for(stderr=True).print(f"{h}: {m}", markup=False))
+    table = Table(title="rollback")
+    for col in ("host", "result", "from", "to", "detail"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r.host, "ok" if r.ok else "failed", r.frm or "-", r.to or "-", r.error or "")
+    console.print(table)
+    if rolling_error:
+        console.print(f"rolling restart failed: {rolling_error}", markup=False)
+    if rolling_error or not all(r.ok for r in results):
+        raise OperationFailed("rollback did not complete on every host")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("rollback")(rollback_command)
