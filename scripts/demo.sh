@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole story on one machine: a lab of 3 real hosts + a balancer, deploy, status, and a question about an image.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+LAB=${LAB_DIR:-$PWD/.lab}
+L=.venv/bin/llamactl
+$L lab down --dir "$LAB" >/dev/null 2>&1 || true
+$L lab up 3 --dir "$LAB"
+$L validate "$LAB/inventory.yaml"
+$L deploy "$LAB/inventory.yaml"
+$L status "$LAB/inventory.yaml"
+.venv/bin/python - "$LAB/photo.jpg" <<'PY'
+import sys
+from PIL import Image, ImageDraw
+img = Image.new("RGB", (640, 480), (40, 90, 160))
+d = ImageDraw.Draw(img)
+d.ellipse((220, 140, 420, 340), fill=(250, 200, 40))
+d.rectangle((0, 380, 640, 480), fill=(30, 140, 60))
+img.save(sys.argv[1], quality=90)
+PY
+$L infer "$LAB/photo.jpg" --endpoint "$(cat "$LAB/endpoint")" --question "What is in this picture?"
+echo
+echo "The lab is still up: try 'llamactl status $LAB/inventory.yaml --watch' (activate with: . .venv/bin/activate)."
+echo "Tear it down with: .venv/bin/llamactl lab down --dir $LAB"
