@@ -1,0 +1,93 @@
+"""The lab wheelhouse: every wheel `llamactl[server]` needs, for air-gapped lab hosts.
+
+Downloaded once with the controller's pip into a shared cache (slow the first time) and hard-linked
+into ``DIR/wheelhouse`` on each ``lab up`` (instant).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+from llamactl.errors import LlamactlError
+
+CACHE = Path("/var/cache/llamactl-lab/wheelhouse")
+# The CPU build; an unpinned torch would pull a multi-GB CUDA build and its nvidia-* wheels.
+TORCH_PIN = "torch==2.13.0+cpu"
+# The hosts run /usr/bin/python3 (CPython 3.11, glibc x86_64); say so when the controller differs.
+TARGET = ["--implementation", "cp", "--python-version", "3.11", "--abi", "cp311",
+          "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux2014_x86_64",
+          "--platform", "manylinux_2_17_x86_64", "--platform", "linux_x86_64"]
+
+
+def server_requirements() -> list[str]:
+    """Base and ``server`` requirements of the installed llamactl, markers evaluated for the hosts."""
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # not a declared dependency; pip always vendors it
+        from pip._vendor.packaging.requirements import Requirement  # type: ignore[no-redef]
+
+    reqs = []
+    for line in metadata.requires("llamactl") or []:
+        req = Requirement(line)
+        env = {"extra": "server", "platform_system": "Linux", "sys_platform": "linux",
+               "python_version": "3.11", "platform_machine": "x86_64"}
+        if req.marker is None or req.marker.evaluate(env):
+            req.marker = None
+            reqs.append(str(req))
+    return sorted(reqs)
+
+
+def _same_target() -> bool:
+    return sys.version_info[:2] == (3, 11) and sys.platform == "linux" and os.uname().machine == "x86_64"
+
+
+def ensure_cache(reqs: list[str], say: Callable[[str], None], cache: Path = CACHE) -> Path:
+    """Fill the cache with wheels for ``reqs`` unless a stamp says it already holds exactly them."""
+    stamp_text = "\n".join([*reqs, TORCH_PIN]) + "\n"
+    stamp = cache / ".requirements"
+    if stamp.exists() and stamp.read_text() == stamp_text and any(cache.glob("*.whl")):
+        say(f"wheelhouse: cached in {cache}")
+        return cache
+    cache.mkdir(parents=True, exist_ok=True)
+    constraints = cache / ".constraints.txt"
+    constraints.write_text(TORCH_PIN + "\n")
+    argv = [sys.executable, "-m", "pip", "download", "--dest", str(cache), "--only-binary=:all:",
+            "--progress-bar", "off", "-c", str(constraints), *([] if _same_target() else TARGET), *reqs]
+    say(f"wheelhouse: downloading {len(reqs)} requirements and their dependencies into {cache} (first time only)")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip()
+        tail = [*tail[-20:], line]
+        if line.startswith(("Collecting", "Saved", "File was already downloaded")):
+            say(f"  {line}")
+    if proc.wait() != 0:
+        raise LlamactlError("wheelhouse: `pip download` failed:\n  " + "\n  ".join(tail))
+    stamp.write_text(stamp_text)
+    return cache
+
+
+def populate(dest: Path, say: Callable[[str], None], cache: Path = CACHE) -> int:
+    """Make ``dest`` hold every cached wheel (hard links, copies across filesystems). Returns the count."""
+    ensure_cache(server_requirements(), say, cache)
+    dest.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for wheel in sorted(cache.glob("*.whl")):
+        target = dest / wheel.name
+        if not target.exists() or target.stat().st_size != wheel.stat().st_size:
+            target.unlink(missing_ok=True)
+            try:
+                os.link(wheel, target)
+            except OSError:
+                shutil.copy2(wheel, target)
+        count += 1
+    say(f"wheelhouse: {count} wheels in {dest}")
+    return count
+
