@@ -1,0 +1,222 @@
+"""Apply a rendered balancer config safely: upload, ``nginx -t`` on the host, reload, confirm.
+
+A broken config never reaches a running nginx: when the test fails the previous file goes back
+(or the new one is removed when there was none), nginx is not reloaded and keeps serving, and the
+error carries nginx's own message. Deploy, rolling restart and watch all go through here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from llamactl.errors import LlamactlError
+from llamactl.plan.command import Command, quote
+
+if TYPE_CHECKING:
+    from llamactl.inventory import Inventory
+    from llamactl.plan.render import RenderedFile
+    from llamactl.remote import Executor
+
+BACKUP_SUFFIX = ".llamactl-prev"
+
+
+@dataclass(frozen=True)
+class NginxControl:
+    """How to test, reload and inspect nginx on a balancer host.
+
+    ``reload=None`` picks ``systemctl reload nginx`` when nginx is active under systemd, else
+    ``nginx -s reload``. ``master_pid`` prints the master's PID; its children are the workers whose
+    replacement proves a reload took.
+    """
+
+    test: Command = Command.of("nginx", "-t")
+    reload: Command | None = None
+    master_pid: Command | None = None
+    systemd_unit: str = "nginx.service"
+    confirm_timeout_s: float = 10.0
+
+    @classmethod
+    def for_prefix(cls, prefix: str, conf: str) -> NginxControl:
+        """An nginx started as ``nginx -p PREFIX -c CONF`` (tests, unprivileged setups)."""
+        flags = ("-p", prefix, "-c", conf)
+        return cls(
+            test=Command.of("nginx", "-t", *flags),
+            reload=Command.of("nginx", "-s", "reload", *flags),
+            master_pid=Command.sh(f"cat {quote(prefix.rstrip('/') + '/nginx.pid')}"),
+        )
+
+
+@dataclass(frozen=True)
+class HostChange:
+    host: str
+    changed_paths: list[str]
+    reloaded: bool
+
+
+@dataclass(frozen=True)
+class BalancerResult:
+    changed: bool
+    reason: str
+    drained: frozenset[str]
+    hosts: list[HostChange] = field(default_factory=list)
+
+
+class BalancerConfigError(LlamactlError):
+    """``nginx -t`` rejected the new config (it was rolled back), or the reload did not take."""
+
+    def __init__(self, host: str, path: str, message: str, nginx_output: str) -> None:
+        self.host = host
+        self.path = path
+        self.nginx_output = nginx_output
+        detail = "\n  ".join(nginx_output.strip().splitlines()[-8:])
+        super().__init__(f"{host}: {path}: {message}" + (f"\n  {detail}" if detail else ""))
+
+
+def apply_balancer_config(
+    inv: Inventory,
+    executors_by_balancer_host: Mapping[str, Executor],
+    drained: frozenset[str] = frozenset(),
+    *,
+    reason: str,
+    nginx: NginxControl | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> BalancerResult:
+    """Render the balancer files with ``drained`` instances marked ``down`` and apply them on every
+    balancer host (in inventory order; the first failure stops and raises)."""
+    from llamactl.plan.render import render_balancer_files
+
+    files = render_balancer_files(inv, drained)
+    control = nginx or NginxControl()
+    changes: list[HostChange] = []
+    for bh in inv.balancer.hosts:
+        executor = executors_by_balancer_host[bh.name]
+        changes.append(
+            apply_files(executor, files, inv.balancer.config_path, control, sleep=sleep, clock=clock)
+        )
+    return BalancerResult(
+        changed=any(c.changed_paths for c in changes), reason=reason, drained=drained, hosts=changes
+    )
+
+
+def apply_files(
+    executor: Executor,
+    files: Mapping[str, RenderedFile],
+    nginx_config_path: str,
+    control: NginxControl,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> HostChange:
+    """Upload the changed files to one balancer host; the nginx config goes through test + reload."""
+    changed: list[str] = []
+    nginx_new: RenderedFile | None = None
+    nginx_old: bytes | None = None
+    for path, rendered in files.items():
+        current = executor.read_bytes(path)
+        if current == rendered.content:
+            continue
+        changed.append(path)
+        if path == nginx_config_path:
+            nginx_new, nginx_old = rendered, current
+        else:  # Prometheus file_sd targets: picked up by Prometheus on its own, nothing to test
+            executor.put_bytes(rendered.content, path, rendered.mode)
+    if nginx_new is None:
+        return HostChange(executor.host, changed, reloaded=False)
+
+    if nginx_old is not None:
+        executor.put_bytes(nginx_old, nginx_config_path + BACKUP_SUFFIX, nginx_new.mode)
+    executor.put_bytes(nginx_new.content, nginx_config_path, nginx_new.mode)
+    test = executor.run(control.test, check=False)
+    if test.exit_code != 0:
+        try:
+            _restore(executor, nginx_config_path, nginx_old, nginx_new.mode)
+            restored = "the previous config was put back and nginx keeps serving it (not reloaded)"
+        except Exception as exc:  # noqa: BLE001 - reported with the original problem
+            restored = (f"putting the previous config back FAILED ({exc}); nginx was not reloaded and "
+                        f"keeps serving, the previous file is at {nginx_config_path}{BACKUP_SUFFIX}")
+        raise BalancerConfigError(
+            executor.host,
+            nginx_config_path,
+            f"nginx rejected the new config (`{control.test.display()}` exited {test.exit_code}); {restored}",
+            test.stderr + test.stdout,
+        )
+    _reload(executor, nginx_config_path, control, sleep=sleep, clock=clock)
+    return HostChange(executor.host, changed, reloaded=True)
+
+
+def _restore(executor: Executor, path: str, previous: bytes | None, mode: int) -> None:
+    if previous is None:
+        executor.run(Command.of("rm", "-f", path))
+    else:
+        executor.put_bytes(previous, path, mode)
+
+
+def _reload(
+    executor: Executor,
+    path: str,
+    control: NginxControl,
+    *,
+    sleep: Callable[[float], None],
+    clock: Callable[[], float],
+) -> None:
+    reload_cmd, pid_cmd, under_systemd = control.reload, control.master_pid, False
+    if reload_cmd is None or pid_cmd is None:
+        active = executor.run(Command.of("systemctl", "is-active", "--quiet", control.systemd_unit), check=False)
+        under_systemd = active.exit_code == 0
+        if reload_cmd is None:
+            reload_cmd = (
+                Command.of("systemctl", "reload", control.systemd_unit)
+                if under_systemd
+                else Command.of("nginx", "-s", "reload")
+            )
+        if pid_cmd is None:
+            pid_cmd = (
+                Command.of("systemctl", "show", "--property=MainPID", "--value", control.systemd_unit)
+                if under_systemd
+                else Command.of("cat", "/run/nginx.pid")
+            )
+    before = _workers(executor, pid_cmd)
+    if not before:
+        raise BalancerConfigError(
+            executor.host,
+            path,
+            f"nginx is not running (`{pid_cmd.display()}` found no master with workers); the new config "
+            "passed the test and is in place: start nginx to serve it",
+            "",
+        )
+    executor.run(reload_cmd)
+    # A reload is asynchronous: the master re-reads the config and forks new workers. If it cannot
+    # apply the config (a file that vanished since the test, a port in use) it keeps the old workers.
+    deadline = clock() + control.confirm_timeout_s
+    while True:
+        after = _workers(executor, pid_cmd)
+        if after - before:
+            break
+        if clock() >= deadline:
+            raise BalancerConfigError(
+                executor.host,
+                path,
+                f"`{reload_cmd.display()}` ran but nginx started no new workers within "
+                f"{control.confirm_timeout_s:g} s: the reload did not take, see nginx's error log",
+                "",
+            )
+        sleep(0.1)
+    if under_systemd:
+        executor.run(Command.of("systemctl", "is-active", "--quiet", control.systemd_unit))
+
+
+def _workers(executor: Executor, pid_cmd: Command) -> frozenset[int]:
+    """PIDs of the master's children (workers and cache processes)."""
+    pid = executor.run(pid_cmd, check=False).stdout.strip()
+    if not pid.isdigit() or pid == "0":
+        return frozenset()
+    out = executor.run(Command.of("ps", "-o", "pid=", "--ppid", pid), check=False).stdout
+    return parse_pids(out)
+
+
+def parse_pids(text: str) -> frozenset[int]:
+    return frozenset(int(tok) for tok in text.split() if tok.isdigit())

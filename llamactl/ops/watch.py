@@ -1,0 +1,189 @@
+"""The edge of ``llamactl watch``: probe, feed the state machine, act, log one JSON line per event.
+
+The decisions live in ``llamactl.plan.watch`` (pure); this loop only probes (llamactl.health),
+applies the balancer config when the drained set changes, restarts units over SSH and logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from typing import IO, TYPE_CHECKING, Any
+
+from llamactl.errors import ConnectError
+from llamactl.ops.balancer import NginxControl, apply_balancer_config
+from llamactl.ops.rolling import Connect, HostPool, default_connect, systemctl_restart
+from llamactl.plan.watch import Event, Observation, Policy, Step, Watcher
+
+if TYPE_CHECKING:
+    from llamactl.health.probe import InstanceProbe
+    from llamactl.inventory import Instance, Inventory
+    from llamactl.plan.render import RenderedFile
+
+WATCH_UNIT_PATH = "/etc/systemd/system/llamactl-watch.service"
+
+
+def observation(probe: InstanceProbe) -> Observation:
+    """Interpret one probe: ready only when /ready says 200; loading carries the server's uptime."""
+    health = probe.health
+    if health.status is None:
+        return Observation("failed", health.error or "no answer")
+    try:
+        body = json.loads(health.text)
+    except ValueError:
+        body = {}
+    body = body if isinstance(body, dict) else {}
+    status = str(body.get("status", f"HTTP {health.status}"))
+    uptime = body.get("uptime_s")
+    uptime_s = float(uptime) if isinstance(uptime, (int, float)) and not isinstance(uptime, bool) else None
+    if probe.ready.status == 200 and status == "ready":
+        return Observation("ready", uptime_s=uptime_s)
+    if status == "loading":
+        return Observation("loading", "loading the model", uptime_s)
+    detail = body.get("error") or f"status {status}, /ready {probe.ready.status or probe.ready.error}"
+    return Observation("failed", str(detail), uptime_s)
+
+
+def probe_all(instances: Sequence[Instance], timeout_s: float) -> dict[str, Observation]:
+    from llamactl.health.probe import make_client, probe_instances
+
+    async def sweep() -> list[InstanceProbe]:
+        async with make_client(len(instances), timeout_s) as client:
+            return await probe_instances(client, [i.url for i in instances], timeout_s)
+
+    probes = asyncio.run(sweep())
+    return {inst.id: observation(p) for inst, p in zip(instances, probes)}
+
+
+class JsonLog:
+    """One JSON object per line, to stdout and optionally appended to a file."""
+
+    def __init__(self, stream: IO[str] | None, path: str | None = None) -> None:
+        self._stream = stream
+        self._file = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115 - closed in close()
+        self._lock = threading.Lock()
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, sort_keys=False, default=str)
+        with self._lock:
+            for out in (self._stream, self._file):
+                if out is not None:
+                    out.write(line + "\n")
+                    out.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+@dataclass
+class WatchLoop:
+    inv: Inventory
+    policy: Policy
+    log: Callable[[dict[str, Any]], None]
+    connect: Connect = default_connect
+    nginx: NginxControl | None = None
+    clock: Callable[[], float] = time.monotonic
+    wall: Callable[[], float] = time.time
+
+    def __post_init__(self) -> None:
+        self.instances = self.inv.instances()
+        self.by_id = {i.id: i for i in self.instances}
+        self.watcher = Watcher(self.by_id, self.policy)
+        self.pool = HostPool(self.inv, self.connect)
+        self.applied: frozenset[str] = frozenset()
+
+    def emit(self, e: Event) -> None:
+        self.log({"time": round(self.wall(), 3), **e.as_dict(), "at": round(e.at, 3)})
+
+    def tick(self) -> None:
+        now = self.clock()
+        restarts: list[str] = []
+        for inst_id, obs in probe_all(self.instances, self.inv.health.timeout_s).items():
+            step: Step = self.watcher.observe(now, inst_id, obs)
+            for e in step.events:
+                self.emit(e)
+            restarts += [a.instance for a in step.actions if a.kind == "restart"]
+        self._sync_balancer(now)  # drain before restarting, undrain what recovered
+        if restarts:
+            with ThreadPoolExecutor(max_workers=min(8, len(restarts))) as workers:
+                for step in workers.map(self._restart, restarts):
+                    for e in step.events:
+                        self.emit(e)
+
+    def _sync_balancer(self, now: float) -> None:
+        wanted = self.watcher.drained
+        if wanted == self.applied:
+            return
+        try:
+            apply_balancer_config(self.inv, self.pool.balancers(), wanted, reason="watch", nginx=self.nginx)
+        except Exception as exc:  # noqa: BLE001 - logged; retried on the next tick
+            for name in [bh.name for bh in self.inv.balancer.hosts]:
+                self.pool.drop(name)
+            self.log({"time": round(self.wall(), 3), "at": round(now, 3), "event": "balancer_failed",
+                      "level": "error", "drained": sorted(wanted), "detail": str(exc)})
+            return
+        self.log({"time": round(self.wall(), 3), "at": round(now, 3), "event": "balancer_applied",
+                  "level": "info", "drained": sorted(wanted)})
+        self.applied = wanted
+
+    def _restart(self, inst_id: str) -> Step:
+        inst = self.by_id[inst_id]
+        try:
+            executor, lock = self.pool.get(inst.host)
+            with lock:
+                systemctl_restart(executor, inst)
+        except ConnectError as exc:
+            self.pool.drop(inst.host)
+            return self.watcher.restart_done(self.clock(), inst_id, ok=False, host_down=True, message=str(exc))
+        except Exception as exc:  # noqa: BLE001 - a failed restart is an event, not a crash of watch
+            self.pool.drop(inst.host)
+            return self.watcher.restart_done(self.clock(), inst_id, ok=False, message=str(exc))
+        return self.watcher.restart_done(self.clock(), inst_id, ok=True)
+
+    def run(self, *, once: bool, interval_s: float, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        self.log({"time": round(self.wall(), 3), "event": "watch_started", "level": "info",
+                  "cluster": self.inv.cluster, "instances": len(self.instances), "interval_s": interval_s,
+                  "fall": self.policy.fall, "rise": self.policy.rise, "budget": self.policy.budget,
+                  "window_s": self.policy.window_s})
+        try:
+            while True:
+                started = self.clock()
+                self.tick()
+                if once or stop.wait(max(0.0, interval_s - (self.clock() - started))):
+                    break
+        finally:
+            self.pool.close()
+
+
+def render_watch_unit(
+    inv: Inventory,
+    *,
+    inventory_path: str = "/etc/llamactl/inventory.yaml",
+    llamactl_bin: str = "/opt/llamactl/current/bin/llamactl",
+    log_file: str = "/var/log/llamactl/watch.log",
+) -> dict[str, RenderedFile]:
+    """The systemd unit that runs ``llamactl watch`` on a balancer host. Deploy must also place the
+    inventory at ``inventory_path`` and an SSH key/known_hosts that reach the server hosts."""
+    import jinja2
+
+    from llamactl.plan.render import RenderedFile
+
+    source = resources.files("llamactl").joinpath("templates/llamactl-watch.service.j2").read_text("utf-8")
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+    text = env.from_string(source).render(
+        cluster=inv.cluster,
+        llamactl_bin=llamactl_bin,
+        inventory_path=inventory_path,
+        interval_s=f"{inv.health.interval_s:g}",
+        log_file=log_file,
+        log_dir_name=log_file.rsplit("/", 1)[0].removeprefix("/var/log/") or "llamactl",
+    )
+    return {WATCH_UNIT_PATH: RenderedFile(text.encode("utf-8"), 0o644)}
