@@ -1,0 +1,232 @@
+"""``llamactl status``: a concurrent health sweep of every instance and balancer, as a table or JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from llamactl.health.report import HealthReport, InstanceReport
+    from llamactl.health.sweep import SweepOptions, SweepPlan
+
+_STATE_STYLE = {"ready": "green", "loading": "yellow", "draining": "cyan", "down": "bold red"}
+GIB = 1024**3
+
+
+def _console() -> Console:
+    return Console(no_color="NO_COLOR" in os.environ or None, highlight=False)
+
+
+def _num(value: float | None, fmt: str = "{:g}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _latency(i: InstanceReport) -> str:
+    if i.p50_s is None:
+        return "-"
+    return f"{i.p50_s:.2f}/{_num(i.p95_s, '{:.2f}')} s"
+
+
+def _gpu(i: InstanceReport) -> str:
+    if i.gpu_memory_total_bytes is None:
+        return "-"
+    used = (i.gpu_memory_used_bytes or 0) / GIB
+    return f"{used:.1f}/{i.gpu_memory_total_bytes / GIB:.1f} GiB"
+
+
+def _version(i: InstanceReport) -> Text:
+    if i.version is None:
+        return Text("-")
+    text = Text(f"{i.version} {i.config_hash or '?'}")
+    if i.drift:
+        text.append(" DRIFT", style="bold magenta")
+    return text
+
+
+def render_table(report: HealthReport) -> Table:
+    """The human view of a report (pure: builds a rich Table)."""
+    table = Table(title=report.summary(), title_justify="left", expand=False)
+    for name in (
+        "host",
+        "inst/GPU",
+        "port",
+        "state",
+        "model",
+        "version config",
+        "GPU mem",
+        "in flight",
+        "queued",
+        "req/s",
+        "p50/p95",
+    ):
+        table.add_column(name, no_wrap=name not in ("model",))
+    if report.deep:
+        table.add_column("systemd")
+    if report.canary:
+        table.add_column("canary")
+    table.add_column("last error", overflow="fold")
+    for i in report.instances:
+        gpu = "cpu" if i.gpu is None else f"gpu{i.gpu}"
+        row: list[str | Text] = [
+            i.host,
+            f"{i.index}/{gpu}",
+            str(i.port),
+            Text(i.state, style=_STATE_STYLE[i.state]),
+            Path(i.model).name if i.model else "-",
+            _version(i),
+            _gpu(i),
+            _num(i.in_flight),
+            _num(i.queued),
+            _num(i.requests_per_s, "{:.2f}"),
+            _latency(i),
+        ]
+        if report.deep:
+            row.append(i.systemd.display() if i.systemd else "-")
+        if report.canary:
+            ok = i.canary is not None and i.canary.ok
+            took = f" {i.canary.elapsed_s:.1f}s" if i.canary else ""
+            row.append(Text(("pass" if ok else "FAIL") + took, style="green" if ok else "bold red"))
+        row.append(Text(i.last_error or "", style="red"))
+        table.add_row(*row)
+    for b in report.balancers:
+        state = Text(b.state, style=_STATE_STYLE[b.state])
+        cells: list[str | Text] = [b.name, "balancer", b.url.rsplit(":", 1)[-1], state]
+        cells += ["-"] * (7 + int(report.deep) + int(report.canary))
+        cells.append(Text(b.error or "", style="red"))
+        table.add_row(*cells)
+    return table
+
+
+def _build(inventory: Path, limit: str | None) -> SweepPlan:
+    from llamactl.health.sweep import plan_from_inventory
+    from llamactl.inventory import load_inventory
+    from llamactl.inventory.select import limit as select_limit
+
+    inv = load_inventory(inventory)
+    hosts = {h.name for h in select_limit(inv, limit)}
+    return plan_from_inventory(inv, hosts)
+
+
+async def _once(plan: SweepPlan, options: SweepOptions) -> HealthReport:
+    from llamactl.health.probe import make_client
+    from llamactl.health.sweep import sweep
+
+    async with make_client(len(plan.targets) + len(plan.balancers), options.timeout_s) as client:
+        report, _ = await sweep(plan, options, client)
+    return report
+
+
+async def _watch(
+    plan: SweepPlan, options: SweepOptions, interval_s: float, console: Console, as_json: bool
+) -> HealthReport:
+    """Sweep every ``interval_s`` until Ctrl-C; rates and latency come from consecutive scrapes.
+
+    With --json, one compact JSON report per line (for piping); otherwise a live table.
+    """
+    import contextlib
+    import json
+
+    from rich.live import Live
+
+    from llamactl.health.probe import InstanceProbe, make_client
+    from llamactl.health.sweep import sweep
+
+    previous: dict[str, InstanceProbe] = {}
+    report: HealthReport | None = None
+    live = contextlib.nullcontext() if as_json else Live(console=console, auto_refresh=False)
+    async with make_client(len(plan.targets) + len(plan.balancers), options.timeout_s) as client:
+        with live:
+            try:
+                while True:
+                    report, previous = await sweep(plan, options, client, previous)
+                    if isinstance(live, Live):
+                        live.update(render_table(report), refresh=True)
+                    else:
+                        typer.echo(json.dumps(report.to_dict()))
+                    await asyncio.sleep(max(0.0, interval_s - report.elapsed_s))
+            except (KeyboardInterrupt, asyncio.CancelledError):
+                pass
+    if report is None:
+        raise KeyboardInterrupt
+    return report
+
+
+def status(
+    inventory: Path = typer.Argument(..., help="Inventory YAML file."),
+    watch: bool = typer.Option(
+        False, "--watch", "-w", help="Refresh live every health.interval_s until Ctrl-C."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the machine-readable report."),
+    canary: bool = typer.Option(
+        False, "--canary", help="Run a real small-image inference on every instance."
+    ),
+    deep: bool = typer.Option(False, "--deep", help="Add systemd state and restart count (over SSH)."),
+    limit: str | None = typer.Option(
+        None, "--limit", help="Only these hosts (comma-separated names or globs)."
+    ),
+    timeout: float | None = typer.Option(
+        None, "--timeout", help="Per-probe timeout in seconds [health.timeout_s]."
+    ),
+    api_key_env: str = typer.Option(
+        "LLAMACTL_API_KEY", "--api-key-env", help="Env var holding the canary's API key."
+    ),
+) -> None:
+    """Show the health of every instance and balancer, probed concurrently.
+
+    Exit code 0 only when everything is ready (and every canary passed, with --canary).
+
+    Example: llamactl status inventory.yaml --watch
+    """
+    from llamactl.errors import UsageError
+    from llamactl.health.sweep import SweepOptions
+
+    if timeout is not None and timeout <= 0:
+        raise UsageError(f"--timeout must be positive, got {timeout:g}")
+    plan = _build(inventory, limit)
+    assert plan.inventory is not None
+    health = plan.inventory.health
+    options = SweepOptions(
+        timeout_s=timeout if timeout is not None else float(health.timeout_s),
+        canary=canary,
+        deep=deep,
+        api_key=os.environ.get(api_key_env) or _inventory_key(plan),
+    )
+    console = _console()
+    if watch:
+        report = asyncio.run(_watch(plan, options, float(health.interval_s), console, as_json))
+    else:
+        report = asyncio.run(_once(plan, options))
+        if as_json:
+            typer.echo(report.to_json())
+        else:
+            console.print(render_table(report))
+    for problem in plan.problems:
+        Console(stderr=True, no_color="NO_COLOR" in os.environ or None).print(
+            f"warning: {problem}", markup=False
+        )
+    raise typer.Exit(0 if report.ok else 1)
+
+
+def _inventory_key(plan: SweepPlan) -> str | None:
+    """The first API key the rendered env files would carry (the controller holds them, from its env)."""
+    if plan.inventory is None or not plan.targets:
+        return None
+    try:
+        from llamactl.inventory import expected_env
+
+        first = plan.inventory.instances()[0]
+        keys = str(expected_env(plan.inventory, first).get("LLAMACTL_API_KEYS", ""))
+    except Exception:  # noqa: BLE001 - the key is a convenience; a missing one shows up as a 401 canary
+        return None
+    return next((k.strip() for k in keys.split(",") if k.strip()), None)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("status")(status)

@@ -1,0 +1,109 @@
+"""Concurrent HTTP probes of server instances and balancers (the edge of status; no interpretation here).
+
+Every probe runs under its own deadline and all of them run at once, so a silent host costs one
+timeout for the whole sweep rather than one per host. Interpreting answers is ``report``'s job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import httpx
+
+PROBE_PATHS = ("/health", "/ready", "/metrics")
+
+
+@dataclass(frozen=True)
+class HttpOutcome:
+    """One GET: the status and body when the server answered, else why it did not."""
+
+    url: str
+    status: int | None
+    text: str
+    error: str | None
+    elapsed_s: float
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def answered(self) -> bool:
+        return self.status is not None
+
+
+@dataclass(frozen=True)
+class InstanceProbe:
+    """The three probes of one instance, taken together at monotonic time ``at``."""
+
+    url: str
+    health: HttpOutcome
+    ready: HttpOutcome
+    metrics: HttpOutcome
+    at: float
+
+
+def make_client(targets: int, timeout_s: float, *, verify: bool = True) -> httpx.AsyncClient:
+    """A client whose pool holds every probe of a sweep at once (3 per instance), so none waits for a slot.
+
+    ``trust_env=False``: a proxy from the environment must never sit between us and the cluster.
+    """
+    connections = max(32, targets * len(PROBE_PATHS) + 8)
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout_s),
+        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+        trust_env=False,
+        verify=verify,
+        follow_redirects=False,
+    )
+
+
+def describe_error(exc: BaseException, timeout_s: float) -> str:
+    """A short human reason for a failed request, without library internals."""
+    if isinstance(exc, (asyncio.TimeoutError, httpx.TimeoutException)):
+        return f"no answer within {timeout_s:g} s"
+    if isinstance(exc, httpx.ConnectError):
+        text = str(exc).lower()
+        if "refused" in text:
+            return "connection refused"
+        if "unreachable" in text or "no route" in text:
+            return "host unreachable"
+        return f"cannot connect: {exc}" if str(exc) else "cannot connect"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return "connection closed without an answer"
+    if isinstance(exc, httpx.HTTPError):
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def fetch(client: httpx.AsyncClient, url: str, timeout_s: float) -> HttpOutcome:
+    """GET ``url`` with a hard deadline (httpx's timeouts are per phase; wait_for bounds the total)."""
+    start = time.monotonic()
+    try:
+        response = await asyncio.wait_for(client.get(url, timeout=timeout_s), timeout_s)
+    except (httpx.HTTPError, asyncio.TimeoutError, OSError) as exc:
+        return HttpOutcome(url, None, "", describe_error(exc, timeout_s), time.monotonic() - start)
+    headers = tuple((k.lower(), v) for k, v in response.headers.items())
+    return HttpOutcome(url, response.status_code, response.text, None, time.monotonic() - start, headers)
+
+
+async def probe_instance(client: httpx.AsyncClient, base_url: str, timeout_s: float) -> InstanceProbe:
+    base = base_url.rstrip("/")
+    health, ready, metrics = await asyncio.gather(*(fetch(client, base + p, timeout_s) for p in PROBE_PATHS))
+    return InstanceProbe(base, health, ready, metrics, time.monotonic())
+
+
+async def probe_instances(
+    client: httpx.AsyncClient, base_urls: Sequence[str], timeout_s: float
+) -> list[InstanceProbe]:
+    """Probe every instance at once; results keep the order of ``base_urls``."""
+    return list(await asyncio.gather(*(probe_instance(client, u, timeout_s) for u in base_urls)))
+
+
+async def probe_balancers(
+    client: httpx.AsyncClient, base_urls: Sequence[str], timeout_s: float
+) -> list[HttpOutcome]:
+    """``GET <endpoint>/healthz`` on each balancer (nginx answers it itself, without a backend)."""
+    return list(
+        await asyncio.gather(*(fetch(client, u.rstrip("/") + "/healthz", timeout_s) for u in base_urls))
+    )

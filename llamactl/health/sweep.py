@@ -1,0 +1,195 @@
+"""One status sweep: every instance, balancer, canary and (with --deep) systemd state, all at once.
+
+This is the code path of ``llamactl status`` and of ``bench/status_sweep.py``. Blocking SSH reads for
+--deep run on their own thread pool so they overlap the HTTP probes instead of following them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+import llamactl
+from llamactl.errors import LlamactlError
+from llamactl.health.canary import CanaryResult, run_canary
+from llamactl.health.probe import InstanceProbe, probe_balancers, probe_instances
+from llamactl.health.report import HealthReport, Target, balancer_report, health_report, instance_report
+from llamactl.health.systemd import SystemdState, parse_show, show_command
+
+if TYPE_CHECKING:
+    from llamactl.inventory import Inventory
+
+CANARY_TIMEOUT_S = 120.0
+
+
+@dataclass
+class SweepPlan:
+    """What to probe, taken from the inventory once (the watch loop reuses it)."""
+
+    targets: list[Target]
+    balancers: list[tuple[str, str]]  # (name, base URL)
+    inventory: Inventory | None = None
+    expected_version: str = llamactl.__version__
+    problems: list[str] = field(default_factory=list)  # e.g. why an expected config hash is unknown
+
+
+@dataclass
+class SweepOptions:
+    timeout_s: float = 3.0
+    canary: bool = False
+    canary_timeout_s: float = CANARY_TIMEOUT_S
+    api_key: str | None = None
+    deep: bool = False
+
+
+def expected_config_hash(inv: Inventory, instance: Any) -> str:
+    """The hash the server should report when it runs the env file the inventory renders."""
+    from llamactl.inventory import expected_env
+    from llamactl.server.settings import Settings
+
+    return str(Settings.from_env(expected_env(inv, instance)).config_hash())
+
+
+def plan_from_inventory(inv: Inventory, hosts: Collection[str] | None = None) -> SweepPlan:
+    """Targets for every instance (of ``hosts`` only, when given) and every balancer host."""
+    problems: list[str] = []
+    targets = []
+    for instance in inv.instances():
+        if hosts is not None and instance.host not in hosts:
+            continue
+        try:
+            expected: str | None = expected_config_hash(inv, instance)
+        except (LlamactlError, ValueError) as exc:
+            expected = None
+            problems.append(f"{instance.id}: cannot compute the expected config hash: {exc}")
+        except ModuleNotFoundError as exc:  # only while llamactl.server.settings is being written
+            if not (exc.name or "").startswith("llamactl"):
+                raise
+            expected = None
+            problems.append(f"config hash check unavailable: {exc.name} is missing")
+        targets.append(
+            Target(
+                id=instance.id,
+                host=instance.host,
+                index=instance.index,
+                gpu=instance.gpu,
+                address=instance.address,
+                port=instance.port,
+                url=instance.url,
+                expected_config_hash=expected,
+            )
+        )
+    return SweepPlan(targets, balancer_endpoints(inv), inv, problems=problems)
+
+
+def balancer_endpoints(inv: Inventory) -> list[tuple[str, str]]:
+    """Base URL of each balancer host; the first is ``inv.endpoint``, the others follow its scheme and port."""
+    hosts = list(inv.balancer.hosts)
+    if not hosts:
+        return []
+    endpoint = inv.endpoint.rstrip("/")
+    parsed = httpx.URL(endpoint)
+    urls = [(hosts[0].name, endpoint)]
+    for host in hosts[1:]:
+        urls.append((host.name, str(parsed.copy_with(host=host.address)).rstrip("/")))
+    return urls
+
+
+def _deep_host(inv: Inventory, host_name: str, units: list[str], timeout_s: float) -> dict[str, SystemdState]:
+    from llamactl.remote.ssh import SSHTarget, connect
+
+    host = inv.host(host_name)
+    try:
+        executor = connect(SSHTarget.from_settings(host.name, host.address, host.ssh))
+        try:
+            result = executor.run(show_command(units), check=False, timeout_s=timeout_s)
+        finally:
+            executor.close()
+    except LlamactlError as exc:
+        return {u: SystemdState(u, error=str(exc)) for u in units}
+    if result.exit_code != 0 and not result.stdout.strip():
+        reason = result.stderr.strip().splitlines()[-1:] or [f"exit {result.exit_code}"]
+        return {u: SystemdState(u, error=f"systemctl show: {reason[0]}") for u in units}
+    return parse_show(result.stdout, units)
+
+
+async def deep_states(plan: SweepPlan, timeout_s: float) -> dict[str, SystemdState]:
+    """Systemd state per instance id, one SSH session per host, hosts in parallel."""
+    if plan.inventory is None:
+        return {}
+    inv = plan.inventory
+    by_host: dict[str, list[Target]] = {}
+    for target in plan.targets:
+        by_host.setdefault(target.host, []).append(target)
+    loop = asyncio.get_running_loop()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(64, max(1, len(by_host)))) as pool:
+        futures = [
+            loop.run_in_executor(
+                pool, _deep_host, inv, name, [f"llamactl@{t.index}.service" for t in ts], timeout_s
+            )
+            for name, ts in by_host.items()
+        ]
+        results = await asyncio.gather(*futures)
+    states: dict[str, SystemdState] = {}
+    for (name, ts), per_unit in zip(by_host.items(), results):
+        for t in ts:
+            states[t.id] = per_unit[f"llamactl@{t.index}.service"]
+    return states
+
+
+async def _canaries(
+    client: httpx.AsyncClient, targets: Sequence[Target], options: SweepOptions
+) -> list[CanaryResult]:
+    return list(
+        await asyncio.gather(
+            *(
+                run_canary(client, t.url, timeout_s=options.canary_timeout_s, api_key=options.api_key)
+                for t in targets
+            )
+        )
+    )
+
+
+async def _nothing() -> Any:
+    return None
+
+
+async def sweep(
+    plan: SweepPlan,
+    options: SweepOptions,
+    client: httpx.AsyncClient,
+    previous: Mapping[str, InstanceProbe] | None = None,
+) -> tuple[HealthReport, dict[str, InstanceProbe]]:
+    """Probe everything concurrently; returns the report and this sweep's raw probes (for the next rates)."""
+    start = time.monotonic()
+    urls = [t.url for t in plan.targets]
+    probes, balancers, canaries, systemd = await asyncio.gather(
+        probe_instances(client, urls, options.timeout_s),
+        probe_balancers(client, [u for _, u in plan.balancers], options.timeout_s),
+        _canaries(client, plan.targets, options) if options.canary else _nothing(),
+        deep_states(plan, options.timeout_s) if options.deep else _nothing(),
+    )
+    elapsed = time.monotonic() - start
+    before = previous or {}
+    instances = [
+        instance_report(
+            target,
+            probe,
+            plan.expected_version,
+            previous=before.get(target.id),
+            systemd=systemd.get(target.id) if systemd is not None else None,
+            canary=canaries[i] if canaries is not None else None,
+        )
+        for i, (target, probe) in enumerate(zip(plan.targets, probes))
+    ]
+    lbs = [balancer_report(name, outcome) for (name, _), outcome in zip(plan.balancers, balancers)]
+    report = health_report(
+        instances, lbs, plan.expected_version, elapsed, canary=options.canary, deep=options.deep
+    )
+    return report, {t.id: p for t, p in zip(plan.targets, probes)}
