@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llamactl.errors import LlamactlError, OperationFailed
+from llamactl.errors import ConnectError, LlamactlError, OperationFailed
 from llamactl.inventory import Inventory
 from llamactl.ops import lock as deploy_lock
 from llamactl.ops.connect import Connector, connect_host
@@ -44,6 +44,7 @@ class HostOutcome:
     host: str
     ok: bool = False
     error: str | None = None
+    unreachable: bool = False  # the failure was connecting or authenticating (exit code 3 if all are)
     plan: HostPlan | None = None
     diffs: list[FileDiff] = field(default_factory=list)
     restarts: list[InstanceAction] = field(default_factory=list)
@@ -85,6 +86,7 @@ class DeployResult:
                 h.host: {
                     "ok": h.ok,
                     "error": h.error,
+                    "unreachable": h.unreachable,
                     "changed": len(h.changes),
                     "changes": h.changes,
                     "duration_s": round(h.duration_s, 3),
@@ -208,6 +210,10 @@ def deploy_host(
             mark("ready", t)
         out.ok = True
         return out
+    except ConnectError as exc:
+        out.error = str(exc)
+        out.unreachable = True
+        return out
     except LlamactlError as exc:
         out.error = str(exc)
         return out
@@ -314,7 +320,14 @@ def _apply_balancer(
         result.balancer_error = str(exc)
 
 
+class HostsUnreachable(OperationFailed):
+    exit_code = 3
+
+
 def raise_for(result: DeployResult) -> None:
+    failed = [h for h in result.hosts if not h.ok]
+    if failed and all(h.unreachable for h in failed) and result.ok is False and not result.balancer_error:
+        raise HostsUnreachable("cannot reach: " + ", ".join(h.host for h in failed))
     if not result.ok:
         raise OperationFailed("deploy failed on: " + ", ".join(
             [h.host for h in result.hosts if not h.ok] + (["balancer"] if result.balancer_error else [])))
