@@ -1,0 +1,69 @@
+"""``llamactl serve``: run the inference server on this machine (what the systemd unit starts)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from llamactl.errors import UsageError
+
+_EPILOG = (
+    "Every option can also come from the environment (LLAMACTL_MODEL, LLAMACTL_PORT, ...) or from a YAML or "
+    "KEY=VALUE file named by LLAMACTL_CONFIG; options given here win. API keys come only from LLAMACTL_API_KEYS "
+    "or LLAMACTL_API_KEYS_FILE, never from the command line.\n\n"
+    "Example: llamactl serve --model ./tiny-model --host 127.0.0.1 --port 8000 --device cpu"
+)
+
+
+def serve(
+    model: Optional[str] = typer.Option(None, "--model", help="Local checkpoint directory or hub id."),  # noqa: UP007
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (commit, tag)."),  # noqa: UP007
+    host: Optional[str] = typer.Option(None, "--host", help="Address to bind (default 127.0.0.1)."),  # noqa: UP007
+    port: Optional[int] = typer.Option(None, "--port", help="Port to bind (default 8000)."),  # noqa: UP007
+    device: Optional[str] = typer.Option(None, "--device", help="cuda, cpu or auto."),  # noqa: UP007
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto, bfloat16, float16 or float32."),  # noqa: UP007
+    quantization: Optional[str] = typer.Option(  # noqa: UP007
+        None, "--quantization", help="none, nf4 or int8 (bitsandbytes)."
+    ),
+    max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", help="Sequences per generate call."),  # noqa: UP007
+    max_wait_ms: Optional[float] = typer.Option(None, "--max-wait-ms", help="How long a batch waits to fill."),  # noqa: UP007
+    queue_limit: Optional[int] = typer.Option(None, "--queue-limit", help="Waiting requests before 429."),  # noqa: UP007
+    request_timeout_s: Optional[float] = typer.Option(  # noqa: UP007
+        None, "--request-timeout-s", help="Per-request deadline (504 after it)."
+    ),
+    drain_timeout_s: Optional[float] = typer.Option(  # noqa: UP007
+        None, "--drain-timeout-s", help="How long SIGTERM waits for in-flight requests."
+    ),
+    max_body_mb: Optional[float] = typer.Option(None, "--max-body-mb", help="Request body limit."),  # noqa: UP007
+    instance: Optional[str] = typer.Option(None, "--instance", help="Label shown in /health, e.g. host/0."),  # noqa: UP007
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+) -> None:
+    """Serve Llama 3.2 Vision over HTTP: /infer, /v1/chat/completions, /health, /ready, /metrics."""
+    import logging
+    import os
+
+    from llamactl.server.settings import Settings, SettingsError
+
+    try:
+        settings = Settings.from_env(
+            os.environ,
+            model=model, revision=revision, host=host, port=port, device=device, dtype=dtype,
+            quantization=quantization, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+            queue_limit=queue_limit, request_timeout_s=request_timeout_s, drain_timeout_s=drain_timeout_s,
+            max_body_mb=max_body_mb, instance=instance,
+        )
+    except SettingsError as exc:
+        raise UsageError(str(exc)) from None
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise UsageError(f"--log-level: expected debug, info, warning or error, found {log_level!r}")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from llamactl.server.app import create_app
+    from llamactl.server.lifecycle import serve as run_server
+
+    run_server(create_app(settings), settings.host, settings.port, log_level=log_level)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve", epilog=_EPILOG)(serve)

@@ -1,0 +1,275 @@
+"""The transformers engine: AutoProcessor + AutoModelForImageTextToText and one batched ``generate`` per batch.
+
+Per-row stopping is done by a stopping criterion that sees every new token: it enforces each request's own
+``max_new_tokens``, stops rows whose client went away or whose deadline passed, streams decoded text, and
+reports a row's result the moment it is done rather than when the whole batch is.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from llamactl.server.engine import EngineState, FinishReason, GenParams, GenRequest, GenResult
+from llamactl.server.settings import Settings
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("llamactl.server.engine")
+
+_WARMUP_MESSAGES: list[dict[str, Any]] = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}
+]
+
+
+class HFEngine:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.model_name = settings.model
+        self._state: EngineState = "loading"
+        self._error: str | None = None
+        self._lock = threading.Lock()  # guards state/error only
+        self.model: Any = None
+        self.processor: Any = None
+        self.device = "cpu"
+        self.dtype: Any = None
+        self._eos_ids: frozenset[int] = frozenset()
+        self._pad_id = 0
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+    def fail(self, message: str) -> None:
+        with self._lock:
+            self._state, self._error = "failed", message
+
+    # -- lifetime ----------------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        s = self.settings
+        self.device = _resolve_device(s.device)
+        self.dtype = _resolve_dtype(s.dtype, self.device)
+        kwargs: dict[str, Any] = {"dtype": self.dtype}
+        if s.revision:
+            kwargs["revision"] = s.revision
+        if s.quantization != "none":
+            kwargs["quantization_config"] = _bnb_config(s.quantization, self.dtype)
+            kwargs["device_map"] = {"": self.device}
+        t0 = time.monotonic()
+        self.processor = AutoProcessor.from_pretrained(s.model, **({"revision": s.revision} if s.revision else {}))
+        model = AutoModelForImageTextToText.from_pretrained(s.model, **kwargs)
+        if s.quantization == "none":
+            model = model.to(self.device)
+        model.eval()
+        self.model = model
+        tok = self.processor.tokenizer
+        tok.padding_side = "left"  # decoder-only batching: prompts must end at the same position
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        self._pad_id = int(tok.pad_token_id)
+        self._eos_ids = _eos_ids(model, tok)
+        log.info("loaded %s on %s (%s) in %.1fs", s.model, self.device, self.dtype, time.monotonic() - t0)
+        del torch
+
+    def warmup(self) -> None:
+        from PIL import Image
+
+        req = GenRequest(
+            prompt=self.render_prompt(_WARMUP_MESSAGES),
+            image=Image.new("RGB", (64, 64), (120, 130, 140)),
+            params=GenParams(max_new_tokens=2),
+        )
+        self.generate_batch([req])
+        with self._lock:
+            if self._state == "loading":
+                self._state = "ready"
+
+    def close(self) -> None:
+        self.model = None
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def gpu_memory(self) -> tuple[int, int] | None:
+        if self.device != "cuda":
+            return None
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        return int(total - free), int(total)
+
+    # -- inference ---------------------------------------------------------------------------------------
+
+    def render_prompt(self, messages: list[dict[str, Any]]) -> str:
+        if self.processor is None:
+            raise RuntimeError("the model is not loaded")
+        try:
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # jinja's TemplateError carries the template's own user-facing message
+            if type(exc).__name__ in ("TemplateError", "TemplateSyntaxError", "UndefinedError"):
+                raise ValueError(f"the model's chat template rejected the messages: {exc}") from None
+            raise
+        return str(text)
+
+    def generate_batch(self, requests: Sequence[GenRequest]) -> list[GenResult]:
+        import torch
+        from transformers import StoppingCriteriaList
+
+        rows = list(requests)
+        with_image = rows[0].image is not None
+        inputs = self.processor(
+            images=[[r.image] for r in rows] if with_image else None,
+            text=[r.prompt for r in rows],
+            padding=True,
+            add_special_tokens=False,  # the chat template already starts with <|begin_of_text|>
+            return_tensors="pt",
+        )
+        inputs = inputs.to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        prompt_lens = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
+        tracker = _RowTracker(rows, prompt_lens, self._eos_ids, self.processor.tokenizer)
+        p = rows[0].params
+        gen: dict[str, Any] = {
+            "max_new_tokens": max(r.params.max_new_tokens for r in rows),
+            "do_sample": p.do_sample,
+            "pad_token_id": self._pad_id,
+            "stopping_criteria": StoppingCriteriaList([tracker]),
+        }
+        if p.do_sample:
+            gen.update(temperature=max(p.temperature, 1e-5), top_p=p.top_p, top_k=0)
+        else:  # neutralise sampling defaults from the checkpoint's generation_config (avoids warnings)
+            gen.update(temperature=1.0, top_p=1.0, top_k=50)
+        if p.min_new_tokens:
+            gen["min_new_tokens"] = p.min_new_tokens
+        with torch.inference_mode():
+            self.model.generate(**inputs, **gen)
+        return tracker.finish_all()
+
+
+class _RowTracker:
+    """A stopping criterion that tracks every row: tokens, streaming text, its own limits, early results."""
+
+    def __init__(self, rows: list[GenRequest], prompt_lens: list[int], eos: frozenset[int], tok: Any) -> None:
+        self.rows, self.prompt_lens, self.eos, self.tok = rows, prompt_lens, eos, tok
+        n = len(rows)
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.sent: list[str] = [""] * n
+        self.results: list[GenResult | None] = [None] * n
+        self.first_at: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        import torch
+
+        now = time.monotonic()
+        if self.first_at is None:
+            self.first_at = now
+        last = input_ids[:, -1].tolist()
+        done = []
+        for i, row in enumerate(self.rows):
+            if self.results[i] is None:
+                self._step(i, row, int(last[i]))
+            done.append(self.results[i] is not None)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    def _step(self, i: int, row: GenRequest, token: int) -> None:
+        if row.cancelled:
+            self._finish(i, "cancelled")
+            return
+        self.tokens[i].append(token)
+        if token in self.eos:
+            self._finish(i, "stop")
+            return
+        if row.on_text is not None:
+            text = self.tok.decode(self.tokens[i], skip_special_tokens=True)
+            if not text.endswith("\ufffd") and text.startswith(self.sent[i]) and len(text) > len(self.sent[i]):
+                row.on_text(text[len(self.sent[i]):])
+                self.sent[i] = text
+        if len(self.tokens[i]) >= row.params.max_new_tokens:
+            self._finish(i, "length")
+
+    def _finish(self, i: int, reason: FinishReason) -> None:
+        row, toks = self.rows[i], self.tokens[i]
+        text = self.tok.decode([t for t in toks if t not in self.eos], skip_special_tokens=True)
+        if row.on_text is not None and reason != "cancelled":
+            tail = text[len(self.sent[i]):] if text.startswith(self.sent[i]) else ""
+            if tail:
+                row.on_text(tail)
+            self.sent[i] = text
+        result = GenResult(
+            text=text,
+            prompt_tokens=self.prompt_lens[i],
+            completion_tokens=len(toks),
+            finish_reason=reason,
+            first_token_at=self.first_at,
+            batch_size=len(self.rows),
+        )
+        self.results[i] = result
+        if row.on_finish is not None:
+            row.on_finish(result)
+
+    def finish_all(self) -> list[GenResult]:
+        for i, row in enumerate(self.rows):
+            if self.results[i] is None:  # generate stopped for everyone (global max reached)
+                self._finish(i, "cancelled" if row.cancelled else "length")
+        return [r for r in self.results if r is not None]
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device is cuda but no CUDA device is visible (check CUDA_VISIBLE_DEVICES and drivers)")
+    return device
+
+
+def _resolve_dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype == "auto":  # the checkpoint is stored in fp32: never let it load as-is on a GPU
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def _bnb_config(quantization: str, dtype: Any) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
+        )
+    # int8 inside the vision tower fails (and costs accuracy): keep vision, projector and lm_head in full precision.
+    return BitsAndBytesConfig(
+        load_in_8bit=True, llm_int8_skip_modules=["vision_model", "multi_modal_projector", "lm_head"]
+    )
+
+
+def _eos_ids(model: Any, tok: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    cfg_eos = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(cfg_eos, int):
+        ids.add(cfg_eos)
+    elif cfg_eos:
+        ids.update(int(x) for x in cfg_eos)
+    if tok.eos_token_id is not None:
+        ids.add(int(tok.eos_token_id))
+    for name in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"):
+        tid = tok.convert_tokens_to_ids(name)
+        if isinstance(tid, int) and tid != tok.unk_token_id and tid >= 0:
+            ids.add(tid)
+    return frozenset(ids)

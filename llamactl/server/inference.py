@@ -1,0 +1,214 @@
+"""What every inference route shares: admission, image decoding, parameters, cache, batcher, metrics.
+
+Routes translate HTTP to these calls; failures surface as ``ApiError`` with the contract's status and type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from llamactl.server.batching import Batcher, DeadlineExceeded, EngineFailure, QueueFull, Stopped
+from llamactl.server.engine import Engine, GenParams, GenRequest, GenResult
+from llamactl.server.settings import Settings
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from llamactl.server.cache import ResultCache
+    from llamactl.server.metrics import Metrics
+
+
+class ApiError(Exception):
+    """An error answer: ``{"error": {"message", "type"}}`` with ``status`` (and optional headers)."""
+
+    def __init__(self, status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.headers = status, message, kind, headers or {}
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready; its place was given back."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    result: GenResult
+    cached: bool
+    started: float  # time.monotonic() at arrival
+
+
+class Inference:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        batcher: Batcher,
+        metrics: Metrics,
+        cache: ResultCache | None,
+        status: Callable[[], str],
+    ) -> None:
+        self.settings, self.engine, self.batcher, self.metrics, self.cache = settings, engine, batcher, metrics, cache
+        self._status = status
+
+    def error(self, reason: str) -> None:
+        self.metrics.request_errors.labels(reason=reason).inc()
+
+    def check_accepting(self) -> None:
+        status = self._status()
+        if status == "ready":
+            return
+        self.error("not_ready")
+        messages = {
+            "loading": "the model is still loading; retry shortly",
+            "draining": "the server is shutting down; send the request to another instance",
+            "failed": "the model failed to load; see /health",
+        }
+        headers = {"Retry-After": "5"} if status == "loading" else {}
+        raise ApiError(503, messages.get(status, f"the server is {status}"), "unavailable", headers)
+
+    def params(
+        self,
+        *,
+        max_tokens: int | None,
+        temperature: float | None,
+        top_p: float | None,
+        do_sample: bool | None,
+        min_tokens: int = 0,
+        ignore_eos: bool = False,
+    ) -> GenParams:
+        s = self.settings
+        limit = s.gen_max_new_tokens
+        max_new = limit if max_tokens is None else max_tokens
+        if max_new > limit:
+            self.error("invalid_request")
+            raise ApiError(400, f"max_tokens: {max_new} is above this server's limit of {limit}", "invalid_request")
+        if do_sample is None:  # OpenAI style: temperature alone decides
+            do_sample = s.gen_do_sample if temperature is None else temperature > 0
+        temp = s.gen_temperature if temperature is None else temperature
+        if do_sample and temp == 0:
+            do_sample = False  # temperature 0 means greedy, as in every OpenAI-compatible server
+        min_new = max_new if ignore_eos else min(min_tokens, max_new)
+        return GenParams(
+            max_new_tokens=max_new,
+            temperature=temp,
+            top_p=s.gen_top_p if top_p is None else top_p,
+            do_sample=do_sample,
+            min_new_tokens=min_new,
+        )
+
+    async def decode_image(self, data: str) -> Image:
+        """Base64 (or data: URL) -> RGB image, in a worker thread (decoding can take a while)."""
+        from llamactl.server.images import ImageError, ImageLimits, decode_base64_image
+
+        limits = ImageLimits(
+            max_bytes=int(self.settings.max_image_mb * 1024 * 1024), max_pixels=self.settings.max_image_pixels
+        )
+        try:
+            return await asyncio.to_thread(decode_base64_image, data, limits)
+        except ImageError as exc:
+            self.error("invalid_image")
+            raise ApiError(exc.status, exc.message, "invalid_image") from None
+
+    def render(self, messages: list[dict[str, Any]]) -> str:
+        try:
+            return self.engine.render_prompt(messages)
+        except ValueError as exc:
+            self.error("invalid_request")
+            raise ApiError(400, str(exc), "invalid_request") from None
+
+    def enqueue(
+        self,
+        prompt: str,
+        image: Image | None,
+        params: GenParams,
+        *,
+        cache_key: str | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Awaitable[Outcome]:
+        """Admit a request now (raising 429/503 synchronously) and return an awaitable of its outcome."""
+        started = time.monotonic()
+        if cache_key is not None and self.cache is not None:
+            hit = self.cache.get(cache_key)
+            if hit is not None:
+                self.metrics.cache_hits.inc()
+                return _ready(Outcome(hit, True, started))
+            self.metrics.cache_misses.inc()
+        req = GenRequest(
+            prompt=prompt,
+            image=image,
+            params=params,
+            on_text=on_text,
+            deadline=started + self.settings.request_timeout_s,
+        )
+        try:
+            waiter = self.batcher.enqueue(req)
+        except QueueFull as exc:
+            self.error("queue_full")
+            raise ApiError(429, str(exc), "queue_full", {"Retry-After": str(exc.retry_after_s)}) from None
+        except Stopped as exc:
+            self.error("draining")
+            raise ApiError(503, str(exc), "unavailable") from None
+        return self._finish(waiter, started, cache_key)
+
+    async def _finish(self, waiter: Awaitable[GenResult], started: float, cache_key: str | None) -> Outcome:
+        try:
+            result = await waiter
+        except DeadlineExceeded:
+            self.error("timeout")
+            raise ApiError(
+                504, f"no answer within the request timeout of {self.settings.request_timeout_s:g}s", "timeout"
+            ) from None
+        except EngineFailure as exc:
+            self.error("engine_error")
+            raise ApiError(500, str(exc), "engine_error") from None
+        except Stopped as exc:
+            self.error("draining")
+            raise ApiError(503, str(exc), "unavailable") from None
+        m = self.metrics
+        m.e2e_latency.observe(time.monotonic() - started)
+        if result.first_token_at is not None:
+            m.ttft.observe(max(0.0, result.first_token_at - started))
+        m.prompt_tokens.inc(result.prompt_tokens)
+        m.generation_tokens.inc(result.completion_tokens)
+        if cache_key is not None and self.cache is not None and result.finish_reason != "cancelled":
+            self.cache.put(cache_key, result, len(result.text.encode()) + 256)
+        return Outcome(result, False, started)
+
+    def cache_key(self, image_data: str | None, prompt: str, params: GenParams) -> str | None:
+        if self.cache is None or (params.do_sample and not self.settings.cache_include_sampled):
+            return None
+        return self.cache.key((image_data or "").encode(), prompt, params.cache_dict())
+
+
+async def _ready(outcome: Outcome) -> Outcome:
+    return outcome
+
+
+async def until_disconnected(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+    """Returns when the client goes away. Only call after the request body has been read."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(receive: Callable[[], Awaitable[dict[str, Any]]], work: Awaitable[Any]) -> Any:
+    """Await ``work``; if the client disconnects first, cancel it (freeing its queue place) and raise ClientGone."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(until_disconnected(receive))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise ClientGone()

@@ -1,0 +1,139 @@
+"""Seed-compatible routes: POST /infer, POST /batch_infer, and the jobs API (POST /v1/jobs, GET /v1/jobs/{id})."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from llamactl.server.app import ServerState, error_response, get_state
+from llamactl.server.inference import ApiError, ClientGone, Outcome, unless_disconnected
+from llamactl.server.jobs import JobsFull
+from llamactl.server.protocol import BatchInferRequest, GenOptions, InferRequest, JobRequest
+
+router = APIRouter()
+
+
+def _messages(question: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+def _params(state: ServerState, opts: GenOptions) -> Any:
+    return state.inference.params(
+        max_tokens=opts.max_tokens,
+        temperature=opts.temperature,
+        top_p=opts.top_p,
+        do_sample=opts.do_sample,
+        min_tokens=opts.min_tokens,
+        ignore_eos=opts.ignore_eos,
+    )
+
+
+async def _admit(state: ServerState, image_b64: str, question: str, opts: GenOptions) -> Awaitable[Outcome]:
+    """Validate and queue one item; returns the awaitable of its outcome (errors raise ApiError)."""
+    svc = state.inference
+    params = _params(state, opts)
+    prompt = svc.render(_messages(question))
+    image = await svc.decode_image(image_b64)
+    return svc.enqueue(prompt, image, params, cache_key=svc.cache_key(image_b64, prompt, params))
+
+
+def _answer(state: ServerState, outcome: Outcome) -> dict[str, Any]:
+    from llamactl.server.cot import parse_staged
+
+    res = outcome.result
+    return {
+        "result": parse_staged(res.text).to_dict(),
+        "full_response": res.text,
+        "inference_time": round(time.monotonic() - outcome.started, 4),
+        "model": state.settings.model,
+        "cached": outcome.cached,
+        "finish_reason": res.finish_reason,
+        "usage": {
+            "prompt_tokens": res.prompt_tokens,
+            "completion_tokens": res.completion_tokens,
+            "total_tokens": res.prompt_tokens + res.completion_tokens,
+        },
+    }
+
+
+def _error_dict(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, ApiError):
+        return {"message": exc.message, "type": exc.kind, "status": exc.status}
+    return {"message": "internal server error", "type": "internal", "status": 500}
+
+
+@router.post("/infer")
+async def infer(body: InferRequest, request: Request) -> Any:
+    state = get_state(request)
+    state.inference.check_accepting()
+    waiter = await _admit(state, body.image, body.question, body)
+    try:
+        outcome = await unless_disconnected(request.receive, waiter)
+    except ClientGone:
+        state.inference.error("client_disconnect")
+        return error_response(499, "client closed the request", "client_disconnect")
+    return _answer(state, outcome)
+
+
+@router.post("/batch_infer")
+async def batch_infer(body: BatchInferRequest, request: Request) -> Any:
+    state = get_state(request)
+    state.inference.check_accepting()
+    questions = [body.questions] * len(body.images) if isinstance(body.questions, str) else body.questions
+    if len(questions) != len(body.images):
+        raise ApiError(
+            422, f"questions: {len(questions)} given for {len(body.images)} images (give one each, or a single string)",
+            "invalid_request",
+        )
+
+    async def one(image: str, question: str) -> dict[str, Any]:
+        try:
+            outcome = await (await _admit(state, image, question, body))
+        except ApiError as exc:
+            return {"success": False, "error": _error_dict(exc)}
+        return {"success": True, **_answer(state, outcome)}
+
+    # Every item is queued before any is awaited, so the batcher sees them together.
+    work = asyncio.gather(*(one(img, q) for img, q in zip(body.images, questions)))
+    try:
+        items = await unless_disconnected(request.receive, work)
+    except ClientGone:
+        state.inference.error("client_disconnect")
+        return error_response(499, "client closed the request", "client_disconnect")
+    ok = sum(1 for it in items if it["success"])
+    return {"results": items, "succeeded": ok, "failed": len(items) - ok, "model": state.settings.model}
+
+
+@router.post("/v1/jobs", status_code=202)
+async def create_job(body: JobRequest, request: Request) -> Any:
+    state = get_state(request)
+    state.inference.check_accepting()
+    try:
+        state.jobs.check_room()
+    except JobsFull as exc:
+        state.inference.error("too_many_jobs")
+        raise ApiError(429, str(exc), "too_many_jobs", {"Retry-After": "5"}) from None
+    waiter = await _admit(state, body.image, body.question, body)  # bad input fails now, not in the job
+
+    async def work() -> dict[str, Any]:
+        return _answer(state, await waiter)
+
+    job = state.jobs.submit(work, _error_dict)
+    return JSONResponse(
+        {"id": job.id, "object": "job", "status": job.status},
+        status_code=202,
+        headers={"Location": f"/v1/jobs/{job.id}"},
+    )
+
+
+@router.get("/v1/jobs/{job_id}")
+async def get_job(job_id: str, request: Request) -> Any:
+    job = get_state(request).jobs.get(job_id)
+    if job is None:
+        raise ApiError(404, f"no job {job_id[:80]!r} (unknown, or expired after its retention time)", "not_found")
+    return job.to_dict()

@@ -1,0 +1,179 @@
+"""OpenAI-compatible routes: POST /v1/chat/completions (plain and SSE streaming) and GET /v1/models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from llamactl.server.app import ServerState, error_response, get_state
+from llamactl.server.inference import ApiError, ClientGone, Outcome, unless_disconnected
+from llamactl.server.protocol import ChatMessage, ChatRequest
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict[str, Any]:
+    state = get_state(request)
+    card = {"id": state.settings.model, "object": "model", "created": state.created, "owned_by": "llamactl"}
+    return {"object": "list", "data": [card]}
+
+
+def convert_messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], str | None]:
+    """OpenAI messages -> HF chat messages with image placeholders, and the one image's URL (if any)."""
+    out: list[dict[str, Any]] = []
+    image: str | None = None
+    for i, m in enumerate(messages):
+        role = "system" if m.role == "developer" else m.role
+        if m.content is None or isinstance(m.content, str):
+            out.append({"role": role, "content": m.content or ""})
+            continue
+        parts: list[dict[str, Any]] = []
+        for part in m.content:
+            if part.type == "text":
+                parts.append({"type": "text", "text": part.text})
+                continue
+            if role != "user":
+                raise ApiError(400, f"messages.{i}: images are only accepted in user messages", "invalid_request")
+            if image is not None:
+                raise ApiError(400, "only one image per request is supported", "invalid_request")
+            url = part.image_url.url
+            if not url.startswith("data:"):
+                raise ApiError(
+                    400,
+                    f"messages.{i}: image_url must be a data: URL (base64); this server does not fetch remote URLs",
+                    "invalid_request",
+                )
+            image = url
+            parts.append({"type": "image"})
+        out.append({"role": role, "content": parts})
+    return out, image
+
+
+def _usage(outcome: Outcome) -> dict[str, int]:
+    r = outcome.result
+    return {
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens,
+        "total_tokens": r.prompt_tokens + r.completion_tokens,
+    }
+
+
+def _finish_reason(outcome: Outcome) -> str:
+    return "length" if outcome.result.finish_reason == "length" else "stop"
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request) -> Any:
+    state = get_state(request)
+    svc = state.inference
+    svc.check_accepting()
+    try:
+        messages, image_url = convert_messages(body.messages)
+    except ApiError:
+        svc.error("invalid_request")
+        raise
+    params = svc.params(
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        do_sample=None,
+        min_tokens=body.min_tokens,
+        ignore_eos=body.ignore_eos,
+    )
+    prompt = svc.render(messages)
+    image = None if image_url is None else await svc.decode_image(image_url)
+    rid = "chatcmpl-" + uuid.uuid4().hex
+    created = int(time.time())
+    model = state.settings.model
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _stream(state, rid, created, prompt, image, params, include_usage)
+    waiter = svc.enqueue(prompt, image, params, cache_key=svc.cache_key(image_url, prompt, params))
+    try:
+        outcome: Outcome = await unless_disconnected(request.receive, waiter)
+    except ClientGone:
+        svc.error("client_disconnect")
+        return error_response(499, "client closed the request", "client_disconnect")
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": outcome.result.text},
+                "finish_reason": _finish_reason(outcome),
+                "logprobs": None,
+            }
+        ],
+        "usage": _usage(outcome),
+        "cached": outcome.cached,
+    }
+
+
+def _stream(
+    state: ServerState, rid: str, created: int, prompt: str, image: Any, params: Any, include_usage: bool
+) -> StreamingResponse:
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue[str] = asyncio.Queue()
+
+    def on_text(text: str) -> None:  # model thread
+        loop.call_soon_threadsafe(pieces.put_nowait, text)
+
+    # Admission happens here, before the response starts, so 429/503 are real HTTP statuses.
+    waiter = state.inference.enqueue(prompt, image, params, on_text=on_text)
+    task: asyncio.Future[Outcome] = asyncio.ensure_future(waiter)
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, int] | None = None) -> str:
+        body: dict[str, Any] = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": state.settings.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}] if delta or finish
+            else [],
+        }
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                get = asyncio.ensure_future(pieces.get())
+                await asyncio.wait({get, task}, return_when=asyncio.FIRST_COMPLETED)
+                if get.done():
+                    yield chunk({"content": get.result()})
+                    continue
+                get.cancel()
+                break
+            while not pieces.empty():
+                yield chunk({"content": pieces.get_nowait()})
+            try:
+                outcome = task.result()
+            except ApiError as exc:  # the status line is gone: report in-band, as OpenAI does
+                yield f"data: {json.dumps({'error': {'message': exc.message, 'type': exc.kind}})}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            yield chunk({}, finish=_finish_reason(outcome))
+            if include_usage:
+                yield chunk({}, usage=_usage(outcome))
+            yield "data: [DONE]\n\n"
+        finally:
+            if not task.done():  # client went away mid-stream: stop generating for it
+                task.cancel()
+                state.inference.error("client_disconnect")
+
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )

@@ -1,0 +1,176 @@
+"""Server settings: environment variables, an optional config file, and command-line overrides.
+
+Imports only pydantic and the stdlib: the controller uses ``Settings.from_env(...).config_hash()`` to predict
+the hash a rendered env file produces (drift detection), and it must not need torch or fastapi for that.
+Precedence, lowest first: defaults < ``LLAMACTL_CONFIG`` file < environment < explicit overrides (CLI flags).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_PREFIX = "LLAMACTL_"
+
+# Settings that do not change what the server computes, so they stay out of the config hash.
+_UNHASHED = frozenset({"host", "port", "instance"})
+
+
+class SettingsError(ValueError):
+    """Invalid server settings; the message names each bad setting and where it came from."""
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1)
+    revision: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    device: Literal["cuda", "cpu", "auto"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    max_batch_size: int = Field(8, ge=1, le=1024)
+    max_wait_ms: float = Field(10.0, ge=0, le=60_000)
+    queue_limit: int = Field(64, ge=1, le=100_000)
+    request_timeout_s: float = Field(300.0, gt=0, le=86_400)
+    drain_timeout_s: float = Field(60.0, ge=0, le=86_400)
+    max_body_mb: float = Field(25.0, gt=0, le=4096)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_image_mb: float = Field(20.0, gt=0, le=4096)
+    api_keys: tuple[str, ...] = ()
+    api_keys_file: str | None = None
+    cache_max_entries: int = Field(1024, ge=0)
+    cache_max_mb: float = Field(64.0, ge=0)
+    cache_include_sampled: bool = False
+    gen_max_new_tokens: int = Field(512, ge=1, le=32_768)
+    gen_temperature: float = Field(0.6, ge=0, le=10)
+    gen_top_p: float = Field(0.9, gt=0, le=1)
+    gen_do_sample: bool = False
+    instance: str = ""
+    # Jobs API retention (not in the env contract's list, but read the same way).
+    jobs_max_entries: int = Field(1000, ge=1)
+    jobs_ttl_s: float = Field(3600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _keys_not_blank(self) -> Settings:
+        if any(not k for k in self.api_keys):
+            raise ValueError("api_keys: empty key in the list")
+        return self
+
+    # -- construction ------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``LLAMACTL_*`` variables (and ``LLAMACTL_CONFIG``), then apply overrides.
+
+        Raises ``SettingsError`` naming every bad setting and its source.
+        """
+        env = os.environ if env is None else env
+        raw: dict[str, tuple[Any, str]] = {}
+        config_path = env.get(ENV_PREFIX + "CONFIG")
+        if config_path:
+            for key, value in load_config_file(Path(config_path)).items():
+                raw[key] = (value, f"{config_path}: {key}")
+        for name in cls.model_fields:
+            env_name = ENV_PREFIX + name.upper()
+            if env_name in env:
+                raw[name] = (env[env_name], env_name)
+        for name, value in overrides.items():
+            if value is not None:
+                raw[name] = (value, "--" + name.replace("_", "-"))
+        unknown = [src for key, (_, src) in raw.items() if key not in cls.model_fields]
+        if unknown:
+            raise SettingsError("; ".join(f"{src}: unknown setting" for src in unknown))
+        values = {k: _coerce(k, v) for k, (v, _) in raw.items()}
+        if "model" not in values:
+            raise SettingsError("no model given: set LLAMACTL_MODEL or pass --model PATH_OR_HUB_ID")
+        if values.get("api_keys_file"):
+            values["api_keys"] = tuple(values.get("api_keys", ())) + _read_keys(values["api_keys_file"])
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise SettingsError(_describe(exc, {k: src for k, (_, src) in raw.items()})) from None
+
+    def config_hash(self) -> str:
+        """sha256 (first 16 hex chars) of the canonical JSON of every effective setting except host/port/label.
+
+        API keys contribute only their sha256, so the hash can be shown without leaking them.
+        """
+        data = self.model_dump(mode="json", exclude=set(_UNHASHED))
+        data["api_keys"] = sorted(hashlib.sha256(k.encode()).hexdigest() for k in self.api_keys)
+        data.pop("api_keys_file", None)  # its contents are already in api_keys
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping or a KEY=VALUE file; keys may be ``LLAMACTL_X`` or ``x``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(f"LLAMACTL_CONFIG: cannot read {path}: {exc.strerror or exc}") from None
+    data: dict[str, Any] = {}
+    if path.suffix in (".yaml", ".yml", ".json"):
+        try:
+            import yaml
+        except ImportError:  # pragma: no cover - pyyaml is a base dependency
+            raise SettingsError(f"{path}: reading YAML needs pyyaml") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise SettingsError(f"{path}: expected a mapping of setting names to values")
+        items = [(str(k), v) for k, v in loaded.items()]
+    else:
+        items = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if "=" not in line:
+                raise SettingsError(f"{path}:{lineno}: expected KEY=VALUE, found {line[:40]!r}")
+            key, _, value = line.partition("=")
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            items.append((key.strip(), value))
+    for key, value in items:
+        name = key[len(ENV_PREFIX):] if key.upper().startswith(ENV_PREFIX) else key
+        data[name.lower()] = value
+    data.pop("config", None)
+    return data
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if name == "api_keys" and isinstance(value, str):
+        return tuple(k.strip() for k in value.split(",") if k.strip())
+    if name == "revision" and value == "":
+        return None
+    return value
+
+
+def _read_keys(path: str) -> tuple[str, ...]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(f"LLAMACTL_API_KEYS_FILE: cannot read {path}: {exc.strerror or exc}") from None
+    return tuple(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+
+def _describe(exc: ValidationError, sources: dict[str, str]) -> str:
+    lines = []
+    for err in exc.errors(include_url=False, include_input=False):
+        field = str(err["loc"][0]) if err["loc"] else ""
+        where = sources.get(field, field or "settings")
+        lines.append(f"{where}: {err['msg']}")
+    return "invalid server settings: " + "; ".join(lines)
