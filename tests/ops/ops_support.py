@@ -1,0 +1,118 @@
+"""Support for tests/ops: tiny real HTTP backends and an nginx in a temp prefix."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
+
+
+class Backend:
+    """A stand-in inference server on 127.0.0.1 answering /health, /ready and /infer for real."""
+
+    def __init__(self, name: str, address: str = "127.0.0.1") -> None:
+        self.name, self.address = name, address
+        self.hits = 0
+        self.in_flight = 0
+        self.ready = True
+        self.infer_delay_s = 0.0
+        backend = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:  # keep test output clean
+                pass
+
+            def _send(self, code: int, body: dict[str, object]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path == "/health":
+                    self._send(200, {"status": "ready" if backend.ready else "loading", "in_flight":
+                                     backend.in_flight, "queued": 0, "uptime_s": 100.0, "instance": backend.name})
+                elif self.path == "/ready":
+                    self._send(200 if backend.ready else 503, {"ready": backend.ready})
+                else:
+                    self._send(404, {"error": {"message": "not found", "type": "not_found"}})
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length", "0"))
+                self.rfile.read(length)
+                backend.hits += 1
+                backend.in_flight += 1
+                try:
+                    time.sleep(backend.infer_delay_s)
+                    self._send(200, {"result": {"summary": "s", "caption": "c", "reasoning": ["r"],
+                                                "conclusion": "ok"}, "backend": backend.name})
+                finally:
+                    backend.in_flight -= 1
+
+        self.port = free_port(address)
+        self.server = ThreadingHTTPServer((address, self.port), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class TempNginx:
+    """``nginx -p DIR -c DIR/nginx.conf`` with every path under DIR; includes DIR/conf.d/*.conf."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.conf = root / "nginx.conf"
+        self.conf_d = root / "conf.d"
+        self.conf_d.mkdir(parents=True)
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        temps = "".join(f"    {k}_temp_path {root}/{k}_temp;\n"
+                        for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        self.conf.write_text(
+            f"{user}pid {root}/nginx.pid;\nerror_log {root}/error.log;\nworker_processes 1;\n"
+            "events { worker_connections 256; }\n"
+            f"http {{\n    access_log off;\n{temps}    include {self.conf_d}/*.conf;\n}}\n"
+        )
+
+    def flags(self) -> list[str]:
+        return ["-p", str(self.root), "-c", str(self.conf)]
+
+    def start(self) -> None:
+        subprocess.run(["nginx", *self.flags()], check=True, capture_output=True, timeout=10)
+
+    def master_pid(self) -> int:
+        return int((self.root / "nginx.pid").read_text().strip())
+
+    def workers(self) -> set[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.master_pid())], capture_output=True,
+                             text=True, check=False).stdout
+        return {int(p) for p in out.split()}
+
+    def stop(self) -> None:
+        if (self.root / "nginx.pid").exists():
+            subprocess.run(["nginx", *self.flags(), "-s", "quit"], capture_output=True, timeout=10, check=False)
+            deadline = time.monotonic() + 5
+            while (self.root / "nginx.pid").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)

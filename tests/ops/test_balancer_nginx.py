@@ -1,0 +1,126 @@
+"""apply_balancer_config against a real nginx (temp prefix) with real traffic flowing through it."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llamactl.inventory import load_inventory
+from llamactl.ops.balancer import BalancerConfigError, NginxControl, apply_balancer_config, apply_files
+from llamactl.plan.render import RenderedFile, render_balancer_files
+from llamactl.remote.local import LocalExecutor
+
+from ops_support import Backend, TempNginx, free_port
+
+
+class Load:
+    """A bounded client: POST /infer through the balancer until stopped, counting outcomes."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.ok, self.failed, self.upstreams = url, 0, [], []  # type: ignore[var-annotated]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(trust_env=False, timeout=10) as client:
+            for _ in range(100_000):  # bounded even if never stopped
+                if self._stop.is_set():
+                    return
+                try:
+                    r = client.post(self.url + "/infer", json={"image": "x", "question": "q"})
+                    if r.status_code == 200:
+                        self.ok += 1
+                        self.upstreams.append(r.headers.get("x-upstream", ""))
+                    else:
+                        self.failed.append(f"HTTP {r.status_code}")
+                except httpx.HTTPError as exc:
+                    self.failed.append(repr(exc))
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+    def wait_for(self, n: int) -> None:
+        target = self.ok + n
+        deadline = 200
+        while self.ok < target and deadline:
+            self._stop.wait(0.05)
+            deadline -= 1
+
+
+def test_drain_then_broken_config_rolls_back_while_serving(
+    tmp_path: Path, backends: list[Backend], temp_nginx: TempNginx
+) -> None:
+    a, b = backends
+    listen = free_port()
+    conf = temp_nginx.conf_d / "llamactl.conf"
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(f"""\
+version: 1
+cluster: t
+defaults:
+  gpus: 0
+  model: {{source: /srv/model}}
+groups:
+  g:
+    hosts:
+      a: {{address: 127.0.0.1, base_port: {a.port}}}
+      b: {{address: 127.0.0.2, base_port: {b.port}}}
+balancer:
+  hosts:
+    lb: {{address: 127.0.0.3}}
+  listen: {listen}
+  listen_address: 127.0.0.1
+  config_path: {conf}
+  prometheus_targets_path: {tmp_path}/prometheus/llamactl.json
+""")
+    inv = load_inventory(inventory, env={})
+    conf.write_bytes(render_balancer_files(inv)[str(conf)].content)
+    temp_nginx.start()
+    control = NginxControl.for_prefix(str(temp_nginx.root), str(temp_nginx.conf))
+    lb = LocalExecutor("lb")
+    url = f"http://127.0.0.1:{listen}"
+
+    with Load(url) as load:
+        load.wait_for(20)
+        assert {u.rsplit(":", 1)[1] for u in load.upstreams} == {str(a.port), str(b.port)}
+
+        # Drain a/0: a real reload, confirmed by new worker PIDs; only b answers afterwards.
+        before = temp_nginx.workers()
+        result = apply_balancer_config(inv, {"lb": lb}, frozenset({"a/0"}), reason="test", nginx=control)
+        assert result.changed and result.hosts[0].reloaded
+        assert temp_nginx.workers() - before
+        assert (tmp_path / "prometheus" / "llamactl.json").exists()
+        a_hits = a.hits
+        load.wait_for(30)
+        assert a.hits == a_hits, "a drained instance got new requests"
+
+        # A config stock nginx rejects: rolled back, not reloaded, traffic keeps flowing.
+        good = conf.read_bytes()
+        workers = temp_nginx.workers()
+        broken = good.replace(b"least_conn;", b"least_conn;\n    check interval=3000 rise=2 fall=5;")
+        assert broken != good
+        with pytest.raises(BalancerConfigError) as err:
+            apply_files(lb, {str(conf): RenderedFile(broken, 0o644)}, str(conf), control)
+        assert 'unknown directive "check"' in str(err.value)
+        assert conf.read_bytes() == good
+        assert temp_nginx.workers() == workers  # never reloaded
+        load.wait_for(30)
+
+        # Same config again: nothing to do, no reload.
+        again = apply_balancer_config(inv, {"lb": lb}, frozenset({"a/0"}), reason="test", nginx=control)
+        assert not again.changed and temp_nginx.workers() == workers
+
+        # Undrain: a serves again.
+        apply_balancer_config(inv, {"lb": lb}, frozenset(), reason="test", nginx=control)
+        load.wait_for(40)
+    assert load.failed == []
+    assert load.ok >= 120
+    assert a.hits > a_hits
