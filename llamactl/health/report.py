@@ -146,7 +146,11 @@ def _state_of(health: dict[str, Any] | None, probe: InstanceProbe) -> tuple[Stat
     if status not in _SERVER_STATES:
         return "down", f"GET /health: unknown status {status!r}"
     if status == "ready" and probe.ready.status != 200:
-        # /health says ready but /ready refuses: not serving, and the reason is in the /ready answer.
+        # /health says ready but /ready refuses: it changed state between the probes (e.g. started
+        # draining), or it is broken; either way it is not serving.
+        later = str((_json_body(probe.ready) or {}).get("status", ""))
+        if probe.ready.status == 503 and later in ("loading", "draining"):
+            return _SERVER_STATES[later], None
         return "down", _failure("/ready", probe.ready)
     return _SERVER_STATES[status], None
 
