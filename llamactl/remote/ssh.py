@@ -33,7 +33,7 @@ log = logging.getLogger("llamactl.remote")
 CHUNK = 256 * 1024
 # After the exit status arrives, output still in flight gets this long; a background child that
 # inherited stdout (``daemon &``) would otherwise keep the channel open forever.
-DRAIN_GRACE_S = 2.0
+DRAIN_GRACE_S = 1.0
 
 
 def connect(target: SSHTarget, *, sleep: Callable[[float], None] = time.sleep) -> SSHExecutor:

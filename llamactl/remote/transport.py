@@ -105,6 +105,8 @@ def _connect_hop(target: SSHTarget, hop: Hop, via: paramiko.Transport | None) ->
             # An sshd at MaxStartups or still starting drops us mid-handshake: worth retrying.
             raise _Transient(f"SSH handshake with {hop.address}:{hop.port} failed: "
                              f"{exc or type(exc).__name__}") from exc
+        if not (transport.is_active() and transport.initial_kex_done):  # start_client's timeout is silent
+            raise _Transient(f"SSH handshake with {hop.address}:{hop.port} failed: no answer within {timeout:g} s")
         try:
             verify_host_key(host=target.name, address=hop.address, port=hop.port,
                             key=transport.get_remote_server_key(), known_hosts=target.known_hosts,
@@ -131,8 +133,12 @@ def _candidate_keys(target: SSHTarget, hop: Hop, notes: list[str], agent: parami
             continue
         try:
             key = paramiko.PKey.from_path(path)
-        except paramiko.PasswordRequiredException:
-            notes.append(f"identity file {path} is passphrase-protected (add it to ssh-agent)")
+        except (paramiko.PasswordRequiredException, TypeError) as exc:
+            # paramiko 5 lets cryptography's TypeError through for encrypted OpenSSH-format keys.
+            if isinstance(exc, TypeError) and "password" not in str(exc).lower():
+                notes.append(f"identity file {path} unusable: {exc}")
+            else:
+                notes.append(f"identity file {path} is passphrase-protected (add it to ssh-agent)")
             continue
         except (paramiko.SSHException, OSError, ValueError) as exc:
             notes.append(f"identity file {path} unusable: {exc}")
