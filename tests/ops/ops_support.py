@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pytest
+import httpx
+import yaml
 
 
 def free_port(address: str = "127.0.0.1") -> int:
@@ -68,8 +69,13 @@ class Backend:
                 finally:
                     backend.in_flight -= 1
 
+        self.handler = Handler
+        self.restarts = 0
         self.port = free_port(address)
-        self.server = ThreadingHTTPServer((address, self.port), Handler)
+        self._serve()
+
+    def _serve(self) -> None:
+        self.server = ThreadingHTTPServer((self.address, self.port), self.handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -77,6 +83,14 @@ class Backend:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    def restart(self, down_s: float = 0.3, ready: bool = True) -> None:
+        """Stop listening (connections are refused), then serve again, as a unit restart does."""
+        self.close()
+        self.restarts += 1
+        time.sleep(down_s)
+        self.ready = ready
+        self._serve()
 
 
 class TempNginx:
@@ -116,3 +130,64 @@ class TempNginx:
             deadline = time.monotonic() + 5
             while (self.root / "nginx.pid").exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
+
+
+class Load:
+    """A bounded client: POST /infer through the balancer until stopped, counting outcomes."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.ok, self.failed, self.upstreams = url, 0, [], []  # type: ignore[var-annotated]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(trust_env=False, timeout=10) as client:
+            for _ in range(100_000):  # bounded even if never stopped
+                if self._stop.is_set():
+                    return
+                try:
+                    r = client.post(self.url + "/infer", json={"image": "x", "question": "q"})
+                    if r.status_code == 200:
+                        self.ok += 1
+                        self.upstreams.append(r.headers.get("x-upstream", ""))
+                    else:
+                        self.failed.append(f"HTTP {r.status_code}")
+                except httpx.HTTPError as exc:
+                    self.failed.append(repr(exc))
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+    def wait_for(self, n: int) -> None:
+        target = self.ok + n
+        deadline = 200
+        while self.ok < target and deadline:
+            self._stop.wait(0.05)
+            deadline -= 1
+
+
+def write_inventory(path: Path, backends: list[Backend], *, listen: int, config_path: Path,
+                    rollout: dict[str, object] | None = None) -> Path:
+    """An inventory whose hosts are the backends (one CPU instance each) behind a temp-prefix nginx."""
+    doc = {
+        "version": 1,
+        "cluster": "t",
+        "defaults": {"gpus": 0, "model": {"source": "/srv/model"}},
+        "groups": {"g": {"hosts": {b.name: {"address": b.address, "base_port": b.port} for b in backends}}},
+        "balancer": {
+            "hosts": {"lb": {"address": "127.0.0.99"}},
+            "listen": listen,
+            "listen_address": "127.0.0.1",
+            "config_path": str(config_path),
+            "prometheus_targets_path": str(path.parent / "prometheus" / "llamactl.json"),
+        },
+        "rollout": rollout or {},
+        "health": {"interval_s": 0.5, "timeout_s": 0.5, "fall": 2, "rise": 2, "startup_grace_s": 5},
+    }
+    path.write_text(yaml.safe_dump(doc))
+    return path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import httpx
@@ -13,46 +12,7 @@ from llamactl.ops.balancer import BalancerConfigError, NginxControl, apply_balan
 from llamactl.plan.render import RenderedFile, render_balancer_files
 from llamactl.remote.local import LocalExecutor
 
-from ops_support import Backend, TempNginx, free_port
-
-
-class Load:
-    """A bounded client: POST /infer through the balancer until stopped, counting outcomes."""
-
-    def __init__(self, url: str) -> None:
-        self.url, self.ok, self.failed, self.upstreams = url, 0, [], []  # type: ignore[var-annotated]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with httpx.Client(trust_env=False, timeout=10) as client:
-            for _ in range(100_000):  # bounded even if never stopped
-                if self._stop.is_set():
-                    return
-                try:
-                    r = client.post(self.url + "/infer", json={"image": "x", "question": "q"})
-                    if r.status_code == 200:
-                        self.ok += 1
-                        self.upstreams.append(r.headers.get("x-upstream", ""))
-                    else:
-                        self.failed.append(f"HTTP {r.status_code}")
-                except httpx.HTTPError as exc:
-                    self.failed.append(repr(exc))
-
-    def __enter__(self) -> Load:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=15)
-
-    def wait_for(self, n: int) -> None:
-        target = self.ok + n
-        deadline = 200
-        while self.ok < target and deadline:
-            self._stop.wait(0.05)
-            deadline -= 1
+from ops_support import Backend, Load, TempNginx, free_port
 
 
 def test_drain_then_broken_config_rolls_back_while_serving(
@@ -98,6 +58,8 @@ balancer:
         assert result.changed and result.hosts[0].reloaded
         assert temp_nginx.workers() - before
         assert (tmp_path / "prometheus" / "llamactl.json").exists()
+        # The old worker may still finish a request it had accepted before the reload; count after it.
+        load.wait_for(5)
         a_hits = a.hits
         load.wait_for(30)
         assert a.hits == a_hits, "a drained instance got new requests"
