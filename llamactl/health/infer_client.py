@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from llamactl.errors import ConnectError, LlamactlError
+from llamactl.health.probe import describe_error
 
 TokenSink = Callable[[str], None]
 
@@ -87,7 +88,7 @@ def transport_error(url: str, exc: httpx.HTTPError, timeout_s: float) -> Connect
     if isinstance(exc, httpx.TimeoutException):
         return ConnectError(url, f"no answer within {timeout_s:g} s (raise --timeout for long answers)")
     if isinstance(exc, httpx.ConnectError):
-        reason = "connection refused" if "refused" in str(exc).lower() else f"cannot connect ({exc})"
+        reason = describe_error(exc, timeout_s)
         return ConnectError(url, f"{reason}: is the cluster up and the endpoint right?")
     return ConnectError(url, f"connection failed: {type(exc).__name__}: {exc}")
 

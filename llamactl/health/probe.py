@@ -7,6 +7,7 @@ timeout for the whole sweep rather than one per host. Interpreting answers is ``
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,17 +59,28 @@ def make_client(targets: int, timeout_s: float, *, verify: bool = True) -> httpx
     )
 
 
+def root_os_error(exc: BaseException) -> OSError | None:
+    """The innermost OSError behind an httpx error (anyio wraps it as "All connection attempts failed")."""
+    found: OSError | None = None
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            found = seen
+        seen = seen.__cause__ or seen.__context__
+    return found
+
+
 def describe_error(exc: BaseException, timeout_s: float) -> str:
     """A short human reason for a failed request, without library internals."""
     if isinstance(exc, (asyncio.TimeoutError, httpx.TimeoutException)):
         return f"no answer within {timeout_s:g} s"
     if isinstance(exc, httpx.ConnectError):
-        text = str(exc).lower()
-        if "refused" in text:
+        cause = root_os_error(exc)
+        if isinstance(cause, ConnectionRefusedError):
             return "connection refused"
-        if "unreachable" in text or "no route" in text:
+        if cause is not None and cause.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
             return "host unreachable"
-        return f"cannot connect: {exc}" if str(exc) else "cannot connect"
+        return f"cannot connect: {cause.strerror or cause}" if cause is not None else f"cannot connect: {exc}"
     if isinstance(exc, httpx.RemoteProtocolError):
         return "connection closed without an answer"
     if isinstance(exc, httpx.HTTPError):

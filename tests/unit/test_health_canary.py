@@ -49,4 +49,9 @@ def test_malformed_answers_fail_with_a_reason(mutate: Any, error: str) -> None:
 
 def test_payload_is_a_deterministic_small_request() -> None:
     payload = canary.infer_payload(b"\x89PNG")
-    assert payload == {"image": "iVBORw==", "question": canary.QUESTION, "max_tokens": 256, "do_sample": False}
+    assert payload == {
+        "image": "iVBORw==",
+        "question": canary.QUESTION,
+        "max_tokens": 256,
+        "do_sample": False,
+    }

@@ -38,7 +38,10 @@ def failed(path: str, error: str) -> HttpOutcome:
 
 
 def probe(
-    h: HttpOutcome | None = None, r: HttpOutcome | None = None, mx: HttpOutcome | None = None, at: float = 50.0
+    h: HttpOutcome | None = None,
+    r: HttpOutcome | None = None,
+    mx: HttpOutcome | None = None,
+    at: float = 50.0,
 ) -> InstanceProbe:
     return InstanceProbe(
         URL,
@@ -52,7 +55,11 @@ def probe(
 def test_ready_instance_carries_every_column() -> None:
     rep = instance_report(TARGET, probe(), "0.1.0")
     assert rep.state == "ready"
-    assert (rep.model, rep.version, rep.config_hash) == ("/srv/models/Llama-3.2V-11B-cot", "0.1.0", "abcd1234abcd1234")
+    assert (rep.model, rep.version, rep.config_hash) == (
+        "/srv/models/Llama-3.2V-11B-cot",
+        "0.1.0",
+        "abcd1234abcd1234",
+    )
     assert not rep.drift and rep.drift_reasons == []
     assert (rep.in_flight, rep.queued) == (3, 1)
     assert (rep.gpu_memory_used_bytes, rep.gpu_memory_total_bytes) == (20 * 2**30, 80 * 2**30)
@@ -75,7 +82,9 @@ def test_loading_and_draining_are_reported_as_such(status: str) -> None:
 
 def test_failed_server_is_down_with_its_error() -> None:
     h = ok("/health", health("failed", error="CUDA out of memory while loading"))
-    rep = instance_report(TARGET, probe(h=h, r=ok("/ready", {"ready": False, "status": "failed"}, 503)), "0.1.0")
+    rep = instance_report(
+        TARGET, probe(h=h, r=ok("/ready", {"ready": False, "status": "failed"}, 503)), "0.1.0"
+    )
     assert rep.state == "down"
     assert rep.last_error == "server failed: CUDA out of memory while loading"
 
@@ -89,7 +98,9 @@ def test_silent_instance_is_down_with_the_probe_error() -> None:
 
 
 def test_health_ready_but_ready_probe_failing_is_down() -> None:
-    rep = instance_report(TARGET, probe(r=ok("/ready", {"error": {"message": "boom", "type": "x"}}, 500)), "0.1.0")
+    rep = instance_report(
+        TARGET, probe(r=ok("/ready", {"error": {"message": "boom", "type": "x"}}, 500)), "0.1.0"
+    )
     assert rep.state == "down"
     assert rep.last_error == "GET /ready: HTTP 500: boom"
 
@@ -184,7 +195,9 @@ def test_report_ok_needs_every_instance_and_balancer_ready() -> None:
     ready = instance_report(TARGET, probe(), "0.1.0")
     loading = instance_report(TARGET, probe(h=ok("/health", health("loading"))), "0.1.0")
     lb_up = balancer_report("lb", HttpOutcome("http://127.0.0.2:80/healthz", 200, "ok", None, 0.01))
-    lb_down = balancer_report("lb", HttpOutcome("http://127.0.0.2:80/healthz", None, "", "connection refused", 0.0))
+    lb_down = balancer_report(
+        "lb", HttpOutcome("http://127.0.0.2:80/healthz", None, "", "connection refused", 0.0)
+    )
     assert lb_up.state == "ready" and lb_down.state == "down" and lb_down.error == "connection refused"
     assert health_report([ready, ready], [lb_up], "0.1.0", 0.2).ok
     assert not health_report([ready, loading], [lb_up], "0.1.0", 0.2).ok
@@ -195,7 +208,9 @@ def test_report_ok_needs_every_instance_and_balancer_ready() -> None:
 
 
 def test_json_report_is_complete_and_serialisable() -> None:
-    rep = instance_report(TARGET, probe(), "0.1.0", systemd=SystemdState("llamactl@1.service", "active", "running", 0))
+    rep = instance_report(
+        TARGET, probe(), "0.1.0", systemd=SystemdState("llamactl@1.service", "active", "running", 0)
+    )
     doc = json.loads(health_report([rep], [], "0.1.0", 0.1, deep=True).to_json())
     assert doc["ok"] is True and doc["expected_version"] == "0.1.0"
     inst = doc["instances"][0]
