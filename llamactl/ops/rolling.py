@@ -82,9 +82,9 @@ class RollingRestartFailed(OperationFailed):
 
 
 def default_connect(name: str, address: str, ssh: Any) -> Executor:
-    from llamactl.remote.ssh import SSHTarget, connect
+    from llamactl.ops.connect import connect_host
 
-    return connect(SSHTarget.from_settings(name, address, ssh))
+    return connect_host(name, address, ssh)
 
 
 def systemctl_restart(executor: Executor, instance: Instance) -> None:

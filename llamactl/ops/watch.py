@@ -184,6 +184,8 @@ def render_watch_unit(
         inventory_path=inventory_path,
         interval_s=f"{inv.health.interval_s:g}",
         log_file=log_file,
-        log_dir_name=log_file.rsplit("/", 1)[0].removeprefix("/var/log/") or "llamactl",
+        # systemd creates /var/log/<name> for the service; a log elsewhere must already be writable.
+        log_dir_name=(log_file.rsplit("/", 1)[0].removeprefix("/var/log/")
+                      if log_file.startswith("/var/log/") else "llamactl"),
     )
     return {WATCH_UNIT_PATH: RenderedFile(text.encode("utf-8"), 0o644)}

@@ -1,0 +1,148 @@
+"""``llamactl restart``: rolling (drain, restart, ready + canary, undrain) or all at once."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from llamactl.cli.console import console_for
+
+if TYPE_CHECKING:
+    from llamactl.inventory import Instance, Inventory
+    from llamactl.ops.rolling import Progress
+
+_STYLE = {"waiting": "dim", "drain": "cyan", "idle": "cyan", "restart": "yellow", "ready": "yellow",
+          "canary": "yellow", "undrain": "green", "failed": "bold red"}
+
+
+class RollingView:
+    """A live table, one row per instance: batch, current step, last message (to stderr)."""
+
+    def __init__(self, console: Console, batches: list[list[str]]) -> None:
+        self.rows = {i: (n, "waiting", "") for n, batch in enumerate(batches, 1) for i in batch}
+        self.total = len(batches)
+        self.lock = threading.Lock()
+        self.live = Live(self._table(), console=console, refresh_per_second=8, transient=False)
+
+    def _table(self) -> Table:
+        table = Table(box=None, header_style="bold")
+        for name in ("batch", "instance", "step", "detail"):
+            table.add_column(name, overflow="fold" if name == "detail" else "ellipsis")
+        for inst, (n, step, detail) in self.rows.items():
+            table.add_row(f"{n}/{self.total}", inst, Text(step, style=_STYLE.get(step, "")), detail)
+        return table
+
+    def __call__(self, p: Progress) -> None:
+        if not p.instance:
+            return
+        with self.lock:
+            n = self.rows.get(p.instance, (p.batch, "", ""))[0]
+            step = "done" if p.step == "undrain" else p.step if p.ok else "failed"
+            self.rows[p.instance] = (n, step, p.message)
+            self.live.update(self._table())
+
+
+def _select(inv: Inventory, limit: str | None, only: list[str]) -> list[Instance]:
+    from llamactl.errors import UsageError
+    from llamactl.inventory.select import limit as select_limit
+
+    hosts = {h.name for h in select_limit(inv, limit)}
+    chosen = [i for i in inv.instances() if i.host in hosts]
+    if only:
+        known = {i.id for i in inv.instances()}
+        unknown = [o for o in only if o not in known]
+        if unknown:
+            raise UsageError(f"--instance {', '.join(unknown)}: no such instance in {inv.path} "
+                             f"(instances: {', '.join(sorted(known))})")
+        chosen = [i for i in chosen if i.id in set(only)]
+    if not chosen:
+        raise UsageError("nothing to restart: --limit and --instance select no instance")
+    return chosen
+
+
+def _all_at_once(inv: Inventory, instances: list[Instance], console: Console) -> None:
+    from llamactl.errors import OperationFailed
+    from llamactl.ops.rolling import default_connect
+    from llamactl.plan.command import Command
+    from llamactl.remote.parallel import run_parallel
+
+    by_host: dict[str, list[Instance]] = {}
+    for inst in instances:
+        by_host.setdefault(inst.host, []).append(inst)
+
+    def one(host: str) -> None:
+        spec = inv.host(host)
+        executor = default_connect(host, spec.address, spec.ssh)
+        try:
+            executor.run(Command.of("systemctl", "restart", *(i.unit for i in by_host[host])))
+        finally:
+            executor.close()
+
+    outcomes = run_parallel(list(by_host), one, max_workers=16)
+    failed = []
+    for host, outcome in zip(by_host, outcomes):
+        if outcome.ok:
+            console.print(f"{host}: restarted {', '.join(i.unit for i in by_host[host])}", markup=False)
+        else:
+            failed.append(host)
+            console.print(f"{host}: FAILED: {outcome.error}", markup=False, style="red")
+    if failed:
+        raise OperationFailed(f"restart failed on: {', '.join(failed)}")
+
+
+def restart(
+    inventory: Path = typer.Argument(..., help="Inventory YAML file."),
+    rolling: bool = typer.Option(False, "--rolling", help="Batch by batch through the balancer, no request lost."),
+    batch: Optional[str] = typer.Option(  # noqa: UP007 - typer needs Optional
+        None, "--batch", help="Instances per batch: a count or a percentage like 25% (default: rollout.batch)."),
+    limit: Optional[str] = typer.Option(None, "--limit", help="Only these hosts (comma-separated names or globs)."),  # noqa: UP007
+    instance: Optional[list[str]] = typer.Option(  # noqa: UP007
+        None, "--instance", help="Only this instance, as host/index (repeatable)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    force: bool = typer.Option(False, "--force",
+                               help="Allow restarting a cluster's only instance, or every instance in one batch."),
+) -> None:
+    """Restart inference servers: with --rolling, never more than rollout.max_unavailable out of the
+    balancer, each back only after /ready and a canary inference; the first failure stops the rollout
+    and leaves only the failed instance drained (exit 1). Without --rolling, every selected instance
+    restarts at once (service is interrupted), after a confirmation.
+
+    Example: llamactl restart inventory.yaml --rolling --batch 25%
+    """
+    from llamactl.inventory import load_inventory
+    from llamactl.ops.rolling import RollingRestartFailed, rolling_restart
+    from llamactl.plan.batches import plan_batches
+
+    inv = load_inventory(inventory)
+    instances = _select(inv, limit, list(instance or []))
+    console = console_for(stderr=True)
+    if not rolling:
+        if not yes:
+            typer.confirm(f"Restart {len(instances)} instance(s) at once? In-flight requests on them fail "
+                          "(use --rolling for no downtime)", abort=True, err=True)
+        _all_at_once(inv, instances, console)
+        return
+    spec: int | str = inv.rollout.batch if batch is None else (int(batch) if batch.isdigit() else batch)
+    batches = plan_batches(instances, spec, inv.rollout.max_unavailable,
+                           cluster_size=len(inv.instances()), force=force)
+    console.print(f"rolling restart of {len(instances)} instance(s) in {len(batches)} batch(es), at most "
+                  f"{max(len(b) for b in batches)} out of the balancer at once", markup=False)
+    view = RollingView(console, [[i.id for i in b] for b in batches])
+    try:
+        with view.live:
+            result = rolling_restart(inv, instances, on_event=view, batch=spec, force=force)
+    except RollingRestartFailed as exc:
+        console.print(str(exc), markup=False, style="bold red")
+        raise
+    console.print(result.summary(), markup=False, style="green")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("restart")(restart)
