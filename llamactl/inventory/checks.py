@@ -135,7 +135,6 @@ def cross_check(
             ctx.add(hpath, f'found address "{host.address}" again (first at {dotted(addresses[host.address])}), '
                     "expected one host per address")
         addresses.setdefault(host.address, hpath)
-        _ports(ctx, host, hpath)
     if balancer is not None:
         _balancer(ctx, hosts, balancer, names)
     if doc is not None and doc.health.timeout_s > doc.health.interval_s:
@@ -170,19 +169,24 @@ def _balancer(ctx: _Context, hosts: list[HostSpec], balancer: BalancerSpec, name
                 "expected two different ports", key=False)
 
 
-def _ports(ctx: _Context, host: HostSpec, hpath: PathKey) -> None:
-    count = max(1, len(host.gpus))
-    config_ports = [inst.port for inst in host.instances]
-    if len(host.instances) < count:
-        ctx.add(hpath, f"found {len(config_ports)} ports, expected one per instance ({count})")
-        return
-    seen: dict[int, int] = {}
-    for inst in host.instances:
-        if inst.port > 65535:
-            ctx.add(hpath, f"found base_port {host.base_port} with {count} instances (up to port {inst.port}), "
-                    "expected every port at most 65535")
-            return
-        if inst.port in seen:
-            ctx.add(hpath, f"found port {inst.port} for instances {seen[inst.port]} and {inst.index}, "
-                    "expected one port per instance")
-        seen.setdefault(inst.port, inst.index)
+def host_ports(ctx: _Context, config: HostConfig, merged: Merged) -> bool:
+    """Instance ports of one host: in range and distinct. Returns False when they are unusable."""
+    count = max(1, len(config.gpus))
+    if config.ports is None:
+        last = config.base_port + count - 1
+        if last > 65535:
+            ctx.add(merged.source(("base_port",)), f"found {config.base_port} with {count} instances (up to port "
+                    f"{last}), expected every instance port at most 65535", key=False)
+            return False
+        return True
+    if len(config.ports) != count:
+        ctx.add(merged.source(("ports",)), f"found {len(config.ports)} ports, expected one per instance ({count})",
+                key=False)
+        return False
+    first: dict[int, int] = {}
+    for i, port in enumerate(config.ports):
+        if port in first:
+            ctx.add(merged.source(("ports", i)), f"found port {port} again (instance {first[port]} uses it), "
+                    "expected one port per instance", key=False)
+        first.setdefault(port, i)
+    return len(first) == count

@@ -125,7 +125,7 @@ def _hosts(ctx: _Context, data: dict[str, Any], base: Path, env: Mapping[str, st
                 checks.inline_secrets(ctx, layer, source)
                 merged.layer(layer, source)
             config = ctx.typed(HostConfig, merged.data, merged)
-            if config is None:
+            if config is None or not checks.host_ports(ctx, config, merged):
                 continue
             config = checks.resolve_local_paths(ctx, config, merged, base, env)
             hosts.append(_host_spec(name, group, config))
@@ -144,8 +144,7 @@ def _host_spec(name: str, group: str, config: HostConfig) -> HostSpec:
     count = max(1, len(config.gpus))
     ports = config.ports if config.ports is not None else [config.base_port + i for i in range(count)]
     instances = [
-        Instance(name, i, config.gpus[i] if config.gpus else None, config.address, ports[i])
-        for i in range(min(count, len(ports)))
+        Instance(name, i, config.gpus[i] if config.gpus else None, config.address, ports[i]) for i in range(count)
     ]
     return HostSpec(
         name=name, address=config.address, group=group, ssh=config.ssh, python=config.python,

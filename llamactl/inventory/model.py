@@ -132,7 +132,7 @@ class HostConfig(_Model):
     ssh: SSHSettings = SSHSettings()
     python: str = "/usr/bin/python3"
     install_dir: str = "/opt/llamactl"
-    gpus: Any = 1  # a count or a list of indices; checked by the validator below
+    gpus: Any = Field(default=1, validate_default=True)  # a count or a list of indices: see _gpus
     base_port: Port = 8000
     ports: list[Port] | None = None  # explicit per-instance ports (overrides base_port + i)
     bind: str = "0.0.0.0"

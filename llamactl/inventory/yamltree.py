@@ -21,7 +21,8 @@ PathKey = tuple[str | int, ...]
 
 # Far above any real inventory (the example has ~150 nodes); an alias bomb hits it within milliseconds.
 MAX_NODES = 20_000
-MAX_ALIASES = 100
+MAX_DEPTH = 40  # inventories are ~5 levels deep; a recursive alias would otherwise recurse forever
+MAX_ALIASES = 1_000  # nodes reached again through aliases (a shared mapping reused by many hosts is fine)
 
 _INTERP = re.compile(r"\$\$\{|\$\{([^}]*)\}|\$\{")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -57,9 +58,25 @@ def dotted(path: PathKey) -> str:
     return out
 
 
+class _Alias(yaml.Node):
+    """An alias reference kept as its own node, so a refusal can name the line that used the alias."""
+
+    def __init__(self, target: yaml.Node, mark: yaml.Mark) -> None:
+        super().__init__(target.tag, target.value, mark, mark)
+        self.target = target
+
+
+class _Loader(yaml.SafeLoader):
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            return _Alias(super().compose_node(parent, index), mark)
+        return super().compose_node(parent, index)
+
+
 class _Budget(Exception):
-    def __init__(self, node: yaml.Node, message: str) -> None:
-        self.node = node
+    def __init__(self, mark: yaml.Mark, message: str) -> None:
+        self.mark = mark
         self.message = message
 
 
@@ -71,7 +88,7 @@ class _Walker:
         self.tree = Tree(None)
         self.visits = 0
         self.aliases = 0
-        self.seen: set[int] = set()
+        self.alias_sites: list[yaml.Mark] = []  # the alias references being expanded, outermost first
         self.constructor = yaml.SafeLoader("")
 
     def problem(self, node_mark: yaml.Mark, path: PathKey, message: str) -> None:
@@ -80,15 +97,24 @@ class _Walker:
         )
 
     def walk(self, node: yaml.Node, path: PathKey) -> Any:
+        if len(path) > MAX_DEPTH:
+            mark = self.alias_sites[0] if self.alias_sites else node.start_mark
+            raise _Budget(mark, f"found nesting deeper than {MAX_DEPTH} levels, expected a shallow inventory "
+                          "(a recursive alias?)")
+        if isinstance(node, _Alias):
+            self.alias_sites.append(node.start_mark)
+            try:
+                return self.walk(node.target, path)
+            finally:
+                self.alias_sites.pop()
         self.visits += 1
-        if id(node) in self.seen:
+        if self.alias_sites:
             self.aliases += 1
             if self.aliases > MAX_ALIASES:
-                raise _Budget(node, f"found more than {MAX_ALIASES} alias uses, expected at most "
-                              f"{MAX_ALIASES} (refusing a possible alias bomb)")
-        self.seen.add(id(node))
+                raise _Budget(self.alias_sites[0], f"found more than {MAX_ALIASES} nodes expanded from aliases, "
+                              f"expected at most {MAX_ALIASES} (refusing a possible alias bomb)")
         if self.visits > MAX_NODES:
-            raise _Budget(node, f"found more than {MAX_NODES} nodes after expanding aliases, "
+            raise _Budget(node.start_mark, f"found more than {MAX_NODES} nodes after expanding aliases, "
                           f"expected at most {MAX_NODES} (refusing a possible alias bomb)")
         if isinstance(node, yaml.MappingNode):
             return self._mapping(node, path)
@@ -105,6 +131,8 @@ class _Walker:
         out: dict[str, Any] = {}
         first_line: dict[str, int] = {}
         for key_node, value_node in node.value:
+            while isinstance(key_node, _Alias):
+                key_node = key_node.target
             if not isinstance(key_node, yaml.ScalarNode):
                 self.problem(key_node.start_mark, path, "found a complex mapping key, expected a plain name")
                 continue
@@ -161,7 +189,7 @@ class _Walker:
 def parse_yaml(text: str, filename: str, env: Mapping[str, str]) -> tuple[Tree, list[Problem]]:
     """Parse one YAML document. Returns the tree and every problem found (syntax errors stop early)."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -177,8 +205,6 @@ def parse_yaml(text: str, filename: str, env: Mapping[str, str]) -> tuple[Tree, 
     try:
         walker.tree.data = walker.walk(root, ())
     except _Budget as exc:
-        mark = exc.node.start_mark
+        mark = exc.mark
         return Tree(None), [Problem(filename, mark.line + 1, mark.column + 1, "", exc.message)]
-    except RecursionError:
-        return Tree(None), [Problem(filename, 1, 1, "", "found nesting too deep, expected a shallow inventory")]
     return walker.tree, walker.problems
