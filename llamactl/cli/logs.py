@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -82,7 +82,7 @@ def follow(executor: Any, command: Command, out: Any = sys.stdout) -> int:
 def logs(
     inventory: Path = typer.Argument(..., help="Inventory YAML file."),
     host: str = typer.Argument(..., help="A server host (or balancer host) name from the inventory."),
-    instance: Optional[int] = typer.Option(  # noqa: UP007 - typer needs Optional
+    instance: int | None = typer.Option(
         None, "--instance", "-i", help="Only this instance index (default: every instance on the host)."),
     follow_: bool = typer.Option(False, "--follow", "-f", help="Keep streaming new lines until Ctrl-C."),
     lines: int = typer.Option(100, "--lines", "-n", min=0, help="How many past lines to show."),

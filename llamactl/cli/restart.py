@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -71,7 +71,7 @@ def _all_at_once(inv: Inventory, instances: list[Instance], console: Console) ->
     from llamactl.errors import OperationFailed
     from llamactl.ops.rolling import default_connect
     from llamactl.plan.command import Command
-    from llamactl.remote.parallel import run_parallel
+    from llamactl.remote.parallel import Err, run_parallel
 
     by_host: dict[str, list[Instance]] = {}
     for inst in instances:
@@ -88,11 +88,11 @@ def _all_at_once(inv: Inventory, instances: list[Instance], console: Console) ->
     outcomes = run_parallel(list(by_host), one, max_workers=16)
     failed = []
     for host, outcome in zip(by_host, outcomes):
-        if outcome.ok:
-            console.print(f"{host}: restarted {', '.join(i.unit for i in by_host[host])}", markup=False)
-        else:
+        if isinstance(outcome, Err):
             failed.append(host)
             console.print(f"{host}: FAILED: {outcome.error}", markup=False, style="red")
+        else:
+            console.print(f"{host}: restarted {', '.join(i.unit for i in by_host[host])}", markup=False)
     if failed:
         raise OperationFailed(f"restart failed on: {', '.join(failed)}")
 
@@ -100,10 +100,10 @@ def _all_at_once(inv: Inventory, instances: list[Instance], console: Console) ->
 def restart(
     inventory: Path = typer.Argument(..., help="Inventory YAML file."),
     rolling: bool = typer.Option(False, "--rolling", help="Batch by batch through the balancer, no request lost."),
-    batch: Optional[str] = typer.Option(  # noqa: UP007 - typer needs Optional
+    batch: str | None = typer.Option(
         None, "--batch", help="Instances per batch: a count or a percentage like 25% (default: rollout.batch)."),
-    limit: Optional[str] = typer.Option(None, "--limit", help="Only these hosts (comma-separated names or globs)."),  # noqa: UP007
-    instance: Optional[list[str]] = typer.Option(  # noqa: UP007
+    limit: str | None = typer.Option(None, "--limit", help="Only these hosts (comma-separated names or globs)."),
+    instance: list[str] | None = typer.Option(
         None, "--instance", help="Only this instance, as host/index (repeatable)."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     force: bool = typer.Option(False, "--force",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -12,9 +11,9 @@ import typer
 def watch(
     inventory: Path = typer.Argument(..., help="Inventory YAML file."),
     once: bool = typer.Option(False, "--once", help="One probe round (and its actions), then exit."),
-    interval: Optional[float] = typer.Option(  # noqa: UP007 - typer needs Optional
+    interval: float | None = typer.Option(
         None, "--interval", min=0.1, help="Seconds between probe rounds (default: health.interval_s)."),
-    log_file: Optional[Path] = typer.Option(  # noqa: UP007
+    log_file: Path | None = typer.Option(
         None, "--log-file", help="Also append the JSON event lines to this file."),
     budget: int = typer.Option(3, "--budget", min=1, help="Restarts allowed per instance within --window."),
     window: float = typer.Option(1800.0, "--window", min=1.0, help="Restart budget window in seconds."),

@@ -32,7 +32,7 @@ class NginxControl:
     replacement proves a reload took.
     """
 
-    test: Command = Command.of("nginx", "-t")
+    test: Command = field(default_factory=lambda: Command.of("nginx", "-t"))
     reload: Command | None = None
     master_pid: Command | None = None
     systemd_unit: str = "nginx.service"

@@ -9,6 +9,7 @@ reload), so waiting for its own in-flight count to reach 0 makes the restart los
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -128,10 +129,8 @@ class HostPool:
         with self._guard:
             executor = self._executors.pop(name, None)
         if executor is not None:
-            try:
+            with contextlib.suppress(Exception):  # closing a broken connection may fail too
                 executor.close()
-            except Exception:  # noqa: BLE001 - closing a broken connection may fail too
-                pass
 
     def close(self) -> None:
         for name in list(self._executors):
@@ -267,7 +266,7 @@ def _run_batch(
     drained = frozenset(i.id for i in group)
     try:
         _apply(inv, pool, drained, nginx, f"{reason}: drain batch {number}/{total}")
-    except Exception as exc:  # the balancer could not be changed: nothing was drained, stop here
+    except Exception as exc:  # noqa: BLE001 - the balancer was not changed: nothing drained, stop
         return [Failure(i.id, "drain", str(exc)) for i in group]
     for inst in group:
         progress(Progress(number, total, "drain", inst.id, "out of the balancer"))
@@ -283,7 +282,7 @@ def _run_batch(
             executor, lock = pool.get(inst.host)
             with lock:
                 restart(executor, inst)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure of the restart action stops the rollout
             pool.drop(inst.host)
             report("restart", str(exc), False)
             return Failure(inst.id, "restart", str(exc))

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -48,7 +46,7 @@ class Backend:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 if self.path == "/health":
                     self._send(200, {"status": "ready" if backend.ready else "loading", "in_flight":
                                      backend.in_flight, "queued": 0, "uptime_s": 100.0, "instance": backend.name})
@@ -57,7 +55,7 @@ class Backend:
                 else:
                     self._send(404, {"error": {"message": "not found", "type": "not_found"}})
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 self.rfile.read(length)
                 backend.hits += 1

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 import pytest
+from ops_support import Backend, Load, TempNginx, free_port
 
 from llamactl.inventory import load_inventory
 from llamactl.ops.balancer import BalancerConfigError, NginxControl, apply_balancer_config, apply_files
 from llamactl.plan.render import RenderedFile, render_balancer_files
 from llamactl.remote.local import LocalExecutor
-
-from ops_support import Backend, Load, TempNginx, free_port
 
 
 def test_drain_then_broken_config_rolls_back_while_serving(

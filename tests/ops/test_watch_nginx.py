@@ -33,7 +33,7 @@ def pair() -> Iterator[list[Backend]]:
 
 def test_watch_heals_a_stopped_server_while_traffic_flows(tmp_path: Path, pair: list[Backend],
                                                           temp_nginx: TempNginx) -> None:
-    a, b = pair
+    a = pair[0]
     conf = temp_nginx.conf_d / "llamactl.conf"
     listen = free_port()
     inv = load_inventory(write_inventory(tmp_path / "inventory.yaml", pair, listen=listen, config_path=conf),

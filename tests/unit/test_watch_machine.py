@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from llamactl.plan.watch import Action, Observation, Policy, State, Watcher
 
 OK = Observation("ready", uptime_s=None)
@@ -92,7 +94,7 @@ def test_backoff_doubles_and_budget_stops_restarts_loudly() -> None:
         if w.state(I) is State.GAVE_UP:
             break
     assert len(restarts) == 3
-    gaps = [b - a for a, b in zip(restarts, restarts[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(restarts)]
     assert gaps[0] >= 10 and gaps[1] >= 20 and gaps[1] > gaps[0]
     assert w.state(I) is State.GAVE_UP and I in w.drained
     # no more restarts ever, while it keeps failing
@@ -144,7 +146,7 @@ def test_unreachable_host_is_drained_and_not_looped_on() -> None:
             attempts.append(t)
             w.restart_done(t, I, ok=False, host_down=True)
     assert len(attempts) >= 2
-    gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
     assert all(g >= 20 for g in gaps) and gaps == sorted(gaps)
     assert w.state(I) is not State.GAVE_UP  # unreachable attempts do not spend the budget
 
