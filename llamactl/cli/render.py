@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -37,9 +36,7 @@ def write_tree(out: Path, files: dict[str, dict[str, RenderedFile]]) -> int:
 def render(
     inventory: Path = typer.Argument(..., help="The inventory YAML file."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write DIR/<host>/<path> into."),
-    host: Optional[str] = typer.Option(  # noqa: UP007 - typer needs Optional
-        None, "--host", help="Only this host (a server or balancer host name)."
-    ),
+    host: str | None = typer.Option(None, "--host", help="Only this host (a server or balancer host name)."),
 ) -> None:
     """Render the systemd unit, env files, nginx config and Prometheus targets without touching any host.
 

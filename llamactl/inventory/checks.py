@@ -48,7 +48,8 @@ def inline_secrets(ctx: _Context, layer: dict[str, Any], source: PathKey) -> Non
             if not isinstance(value, str) or path in ctx.tree.raw:
                 continue
             if _SECRET_NAME.search(name) or _URL_PASSWORD.search(value):
-                ctx.add(path, f"found an inline secret, expected ${{{name}}} from the controller's environment",
+                ctx.add(path,
+                        f"found an inline secret, expected ${{{name}}} from the controller's environment",
                         key=False)
     pip = layer.get("pip")
     if isinstance(pip, dict):
@@ -107,7 +108,8 @@ def resolve_local_paths(
             try:
                 keys = [k.strip() for k in Path(file).read_text().splitlines() if k.strip()]
             except OSError as exc:
-                ctx.add(fpath, f"found {file} unreadable ({exc.strerror}), expected a file of keys", key=False)
+                ctx.add(fpath, f"found {file} unreadable ({exc.strerror}), expected a file of keys",
+                        key=False)
             else:
                 if not keys:
                     ctx.add(fpath, f"found {file} empty, expected one API key per line", key=False)
@@ -132,7 +134,8 @@ def cross_check(
                     "expected unique host names")
         names.setdefault(host.name, hpath)
         if host.address in addresses:
-            ctx.add(hpath, f'found address "{host.address}" again (first at {dotted(addresses[host.address])}), '
+            first = dotted(addresses[host.address])
+            ctx.add(hpath, f'found address "{host.address}" again (first at {first}), '
                     "expected one host per address")
         addresses.setdefault(host.address, hpath)
     if balancer is not None:
@@ -142,7 +145,9 @@ def cross_check(
                 f"({doc.health.interval_s:g})", key=False)
 
 
-def _balancer(ctx: _Context, hosts: list[HostSpec], balancer: BalancerSpec, names: dict[str, PathKey]) -> None:
+def _balancer(
+    ctx: _Context, hosts: list[HostSpec], balancer: BalancerSpec, names: dict[str, PathKey]
+) -> None:
     lb_addresses: dict[str, PathKey] = {}
     for lb in balancer.hosts:
         lpath: PathKey = ("balancer", "hosts", lb.name)
@@ -150,10 +155,11 @@ def _balancer(ctx: _Context, hosts: list[HostSpec], balancer: BalancerSpec, name
             ctx.add(lpath, f'found host name "{lb.name}" again (first at {dotted(names[lb.name])}), '
                     "expected unique host names")
         if lb.address in lb_addresses:
-            ctx.add(lpath, f'found address "{lb.address}" again (first at {dotted(lb_addresses[lb.address])}), '
+            first = dotted(lb_addresses[lb.address])
+            ctx.add(lpath, f'found address "{lb.address}" again (first at {first}), '
                     "expected one balancer host per address")
         lb_addresses.setdefault(lb.address, lpath)
-        listens = [(balancer.listen, ("balancer", "listen"))]
+        listens: list[tuple[int, PathKey]] = [(balancer.listen, ("balancer", "listen"))]
         if balancer.tls is not None:
             listens.append((balancer.tls.listen, ("balancer", "tls", "listen")))
         for host in hosts:  # a balancer may share a machine with servers, but not a port
@@ -175,13 +181,14 @@ def host_ports(ctx: _Context, config: HostConfig, merged: Merged) -> bool:
     if config.ports is None:
         last = config.base_port + count - 1
         if last > 65535:
-            ctx.add(merged.source(("base_port",)), f"found {config.base_port} with {count} instances (up to port "
-                    f"{last}), expected every instance port at most 65535", key=False)
+            ctx.add(merged.source(("base_port",)),
+                    f"found {config.base_port} with {count} instances (up to port {last}), "
+                    "expected every instance port at most 65535", key=False)
             return False
         return True
     if len(config.ports) != count:
-        ctx.add(merged.source(("ports",)), f"found {len(config.ports)} ports, expected one per instance ({count})",
-                key=False)
+        ctx.add(merged.source(("ports",)),
+                f"found {len(config.ports)} ports, expected one per instance ({count})", key=False)
         return False
     first: dict[int, int] = {}
     for i, port in enumerate(config.ports):

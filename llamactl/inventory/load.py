@@ -21,15 +21,14 @@ from llamactl.inventory.model import (
     BalancerHost,
     BalancerSpec,
     Document,
-    HealthSpec,
     HostConfig,
     HostSpec,
+    Instance,
     Inventory,
-    RolloutSpec,
     SSHSettings,
 )
-from llamactl.inventory.problems import Loc, from_validation
-from llamactl.inventory.yamltree import PathKey, Tree, dotted, parse_yaml
+from llamactl.inventory.problems import Loc, describe, from_validation
+from llamactl.inventory.yamltree import PathKey, Tree, parse_yaml
 
 
 class _Context:
@@ -118,7 +117,8 @@ def _hosts(ctx: _Context, data: dict[str, Any], base: Path, env: Mapping[str, st
                 ctx.add(hpath, f'found host name "{name}", expected letters, digits, ".", "_" or "-" '
                         "(at most 63, starting alphanumeric)")
             if hdata is not None and not isinstance(hdata, dict):
-                ctx.add(hpath, f"found {_kind(hdata)}, expected a mapping with at least an address", key=False)
+                ctx.add(hpath, f"found {_kind(hdata)}, expected a mapping with at least an address",
+                        key=False)
                 continue
             merged = Merged(hpath)
             for layer, source in ((defaults, ("defaults",)), (settings, gpath), (hdata or {}, hpath)):
@@ -133,18 +133,15 @@ def _hosts(ctx: _Context, data: dict[str, Any], base: Path, env: Mapping[str, st
 
 
 def _kind(value: Any) -> str:
-    from llamactl.inventory.problems import describe
-
     return describe(value)
 
 
 def _host_spec(name: str, group: str, config: HostConfig) -> HostSpec:
-    from llamactl.inventory.model import Instance
-
     count = max(1, len(config.gpus))
     ports = config.ports if config.ports is not None else [config.base_port + i for i in range(count)]
     instances = [
-        Instance(name, i, config.gpus[i] if config.gpus else None, config.address, ports[i]) for i in range(count)
+        Instance(name, i, config.gpus[i] if config.gpus else None, config.address, ports[i])
+        for i in range(count)
     ]
     return HostSpec(
         name=name, address=config.address, group=group, ssh=config.ssh, python=config.python,
@@ -181,5 +178,3 @@ def _balancer(ctx: _Context, data: dict[str, Any], doc: Document | None, base: P
         fields["next_upstream_timeout_s"] = cfg.proxy_read_timeout_s
     return BalancerSpec(hosts=lb_hosts, **fields)
 
-
-__all__ = ["load_inventory", "RolloutSpec", "HealthSpec", "dotted"]

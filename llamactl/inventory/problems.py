@@ -49,7 +49,7 @@ def _strip(annotation: Any) -> tuple[Any, list[Any]]:
     metadata: list[Any] = []
     while True:
         if typing.get_origin(annotation) is typing.Annotated:
-            args = typing.get_args(annotation)
+            args: Any = typing.get_args(annotation)
             annotation = args[0]
             for meta in args[1:]:
                 metadata.extend(getattr(meta, "metadata", [meta]))
@@ -84,7 +84,8 @@ def _annotation_at(model: type[BaseModel], loc: Loc) -> tuple[Any, list[Any]] | 
 
 
 def _bounds_text(kind: str, metadata: list[Any], ctx: dict[str, Any]) -> str:
-    low = high = None
+    low: Any = None
+    high: Any = None
     low_strict = False
     for meta in metadata:
         if isinstance(meta, annotated_types.Ge):
@@ -141,7 +142,9 @@ def _fields(model: type[BaseModel], loc: Loc) -> list[str]:
     return []
 
 
-def from_validation(exc: ValidationError, model: type[BaseModel], locate: Locator, file: str) -> list[Problem]:
+def from_validation(
+    exc: ValidationError, model: type[BaseModel], locate: Locator, file: str
+) -> list[Problem]:
     problems: list[Problem] = []
     for err in exc.errors():
         loc: Loc = tuple(err["loc"])

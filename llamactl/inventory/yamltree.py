@@ -58,7 +58,7 @@ def dotted(path: PathKey) -> str:
     return out
 
 
-class _Alias(yaml.Node):
+class _Alias(yaml.Node):  # type: ignore[misc]
     """An alias reference kept as its own node, so a refusal can name the line that used the alias."""
 
     def __init__(self, target: yaml.Node, mark: yaml.Mark) -> None:
@@ -66,7 +66,7 @@ class _Alias(yaml.Node):
         self.target = target
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(yaml.SafeLoader):  # type: ignore[misc]
     def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
         if self.check_event(yaml.AliasEvent):
             mark = self.peek_event().start_mark
@@ -111,7 +111,8 @@ class _Walker:
         if self.alias_sites:
             self.aliases += 1
             if self.aliases > MAX_ALIASES:
-                raise _Budget(self.alias_sites[0], f"found more than {MAX_ALIASES} nodes expanded from aliases, "
+                raise _Budget(self.alias_sites[0],
+                              f"found more than {MAX_ALIASES} nodes expanded from aliases, "
                               f"expected at most {MAX_ALIASES} (refusing a possible alias bomb)")
         if self.visits > MAX_NODES:
             raise _Budget(node.start_mark, f"found more than {MAX_NODES} nodes after expanding aliases, "
@@ -171,7 +172,8 @@ class _Walker:
             name = match.group(1)
             if name is None or not _ENV_NAME.match(name):
                 self.problem(node.start_mark, path,
-                             f'found "{token}" in "{text}", expected ${{NAME}} (write $${{ for a literal ${{)')
+                             f'found "{token}" in "{text}", '
+                             "expected ${NAME} (write $${ for a literal ${)")
                 return token
             used = True
             if name not in self.env:
@@ -199,7 +201,8 @@ def parse_yaml(text: str, filename: str, env: Mapping[str, str]) -> tuple[Tree, 
     except yaml.YAMLError as exc:
         return Tree(None), [Problem(filename, 1, 1, "", f"found invalid YAML: {exc}")]
     if root is None:
-        return Tree(None), [Problem(filename, 1, 1, "", "found an empty document, expected an inventory mapping")]
+        empty = "found an empty document, expected an inventory mapping"
+        return Tree(None), [Problem(filename, 1, 1, "", empty)]
     walker = _Walker(filename, env)
     walker.tree.positions[()] = Pos(1, 1, root.start_mark.line + 1, root.start_mark.column + 1)
     try:
