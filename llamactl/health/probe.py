@@ -45,16 +45,19 @@ class InstanceProbe:
 
 
 def make_client(targets: int, timeout_s: float, *, verify: bool = True) -> httpx.AsyncClient:
-    """A client whose pool holds every probe of a sweep at once (3 per instance), so none waits for a slot.
+    """The sweep's client: httpx's API over the lean asyncio transport (see ``transport``).
 
+    Pool limits are sized for every probe of a sweep at once (3 per instance), so none waits for a slot.
     ``trust_env=False``: a proxy from the environment must never sit between us and the cluster.
     """
+    from llamactl.health.transport import AsyncioTransport
+
     connections = max(32, targets * len(PROBE_PATHS) + 8)
     return httpx.AsyncClient(
         timeout=httpx.Timeout(timeout_s),
         limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+        transport=AsyncioTransport(verify=verify, max_idle_per_origin=len(PROBE_PATHS) + 1),
         trust_env=False,
-        verify=verify,
         follow_redirects=False,
     )
 

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import llamactl
@@ -182,7 +183,7 @@ def spec_json(endpoints: list[Endpoint]) -> str:
 
 def _main(path: str) -> None:
     """Run the endpoints listed in a JSON spec until killed; prints ``listening N`` once they all are."""
-    raw = json.loads(open(path, encoding="utf-8").read())
+    raw = json.loads(Path(path).read_text(encoding="utf-8"))
     endpoints = [Endpoint(e["host"], e["port"], Behaviour(**e["behaviour"])) for e in raw]
 
     async def forever() -> None:

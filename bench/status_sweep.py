@@ -1,0 +1,162 @@
+"""Benchmark: one ``llamactl status`` sweep over 100 simulated instances, 10 of which never answer.
+
+The instances are simulated on loopback by one separate process (``llamactl.health.simulate``), 10 hosts
+127.0.0.101-110 x 10 instances each, plus a balancer on 127.0.0.2. The sweep runs through the same code
+as ``llamactl status`` (load inventory -> plan -> ``sweep`` with the client status builds), with a 1 s
+probe timeout. Target: under 1.5 s wall. Also timed: the whole CLI as a subprocess (``--json``), and one
+serial sweep (one instance after another, as the seed's monitor does) for reference.
+
+    .venv/bin/python bench/status_sweep.py [--runs 5] [--no-serial]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from llamactl.health.probe import make_client, probe_instance
+from llamactl.health.simulate import Behaviour, Endpoint, spec_json
+from llamactl.health.sweep import SweepOptions, plan_from_inventory, sweep
+from llamactl.inventory import load_inventory
+
+HOSTS = [f"127.0.0.{101 + h}" for h in range(10)]
+PER_HOST = 10
+SILENT = {(h, 9 - h) for h in range(10)}  # one silent instance per host, at a different index on each
+TIMEOUT_S = 1.0
+RESULTS = Path(__file__).parent / "results"
+
+
+def free_base(span: int) -> int:
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = int(s.getsockname()[1])
+        if base + span > 64000:
+            continue
+        try:
+            held = []
+            for addr in [*HOSTS, "127.0.0.2"]:
+                for port in range(base, base + span):
+                    sock = socket.socket()
+                    held.append(sock)
+                    sock.bind((addr, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+    raise SystemExit("no free port range on loopback")
+
+
+def write_inventory(path: Path, base: int) -> None:
+    hosts = "\n".join(f"      sim-{i + 1:02d}: {{address: {a}}}" for i, a in enumerate(HOSTS))
+    path.write_text(
+        f"version: 1\ncluster: bench\ndefaults:\n  gpus: {PER_HOST}\n  base_port: {base}\n"
+        f"  model: {{source: /srv/models/Llama-3.2V-11B-cot}}\n  ssh: {{host_key_policy: accept-new}}\n"
+        f"groups:\n  sim:\n    hosts:\n{hosts}\n"
+        f"balancer:\n  hosts:\n    lb: {{address: 127.0.0.2}}\n  listen: {base + PER_HOST}\n"
+        f"health: {{timeout_s: {TIMEOUT_S}, interval_s: 5}}\n"
+    )
+
+
+def endpoints(inventory: Path) -> list[Endpoint]:
+    plan = plan_from_inventory(load_inventory(inventory))
+    eps = []
+    for t in plan.targets:
+        silent = (HOSTS.index(t.address), t.index) in SILENT
+        b = Behaviour(
+            status="silent" if silent else "ready", config_hash=t.expected_config_hash or "", requests=50
+        )
+        eps.append(Endpoint(t.address, t.port, b))
+    lb = plan.balancers[0][1].rsplit(":", 1)
+    eps.append(Endpoint("127.0.0.2", int(lb[1]), Behaviour(status="balancer")))
+    return eps
+
+
+async def one_sweep(inventory: Path) -> tuple[float, dict[str, Any]]:
+    """Exactly what ``llamactl status INVENTORY`` does between parsing options and printing."""
+    start = time.monotonic()
+    plan = plan_from_inventory(load_inventory(inventory))
+    options = SweepOptions(timeout_s=TIMEOUT_S)
+    async with make_client(len(plan.targets) + len(plan.balancers), options.timeout_s) as client:
+        report, _ = await sweep(plan, options, client)
+    wall = time.monotonic() - start
+    ready = sum(1 for i in report.instances if i.state == "ready")
+    down = [i.id for i in report.instances if i.state == "down"]
+    return wall, {"ready": ready, "down": len(down), "sweep_elapsed_s": report.elapsed_s}
+
+
+async def serial_sweep(inventory: Path) -> float:
+    """Reference: the same probes, one instance after another."""
+    plan = plan_from_inventory(load_inventory(inventory))
+    start = time.monotonic()
+    async with make_client(1, TIMEOUT_S) as client:
+        for t in plan.targets:
+            await probe_instance(client, t.url, TIMEOUT_S)
+    return time.monotonic() - start
+
+
+def cli_run(inventory: Path) -> tuple[float, int]:
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "llamactl", "status", str(inventory), "--json"],
+        capture_output=True, text=True, env={**os.environ, "NO_COLOR": "1"},
+    )  # fmt: skip
+    return time.monotonic() - start, proc.returncode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--no-serial", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        inventory = Path(tmp) / "inventory.yaml"
+        write_inventory(inventory, free_base(PER_HOST + 1))
+        spec = Path(tmp) / "spec.json"
+        spec.write_text(spec_json(endpoints(inventory)))
+        sim = subprocess.Popen(
+            [sys.executable, "-m", "llamactl.health.simulate", str(spec)], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert sim.stdout is not None and sim.stdout.readline().startswith("listening 101")
+            sweeps = [asyncio.run(one_sweep(inventory)) for _ in range(args.runs)]
+            clis = [cli_run(inventory) for _ in range(args.runs)]
+            serial = None if args.no_serial else asyncio.run(serial_sweep(inventory))
+        finally:
+            sim.terminate()
+            sim.wait(timeout=10)
+    walls = [w for w, _ in sweeps]
+    result = {
+        "benchmark": "status_sweep",
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+        "machine": f"{os.cpu_count()}-core CPU box (shared), {platform.python_implementation()} {platform.python_version()}",
+        "instances": len(HOSTS) * PER_HOST, "silent_instances": len(SILENT), "balancers": 1,
+        "probe_timeout_s": TIMEOUT_S, "runs": args.runs,
+        "sweep_wall_s": {"median": statistics.median(walls), "min": min(walls), "max": max(walls), "all": walls},
+        "cli_wall_s": {"median": statistics.median(w for w, _ in clis), "all": [w for w, _ in clis],
+                       "exit_codes": sorted({rc for _, rc in clis})},
+        "serial_reference_s": serial,
+        "counts": sweeps[-1][1],
+        "target_s": 1.5, "met": statistics.median(walls) < 1.5,
+    }  # fmt: skip
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "status_sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
