@@ -85,7 +85,7 @@ def parse_known_hosts(text: str, name: str) -> list[KnownKey]:
             continue
         try:
             key = paramiko.PKey.from_type_string(fields[1], base64.b64decode(fields[2]))
-        except Exception:  # noqa: BLE001 - unknown key types and corrupt lines are skipped, like ssh does
+        except Exception:  # noqa: BLE001, S112 - unknown key types and corrupt lines are skipped, like ssh does
             continue
         found.append(KnownKey(fields[1], key, lineno, revoked=marker == "@revoked"))
     return found

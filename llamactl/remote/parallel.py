@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Generic, TypeVar, Union
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -27,7 +27,7 @@ class Err:
     ok = False
 
 
-Outcome = Union[Ok[R], Err]
+Outcome = Ok[R] | Err
 
 
 def run_parallel(items: Iterable[T], fn: Callable[[T], R], max_workers: int) -> list[Outcome[R]]:

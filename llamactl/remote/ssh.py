@@ -75,7 +75,7 @@ class SSHExecutor:
     def target(self) -> SSHTarget:
         return self._target
 
-    def __enter__(self) -> SSHExecutor:
+    def __enter__(self) -> SSHExecutor:  # noqa: PYI034 - Self needs 3.11; we support 3.10
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
@@ -125,8 +125,10 @@ class SSHExecutor:
             code = channel.recv_exit_status()
         if code == -1 and not self._transports[-1].is_active():
             raise self._lost(doing)
-        result = RunResult(self.host, shown, code, decode(bytes(out)), decode(bytes(err)),
-                           time.monotonic() - started)
+        stderr = decode(bytes(err))
+        if code == -1:  # paramiko ignores "exit-signal": the process died of a signal
+            stderr += "(no exit status: the command was killed by a signal)\n"
+        result = RunResult(self.host, shown, code, decode(bytes(out)), stderr, time.monotonic() - started)
         log.debug("%s: `%s` -> %d in %.3f s", self.host, shown, code, result.duration_s)
         return check_result(result, check)
 

@@ -47,7 +47,7 @@ class SSHTarget:
     user: str = field(default_factory=_local_user)
     identity_files: tuple[Path, ...] = ()
     jump: tuple[Hop, ...] = ()
-    known_hosts: Path = Path("~/.ssh/known_hosts").expanduser()
+    known_hosts: Path = field(default_factory=lambda: Path("~/.ssh/known_hosts").expanduser())
     host_key_policy: HostKeyPolicy = "strict"
     connect_timeout_s: float = 10.0
     allow_agent: bool = True
@@ -56,6 +56,11 @@ class SSHTarget:
     # Transient connect failures (refused, timeout, unreachable) are retried this many times.
     retries: int = 2
     retry_backoff_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        # Accept str paths from callers; expand ~ once here rather than at every use.
+        object.__setattr__(self, "known_hosts", Path(self.known_hosts).expanduser())
+        object.__setattr__(self, "identity_files", tuple(Path(p).expanduser() for p in self.identity_files))
 
     @property
     def where(self) -> str:

@@ -7,6 +7,7 @@ exponential backoff; DNS failures, authentication failures and host-key problems
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import socket
 import time
@@ -20,6 +21,12 @@ from llamactl.remote.hostkeys import fingerprint, preferred_key_types, verify_ho
 from llamactl.remote.target import Hop, SSHTarget
 
 log = logging.getLogger("llamactl.remote")
+# paramiko's transport thread logs every failed handshake with a traceback at ERROR level; with no
+# logging configured Python would print that to stderr next to our one-line error. We report those
+# failures ourselves, so keep paramiko quiet unless someone opts back in (propagate = True).
+_paramiko_log = logging.getLogger("paramiko")
+_paramiko_log.addHandler(logging.NullHandler())
+_paramiko_log.propagate = False
 
 _TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH,
                      errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTDOWN}
@@ -38,7 +45,7 @@ def open_transports(target: SSHTarget, *, sleep: Callable[[float], None] = time.
     try:
         for hop in (*target.jump, target.as_hop()):
             via = opened[-1] if opened else None
-            opened.append(_with_retries(target, hop, lambda: _connect_hop(target, hop, via), sleep))
+            opened.append(_with_retries(target, hop, functools.partial(_connect_hop, target, hop, via), sleep))
     except BaseException:
         for t in reversed(opened):
             t.close()
@@ -82,7 +89,7 @@ def _open_socket(target: SSHTarget, hop: Hop, via: paramiko.Transport | None) ->
         if exc.errno == socket.EAI_AGAIN:
             raise _Transient(message) from exc
         raise ConnectError(target.name, _hop_prefix(target, hop) + message) from exc
-    except (TimeoutError, socket.timeout) as exc:
+    except TimeoutError as exc:
         raise _Transient(f"connection to {where} timed out after {timeout:g} s") from exc
     except OSError as exc:
         message = f"cannot connect to {where}: {exc.strerror or exc}"

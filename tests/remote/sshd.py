@@ -12,7 +12,6 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,9 +72,8 @@ class Sshd:
         ]
         config.write_text("\n".join(lines) + "\n")
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation directory
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log)
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -128,10 +126,10 @@ class Lab:
         return server
 
     def target(self, server: Sshd, **overrides: object) -> SSHTarget:
-        settings: dict[str, object] = dict(
-            name=f"h{server.port}", address="127.0.0.1", port=server.port, user="root",
-            identity_files=(self.client_key,), known_hosts=self.known_hosts, allow_agent=False,
-            look_for_keys=False, connect_timeout_s=5.0, retries=0,
-        )
+        settings: dict[str, object] = {
+            "name": f"h{server.port}", "address": "127.0.0.1", "port": server.port, "user": "root",
+            "identity_files": (self.client_key,), "known_hosts": self.known_hosts, "allow_agent": False,
+            "look_for_keys": False, "connect_timeout_s": 5.0, "retries": 0,
+        }
         settings.update(overrides)
         return SSHTarget(**settings)  # type: ignore[arg-type]

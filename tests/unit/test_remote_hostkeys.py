@@ -67,7 +67,7 @@ def test_parse_plain_port_patterns_hashed_and_junk() -> None:
         f"{hashed} ssh-ed25519 {ED}",
         "broken-line-without-key",
         "10.0.0.1 ssh-unknowntype AAAA",
-        f"10.0.0.1 ssh-ed25519 not-base64!!",
+        "10.0.0.1 ssh-ed25519 not-base64!!",
         f"@cert-authority *.example.com ssh-ed25519 {ED}",
     ])
     assert [(k.key_type, k.line) for k in parse_known_hosts(text, "10.0.0.1")] == [
@@ -105,7 +105,7 @@ def test_changed_key_refused_under_both_policies(tmp_path: Path) -> None:
     for policy in ("strict", "accept-new"):
         with pytest.raises(ConnectError) as info:
             verify_host_key(host="gpu-01", address="10.0.0.1", port=22, key=new, known_hosts=kh,
-                            policy=policy)  # type: ignore[arg-type]
+                            policy=policy)
         message = str(info.value)
         assert message.startswith(f"gpu-01: host key for 10.0.0.1:22 has CHANGED. known_hosts has ssh-ed25519 "
                                   f"{ED_FP} ({kh}:2); the host now presents {fingerprint(new)}.")
