@@ -85,7 +85,7 @@ def describe_error(exc: BaseException, timeout_s: float) -> str:
             return "host unreachable"
         return f"cannot connect: {cause.strerror or cause}" if cause is not None else f"cannot connect: {exc}"
     if isinstance(exc, httpx.RemoteProtocolError):
-        return "connection closed without an answer"
+        return str(exc) or "connection closed without an answer"
     if isinstance(exc, httpx.HTTPError):
         return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return f"{type(exc).__name__}: {exc}"

@@ -90,8 +90,10 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
             )
         except asyncio.TimeoutError:
             raise httpx.ReadTimeout("no answer in time", request=request) from None
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
-            raise httpx.RemoteProtocolError(f"bad or cut answer: {exc}", request=request) from None
+        except asyncio.IncompleteReadError:
+            raise httpx.RemoteProtocolError("connection closed without a full answer", request=request) from None
+        except (asyncio.LimitOverrunError, ValueError) as exc:
+            raise httpx.RemoteProtocolError(f"not a valid HTTP answer ({exc})", request=request) from None
         except (ConnectionError, OSError) as exc:
             raise httpx.ReadError(str(exc), request=request) from exc
         finally:
@@ -113,9 +115,9 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
 def _head(request: httpx.Request, body: bytes) -> bytes:
     target = request.url.raw_path.decode("ascii")
     lines = [f"{request.method} {target} HTTP/1.1"]
-    for name, value in request.headers.multi_items():
-        if name.lower() not in ("content-length", "transfer-encoding"):
-            lines.append(f"{name}: {value}")
+    for name, value in request.headers.raw:
+        if name.lower() not in (b"content-length", b"transfer-encoding"):
+            lines.append(f"{name.decode('latin-1')}: {value.decode('latin-1')}")
     if body or request.method in ("POST", "PUT", "PATCH"):
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
