@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
 
     @lab.command("up")
     def up(
-        count: int = typer.Argument(..., help="Number of server hosts (lab-host1..N); a balancer lab-lb is added."),
+        count: int = typer.Argument(..., metavar="N", help="Number of server hosts (lab-host1..N); a balancer lab-lb is added."),
         directory: Path = typer.Option(DEFAULT_DIR, "--dir", help="Where the inventory, keys, model, wheelhouse "
                                        "and per-host state go."),
         name: str = typer.Option("lab", "--name", help="Lab name (1-8 chars): prefixes netns, links, cgroups."),

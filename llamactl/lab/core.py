@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import socket
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from llamactl.errors import LlamactlError, UsageError
 from llamactl.lab import cgroups, host, inventory, netns, wheelhouse
+from llamactl.lab import model as lab_model
 from llamactl.lab.state import STATE_FILE, LabHost, LabState, load_state, plan_state
 
 Say = Callable[[str], None]
@@ -50,9 +52,9 @@ def up(count: int, directory: Path, name: str, subnet: str, say: Say,
     require_root("up")
     check_prerequisites()
     directory = directory.resolve()
-    directory.mkdir(parents=True, exist_ok=True)
     state = plan_state(name, subnet, directory, count)
     _repair_or_refuse(state, say)
+    directory.mkdir(parents=True, exist_ok=True)
     state.save()  # first, so a crash from here on is repaired by `lab down --dir`
     t0 = time.monotonic()
 
@@ -83,18 +85,8 @@ def up(count: int, directory: Path, name: str, subnet: str, say: Say,
     if wheels:
         wheelhouse.populate(directory / "wheelhouse", say)
     if model:
-        build_model(directory / "model", say)
+        lab_model.provide(directory / "model", say)
     return state
-
-
-def build_model(dest: Path, say: Say) -> None:
-    try:
-        from llamactl.server.tiny import build_tiny_checkpoint
-    except ImportError as exc:
-        raise LlamactlError(f"cannot build the tiny model for {dest}: {exc}") from exc
-    t0 = time.monotonic()
-    build_tiny_checkpoint(dest, seed=0)
-    say(f"model: tiny checkpoint in {dest} ({time.monotonic() - t0:.1f} s)")
 
 
 def sshd_answers(address: str, timeout_s: float = 2.0) -> bool:
@@ -113,7 +105,7 @@ def systemd_state(h: LabHost, timeout_s: float = 5.0, wait: bool = False) -> str
     if argv is None or not host.is_alive(h.pid):
         return "stopped"
     try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+        out = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return "timeout"
     return out.stdout.strip() or out.stderr.strip() or "unknown"
@@ -145,22 +137,42 @@ def _tail(path: Path, lines: int = 10) -> str:
 def _repair_or_refuse(state: LabState, say: Say) -> None:
     """Refuse while a lab of this name or in this DIR is running; tear down what a crash left."""
     old = load_state(Path(state.dir))
-    candidates = [s for s in (old, state) if s is not None]
     leftovers = _leftovers(state.name)
     if old is not None and old.name != state.name:
         leftovers += _leftovers(old.name)
-    live = [h.name for s in candidates for h in s.hosts if host.is_alive(h.pid)]
-    live += [ns for ns in leftovers if ns in netns.list_netns() and netns.netns_pids(ns)]
+    live = [h.name for h in (old.hosts if old else []) if host.is_alive(h.pid) and _is_unshare(h.pid or 0)]
     if live:
-        who = old.name if old else state.name
         raise UsageError(
-            f"a lab is already running ({', '.join(sorted(set(live)))}; name {who!r}, dir {state.dir}); "
-            f"run `llamactl lab down --dir {state.dir}` first, or pick another --name/--subnet/--dir"
+            f"{state.dir}: the lab {old.name if old else state.name!r} is running there ({', '.join(live)}); "
+            f"run `llamactl lab down --dir {state.dir}` first, or use another --dir"
+        )
+    busy = [ns for ns in leftovers if netns.netns_pids(ns)]
+    if busy:
+        raise UsageError(
+            f"--name {state.name}: a running lab uses this name (namespaces {', '.join(busy)}); run "
+            f"`llamactl lab down --dir THAT_DIR` (or `llamactl lab down --name {state.name}`), or pick another --name"
         )
     if old is not None or leftovers or netns.link_exists(state.bridge):
-        say("repairing: tearing down what an earlier lab left behind")
-        for s in candidates:
-            teardown(s, say=lambda _m: None)
+        say("repairing: tearing down what an earlier lab left behind (its processes are gone)")
+        if old is not None:
+            teardown(old, say=lambda _m: None)
+        teardown(_name_only(state), say=lambda _m: None)
+    _check_subnet_free(state)
+
+
+def _check_subnet_free(state: LabState) -> None:
+    ours = ipaddress.IPv4Network(state.subnet)
+    for dev, cidr in netns.networks_in_use():
+        if ipaddress.IPv4Interface(cidr).network.overlaps(ours):
+            raise UsageError(
+                f"--subnet {state.subnet} overlaps {cidr} on {dev} (another lab, or this machine's network); "
+                "pick another --subnet"
+            )
+
+
+def _name_only(state: LabState) -> LabState:
+    """A state naming no hosts: its teardown removes only what the lab's name implies."""
+    return LabState(state.name, state.subnet, state.dir, state.bridge, state.bridge_address, hosts=[])
 
 
 def _leftovers(name: str) -> list[str]:
@@ -188,8 +200,9 @@ def teardown(state: LabState, say: Say) -> None:
     groups = [g for h in state.hosts for g in h.cgroups]
     groups += cgroups.find_leftovers(f"llamactl-lab-{state.name}-")
     cgroups.remove(sorted(set(groups)))
-    _unmount_under(Path(state.dir))
-    shutil.rmtree(Path(state.dir) / "hosts", ignore_errors=True)
+    if state.hosts:  # a recorded lab: its per-host state dirs are ours to remove
+        _unmount_under(Path(state.dir))
+        shutil.rmtree(Path(state.dir) / "hosts", ignore_errors=True)
     say(f"lab {state.name!r}: {len(spaces)} hosts, links, cgroups and host state removed")
 
 
@@ -208,19 +221,21 @@ def _unmount_under(directory: Path) -> None:
     for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
         point = line.split()[4]
         if point.startswith(prefix):
-            subprocess.run(["umount", "-l", point], capture_output=True)
+            subprocess.run(["umount", "-l", point], check=False, capture_output=True)
 
 
 def down(directory: Path, name: str | None, say: Say) -> None:
+    """Tear down the lab recorded in DIR, or (no state file there, e.g. after a crash) everything the
+    lab name implies: namespaces, links, cgroups. Files are removed only from a recorded lab's DIR."""
     require_root("down")
     directory = directory.resolve()
     state = load_state(directory)
     if state is None:
         from llamactl.lab.state import DEFAULT_NAME, DEFAULT_SUBNET
 
-        state = plan_state(name or DEFAULT_NAME, DEFAULT_SUBNET, directory, 1)
-        state.hosts = []
-    elif name and name != state.name:
+        teardown(_name_only(plan_state(name or DEFAULT_NAME, DEFAULT_SUBNET, directory, 1)), say)
+        return
+    if name and name != state.name:
         raise UsageError(f"{directory}/{STATE_FILE}: holds the lab {state.name!r}, not --name {name!r}")
     teardown(state, say)
     for entry in MADE:
@@ -232,7 +247,7 @@ def down(directory: Path, name: str | None, say: Say) -> None:
     try:
         directory.rmdir()
     except OSError:
-        pass  # not empty (the user's own files) or absent
+        pass  # the user's own files are there
 
 
 @dataclass

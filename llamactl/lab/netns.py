@@ -14,7 +14,7 @@ from llamactl.errors import LlamactlError
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True)
+    proc = subprocess.run(["ip", *args], check=False, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise LlamactlError(f"`ip {' '.join(args)}` failed: {proc.stderr.strip()}")
     return proc
@@ -34,6 +34,12 @@ def list_links(prefix: str) -> list[str]:
     out = ip("-o", "link", "show", check=False).stdout
     names = [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line]
     return [n for n in names if n.startswith(prefix)]
+
+
+def networks_in_use() -> list[tuple[str, str]]:
+    """(device, network) of every IPv4 address in the root namespace."""
+    out = ip("-o", "-4", "addr", "show", check=False).stdout
+    return [(line.split()[1], line.split()[3]) for line in out.splitlines() if " inet " in line]
 
 
 def create_bridge(bridge: str, address: str) -> None:
@@ -98,5 +104,7 @@ def delete_netns(netns: str) -> None:
 
 
 def delete_link(name: str) -> None:
-    if link_exists(name):
-        ip("link", "delete", name)
+    # A veth whose peer's netns was just deleted disappears on its own, maybe between our calls.
+    proc = ip("link", "delete", name, check=False)
+    if proc.returncode != 0 and link_exists(name):
+        raise LlamactlError(f"`ip link delete {name}` failed: {proc.stderr.strip()}")

@@ -30,7 +30,7 @@ def server_requirements() -> list[str]:
     try:
         from packaging.requirements import Requirement
     except ImportError:  # not a declared dependency; pip always vendors it
-        from pip._vendor.packaging.requirements import Requirement  # type: ignore[no-redef]
+        from pip._vendor.packaging.requirements import Requirement  # type: ignore[assignment,no-redef,unused-ignore]
 
     reqs = []
     for line in metadata.requires("llamactl") or []:
