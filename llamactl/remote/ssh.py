@@ -52,6 +52,21 @@ def _drain(recv: Callable[[int], bytes], sink: bytearray) -> None:
         sink += data
 
 
+def _signal(channel: paramiko.Channel, name: str) -> None:
+    """Send an RFC 4254 "signal" request; OpenSSH (>= 7.9) killpg()s the session's process group.
+    paramiko has no public call for it, so this builds the message itself; best effort."""
+    try:
+        message = paramiko.Message()
+        message.add_byte(paramiko.common.cMSG_CHANNEL_REQUEST)
+        message.add_int(channel.remote_chanid)
+        message.add_string("signal")
+        message.add_boolean(False)
+        message.add_string(name)
+        channel.transport._send_user_message(message)
+    except (AttributeError, OSError, EOFError, paramiko.SSHException):
+        pass
+
+
 def _feed(channel: paramiko.Channel, data: bytes) -> None:
     try:
         channel.sendall(data)
@@ -113,6 +128,9 @@ class SSHExecutor:
             for thread in threads:
                 thread.start()
             if not channel.status_event.wait(timeout_s):
+                # Stop the command, not just our wait: a timed-out `pip install` or `systemctl restart`
+                # left running would race the next attempt.
+                _signal(channel, "KILL")
                 channel.close()
                 for thread in threads:
                     thread.join(1.0)

@@ -42,9 +42,10 @@ def open_transports(target: SSHTarget, *, sleep: Callable[[float], None] = time.
                     ) -> list[paramiko.Transport]:
     """Transports for each jump hop and finally the target (last). Caller closes them in reverse."""
     opened: list[paramiko.Transport] = []
+    hops = (*target.jump, target.as_hop())
     try:
-        for hop in (*target.jump, target.as_hop()):
-            via = opened[-1] if opened else None
+        for i, hop in enumerate(hops):
+            via = (opened[-1], hops[i - 1]) if opened else None
             opened.append(_with_retries(target, hop, functools.partial(_connect_hop, target, hop, via), sleep))
     except BaseException:
         for t in reversed(opened):
@@ -73,13 +74,17 @@ def _hop_prefix(target: SSHTarget, hop: Hop) -> str:
     return "" if hop.name == target.name and hop.address == target.address else f"jump host {hop.name}: "
 
 
-def _open_socket(target: SSHTarget, hop: Hop, via: paramiko.Transport | None) -> socket.socket | paramiko.Channel:
+Via = tuple[paramiko.Transport, Hop]  # the previous hop's connection, and that hop
+
+
+def _open_socket(target: SSHTarget, hop: Hop, via: Via | None) -> socket.socket | paramiko.Channel:
     where, timeout = f"{hop.address}:{hop.port}", target.connect_timeout_s
     if via is not None:  # ProxyJump: a direct-tcpip channel opened by the previous hop's sshd
         try:
-            return via.open_channel("direct-tcpip", (hop.address, hop.port), ("127.0.0.1", 0), timeout=timeout)
+            return via[0].open_channel("direct-tcpip", (hop.address, hop.port), ("127.0.0.1", 0),
+                                       timeout=timeout)
         except paramiko.ChannelException as exc:
-            raise _Transient(f"the previous hop cannot open a connection to {where}: {exc.text}") from exc
+            raise _Transient(f"jump host {via[1].name} cannot open a connection to {where}: {exc.text}") from exc
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise _Transient(f"cannot open a tunnel to {where}: {exc or type(exc).__name__}") from exc
     try:
@@ -98,7 +103,7 @@ def _open_socket(target: SSHTarget, hop: Hop, via: paramiko.Transport | None) ->
         raise ConnectError(target.name, _hop_prefix(target, hop) + message) from exc
 
 
-def _connect_hop(target: SSHTarget, hop: Hop, via: paramiko.Transport | None) -> paramiko.Transport:
+def _connect_hop(target: SSHTarget, hop: Hop, via: Via | None) -> paramiko.Transport:
     sock = _open_socket(target, hop, via)
     transport = paramiko.Transport(sock)
     try:

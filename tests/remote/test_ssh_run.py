@@ -6,6 +6,7 @@ import base64
 import hashlib
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -78,6 +79,14 @@ def test_timeout_names_host_and_command(host: SSHExecutor) -> None:
     assert info.value.returncode == TIMEOUT_EXIT_CODE and isinstance(info.value, RemoteCommandError)
     assert str(info.value) == f"{host.host}: `sleep 30` timed out after 0.5 s (exit code 124)"
     assert host.run(Command.of("echo", "still usable")).stdout == "still usable\n"
+
+
+def test_timeout_kills_the_remote_command(host: SSHExecutor, tmp_path: Path) -> None:
+    marker = tmp_path / "survived"
+    with pytest.raises(CommandTimeout):
+        host.run(Command.sh(f"sleep 2; touch {marker}"), timeout_s=0.3)
+    time.sleep(2.5)
+    assert not marker.exists()  # sshd killpg()ed the session's processes on our signal request
 
 
 def test_background_child_holding_stdout_does_not_hang(host: SSHExecutor) -> None:
