@@ -5,6 +5,7 @@ Every problem is collected (not just the first) and raised together as one ``Inv
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +29,7 @@ from llamactl.inventory.model import (
     SSHSettings,
 )
 from llamactl.inventory.problems import Loc, describe, from_validation
-from llamactl.inventory.yamltree import PathKey, Tree, parse_yaml
+from llamactl.inventory.yamltree import PathKey, Tree, dotted, parse_yaml
 
 
 class _Context:
@@ -50,7 +51,9 @@ class _Context:
                 path = merged.source(loc) if merged is not None else prefix + loc
                 return position(self.tree, path, key)
 
-            self.problems.extend(from_validation(exc, model, locate, self.file))
+            broken = {dotted(p) for p in self.tree.broken}
+            found = from_validation(exc, model, locate, self.file)
+            self.problems.extend(p for p in found if p.path not in broken)
             return None
 
 
@@ -104,7 +107,9 @@ def _hosts(ctx: _Context, data: dict[str, Any], base: Path, env: Mapping[str, st
             continue  # Document validation reported it
         if not isinstance(gdata.get("hosts"), dict):
             if "hosts" not in gdata:
-                ctx.add(gpath, 'found no "hosts", expected a mapping of host names to host settings')
+                close = difflib.get_close_matches("hosts", [str(k) for k in gdata], n=1, cutoff=0.6)
+                hint = f' (did you mean "hosts" instead of "{close[0]}"?)' if close else ""
+                ctx.add(gpath, f'found no "hosts", expected a mapping of host names to host settings{hint}')
             else:
                 ctx.add(gpath + ("hosts",), "found " + _kind(gdata["hosts"]) +
                         ", expected a mapping of host names to host settings", key=False)

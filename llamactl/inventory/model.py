@@ -23,9 +23,14 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+# Paths end up in unit files and nginx configs: no whitespace, quotes, ';', braces or systemd's '%'.
+_SAFE_PATH = re.compile(r"/[A-Za-z0-9._/@+=,~-]*\Z")
+_SERVER_NAMES = re.compile(r"[A-Za-z0-9*._~:-]+( [A-Za-z0-9*._~:-]+)*\Z")
+
+
 def _absolute(value: str) -> str:
-    if not value.startswith("/"):
-        raise ValueError("an absolute path")
+    if not _SAFE_PATH.match(value):
+        raise ValueError("an absolute path of letters, digits and ._/@+=,~- (no spaces)")
     return value
 
 
@@ -195,7 +200,7 @@ class BalancerHostConfig(_Model):
 
 
 class BalancerConfig(_Model):
-    hosts: dict[str, BalancerHostConfig | None]
+    hosts: dict[str, BalancerHostConfig]
     listen: Port = 80
     listen_address: str | None = None
     server_name: str = "_"
@@ -217,6 +222,18 @@ class BalancerConfig(_Model):
     @classmethod
     def _abs(cls, value: str) -> str:
         return _absolute(value)
+
+    @field_validator("server_name")
+    @classmethod
+    def _server_name(cls, value: str) -> str:
+        if not _SERVER_NAMES.match(value):
+            raise ValueError('host names separated by spaces, like "vision.example.com" or "_"')
+        return value
+
+    @field_validator("listen_address")
+    @classmethod
+    def _listen_address(cls, value: str | None) -> str | None:
+        return None if value is None else _check_address(value)
 
 
 class RolloutSpec(_Model):
@@ -257,7 +274,7 @@ class Document(_Model):
     version: Literal[1]
     cluster: str
     defaults: dict[str, Any] = {}
-    groups: dict[str, dict[str, Any] | None]
+    groups: dict[str, dict[str, Any]]
     balancer: BalancerConfig
     rollout: RolloutSpec = RolloutSpec()
     health: HealthSpec = HealthSpec()

@@ -46,6 +46,8 @@ class Tree:
     positions: dict[PathKey, Pos] = field(default_factory=dict)
     # Original text of strings that used ${VAR}: shown in messages instead of the (maybe secret) value.
     raw: dict[PathKey, str] = field(default_factory=dict)
+    # Strings whose interpolation failed: already reported, so their (empty) value is not judged again.
+    broken: set[PathKey] = field(default_factory=set)
 
 
 def dotted(path: PathKey) -> str:
@@ -171,12 +173,14 @@ class _Walker:
                 return "${"
             name = match.group(1)
             if name is None or not _ENV_NAME.match(name):
+                self.tree.broken.add(path)
                 self.problem(node.start_mark, path,
                              f'found "{token}" in "{text}", '
                              "expected ${NAME} (write $${ for a literal ${)")
                 return token
             used = True
             if name not in self.env:
+                self.tree.broken.add(path)
                 self.problem(node.start_mark, path,
                              f"found ${{{name}}} but environment variable {name} is not set, expected it set")
                 return ""

@@ -328,7 +328,7 @@ def test_version_and_batch_and_tls_port(tmp_path: Path) -> None:
     assert problems(text, tmp_path) == [
         f"INV:{line(text, 'version: 2')}:10: version: found integer 2, expected one of 1",
         f"INV:{line(text, 'certificate_key: etc')}:22: balancer.tls.certificate_key: found string "
-        '"etc/ssl/private/vision.key", expected an absolute path',
+        '"etc/ssl/private/vision.key", expected an absolute path of letters, digits and ._/@+=,~- (no spaces)',
         f"INV:{line(text, 'batch: 250%')}:10: rollout.batch: found string \"250%\", expected a count of at "
         'least 1 or a percentage from 1% to 100% like "25%"',
     ]
@@ -356,7 +356,7 @@ def test_relative_install_dir(tmp_path: Path) -> None:
     text = mutate("  install_dir: /opt/llamactl", "  install_dir: opt/llamactl")
     assert problems(text, tmp_path) == [
         f'INV:{line(text, "install_dir: opt")}:16: defaults.install_dir: found string "opt/llamactl", '
-        "expected an absolute path"
+        "expected an absolute path of letters, digits and ._/@+=,~- (no spaces)"
     ]
 
 
@@ -403,3 +403,32 @@ def test_server_env_may_not_override_llamactl_settings(tmp_path: Path) -> None:
 def test_missing_file_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="no such inventory file"):
         load_inventory(tmp_path / "nope.yaml")
+
+
+def test_nothing_can_be_injected_into_nginx_or_systemd(tmp_path: Path) -> None:
+    text = mutate("  server_name: vision.example.com", '  server_name: "x; include /etc/passwd"')
+    text = text.replace("  config_path: /etc/nginx/conf.d/llamactl.conf", "  config_path: /etc/nginx/%i.conf")
+    assert problems(text, tmp_path) == [
+        f"INV:{line(text, 'server_name: ')}:16: balancer.server_name: found string \"x; include /etc/passwd\", "
+        'expected host names separated by spaces, like "vision.example.com" or "_"',
+        f"INV:{line(text, 'config_path:')}:16: balancer.config_path: found string \"/etc/nginx/%i.conf\", "
+        "expected an absolute path of letters, digits and ._/@+=,~- (no spaces)",
+    ]
+
+
+def test_null_group_and_null_balancer_host(tmp_path: Path) -> None:
+    text = mutate("      address: 10.0.0.2\n", "      address: 10.0.0.2\n    lb-02:\n")
+    text = text.replace("groups:\n", "groups:\n  spare:\n")
+    assert problems(text, tmp_path) == [
+        f"INV:{line(text, '  spare:')}:9: groups.spare: found null, expected a mapping",
+        f"INV:{line(text, '    lb-02:')}:11: balancer.hosts.lb-02: found null, expected a mapping",
+    ]
+
+
+def test_misspelt_hosts_in_a_group(tmp_path: Path) -> None:
+    text = mutate("    gpus: 2\n    model:\n      quantization: nf4\n    server:\n      max_batch_size: 4\n    hosts:\n",
+                  "    gpus: 2\n    model:\n      quantization: nf4\n    server:\n      max_batch_size: 4\n    host:\n")
+    assert problems(text, tmp_path) == [
+        f'INV:{line(text, "  l4:")}:3: groups.l4: found no "hosts", expected a mapping of host names to host '
+        'settings (did you mean "hosts" instead of "host"?)'
+    ]
