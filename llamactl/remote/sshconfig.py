@@ -6,6 +6,7 @@ How they combine with the inventory is decided in ``target.py``.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +57,21 @@ def config_path(explicit: str | Path | None = None) -> Path:
 
 
 def load_config(path: Path) -> paramiko.SSHConfig | None:
-    """The parsed file, or None when it does not exist. A malformed file is the user's to fix."""
+    """The parsed file, or None when it does not exist. A malformed file is the user's to fix.
+    Parsed once per (path, mtime, size): a deploy resolves every host against the same file."""
     try:
-        return paramiko.SSHConfig.from_path(str(path))
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read ssh config: {exc.strerror or exc}") from exc
+    return _parse(str(path), info.st_mtime_ns, info.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse(path: str, _mtime_ns: int, _size: int) -> paramiko.SSHConfig | None:
+    try:
+        return paramiko.SSHConfig.from_path(path)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, paramiko.ConfigParseError) as exc:

@@ -100,6 +100,31 @@ def test_refused_port_fails_fast_after_bounded_retries(sshlab: Lab) -> None:
     assert sleeps == [0.05, 0.1] and elapsed < 2.0, elapsed
 
 
+def test_tcp_connect_timeout_is_bounded_and_retried(sshlab: Lab) -> None:
+    # A listener whose accept queue is full drops our SYNs: the TCP connect itself times out.
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        fillers = [socket.socket() for _ in range(3)]
+        for filler in fillers:
+            filler.settimeout(0.2)
+            try:
+                filler.connect(("127.0.0.1", port))
+            except OSError:
+                pass
+        target = SSHTarget("slow", "127.0.0.1", port, known_hosts=sshlab.known_hosts, connect_timeout_s=0.4,
+                           retries=1, retry_backoff_s=0.05)
+        started = time.monotonic()
+        with pytest.raises(ConnectError, match=f"^slow: connection to 127.0.0.1:{port} timed out after 0.4 s "
+                                               r"\(gave up after 2 attempts\)$"):
+            connect(target)
+        elapsed = time.monotonic() - started
+        for filler in fillers:
+            filler.close()
+    assert 0.8 <= elapsed < 2.5, elapsed
+
+
 def test_silent_server_times_out_in_handshake(sshlab: Lab) -> None:
     with socket.socket() as silent:  # accepts TCP (the kernel does) but never says SSH-2.0
         silent.bind(("127.0.0.1", 0))

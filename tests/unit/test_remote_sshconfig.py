@@ -147,3 +147,10 @@ def test_bad_policy_is_usage_error() -> None:
     ssh = SimpleNamespace(host_key_policy="yolo", use_ssh_config=False)
     with pytest.raises(UsageError, match="gpu-01: ssh.host_key_policy 'yolo': expected strict or accept-new"):
         SSHTarget.from_settings("gpu-01", "1.2.3.4", ssh)
+
+
+def test_config_reparsed_only_when_the_file_changes(config_file: Path) -> None:
+    first = load_config(config_file)
+    assert load_config(config_file) is first
+    config_file.write_text(CONFIG.replace("User alice", "User carol"))
+    assert SSHTarget.from_settings("gpu-01", "gpu-01", SSHSettings(), ssh_config_path=config_file).user == "carol"
