@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,11 +14,13 @@ if TYPE_CHECKING:
     from llamactl.plan.command import Command
 
 
-def journal_command(units: list[str], lines: int, follow: bool) -> Command:
-    """``journalctl -u U ... -n LINES --no-pager [-f]``: one command for every unit, merged by time."""
+def journal_command(units: list[str], lines: int, follow: bool, *, color: bool = False) -> Command:
+    """``journalctl -u U ... -n LINES --no-pager [-f]``: one command for every unit, merged by time.
+    Colors only when asked (our terminal is a TTY): ``-f`` runs on a PTY, where journalctl colors."""
     from llamactl.plan.command import Command
 
-    argv = ["journalctl", "--no-pager", "-o", "short-iso", "-n", str(lines)]
+    argv = ["env", f"SYSTEMD_COLORS={int(color)}", "journalctl", "--no-pager", "-o", "short-iso",
+            "-n", str(lines)]
     for unit in units:
         argv += ["-u", unit]
     if follow:
@@ -70,7 +73,7 @@ def follow(executor: Any, command: Command, out: Any = sys.stdout) -> int:
             data = channel.recv(32768)
             if not data:
                 break
-            out.write(data.decode("utf-8", errors="replace"))
+            out.write(data.decode("utf-8", errors="replace").replace("\r\n", "\n"))  # a PTY's CRLF
             out.flush()
         return int(channel.recv_exit_status())
     except KeyboardInterrupt:
@@ -96,7 +99,8 @@ def logs(
 
     inv = load_inventory(inventory)
     address, ssh, units = units_for(inv, host, instance)
-    command = journal_command(units, lines, follow_)
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    command = journal_command(units, lines, follow_, color=color)
     executor = connect_host(host, address, ssh)
     try:
         if follow_:

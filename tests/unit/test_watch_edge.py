@@ -77,8 +77,9 @@ def test_watch_unit(inv: Inventory, tmp_path: Path) -> None:
 
 def test_journal_command() -> None:
     assert journal_command(["llamactl@0.service"], 50, False).shell() == (
-        "journalctl --no-pager -o short-iso -n 50 -u llamactl@0.service")
-    assert journal_command(["a.service", "b.service"], 10, True).shell().endswith("-u a.service -u b.service -f")
+        "env SYSTEMD_COLORS=0 journalctl --no-pager -o short-iso -n 50 -u llamactl@0.service")
+    follow = journal_command(["a.service", "b.service"], 10, True, color=True).shell()
+    assert follow.startswith("env SYSTEMD_COLORS=1 journalctl") and follow.endswith("-u a.service -u b.service -f")
 
 
 def test_units_for(inv: Inventory) -> None:
