@@ -160,7 +160,12 @@ class _Walker:
             self.problem(node.start_mark, path, f"found tag {node.tag}, expected a plain YAML value ({exc})")
             return None
         if isinstance(value, str) and "$" in value:
-            return self._interpolate(value, node, path)
+            text = self._interpolate(value, node, path)
+            if node.style is None and path in self.tree.raw and path not in self.tree.broken:
+                # An unquoted `port: ${PORT}` means the number, as if PORT's value were written there.
+                tag = self.constructor.resolve(yaml.ScalarNode, text, (True, False))
+                return self.constructor.construct_object(yaml.ScalarNode(tag, text), deep=True)
+            return text
         return value
 
     def _interpolate(self, text: str, node: yaml.Node, path: PathKey) -> str:

@@ -116,3 +116,12 @@ def test_limit_by_names_and_globs() -> None:
     assert [h.name for h in limit(inv, "gpu-0[12]")] == ["gpu-01", "gpu-02"]
     with pytest.raises(UsageError, match="'gpu-9' matches no host"):
         limit(inv, "gpu-01,gpu-9")
+
+
+def test_unquoted_interpolation_is_typed_like_yaml(tmp_path: Path) -> None:
+    (tmp_path / "inv.yaml").write_text(
+        "version: 1\ncluster: c\ndefaults:\n  base_port: ${PORT}\n  model: {source: /m, revision: '${REV}'}\n"
+        "groups: {g: {hosts: {h: {address: 10.0.0.1}}}}\nbalancer: {hosts: {lb: {address: 10.0.0.2}}}\n"
+    )
+    inv = load_inventory(tmp_path / "inv.yaml", env={"PORT": "9100", "REV": "123"})
+    assert inv.hosts[0].base_port == 9100 and inv.hosts[0].model.revision == "123"
