@@ -189,3 +189,71 @@ def write_inventory(path: Path, backends: list[Backend], *, listen: int, config_
     }
     path.write_text(yaml.safe_dump(doc))
     return path
+
+
+class LabLoad:
+    """Continuous /infer traffic to one balancer address: ``concurrency`` clients, bounded by
+    ``max_requests`` and ``max_seconds`` whatever happens; every non-200 or transport error is kept."""
+
+    def __init__(self, endpoint: str, *, max_requests: int = 5000, max_seconds: float = 600,
+                 concurrency: int = 4, max_tokens: int = 4) -> None:
+        import base64
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 24), (30, 120, 200)).save(buf, format="JPEG")
+        self.image = base64.b64encode(buf.getvalue()).decode()
+        self.url = endpoint.rstrip("/") + "/infer"
+        self.max_requests, self.max_seconds, self.max_tokens = max_requests, max_seconds, max_tokens
+        self.ok = 0
+        self.failed: list[str] = []
+        self.upstreams: set[str] = set()
+        self._sent = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(concurrency)]
+
+    def _next(self) -> int | None:
+        with self._lock:
+            if self._stop.is_set() or self._sent >= self.max_requests:
+                return None
+            self._sent += 1
+            return self._sent
+
+    def _run(self, worker: int) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        with httpx.Client(trust_env=False, timeout=120) as client:
+            while time.monotonic() < deadline and (n := self._next()) is not None:
+                # A distinct question per request: the server's answer cache must not hide a failure.
+                body = {"image": self.image, "question": f"What is this? ({worker}-{n})",
+                        "max_tokens": self.max_tokens}
+                try:
+                    r = client.post(self.url, json=body)
+                except httpx.HTTPError as exc:
+                    with self._lock:
+                        self.failed.append(f"#{n}: {type(exc).__name__}: {exc}")
+                    continue
+                with self._lock:
+                    if r.status_code == 200:
+                        self.ok += 1
+                        self.upstreams.add(r.headers.get("x-upstream", "?"))
+                    else:
+                        self.failed.append(f"#{n}: HTTP {r.status_code}: {r.text[:200]}")
+
+    def __enter__(self) -> LabLoad:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=150)
+
+    def wait_ok(self, n: int, timeout_s: float = 300) -> None:
+        """Block until ``n`` more requests succeeded (or the timeout)."""
+        target, deadline = self.ok + n, time.monotonic() + timeout_s
+        while self.ok < target and time.monotonic() < deadline and any(t.is_alive() for t in self._threads):
+            time.sleep(0.1)

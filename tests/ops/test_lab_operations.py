@@ -1,0 +1,107 @@
+"""Operating a deployed lab (3 hosts + nginx balancer) under continuous load through the balancer:
+rolling restart, kill -9 of a server, and watch healing a stopped server all lose 0 requests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from ops_support import LabLoad
+
+from tests.labfixtures import Lab, llamactl
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+
+def ssh(lab: Lab, host: str, script: str) -> str:
+    from llamactl.inventory import load_inventory
+    from llamactl.ops.connect import connect_host
+    from llamactl.plan.command import Command
+
+    spec = load_inventory(lab.inventory).host(host)
+    ex = connect_host(spec.name, spec.address, spec.ssh)
+    try:
+        return ex.run(Command.sh(script)).stdout
+    finally:
+        ex.close()
+
+
+def uptimes(lab: Lab) -> dict[str, float]:
+    from llamactl.inventory import load_inventory
+
+    out = {}
+    for inst in load_inventory(lab.inventory).instances():
+        out[inst.id] = float(httpx.get(inst.url + "/health", timeout=5, trust_env=False).json()["uptime_s"])
+    return out
+
+
+def wait_all_ready(lab: Lab, timeout_s: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if llamactl("status", str(lab.inventory), "--json", timeout=60).returncode == 0:
+            return time.monotonic() - start
+        time.sleep(1)
+    raise AssertionError(f"not all instances ready within {timeout_s:g} s")
+
+
+def test_rolling_restart_under_load_loses_nothing(deployed_lab: Lab) -> None:
+    wait_all_ready(deployed_lab, 120)
+    before = uptimes(deployed_lab)
+    with LabLoad(deployed_lab.endpoint, max_requests=400, max_seconds=600) as load:
+        load.wait_ok(10)
+        started = time.monotonic()
+        proc = llamactl("restart", str(deployed_lab.inventory), "--rolling", "--yes", timeout=600)
+        load.wait_ok(max(0, 200 - load.ok))
+    assert proc.returncode == 0, proc.stderr
+    assert "3 instance(s) restarted" in proc.stderr
+    since = time.monotonic() - started
+    after = uptimes(deployed_lab)
+    assert all(after[i] < since for i in after), (before, after, since)  # every server is a new process
+    assert load.failed == [] and load.ok >= 200, load.failed[:5]
+
+
+def test_kill_9_under_load_loses_nothing_and_heals(deployed_lab: Lab) -> None:
+    wait_all_ready(deployed_lab, 120)
+    restarts = int(ssh(deployed_lab, "lab-host1", "systemctl show -p NRestarts --value llamactl@0.service"))
+    with LabLoad(deployed_lab.endpoint, max_requests=400, max_seconds=600) as load:
+        load.wait_ok(20)
+        ssh(deployed_lab, "lab-host1", "systemctl kill -s KILL llamactl@0.service")
+        healed = wait_all_ready(deployed_lab, 90)
+        load.wait_ok(max(0, 200 - load.ok))
+    after = int(ssh(deployed_lab, "lab-host1", "systemctl show -p NRestarts --value llamactl@0.service"))
+    assert after == restarts + 1  # systemd brought it back (Restart=on-failure)
+    assert healed < 90
+    assert load.failed == [] and load.ok >= 200, load.failed[:5]
+
+
+def test_watch_heals_a_stopped_server(deployed_lab: Lab) -> None:
+    wait_all_ready(deployed_lab, 120)
+    ssh(deployed_lab, "lab-host2", "systemctl stop llamactl@0.service")
+    watch = subprocess.Popen([sys.executable, "-m", "llamactl", "watch", str(deployed_lab.inventory),
+                              "--interval", "1", "--backoff", "2"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    events: list[dict[str, object]] = []
+    try:
+        with LabLoad(deployed_lab.endpoint, max_requests=2000, max_seconds=200) as load:
+            deadline = time.monotonic() + 180
+            assert watch.stdout is not None
+            while time.monotonic() < deadline:
+                line = watch.stdout.readline()
+                if not line:
+                    break
+                events.append(json.loads(line))
+                if events[-1].get("event") == "undrained" and events[-1].get("instance") == "lab-host2/0":
+                    break
+    finally:
+        watch.terminate()
+        watch.wait(timeout=30)
+    names = [(e.get("event"), e.get("instance")) for e in events]
+    assert ("drained", "lab-host2/0") in names and ("restart", "lab-host2/0") in names, names
+    assert ("undrained", "lab-host2/0") in names, names
+    assert ssh(deployed_lab, "lab-host2", "systemctl is-active llamactl@0.service").strip() == "active"
+    assert load.failed == [], load.failed[:5]
+    wait_all_ready(deployed_lab, 60)
