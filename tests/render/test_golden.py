@@ -19,7 +19,8 @@ GOLDEN = Path(__file__).parent / "golden"
 def tree(root: Path) -> dict[str, tuple[bytes, int]]:
     return {
         str(p.relative_to(root)): (p.read_bytes(), stat.S_IMODE(p.stat().st_mode))
-        for p in sorted(root.rglob("*")) if p.is_file()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 

@@ -28,21 +28,44 @@ def test_one_host(tmp_path: Path) -> None:
     inv = load("small")
     assert_ok(nginx_test(inv, tmp_path))
     text = conf_text(inv)
-    assert "server 127.0.0.3:8000" not in text and "server 127.0.0.2:8000 max_fails=2 fail_timeout=10s;" in text
+    assert (
+        "server 127.0.0.3:8000" not in text and "server 127.0.0.2:8000 max_fails=2 fail_timeout=10s;" in text
+    )
 
 
 def test_many_hosts_several_gpus_tls_rate_limit(tmp_path: Path) -> None:
     openssl = need("openssl")
     cert, key = tmp_path / "vision.pem", tmp_path / "vision.key"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                    "/CN=vision.internal", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=vision.internal",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     inv = load("many")
     tls = inv.balancer.tls
     assert tls is not None
-    lb = inv.balancer.__class__(**{**inv.balancer.__dict__,
-                                   "tls": tls.model_copy(update={"certificate": str(cert),
-                                                                 "certificate_key": str(key)})})
+    lb = inv.balancer.__class__(
+        **{
+            **inv.balancer.__dict__,
+            "tls": tls.model_copy(update={"certificate": str(cert), "certificate_key": str(key)}),
+        }
+    )
     inv = inv.__class__(**{**inv.__dict__, "balancer": lb})
     assert_ok(nginx_test(inv, tmp_path))
     text = conf_text(inv)
@@ -60,13 +83,38 @@ def test_example(tmp_path: Path) -> None:
 def test_tls_without_redirect_serves_both(tmp_path: Path) -> None:
     openssl = need("openssl")
     cert, key = tmp_path / "c.pem", tmp_path / "c.key"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=x",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=x",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     from llamactl.inventory.model import TLSSettings
 
     inv = load("small")
-    lb = inv.balancer.__class__(**{**inv.balancer.__dict__, "tls": TLSSettings(
-        listen=8443, certificate=str(cert), certificate_key=str(key), redirect_http=False)})
+    lb = inv.balancer.__class__(
+        **{
+            **inv.balancer.__dict__,
+            "tls": TLSSettings(
+                listen=8443, certificate=str(cert), certificate_key=str(key), redirect_http=False
+            ),
+        }
+    )
     inv = inv.__class__(**{**inv.__dict__, "balancer": lb})
     assert_ok(nginx_test(inv, tmp_path))
     text = conf_text(inv)

@@ -116,7 +116,9 @@ def running(tmp: Path, inv: Inventory, drained: frozenset[str] = frozenset()) ->
     return Nginx(tmp, inv, drained)
 
 
-def test_post_is_retried_elsewhere_and_upstream_is_named(tmp_path: Path, backends: tuple[Backend, Backend]) -> None:
+def test_post_is_retried_elsewhere_and_upstream_is_named(
+    tmp_path: Path, backends: tuple[Backend, Backend]
+) -> None:
     busy, good = backends
     nginx = running(tmp_path, inventory(tmp_path, free_port(), [busy.port, good.port]))
     try:

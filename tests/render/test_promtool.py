@@ -23,8 +23,9 @@ def test_promtool_accepts_targets(name: str, tmp_path: Path) -> None:
         "global:\n  scrape_interval: 15s\nscrape_configs:\n  - job_name: llamactl\n"
         f"    file_sd_configs:\n      - files: ['{targets}']\n"
     )
-    result = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [promtool, "check", "config", str(config)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout + result.stderr
     groups = json.loads(targets.read_text())
@@ -32,6 +33,10 @@ def test_promtool_accepts_targets(name: str, tmp_path: Path) -> None:
     first = inv.instances()[0]
     assert groups[0] == {
         "targets": [f"{first.address}:{first.port}"],
-        "labels": {"cluster": inv.cluster, "host": first.host, "instance": first.id,
-                   "gpu": "cpu" if first.gpu is None else str(first.gpu)},
+        "labels": {
+            "cluster": inv.cluster,
+            "host": first.host,
+            "instance": first.id,
+            "gpu": "cpu" if first.gpu is None else str(first.gpu),
+        },
     }

@@ -16,8 +16,13 @@ def verify(unit_text: str, tmp: Path) -> subprocess.CompletedProcess[str]:
     unit_dir = tmp / "units"
     unit_dir.mkdir(exist_ok=True)
     (unit_dir / "llamactl@.service").write_text(unit_text)
-    return subprocess.run([tool, "verify", "--man=no", str(unit_dir / "llamactl@0.service")],
-                          capture_output=True, text=True, timeout=60, cwd=unit_dir)
+    return subprocess.run(
+        [tool, "verify", "--man=no", str(unit_dir / "llamactl@0.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=unit_dir,
+    )
 
 
 def with_install_dir(inv: Inventory, host: HostSpec, install_dir: Path) -> tuple[Inventory, HostSpec]:
@@ -52,8 +57,10 @@ def test_only_the_missing_binary_is_reported_for_the_real_path(tmp_path: Path) -
     unit = render_host_files(inv, inv.hosts[0])[UNIT_PATH].content.decode()
     result = verify(unit, tmp_path)
     lines = result.stderr.strip().splitlines()
-    assert lines == ["llamactl@0.service: Command /opt/llamactl/current/bin/llamactl is not executable: "
-                     "No such file or directory"], result.stderr
+    assert lines == [
+        "llamactl@0.service: Command /opt/llamactl/current/bin/llamactl is not executable: "
+        "No such file or directory"
+    ], result.stderr
 
 
 def test_verify_would_catch_a_typo(tmp_path: Path) -> None:

@@ -30,7 +30,9 @@ def load(name: str, **env: str) -> Inventory:
 
 def nginx_conf(prefix: Path, included: Path, extra_http: str = "") -> Path:
     """A minimal main config whose http {} includes the rendered file, everything under ``prefix``."""
-    temps = "\n".join(f"    {k}_temp_path {prefix / k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temps = "\n".join(
+        f"    {k}_temp_path {prefix / k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     conf = prefix / "nginx.conf"
     conf.write_text(
         f"pid {prefix / 'nginx.pid'};\nerror_log {prefix / 'error.log'};\n"
@@ -40,11 +42,17 @@ def nginx_conf(prefix: Path, included: Path, extra_http: str = "") -> Path:
     return conf
 
 
-def nginx_test(inv: Inventory, tmp: Path, drained: frozenset[str] = frozenset()) -> subprocess.CompletedProcess[str]:
+def nginx_test(
+    inv: Inventory, tmp: Path, drained: frozenset[str] = frozenset()
+) -> subprocess.CompletedProcess[str]:
     nginx = need("nginx")
     files = render_balancer_files(inv, drained)
     rendered = tmp / "llamactl.conf"
     rendered.write_bytes(files[inv.balancer.config_path].content)
     conf = nginx_conf(tmp, rendered)
-    return subprocess.run([nginx, "-t", "-e", str(tmp / "error.log"), "-p", str(tmp), "-c", str(conf)],
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [nginx, "-t", "-e", str(tmp / "error.log"), "-p", str(tmp), "-c", str(conf)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )

@@ -18,7 +18,9 @@ def test_example_merges_defaults_groups_hosts() -> None:
     inv = load_inventory(ROOT / "inventory.example.yaml", env={})
     assert inv.cluster == "vision-prod"
     assert [(h.name, h.group, h.gpus) for h in inv.hosts] == [
-        ("gpu-01", "h100", list(range(8))), ("gpu-02", "h100", [0, 1, 2, 3]), ("gpu-03", "l4", [0, 1]),
+        ("gpu-01", "h100", list(range(8))),
+        ("gpu-02", "h100", [0, 1, 2, 3]),
+        ("gpu-03", "l4", [0, 1]),
     ]
     gpu03 = inv.host("gpu-03")
     assert gpu03.ssh.port == 2222 and gpu03.ssh.user == "deploy"  # host overrides one key, keeps the rest
@@ -28,7 +30,12 @@ def test_example_merges_defaults_groups_hosts() -> None:
     assert [i.id for i in inv.instances()][:3] == ["gpu-01/0", "gpu-01/1", "gpu-01/2"]
     last = inv.instances()[-1]
     assert (last.id, last.gpu, last.port, last.unit, last.url) == (
-        "gpu-03/1", 1, 8001, "llamactl@1.service", "http://10.0.0.13:8001")
+        "gpu-03/1",
+        1,
+        8001,
+        "llamactl@1.service",
+        "http://10.0.0.13:8001",
+    )
     assert inv.endpoint == "http://10.0.0.2:80"
     lb = inv.balancer.hosts[0]
     assert (lb.name, lb.address, lb.ssh.user) == ("lb-01", "10.0.0.2", "deploy")  # takes defaults.ssh
@@ -58,8 +65,12 @@ def test_api_keys_from_a_file_relative_to_the_inventory() -> None:
 
 
 def test_api_keys_from_the_environment(tmp_path: Path) -> None:
-    text = (ROOT / "inventory.example.yaml").read_text().replace(
-        "    # api_keys:  ", "    api_keys:  ").replace("    #   env: LLAMACTL_API_KEYS", "      env: LLAMACTL_API_KEYS")
+    text = (
+        (ROOT / "inventory.example.yaml")
+        .read_text()
+        .replace("    # api_keys:  ", "    api_keys:  ")
+        .replace("    #   env: LLAMACTL_API_KEYS", "      env: LLAMACTL_API_KEYS")
+    )
     (tmp_path / "inv.yaml").write_text(text)
     inv = load_inventory(tmp_path / "inv.yaml", env={"LLAMACTL_API_KEYS": " k1, k2 ,"})
     env = expected_env(inv, inv.instances()[0])
@@ -82,20 +93,47 @@ def test_interpolation_and_escape(tmp_path: Path) -> None:
 def test_expected_env_for_cpu_and_gpu_instances() -> None:
     inv = load_inventory(FIXTURES / "many.yaml", env={"HF_TOKEN": "hf_secret"})
     gpu = expected_env(inv, inv.host("b-1").instances[2])
-    assert (gpu["LLAMACTL_INSTANCE"], gpu["LLAMACTL_PORT"], gpu["LLAMACTL_DEVICE"], gpu["CUDA_VISIBLE_DEVICES"]) == (
-        "b-1/2", "9002", "cuda", "5")
+    assert (
+        gpu["LLAMACTL_INSTANCE"],
+        gpu["LLAMACTL_PORT"],
+        gpu["LLAMACTL_DEVICE"],
+        gpu["CUDA_VISIBLE_DEVICES"],
+    ) == ("b-1/2", "9002", "cuda", "5")
     assert gpu["LLAMACTL_QUANTIZATION"] == "int8" and gpu["LLAMACTL_MODEL"] == "Xkev/Llama-3.2V-11B-cot"
     assert gpu["LLAMACTL_API_KEYS"] == "key-one,key-two" and gpu["HF_TOKEN"] == "hf_secret"
     cpu = expected_env(inv, inv.host("c-1").instances[0])
-    assert (cpu["LLAMACTL_DEVICE"], cpu["CUDA_VISIBLE_DEVICES"], cpu["LLAMACTL_HOST"]) == ("cpu", "", "127.0.0.1")
+    assert (cpu["LLAMACTL_DEVICE"], cpu["CUDA_VISIBLE_DEVICES"], cpu["LLAMACTL_HOST"]) == (
+        "cpu",
+        "",
+        "127.0.0.1",
+    )
     assert cpu["LLAMACTL_REQUEST_TIMEOUT_S"] == "600" and cpu["LLAMACTL_GEN_TEMPERATURE"] == "0.6"
     assert cpu["HF_HOME"] == "/var/lib/llamactl/hf"
-    every = {"LLAMACTL_MODEL", "LLAMACTL_REVISION", "LLAMACTL_HOST", "LLAMACTL_PORT", "LLAMACTL_DEVICE",
-             "LLAMACTL_DTYPE", "LLAMACTL_QUANTIZATION", "LLAMACTL_MAX_BATCH_SIZE", "LLAMACTL_MAX_WAIT_MS",
-             "LLAMACTL_QUEUE_LIMIT", "LLAMACTL_REQUEST_TIMEOUT_S", "LLAMACTL_DRAIN_TIMEOUT_S", "LLAMACTL_MAX_BODY_MB",
-             "LLAMACTL_MAX_IMAGE_PIXELS", "LLAMACTL_MAX_IMAGE_MB", "LLAMACTL_CACHE_MAX_ENTRIES",
-             "LLAMACTL_CACHE_MAX_MB", "LLAMACTL_CACHE_INCLUDE_SAMPLED", "LLAMACTL_GEN_MAX_NEW_TOKENS",
-             "LLAMACTL_GEN_TEMPERATURE", "LLAMACTL_GEN_TOP_P", "LLAMACTL_GEN_DO_SAMPLE", "LLAMACTL_INSTANCE"}
+    every = {
+        "LLAMACTL_MODEL",
+        "LLAMACTL_REVISION",
+        "LLAMACTL_HOST",
+        "LLAMACTL_PORT",
+        "LLAMACTL_DEVICE",
+        "LLAMACTL_DTYPE",
+        "LLAMACTL_QUANTIZATION",
+        "LLAMACTL_MAX_BATCH_SIZE",
+        "LLAMACTL_MAX_WAIT_MS",
+        "LLAMACTL_QUEUE_LIMIT",
+        "LLAMACTL_REQUEST_TIMEOUT_S",
+        "LLAMACTL_DRAIN_TIMEOUT_S",
+        "LLAMACTL_MAX_BODY_MB",
+        "LLAMACTL_MAX_IMAGE_PIXELS",
+        "LLAMACTL_MAX_IMAGE_MB",
+        "LLAMACTL_CACHE_MAX_ENTRIES",
+        "LLAMACTL_CACHE_MAX_MB",
+        "LLAMACTL_CACHE_INCLUDE_SAMPLED",
+        "LLAMACTL_GEN_MAX_NEW_TOKENS",
+        "LLAMACTL_GEN_TEMPERATURE",
+        "LLAMACTL_GEN_TOP_P",
+        "LLAMACTL_GEN_DO_SAMPLE",
+        "LLAMACTL_INSTANCE",
+    }
     assert every <= set(cpu)
 
 

@@ -63,8 +63,7 @@ def test_quoted_number_is_a_string(tmp_path: Path) -> None:
     text = mutate("    port: 22\n", '    port: "22"\n')
     n = line(text, 'port: "22"')
     assert problems(text, tmp_path) == [
-        f'INV:{n}:11: defaults.ssh.port: found string "22", '
-        "expected an integer from 1 to 65535"
+        f'INV:{n}:11: defaults.ssh.port: found string "22", expected an integer from 1 to 65535'
     ]
 
 
@@ -134,7 +133,7 @@ def test_duplicate_key(tmp_path: Path) -> None:
 def test_literal_choice(tmp_path: Path) -> None:
     text = mutate("    dtype: bfloat16 ", "    dtype: bf16 ")
     assert problems(text, tmp_path) == [
-        f"INV:{line(text, 'bf16')}:12: defaults.model.dtype: found string \"bf16\", "
+        f'INV:{line(text, "bf16")}:12: defaults.model.dtype: found string "bf16", '
         "expected one of 'auto', 'bfloat16', 'float16' or 'float32'"
     ]
 
@@ -142,7 +141,7 @@ def test_literal_choice(tmp_path: Path) -> None:
 def test_error_in_a_group_level_setting(tmp_path: Path) -> None:
     text = mutate("      quantization: nf4", "      quantization: fp4")
     assert problems(text, tmp_path) == [
-        f"INV:{line(text, 'fp4')}:21: groups.l4.model.quantization: found string \"fp4\", "
+        f'INV:{line(text, "fp4")}:21: groups.l4.model.quantization: found string "fp4", '
         "expected one of 'none', 'nf4' or 'int8'"
     ]
 
@@ -173,7 +172,7 @@ def test_alias_bomb_is_refused_fast(tmp_path: Path) -> None:
 def test_duplicate_host_name_across_groups(tmp_path: Path) -> None:
     text = mutate("      gpu-03:\n", "      gpu-01:\n")
     assert problems(text, tmp_path) == [
-        f"INV:{line(text, '10.0.0.13') - 1}:7: groups.l4.hosts.gpu-01: found host name \"gpu-01\" again "
+        f'INV:{line(text, "10.0.0.13") - 1}:7: groups.l4.hosts.gpu-01: found host name "gpu-01" again '
         "(first at groups.h100.hosts.gpu-01), expected unique host names"
     ]
 
@@ -182,7 +181,7 @@ def test_balancer_host_named_like_a_server(tmp_path: Path) -> None:
     text = mutate("    lb-01:\n      address", "    gpu-02:\n      address")
     n = line(text, "    gpu-02:\n      address: 10.0.0.2")
     assert problems(text, tmp_path) == [
-        f"INV:{n}:5: balancer.hosts.gpu-02: found host name \"gpu-02\" again "
+        f'INV:{n}:5: balancer.hosts.gpu-02: found host name "gpu-02" again '
         "(first at groups.h100.hosts.gpu-02), expected unique host names"
     ]
 
@@ -190,7 +189,7 @@ def test_balancer_host_named_like_a_server(tmp_path: Path) -> None:
 def test_duplicate_address(tmp_path: Path) -> None:
     text = mutate("address: 10.0.0.13", "address: 10.0.0.11")
     assert problems(text, tmp_path) == [
-        f"INV:{line(text, '      gpu-03:')}:7: groups.l4.hosts.gpu-03: found address \"10.0.0.11\" again "
+        f'INV:{line(text, "      gpu-03:")}:7: groups.l4.hosts.gpu-03: found address "10.0.0.11" again '
         "(first at groups.h100.hosts.gpu-01), expected one host per address"
     ]
 
@@ -229,15 +228,17 @@ def test_balancer_port_collides_with_an_instance_on_the_same_machine(tmp_path: P
 
 
 def test_empty_cluster(tmp_path: Path) -> None:
-    text = "version: 1\ncluster: c\ndefaults:\n  model: {source: /m}\ngroups: {}\n" \
-           "balancer:\n  hosts:\n    lb: {address: 10.0.0.1}\n"
+    text = (
+        "version: 1\ncluster: c\ndefaults:\n  model: {source: /m}\ngroups: {}\n"
+        "balancer:\n  hosts:\n    lb: {address: 10.0.0.1}\n"
+    )
     assert problems(text, tmp_path) == [
         "INV:5:1: groups: found no hosts, expected at least one host under groups.<group>.hosts"
     ]
 
 
 def test_no_balancer(tmp_path: Path) -> None:
-    text = EXAMPLE[: EXAMPLE.index("balancer:\n")] + EXAMPLE[EXAMPLE.index("rollout:\n"):]
+    text = EXAMPLE[: EXAMPLE.index("balancer:\n")] + EXAMPLE[EXAMPLE.index("rollout:\n") :]
     assert problems(text, tmp_path) == ['INV:1:1: found no "balancer", expected a "balancer" mapping']
 
 
@@ -255,8 +256,10 @@ def test_missing_address(tmp_path: Path) -> None:
     ]
 
 
-API_KEYS = "    # api_keys:                        # optional; from the controller's environment or a file, never inline\n" \
+API_KEYS = (
+    "    # api_keys:                        # optional; from the controller's environment or a file, never inline\n"
     "    #   env: LLAMACTL_API_KEYS         # comma-separated keys, read when the inventory is loaded\n"
+)
 
 
 def test_api_key_variable_not_set(tmp_path: Path) -> None:
@@ -329,7 +332,7 @@ def test_version_and_batch_and_tls_port(tmp_path: Path) -> None:
         f"INV:{line(text, 'version: 2')}:10: version: found integer 2, expected one of 1",
         f"INV:{line(text, 'certificate_key: etc')}:22: balancer.tls.certificate_key: found string "
         '"etc/ssl/private/vision.key", expected an absolute path of letters, digits and ._/@+=,~- (no spaces)',
-        f"INV:{line(text, 'batch: 250%')}:10: rollout.batch: found string \"250%\", expected a count of at "
+        f'INV:{line(text, "batch: 250%")}:10: rollout.batch: found string "250%", expected a count of at '
         'least 1 or a percentage from 1% to 100% like "25%"',
     ]
 
@@ -387,7 +390,7 @@ def test_not_a_mapping_and_empty(tmp_path: Path) -> None:
 def test_host_value_not_a_mapping(tmp_path: Path) -> None:
     text = mutate("      gpu-01:\n        address: 10.0.0.11\n", "      gpu-01: 10.0.0.11\n")
     assert problems(text, tmp_path) == [
-        f"INV:{line(text, 'gpu-01: 10')}:15: groups.h100.hosts.gpu-01: found string \"10.0.0.11\", "
+        f'INV:{line(text, "gpu-01: 10")}:15: groups.h100.hosts.gpu-01: found string "10.0.0.11", '
         "expected a mapping with at least an address"
     ]
 
@@ -409,9 +412,9 @@ def test_nothing_can_be_injected_into_nginx_or_systemd(tmp_path: Path) -> None:
     text = mutate("  server_name: vision.example.com", '  server_name: "x; include /etc/passwd"')
     text = text.replace("  config_path: /etc/nginx/conf.d/llamactl.conf", "  config_path: /etc/nginx/%i.conf")
     assert problems(text, tmp_path) == [
-        f"INV:{line(text, 'server_name: ')}:16: balancer.server_name: found string \"x; include /etc/passwd\", "
+        f'INV:{line(text, "server_name: ")}:16: balancer.server_name: found string "x; include /etc/passwd", '
         'expected host names separated by spaces, like "vision.example.com" or "_"',
-        f"INV:{line(text, 'config_path:')}:16: balancer.config_path: found string \"/etc/nginx/%i.conf\", "
+        f'INV:{line(text, "config_path:")}:16: balancer.config_path: found string "/etc/nginx/%i.conf", '
         "expected an absolute path of letters, digits and ._/@+=,~- (no spaces)",
     ]
 
@@ -426,8 +429,10 @@ def test_null_group_and_null_balancer_host(tmp_path: Path) -> None:
 
 
 def test_misspelt_hosts_in_a_group(tmp_path: Path) -> None:
-    text = mutate("    gpus: 2\n    model:\n      quantization: nf4\n    server:\n      max_batch_size: 4\n    hosts:\n",
-                  "    gpus: 2\n    model:\n      quantization: nf4\n    server:\n      max_batch_size: 4\n    host:\n")
+    text = mutate(
+        "    gpus: 2\n    model:\n      quantization: nf4\n    server:\n      max_batch_size: 4\n    hosts:\n",
+        "    gpus: 2\n    model:\n      quantization: nf4\n    server:\n      max_batch_size: 4\n    host:\n",
+    )
     assert problems(text, tmp_path) == [
         f'INV:{line(text, "  l4:")}:3: groups.l4: found no "hosts", expected a mapping of host names to host '
         'settings (did you mean "hosts" instead of "host"?)'

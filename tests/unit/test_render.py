@@ -25,7 +25,10 @@ def test_host_files_paths_and_modes() -> None:
     inv = many()
     files = render_host_files(inv, inv.host("b-1"))
     assert sorted(files) == [
-        "/etc/llamactl/instance-0.env", "/etc/llamactl/instance-1.env", "/etc/llamactl/instance-2.env", UNIT_PATH,
+        "/etc/llamactl/instance-0.env",
+        "/etc/llamactl/instance-1.env",
+        "/etc/llamactl/instance-2.env",
+        UNIT_PATH,
     ]
     assert files[UNIT_PATH].mode == 0o644
     assert all(f.mode == 0o600 for p, f in files.items() if p.endswith(".env"))
@@ -41,8 +44,12 @@ def test_unit_directives() -> None:
     assert unit["Restart"] == "on-failure" and unit["KillSignal"] == "SIGTERM"
     # rollout.drain_timeout_s (120) is longer than the server's (60): the stop timeout exceeds both.
     assert int(unit["TimeoutStopSec"]) == 150 > 120
-    assert unit["User"] == "llamactl" and unit["ProtectSystem"] == "strict" and unit["NoNewPrivileges"] == "yes"
-    assert not {"PrivateDevices", "DevicePolicy", "DeviceAllow", "ProtectClock"} & set(unit)  # GPUs stay visible
+    assert (
+        unit["User"] == "llamactl" and unit["ProtectSystem"] == "strict" and unit["NoNewPrivileges"] == "yes"
+    )
+    assert not {"PrivateDevices", "DevicePolicy", "DeviceAllow", "ProtectClock"} & set(
+        unit
+    )  # GPUs stay visible
 
 
 def test_root_user_has_no_user_line() -> None:
@@ -85,8 +92,9 @@ def test_render_all_covers_servers_and_balancers() -> None:
 
 def test_ipv6_addresses_are_bracketed() -> None:
     inv = load_inventory(FIXTURES / "small.yaml", env={})
-    host = dataclasses.replace(inv.hosts[0], instances=[dataclasses.replace(inv.hosts[0].instances[0],
-                                                                              address="fd00::2")])
+    host = dataclasses.replace(
+        inv.hosts[0], instances=[dataclasses.replace(inv.hosts[0].instances[0], address="fd00::2")]
+    )
     inv6 = dataclasses.replace(inv, hosts=[host])
     files = render_balancer_files(inv6)
     assert "server [fd00::2]:8000 " in files[inv.balancer.config_path].content.decode()

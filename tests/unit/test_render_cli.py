@@ -16,8 +16,14 @@ EXAMPLE = ROOT / "inventory.example.yaml"
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full = {k: v for k, v in os.environ.items() if not k.startswith("LLAMACTL_")}
     full.update(env or {})
-    result = subprocess.run([sys.executable, "-m", "llamactl", *args], capture_output=True, text=True,
-                            timeout=60, env=full, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "llamactl", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=full,
+        cwd=ROOT,
+    )
     assert "Traceback" not in result.stdout + result.stderr, result.stderr
     return result
 
@@ -25,8 +31,10 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 def test_validate_example() -> None:
     result = run("validate", str(EXAMPLE))
     assert result.returncode == 0, result.stderr
-    assert result.stdout == (f"{EXAMPLE}: valid: cluster vision-prod, 3 hosts, 14 instances (14 GPU, 0 CPU), "
-                             "balancer lb-01 at http://10.0.0.2:80\n")
+    assert result.stdout == (
+        f"{EXAMPLE}: valid: cluster vision-prod, 3 hosts, 14 instances (14 GPU, 0 CPU), "
+        "balancer lb-01 at http://10.0.0.2:80\n"
+    )
 
 
 def test_validate_json() -> None:
@@ -38,9 +46,12 @@ def test_validate_json() -> None:
 
 def test_validate_invalid_prints_one_line_per_problem(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text(EXAMPLE.read_text().replace("  base_port: 8000", "  base_port: 80000")
-                   .replace("    max_batch_size: 8 ", "    max_bach_size: 8 ")
-                   .replace("  server_name: vision.example.com", "  server_name: ${SOME_UNSET_VARIABLE_NAME}"))
+    bad.write_text(
+        EXAMPLE.read_text()
+        .replace("  base_port: 8000", "  base_port: 80000")
+        .replace("    max_batch_size: 8 ", "    max_bach_size: 8 ")
+        .replace("  server_name: vision.example.com", "  server_name: ${SOME_UNSET_VARIABLE_NAME}")
+    )
     result = run("validate", str(bad))
     assert result.returncode == 2
     lines = result.stderr.splitlines()
@@ -50,7 +61,10 @@ def test_validate_invalid_prints_one_line_per_problem(tmp_path: Path) -> None:
     assert "SOME_UNSET_VARIABLE_NAME is not set" in lines[2]
     as_json = json.loads(run("validate", str(bad), "--json").stdout)
     assert as_json["valid"] is False and [p["path"] for p in as_json["problems"]] == [
-        "defaults.base_port", "defaults.server.max_bach_size", "balancer.server_name"]
+        "defaults.base_port",
+        "defaults.server.max_bach_size",
+        "balancer.server_name",
+    ]
 
 
 def test_validate_missing_file_and_syntax_error(tmp_path: Path) -> None:
@@ -58,7 +72,9 @@ def test_validate_missing_file_and_syntax_error(tmp_path: Path) -> None:
     assert result.returncode == 2 and "no such inventory file" in result.stderr
     (tmp_path / "syntax.yaml").write_text("version: 1\ncluster: [x\n")
     result = run("validate", str(tmp_path / "syntax.yaml"))
-    assert result.returncode == 2 and result.stderr.startswith(f"{tmp_path / 'syntax.yaml'}:3:1: found invalid YAML")
+    assert result.returncode == 2 and result.stderr.startswith(
+        f"{tmp_path / 'syntax.yaml'}:3:1: found invalid YAML"
+    )
 
 
 def test_render_writes_every_host(tmp_path: Path) -> None:
@@ -70,7 +86,10 @@ def test_render_writes_every_host(tmp_path: Path) -> None:
     assert stat.S_IMODE(env.stat().st_mode) == 0o600
     assert "LLAMACTL_PORT=8001\n" in env.read_text()
     assert (out / "lb-01" / "etc" / "nginx" / "conf.d" / "llamactl.conf").is_file()
-    assert stat.S_IMODE((out / "gpu-01" / "etc" / "systemd" / "system" / "llamactl@.service").stat().st_mode) == 0o644
+    assert (
+        stat.S_IMODE((out / "gpu-01" / "etc" / "systemd" / "system" / "llamactl@.service").stat().st_mode)
+        == 0o644
+    )
 
 
 def test_render_one_host_and_unknown_host(tmp_path: Path) -> None:
