@@ -30,7 +30,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from llamactl.inventory import load_inventory
-    from llamactl.ops.rolling import Progress, rolling_restart
+    from llamactl.ops.rolling import Progress, RollingRestartFailed, rolling_restart
 
     inv = load_inventory(args.inventory)
     events: list[tuple[float, Progress]] = []
@@ -50,6 +50,9 @@ def main() -> int:
     start = time.monotonic()
     try:
         result = rolling_restart(inv, inv.instances(), on_event=on_event, batch=args.batch)
+    except RollingRestartFailed as exc:
+        result = exc.result
+        print(exc, file=sys.stderr)
     finally:
         if load_ctx is not None:
             load_ctx.__exit__(None, None, None)
