@@ -4,18 +4,14 @@
     for inst in inv.instances(): ...
 """
 
+from llamactl.inventory.cluster import BalancerHost, BalancerSpec, HostSpec, Instance, Inventory
 from llamactl.inventory.envfile import expected_env
 from llamactl.inventory.load import load_inventory
 from llamactl.inventory.model import (
     ApiKeysRef,
-    BalancerHost,
-    BalancerSpec,
     CacheSettings,
     GenerationSettings,
     HealthSpec,
-    HostSpec,
-    Instance,
-    Inventory,
     ModelSettings,
     PipSettings,
     RateLimit,

@@ -8,8 +8,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llamactl.inventory.cluster import BalancerSpec, HostSpec
 from llamactl.inventory.merge import Merged
-from llamactl.inventory.model import BalancerSpec, Document, HostConfig, HostSpec, SSHSettings
+from llamactl.inventory.model import Document, HostConfig, SSHSettings
 from llamactl.inventory.yamltree import PathKey, dotted
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ correctly deployed instance reports, so the file's content and this mapping must
 
 from __future__ import annotations
 
-from llamactl.inventory.model import HostSpec, Instance, Inventory
+from llamactl.inventory.cluster import HostSpec, Instance, Inventory
 
 STATE_DIR = "/var/lib/llamactl"  # systemd StateDirectory=llamactl: the one place the server may write
 

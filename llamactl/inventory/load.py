@@ -15,17 +15,13 @@ from pydantic import BaseModel, ValidationError
 
 from llamactl.errors import InventoryError, Problem, UsageError
 from llamactl.inventory import checks
+from llamactl.inventory.cluster import BalancerHost, BalancerSpec, HostSpec, Instance, Inventory
 from llamactl.inventory.merge import Merged, position
 from llamactl.inventory.model import (
     NAME_RE,
     BalancerConfig,
-    BalancerHost,
-    BalancerSpec,
     Document,
     HostConfig,
-    HostSpec,
-    Instance,
-    Inventory,
     SSHSettings,
 )
 from llamactl.inventory.problems import Loc, describe, from_validation
@@ -74,7 +70,7 @@ def load_inventory(path: str | os.PathLike[str], *, env: Mapping[str, str] | Non
     ctx.problems.extend(problems)
     data = tree.data
     if not isinstance(data, dict):
-        ctx.add((), "found " + type(data).__name__ + ", expected a mapping with cluster, groups and balancer")
+        ctx.add((), f"found {describe(data)}, expected a mapping with cluster, groups and balancer")
         raise InventoryError(ctx.problems)
     doc = ctx.typed(Document, data, None)
     hosts = _hosts(ctx, data, file.parent, environ)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 
 from llamactl.errors import UsageError
-from llamactl.inventory.model import HostSpec, Inventory
+from llamactl.inventory.cluster import HostSpec, Inventory
 
 
 def limit(inv: Inventory, pattern: str | None) -> list[HostSpec]:

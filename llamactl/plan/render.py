@@ -16,8 +16,8 @@ from typing import Any
 
 import jinja2
 
+from llamactl.inventory.cluster import HostSpec, Inventory
 from llamactl.inventory.envfile import expected_env
-from llamactl.inventory.model import HostSpec, Inventory
 
 UNIT_PATH = "/etc/systemd/system/llamactl@.service"
 ENV_DIR = "/etc/llamactl"

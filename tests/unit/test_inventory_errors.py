@@ -380,7 +380,7 @@ def test_merge_keys_are_refused(tmp_path: Path) -> None:
 
 def test_not_a_mapping_and_empty(tmp_path: Path) -> None:
     assert problems("- a\n- b\n", tmp_path) == [
-        "INV:1:1: found list, expected a mapping with cluster, groups and balancer"
+        "INV:1:1: found a list, expected a mapping with cluster, groups and balancer"
     ]
     assert problems("# nothing\n", tmp_path) == [
         "INV:1:1: found an empty document, expected an inventory mapping"
