@@ -69,10 +69,19 @@ def _local(path: str, base: Path) -> str:
 
 
 def ssh_paths(ssh: SSHSettings, base: Path) -> SSHSettings:
-    update: dict[str, Any] = {"known_hosts": _local(ssh.known_hosts, base)}
-    if ssh.identity_file is not None:
-        update["identity_file"] = _local(ssh.identity_file, base)
-    return ssh.model_copy(update=update)
+    """Resolve the paths the inventory gave; defaults stay as they are (``~`` is the SSH layer's job).
+
+    ``model_fields_set`` is kept as loaded: the SSH layer lets ~/.ssh/config decide what was not given.
+    """
+    given = set(ssh.model_fields_set)
+    update: dict[str, Any] = {
+        name: _local(getattr(ssh, name), base)
+        for name in ("known_hosts", "identity_file")
+        if name in given and getattr(ssh, name) is not None
+    }
+    copy = ssh.model_copy(update=update)
+    object.__setattr__(copy, "__pydantic_fields_set__", given)
+    return copy
 
 
 def resolve_local_paths(

@@ -163,3 +163,16 @@ def test_unquoted_interpolation_is_typed_like_yaml(tmp_path: Path) -> None:
     )
     inv = load_inventory(tmp_path / "inv.yaml", env={"PORT": "9100", "REV": "123"})
     assert inv.hosts[0].base_port == 9100 and inv.hosts[0].model.revision == "123"
+
+
+def test_ssh_paths_resolved_relative_to_the_inventory_and_defaults_left_to_ssh(tmp_path: Path) -> None:
+    (tmp_path / "inv.yaml").write_text(
+        "version: 1\ncluster: c\ndefaults:\n  ssh: {identity_file: keys/id, port: 2200}\n  model: {source: /m}\n"
+        "groups: {g: {hosts: {h: {address: 10.0.0.1}}}}\nbalancer: {hosts: {lb: {address: 10.0.0.2}}}\n"
+    )
+    inv = load_inventory(tmp_path / "inv.yaml", env={})
+    ssh = inv.hosts[0].ssh
+    assert ssh.identity_file == str(tmp_path / "keys" / "id")
+    assert ssh.known_hosts == "~/.ssh/known_hosts"  # not given: ~/.ssh/config may still decide
+    assert ssh.model_fields_set == {"identity_file", "port"}
+    assert inv.balancer.hosts[0].ssh.model_fields_set == {"identity_file", "port"}
