@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from llamactl.health.probe import make_client, probe_instance
 from llamactl.health.simulate import Behaviour, Endpoint, spec_json
 from llamactl.health.sweep import SweepOptions, plan_from_inventory, sweep
@@ -86,12 +88,22 @@ def endpoints(inventory: Path) -> list[Endpoint]:
     return eps
 
 
-async def one_sweep(inventory: Path) -> tuple[float, dict[str, Any]]:
+def httpcore_client(targets: int, timeout_s: float) -> httpx.AsyncClient:
+    """For comparison only: httpx with its default transport (httpcore pool), limits sized the same way."""
+    n = max(32, targets * 3 + 8)
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout_s), trust_env=False,
+        limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+    )  # fmt: skip
+
+
+async def one_sweep(inventory: Path, transport: str = "asyncio") -> tuple[float, dict[str, Any]]:
     """Exactly what ``llamactl status INVENTORY`` does between parsing options and printing."""
     start = time.monotonic()
     plan = plan_from_inventory(load_inventory(inventory))
     options = SweepOptions(timeout_s=TIMEOUT_S)
-    async with make_client(len(plan.targets) + len(plan.balancers), options.timeout_s) as client:
+    factory = make_client if transport == "asyncio" else httpcore_client
+    async with factory(len(plan.targets) + len(plan.balancers), options.timeout_s) as client:
         report, _ = await sweep(plan, options, client)
     wall = time.monotonic() - start
     ready = sum(1 for i in report.instances if i.state == "ready")
@@ -121,7 +133,17 @@ def cli_run(inventory: Path) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--no-serial", action="store_true")
+    parser.add_argument("--no-serial", action="store_true", help="skip the serial reference sweep (~12 s)")
+    parser.add_argument(
+        "--transport",
+        choices=("asyncio", "httpcore"),
+        default="asyncio",
+        help="asyncio: what status uses; httpcore: httpx's default transport, for comparison",
+    )
+    parser.add_argument("--no-cli", action="store_true", help="skip timing the CLI as a subprocess")
+    parser.add_argument("--label", default="shared-2-core", help="key of this result in the results file")
+    parser.add_argument("--machine", default=None, help="machine description to record")
+    parser.add_argument("--out", type=Path, default=RESULTS / "status_sweep.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         inventory = Path(tmp) / "inventory.yaml"
@@ -133,28 +155,37 @@ def main() -> None:
         )
         try:
             assert sim.stdout is not None and sim.stdout.readline().startswith("listening 101")
-            sweeps = [asyncio.run(one_sweep(inventory)) for _ in range(args.runs)]
-            clis = [cli_run(inventory) for _ in range(args.runs)]
+            sweeps = [asyncio.run(one_sweep(inventory, args.transport)) for _ in range(args.runs)]
+            clis = [] if args.no_cli else [cli_run(inventory) for _ in range(args.runs)]
             serial = None if args.no_serial else asyncio.run(serial_sweep(inventory))
         finally:
             sim.terminate()
             sim.wait(timeout=10)
     walls = [w for w, _ in sweeps]
+    load = os.getloadavg()
     result = {
-        "benchmark": "status_sweep",
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
-        "machine": f"{os.cpu_count()}-core CPU box (shared), {platform.python_implementation()} {platform.python_version()}",
+        "machine": args.machine or f"{os.cpu_count()}-core CPU box",
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "cpus_usable": len(os.sched_getaffinity(0)), "load_average_1m_after": round(load[0], 2),
         "instances": len(HOSTS) * PER_HOST, "silent_instances": len(SILENT), "balancers": 1,
-        "probe_timeout_s": TIMEOUT_S, "runs": args.runs,
-        "sweep_wall_s": {"median": statistics.median(walls), "min": min(walls), "max": max(walls), "all": walls},
-        "cli_wall_s": {"median": statistics.median(w for w, _ in clis), "all": [w for w, _ in clis],
-                       "exit_codes": sorted({rc for _, rc in clis})},
-        "serial_reference_s": serial,
+        "probe_timeout_s": TIMEOUT_S, "runs": args.runs, "transport": args.transport,
+        "sweep_wall_s": {"median": round(statistics.median(walls), 3), "min": round(min(walls), 3),
+                         "max": round(max(walls), 3), "all": [round(w, 3) for w in walls]},
+        "cli_wall_s": {"median": round(statistics.median(w for w, _ in clis), 3), "all": [round(w, 3) for w, _ in clis],
+                       "exit_codes": sorted({rc for _, rc in clis})} if clis else None,
+        "serial_reference_s": round(serial, 3) if serial is not None else None,
         "counts": sweeps[-1][1],
         "target_s": 1.5, "met": statistics.median(walls) < 1.5,
     }  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "status_sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    doc = (
+        json.loads(args.out.read_text())
+        if args.out.exists()
+        else {"benchmark": "status_sweep", "results": {}}
+    )
+    doc["results"][args.label] = result
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 
