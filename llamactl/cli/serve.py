@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from llamactl.errors import UsageError
@@ -17,26 +15,24 @@ _EPILOG = (
 
 
 def serve(
-    model: Optional[str] = typer.Option(None, "--model", help="Local checkpoint directory or hub id."),  # noqa: UP007
-    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (commit, tag)."),  # noqa: UP007
-    host: Optional[str] = typer.Option(None, "--host", help="Address to bind (default 127.0.0.1)."),  # noqa: UP007
-    port: Optional[int] = typer.Option(None, "--port", help="Port to bind (default 8000)."),  # noqa: UP007
-    device: Optional[str] = typer.Option(None, "--device", help="cuda, cpu or auto."),  # noqa: UP007
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto, bfloat16, float16 or float32."),  # noqa: UP007
-    quantization: Optional[str] = typer.Option(  # noqa: UP007
-        None, "--quantization", help="none, nf4 or int8 (bitsandbytes)."
-    ),
-    max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", help="Sequences per generate call."),  # noqa: UP007
-    max_wait_ms: Optional[float] = typer.Option(None, "--max-wait-ms", help="How long a batch waits to fill."),  # noqa: UP007
-    queue_limit: Optional[int] = typer.Option(None, "--queue-limit", help="Waiting requests before 429."),  # noqa: UP007
-    request_timeout_s: Optional[float] = typer.Option(  # noqa: UP007
+    model: str | None = typer.Option(None, "--model", help="Local checkpoint directory or hub id."),
+    revision: str | None = typer.Option(None, "--revision", help="Hub revision (commit, tag)."),
+    host: str | None = typer.Option(None, "--host", help="Address to bind (default 127.0.0.1)."),
+    port: int | None = typer.Option(None, "--port", help="Port to bind (default 8000)."),
+    device: str | None = typer.Option(None, "--device", help="cuda, cpu or auto."),
+    dtype: str | None = typer.Option(None, "--dtype", help="auto, bfloat16, float16 or float32."),
+    quantization: str | None = typer.Option(None, "--quantization", help="none, nf4 or int8 (bitsandbytes)."),
+    max_batch_size: int | None = typer.Option(None, "--max-batch-size", help="Sequences per generate call."),
+    max_wait_ms: float | None = typer.Option(None, "--max-wait-ms", help="How long a batch waits to fill."),
+    queue_limit: int | None = typer.Option(None, "--queue-limit", help="Waiting requests before 429."),
+    request_timeout_s: float | None = typer.Option(
         None, "--request-timeout-s", help="Per-request deadline (504 after it)."
     ),
-    drain_timeout_s: Optional[float] = typer.Option(  # noqa: UP007
+    drain_timeout_s: float | None = typer.Option(
         None, "--drain-timeout-s", help="How long SIGTERM waits for in-flight requests."
     ),
-    max_body_mb: Optional[float] = typer.Option(None, "--max-body-mb", help="Request body limit."),  # noqa: UP007
-    instance: Optional[str] = typer.Option(None, "--instance", help="Label shown in /health, e.g. host/0."),  # noqa: UP007
+    max_body_mb: float | None = typer.Option(None, "--max-body-mb", help="Request body limit."),
+    instance: str | None = typer.Option(None, "--instance", help="Label shown in /health, e.g. host/0."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
     """Serve Llama 3.2 Vision over HTTP: /infer, /v1/chat/completions, /health, /ready, /metrics."""
@@ -48,10 +44,20 @@ def serve(
     try:
         settings = Settings.from_env(
             os.environ,
-            model=model, revision=revision, host=host, port=port, device=device, dtype=dtype,
-            quantization=quantization, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-            queue_limit=queue_limit, request_timeout_s=request_timeout_s, drain_timeout_s=drain_timeout_s,
-            max_body_mb=max_body_mb, instance=instance,
+            model=model,
+            revision=revision,
+            host=host,
+            port=port,
+            device=device,
+            dtype=dtype,
+            quantization=quantization,
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
+            queue_limit=queue_limit,
+            request_timeout_s=request_timeout_s,
+            drain_timeout_s=drain_timeout_s,
+            max_body_mb=max_body_mb,
+            instance=instance,
         )
     except SettingsError as exc:
         raise UsageError(str(exc)) from None

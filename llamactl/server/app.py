@@ -56,7 +56,9 @@ class ServerState:
         )
         self.cache = _make_cache(settings)
         self.jobs = JobStore(settings.jobs_max_entries, settings.jobs_ttl_s)
-        self.inference = Inference(settings, engine, self.batcher, self.metrics, self.cache, lambda: self.status)
+        self.inference = Inference(
+            settings, engine, self.batcher, self.metrics, self.cache, lambda: self.status
+        )
         self.thread: threading.Thread | None = None
 
     @property
@@ -74,7 +76,7 @@ class ServerState:
     def _gpu_memory(self) -> tuple[int, int] | None:
         try:
             return self.engine.gpu_memory()
-        except Exception:  # a probe must never fail because the device is unhappy
+        except Exception:  # noqa: BLE001 - a failed load is reported by /health, not raised
             return None
 
     def model_main(self) -> None:
@@ -123,10 +125,14 @@ def _make_cache(settings: Settings) -> Any:
         return None
     from llamactl.server.cache import ResultCache
 
-    return ResultCache(max_entries=settings.cache_max_entries, max_bytes=int(settings.cache_max_mb * 1024 * 1024))
+    return ResultCache(
+        max_entries=settings.cache_max_entries, max_bytes=int(settings.cache_max_mb * 1024 * 1024)
+    )
 
 
-def error_response(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, kind: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
 
 
@@ -165,7 +171,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             if not state.thread.is_alive():
                 engine.close()
 
-    app = FastAPI(title="llamactl serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="llamactl serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
+    )
     app.state.llamactl = state
 
     @app.exception_handler(ApiError)

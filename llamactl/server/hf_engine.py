@@ -68,7 +68,9 @@ class HFEngine:
             kwargs["quantization_config"] = _bnb_config(s.quantization, self.dtype)
             kwargs["device_map"] = {"": self.device}
         t0 = time.monotonic()
-        self.processor = AutoProcessor.from_pretrained(s.model, **({"revision": s.revision} if s.revision else {}))
+        self.processor = AutoProcessor.from_pretrained(
+            s.model, **({"revision": s.revision} if s.revision else {})
+        )
         model = AutoModelForImageTextToText.from_pretrained(s.model, **kwargs)
         if s.quantization == "none":
             model = model.to(self.device)
@@ -195,8 +197,12 @@ class _RowTracker:
             return
         if row.on_text is not None:
             text = self.tok.decode(self.tokens[i], skip_special_tokens=True)
-            if not text.endswith("\ufffd") and text.startswith(self.sent[i]) and len(text) > len(self.sent[i]):
-                row.on_text(text[len(self.sent[i]):])
+            if (
+                not text.endswith("\ufffd")
+                and text.startswith(self.sent[i])
+                and len(text) > len(self.sent[i])
+            ):
+                row.on_text(text[len(self.sent[i]) :])
                 self.sent[i] = text
         if len(self.tokens[i]) >= row.params.max_new_tokens:
             self._finish(i, "length")
@@ -205,7 +211,7 @@ class _RowTracker:
         row, toks = self.rows[i], self.tokens[i]
         text = self.tok.decode([t for t in toks if t not in self.eos], skip_special_tokens=True)
         if row.on_text is not None and reason != "cancelled":
-            tail = text[len(self.sent[i]):] if text.startswith(self.sent[i]) else ""
+            tail = text[len(self.sent[i]) :] if text.startswith(self.sent[i]) else ""
             if tail:
                 row.on_text(tail)
             self.sent[i] = text
@@ -234,7 +240,9 @@ def _resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device is cuda but no CUDA device is visible (check CUDA_VISIBLE_DEVICES and drivers)")
+        raise RuntimeError(
+            "device is cuda but no CUDA device is visible (check CUDA_VISIBLE_DEVICES and drivers)"
+        )
     return device
 
 
@@ -251,7 +259,10 @@ def _bnb_config(quantization: str, dtype: Any) -> Any:
 
     if quantization == "nf4":
         return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True,
         )
     # int8 inside the vision tower fails (and costs accuracy): keep vision, projector and lm_head in full precision.
     return BitsAndBytesConfig(

@@ -51,7 +51,13 @@ class Inference:
         cache: ResultCache | None,
         status: Callable[[], str],
     ) -> None:
-        self.settings, self.engine, self.batcher, self.metrics, self.cache = settings, engine, batcher, metrics, cache
+        self.settings, self.engine, self.batcher, self.metrics, self.cache = (
+            settings,
+            engine,
+            batcher,
+            metrics,
+            cache,
+        )
         self._status = status
 
     def error(self, reason: str) -> None:
@@ -85,7 +91,9 @@ class Inference:
         max_new = limit if max_tokens is None else max_tokens
         if max_new > limit:
             self.error("invalid_request")
-            raise ApiError(400, f"max_tokens: {max_new} is above this server's limit of {limit}", "invalid_request")
+            raise ApiError(
+                400, f"max_tokens: {max_new} is above this server's limit of {limit}", "invalid_request"
+            )
         if do_sample is None:  # OpenAI style: temperature alone decides
             do_sample = s.gen_do_sample if temperature is None else temperature > 0
         temp = s.gen_temperature if temperature is None else temperature
@@ -160,7 +168,9 @@ class Inference:
         except DeadlineExceeded:
             self.error("timeout")
             raise ApiError(
-                504, f"no answer within the request timeout of {self.settings.request_timeout_s:g}s", "timeout"
+                504,
+                f"no answer within the request timeout of {self.settings.request_timeout_s:g}s",
+                "timeout",
             ) from None
         except EngineFailure as exc:
             self.error("engine_error")

@@ -81,7 +81,7 @@ class JobStore:
             except asyncio.CancelledError:
                 job.status, job.error = "failed", {"message": "the server shut down", "type": "cancelled"}
                 raise
-            except Exception as exc:  # the error mapping is the caller's (it knows HTTP statuses)
+            except Exception as exc:  # noqa: BLE001 - the error mapping is the caller's
                 job.status, job.error = "failed", on_error(exc)
             finally:
                 job.finished = self.clock()

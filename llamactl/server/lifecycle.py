@@ -54,7 +54,9 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
             self.force_exit = True
             return
-        log.info("received %s: draining (up to %gs)", signal.Signals(sig).name, self.state.settings.drain_timeout_s)
+        log.info(
+            "received %s: draining (up to %gs)", signal.Signals(sig).name, self.state.settings.drain_timeout_s
+        )
         self.state.begin_drain()  # a plain attribute write: safe inside a signal handler
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._start_drain)

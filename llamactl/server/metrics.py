@@ -27,7 +27,9 @@ class Metrics:
     ) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests_running = Gauge(
-            "llamactl_num_requests_running", "Requests currently being generated (in a running batch).", registry=r
+            "llamactl_num_requests_running",
+            "Requests currently being generated (in a running batch).",
+            registry=r,
         )
         self.requests_running.set_function(running)
         self.requests_waiting = Gauge(
@@ -47,7 +49,10 @@ class Metrics:
             registry=r,
         )
         self.batch_size = Histogram(
-            "llamactl_batch_size", "Number of sequences per generate call.", buckets=_BATCH_BUCKETS, registry=r
+            "llamactl_batch_size",
+            "Number of sequences per generate call.",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
         )
         self.prompt_tokens = Counter(
             "llamactl_prompt_tokens", "Prompt tokens processed (prefill), image token included.", registry=r
@@ -57,12 +62,17 @@ class Metrics:
             "llamactl_request_errors", "Failed inference requests by reason.", ["reason"], registry=r
         )
         self.requests = Counter(
-            "llamactl_requests", "HTTP requests by endpoint and status code.", ["endpoint", "code"], registry=r
+            "llamactl_requests",
+            "HTTP requests by endpoint and status code.",
+            ["endpoint", "code"],
+            registry=r,
         )
         self.cache_hits = Counter("llamactl_cache_hits", "Result cache hits.", registry=r)
         self.cache_misses = Counter("llamactl_cache_misses", "Result cache misses.", registry=r)
         self._gpu_memory = gpu_memory
-        self.gpu_used = Gauge("llamactl_gpu_memory_used_bytes", "GPU memory in use on this device.", registry=r)
+        self.gpu_used = Gauge(
+            "llamactl_gpu_memory_used_bytes", "GPU memory in use on this device.", registry=r
+        )
         self.gpu_used.set_function(lambda: float((gpu_memory() or (0, 0))[0]))
         self.gpu_total = Gauge("llamactl_gpu_memory_total_bytes", "GPU memory on this device.", registry=r)
         self.gpu_total.set_function(lambda: float((gpu_memory() or (0, 0))[1]))

@@ -87,7 +87,8 @@ async def batch_infer(body: BatchInferRequest, request: Request) -> Any:
     questions = [body.questions] * len(body.images) if isinstance(body.questions, str) else body.questions
     if len(questions) != len(body.images):
         raise ApiError(
-            422, f"questions: {len(questions)} given for {len(body.images)} images (give one each, or a single string)",
+            422,
+            f"questions: {len(questions)} given for {len(body.images)} images (give one each, or a single string)",
             "invalid_request",
         )
 
@@ -135,5 +136,7 @@ async def create_job(body: JobRequest, request: Request) -> Any:
 async def get_job(job_id: str, request: Request) -> Any:
     job = get_state(request).jobs.get(job_id)
     if job is None:
-        raise ApiError(404, f"no job {job_id[:80]!r} (unknown, or expired after its retention time)", "not_found")
+        raise ApiError(
+            404, f"no job {job_id[:80]!r} (unknown, or expired after its retention time)", "not_found"
+        )
     return job.to_dict()

@@ -41,7 +41,9 @@ def convert_messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]],
                 parts.append({"type": "text", "text": part.text})
                 continue
             if role != "user":
-                raise ApiError(400, f"messages.{i}: images are only accepted in user messages", "invalid_request")
+                raise ApiError(
+                    400, f"messages.{i}: images are only accepted in user messages", "invalid_request"
+                )
             if image is not None:
                 raise ApiError(400, "only one image per request is supported", "invalid_request")
             url = part.image_url.url
@@ -139,7 +141,8 @@ def _stream(
             "object": "chat.completion.chunk",
             "created": created,
             "model": state.settings.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}] if delta or finish
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+            if delta or finish
             else [],
         }
         if usage is not None:
@@ -175,5 +178,7 @@ def _stream(
                 state.inference.error("client_disconnect")
 
     return StreamingResponse(
-        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -145,7 +145,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
                 value = value[1:-1]
             items.append((key.strip(), value))
     for key, value in items:
-        name = key[len(ENV_PREFIX):] if key.upper().startswith(ENV_PREFIX) else key
+        name = key[len(ENV_PREFIX) :] if key.upper().startswith(ENV_PREFIX) else key
         data[name.lower()] = value
     data.pop("config", None)
     return data

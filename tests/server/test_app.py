@@ -1,0 +1,340 @@
+"""Every endpoint over real HTTP against one server (tiny real Mllama checkpoint, uvicorn on a real socket)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from ._support import ThreadServer, make_settings, png_b64, start_thread_server
+
+QUESTION = "What is in this image?"
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_checkpoint: Path) -> Iterator[ThreadServer]:
+    settings = make_settings(
+        tiny_checkpoint,
+        max_batch_size=16,
+        max_wait_ms=300,
+        queue_limit=64,
+        max_body_mb=1,
+        gen_max_new_tokens=256,
+        instance="testhost/0",
+    )
+    server = start_thread_server(settings)
+    yield server
+    server.stop()
+
+
+def post(srv: ThreadServer, path: str, body: Any, **kw: Any) -> httpx.Response:
+    return httpx.post(srv.url + path, json=body, timeout=120, **kw)
+
+
+def metric(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith((name + " ", name + "{")):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_health_reports_engine_state(srv: ThreadServer) -> None:
+    h = httpx.get(srv.url + "/health").json()
+    assert h["status"] == "ready"
+    assert h["model"] == srv.state.settings.model
+    assert h["config_hash"] == srv.state.settings.config_hash() and len(h["config_hash"]) == 16
+    assert h["instance"] == "testhost/0"
+    assert h["gpu_memory"] is None  # CPU
+    assert h["error"] is None and h["uptime_s"] > 0
+    assert {"in_flight", "queued", "version"} <= h.keys()
+    r = httpx.get(srv.url + "/ready")
+    assert r.status_code == 200 and r.json() == {"ready": True}
+
+
+def test_infer_returns_staged_answer_and_caches(srv: ThreadServer) -> None:
+    for colour in ("red", "blue"):
+        body = {"image": png_b64(colour), "question": QUESTION, "max_tokens": 100}
+        r = post(srv, "/infer", body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["cached"] is False
+        assert out["result"]["conclusion"] == f"It is a {colour} square."
+        assert out["result"]["caption"] == f"The image is a plain {colour} square."
+        assert out["full_response"].startswith("<SUMMARY>")
+        assert out["finish_reason"] == "stop"
+        assert out["usage"]["completion_tokens"] > 10 and out["usage"]["prompt_tokens"] > 5
+        again = post(srv, "/infer", body).json()
+        assert again["cached"] is True and again["full_response"] == out["full_response"]
+    # a data: URL prefix is accepted too
+    r = post(srv, "/infer", {"image": "data:image/png;base64," + png_b64("red"), "max_tokens": 5})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+    assert r.json()["finish_reason"] == "length"
+
+
+def test_batch_infer_reports_each_item(srv: ThreadServer) -> None:
+    body = {
+        "images": [png_b64("red"), "bm90IGFuIGltYWdl", png_b64("blue")],
+        "questions": QUESTION,
+        "max_tokens": 90,
+    }
+    before = srv.state.batcher.batches
+    r = post(srv, "/batch_infer", body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [it["success"] for it in out["results"]] == [True, False, True]
+    assert out["succeeded"] == 2 and out["failed"] == 1
+    assert out["results"][1]["error"]["status"] in (400, 415)
+    assert out["results"][0]["result"]["conclusion"] == "It is a red square."
+    assert out["results"][2]["result"]["conclusion"] == "It is a blue square."
+    assert srv.state.batcher.batches - before == 1  # both good items went through ONE generate call
+    bad = post(srv, "/batch_infer", {"images": [png_b64()], "questions": ["a", "b"]})
+    assert bad.status_code == 422 and "questions" in bad.json()["error"]["message"]
+
+
+def test_jobs_keep_their_result(srv: ThreadServer) -> None:
+    r = post(srv, "/v1/jobs", {"image": png_b64("blue"), "question": QUESTION, "max_tokens": 95})
+    assert r.status_code == 202
+    job_id = r.json()["id"]
+    assert r.headers["location"] == f"/v1/jobs/{job_id}"
+    deadline = time.monotonic() + 60
+    while True:
+        job = httpx.get(f"{srv.url}/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed") or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert job["status"] == "succeeded", job
+    assert job["result"]["result"]["conclusion"] == "It is a blue square."
+    assert httpx.get(f"{srv.url}/v1/jobs/{job_id}").json()["status"] == "succeeded"  # still there
+    missing = httpx.get(f"{srv.url}/v1/jobs/job-nope")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found"
+    # bad input is refused when submitting, not discovered later
+    assert post(srv, "/v1/jobs", {"image": "%%%", "max_tokens": 5}).status_code in (400, 415)
+
+
+def _chat_messages(colour: str) -> list[dict[str, Any]]:
+    url = "data:image/png;base64," + png_b64(colour)
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}],
+        }
+    ]
+
+
+def test_openai_client_plain_and_streaming(srv: ThreadServer) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == [srv.state.settings.model]
+    plain = client.chat.completions.create(
+        model="llama",
+        messages=_chat_messages("red"),
+        max_tokens=120,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    text = plain.choices[0].message.content or ""
+    assert "<CONCLUSION>It is a red square.</CONCLUSION>" in text
+    assert plain.choices[0].finish_reason == "stop"
+    assert plain.usage is not None and plain.usage.completion_tokens > 10
+    assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
+
+    stream = client.chat.completions.create(
+        model="llama",
+        messages=_chat_messages("red"),
+        max_completion_tokens=120,
+        temperature=0,  # type: ignore[arg-type]
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+            finish = choice.finish_reason or finish
+    assert len(pieces) > 5  # really streamed, piece by piece
+    assert "".join(pieces) == text
+    assert finish == "stop" and usage is not None and usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_raw_sse_ends_with_done(srv: ThreadServer) -> None:
+    body = {"messages": _chat_messages("blue"), "max_tokens": 8, "stream": True}
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]"
+    last = json.loads(lines[-2].removeprefix("data: "))
+    assert last["choices"][0]["finish_reason"] == "length"
+
+
+def test_concurrent_requests_are_batched_and_match_unbatched(srv: ThreadServer) -> None:
+    """16 concurrent greedy requests share generate calls, and each answer equals its answer alone."""
+    colours = ["red", "blue"] * 8
+    questions = [QUESTION if i % 3 else f"Describe picture number {i}." for i in range(16)]
+    bodies = [
+        {"image": png_b64(c, (40 + i, 40)), "question": q, "max_tokens": 24, "do_sample": False}
+        for i, (c, q) in enumerate(zip(colours, questions))
+    ]
+    cache, srv.state.inference.cache = srv.state.inference.cache, None  # measure generation, not the cache
+    try:
+        before_text = httpx.get(srv.url + "/metrics").text
+        batches_before = srv.state.batcher.batches
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            together = list(pool.map(lambda b: post(srv, "/infer", b), bodies))
+        batches = srv.state.batcher.batches - batches_before
+        after_text = httpx.get(srv.url + "/metrics").text
+        alone = [post(srv, "/infer", b) for b in bodies]  # one at a time: batch size 1 each
+    finally:
+        srv.state.inference.cache = cache
+    assert all(r.status_code == 200 for r in together + alone)
+    assert batches < 16, f"{batches} generate calls for 16 concurrent requests: nothing was batched"
+    count = metric(after_text, "llamactl_batch_size_count") - metric(before_text, "llamactl_batch_size_count")
+    total = metric(after_text, "llamactl_batch_size_sum") - metric(before_text, "llamactl_batch_size_sum")
+    assert total == 16 and count == batches and total / count > 1
+    for t, a in zip(together, alone):
+        assert t.json()["full_response"] == a.json()["full_response"]
+    assert len({r.json()["full_response"] for r in together}) > 1  # different images give different answers
+
+
+BAD_BODIES: list[tuple[str, Any, tuple[int, ...]]] = [
+    ("/infer", b"{not json", (400,)),
+    ("/infer", b"", (400, 422)),
+    ("/infer", b"[1, 2]", (400, 422)),
+    ("/infer", b'"a string"', (400, 422)),
+    ("/infer", {"question": "no image"}, (422,)),
+    ("/infer", {"image": 12345}, (422,)),
+    ("/infer", {"image": "AAAA", "max_tokens": 0}, (422,)),
+    ("/infer", {"image": "AAAA", "max_tokens": "many"}, (422,)),
+    ("/infer", {"image": "AAAA", "max_tokens": 10**9}, (422,)),
+    ("/infer", {"image": png_b64(), "max_tokens": 5000}, (400,)),  # above this server's limit of 256
+    ("/infer", {"image": "AAAA", "temperature": -1}, (422,)),
+    ("/infer", {"image": "AAAA", "top_p": 0}, (422,)),
+    ("/infer", {"image": "not base64 at all!!"}, (400, 415)),
+    ("/infer", {"image": "data:image/png;base64,"}, (400, 415, 422)),
+    ("/batch_infer", {"images": []}, (422,)),
+    ("/v1/chat/completions", {"messages": []}, (422,)),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, (422,)),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, (422,)),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}],
+                }
+            ]
+        },
+        (400,),
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + png_b64()}},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + png_b64()}},
+                    ],
+                }
+            ]
+        },
+        (400,),
+    ),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 3}, (422,)),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": 9}, (422,)),
+    ("/v1/jobs", {"image": "AAAA", "top_p": 2}, (422,)),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "codes"), BAD_BODIES, ids=[f"{i}" for i in range(len(BAD_BODIES))])
+def test_bad_input_gets_a_plain_4xx(srv: ThreadServer, path: str, body: Any, codes: tuple[int, ...]) -> None:
+    if isinstance(body, bytes):
+        r = httpx.post(srv.url + path, content=body, headers={"content-type": "application/json"}, timeout=30)
+    else:
+        r = post(srv, path, body)
+    assert r.status_code in codes, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    assert "Traceback" not in err["message"] and "pydantic" not in err["message"].lower()
+    assert httpx.get(srv.url + "/ready").status_code == 200
+
+
+def test_routing_errors_use_the_error_shape(srv: ThreadServer) -> None:
+    r = httpx.get(srv.url + "/nope")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
+    r = httpx.get(srv.url + "/infer")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_body_limit_413_without_reading_everything(srv: ThreadServer) -> None:
+    big = b"x" * (2 * 1024 * 1024)  # the module server allows 1 MB
+    r = httpx.post(srv.url + "/infer", content=big, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "body_too_large"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted while streaming in
+        for _ in range(40):
+            yield b"y" * 65536
+
+    r = httpx.post(
+        srv.url + "/infer", content=chunks(), headers={"content-type": "application/json"}, timeout=30
+    )
+    assert r.status_code == 413
+    assert httpx.get(srv.url + "/ready").status_code == 200
+
+
+def test_metrics_names_and_promtool(srv: ThreadServer, tmp_path: Path) -> None:
+    r = httpx.get(srv.url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    for name in (
+        "llamactl_num_requests_running",
+        "llamactl_num_requests_waiting",
+        "llamactl_e2e_request_latency_seconds_bucket",
+        "llamactl_time_to_first_token_seconds_count",
+        "llamactl_batch_size_bucket",
+        "llamactl_prompt_tokens_total",
+        "llamactl_generation_tokens_total",
+        "llamactl_request_errors_total",
+        "llamactl_requests_total",
+        "llamactl_cache_hits_total",
+        "llamactl_cache_misses_total",
+        "llamactl_gpu_memory_used_bytes",
+        "llamactl_gpu_memory_total_bytes",
+    ):
+        assert re.search(rf"^{name}[ {{]", text, re.MULTILINE), name
+    assert metric(text, "llamactl_generation_tokens_total") > 0
+    assert re.search(r'^llamactl_requests_total\{code="200",endpoint="/infer"\} [1-9]', text, re.MULTILINE)
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus)")
+    check = subprocess.run(
+        [promtool, "check", "metrics"], check=False, input=r.content, capture_output=True, timeout=30
+    )
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+
+
+def test_draining_refuses_new_work(srv: ThreadServer) -> None:
+    srv.state.draining = True
+    try:
+        r = httpx.get(srv.url + "/ready")
+        assert r.status_code == 503 and r.json() == {"ready": False, "status": "draining"}
+        r = post(srv, "/infer", {"image": png_b64(), "max_tokens": 3})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "unavailable"
+        assert httpx.get(srv.url + "/health").json()["status"] == "draining"
+    finally:
+        srv.state.draining = False
+    assert httpx.get(srv.url + "/ready").status_code == 200
