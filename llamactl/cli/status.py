@@ -6,6 +6,7 @@ import asyncio
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import typer
 from rich.console import Console
@@ -97,7 +98,9 @@ def render_table(report: HealthReport) -> Table:
         table.add_row(*row)
     for b in report.balancers:
         state = Text(b.state, style=_STATE_STYLE[b.state])
-        cells: list[str | Text] = [b.name, "balancer", b.url.rsplit(":", 1)[-1], state]
+        url = urlsplit(b.url)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        cells: list[str | Text] = [b.name, "balancer", str(port), state]
         cells += ["-"] * (7 + int(report.deep) + int(report.canary))
         cells.append(Text(b.error or "", style="red"))
         table.add_row(*cells)
