@@ -158,11 +158,21 @@ class Checks:
         r = wait_ready(url, timeout_s, self.clock, self.sleep, interval_s=self.interval_s)
         return r.ok, r.describe("ready", url)
 
+    def ready_now(self, url: str) -> bool:
+        from llamactl.health.wait import check_ready
+
+        return check_ready(url, 3.0).done
+
     def canary(self, url: str, api_key: str | None) -> tuple[bool, str]:
         from llamactl.health.canary import run_canary_sync
 
         r = run_canary_sync(url, timeout_s=self.canary_timeout_s, api_key=api_key)
         return r.ok, (f"canary answered in {r.elapsed_s:.1f} s" if r.ok else f"canary failed: {r.error}")
+
+
+def _any_ready(instances: list[Instance], checks: Checks) -> bool:
+    with ThreadPoolExecutor(max_workers=min(32, len(instances))) as workers:
+        return any(workers.map(lambda i: checks.ready_now(i.url), instances))
 
 
 def _api_key(inv: Inventory, instance: Instance) -> str | None:
@@ -216,7 +226,8 @@ def rolling_restart(
     try:
         for number, group in enumerate(groups, 1):
             emit(Progress(number, len(groups), "batch", message=", ".join(i.id for i in group)))
-            failures = _run_batch(inv, group, number, len(groups), pool, restart, checks, nginx, emit, reason)
+            failures = _run_batch(inv, group, number, len(groups), pool, restart, checks, nginx, emit, reason,
+                                  force)
             result.failures.extend(failures)
             if any(f.step == "drain" for f in failures):
                 break  # the balancer refused the change: nothing was drained or restarted
@@ -262,8 +273,14 @@ def _run_batch(
     nginx: NginxControl | None,
     progress: Callable[[Progress], None],
     reason: str,
+    force: bool,
 ) -> list[Failure]:
     drained = frozenset(i.id for i in group)
+    others = [i for i in inv.instances() if i.id not in drained]
+    if others and not force and not _any_ready(others, checks):
+        ids = ", ".join(sorted(drained))
+        return [Failure(ids, "drain", f"no other instance is ready, so draining {ids} would leave nothing "
+                        "serving: bring the others back first (llamactl status), or pass --force")]
     try:
         _apply(inv, pool, drained, nginx, f"{reason}: drain batch {number}/{total}")
     except Exception as exc:  # noqa: BLE001 - the balancer was not changed: nothing drained, stop

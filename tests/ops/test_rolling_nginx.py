@@ -131,3 +131,17 @@ def test_single_instance_needs_force(tmp_path: Path) -> None:
             rolling_restart(inv, inv.instances(), connect=lambda *a: RecordingExecutor("x"))
     finally:
         solo.close()
+
+
+def test_refuses_to_drain_the_last_ready_instance(tmp_path: Path, three: list[Backend],
+                                                  temp_nginx: TempNginx) -> None:
+    c = Cluster(tmp_path, three, temp_nginx, {"batch": 1, "max_unavailable": 1, "canary": False})
+    three[1].close()
+    three[2].ready = False  # loading
+    before = c.conf.read_bytes()
+    with pytest.raises(RollingRestartFailed) as err:
+        rolling_restart(c.inv, c.inv.instances()[:1], connect=c.connect, nginx=c.control,
+                        checks=Checks(interval_s=0.1))
+    assert "a/0: drain failed: no other instance is ready" in str(err.value)
+    assert c.hosts == {} and c.conf.read_bytes() == before  # nothing drained, nothing restarted
+    assert err.value.result.drained == frozenset()
