@@ -1,7 +1,7 @@
 """SSHExecutor: the Executor protocol over one paramiko connection per host (plus its SFTP session).
 
-Commands run with ``exec_command(command.shell())`` and no pty (a pty merges stderr into stdout and
-kills background children at session end). stdout and stderr are drained by two threads while a
+Commands run with ``exec_command(command.shell())`` (inside ``timeout(1)`` when a timeout is
+given) and no pty (a pty merges stderr into stdout and kills background children at session end). stdout and stderr are drained by two threads while a
 third feeds stdin, so a command producing megabytes on both streams, or reading a large stdin
 before writing, cannot deadlock against SSH flow control.
 """
@@ -34,6 +34,12 @@ CHUNK = 256 * 1024
 # After the exit status arrives, output still in flight gets this long; a background child that
 # inherited stdout (``daemon &``) would otherwise keep the channel open forever.
 DRAIN_GRACE_S = 1.0
+# With a timeout, the host enforces it: coreutils timeout(1) TERMs the command's process group, then
+# KILLs it after KILL_AFTER_S. (SSH "signal" requests would not do: OpenSSH ignores them for root
+# sessions.) Our own wait is longer by CLIENT_MARGIN_S, for a host that stopped answering.
+KILL_AFTER_S = 2.0
+CLIENT_MARGIN_S = 5.0
+_TIMED_OUT_CODES = (124, 137)  # timeout(1): TERM sufficed / KILL was needed
 
 
 def connect(target: SSHTarget, *, sleep: Callable[[float], None] = time.sleep) -> SSHExecutor:
@@ -50,21 +56,6 @@ def _drain(recv: Callable[[int], bytes], sink: bytearray) -> None:
         if not data:
             return
         sink += data
-
-
-def _signal(channel: paramiko.Channel, name: str) -> None:
-    """Send an RFC 4254 "signal" request; OpenSSH (>= 7.9) killpg()s the session's process group.
-    paramiko has no public call for it, so this builds the message itself; best effort."""
-    try:
-        message = paramiko.Message()
-        message.add_byte(paramiko.common.cMSG_CHANNEL_REQUEST)
-        message.add_int(channel.remote_chanid)
-        message.add_string("signal")
-        message.add_boolean(False)
-        message.add_string(name)
-        channel.transport._send_user_message(message)
-    except (AttributeError, OSError, EOFError, paramiko.SSHException):
-        pass
 
 
 def _feed(channel: paramiko.Channel, data: bytes) -> None:
@@ -111,10 +102,13 @@ class SSHExecutor:
             stdin: bytes | None = None) -> RunResult:
         shown = command.display()
         doing = f"while running `{shown}`"
+        wire = command.shell()
+        if timeout_s is not None:
+            wire = Command(("timeout", "-k", f"{KILL_AFTER_S:g}", f"{timeout_s:.3f}", "sh", "-c", wire)).shell()
         started = time.monotonic()
         try:
             channel = self._transport(doing).open_session(timeout=self._target.connect_timeout_s)
-            channel.exec_command(command.shell())
+            channel.exec_command(wire)
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise self._lost(doing, exc) from exc
         out, err = bytearray(), bytearray()
@@ -127,10 +121,8 @@ class SSHExecutor:
                 channel.shutdown_write()
             for thread in threads:
                 thread.start()
-            if not channel.status_event.wait(timeout_s):
-                # Stop the command, not just our wait: a timed-out `pip install` or `systemctl restart`
-                # left running would race the next attempt.
-                _signal(channel, "KILL")
+            limit = None if timeout_s is None else timeout_s + KILL_AFTER_S + CLIENT_MARGIN_S
+            if not channel.status_event.wait(limit):
                 channel.close()
                 for thread in threads:
                     thread.join(1.0)
@@ -141,12 +133,15 @@ class SSHExecutor:
             for thread in threads:
                 thread.join()
             code = channel.recv_exit_status()
+        elapsed = time.monotonic() - started
         if code == -1 and not self._transports[-1].is_active():
             raise self._lost(doing)
         stderr = decode(bytes(err))
+        if timeout_s is not None and code in _TIMED_OUT_CODES and elapsed >= timeout_s:
+            raise CommandTimeout(self.host, shown, timeout_s, stderr)
         if code == -1:  # paramiko ignores "exit-signal": the process died of a signal
             stderr += "(no exit status: the command was killed by a signal)\n"
-        result = RunResult(self.host, shown, code, decode(bytes(out)), stderr, time.monotonic() - started)
+        result = RunResult(self.host, shown, code, decode(bytes(out)), stderr, elapsed)
         log.debug("%s: `%s` -> %d in %.3f s", self.host, shown, code, result.duration_s)
         return check_result(result, check)
 

@@ -86,7 +86,13 @@ def test_timeout_kills_the_remote_command(host: SSHExecutor, tmp_path: Path) -> 
     with pytest.raises(CommandTimeout):
         host.run(Command.sh(f"sleep 2; touch {marker}"), timeout_s=0.3)
     time.sleep(2.5)
-    assert not marker.exists()  # sshd killpg()ed the session's processes on our signal request
+    assert not marker.exists()  # the host-side timeout(1) killed the command's process group
+
+
+def test_own_exit_124_is_not_a_timeout(host: SSHExecutor) -> None:
+    with pytest.raises(RemoteCommandError) as info:
+        host.run(Command.sh("exit 124"), timeout_s=30)
+    assert not isinstance(info.value, CommandTimeout) and info.value.returncode == 124
 
 
 def test_background_child_holding_stdout_does_not_hang(host: SSHExecutor) -> None:
