@@ -23,7 +23,7 @@ from tests.labfixtures import lab_available
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
-NAME, SUBNET = "unitlab", "10.219.0.0/24"
+NAME = "unitlab"
 STAND_IN = """#!/bin/sh
 # Stand-in for `llamactl serve`: report what the sandbox allows, then serve HTTP on the instance port.
 S=/var/lib/llamactl
@@ -35,6 +35,15 @@ trap 'echo got-TERM > $S/term; exit 0' TERM
 python3 -m http.server "$LLAMACTL_PORT" --bind "$LLAMACTL_HOST" >/dev/null 2>&1 &
 wait
 """
+
+
+def free_subnet() -> str:
+    """A /24 no other lab (other test runs may be up in parallel) or interface uses right now."""
+    used = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, check=False).stdout
+    for third in range(230, 254):
+        if f" 10.{third}." not in used:
+            return f"10.{third}.0.0/24"
+    pytest.skip("no free 10.x.0.0/24 subnet for a lab")
 
 
 def lab_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -49,7 +58,7 @@ def lab_inventory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         pytest.skip(reason)
     d = tmp_path_factory.mktemp("unitlab")
     lab_cli("down", "--dir", str(d), "--name", NAME)
-    up = lab_cli("up", "1", "--dir", str(d), "--name", NAME, "--subnet", SUBNET, "--no-model", "--no-wheelhouse")
+    up = lab_cli("up", "1", "--dir", str(d), "--name", NAME, "--subnet", free_subnet(), "--no-model", "--no-wheelhouse")
     assert up.returncode == 0, up.stdout + up.stderr
     try:
         yield d / "inventory.yaml"
