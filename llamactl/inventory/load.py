@@ -18,6 +18,7 @@ from llamactl.inventory import checks
 from llamactl.inventory.cluster import BalancerHost, BalancerSpec, HostSpec, Instance, Inventory
 from llamactl.inventory.merge import Merged, position
 from llamactl.inventory.model import (
+    NAME_EXPECTED,
     NAME_RE,
     BalancerConfig,
     Document,
@@ -98,7 +99,7 @@ def _hosts(ctx: _Context, data: dict[str, Any], base: Path, env: Mapping[str, st
     for group, gdata in _mapping(data.get("groups")).items():
         gpath: PathKey = ("groups", group)
         if not NAME_RE.match(group):
-            ctx.add(gpath, f'found group name "{group}", expected letters, digits, ".", "_" or "-"')
+            ctx.add(gpath, f'found group name "{group}", expected {NAME_EXPECTED}')
         if not isinstance(gdata, dict):
             continue  # Document validation reported it
         if not isinstance(gdata.get("hosts"), dict):
@@ -107,18 +108,17 @@ def _hosts(ctx: _Context, data: dict[str, Any], base: Path, env: Mapping[str, st
                 hint = f' (did you mean "hosts" instead of "{close[0]}"?)' if close else ""
                 ctx.add(gpath, f'found no "hosts", expected a mapping of host names to host settings{hint}')
             else:
-                ctx.add(gpath + ("hosts",), "found " + _kind(gdata["hosts"]) +
-                        ", expected a mapping of host names to host settings", key=False)
+                ctx.add(gpath + ("hosts",), f"found {describe(gdata['hosts'])}, "
+                        "expected a mapping of host names to host settings", key=False)
             continue
         settings = {k: v for k, v in gdata.items() if k != "hosts"}
         checks.level_keys(ctx, settings, gpath)
         for name, hdata in gdata["hosts"].items():
             hpath = gpath + ("hosts", name)
             if not NAME_RE.match(name):
-                ctx.add(hpath, f'found host name "{name}", expected letters, digits, ".", "_" or "-" '
-                        "(at most 63, starting alphanumeric)")
+                ctx.add(hpath, f'found host name "{name}", expected {NAME_EXPECTED}')
             if hdata is not None and not isinstance(hdata, dict):
-                ctx.add(hpath, f"found {_kind(hdata)}, expected a mapping with at least an address",
+                ctx.add(hpath, f"found {describe(hdata)}, expected a mapping with at least an address",
                         key=False)
                 continue
             merged = Merged(hpath)
@@ -131,10 +131,6 @@ def _hosts(ctx: _Context, data: dict[str, Any], base: Path, env: Mapping[str, st
             config = checks.resolve_local_paths(ctx, config, merged, base, env)
             hosts.append(_host_spec(name, group, config))
     return hosts
-
-
-def _kind(value: Any) -> str:
-    return describe(value)
 
 
 def _host_spec(name: str, group: str, config: HostConfig) -> HostSpec:
@@ -159,7 +155,7 @@ def _balancer(ctx: _Context, data: dict[str, Any], doc: Document | None, base: P
     for name, hdata in _mapping(raw.get("hosts")).items():
         hpath: PathKey = ("balancer", "hosts", name)
         if not NAME_RE.match(name):
-            ctx.add(hpath, f'found host name "{name}", expected letters, digits, ".", "_" or "-"')
+            ctx.add(hpath, f'found host name "{name}", expected {NAME_EXPECTED}')
         if not isinstance(hdata, dict):
             continue
         merged = Merged(hpath + ("ssh",))

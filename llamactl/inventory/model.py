@@ -12,7 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Port = Annotated[int, Field(ge=1, le=65535)]
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")  # also a directory name in `render --out`
+NAME_EXPECTED = 'letters, digits, ".", "_" or "-" (at most 63, starting with a letter or digit)'
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 MAX_GPUS = 64
 
@@ -281,5 +282,5 @@ class Document(_Model):
     @classmethod
     def _cluster(cls, value: str) -> str:
         if not NAME_RE.match(value):
-            raise ValueError("a name of letters, digits, '.', '_' or '-' (at most 63, starting alphanumeric)")
+            raise ValueError(f"a name of {NAME_EXPECTED}")
         return value

@@ -351,7 +351,7 @@ def test_unsafe_host_name(tmp_path: Path) -> None:
     text = mutate("      gpu-01:\n", "      ../gpu-01:\n")
     assert problems(text, tmp_path) == [
         f'INV:{line(text, "../gpu-01")}:7: groups.h100.hosts.../gpu-01: found host name "../gpu-01", expected '
-        'letters, digits, ".", "_" or "-" (at most 63, starting alphanumeric)'
+        'letters, digits, ".", "_" or "-" (at most 63, starting with a letter or digit)'
     ]
 
 
