@@ -102,7 +102,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1,3,8")
     ap.add_argument("--out", default=str(ROOT / "bench/results/deploy.json"))
-    ap.add_argument("--dir", default="/var/tmp/llamactl-bench-lab")
+    ap.add_argument("--dir", default="/tmp/llamactl-bench-lab")
     args = ap.parse_args()
     results = []
     for n in [int(x) for x in args.sizes.split(",")]:

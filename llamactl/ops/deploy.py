@@ -144,6 +144,7 @@ def deploy_host(
                 model_manifest=f"{model_path}/{MODEL_MANIFEST}" if model_path and upload_from else None,
                 gpus=bool(spec.gpus),
                 env_dir=ENV_DIR,
+                user=spec.server.user,
             )
         )
         facts = parse_facts(facts_out.stdout)
@@ -166,6 +167,7 @@ def deploy_host(
             },
             model_path=model_path,
             model_upload=models.get(str(upload_from)) if upload_from else None,
+            service_user=spec.server.user,
         )
         out.plan = plan
         if plan.problems:

@@ -158,6 +158,7 @@ def plan_host(
     pip_settings: dict[str, object],
     model_path: str | None,
     model_upload: ModelUpload | None,
+    service_user: str = "root",
 ) -> HostPlan:
     plan = HostPlan(host=host)
     plan.problems = preflight(facts, install_dir=install_dir, gpus=gpus)
@@ -207,6 +208,12 @@ def plan_host(
             manifest = json.dumps({"files": model_upload.manifest}, sort_keys=True, indent=1).encode()
             plan.steps.append(Upload(posixpath.join(model_path, MODEL_MANIFEST), "model manifest", content=manifest))
             plan.changes.append(f"uploaded {len(changed)} changed model file(s) to {model_path}")
+
+    if service_user != "root" and facts.user_exists is False:
+        plan.steps.append(Run(Command.of(
+            "useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/var/lib/llamactl",
+            "--shell", "/usr/sbin/nologin", service_user), "create the service user"))
+        plan.changes.append(f"created system user {service_user}")
 
     unit_changed = False
     changed_paths: set[str] = set()

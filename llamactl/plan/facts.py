@@ -45,6 +45,14 @@ try:
 except OSError:
     out['free_bytes'] = None
 out['systemd'] = os.path.isdir('/run/systemd/system')
+out['user_exists'] = None
+if args.get('user'):
+    import pwd
+    try:
+        pwd.getpwnam(args['user'])
+        out['user_exists'] = True
+    except KeyError:
+        out['user_exists'] = False
 out['files'] = dict((p, sha(p)) for p in args['files'])
 out['wheelhouse'] = {}
 wh = args['wheelhouse_dir']
@@ -105,6 +113,7 @@ class HostFacts:
     gpu_count: int | None = None
     history: list[str] = field(default_factory=list)
     env_files: list[str] = field(default_factory=list)
+    user_exists: bool | None = None
 
 
 def gather_command(
@@ -118,8 +127,10 @@ def gather_command(
     model_manifest: str | None,
     gpus: bool,
     env_dir: str = "/etc/llamactl",
+    user: str | None = None,
 ) -> Command:
     args = {
+        "user": user,
         "env_dir": env_dir,
         "install_dir": install_dir,
         "files": files,
@@ -160,6 +171,7 @@ def parse_facts(stdout: str) -> HostFacts:
             gpu_count=raw.get("gpu_count"),
             history=[str(x) for x in raw.get("history", [])],
             env_files=[str(x) for x in raw.get("env_files", [])],
+            user_exists=raw.get("user_exists"),
         )
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise FactsError(f"unexpected output from the fact-gathering script: {lines[-1][:200]!r}") from exc

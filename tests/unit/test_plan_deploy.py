@@ -172,3 +172,11 @@ def test_gather_script_runs_and_parses(tmp_path: Path) -> None:
 def test_parse_facts_rejects_garbage(text: str) -> None:
     with pytest.raises(FactsError):
         parse_facts(text)
+
+
+def test_service_user_is_created_once() -> None:
+    p = plan(replace(CONVERGED, user_exists=False), service_user="llamactl")
+    assert commands(p)[-1] == ("useradd --system --user-group --no-create-home --home-dir /var/lib/llamactl "
+                               "--shell /usr/sbin/nologin llamactl")
+    assert plan(replace(CONVERGED, user_exists=True), service_user="llamactl").steps == []
+    assert plan(replace(CONVERGED, user_exists=None), service_user="root").steps == []
