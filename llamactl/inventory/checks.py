@@ -16,17 +16,26 @@ from llamactl.inventory.yamltree import PathKey, dotted
 if TYPE_CHECKING:
     from llamactl.inventory.load import _Context
 
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
+# Whole words of a variable name, so HF_TOKEN counts but TOKENIZERS_PARALLELISM does not.
+_SECRET_WORDS = {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "APIKEY"}
+_SECRET_PAIRS = ("API_KEY", "ACCESS_KEY", "PRIVATE_KEY")
 _URL_PASSWORD = re.compile(r"://[^/@:]+:[^/@]+@")
 
 
-def level_keys(ctx: _Context, data: dict[str, Any], path: PathKey) -> None:
-    """Keys that only make sense on a host (or only on the top level) used on defaults or a group."""
+def _secret_name(name: str) -> bool:
+    upper = name.upper()
+    return bool(_SECRET_WORDS & set(upper.split("_"))) or any(pair in upper for pair in _SECRET_PAIRS)
+
+
+def level_keys(ctx: _Context, data: dict[str, Any], path: PathKey) -> dict[str, Any]:
+    """Report keys that belong on a host (or under groups), and return the settings without them."""
+    misplaced = {"address"} | ({"hosts"} if path == ("defaults",) else set())
     if "address" in data:
         ctx.add(path + ("address",), f"found an address in {dotted(path)}, expected it on a host "
                 "under groups.<group>.hosts.<host>")
-    if path == ("defaults",) and "hosts" in data:
+    if "hosts" in misplaced and "hosts" in data:
         ctx.add(path + ("hosts",), "found hosts in defaults, expected them under groups.<group>.hosts")
+    return {k: v for k, v in data.items() if k not in misplaced}
 
 
 def inline_secrets(ctx: _Context, layer: dict[str, Any], source: PathKey) -> None:
@@ -48,7 +57,7 @@ def inline_secrets(ctx: _Context, layer: dict[str, Any], source: PathKey) -> Non
             path = source + ("server", "env", name)
             if not isinstance(value, str) or path in ctx.tree.raw:
                 continue
-            if _SECRET_NAME.search(name) or _URL_PASSWORD.search(value):
+            if _secret_name(name) or _URL_PASSWORD.search(value):
                 ctx.add(path,
                         f"found an inline secret, expected ${{{name}}} from the controller's environment",
                         key=False)

@@ -93,8 +93,7 @@ def _mapping(value: Any) -> dict[str, Any]:
 
 
 def _hosts(ctx: _Context, data: dict[str, Any], base: Path, env: Mapping[str, str]) -> list[HostSpec]:
-    defaults = _mapping(data.get("defaults"))
-    checks.level_keys(ctx, defaults, ("defaults",))
+    defaults = checks.level_keys(ctx, _mapping(data.get("defaults")), ("defaults",))
     hosts: list[HostSpec] = []
     for group, gdata in _mapping(data.get("groups")).items():
         gpath: PathKey = ("groups", group)
@@ -111,8 +110,7 @@ def _hosts(ctx: _Context, data: dict[str, Any], base: Path, env: Mapping[str, st
                 ctx.add(gpath + ("hosts",), f"found {describe(gdata['hosts'])}, "
                         "expected a mapping of host names to host settings", key=False)
             continue
-        settings = {k: v for k, v in gdata.items() if k != "hosts"}
-        checks.level_keys(ctx, settings, gpath)
+        settings = checks.level_keys(ctx, {k: v for k, v in gdata.items() if k != "hosts"}, gpath)
         for name, hdata in gdata["hosts"].items():
             hpath = gpath + ("hosts", name)
             if not NAME_RE.match(name):

@@ -437,3 +437,24 @@ def test_misspelt_hosts_in_a_group(tmp_path: Path) -> None:
         f'INV:{line(text, "  l4:")}:3: groups.l4: found no "hosts", expected a mapping of host names to host '
         'settings (did you mean "hosts" instead of "host"?)'
     ]
+
+
+def test_host_keys_on_defaults_or_groups(tmp_path: Path) -> None:
+    text = mutate("  python: /usr/bin/python3", "  address: 10.9.9.9\n  hosts: {}\n  python: /usr/bin/python3")
+    text = text.replace("  l4:\n    gpus: 2\n", "  l4:\n    gpus: 2\n    address: 10.9.9.8\n")
+    assert problems(text, tmp_path) == [
+        f"INV:{line(text, '10.9.9.9')}:3: defaults.address: found an address in defaults, expected it on a host "
+        "under groups.<group>.hosts.<host>",
+        f"INV:{line(text, '  hosts: {}')}:3: defaults.hosts: found hosts in defaults, expected them under "
+        "groups.<group>.hosts",
+        f"INV:{line(text, '10.9.9.8')}:5: groups.l4.address: found an address in groups.l4, expected it on a host "
+        "under groups.<group>.hosts.<host>",
+    ]
+
+
+def test_ordinary_variables_are_not_taken_for_secrets(tmp_path: Path) -> None:
+    text = mutate('      HF_HUB_OFFLINE: "1"\n', '      TOKENIZERS_PARALLELISM: "false"\n      OPENAI_API_KEY: sk-1\n')
+    assert problems(text, tmp_path) == [
+        f"INV:{line(text, 'sk-1')}:23: defaults.server.env.OPENAI_API_KEY: found an inline secret, "
+        "expected ${OPENAI_API_KEY} from the controller's environment"
+    ]
