@@ -122,8 +122,14 @@ def pip_install_command(
     extra_index_urls: list[str],
     find_links: list[str],
     no_index: bool,
+    clone_from: str | None = None,
 ) -> str:
-    """The shell line that builds a release venv; `.complete` marks it usable (a half-built one is redone)."""
+    """The shell line that builds a release venv; `.complete` marks it usable (a half-built one is redone).
+
+    With ``clone_from`` (the active release), the new venv starts as a copy of it with its paths
+    rewritten, so pip only installs what changed (usually just llamactl): an upgrade takes seconds
+    instead of reinstalling torch. If that fails for any reason, a fresh venv is built instead.
+    """
     pip = [posixpath.join(venv, "bin", "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     if no_index:
         pip.append("--no-index")
@@ -134,14 +140,15 @@ def pip_install_command(
     for link in find_links:
         pip += ["--find-links", link]
     pip.append(f"{wheel_path}[server]")
-    return " && ".join(
-        [
-            join(["rm", "-rf", venv]),
-            join([python, "-m", "venv", venv]),
-            join(pip),
-            join(["touch", posixpath.join(venv, ".complete")]),
-        ]
-    )
+    done = join(["touch", posixpath.join(venv, ".complete")])
+    fresh = " && ".join([join(["rm", "-rf", venv]), join([python, "-m", "venv", venv]), join(pip), done])
+    if clone_from is None:
+        return fresh
+    rewrite = (f"grep -rlI --null -F {quote(clone_from)} {quote(venv + '/bin')} | "
+               f"xargs -0 -r sed -i {quote('s#' + clone_from + '#' + venv + '#g')}")
+    clone = " && ".join([join(["rm", "-rf", venv]), join(["cp", "-a", clone_from, venv]),
+                         join(["rm", "-f", posixpath.join(venv, ".complete")]), rewrite, join(pip), done])
+    return f"{{ {clone}; }} || {{ {fresh}; }}"
 
 
 def plan_host(
@@ -193,6 +200,7 @@ def plan_host(
             extra_index_urls=list(pip_settings.get("extra_index_urls", [])),  # type: ignore[call-overload]
             find_links=find_links,
             no_index=bool(pip_settings.get("no_index", False)),
+            clone_from=release_dir(install_dir, facts.current) if facts.current in facts.releases else None,
         )
         plan.steps.append(Run(Command.sh(script, f"build release {release.release_id}"), "build release venv"))
         plan.changes.append(f"built release {release.release_id}")

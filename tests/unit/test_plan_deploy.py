@@ -180,3 +180,26 @@ def test_service_user_is_created_once() -> None:
                                "--shell /usr/sbin/nologin llamactl")
     assert plan(replace(CONVERGED, user_exists=True), service_user="llamactl").steps == []
     assert plan(replace(CONVERGED, user_exists=None), service_user="root").steps == []
+
+
+def test_upgrade_clones_the_active_release() -> None:
+    p = plan(CONVERGED, release=replace(RELEASE, release_id="0.1.1-def"))
+    build = next(c for c in commands(p) if "pip install" in c)
+    assert build.startswith("{ rm -rf /opt/llamactl/releases/0.1.1-def && "
+                            "cp -a /opt/llamactl/releases/0.1.0-abc /opt/llamactl/releases/0.1.1-def && ")
+    assert "s#/opt/llamactl/releases/0.1.0-abc#/opt/llamactl/releases/0.1.1-def#g" in build
+    assert "; } || { rm -rf /opt/llamactl/releases/0.1.1-def && /usr/bin/python3 -m venv" in build
+
+
+def test_clone_script_really_relocates_a_venv(tmp_path: Path) -> None:
+    """Run the clone branch for real on a local venv: the copy must use its own site-packages."""
+    old, new = tmp_path / "r1", tmp_path / "r2"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(old)], check=True)
+    (old / "bin" / "tool").write_text(f"#!{old}/bin/python\nimport sys; print(sys.prefix)\n")
+    (old / "bin" / "tool").chmod(0o755)
+    script = pip_install_command(sys.executable, str(new), "/nonexistent.whl", index_url=None, extra_index_urls=[],
+                                 find_links=[], no_index=True, clone_from=str(old))
+    clone_part = script.split(" && " + str(new) + "/bin/python -m pip")[0].removeprefix("{ ")
+    subprocess.run(["sh", "-c", clone_part], check=True)
+    out = subprocess.run([str(new / "bin" / "tool")], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == str(new)
