@@ -32,6 +32,7 @@ _TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH, er
                      errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTDOWN}
 _DEFAULT_KEYS = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
 KEEPALIVE_S = 15
+DEAD_PEER_S = 60
 
 
 class _Transient(Exception):
@@ -86,9 +87,11 @@ def _open_socket(target: SSHTarget, hop: Hop, via: Via | None) -> socket.socket 
         except paramiko.ChannelException as exc:
             raise _Transient(f"jump host {via[1].name} cannot open a connection to {where}: {exc.text}") from exc
         except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise _Transient(f"cannot open a tunnel to {where}: {exc or type(exc).__name__}") from exc
+            raise _Transient(f"cannot open a tunnel to {where}: {str(exc) or type(exc).__name__}") from exc
     try:
-        return socket.create_connection((hop.address, hop.port), timeout=timeout)
+        sock = socket.create_connection((hop.address, hop.port), timeout=timeout)
+        _detect_dead_peer(sock)
+        return sock
     except socket.gaierror as exc:
         message = f"cannot resolve host name {hop.address!r}: {exc.strerror}"
         if exc.errno == socket.EAI_AGAIN:
@@ -101,6 +104,15 @@ def _open_socket(target: SSHTarget, hop: Hop, via: Via | None) -> socket.socket 
         if exc.errno in _TRANSIENT_ERRNOS:
             raise _Transient(message) from exc
         raise ConnectError(target.name, _hop_prefix(target, hop) + message) from exc
+
+
+def _detect_dead_peer(sock: socket.socket) -> None:
+    """A host that vanishes (power loss, network cut) sends no RST. paramiko's keepalive packets
+    then sit unacknowledged; TCP_USER_TIMEOUT turns that into a socket error after DEAD_PEER_S, so a
+    running command fails with "connection lost" instead of hanging for TCP's ~15 minutes."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(DEAD_PEER_S * 1000))
 
 
 def _connect_hop(target: SSHTarget, hop: Hop, via: Via | None) -> paramiko.Transport:
@@ -116,7 +128,7 @@ def _connect_hop(target: SSHTarget, hop: Hop, via: Via | None) -> paramiko.Trans
         except (paramiko.SSHException, EOFError, OSError) as exc:
             # An sshd at MaxStartups or still starting drops us mid-handshake: worth retrying.
             raise _Transient(f"SSH handshake with {hop.address}:{hop.port} failed: "
-                             f"{exc or type(exc).__name__}") from exc
+                             f"{str(exc) or type(exc).__name__}") from exc
         if not (transport.is_active() and transport.initial_kex_done):  # start_client's timeout is silent
             raise _Transient(f"SSH handshake with {hop.address}:{hop.port} failed: no answer within {timeout:g} s")
         try:
@@ -137,6 +149,7 @@ def _candidate_keys(target: SSHTarget, hop: Hop, notes: list[str], agent: parami
                     ) -> Iterator[tuple[str, paramiko.PKey]]:
     """Identity files (hop's, then target's, else ssh's defaults), then the agent's keys."""
     files = list(dict.fromkeys((*hop.identity_files, *target.identity_files)))
+    offered: set[bytes] = set()
     defaults = not files and target.look_for_keys
     for path in files or [Path(p).expanduser() for p in (_DEFAULT_KEYS if defaults else ())]:
         if not path.exists():
@@ -155,9 +168,16 @@ def _candidate_keys(target: SSHTarget, hop: Hop, notes: list[str], agent: parami
         except (paramiko.SSHException, OSError, ValueError) as exc:
             notes.append(f"identity file {path} unusable: {exc}")
             continue
+        offered.add(key.asbytes())
         yield f"{path} ({key.get_name()} {fingerprint(key)})", key
-    for agent_key in agent.get_keys() if agent is not None else ():
-        yield f"agent key {agent_key.get_name()} {fingerprint(agent_key)}", agent_key
+    try:
+        agent_keys = agent.get_keys() if agent is not None else ()
+    except (paramiko.SSHException, OSError) as exc:
+        notes.append(f"ssh-agent unusable: {exc}")
+        agent_keys = ()
+    for agent_key in agent_keys:
+        if agent_key.asbytes() not in offered:  # the agent often holds the identity file's key too
+            yield f"agent key {agent_key.get_name()} {fingerprint(agent_key)}", agent_key
 
 
 def _authenticate(target: SSHTarget, hop: Hop, transport: paramiko.Transport) -> None:
@@ -177,8 +197,13 @@ def _authenticate(target: SSHTarget, hop: Hop, transport: paramiko.Transport) ->
         raise ConnectError(target.name, f"{prefix}authentication failed for user {user!r} at {where}: the "
                                         f"server accepts only {methods}; llamactl uses public keys")
     # The agent connection must stay open while its keys sign the authentication request.
-    agent = paramiko.Agent() if target.allow_agent else None
     notes: list[str] = []  # filled by _candidate_keys as it skips unusable identity files
+    agent: paramiko.Agent | None = None
+    if target.allow_agent:
+        try:
+            agent = paramiko.Agent()
+        except (paramiko.SSHException, OSError) as exc:
+            notes.append(f"ssh-agent unusable: {exc}")
     try:
         _try_keys(target, hop, transport, _candidate_keys(target, hop, notes, agent), methods, notes)
     finally:
