@@ -104,4 +104,8 @@ def test_render_invalid_inventory_exits_2(tmp_path: Path) -> None:
     bad.write_text("version: 1\n")
     result = run("render", str(bad), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and not (tmp_path / "o").exists()
-    assert result.stderr.splitlines()[0] == f'{bad}:1:1: found no "cluster", expected a value for "cluster"'
+    assert result.stderr.splitlines() == [
+        f'{bad}:1:1: found no "balancer", expected a "balancer" mapping',
+        f'{bad}:1:1: found no "cluster", expected a value for "cluster"',
+        f'{bad}:1:1: found no "groups", expected a value for "groups"',
+    ]
