@@ -58,7 +58,7 @@ class GenerationSettings(_Model):
 
 
 class ModelSettings(_Model):
-    source: str  # a path on the host or a hub id
+    source: str = Field(description="a model path on the host or a hub id like Xkev/Llama-3.2V-11B-cot")
     upload_from: str | None = None  # a local directory copied to `source`
     revision: str = "main"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
@@ -132,7 +132,7 @@ class PipSettings(_Model):
 class HostConfig(_Model):
     """One server host after defaults -> group -> host merging (the YAML shape)."""
 
-    address: str
+    address: str = Field(description="the host's address (a DNS name or an IP address)")
     ssh: SSHSettings = SSHSettings()
     python: str = "/usr/bin/python3"
     install_dir: str = "/opt/llamactl"
@@ -173,8 +173,8 @@ class HostConfig(_Model):
 
 class TLSSettings(_Model):
     listen: Port = 443
-    certificate: str
-    certificate_key: str
+    certificate: str = Field(description="the certificate's path on the balancer host")
+    certificate_key: str = Field(description="the private key's path on the balancer host")
     redirect_http: bool = True  # plain-HTTP listener answers 301 to https (False: serve both)
 
     @field_validator("certificate", "certificate_key")
@@ -184,12 +184,12 @@ class TLSSettings(_Model):
 
 
 class RateLimit(_Model):
-    requests_per_second: Annotated[int, Field(ge=1)]
+    requests_per_second: Annotated[int, Field(ge=1, description="requests per second per client address")]
     burst: Annotated[int, Field(ge=0)] = 0
 
 
 class BalancerHostConfig(_Model):
-    address: str
+    address: str = Field(description="the balancer host's address (a DNS name or an IP address)")
 
     @field_validator("address")
     @classmethod
@@ -270,8 +270,8 @@ class HealthSpec(_Model):
 class Document(_Model):
     """The top level. Sections merged by hand are kept untyped here and typed per host later."""
 
-    version: Literal[1]
-    cluster: str
+    version: Literal[1] = Field(description="version: 1 (the inventory format)")
+    cluster: str = Field(description="a cluster name like vision-prod")
     defaults: dict[str, Any] = {}
     groups: dict[str, dict[str, Any]]
     balancer: BalancerConfig

@@ -169,7 +169,13 @@ def from_validation(
 
 
 def _expected_missing(model: type[BaseModel], loc: Loc) -> str:
+    parent = _annotation_at(model, loc[:-1]) if loc[:-1] else (model, [])
+    if parent and isinstance(parent[0], type) and issubclass(parent[0], BaseModel):
+        info = parent[0].model_fields.get(str(loc[-1]))
+        if info is not None and info.description:
+            return info.description
     found = _annotation_at(model, loc)
-    if found and isinstance(found[0], type) and issubclass(found[0], BaseModel):
+    base = found[0] if found else None
+    if typing.get_origin(base) is dict or (isinstance(base, type) and issubclass(base, BaseModel)):
         return f'a "{loc[-1]}" mapping'
     return f'a value for "{loc[-1]}"'

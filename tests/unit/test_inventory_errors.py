@@ -252,7 +252,8 @@ def test_balancer_without_hosts(tmp_path: Path) -> None:
 def test_missing_address(tmp_path: Path) -> None:
     text = mutate("        address: 10.0.0.11\n", "        bind: 127.0.0.1\n")
     assert problems(text, tmp_path) == [
-        f'INV:{line(text, "gpu-01:")}:7: groups.h100.hosts.gpu-01: found no "address", expected a value for "address"'
+        f'INV:{line(text, "gpu-01:")}:7: groups.h100.hosts.gpu-01: found no "address", expected the host\'s address '
+        "(a DNS name or an IP address)"
     ]
 
 

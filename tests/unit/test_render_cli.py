@@ -106,6 +106,6 @@ def test_render_invalid_inventory_exits_2(tmp_path: Path) -> None:
     assert result.returncode == 2 and not (tmp_path / "o").exists()
     assert result.stderr.splitlines() == [
         f'{bad}:1:1: found no "balancer", expected a "balancer" mapping',
-        f'{bad}:1:1: found no "cluster", expected a value for "cluster"',
-        f'{bad}:1:1: found no "groups", expected a value for "groups"',
+        f'{bad}:1:1: found no "cluster", expected a cluster name like vision-prod',
+        f'{bad}:1:1: found no "groups", expected a "groups" mapping',
     ]
