@@ -62,7 +62,7 @@ def create(child: str) -> list[str]:
     return made
 
 
-def remove(paths: list[str], timeout_s: float = 10.0) -> None:
+def remove(paths: list[str], timeout_s: float = 30.0) -> None:
     """Remove each cgroup and the cgroups systemd made inside it, deepest first. Emptied cgroups
     can stay busy for a moment after their last task died, so retry until ``timeout_s``."""
     deadline = time.monotonic() + timeout_s

@@ -36,6 +36,8 @@ def require_root(action: str) -> None:
 
 def check_prerequisites() -> None:
     missing = [t for t in TOOLS if shutil.which(t) is None] + [f for f in FILES if not os.path.exists(f)]
+    if not list(Path("/usr/lib").glob("python3*/ensurepip/__init__.py")):
+        missing.append("python3-venv (ensurepip)")  # hosts build their venvs with `python3 -m venv`
     if missing:
         raise UsageError(
             "lab hosts need these on this machine, missing: " + ", ".join(missing)
@@ -56,8 +58,23 @@ def up(count: int, directory: Path, name: str, subnet: str, say: Say,
     _repair_or_refuse(state, say)
     directory.mkdir(parents=True, exist_ok=True)
     state.save()  # first, so a crash from here on is repaired by `lab down --dir`
-    t0 = time.monotonic()
+    try:
+        _bring_up(state, say, timeout_s)
+        if wheels:
+            wheelhouse.populate(directory / "wheelhouse", say)
+        if model:
+            lab_model.provide(directory / "model", say)
+    except (LlamactlError, OSError, subprocess.SubprocessError) as exc:
+        raise LlamactlError(
+            f"lab up failed: {exc}\nthe partial lab is left for inspection; "
+            f"`llamactl lab down --dir {directory}` removes it"
+        ) from exc
+    return state
 
+
+def _bring_up(state: LabState, say: Say, timeout_s: float) -> None:
+    directory, name = Path(state.dir), state.name
+    t0 = time.monotonic()
     key = directory / "id_ed25519"
     if not key.exists():
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"llamactl-lab-{name}",
@@ -72,7 +89,7 @@ def up(count: int, directory: Path, name: str, subnet: str, say: Say,
         netns.create_host_net(h.netns, h.veth, state.bridge, h.address, prefixlen)
         h.cgroups = cgroups.create(_cgroup_name(state, h))
         pub = host.prepare(h, hosts_file, authorized)
-        h.pid = host.start(h, init)
+        h.launcher, h.pid = host.start(h, init)
         return pub
 
     with ThreadPoolExecutor(max_workers=min(16, len(state.hosts))) as pool:
@@ -81,12 +98,6 @@ def up(count: int, directory: Path, name: str, subnet: str, say: Say,
         list(pool.map(lambda h: wait_ready(h, timeout_s), state.hosts))
     say(f"{len(state.hosts)} hosts up (systemd running, sshd answering) in {time.monotonic() - t0:.1f} s")
     inventory.write_files(state, keys)
-
-    if wheels:
-        wheelhouse.populate(directory / "wheelhouse", say)
-    if model:
-        lab_model.provide(directory / "model", say)
-    return state
 
 
 def sshd_answers(address: str, timeout_s: float = 2.0) -> bool:
@@ -187,8 +198,15 @@ def teardown(state: LabState, say: Say) -> None:
 
     def kill(ns: str) -> None:
         h = recorded.get(ns)
-        pids = [h.pid] if h and h.pid and _is_unshare(h.pid) else []
-        netns.kill_netns_processes(ns, pids)
+        if h and h.pid and _is_unshare(h.pid):
+            # Kill the host's systemd first: its PID namespace goes with it and `unshare`, still
+            # alive, reaps it at once; then SIGKILL `unshare` (and anything else in the netns).
+            init = host.systemd_pid(h.pid)
+            if init is not None:
+                netns.signal_and_wait(init, h.pid, timeout_s=3.0)
+        netns.kill_netns_processes(ns, [h.pid] if h and h.pid and _is_unshare(h.pid) else [])
+        if h and h.launcher:
+            netns.reap(h.launcher)
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(kill, spaces))

@@ -6,16 +6,18 @@ with its own hostname, machine-id, SSH host key and masked units, and nothing is
 
 from __future__ import annotations
 
-import os
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
+from llamactl.errors import LlamactlError
 from llamactl.lab.state import LabHost
 
 OVERLAID = ("etc", "var", "usr", "home", "srv")  # copy-on-write per host
 PRIVATE = ("opt", "root")  # empty per host
 CONTAINER = "llamactl-lab"
+CACHE_DIR = "/var/cache/llamactl-lab"  # wheel and model caches of `lab up`, hidden from hosts
 
 # Units that would touch the shared machine (devices, kernel settings, clocks, consoles), periodic
 # jobs, and services the image ships that a lab host has no use for.
@@ -47,18 +49,26 @@ INIT_SH = r"""#!/bin/sh
 # PID 1 of a lab host until it execs systemd. Runs inside the host's netns, mount, UTS, PID and
 # cgroup namespaces (made by `unshare`); every mount below is private to this host.
 set -eu
-S="$LAB_STATE_DIR"
+# Relative paths from here: cwd pins the state dir's real location, so the overlay over /var (or
+# /usr, /home, /srv) never reroutes the paths of the layers mounted after it when DIR lives there.
+cd "$LAB_STATE_DIR"
 mount -t sysfs -o ro,nosuid,nodev,noexec sysfs /sys          # this netns's view, read-only
 mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys   # no sysctl reaches the kernel
 for d in etc var usr home srv; do
-  mount -t overlay overlay -o "lowerdir=/$d,upperdir=$S/upper/$d,workdir=$S/work/$d" "/$d"
+  mount -t overlay overlay -o "lowerdir=/$d,upperdir=upper/$d,workdir=work/$d" "/$d"
 done
-mount --bind "$S/opt" /opt
-mount --bind "$S/root" /root
+mount --bind opt /opt
+mount --bind root /root
+cd /
 # Host keys of the machine must not leak into a host: only its own ed25519 key is used.
 rm -f /etc/ssh/ssh_host_rsa_key* /etc/ssh/ssh_host_ecdsa_key*
 if [ "$LAB_ROLE" = balancer ]; then rm -f /etc/nginx/sites-enabled/default; fi
 hostname "$LAB_HOSTNAME"
+# A host sees nothing of the controller's lab files, wheel cache or pip config: whatever a deploy
+# needs there must reach it over SSH, as on a real machine.
+rm -f /etc/pip.conf && rm -rf /etc/xdg/pip
+mount -t tmpfs -o mode=700,size=1m tmpfs "$LAB_DIR"
+if [ -d "$LAB_CACHE" ]; then mount -t tmpfs -o mode=700,size=1m tmpfs "$LAB_CACHE"; fi
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm
 # Last: the state directory may itself live under /tmp or /run of the machine.
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
@@ -66,8 +76,12 @@ mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run
 exec env -i container=llamactl-lab PATH=/usr/sbin:/usr/bin:/sbin:/bin /lib/systemd/systemd --system
 """
 
-# Moves the shell into the host's cgroups, enters the netns, then unshares the rest.
-_LAUNCH = 'IFS=:; for c in $LAB_CGROUPS; do echo $$ > "$c/cgroup.procs"; done; exec "$@"'
+# The parent of a host's `unshare`. Its child moves into the host's cgroups, enters the netns and
+# execs `unshare`; it stays outside those cgroups and reaps `unshare` the moment the host stops, so
+# the cgroups empty at once (a zombie left to PID 1 of this machine keeps them busy for seconds).
+_LAUNCH = """sh -c 'IFS=:; for c in $LAB_CGROUPS; do echo $$ > "$c/cgroup.procs"; done; exec "$@"' lab-host "$@" &
+wait $!
+"""
 
 
 def write_init_script(lab_dir: Path) -> Path:
@@ -127,8 +141,8 @@ def _symlink(target: str, link: Path) -> None:
     link.symlink_to(target)
 
 
-def start(host: LabHost, init_script: Path) -> int:
-    """Start the host; returns the pid of its `unshare` (killing it with SIGKILL stops the host)."""
+def start(host: LabHost, init_script: Path, timeout_s: float = 10.0) -> tuple[int, int]:
+    """Start the host; returns the pids of its launcher and of its `unshare`."""
     s = Path(host.state_dir)
     env = {
         "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
@@ -136,6 +150,8 @@ def start(host: LabHost, init_script: Path) -> int:
         "LAB_HOSTNAME": host.name,
         "LAB_ROLE": host.role,
         "LAB_CGROUPS": ":".join(host.cgroups),
+        "LAB_DIR": str(s.parent.parent),
+        "LAB_CACHE": CACHE_DIR,
     }
     argv = [
         "sh", "-c", _LAUNCH, "lab-launch",
@@ -149,18 +165,35 @@ def start(host: LabHost, init_script: Path) -> int:
             cwd="/",
         )
     # The host outlives this Popen object: mark it settled so its finaliser does not warn;
-    # `lab down` reaps the process when it is our child.
+    # `lab down` reaps the launcher when it is our child.
     proc.returncode = 0
-    return proc.pid
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        child = _first_child(proc.pid)
+        if child and _comm(child) == "unshare":
+            return proc.pid, child
+        time.sleep(0.005)
+    raise LlamactlError(f"{host.name}: its `unshare` did not start; see {s / 'console.log'}")
+
+
+def _first_child(pid: int) -> int | None:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return None
+    return int(children[0]) if children else None
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def systemd_pid(unshare_pid: int) -> int | None:
     """The host's PID 1 as seen from the machine: the child of its `unshare`."""
-    try:
-        children = Path(f"/proc/{unshare_pid}/task/{unshare_pid}/children").read_text().split()
-    except OSError:
-        return None
-    return int(children[0]) if children else None
+    return _first_child(unshare_pid)
 
 
 def nsenter_argv(unshare_pid: int, *command: str) -> list[str] | None:
@@ -171,10 +204,11 @@ def nsenter_argv(unshare_pid: int, *command: str) -> list[str] | None:
 
 
 def is_alive(pid: int | None) -> bool:
+    """True while the process runs (a zombie, exited but not yet reaped, counts as gone)."""
     if pid is None:
         return False
     try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")

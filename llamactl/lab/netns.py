@@ -82,6 +82,24 @@ def kill_netns_processes(netns: str, extra_pids: list[int], timeout_s: float = 1
         time.sleep(0.05)
 
 
+def signal_and_wait(pid: int, until_gone: int, timeout_s: float) -> None:
+    """SIGKILL ``pid``, then wait (bounded) until process ``until_gone`` has exited."""
+    _signal(pid)
+    deadline = time.monotonic() + timeout_s
+    while os.path.exists(f"/proc/{until_gone}") and time.monotonic() < deadline:
+        try:
+            state = open(f"/proc/{until_gone}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.01)
+
+
+def reap(pid: int) -> None:
+    _reap(pid)
+
+
 def _signal(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)

@@ -27,7 +27,8 @@ class LabHost:
     netns: str
     veth: str
     state_dir: str
-    pid: int | None = None  # the `unshare` process; SIGKILL on it takes the host's PID namespace down
+    pid: int | None = None  # the host's `unshare`; its child is the host's systemd (PID 1 inside)
+    launcher: int | None = None  # the shell that started `unshare` and reaps it
     cgroups: list[str] = field(default_factory=list)
 
 

@@ -142,3 +142,11 @@ def test_wheelhouse_resolves_the_server_extra_without_an_index(lab3: LabState) -
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "torch-2.13.0+cpu" in proc.stdout and "bitsandbytes-" in proc.stdout
+
+
+def test_hosts_do_not_see_the_controllers_lab_files_or_caches(lab3: LabState) -> None:
+    assert (Path(lab3.dir) / "id_ed25519").exists() and Path("/var/cache/llamactl-lab").is_dir()
+    with ssh(lab3, "lab-host1") as client:
+        for path in (lab3.dir, "/var/cache/llamactl-lab"):
+            assert run(client, f'test ! -e {path} || test -z "$(ls -A {path})"')[0] == 0, path
+        assert run(client, "test -e /etc/pip.conf || test -e /etc/xdg/pip")[0] == 1

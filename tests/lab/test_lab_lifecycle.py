@@ -41,7 +41,7 @@ def leftovers(state: LabState) -> list[str]:
     found = [f"netns {n}" for n in netns.list_netns() if n.startswith(state.name + "-")]
     found += [f"link {n}" for n in netns.list_links(f"v{state.name}-") + netns.list_links(state.bridge)]
     found += [f"cgroup {g}" for h in state.hosts for g in h.cgroups if os.path.exists(g)]
-    found += [f"process {h.pid}" for h in state.hosts if h.pid and os.path.exists(f"/proc/{h.pid}")]
+    found += [f"process {p}" for h in state.hosts for p in (h.pid, h.launcher) if p and os.path.exists(f"/proc/{p}")]
     mounts = Path("/proc/self/mountinfo").read_text()
     found += [f"mount under {state.dir}"] if state.dir in mounts else []
     return found
@@ -50,9 +50,9 @@ def leftovers(state: LabState) -> list[str]:
 def crash(state: LabState) -> None:
     """What a killed controller or a reboot leaves: hosts gone, everything else still there."""
     for h in state.hosts:
-        assert h.pid
+        assert h.pid and h.launcher
         os.kill(h.pid, signal.SIGKILL)
-        os.waitpid(h.pid, 0)
+        os.waitpid(h.launcher, 0)  # the launcher exits once its `unshare` is gone
     deadline = time.monotonic() + 10
     while any(netns.netns_pids(h.netns) for h in state.hosts) and time.monotonic() < deadline:
         time.sleep(0.05)
