@@ -270,7 +270,7 @@ def deploy(
             result.hosts = [o.value if o.ok else HostOutcome(name, error=str(o.error))  # type: ignore[union-attr]
                             for name, o in zip([h.name for h in inv.hosts], outcomes)]
             if not dry_run:
-                _rolling_restarts(inv, result, balancer_execs, progress)
+                _rolling_restarts(inv, result, balancer_execs, progress, connector)
             _apply_balancer(inv, result, balancer_execs, dry_run, progress)
         finally:
             if not dry_run:
@@ -285,7 +285,7 @@ def deploy(
 
 
 def _rolling_restarts(
-    inv: Inventory, result: DeployResult, balancers: dict[str, Executor], progress: Progress
+    inv: Inventory, result: DeployResult, balancers: dict[str, Executor], progress: Progress, connector: Connector
 ) -> None:
     pending = [a for h in result.hosts if h.ok for a in h.restarts]
     if not pending:
@@ -295,8 +295,12 @@ def _rolling_restarts(
     wanted = {a.instance_id for a in pending}
     instances = [i for i in inv.instances() if i.id in wanted]
     progress("balancer", f"rolling restart of {len(instances)} instance(s)")
+    # A cluster of one instance cannot restart without an outage; deploy does it anyway (the change
+    # list says "restart"), where `llamactl restart --rolling` would refuse without --force.
+    single = len(inv.instances()) == 1
     try:
-        rolling_restart(inv, instances, balancer_executors=balancers, progress=progress)
+        rolling_restart(inv, instances, balancer_executors=balancers, progress=progress, connect=connector,
+                        force=single, reason="deploy")
     except LlamactlError as exc:
         result.rolling_error = str(exc)
 
