@@ -88,7 +88,8 @@ def signal_and_wait(pid: int, until_gone: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while os.path.exists(f"/proc/{until_gone}") and time.monotonic() < deadline:
         try:
-            state = open(f"/proc/{until_gone}/stat").read().rsplit(")", 1)[1].split()[0]
+            with open(f"/proc/{until_gone}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
         except OSError:
             return
         if state in ("Z", "X"):
