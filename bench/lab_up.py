@@ -32,7 +32,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--sizes", default="1,3,8")
     args = parser.parse_args()
-    quiet = lambda _m: None  # noqa: E731
+    def quiet(_m: str) -> None:
+        pass
+
     for n in (int(s) for s in args.sizes.split(",")):
         ups, downs = [], []
         for _ in range(args.reps):
