@@ -75,9 +75,9 @@ def report_error(exc: LlamactlError) -> int:
         err_console.print_exception()
     if isinstance(exc, InventoryError):
         for problem in exc.problems:
-            err_console.print(str(problem), markup=False)
+            err_console.print(str(problem), markup=False, soft_wrap=True)
     else:
-        err_console.print(f"error: {exc}", markup=False)
+        err_console.print(f"error: {exc}", markup=False, soft_wrap=True)
     return exc.exit_code
 
 
