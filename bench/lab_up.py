@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--sizes", default="1,3,8")
     args = parser.parse_args()
+
     def quiet(_m: str) -> None:
         pass
 

@@ -15,6 +15,7 @@ from importlib import metadata, util
 from pathlib import Path
 
 from llamactl.errors import LlamactlError
+from llamactl.lab.wheelhouse import cache_lock
 
 CACHE = Path("/var/cache/llamactl-lab/model")
 
@@ -32,20 +33,25 @@ def _cache_key(seed: int) -> str:
 def provide(dest: Path, say: Callable[[str], None], seed: int = 0, cache: Path = CACHE) -> None:
     """Copy the cached checkpoint into ``dest``, building it into the cache first if needed."""
     built = cache / _cache_key(seed)
-    if not built.is_dir():
-        from llamactl.server.tiny import build_tiny_checkpoint
-
-        say("model: building the tiny checkpoint (first time for this software version, about a minute)")
-        t0 = time.monotonic()
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
-        try:
-            build_tiny_checkpoint(tmp, seed=seed)
-            tmp.rename(built)  # atomic: a half-built checkpoint is never used
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        say(f"model: built in {time.monotonic() - t0:.1f} s")
+    with cache_lock(cache):
+        if not built.is_dir():
+            _build(built, cache, seed, say)
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(built, dest)  # a copy, not links: nothing done to DIR/model reaches the cache
     say(f"model: tiny checkpoint (seed {seed}) in {dest}")
+
+
+def _build(built: Path, cache: Path, seed: int, say: Callable[[str], None]) -> None:
+    from llamactl.server.tiny import build_tiny_checkpoint
+
+    say("model: building the tiny checkpoint (first time for this software version, about a minute)")
+    t0 = time.monotonic()
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
+    try:
+        build_tiny_checkpoint(tmp, seed=seed)
+        tmp.rename(built)  # atomic: a half-built checkpoint is never used
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    say(f"model: built in {time.monotonic() - t0:.1f} s")

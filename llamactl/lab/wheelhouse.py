@@ -6,11 +6,13 @@ into ``DIR/wheelhouse`` on each ``lab up`` (instant).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -74,9 +76,19 @@ def ensure_cache(reqs: list[str], say: Callable[[str], None], cache: Path = CACH
     return cache
 
 
+@contextmanager
+def cache_lock(cache: Path) -> Iterator[None]:
+    """Serialise cache fills between concurrent `lab up`s (parallel test runs)."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache.parent / f".{cache.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def populate(dest: Path, say: Callable[[str], None], cache: Path = CACHE) -> int:
     """Make ``dest`` hold every cached wheel (hard links, copies across filesystems). Returns the count."""
-    ensure_cache(server_requirements(), say, cache)
+    with cache_lock(cache):
+        ensure_cache(server_requirements(), say, cache)
     dest.mkdir(parents=True, exist_ok=True)
     count = 0
     for wheel in sorted(cache.glob("*.whl")):
