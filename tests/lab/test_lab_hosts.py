@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -150,3 +151,27 @@ def test_hosts_do_not_see_the_controllers_lab_files_or_caches(lab3: LabState) ->
         for path in (lab3.dir, "/var/cache/llamactl-lab"):
             assert run(client, f'test ! -e {path} || test -z "$(ls -A {path})"')[0] == 0, path
         assert run(client, "test -e /etc/pip.conf || test -e /etc/xdg/pip")[0] == 1
+
+
+def test_validate_command_accepts_the_lab_inventory(lab3: LabState) -> None:
+    proc = subprocess.run([sys.executable, "-m", "llamactl", "validate", str(Path(lab3.dir) / "inventory.yaml")],
+                          check=False, capture_output=True, text=True, timeout=60, env={**os.environ, "NO_COLOR": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cluster lab, 3 hosts" in " ".join(proc.stdout.split())
+
+
+def test_llamactl_ssh_edge_reaches_every_lab_host_with_strict_keys(lab3: LabState) -> None:
+    from llamactl.inventory import load_inventory
+    from llamactl.plan.command import Command
+    from llamactl.remote.ssh import SSHTarget, connect
+
+    inv = load_inventory(Path(lab3.dir) / "inventory.yaml")
+    targets = [(h.name, h.address, h.ssh) for h in inv.hosts]
+    targets += [(b.name, b.address, b.ssh) for b in inv.balancer.hosts]
+    for name, address, settings in targets:
+        assert settings.host_key_policy == "strict"
+        executor = connect(SSHTarget.from_settings(name, address, settings))
+        try:
+            assert executor.run(Command(("hostname",))).stdout.strip() == name
+        finally:
+            executor.close()
