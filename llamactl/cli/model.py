@@ -16,7 +16,9 @@ model_app = typer.Typer(
 
 @model_app.command("tiny")
 def tiny(
-    directory: Path = typer.Argument(..., help="Directory to write the checkpoint into (created if missing)."),
+    directory: Path = typer.Argument(
+        ..., help="Directory to write the checkpoint into (created if missing)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same checkpoint."),
 ) -> None:
     """Build a tiny random-weight Llama 3.2 Vision checkpoint (about 1.2 MB) for tests, the lab and demos.

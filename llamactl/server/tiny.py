@@ -32,7 +32,9 @@ SPECIAL_TOKENS = (
     "<|python_tag|>",
 )
 IMAGE_TOKEN = "<|image|>"
-TEXT_VOCAB_SIZE = 512  # BPE tokens + SPECIAL_TOKENS; <|image|> takes id TEXT_VOCAB_SIZE, as 128256 does in 11B
+TEXT_VOCAB_SIZE = (
+    512  # BPE tokens + SPECIAL_TOKENS; <|image|> takes id TEXT_VOCAB_SIZE, as 128256 does in 11B
+)
 TILE_PX = 56
 LEARNING_RATE = 1e-2
 
@@ -113,7 +115,10 @@ def _train_tokenizer() -> Any:
         show_progress=False,
     )
     corpus = [trained_answer(c) for c, _ in TRAINED_COLOURS] * 20
-    corpus += [TRAINED_QUESTION, "user assistant system Cutting Knowledge Date: December 2023 Today Date:"] * 10
+    corpus += [
+        TRAINED_QUESTION,
+        "user assistant system Cutting Knowledge Date: December 2023 Today Date:",
+    ] * 10
     corpus += [
         "The quick brown fox jumps over the lazy dog. A picture of a cat, a dog, a tree and a house.",
         "Summary caption reasoning conclusion. Describe the image. What colour is it? How many are there?",
@@ -170,9 +175,13 @@ def _configs() -> tuple[Any, Any]:
     }
     config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=TEXT_VOCAB_SIZE)
     # What the real Instruct checkpoint ships; callers pass explicit parameters (greedy or sampled) anyway.
-    gen = GenerationConfig(
-        bos_token_id=ids["<|begin_of_text|>"], eos_token_id=eos, pad_token_id=pad,
-        do_sample=True, temperature=0.6, top_p=0.9,
+    gen = GenerationConfig(  # type: ignore[no-untyped-call]
+        bos_token_id=ids["<|begin_of_text|>"],
+        eos_token_id=eos,
+        pad_token_id=pad,
+        do_sample=True,
+        temperature=0.6,
+        top_p=0.9,
     )
     return config, gen
 
@@ -186,8 +195,11 @@ def _train(model: Any, processor: Any, steps: int) -> None:
     texts = [prompt + trained_answer(c) + "<|eot_id|>" for c in colours]
     processor.tokenizer.padding_side = "right"
     batch = processor(
-        images=[[trained_image(c)] for c in colours], text=texts,
-        add_special_tokens=False, padding=True, return_tensors="pt",
+        images=[[trained_image(c)] for c in colours],
+        text=texts,
+        add_special_tokens=False,
+        padding=True,
+        return_tensors="pt",
     )
     prompt_len = len(processor.tokenizer(prompt, add_special_tokens=False)["input_ids"])
     labels = batch["input_ids"].clone()
@@ -220,12 +232,16 @@ def build_tiny_checkpoint(out_dir: Path, seed: int = 0, train_steps: int = 100) 
     Deterministic: the same seed on the same software gives the same files and the same outputs.
     """
     import torch
-    from transformers import MllamaForConditionalGeneration, MllamaImageProcessorPil, MllamaProcessor
-    from transformers import PreTrainedTokenizerFast
+    from transformers import (
+        MllamaForConditionalGeneration,
+        MllamaImageProcessorPil,
+        MllamaProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=_train_tokenizer(),
         bos_token=SPECIAL_TOKENS[0],
         eos_token="<|eot_id|>",
@@ -235,7 +251,9 @@ def build_tiny_checkpoint(out_dir: Path, seed: int = 0, train_steps: int = 100) 
         model_max_length=131072,
     )
     image_processor = MllamaImageProcessorPil(size={"height": TILE_PX, "width": TILE_PX}, max_image_tiles=4)
-    processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    processor = MllamaProcessor(  # type: ignore[no-untyped-call]
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
+    )
 
     config, gen = _configs()
     state, threads = torch.random.get_rng_state(), torch.get_num_threads()

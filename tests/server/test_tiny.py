@@ -14,9 +14,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from PIL import Image  # noqa: E402
+from PIL import Image
 
-from llamactl.server import tiny  # noqa: E402
+from llamactl.server import tiny
 
 EXPECTED_FILES = {
     "config.json",
@@ -114,8 +114,10 @@ def test_chat_template_rejects_system_message_with_image(loaded: tuple[Any, Any]
 
 def test_trained_prompt_gives_staged_answer_that_depends_on_the_image(loaded: tuple[Any, Any]) -> None:
     processor, model = loaded
-    answers = {c: _generate(processor, model, tiny.trained_image(c), tiny.TRAINED_QUESTION) for c, _ in
-               tiny.TRAINED_COLOURS}
+    answers = {
+        c: _generate(processor, model, tiny.trained_image(c), tiny.TRAINED_QUESTION)
+        for c, _ in tiny.TRAINED_COLOURS
+    }
     for colour, text in answers.items():
         assert text == tiny.trained_answer(colour)
     assert answers["red"] != answers["blue"]
@@ -132,7 +134,10 @@ def test_batch_with_left_padding_equals_single_runs(loaded: tuple[Any, Any]) -> 
     processor, model = loaded
     items = [
         (tiny.trained_image("red"), tiny.TRAINED_QUESTION),
-        (Image.new("RGB", (120, 40), (30, 60, 220)), "A much longer question, so that the prompts differ in length?"),
+        (
+            Image.new("RGB", (120, 40), (30, 60, 220)),
+            "A much longer question, so that the prompts differ in length?",
+        ),
     ]
     singles = [_generate(processor, model, im, q, n=40) for im, q in items]
     prompts = [
@@ -144,8 +149,13 @@ def test_batch_with_left_padding_equals_single_runs(loaded: tuple[Any, Any]) -> 
     ]
     processor.tokenizer.padding_side = "left"
     try:
-        inputs = processor(images=[[im] for im, _ in items], text=prompts, padding=True,
-                           add_special_tokens=False, return_tensors="pt")
+        inputs = processor(
+            images=[[im] for im, _ in items],
+            text=prompts,
+            padding=True,
+            add_special_tokens=False,
+            return_tensors="pt",
+        )
     finally:
         processor.tokenizer.padding_side = "right"
     assert (inputs["attention_mask"][:, 0] == 0).any()  # really padded on the left
@@ -167,7 +177,10 @@ def test_cli_builds_checkpoint_for_another_seed(ckpt: Path, tmp_path: Path) -> N
     out = tmp_path / "m"
     proc = subprocess.run(
         [sys.executable, "-m", "llamactl", "model", "tiny", str(out), "--seed", "1"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert str(out.resolve()) in proc.stdout and "MB" in proc.stdout
@@ -180,7 +193,11 @@ def test_cli_rejects_a_file_as_directory(tmp_path: Path) -> None:
     target = tmp_path / "file"
     target.write_text("x")
     proc = subprocess.run(
-        [sys.executable, "-m", "llamactl", "model", "tiny", str(target)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "llamactl", "model", "tiny", str(target)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 2
     assert "exists and is not a directory" in proc.stderr
