@@ -178,7 +178,7 @@ def main() -> None:
         "counts": sweeps[-1][1],
         "target_s": 1.5, "met": statistics.median(walls) < 1.5,
     }  # fmt: skip
-    doc = (
+    doc: dict[str, Any] = (
         json.loads(args.out.read_text())
         if args.out.exists()
         else {"benchmark": "status_sweep", "results": {}}

@@ -124,9 +124,9 @@ def infer(
 
 def _stages(text: str) -> dict[str, Any]:
     """The staged answer of a streamed reply, parsed by the server's own CoT parser."""
-    from llamactl.server.cot import parse_cot
+    from llamactl.server.cot import parse_staged
 
-    return parse_cot(text).as_dict()
+    return dict(parse_staged(text).to_dict())
 
 
 def _printer(console: Console) -> Callable[[str], None]:

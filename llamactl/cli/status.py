@@ -94,7 +94,12 @@ def render_table(report: HealthReport) -> Table:
             ok = i.canary is not None and i.canary.ok
             took = f" {i.canary.elapsed_s:.1f}s" if i.canary else ""
             row.append(Text(("pass" if ok else "FAIL") + took, style="green" if ok else "bold red"))
-        row.append(Text(i.last_error or "", style="red"))
+        problems = Text(i.last_error or "", style="red")
+        if i.drift:
+            problems.append(
+                ("; " if i.last_error else "") + "drift: " + "; ".join(i.drift_reasons), style="magenta"
+            )
+        row.append(problems)
         table.add_row(*row)
     for b in report.balancers:
         state = Text(b.state, style=_STATE_STYLE[b.state])

@@ -15,7 +15,7 @@ def free_base_port(addresses: Sequence[str], span: int) -> int:
     for _ in range(200):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
+            base = int(probe.getsockname()[1])
         if base + span >= 65000:
             continue
         held: list[socket.socket] = []

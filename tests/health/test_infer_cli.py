@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,8 +28,8 @@ def port() -> int:
     return free_base_port([ADDR], 1)
 
 
-def serve(port: int, **behaviour: object) -> Iterator[list[Endpoint]]:
-    return running([Endpoint(ADDR, port, Behaviour(**behaviour))])  # type: ignore[arg-type, return-value]
+def serve(port: int, **behaviour: Any) -> AbstractContextManager[list[Endpoint]]:
+    return running([Endpoint(ADDR, port, Behaviour(**behaviour))])
 
 
 def infer(
@@ -157,4 +158,35 @@ def test_endpoint_from_inventory_or_environment(
     code, _, err = infer([str(image)], capsys, monkeypatch)
     assert (
         code == 2 and "no endpoint: pass --endpoint URL or --inventory FILE, or set LLAMACTL_ENDPOINT" in err
+    )
+
+
+def test_stream_prints_tokens_then_the_stages(
+    image: Path, port: int, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("llamactl.server.cot", reason="the server's CoT parser is not written yet")
+    with serve(port, upstream="10.203.0.11:8000"):
+        code, out, err = infer(
+            [str(image), "--endpoint", f"http://{ADDR}:{port}", "--stream"], capsys, monkeypatch
+        )
+    assert code == 0, err
+    raw, _, shown = out.partition("</CONCLUSION>")
+    assert raw.startswith("<SUMMARY>I will describe the image.</SUMMARY><CAPTION>")
+    lines = shown.splitlines()
+    assert "Conclusion" in lines and lines[lines.index("Conclusion") + 1] == "It is a red square."
+    assert "  2. The colour is red." in lines
+    assert lines[-1].endswith("by 10.203.0.11:8000")
+
+
+def test_stream_errors_map_like_plain_requests(
+    image: Path, port: int, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with serve(port, infer_status=429, retry_after=3):
+        code, _, err = infer(
+            [str(image), "--endpoint", f"http://{ADDR}:{port}", "--stream"], capsys, monkeypatch
+        )
+    assert code == 1
+    assert (
+        err.strip()
+        == f"error: http://{ADDR}:{port}/v1/chat/completions: cluster busy, retry after 3 s (HTTP 429)"
     )

@@ -33,7 +33,11 @@ def scripted_server(answers: list[bytes]) -> Iterator[tuple[int, list[bytes], li
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = next(
-                    (int(ln.split(b":")[1]) for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")),
+                    (
+                        int(ln.split(b":")[1])
+                        for ln in head.split(b"\r\n")
+                        if ln.lower().startswith(b"content-length")
+                    ),
                     0,
                 )
                 seen.append(head + (await reader.readexactly(length) if length else b""))
@@ -45,7 +49,9 @@ def scripted_server(answers: list[bytes]) -> Iterator[tuple[int, list[bytes], li
                     break
                 writer.write(answer)
                 await writer.drain()
-                if b"Connection: close" in answer or not (b"Content-Length" in answer or b"chunked" in answer):
+                if b"Connection: close" in answer or not (
+                    b"Content-Length" in answer or b"chunked" in answer
+                ):
                     break  # a close-delimited body ends where the server closes
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
@@ -101,7 +107,9 @@ def test_keep_alive_reuses_one_connection_and_sends_a_proper_request() -> None:
 
 
 def test_chunked_and_close_delimited_bodies() -> None:
-    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n3;x=y\r\nefg\r\n0\r\nT: 1\r\n\r\n"
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n3;x=y\r\nefg\r\n0\r\nT: 1\r\n\r\n"
+    )
     until_close = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\r\nbusy for now"
     with scripted_server([chunked, until_close, OK]) as (port, _, conn_of):
         a, b, c = gets(port, ["/a", "/b", "/c"])
