@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,7 +128,7 @@ def chat_payload(req: InferRequest) -> dict[str, Any]:
     return payload
 
 
-def sse_tokens(lines: list[str] | Any) -> Any:
+def sse_tokens(lines: Iterable[str]) -> Iterator[str]:
     """Yield the text deltas of an OpenAI chat-completions event stream, stopping at ``[DONE]``."""
     for line in lines:
         if not line.startswith("data:"):
