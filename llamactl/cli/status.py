@@ -93,6 +93,7 @@ def render_table(report: HealthReport) -> Table:
         if report.canary:
             ok = i.canary is not None and i.canary.ok
             took = f" {i.canary.elapsed_s:.1f}s" if i.canary else ""
+            took += " (cached)" if i.canary and i.canary.cached else ""
             row.append(Text(("pass" if ok else "FAIL") + took, style="green" if ok else "bold red"))
         problems = Text(i.last_error or "", style="red")
         if i.drift:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import random
 import struct
 import time
 import zlib
@@ -21,7 +22,8 @@ import httpx
 # tiny test checkpoint (llamactl.server.tiny) was trained on, so the lab's canaries exercise the real path.
 QUESTION = "What is in this image?"
 COLOUR = (220, 30, 30)
-MAX_TOKENS = 256
+# Room for all four stages of a real CoT answer about a plain image; an answer cut before CONCLUSION fails.
+MAX_TOKENS = 768
 SIZE = 64
 
 
@@ -32,6 +34,7 @@ class CanaryResult:
     error: str | None = None
     conclusion: str | None = None
     reasoning_steps: int = 0
+    cached: bool = False  # the server answered from its result cache
 
 
 def canary_png(size: int = SIZE) -> bytes:
@@ -87,6 +90,12 @@ def infer_payload(image: bytes, question: str = QUESTION, max_tokens: int = MAX_
     }
 
 
+def _uncached_max_tokens() -> int:
+    """The server caches deterministic answers by (image, question, parameters): a varying token cap (well
+    above the answer's length) keeps the canary a real pass through the model rather than a cache hit."""
+    return MAX_TOKENS + random.randrange(256)
+
+
 def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
@@ -104,7 +113,8 @@ def _interpret(response: httpx.Response, start: float) -> CanaryResult:
     except ValueError:
         return CanaryResult(False, elapsed, "answer is not JSON")
     error, conclusion, steps = check_answer(body)
-    return CanaryResult(error is None, elapsed, error, conclusion, steps)
+    cached = isinstance(body, dict) and body.get("cached") is True
+    return CanaryResult(error is None, elapsed, error, conclusion, steps, cached)
 
 
 async def run_canary(
@@ -118,7 +128,7 @@ async def run_canary(
     """POST one small image to ``base_url/infer`` and check the staged answer; never raises for HTTP trouble."""
     from llamactl.health.probe import describe_error
 
-    payload = infer_payload(image if image is not None else canary_png())
+    payload = infer_payload(image if image is not None else canary_png(), max_tokens=_uncached_max_tokens())
     start = time.monotonic()
     url = base_url.rstrip("/") + "/infer"
     try:
@@ -136,7 +146,7 @@ def run_canary_sync(
     """Blocking variant for thread-based callers (rolling restart)."""
     from llamactl.health.probe import describe_error
 
-    payload = infer_payload(image if image is not None else canary_png())
+    payload = infer_payload(image if image is not None else canary_png(), max_tokens=_uncached_max_tokens())
     start = time.monotonic()
     try:
         with httpx.Client(trust_env=False, timeout=timeout_s) as client:

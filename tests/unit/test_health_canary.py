@@ -52,6 +52,6 @@ def test_payload_is_a_deterministic_small_request() -> None:
     assert payload == {
         "image": "iVBORw==",
         "question": canary.QUESTION,
-        "max_tokens": 256,
+        "max_tokens": 768,
         "do_sample": False,
     }
