@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 Connect = Callable[[str, str, Any], "Executor"]  # (host name, address, SSHSettings) -> Executor
 RestartFn = Callable[["Executor", "Instance"], None]
 Step = Literal["drain", "idle", "restart", "ready", "canary", "undrain"]
+CANARY_MAX_TOKENS = 256  # enough for the four stages on a small image, short enough to be quick
 
 
 @dataclass(frozen=True)
@@ -163,11 +164,36 @@ class Checks:
 
         return check_ready(url, 3.0).done
 
-    def canary(self, url: str, api_key: str | None) -> tuple[bool, str]:
-        from llamactl.health.canary import run_canary_sync
+    def canary(self, url: str, api_key: str | None, max_tokens: int) -> tuple[bool, str]:
+        """One real image inference on the instance itself, checked for the staged answer.
 
-        r = run_canary_sync(url, timeout_s=self.canary_timeout_s, api_key=api_key)
-        return r.ok, (f"canary answered in {r.elapsed_s:.1f} s" if r.ok else f"canary failed: {r.error}")
+        ``max_tokens`` stays within the server's configured limit (a request above it is a 400), and
+        the question carries a nonce so the server's answer cache cannot stand in for the model."""
+        import uuid
+
+        import httpx
+
+        from llamactl.health.canary import QUESTION, canary_png, check_answer, infer_payload
+        from llamactl.health.probe import describe_error
+
+        payload = infer_payload(canary_png(), f"{QUESTION} (canary {uuid.uuid4().hex[:8]})", max_tokens)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        start = self.clock()
+        try:
+            with httpx.Client(trust_env=False, timeout=self.canary_timeout_s) as client:
+                response = client.post(url.rstrip("/") + "/infer", json=payload, headers=headers)
+            body = response.json()
+        except (httpx.HTTPError, OSError, ValueError) as exc:
+            return False, f"canary failed: {describe_error(exc, self.canary_timeout_s)}"
+        took = self.clock() - start
+        if response.status_code != 200:
+            error = body.get("error", {}) if isinstance(body, dict) else {}
+            message = error.get("message") if isinstance(error, dict) else None
+            return False, f"canary failed: HTTP {response.status_code}: {message or response.text[:200]}"
+        problem, _, steps = check_answer(body)
+        if problem is not None:
+            return False, f"canary failed: {problem}"
+        return True, f"canary answered in {took:.1f} s ({steps} reasoning steps)"
 
 
 def _any_ready(instances: list[Instance], checks: Checks) -> bool:
@@ -309,7 +335,8 @@ def _run_batch(
         if not ready:
             return Failure(inst.id, "ready", message)
         if inv.rollout.canary:
-            ok, message = checks.canary(inst.url, _api_key(inv, inst))
+            limit = inv.host(inst.host).model.generation.max_new_tokens
+            ok, message = checks.canary(inst.url, _api_key(inv, inst), min(limit, CANARY_MAX_TOKENS))
             report("canary", message, ok)
             if not ok:
                 return Failure(inst.id, "canary", message)
