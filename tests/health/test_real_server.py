@@ -76,6 +76,7 @@ health: {{timeout_s: 2}}
 def _nginx_conf(d: Path, inv_path: Path) -> Path:
     inv = load_inventory(inv_path)
     (site,) = [f for p, f in render_balancer_files(inv).items() if p == inv.balancer.config_path]
+    d.mkdir(parents=True, exist_ok=True)
     (d / "llamactl.conf").write_bytes(site.content)
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (d / sub).mkdir(parents=True, exist_ok=True)
@@ -101,27 +102,29 @@ def real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealClust
     (instance,) = inv.instances()
     env = {**os.environ, **expected_env(inv, instance), "OMP_NUM_THREADS": "1",
            "HF_HOME": str(tmp / "hf"), "XDG_CACHE_HOME": str(tmp / "cache")}  # fmt: skip
-    log = (tmp / "serve.log").open("wb")
-    server = subprocess.Popen([sys.executable, "-m", "llamactl", "serve"], env=env, stdout=log, stderr=log)
     conf = _nginx_conf(tmp / "nginx", inv_path)
     nginx_cmd = [NGINX, "-e", str(tmp / "nginx" / "error.log"), "-c", str(conf)]
     subprocess.run([*nginx_cmd, "-t"], check=True, capture_output=True)
-    nginx = subprocess.Popen([*nginx_cmd, "-g", "daemon off;"], stderr=subprocess.DEVNULL)
-    try:
-        ready = wait_ready(instance.url, 300, interval_s=0.5)
-        assert ready.ok, (
-            ready.describe("ready", instance.url) + "\n" + (tmp / "serve.log").read_text()[-3000:]
-        )
-        yield RealCluster(inv_path, inv.endpoint, instance.url)
-    finally:
-        for proc in (nginx, server):
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
+    procs: list[subprocess.Popen[bytes]] = []
+    with (tmp / "serve.log").open("wb") as log:
+        try:
+            procs.append(
+                subprocess.Popen([sys.executable, "-m", "llamactl", "serve"], env=env, stdout=log, stderr=log)
+            )
+            procs.append(subprocess.Popen([*nginx_cmd, "-g", "daemon off;"], stderr=subprocess.DEVNULL))
+            ready = wait_ready(instance.url, 300, interval_s=0.5)
+            assert ready.ok, (
+                ready.describe("ready", instance.url) + "\n" + (tmp / "serve.log").read_text()[-3000:]
+            )
+            yield RealCluster(inv_path, inv.endpoint, instance.url)
+        finally:
+            for proc in procs:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 def _llamactl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
