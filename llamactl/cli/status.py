@@ -181,10 +181,12 @@ def status(
         None, "--limit", help="Only these hosts (comma-separated names or globs)."
     ),
     timeout: float | None = typer.Option(
-        None, "--timeout", help="Per-probe timeout in seconds [health.timeout_s]."
+        None, "--timeout", help="Per-probe timeout in seconds (default: the inventory's health.timeout_s)."
     ),
     api_key_env: str = typer.Option(
-        "LLAMACTL_API_KEY", "--api-key-env", help="Env var holding the canary's API key."
+        "LLAMACTL_API_KEY",
+        "--api-key-env",
+        help="Env var holding the canary's API key (unset: the inventory's first key).",
     ),
 ) -> None:
     """Show the health of every instance and balancer, probed concurrently.
