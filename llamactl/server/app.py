@@ -47,7 +47,7 @@ class ServerState:
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
             queue_limit=settings.queue_limit,
-            on_batch=lambda n, _took: self.metrics.batch_size.observe(n),
+            on_batch=lambda n: self.metrics.batch_size.observe(n),
         )
         self.metrics = Metrics(
             running=lambda: float(self.batcher.running),

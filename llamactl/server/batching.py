@@ -59,7 +59,7 @@ class Batcher:
         max_batch_size: int,
         max_wait_ms: float,
         queue_limit: int,
-        on_batch: Callable[[int, float], None] | None = None,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.engine = engine
         self.max_batch_size = max_batch_size
@@ -197,17 +197,17 @@ class Batcher:
                     return batch
 
     def _run(self, batch: list[_Item]) -> None:
+        # Counted when the batch starts: results are handed out row by row before generate returns.
+        self.batches += 1
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
         t0 = time.monotonic()
         try:
             self._generate(batch)
         finally:
-            took = time.monotonic() - t0
-            self._batch_s = 0.8 * self._batch_s + 0.2 * took
-            self.batches += 1
+            self._batch_s = 0.8 * self._batch_s + 0.2 * (time.monotonic() - t0)
             with self._cv:
                 self._running = 0
-            if self.on_batch is not None:
-                self.on_batch(len(batch), took)
 
     def _generate(self, batch: list[_Item]) -> None:
         try:
