@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 import threading
 from collections.abc import Iterator
@@ -115,7 +116,16 @@ def route(ep: Endpoint, method: str, path: str, headers: dict[str, str]) -> tupl
     return 200, {**as_json, **extra}, json.dumps(answer).encode()
 
 
+# Connection handlers waiting forever are referenced only weakly by asyncio: hold them, or the garbage
+# collector destroys them mid-wait (and says so on stderr).
+_HANDLERS: set[asyncio.Task[Any]] = set()
+
+
 async def _serve_connection(ep: Endpoint, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    me = asyncio.current_task()
+    if me is not None:
+        _HANDLERS.add(me)
+        me.add_done_callback(_HANDLERS.discard)
     try:
         if ep.behaviour.status == "silent":
             await asyncio.Event().wait()  # hold the connection open, never read, never answer
@@ -187,9 +197,13 @@ def _main(path: str) -> None:
     endpoints = [Endpoint(e["host"], e["port"], Behaviour(**e["behaviour"])) for e in raw]
 
     async def forever() -> None:
-        await start(endpoints)
+        servers = await start(endpoints)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         print(f"listening {len(endpoints)}", flush=True)
-        await asyncio.Event().wait()
+        await stop.wait()
+        for server in servers:
+            server.close()
 
     asyncio.run(forever())
 
