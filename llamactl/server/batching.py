@@ -109,7 +109,7 @@ class Batcher:
             if self._stopping:
                 raise Stopped("the server is shutting down")
             if len(self._queue) >= self.queue_limit:
-                raise QueueFull(self._retry_after())
+                raise QueueFull(self.retry_after())
             self._queue.append(item)
             self._cv.notify_all()
         return self._wait(item, fut)
@@ -140,7 +140,7 @@ class Batcher:
             except ValueError:
                 pass
 
-    def _retry_after(self) -> int:
+    def retry_after(self) -> int:
         batches_ahead = math.ceil((len(self._queue) + self._running) / self.max_batch_size)
         return max(1, math.ceil(batches_ahead * self._batch_s))
 

@@ -76,6 +76,15 @@ class Inference:
         headers = {"Retry-After": "5"} if status == "loading" else {}
         raise ApiError(503, messages.get(status, f"the server is {status}"), "unavailable", headers)
 
+    def check_capacity(self) -> None:
+        """Refuse early (before decoding an image) when the queue is already full."""
+        if self.batcher.queued >= self.batcher.queue_limit:
+            self.error("queue_full")
+            retry = str(self.batcher.retry_after())
+            raise ApiError(
+                429, "the request queue is full; retry later", "queue_full", {"Retry-After": retry}
+            )
+
     def params(
         self,
         *,

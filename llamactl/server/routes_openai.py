@@ -91,6 +91,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
         ignore_eos=body.ignore_eos,
     )
     prompt = svc.render(messages)
+    svc.check_capacity()
     image = None if image_url is None else await svc.decode_image(image_url)
     rid = "chatcmpl-" + uuid.uuid4().hex
     created = int(time.time())

@@ -49,7 +49,7 @@ class Settings(BaseModel):
     cache_max_entries: int = Field(1024, ge=0)
     cache_max_mb: float = Field(64.0, ge=0)
     cache_include_sampled: bool = False
-    gen_max_new_tokens: int = Field(512, ge=1, le=32_768)
+    gen_max_new_tokens: int = Field(2048, ge=1, le=32_768)
     gen_temperature: float = Field(0.6, ge=0, le=10)
     gen_top_p: float = Field(0.9, gt=0, le=1)
     gen_do_sample: bool = False

@@ -69,7 +69,7 @@ class ThreadServer:
         self.thread.join(60)
 
 
-def start_thread_server(settings: Any, engine: Any = None) -> ThreadServer:
+def start_thread_server(settings: Any, engine: Any = None, *, wait: bool = True) -> ThreadServer:
     import uvicorn
 
     from llamactl.server.app import create_app
@@ -82,7 +82,11 @@ def start_thread_server(settings: Any, engine: Any = None) -> ThreadServer:
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    wait_ready(url)
+    if wait:
+        wait_ready(url)
+    else:
+        while not server.started:
+            time.sleep(0.02)
     return ThreadServer(url, app, server, thread)
 
 

@@ -169,6 +169,19 @@ def test_openai_client_plain_and_streaming(srv: ThreadServer) -> None:
     assert finish == "stop" and usage is not None and usage.completion_tokens == plain.usage.completion_tokens
 
 
+def test_text_only_chat_and_template_errors(srv: ThreadServer) -> None:
+    r = post(
+        srv, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["role"] == "assistant"
+    assert r.json()["usage"]["completion_tokens"] <= 6
+    # the Llama 3.2 Vision template refuses a system message together with an image: a 400, not a 500
+    messages = [{"role": "system", "content": "Be brief."}, *_chat_messages("red")]
+    r = post(srv, "/v1/chat/completions", {"messages": messages, "max_tokens": 6})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request", r.text
+
+
 def test_raw_sse_ends_with_done(srv: ThreadServer) -> None:
     body = {"messages": _chat_messages("blue"), "max_tokens": 8, "stream": True}
     with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=60) as r:
@@ -325,6 +338,21 @@ def test_metrics_names_and_promtool(srv: ThreadServer, tmp_path: Path) -> None:
         [promtool, "check", "metrics"], check=False, input=r.content, capture_output=True, timeout=30
     )
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+
+
+def test_failed_load_is_reported_not_fatal(tmp_path: Path) -> None:
+    server = start_thread_server(make_settings(tmp_path / "no-such-model"), wait=False)
+    try:
+        deadline = time.monotonic() + 60
+        while (h := httpx.get(server.url + "/health").json())["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert h["status"] == "failed" and h["error"]
+        assert httpx.get(server.url + "/ready").status_code == 503
+        r = httpx.post(server.url + "/infer", json={"image": png_b64(), "max_tokens": 3})
+        assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
+    finally:
+        server.stop()
 
 
 def test_draining_refuses_new_work(srv: ThreadServer) -> None:
