@@ -1,0 +1,254 @@
+"""One server per GPU behind nginx, exactly as the rendered systemd instances run them; throughput vs one GPU.
+
+Steps (one process, one device call):
+1. build the 11B-shape random bf16 checkpoint once (bench/gpu_smoke.py's builder) unless --model-dir has one;
+2. write an inventory (one host at 127.0.0.1 with --gpus, a balancer at 127.0.0.1:--listen, least_conn) and run
+   ``llamactl render`` on it;
+3. for each instance: read the rendered /etc/llamactl/instance-<i>.env into the environment (as systemd's
+   EnvironmentFile= does) and run the unit's ExecStart in its WorkingDirectory; start nginx with the rendered
+   balancer config included in a minimal nginx.conf (private prefix);
+4. record GPU pinning (nvidia-smi compute apps per GPU, each process's CUDA_VISIBLE_DEVICES, /health);
+5. one GPU: the other instances marked ``down`` in the balancer config (the rolling-restart drain path) and
+   nginx reloaded; drive each --single-levels concurrency (a warm round, then --rounds measured rounds);
+6. all GPUs: the rendered config back, concurrency = len(gpus) x the best single level.
+Writes JSON (--out) and a markdown summary (--md).
+
+    python bench/multi_gpu.py --nginx-root /tmp/ngx --out bench/results/multi_gpu.json --md ...   # device
+    python bench/multi_gpu.py --tiny                                 # CPU dry run: tiny model, 2 CPU instances
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import httpx
+from gpu_load import noise_jpeg, run_load
+from gpu_stack import (
+    GpuSampler,
+    Nginx,
+    gpu_pinning,
+    parse_env_file,
+    parse_unit,
+    start_instance,
+    stop,
+    wait_ready,
+)
+
+# Environment the device's docs require in every process started with its own environment.
+SAFETY_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def write_inventory(path: Path, a: argparse.Namespace, install_dir: Path, model_dir: Path) -> None:
+    gpus = ", ".join(str(g) for g in a.gpus)
+    path.write_text(f"""version: 1
+cluster: bench
+defaults:
+  ssh: {{user: root, host_key_policy: accept-new, use_ssh_config: false}}
+  install_dir: {install_dir}
+  gpus: [{gpus}]
+  base_port: {a.base_port}
+  bind: 127.0.0.1
+  model:
+    source: {model_dir}
+    dtype: bfloat16
+    quantization: none
+    generation: {{max_new_tokens: {a.max_tokens}}}
+  server:
+    max_batch_size: {a.max_batch}
+    max_wait_ms: {a.max_wait_ms}
+    queue_limit: 512
+    request_timeout_s: 900
+    user: root
+    cache: {{max_entries: 0}}
+    env: {{HF_HUB_OFFLINE: "1"}}
+groups:
+  gpu:
+    hosts:
+      gpu-host: {{address: 127.0.0.1}}
+balancer:
+  hosts:
+    lb: {{address: 127.0.0.1}}
+  listen: {a.listen}
+  server_name: _
+  method: least_conn
+  keepalive: 64
+  proxy_read_timeout_s: 900
+  config_path: /etc/nginx/conf.d/llamactl.conf
+  prometheus_targets_path: /etc/prometheus/file_sd/llamactl.json
+""")
+
+
+def build_model(model_dir: Path, tiny: bool) -> dict[str, Any]:
+    if (model_dir / "config.json").exists():
+        return {"reused": str(model_dir)}
+    if tiny:
+        from llamactl.server.tiny import build_tiny_checkpoint
+
+        build_tiny_checkpoint(model_dir)
+        return {"built": "tiny"}
+    from gpu_smoke import build_random_11b
+
+    return build_random_11b(model_dir)
+
+
+def level(url: str, conc: int, a: argparse.Namespace, images: list[str], sampler: GpuSampler | None) -> dict[str, Any]:
+    run_load(url, concurrency=conc, requests=conc, max_tokens=a.max_tokens, images=images)  # warm round
+    if sampler:
+        sampler.mark()
+    res = run_load(url, concurrency=conc, requests=conc * a.rounds, max_tokens=a.max_tokens, images=images)
+    if sampler:
+        res["gpu_util_mean_pct"] = sampler.mean_util_since_mark()
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="CPU dry run (tiny checkpoint, LLAMACTL_DEVICE=cpu)")
+    ap.add_argument("--model-dir", type=Path)
+    ap.add_argument("--work", type=Path, help="scratch directory (default: a new temp dir)")
+    ap.add_argument("--nginx-root", type=Path, help="unpacked nginx .debs (bench/nginx_carry/unpack.sh); "
+                    "default: nginx on PATH")
+    ap.add_argument("--gpus", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1])
+    ap.add_argument("--base-port", type=int, default=8000)
+    ap.add_argument("--listen", type=int, default=8080)
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--max-wait-ms", type=int, default=200)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--single-levels", type=lambda s: [int(x) for x in s.split(",")], default=[16, 32])
+    ap.add_argument("--rounds", type=int, default=3, help="measured requests = rounds x concurrency")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--md", type=Path)
+    a = ap.parse_args()
+
+    work = a.work or Path(tempfile.mkdtemp(prefix="llamactl-multi-gpu-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = a.model_dir or work / "model"
+    # On the device the unit's own paths are used (it is a throwaway root machine); in --tiny they move under work.
+    install_dir = work / "opt-llamactl" if a.tiny else Path("/opt/llamactl")
+    info: dict[str, Any] = {"mode": "tiny-cpu" if a.tiny else "11b-shape-random-bf16", "args": {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
+    t0 = time.monotonic()
+    info["model_build"] = build_model(model_dir, a.tiny)
+    info["model_build"]["wall_s"] = round(time.monotonic() - t0, 1)
+
+    inv_path = work / "inventory.yaml"
+    write_inventory(inv_path, a, install_dir, model_dir)
+    rendered = work / "rendered"
+    subprocess.run([sys.executable, "-m", "llamactl", "render", str(inv_path), "--out", str(rendered)],
+                   check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                       p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)})
+    unit = parse_unit(rendered / "gpu-host/etc/systemd/system/llamactl@.service")
+    info["unit"] = unit
+    exec_argv = shlex.split(unit["ExecStart"])
+    make_shim(Path(exec_argv[0]))
+    state_dir = work / "state" if a.tiny else Path(unit["WorkingDirectory"])
+    state_dir.mkdir(parents=True, exist_ok=True)
+
+    procs: list[subprocess.Popen[bytes]] = []
+    nginx: Nginx | None = None
+    sampler = None if a.tiny else GpuSampler(work / "gpu_samples.csv")
+    try:
+        envs = []
+        for i, _gpu in enumerate(a.gpus):
+            env_file = rendered / "gpu-host" / unit["EnvironmentFile"].replace("%i", str(i)).lstrip("/")
+            env = parse_env_file(env_file)
+            if a.tiny:  # no GPU here: same files, CPU device, state under work
+                env = {k: v.replace("/var/lib/llamactl", str(state_dir)) for k, v in env.items()}
+                env.update(LLAMACTL_DEVICE="cpu", CUDA_VISIBLE_DEVICES="")
+            envs.append(env)
+            base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", **SAFETY_ENV}
+            procs.append(start_instance(exec_argv, {**base, **env}, state_dir, work / f"instance-{i}.log"))
+        info["instance_env"] = [{k: v for k, v in e.items() if "API_KEY" not in k} for e in envs]
+        lb_conf = rendered / "lb/etc/nginx/conf.d/llamactl.conf"
+        nginx = Nginx(work / "nginx", a.nginx_root, lb_conf.read_text())
+        info["nginx_version"] = nginx.version()
+        nginx.start()
+        urls = [f"http://127.0.0.1:{e['LLAMACTL_PORT']}" for e in envs]
+        info["ready_s"] = [round(wait_ready(u, p, work / f"instance-{i}.log", 1200), 1)
+                           for i, (u, p) in enumerate(zip(urls, procs))]
+        info["health"] = [httpx.get(u + "/health").json() for u in urls]
+        info["pinning"] = gpu_pinning(procs, a.tiny)
+        print(json.dumps({"ready_s": info["ready_s"], "pinning": info["pinning"]}), flush=True)
+
+        lb_url = f"http://127.0.0.1:{a.listen}"
+        side = 112 if a.tiny else 1120
+        images = [noise_jpeg(s, side) for s in range(64)]
+        if sampler:
+            sampler.start()
+
+        from llamactl.inventory import load_inventory
+        from llamactl.plan.render import render_balancer_files
+
+        inv = load_inventory(inv_path)
+        others = frozenset(i.id for i in inv.instances()[1:])
+        drained = render_balancer_files(inv, drained=others)[inv.balancer.config_path].content.decode()
+        nginx.reload(drained)
+        info["single_gpu_config"] = f"instances {sorted(others)} marked down; gpu {a.gpus[0]} serves"
+        info["single"] = [level(lb_url, c, a, images, sampler) for c in a.single_levels]
+        best = max(info["single"], key=lambda r: r["tok_per_s"] or 0)
+        nginx.reload(lb_conf.read_text())
+        conc = best["concurrency"] * len(a.gpus)
+        info["multi"] = level(lb_url, conc, a, images, sampler)
+        info["health_end"] = [httpx.get(u + "/health").json() for u in urls]
+        ratio = (info["multi"]["tok_per_s"] or 0) / (best["tok_per_s"] or 1)
+        info["result"] = {
+            "gpus": len(a.gpus), "best_single_concurrency": best["concurrency"],
+            "single_tok_per_s": best["tok_per_s"], "multi_tok_per_s": info["multi"]["tok_per_s"],
+            "speedup": round(ratio, 3), "failed": sum(r["failed"] for r in [*info["single"], info["multi"]]),
+            "pass": ratio >= 0.95 * len(a.gpus) and info["multi"]["failed"] == 0
+            and all(r["failed"] == 0 for r in info["single"]),
+        }
+    finally:
+        if sampler:
+            sampler.stop()
+            info["gpu_samples_tail"] = sampler.tail()
+        for p in procs:
+            stop(p, 120)
+        info["server_exit_codes"] = [p.returncode for p in procs]
+        if nginx:
+            nginx.stop()
+        dump(info, a)
+
+
+def make_shim(path: Path) -> None:
+    """Stand in for the release venv's ``llamactl`` entry script: this interpreter + this checkout (+ carry)."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pypath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    path.write_text(f"#!/bin/sh\nPYTHONPATH={shlex.quote(pypath)} exec {shlex.quote(sys.executable)} "
+                    f"-m llamactl \"$@\"\n")
+    path.chmod(0o755)
+
+
+def dump(info: dict[str, Any], a: argparse.Namespace) -> None:
+    text = json.dumps(info, indent=2, default=str)
+    print(json.dumps(info.get("result", {"incomplete": True})), flush=True)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(text + "\n")
+    if a.md:
+        from gpu_report import multi_gpu_markdown
+
+        a.md.parent.mkdir(parents=True, exist_ok=True)
+        a.md.write_text(multi_gpu_markdown(info))
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally: stop servers and nginx
+    main()
