@@ -56,8 +56,9 @@ class HFEngine:
 
     def load(self) -> None:
         import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        import transformers
 
+        tf: Any = transformers  # untyped library: keep mypy's strictness for our own code
         s = self.settings
         self.device = _resolve_device(s.device)
         self.dtype = _resolve_dtype(s.dtype, self.device)
@@ -68,10 +69,10 @@ class HFEngine:
             kwargs["quantization_config"] = _bnb_config(s.quantization, self.dtype)
             kwargs["device_map"] = {"": self.device}
         t0 = time.monotonic()
-        self.processor = AutoProcessor.from_pretrained(
+        self.processor = tf.AutoProcessor.from_pretrained(
             s.model, **({"revision": s.revision} if s.revision else {})
         )
-        model = AutoModelForImageTextToText.from_pretrained(s.model, **kwargs)
+        model = tf.AutoModelForImageTextToText.from_pretrained(s.model, **kwargs)
         if s.quantization == "none":
             model = model.to(self.device)
         model.eval()
@@ -255,7 +256,9 @@ def _resolve_dtype(dtype: str, device: str) -> Any:
 
 
 def _bnb_config(quantization: str, dtype: Any) -> Any:
-    from transformers import BitsAndBytesConfig
+    import transformers
+
+    BitsAndBytesConfig: Any = transformers.BitsAndBytesConfig
 
     if quantization == "nf4":
         return BitsAndBytesConfig(

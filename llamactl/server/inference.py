@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from starlette.types import Receive
+
 from llamactl.server.batching import Batcher, DeadlineExceeded, EngineFailure, QueueFull, Stopped
 from llamactl.server.engine import Engine, GenParams, GenRequest, GenResult
 from llamactl.server.settings import Settings
@@ -200,14 +202,14 @@ class Inference:
     def cache_key(self, image_data: str | None, prompt: str, params: GenParams) -> str | None:
         if self.cache is None or (params.do_sample and not self.settings.cache_include_sampled):
             return None
-        return self.cache.key((image_data or "").encode(), prompt, params.cache_dict())
+        return str(self.cache.key((image_data or "").encode(), prompt, params.cache_dict()))
 
 
 async def _ready(outcome: Outcome) -> Outcome:
     return outcome
 
 
-async def until_disconnected(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+async def until_disconnected(receive: Receive) -> None:
     """Returns when the client goes away. Only call after the request body has been read."""
     while True:
         message = await receive()
@@ -215,7 +217,7 @@ async def until_disconnected(receive: Callable[[], Awaitable[dict[str, Any]]]) -
             return
 
 
-async def unless_disconnected(receive: Callable[[], Awaitable[dict[str, Any]]], work: Awaitable[Any]) -> Any:
+async def unless_disconnected(receive: Receive, work: Awaitable[Any]) -> Any:
     """Await ``work``; if the client disconnects first, cancel it (freeing its queue place) and raise ClientGone."""
     task = asyncio.ensure_future(work)
     watch = asyncio.ensure_future(until_disconnected(receive))

@@ -154,8 +154,9 @@ def _stream(
         try:
             yield chunk({"role": "assistant", "content": ""})
             while True:
-                get = asyncio.ensure_future(pieces.get())
-                await asyncio.wait({get, task}, return_when=asyncio.FIRST_COMPLETED)
+                get: asyncio.Future[str] = asyncio.ensure_future(pieces.get())
+                pending: set[asyncio.Future[Any]] = {get, task}
+                await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 if get.done():
                     yield chunk({"content": get.result()})
                     continue
