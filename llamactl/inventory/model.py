@@ -48,6 +48,7 @@ class SSHSettings(_Model):
     host_key_policy: Literal["strict", "accept-new"] = "strict"
     connect_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
     use_ssh_config: bool = True
+    become: bool = False  # non-root user: run commands and write files through passwordless `sudo -n`
 
 
 class GenerationSettings(_Model):

@@ -1,9 +1,13 @@
 """SSHExecutor: the Executor protocol over one paramiko connection per host (plus its SFTP session).
 
 Commands run with ``exec_command(command.shell())`` (inside ``timeout(1)`` when a timeout is
-given) and no pty (a pty merges stderr into stdout and kills background children at session end). stdout and stderr are drained by two threads while a
-third feeds stdin, so a command producing megabytes on both streams, or reading a large stdin
-before writing, cannot deadlock against SSH flow control.
+given, inside ``sudo -n`` with ``become``: see ``become.wire``) and no pty (a pty merges stderr
+into stdout and kills background children at session end). stdout and stderr are drained by two
+threads while a third feeds stdin, so a command producing megabytes on both streams, or reading a
+large stdin before writing, cannot deadlock against SSH flow control.
+
+With ``become`` (and a non-root user), files are staged over SFTP in a private directory of the
+user's and installed by one root command (see ``become.INSTALL_SCRIPT``); reads go through ``sudo cat``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import paramiko
 
 from llamactl.errors import ConnectError, UsageError
 from llamactl.plan.command import Command
+from llamactl.remote import become
 from llamactl.remote.base import CommandTimeout, RemoteFileError, RunResult, check_result, decode
 from llamactl.remote.target import Hop, SSHTarget
 from llamactl.remote.transport import open_transports
@@ -37,14 +42,26 @@ DRAIN_GRACE_S = 1.0
 # With a timeout, the host enforces it: coreutils timeout(1) TERMs the command's process group, then
 # KILLs it after KILL_AFTER_S. (SSH "signal" requests would not do: OpenSSH ignores them for root
 # sessions.) Our own wait is longer by CLIENT_MARGIN_S, for a host that stopped answering.
-KILL_AFTER_S = 2.0
+KILL_AFTER_S = become.KILL_AFTER_S
 CLIENT_MARGIN_S = 5.0
-_TIMED_OUT_CODES = (124, 137)  # timeout(1): TERM sufficed / KILL was needed
+# timeout(1): TERM sufficed / KILL was needed; -1: through sudo, a KILLed timeout(1) shows as a signal.
+_TIMED_OUT_CODES = (124, 137, -1)
 
 
 def connect(target: SSHTarget, *, sleep: Callable[[float], None] = time.sleep) -> SSHExecutor:
-    """Open (and authenticate) the connection, verifying host keys; raises ``ConnectError``."""
-    return SSHExecutor(target, open_transports(target, sleep=sleep))
+    """Open (and authenticate) the connection, verifying host keys; raises ``ConnectError``.
+
+    With ``target.become``, also checks that passwordless sudo works (unless the user is root), so
+    a host that would ask for a password fails here, before anything is changed on it.
+    """
+    executor = SSHExecutor(target, open_transports(target, sleep=sleep))
+    if target.become and target.user != "root":
+        try:
+            executor._enable_sudo()
+        except BaseException:
+            executor.close()
+            raise
+    return executor
 
 
 def _drain(recv: Callable[[int], bytes], sink: bytearray) -> None:
@@ -56,6 +73,11 @@ def _drain(recv: Callable[[int], bytes], sink: bytearray) -> None:
         if not data:
             return
         sink += data
+
+
+def _last_line(stderr: bytes, code: int) -> str:
+    lines = decode(stderr).strip().splitlines()
+    return lines[-1] if lines else f"exit code {code}"
 
 
 def _feed(channel: paramiko.Channel, data: bytes) -> None:
@@ -72,6 +94,7 @@ class SSHExecutor:
         self._transports = transports  # jump hops first, the host's own connection last
         self._sftp: paramiko.SFTPClient | None = None
         self._lock = threading.Lock()
+        self._sudo = False  # commands and files go through `sudo -n` (become, user not root)
 
     @property
     def host(self) -> str:
@@ -92,6 +115,18 @@ class SSHExecutor:
         detail = f": {exc}" if exc is not None and str(exc) else ""
         return ConnectError(self.host, f"connection to {self._target.where} lost {doing}{detail}")
 
+    @property
+    def sudo(self) -> bool:
+        """Whether commands and file writes go through ``sudo -n``."""
+        return self._sudo
+
+    def _enable_sudo(self) -> None:
+        result = self.run(become.PROBE, check=False, timeout_s=self._target.connect_timeout_s)
+        if result.exit_code != 0:
+            raise become.probe_error(self.host, self._target.where, self._target.user,
+                                     result.exit_code, result.stderr)
+        self._sudo = result.stdout.strip() != "root"  # uid 0 under another name: nothing to do
+
     def _transport(self, doing: str) -> paramiko.Transport:
         transport = self._transports[-1]
         if not transport.is_active():
@@ -101,14 +136,23 @@ class SSHExecutor:
     def run(self, command: Command, *, check: bool = True, timeout_s: float | None = None,
             stdin: bytes | None = None) -> RunResult:
         shown = command.display()
+        code, out, err, elapsed = self._exec(command, shown, timeout_s, stdin)
+        stderr = decode(err)
+        if code == -1:  # paramiko ignores "exit-signal": the process died of a signal
+            stderr += "(no exit status: the command was killed by a signal)\n"
+        result = RunResult(self.host, shown, code, decode(out), stderr, elapsed)
+        log.debug("%s: `%s` -> %d in %.3f s", self.host, shown, code, result.duration_s)
+        return check_result(result, check)
+
+    def _exec(self, command: Command, shown: str, timeout_s: float | None, stdin: bytes | None
+              ) -> tuple[int, bytes, bytes, float]:
+        """Exit code, raw stdout and stderr, seconds; raises for a lost connection or a timeout."""
         doing = f"while running `{shown}`"
-        wire = command.shell()
-        if timeout_s is not None:
-            wire = Command(("timeout", "-k", f"{KILL_AFTER_S:g}", f"{timeout_s:.3f}", "sh", "-c", wire)).shell()
+        command_wire = become.wire(command, sudo=self._sudo, timeout_s=timeout_s)
         started = time.monotonic()
         try:
             channel = self._transport(doing).open_session(timeout=self._target.connect_timeout_s)
-            channel.exec_command(wire)
+            channel.exec_command(command_wire)
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise self._lost(doing, exc) from exc
         out, err = bytearray(), bytearray()
@@ -136,14 +180,9 @@ class SSHExecutor:
         elapsed = time.monotonic() - started
         if code == -1 and not self._transports[-1].is_active():
             raise self._lost(doing)
-        stderr = decode(bytes(err))
         if timeout_s is not None and code in _TIMED_OUT_CODES and elapsed >= timeout_s:
-            raise CommandTimeout(self.host, shown, timeout_s, stderr)
-        if code == -1:  # paramiko ignores "exit-signal": the process died of a signal
-            stderr += "(no exit status: the command was killed by a signal)\n"
-        result = RunResult(self.host, shown, code, decode(bytes(out)), stderr, elapsed)
-        log.debug("%s: `%s` -> %d in %.3f s", self.host, shown, code, result.duration_s)
-        return check_result(result, check)
+            raise CommandTimeout(self.host, shown, timeout_s, decode(bytes(err)))
+        return code, bytes(out), bytes(err), elapsed
 
     # ---- files (SFTP) -------------------------------------------------------------------------
 
@@ -159,7 +198,7 @@ class SSHExecutor:
                 self._sftp = client
             return self._sftp
 
-    def _makedirs(self, sftp: paramiko.SFTPClient, directory: str) -> None:
+    def _makedirs(self, sftp: paramiko.SFTPClient, directory: str, path: str) -> None:
         if directory in ("", "/"):
             return
         try:
@@ -167,18 +206,32 @@ class SSHExecutor:
             return
         except FileNotFoundError:
             pass
-        self._makedirs(sftp, posixpath.dirname(directory.rstrip("/")))
+        self._makedirs(sftp, posixpath.dirname(directory.rstrip("/")), path)
         try:
             sftp.mkdir(directory, 0o755)
-        except OSError:
-            sftp.stat(directory)  # created meanwhile by someone else is fine; anything else raises
+        except OSError as exc:
+            try:
+                sftp.stat(directory)  # created meanwhile by someone else is fine
+            except OSError:
+                raise RemoteFileError(self.host, path, f"cannot create directory {directory}: "
+                                                       f"{self._denied(exc)}") from exc
+
+    def _denied(self, exc: OSError) -> str:
+        """The error's text, plus a hint when a non-root user lacks permission (become is off)."""
+        text = str(exc.strerror or exc)
+        if exc.errno == errno.EACCES and self._target.user != "root":
+            text += f" (as user {self._target.user!r}; ssh.become: true writes through sudo)"
+        return text
 
     def _put(self, path: str, mode: int, write: Callable[[paramiko.SFTPFile], None]) -> None:
+        if self._sudo:
+            self._put_as_root(path, mode, write)
+            return
         doing = f"while writing {path}"
         sftp = self._sftp_client(doing)
         tmp = f"{path}.tmp-{secrets.token_hex(6)}"
         try:
-            self._makedirs(sftp, posixpath.dirname(path))
+            self._makedirs(sftp, posixpath.dirname(path), path)
             with sftp.open(tmp, "wb") as remote:
                 # Restrict the (still empty) file before any byte lands, so a 0600 secret never has a
                 # moment where others could read it; the rename then publishes it complete.
@@ -193,7 +246,55 @@ class SSHExecutor:
                 sftp.remove(tmp)
             except (OSError, paramiko.SSHException, EOFError):
                 pass
-            raise RemoteFileError(self.host, path, f"cannot write: {exc.strerror or exc}") from exc
+            raise RemoteFileError(self.host, path, f"cannot write: {self._denied(exc)}") from exc
+
+    def _put_as_root(self, path: str, mode: int, write: Callable[[paramiko.SFTPFile], None]) -> None:
+        doing = f"while writing {path}"
+        sftp = self._sftp_client(doing)
+        staging = self._staging_dir(sftp, path, doing)
+        staged = f"{staging}/upload"
+        try:
+            # The directory is 0700 and ours: nobody else can open the file while it fills.
+            with sftp.open(staged, "wb") as remote:
+                remote.chmod(0o600)
+                remote.set_pipelined(True)
+                write(remote)
+            code, _, err, _ = self._exec(become.install_command(staged, path, mode, f"{path}.tmp-{secrets.token_hex(6)}"),
+                                         f"sudo install {path}", None, None)
+            if code != 0:
+                raise RemoteFileError(self.host, path, f"cannot write as root: {_last_line(err, code)}")
+        except (paramiko.SSHException, EOFError) as exc:
+            raise self._lost(doing, exc) from exc
+        except OSError as exc:
+            raise RemoteFileError(self.host, path, f"cannot stage the upload in {staging}: "
+                                                   f"{exc.strerror or exc}") from exc
+        finally:
+            for remove, leftover in ((sftp.remove, staged), (sftp.rmdir, staging)):
+                try:
+                    remove(leftover)
+                except (OSError, paramiko.SSHException, EOFError):
+                    pass  # already moved by the install (the usual case), or the connection is gone
+
+    def _staging_dir(self, sftp: paramiko.SFTPClient, path: str, doing: str) -> str:
+        """A fresh 0700 directory in the user's home (else /tmp) for an upload on its way to root."""
+        name = f".llamactl-upload-{secrets.token_hex(8)}"
+        errors: list[str] = []
+        try:
+            bases = [sftp.normalize("."), "/tmp"]
+        except (paramiko.SSHException, EOFError) as exc:
+            raise self._lost(doing, exc) from exc
+        except OSError:
+            bases = ["/tmp"]
+        for base in dict.fromkeys(bases):
+            staging = posixpath.join(base, name)
+            try:
+                sftp.mkdir(staging, 0o700)  # fails if the name exists: never reuse someone's directory
+                return staging
+            except (paramiko.SSHException, EOFError) as exc:
+                raise self._lost(doing, exc) from exc
+            except OSError as exc:
+                errors.append(f"{staging}: {exc.strerror or exc}")
+        raise RemoteFileError(self.host, path, "cannot stage the upload: " + "; ".join(errors))
 
     def put_bytes(self, data: bytes, path: str, mode: int = 0o644) -> None:
         def write(remote: paramiko.SFTPFile) -> None:
@@ -217,6 +318,13 @@ class SSHExecutor:
             self._put(path, mode, write)
 
     def read_bytes(self, path: str) -> bytes | None:
+        if self._sudo:
+            code, out, err, _ = self._exec(become.read_command(path), f"sudo cat {path}", None, None)
+            if code == become.MISSING_EXIT_CODE:
+                return None
+            if code != 0:
+                raise RemoteFileError(self.host, path, f"cannot read as root: {_last_line(err, code)}")
+            return out
         doing = f"while reading {path}"
         sftp = self._sftp_client(doing)
         try:
@@ -228,7 +336,7 @@ class SSHExecutor:
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 return None
-            raise RemoteFileError(self.host, path, f"cannot read: {exc.strerror or exc}") from exc
+            raise RemoteFileError(self.host, path, f"cannot read: {self._denied(exc)}") from exc
 
     def close(self) -> None:
         with self._lock:

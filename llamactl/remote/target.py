@@ -56,6 +56,8 @@ class SSHTarget:
     # Transient connect failures (refused, timeout, unreachable) are retried this many times.
     retries: int = 2
     retry_backoff_s: float = 0.5
+    # Run commands and write files as root through `sudo -n` (a no-op when the user is root).
+    become: bool = False
 
     def __post_init__(self) -> None:
         # Accept str paths from callers; expand ~ once here rather than at every use.
@@ -109,6 +111,7 @@ class SSHTarget:
             known_hosts=_path(default("known_hosts") or "~/.ssh/known_hosts"),
             host_key_policy=cast(HostKeyPolicy, policy),
             connect_timeout_s=float(default("connect_timeout_s") or 10.0),
+            become=bool(default("become")),  # inventory only: ssh config has no such setting
         )
 
 

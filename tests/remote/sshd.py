@@ -49,6 +49,9 @@ class Sshd:
     host_keys: list[Path]
     authorized_keys: Path
     log_level: str = "VERBOSE"
+    # Also accept each user's own ~/.ssh/authorized_keys (for non-root test users, who cannot read
+    # the lab's file under root's private pytest directory).
+    user_keys: bool = False
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
 
@@ -64,7 +67,7 @@ class Sshd:
         lines = [
             "ListenAddress 127.0.0.1", f"Port {self.port}",
             *[f"HostKey {k}" for k in self.host_keys],
-            f"AuthorizedKeysFile {self.authorized_keys}",
+            f"AuthorizedKeysFile {self.authorized_keys}{' .ssh/authorized_keys' if self.user_keys else ''}",
             "PidFile none", "UsePAM no", "StrictModes no", "PasswordAuthentication no",
             "KbdInteractiveAuthentication no", "PubkeyAuthentication yes", "PermitRootLogin prohibit-password",
             "AllowTcpForwarding yes", "MaxStartups 100", "MaxSessions 50", f"LogLevel {self.log_level}",
@@ -116,8 +119,10 @@ class Lab:
         keygen(path, kind)
         return path
 
-    def sshd(self, *, host_keys: list[Path] | None = None, trusted: bool = True, log_level: str = "VERBOSE") -> Sshd:
-        server = Sshd(self.dir, free_port(), host_keys or [self.new_host_key()], self.authorized_keys, log_level)
+    def sshd(self, *, host_keys: list[Path] | None = None, trusted: bool = True, log_level: str = "VERBOSE",
+             user_keys: bool = False) -> Sshd:
+        server = Sshd(self.dir, free_port(), host_keys or [self.new_host_key()], self.authorized_keys, log_level,
+                      user_keys)
         server.start()
         self.servers.append(server)
         if trusted:
