@@ -2,9 +2,8 @@
 
 Commands run with ``exec_command(command.shell())`` (inside ``timeout(1)`` when a timeout is
 given, inside ``sudo -n`` with ``become``: see ``become.wire``) and no pty (a pty merges stderr
-into stdout and kills background children at session end). stdout and stderr are drained by two
-threads while a third feeds stdin, so a command producing megabytes on both streams, or reading a
-large stdin before writing, cannot deadlock against SSH flow control.
+into stdout and kills background children at session end); ``channel.communicate`` moves the
+bytes without deadlocking against SSH flow control.
 
 With ``become`` (and a non-root user), files are staged over SFTP in a private directory of the
 user's and installed by one root command (see ``become.INSTALL_SCRIPT``); reads go through ``sudo cat``.
@@ -28,6 +27,7 @@ from llamactl.errors import ConnectError, UsageError
 from llamactl.plan.command import Command
 from llamactl.remote import become
 from llamactl.remote.base import CommandTimeout, RemoteFileError, RunResult, check_result, decode
+from llamactl.remote.channel import CHUNK, communicate
 from llamactl.remote.target import Hop, SSHTarget
 from llamactl.remote.transport import open_transports
 
@@ -35,16 +35,13 @@ __all__ = ["Hop", "SSHExecutor", "SSHTarget", "connect"]
 
 log = logging.getLogger("llamactl.remote")
 
-CHUNK = 256 * 1024
-# After the exit status arrives, output still in flight gets this long; a background child that
-# inherited stdout (``daemon &``) would otherwise keep the channel open forever.
-DRAIN_GRACE_S = 1.0
 # With a timeout, the host enforces it: coreutils timeout(1) TERMs the command's process group, then
 # KILLs it after KILL_AFTER_S. (SSH "signal" requests would not do: OpenSSH ignores them for root
 # sessions.) Our own wait is longer by CLIENT_MARGIN_S, for a host that stopped answering.
 KILL_AFTER_S = become.KILL_AFTER_S
 CLIENT_MARGIN_S = 5.0
-# timeout(1): TERM sufficed / KILL was needed; -1: through sudo, a KILLed timeout(1) shows as a signal.
+# timeout(1): TERM sufficed / KILL was needed; -1: no exit status, as when a login shell that exec-ed
+# `sudo timeout ...` is killed along with it (sudo re-raises its child's KILL on itself).
 _TIMED_OUT_CODES = (124, 137, -1)
 
 
@@ -64,28 +61,9 @@ def connect(target: SSHTarget, *, sleep: Callable[[float], None] = time.sleep) -
     return executor
 
 
-def _drain(recv: Callable[[int], bytes], sink: bytearray) -> None:
-    while True:
-        try:
-            data = recv(CHUNK)
-        except (OSError, EOFError, paramiko.SSHException):
-            return
-        if not data:
-            return
-        sink += data
-
-
 def _last_line(stderr: bytes, code: int) -> str:
     lines = decode(stderr).strip().splitlines()
     return lines[-1] if lines else f"exit code {code}"
-
-
-def _feed(channel: paramiko.Channel, data: bytes) -> None:
-    try:
-        channel.sendall(data)
-        channel.shutdown_write()
-    except (OSError, EOFError, paramiko.SSHException):
-        pass  # the command exited without reading all of stdin; its exit code tells the story
 
 
 class SSHExecutor:
@@ -155,34 +133,17 @@ class SSHExecutor:
             channel.exec_command(command_wire)
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise self._lost(doing, exc) from exc
-        out, err = bytearray(), bytearray()
-        with channel:
-            threads = [threading.Thread(target=_drain, args=(channel.recv, out), daemon=True),
-                       threading.Thread(target=_drain, args=(channel.recv_stderr, err), daemon=True)]
-            if stdin:
-                threads.append(threading.Thread(target=_feed, args=(channel, stdin), daemon=True))
-            else:
-                channel.shutdown_write()
-            for thread in threads:
-                thread.start()
-            limit = None if timeout_s is None else timeout_s + KILL_AFTER_S + CLIENT_MARGIN_S
-            if not channel.status_event.wait(limit):
-                channel.close()
-                for thread in threads:
-                    thread.join(1.0)
-                raise CommandTimeout(self.host, shown, float(timeout_s or 0), decode(bytes(err)))
-            for thread in threads[:2]:
-                thread.join(DRAIN_GRACE_S)
-            channel.close()  # wakes readers held by a lingering background child
-            for thread in threads:
-                thread.join()
-            code = channel.recv_exit_status()
+        limit = None if timeout_s is None else timeout_s + KILL_AFTER_S + CLIENT_MARGIN_S
+        status, out, err = communicate(channel, stdin, limit)
+        if status is None:
+            raise CommandTimeout(self.host, shown, float(timeout_s or 0), decode(err))
+        code = status
         elapsed = time.monotonic() - started
         if code == -1 and not self._transports[-1].is_active():
             raise self._lost(doing)
         if timeout_s is not None and code in _TIMED_OUT_CODES and elapsed >= timeout_s:
-            raise CommandTimeout(self.host, shown, timeout_s, decode(bytes(err)))
-        return code, bytes(out), bytes(err), elapsed
+            raise CommandTimeout(self.host, shown, timeout_s, decode(err))
+        return code, out, err, elapsed
 
     # ---- files (SFTP) -------------------------------------------------------------------------
 

@@ -89,6 +89,16 @@ def test_timeout_kills_the_remote_command(host: SSHExecutor, tmp_path: Path) -> 
     assert not marker.exists()  # the host-side timeout(1) killed the command's process group
 
 
+def test_timeout_kills_a_command_that_ignores_term(host: SSHExecutor, tmp_path: Path) -> None:
+    marker = tmp_path / "stubborn"
+    started = time.monotonic()
+    with pytest.raises(CommandTimeout):  # TERM is ignored: timeout(1) must still KILL it after -k
+        host.run(Command.sh(f"trap '' TERM; sleep 4; touch {marker}"), timeout_s=0.3)
+    assert time.monotonic() - started < 4
+    time.sleep(4.5 - (time.monotonic() - started))
+    assert not marker.exists()
+
+
 def test_own_exit_124_is_not_a_timeout(host: SSHExecutor) -> None:
     with pytest.raises(RemoteCommandError) as info:
         host.run(Command.sh("exit 124"), timeout_s=30)
