@@ -90,6 +90,10 @@ def default_connect(name: str, address: str, ssh: Any) -> Executor:
 
 
 def systemctl_restart(executor: Executor, instance: Instance) -> None:
+    # Clear the unit's failed state and start-rate counter first: a unit that hit StartLimitBurst
+    # refuses `restart`, and our deliberate restarts must not use up the budget that lets systemd
+    # bring a crashed server back (Restart=on-failure).
+    executor.run(Command.of("systemctl", "reset-failed", instance.unit), check=False)
     executor.run(Command.of("systemctl", "restart", instance.unit, description=f"restart {instance.id}"))
 
 

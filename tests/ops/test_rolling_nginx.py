@@ -116,8 +116,8 @@ def test_default_restart_is_systemctl_on_the_instance_host(tmp_path: Path, three
                              progress=lambda where, msg: lines.append((where, msg)),
                              checks=Checks(interval_s=0.1))
     assert result.batches == [["a/0", "b/0"]]  # a subset may go in one batch: c keeps serving
-    assert c.hosts["a"].commands == ["systemctl restart llamactl@0.service"]
-    assert c.hosts["b"].commands == ["systemctl restart llamactl@0.service"]
+    restart = ["systemctl reset-failed llamactl@0.service", "systemctl restart llamactl@0.service"]
+    assert c.hosts["a"].commands == restart and c.hosts["b"].commands == restart
     assert "c" not in c.hosts and c.hosts["a"].closed
     assert ("a/0", "restart: llamactl@0.service restarted") in lines
 

@@ -75,7 +75,8 @@ def test_watch_heals_a_stopped_server_while_traffic_flows(tmp_path: Path, pair: 
         load.wait_for(10)
     log.close()
     assert seen_down, "a/0 was never drained in nginx"
-    assert hosts["a"].commands == ["systemctl restart llamactl@0.service"] and hosts["b"].commands == []
+    assert hosts["a"].commands == ["systemctl reset-failed llamactl@0.service", "systemctl restart llamactl@0.service"]
+    assert hosts["b"].commands == []
     assert loop.watcher.state("a/0") is State.HEALTHY and down() == []
     events = [json.loads(line)["event"] for line in out.getvalue().splitlines()]
     for name in ("probe_failed", "drained", "restart", "restarted", "undrained", "balancer_applied"):
