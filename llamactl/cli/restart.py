@@ -81,7 +81,9 @@ def _all_at_once(inv: Inventory, instances: list[Instance], console: Console) ->
         spec = inv.host(host)
         executor = default_connect(host, spec.address, spec.ssh)
         try:
-            executor.run(Command.of("systemctl", "restart", *(i.unit for i in by_host[host])))
+            units = [i.unit for i in by_host[host]]
+            executor.run(Command.of("systemctl", "reset-failed", *units), check=False)  # see rolling
+            executor.run(Command.of("systemctl", "restart", *units))
         finally:
             executor.close()
 
