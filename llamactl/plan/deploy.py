@@ -146,8 +146,12 @@ def pip_install_command(
         return fresh
     rewrite = (f"grep -rlI --null -F {quote(clone_from)} {quote(venv + '/bin')} | "
                f"xargs -0 -r sed -i {quote('s#' + clone_from + '#' + venv + '#g')}")
+    # The copy already holds an llamactl of the same version number, which pip would keep: replace it
+    # first (no deps), then let the normal install bring any dependency the new wheel needs.
+    replace_self = [*pip[:-1], "--force-reinstall", "--no-deps", wheel_path]
     clone = " && ".join([join(["rm", "-rf", venv]), join(["cp", "-a", clone_from, venv]),
-                         join(["rm", "-f", posixpath.join(venv, ".complete")]), rewrite, join(pip), done])
+                         join(["rm", "-f", posixpath.join(venv, ".complete")]), rewrite, join(replace_self),
+                         join(pip), done])
     return f"{{ {clone}; }} || {{ {fresh}; }}"
 
 

@@ -203,3 +203,10 @@ def test_clone_script_really_relocates_a_venv(tmp_path: Path) -> None:
     subprocess.run(["sh", "-c", clone_part], check=True)
     out = subprocess.run([str(new / "bin" / "tool")], capture_output=True, text=True, check=True).stdout.strip()
     assert out == str(new)
+
+
+def test_upgrade_reinstalls_llamactl_even_with_the_same_version_number() -> None:
+    p = plan(CONVERGED, release=replace(RELEASE, release_id="0.1.0-def"))
+    build = next(c for c in commands(p) if "pip install" in c)
+    assert ("--force-reinstall --no-deps /opt/llamactl/wheels/llamactl-0.1.0-py3-none-any.whl && "
+            "/opt/llamactl/releases/0.1.0-def/bin/python -m pip install") in build
