@@ -7,6 +7,7 @@ reports a row's result the moment it is done rather than when the whole batch is
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 import time
@@ -65,15 +66,20 @@ class HFEngine:
         kwargs: dict[str, Any] = {"dtype": self.dtype}
         if s.revision:
             kwargs["revision"] = s.revision
+        has_accelerate = importlib.util.find_spec("accelerate") is not None
         if s.quantization != "none":
+            # bitsandbytes needs accelerate, and its models cannot be moved with .to() after loading.
+            if not has_accelerate:
+                raise RuntimeError(f"quantization {s.quantization} needs the accelerate package installed")
             kwargs["quantization_config"] = _bnb_config(s.quantization, self.dtype)
+        if has_accelerate:  # load straight onto the device (no full staging copy in host memory)
             kwargs["device_map"] = {"": self.device}
         t0 = time.monotonic()
         self.processor = tf.AutoProcessor.from_pretrained(
             s.model, **({"revision": s.revision} if s.revision else {})
         )
         model = tf.AutoModelForImageTextToText.from_pretrained(s.model, **kwargs)
-        if s.quantization == "none":
+        if not has_accelerate:
             model = model.to(self.device)
         model.eval()
         self.model = model
@@ -269,7 +275,15 @@ def _bnb_config(quantization: str, dtype: Any) -> Any:
         )
     # int8 inside the vision tower fails (and costs accuracy): keep vision, projector and lm_head in full precision.
     return BitsAndBytesConfig(
-        load_in_8bit=True, llm_int8_skip_modules=["vision_model", "multi_modal_projector", "lm_head"]
+        load_in_8bit=True,
+        # transformers matches these from the start of the module path (or as a suffix); both layouts listed
+        llm_int8_skip_modules=[
+            "model.vision_model",
+            "model.multi_modal_projector",
+            "vision_model",
+            "multi_modal_projector",
+            "lm_head",
+        ],
     )
 
 
