@@ -123,7 +123,8 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     try:
         im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)  # reads the header only
         width, height = im.size
-    except Image.DecompressionBombError:  # Pillow's process-wide limit, when it is stricter than ours
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's process-wide limit
+        # (the warning arrives as an exception when the process runs with warnings as errors)
         raise ImageError(413, f"image has more than the {limits.max_pixels}-pixel limit") from None
     except Exception:  # noqa: BLE001 - Pillow raises many types for bad headers; none of their text is shown
         raise ImageError(400, "image is corrupt or truncated") from None

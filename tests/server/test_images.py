@@ -201,3 +201,13 @@ def test_base64_size_checked_before_decoding() -> None:
     with pytest.raises(ImageError) as info:
         decode_base64_image(B64, limits)
     assert info.value.status == 413
+
+
+def test_bomb_warning_raised_as_error_is_413(pillow_globals: None) -> None:
+    import warnings
+
+    Image.MAX_IMAGE_PIXELS = 1000  # the header check of Pillow now fires first, as a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        err = _refused(corpus.png_claiming(40, 40), ImageLimits(max_bytes=10_000, max_pixels=10_000))
+    assert err.status == 413

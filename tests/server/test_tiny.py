@@ -202,3 +202,25 @@ def test_cli_rejects_a_file_as_directory(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "exists and is not a directory" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_every_valid_corpus_image_goes_through_the_processor_and_model(loaded: tuple[Any, Any]) -> None:
+    """Decoded corpus images (1x1, 10000x3, photo, ...) are valid model input, not just valid RGB."""
+    from llamactl.server.images import ImageLimits, decode_image
+    from tests.fixtures.images import corpus
+
+    processor, model = loaded
+    prompt = processor.apply_chat_template(tiny.trained_messages(), add_generation_prompt=True)
+    limits = ImageLimits(max_bytes=20_000_000, max_pixels=40_000_000)
+    images = [decode_image(s.data, limits) for s in corpus.valid_samples()]
+    inputs = processor(
+        images=[[im] for im in images],
+        text=[prompt] * len(images),
+        padding=True,
+        add_special_tokens=False,
+        return_tensors="pt",
+    )
+    assert torch.isfinite(inputs["pixel_values"]).all()
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[0] == len(images)
