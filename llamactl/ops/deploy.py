@@ -335,5 +335,9 @@ def raise_for(result: DeployResult) -> None:
     if failed and all(h.unreachable for h in failed) and result.ok is False and not result.balancer_error:
         raise HostsUnreachable("cannot reach: " + ", ".join(h.host for h in failed))
     if not result.ok:
-        raise OperationFailed("deploy failed on: " + ", ".join(
-            [h.host for h in result.hosts if not h.ok] + (["balancer"] if result.balancer_error else [])))
+        parts = [f"{h.host} ({(h.error or '').splitlines()[0] if h.error else 'failed'})" for h in failed]
+        if result.rolling_error:
+            parts.append(f"rolling restart ({result.rolling_error})")
+        if result.balancer_error:
+            parts.append(f"balancer ({result.balancer_error})")
+        raise OperationFailed("deploy failed: " + "; ".join(parts))
