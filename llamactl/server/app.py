@@ -40,6 +40,7 @@ class ServerState:
         self.started = time.monotonic()
         self.created = int(time.time())
         self.draining = False
+        self.drain_finished = False
         self.load_error: str | None = None
         self.in_flight = [0]  # inference HTTP requests being handled (mutated by the accounting middleware)
         self.batcher = Batcher(
@@ -96,12 +97,17 @@ class ServerState:
         self.draining = True
 
     async def wait_drained(self, timeout_s: float) -> bool:
+        if self.drain_finished:  # the signal handler already waited (or gave up): do not wait twice
+            timeout_s = 0
         deadline = time.monotonic() + timeout_s
         while self.busy > 0 or self.batcher.queued > 0 or self.batcher.running > 0:
             if time.monotonic() >= deadline:
-                log.warning("drain timeout: %d request(s) still in flight", self.busy)
+                if timeout_s > 0:
+                    log.warning("drain timeout: %d request(s) still in flight", self.busy)
+                self.drain_finished = True
                 return False
             await asyncio.sleep(0.05)
+        self.drain_finished = True
         return True
 
     def health(self) -> dict[str, Any]:

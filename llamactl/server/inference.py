@@ -152,7 +152,7 @@ class Inference:
         started = time.monotonic()
         if cache_key is not None and self.cache is not None:
             hit = self.cache.get(cache_key)
-            if hit is not None:
+            if isinstance(hit, GenResult):
                 self.metrics.cache_hits.inc()
                 return _ready(Outcome(hit, True, started))
             self.metrics.cache_misses.inc()
@@ -189,13 +189,22 @@ class Inference:
         except Stopped as exc:
             self.error("draining")
             raise ApiError(503, str(exc), "unavailable") from None
+        if (
+            result.finish_reason == "cancelled"
+        ):  # the engine stopped it at its deadline before our timer fired
+            self.error("timeout")
+            raise ApiError(
+                504,
+                f"no answer within the request timeout of {self.settings.request_timeout_s:g}s",
+                "timeout",
+            )
         m = self.metrics
         m.e2e_latency.observe(time.monotonic() - started)
         if result.first_token_at is not None:
             m.ttft.observe(max(0.0, result.first_token_at - started))
         m.prompt_tokens.inc(result.prompt_tokens)
         m.generation_tokens.inc(result.completion_tokens)
-        if cache_key is not None and self.cache is not None and result.finish_reason != "cancelled":
+        if cache_key is not None and self.cache is not None:
             self.cache.put(cache_key, result, len(result.text.encode()) + 256)
         return Outcome(result, False, started)
 
