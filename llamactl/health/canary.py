@@ -22,8 +22,8 @@ import httpx
 # tiny test checkpoint (llamactl.server.tiny) was trained on, so the lab's canaries exercise the real path.
 QUESTION = "What is in this image?"
 COLOUR = (220, 30, 30)
-# Room for all four stages of a real CoT answer about a plain image; an answer cut before CONCLUSION fails.
-MAX_TOKENS = 768
+# The canary leaves max_tokens to the instance's own configured default (what users get); an answer cut
+# before CONCLUSION by a too-small default fails the canary, which is the point.
 SIZE = 64
 
 
@@ -37,18 +37,25 @@ class CanaryResult:
     cached: bool = False  # the server answered from its result cache
 
 
-def canary_png(size: int = SIZE) -> bytes:
-    """A small deterministic PNG of one colour: Pillow when installed, else built by hand with zlib."""
+def canary_png(size: int = SIZE, nonce: str | None = None) -> bytes:
+    """A small PNG of one colour: Pillow when installed, else built by hand with zlib.
+
+    ``nonce`` goes into a text chunk: same pixels (same answer), different bytes, so the server's result
+    cache (keyed by the image bytes) cannot answer it and the canary is a real pass through the model."""
     try:
         from PIL import Image
+        from PIL.PngImagePlugin import PngInfo
     except ImportError:
-        return _png_by_hand(size)
+        return _png_by_hand(size, nonce)
     out = io.BytesIO()
-    Image.new("RGB", (size, size), COLOUR).save(out, format="PNG")
+    info = PngInfo()
+    if nonce is not None:
+        info.add_text("llamactl-canary", nonce)
+    Image.new("RGB", (size, size), COLOUR).save(out, format="PNG", pnginfo=info)
     return out.getvalue()
 
 
-def _png_by_hand(size: int) -> bytes:
+def _png_by_hand(size: int, nonce: str | None = None) -> bytes:
     """RGB, 8 bits per channel, filter byte 0 on every row."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -60,6 +67,7 @@ def _png_by_hand(size: int) -> bytes:
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", header)
         + chunk(b"IDAT", zlib.compress(rows, 9))
+        + (chunk(b"tEXt", b"llamactl-canary\x00" + nonce.encode()) if nonce is not None else b"")
         + chunk(b"IEND", b"")
     )
 
@@ -81,19 +89,19 @@ def check_answer(body: Any) -> tuple[str | None, str | None, int]:
     return None, conclusion, len(steps)
 
 
-def infer_payload(image: bytes, question: str = QUESTION, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
-    return {
+def infer_payload(image: bytes, question: str = QUESTION, max_tokens: int | None = None) -> dict[str, Any]:
+    payload: dict[str, Any] = {
         "image": base64.b64encode(image).decode("ascii"),
         "question": question,
-        "max_tokens": max_tokens,
         "do_sample": False,
     }
+    if max_tokens is not None:
+        payload["max_tokens"] = max_tokens
+    return payload
 
 
-def _uncached_max_tokens() -> int:
-    """The server caches deterministic answers by (image, question, parameters): a varying token cap (well
-    above the answer's length) keeps the canary a real pass through the model rather than a cache hit."""
-    return MAX_TOKENS + random.randrange(256)
+def _fresh_png() -> bytes:
+    return canary_png(nonce=f"{random.getrandbits(64):016x}")
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -128,7 +136,7 @@ async def run_canary(
     """POST one small image to ``base_url/infer`` and check the staged answer; never raises for HTTP trouble."""
     from llamactl.health.probe import describe_error
 
-    payload = infer_payload(image if image is not None else canary_png(), max_tokens=_uncached_max_tokens())
+    payload = infer_payload(image if image is not None else _fresh_png())
     start = time.monotonic()
     url = base_url.rstrip("/") + "/infer"
     try:
@@ -146,7 +154,7 @@ def run_canary_sync(
     """Blocking variant for thread-based callers (rolling restart)."""
     from llamactl.health.probe import describe_error
 
-    payload = infer_payload(image if image is not None else canary_png(), max_tokens=_uncached_max_tokens())
+    payload = infer_payload(image if image is not None else _fresh_png())
     start = time.monotonic()
     try:
         with httpx.Client(trust_env=False, timeout=timeout_s) as client:

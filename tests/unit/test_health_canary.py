@@ -52,6 +52,16 @@ def test_payload_is_a_deterministic_small_request() -> None:
     assert payload == {
         "image": "iVBORw==",
         "question": canary.QUESTION,
-        "max_tokens": 768,
         "do_sample": False,
     }
+    assert canary.infer_payload(b"x", max_tokens=9)["max_tokens"] == 9
+
+
+def test_fresh_canaries_differ_in_bytes_not_pixels() -> None:
+    from PIL import Image
+
+    a, b = canary._fresh_png(), canary._fresh_png()
+    assert a != b
+    assert Image.open(io.BytesIO(a)).tobytes() == Image.open(io.BytesIO(b)).tobytes()
+    by_hand = canary._png_by_hand(8, "abc")
+    assert Image.open(io.BytesIO(by_hand)).tobytes() == Image.open(io.BytesIO(canary.canary_png(8))).tobytes()
