@@ -65,6 +65,7 @@ class DeployResult:
     balancer_error: str | None = None
     balancer_diff: list[FileDiff] = field(default_factory=list)
     rolling_error: str | None = None
+    drained: frozenset[str] = frozenset()  # instances a failed rolling restart left out of the balancer
     duration_s: float = 0.0
 
     @property
@@ -96,6 +97,7 @@ class DeployResult:
             },
             "balancer": {"changed": self.balancer_changed, "error": self.balancer_error},
             "rolling_restart_error": self.rolling_error,
+            "drained": sorted(self.drained),
         }
 
 
@@ -290,7 +292,7 @@ def _rolling_restarts(
     pending = [a for h in result.hosts if h.ok for a in h.restarts]
     if not pending:
         return
-    from llamactl.ops.rolling import rolling_restart
+    from llamactl.ops.rolling import RollingRestartFailed, rolling_restart
 
     wanted = {a.instance_id for a in pending}
     instances = [i for i in inv.instances() if i.id in wanted]
@@ -301,6 +303,9 @@ def _rolling_restarts(
     try:
         rolling_restart(inv, instances, balancer_executors=balancers, progress=progress, connect=connector,
                         force=single, reason="deploy")
+    except RollingRestartFailed as exc:
+        result.rolling_error = str(exc)
+        result.drained = exc.result.drained
     except LlamactlError as exc:
         result.rolling_error = str(exc)
 
@@ -320,7 +325,8 @@ def _apply_balancer(
                     result.balancer_diff.append(FileDiff(path, old, f.content, False))
             result.balancer_changed = bool(result.balancer_diff)
         else:
-            res = apply_balancer_config(inv, balancers, reason="deploy")
+            # a failed instance stays drained (the rolling restart's promise); the rest goes live
+            res = apply_balancer_config(inv, balancers, result.drained, reason="deploy")
             result.balancer_changed = res.changed
     except LlamactlError as exc:
         result.balancer_error = str(exc)
