@@ -154,6 +154,7 @@ def test_endpoint_from_inventory_or_environment(
         monkeypatch.setenv("LLAMACTL_ENDPOINT", f"http://127.0.0.2:{port}/")
         code, out, err = infer([str(image), "--json"], capsys, monkeypatch)
         assert code == 0, err
+        assert json.loads(out)["result"]["conclusion"] == "It is a red square."
     monkeypatch.delenv("LLAMACTL_ENDPOINT")
     code, _, err = infer([str(image)], capsys, monkeypatch)
     assert (

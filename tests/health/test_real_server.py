@@ -129,7 +129,7 @@ def real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealClust
 
 def _llamactl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "llamactl", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "NO_COLOR": "1"})  # fmt: skip
+                          timeout=timeout, env={**os.environ, "NO_COLOR": "1"}, check=False)  # fmt: skip
 
 
 def test_status_with_canary_is_all_ready_without_drift(real_cluster: RealCluster) -> None:
