@@ -65,6 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=570)
     ap.add_argument("--skip-smoke", action="store_true")
+    ap.add_argument("--sdpa-check", action="store_true", help="run bench/gpu_sdpa_check.py on GPU 1 during the build")
     ap.add_argument("--smoke-s", type=float, default=150, help="time kept for gpu_smoke.py after multi_gpu.py")
     ap.add_argument("--multi-args", default="", help="extra arguments for multi_gpu.py")
     a = ap.parse_args()
@@ -89,9 +90,22 @@ def main() -> None:
              f"from gpu_smoke import build_random_11b; t=time.monotonic(); "
              f"r=build_random_11b(Path('{model}')); r['wall_s']=round(time.monotonic()-t,1); "
              f"r['dir']='{model}'; print('BUILD', json.dumps(r))")
+    diag = None
+    if a.sdpa_check:  # direct HF generate on GPU 1 while GPU 0 builds the checkpoint (mostly a disk write)
+        diag = subprocess.Popen([py, "bench/gpu_sdpa_check.py"],  # its JSON goes to the log
+                                cwd=REPO, stdout=(OUT / "sdpa_check.log").open("wb"), stderr=subprocess.STDOUT,
+                                env={**os.environ, "CUDA_VISIBLE_DEVICES": "1"})
     if not (model / "config.json").exists():
         stage("build", [py, "-c", build], min(240, left(a.budget_s)), OUT / "smoke.log",
               {"PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"})
+    if diag is not None:
+        try:
+            diag.wait(timeout=max(10, min(90, left(a.budget_s) - 330)))
+        except subprocess.TimeoutExpired:
+            diag.kill()
+            diag.wait()
+        print(f"== sdpa_check: exit {diag.returncode} after {time.monotonic() - T0:.0f}s", flush=True)
+        print((OUT / "sdpa_check.log").read_text(errors="replace")[-3000:], flush=True)
     # The multi-GPU run (issue 6's acceptance) first; the smoke run (about 2 minutes) gets what is left.
     stage("multi_gpu", [py, "bench/multi_gpu.py", "--model-dir", str(model), "--work", "/tmp/mg",
                         "--nginx-root", "/tmp/ngx", "--out", str(OUT / "multi_gpu.json"),

@@ -116,6 +116,27 @@ def level(url: str, conc: int, a: argparse.Namespace, images: list[str], sampler
     return res
 
 
+def prewarm(urls: list[str], levels: list[int], a: argparse.Namespace, images: list[str]) -> list[dict[str, Any]]:
+    """One round per level on every instance directly, all instances at once, before anything is measured.
+
+    The first batch of a new size runs ~10x slower on the GPU (per-shape work; see bench/gpu_sdpa_check.py),
+    so each instance sees every batch shape of the measured phases here, in parallel to save device time.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def warm(url: str) -> list[dict[str, Any]]:
+        out = []
+        for c in levels:
+            r = run_load(url, concurrency=c, requests=c, max_tokens=a.max_tokens, images=images)
+            out.append({"url": url, "concurrency": c, "wall_s": r["wall_s"], "failed": r["failed"]})
+        return out
+
+    with ThreadPoolExecutor(len(urls)) as pool:
+        res = [row for rows in pool.map(warm, urls) for row in rows]
+    print(json.dumps({"prewarm": res}), flush=True)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CPU dry run (tiny checkpoint, LLAMACTL_DEVICE=cpu)")
@@ -131,6 +152,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--single-levels", type=lambda s: [int(x) for x in s.split(",")], default=[16, 32])
     ap.add_argument("--rounds", type=int, default=3, help="measured requests = rounds x concurrency")
+    ap.add_argument("--no-prewarm", dest="prewarm", action="store_false",
+                    help="skip warming every instance at every level first")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--md", type=Path)
     a = ap.parse_args()
@@ -190,6 +213,8 @@ def main() -> None:
         images = [noise_jpeg(s, side) for s in range(64)]
         if sampler:
             sampler.start()
+        if a.prewarm:
+            info["prewarm"] = prewarm(urls, a.single_levels, a, images)
 
         from llamactl.inventory import load_inventory
         from llamactl.plan.render import render_balancer_files
