@@ -259,7 +259,7 @@ def test_plain_text_is_the_conclusion(text: str) -> None:
 
 
 _CONTENT = st.text(
-    alphabet=st.characters(blacklist_characters="<>", blacklist_categories=("Cs",)), min_size=1, max_size=30
+    alphabet=st.characters(exclude_characters="<>", exclude_categories=["Cs"]), min_size=1, max_size=30
 ).filter(lambda t: t.strip() != "")
 
 
