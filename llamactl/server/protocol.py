@@ -29,7 +29,7 @@ class GenOptions(_Body):
 
 
 class InferRequest(GenOptions):
-    image: str = Field(min_length=1, description="base64 image; a data: URL prefix is accepted")
+    image: str = Field(description="base64 image; a data: URL prefix is accepted")
     question: str = Field("Describe this image in detail.", min_length=1, max_length=MAX_TEXT)
 
 

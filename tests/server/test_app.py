@@ -366,3 +366,24 @@ def test_draining_refuses_new_work(srv: ThreadServer) -> None:
     finally:
         srv.state.draining = False
     assert httpx.get(srv.url + "/ready").status_code == 200
+
+
+def test_image_corpus_over_http(srv: ThreadServer) -> None:
+    """Odd-but-valid images all get 200; bad ones their 4xx; never a 5xx; the server stays ready."""
+    import base64
+
+    from tests.fixtures.images import corpus
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    valid, bad = corpus.valid_samples(), corpus.bad_samples()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        good = list(pool.map(lambda s: post(srv, "/infer", {"image": b64(s.data), "max_tokens": 2}), valid))
+        refused = list(pool.map(lambda s: post(srv, "/infer", {"image": b64(s.data), "max_tokens": 2}), bad))
+    for sample, r in zip(valid, good):
+        assert r.status_code == 200, (sample.name, r.text)
+    for sample, r in zip(bad, refused):
+        assert r.status_code == sample.status, (sample.name, r.status_code, r.text)
+        assert r.json()["error"]["type"] == "invalid_image"
+    assert httpx.get(srv.url + "/ready").status_code == 200
