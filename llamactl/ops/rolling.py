@@ -171,33 +171,37 @@ class Checks:
     def canary(self, url: str, api_key: str | None, max_tokens: int) -> tuple[bool, str]:
         """One real image inference on the instance itself, checked for the staged answer.
 
-        ``max_tokens`` stays within the server's configured limit (a request above it is a 400), and
-        the question carries a nonce so the server's answer cache cannot stand in for the model."""
-        import uuid
+        ``max_tokens`` stays within the server's configured limit (a request above it is a 400). The
+        question is the fixed canary one; the token cap varies a little so the server's answer cache
+        (keyed on the request) cannot stand in for the model, and a cached answer is asked again."""
+        import secrets
 
         import httpx
 
-        from llamactl.health.canary import QUESTION, canary_png, check_answer, infer_payload
+        from llamactl.health.canary import canary_png, check_answer, infer_payload
         from llamactl.health.probe import describe_error
 
-        payload = infer_payload(canary_png(), f"{QUESTION} (canary {uuid.uuid4().hex[:8]})", max_tokens)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         start = self.clock()
-        try:
-            with httpx.Client(trust_env=False, timeout=self.canary_timeout_s) as client:
-                response = client.post(url.rstrip("/") + "/infer", json=payload, headers=headers)
-            body = response.json()
-        except (httpx.HTTPError, OSError, ValueError) as exc:
-            return False, f"canary failed: {describe_error(exc, self.canary_timeout_s)}"
-        took = self.clock() - start
-        if response.status_code != 200:
-            error = body.get("error", {}) if isinstance(body, dict) else {}
-            message = error.get("message") if isinstance(error, dict) else None
-            return False, f"canary failed: HTTP {response.status_code}: {message or response.text[:200]}"
-        problem, _, steps = check_answer(body)
-        if problem is not None:
-            return False, f"canary failed: {problem}"
-        return True, f"canary answered in {took:.1f} s ({steps} reasoning steps)"
+        for _ in range(3):
+            cap = max(1, max_tokens - secrets.randbelow(min(16, max_tokens // 4) + 1))
+            try:
+                with httpx.Client(trust_env=False, timeout=self.canary_timeout_s) as client:
+                    response = client.post(url.rstrip("/") + "/infer", json=infer_payload(canary_png(), max_tokens=cap),
+                                           headers=headers)
+                body = response.json()
+            except (httpx.HTTPError, OSError, ValueError) as exc:
+                return False, f"canary failed: {describe_error(exc, self.canary_timeout_s)}"
+            if response.status_code != 200:
+                error = body.get("error", {}) if isinstance(body, dict) else {}
+                message = error.get("message") if isinstance(error, dict) else None
+                return False, f"canary failed: HTTP {response.status_code}: {message or response.text[:200]}"
+            problem, _, steps = check_answer(body)
+            if problem is not None:
+                return False, f"canary failed: {problem}"
+            if not (isinstance(body, dict) and body.get("cached") is True):
+                return True, f"canary answered in {self.clock() - start:.1f} s ({steps} reasoning steps)"
+        return False, "canary failed: the server kept answering from its cache, the model was not exercised"
 
 
 def _any_ready(instances: list[Instance], checks: Checks) -> bool:
