@@ -177,6 +177,7 @@ class _RowTracker:
         n = len(rows)
         self.tokens: list[list[int]] = [[] for _ in range(n)]
         self.sent: list[str] = [""] * n
+        self.offsets: list[tuple[int, int]] = [(0, 0)] * n
         self.results: list[GenResult | None] = [None] * n
         self.first_at: float | None = None
 
@@ -203,16 +204,25 @@ class _RowTracker:
             self._finish(i, "stop")
             return
         if row.on_text is not None:
-            text = self.tok.decode(self.tokens[i], skip_special_tokens=True)
-            if (
-                not text.endswith("\ufffd")
-                and text.startswith(self.sent[i])
-                and len(text) > len(self.sent[i])
-            ):
-                row.on_text(text[len(self.sent[i]) :])
-                self.sent[i] = text
+            self._stream(i, row)
         if len(self.tokens[i]) >= row.params.max_new_tokens:
             self._finish(i, "length")
+
+    def _stream(self, i: int, row: GenRequest) -> None:
+        """Emit new text by decoding a short window, not the whole answer each step (O(1) per token).
+
+        ``offsets[i] = (prefix, read)``: text of tokens[prefix:read] was already sent; decoding from ``prefix``
+        gives the new piece context, and an incomplete UTF-8 sequence (U+FFFD at the end) waits for more.
+        """
+        prefix, read = self.offsets[i]
+        toks = self.tokens[i]
+        before = self.tok.decode(toks[prefix:read], skip_special_tokens=True)
+        now = self.tok.decode(toks[prefix:], skip_special_tokens=True)
+        if len(now) > len(before) and not now.endswith("\ufffd") and now.startswith(before):
+            piece = now[len(before) :]
+            row.on_text(piece)  # type: ignore[misc]
+            self.sent[i] += piece
+            self.offsets[i] = (read, len(toks))
 
     def _finish(self, i: int, reason: FinishReason) -> None:
         row, toks = self.rows[i], self.tokens[i]
