@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from a plain checkout (the device machine) without installing llamactl
+    sys.path.insert(0, str(REPO))
 LLAMA3_SPECIAL = {  # id -> token, the real Llama 3 / 3.2 Vision layout
     128000: "<|begin_of_text|>",
     128001: "<|end_of_text|>",
