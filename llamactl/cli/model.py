@@ -33,7 +33,11 @@ def tiny(
         raise UsageError(f"{directory}: exists and is not a directory")
     if directory.is_dir() and any(p.name == "model.safetensors" for p in directory.iterdir()):
         typer.echo(f"overwriting the checkpoint in {directory}", err=True)
-    from llamactl.server.tiny import build_tiny_checkpoint  # imports torch; kept out of `llamactl --help`
+    from transformers.utils import logging as hf_logging  # heavy imports stay out of `llamactl --help`
+
+    from llamactl.server.tiny import build_tiny_checkpoint
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a 1 MB save needs no "Writing model shards" bar
 
     try:
         out = build_tiny_checkpoint(directory, seed=seed)
