@@ -37,7 +37,8 @@ def tiny(
 
     from llamactl.server.tiny import build_tiny_checkpoint
 
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a 1 MB save needs no "Writing model shards" bar
+    # A 1 MB save needs no "Writing model shards" progress bar.
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
     try:
         out = build_tiny_checkpoint(directory, seed=seed)
