@@ -39,7 +39,7 @@ def build_inventory(state: LabState) -> dict[str, Any]:
                 "upload_from": str(d / "model"),
                 "dtype": "float32",
                 "quantization": "none",
-                "generation": {"max_new_tokens": 48, "temperature": 0.6, "top_p": 0.9, "do_sample": False},
+                "generation": {"max_new_tokens": 96, "temperature": 0.6, "top_p": 0.9, "do_sample": False},
             },
             "server": {
                 "max_batch_size": 4,
@@ -50,7 +50,9 @@ def build_inventory(state: LabState) -> dict[str, Any]:
                 "max_body_mb": 20,
                 "max_image_pixels": 40000000,
                 "max_image_mb": 15,
-                "env": {"HF_HUB_OFFLINE": "1"},
+                # one OpenMP thread per CPU instance: the lab hosts share the machine's few cores, and
+                # spinning OpenMP threads of several servers slow each other down 10-50x
+                "env": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
             },
             "pip": {"no_index": True, "wheelhouse": str(d / "wheelhouse")},
         },
