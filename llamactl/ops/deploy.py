@@ -21,7 +21,7 @@ from llamactl.ops import lock as deploy_lock
 from llamactl.ops.connect import Connector, connect_host
 from llamactl.ops.readiness import wait_instances_ready
 from llamactl.ops.release import build_wheel, make_release, model_upload
-from llamactl.plan.command import Command
+from llamactl.plan.command import Command, join
 from llamactl.plan.deploy import ENV_DIR, MODEL_MANIFEST, HostPlan, InstanceAction, ModelUpload, Release, Run, Upload, plan_host
 from llamactl.plan.facts import gather_command, parse_facts
 from llamactl.plan.render import render_balancer_files, render_host_files
@@ -198,7 +198,10 @@ def deploy_host(
         out.restarts = [a for a in plan.actions if a.action == "restart"]
         if fresh:
             progress(host_name, f"starting {len(fresh)} instance(s)")
-            executor.run(Command.of("systemctl", "start", *[a.unit for a in fresh]))
+            # reset-failed first: a unit that crash-looped into its start limit refuses a plain start
+            units = join([a.unit for a in fresh])
+            executor.run(Command.sh(f"systemctl reset-failed {units} 2>/dev/null; systemctl start {units}",
+                                    "start instances"))
             progress(host_name, "waiting for ready")
             failures = wait_instances_ready([a.url for a in fresh], timeout_s=inv.rollout.ready_timeout_s)
             if failures:
