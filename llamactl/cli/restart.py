@@ -137,12 +137,26 @@ def restart(
     console.print(f"rolling restart of {len(instances)} instance(s) in {len(batches)} batch(es), at most "
                   f"{max(len(b) for b in batches)} out of the balancer at once", markup=False)
     view = RollingView(console, [[i.id for i in b] for b in batches])
+    # Hold the deploy lock for the whole rollout: a deploy (or a second restart) meanwhile would fight
+    # over the balancer config and the units.
+    from llamactl.ops import lock
+    from llamactl.ops.connect import connect_host
+
+    lb = inv.balancer.hosts[0]
+    lb_exec = connect_host(lb.name, lb.address, lb.ssh)
     try:
-        with view.live:
-            result = rolling_restart(inv, instances, on_event=view, batch=spec, force=force)
-    except RollingRestartFailed as exc:
-        console.print(str(exc), markup=False, style="bold red")
-        raise
+        lock.acquire(lb_exec, "llamactl restart --rolling " + str(inventory))
+        try:
+            with view.live:
+                result = rolling_restart(inv, instances, on_event=view, batch=spec, force=force,
+                                         balancer_executors={lb.name: lb_exec})
+        except RollingRestartFailed as exc:
+            console.print(str(exc), markup=False, style="bold red")
+            raise
+        finally:
+            lock.release(lb_exec)
+    finally:
+        lb_exec.close()
     console.print(result.summary(), markup=False, style="green")
 
 
