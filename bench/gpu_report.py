@@ -26,6 +26,8 @@ def multi_gpu_markdown(info: dict[str, Any]) -> str:
         f"- Method: closed loop, streaming /v1/chat/completions through nginx, one 4-tile 1120x1120 JPEG per "
         f"request; per level one warm round (not counted) then {args.get('rounds')} x concurrency requests",
         f"- One GPU: {info.get('single_gpu_config', '-')}",
+        f"- cuDNN SDPA in the servers: {args.get('cudnn_sdpa', 'default')}; prewarm of every instance at every "
+        f"level first: {args.get('prewarm', False)}",
         "",
         "| run | concurrency | requests | failed | tok/s | req/s | p50 s | p95 s | TTFT p50 s | TTFT p95 s "
         "| upstreams | GPU util |",

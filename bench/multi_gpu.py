@@ -154,6 +154,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="measured requests = rounds x concurrency")
     ap.add_argument("--no-prewarm", dest="prewarm", action="store_false",
                     help="skip warming every instance at every level first")
+    ap.add_argument("--cudnn-sdpa", choices=["default", "off"], default="default",
+                    help="off: disable cuDNN SDPA in the servers (the fix under test; not in llamactl yet)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--md", type=Path)
     a = ap.parse_args()
@@ -178,7 +180,7 @@ def main() -> None:
     unit = parse_unit(rendered / "gpu-host/etc/systemd/system/llamactl@.service")
     info["unit"] = unit
     exec_argv = shlex.split(unit["ExecStart"])
-    make_shim(Path(exec_argv[0]))
+    make_shim(Path(exec_argv[0]), a.cudnn_sdpa)
     state_dir = work / "state" if a.tiny else Path(unit["WorkingDirectory"])
     state_dir.mkdir(parents=True, exist_ok=True)
 
@@ -250,14 +252,18 @@ def main() -> None:
         dump(info, a)
 
 
-def make_shim(path: Path) -> None:
+# --cudnn-sdpa off: the server with the proposed fix (see bench/gpu_sdpa_check.py), applied before it starts.
+_CUDNN_OFF = ("import torch; torch.backends.cuda.enable_cudnn_sdp(False); "
+              "from llamactl.cli.main import main; main()")
+
+
+def make_shim(path: Path, cudnn_sdpa: str) -> None:
     """Stand in for the release venv's ``llamactl`` entry script: this interpreter + this checkout (+ carry)."""
-    if path.exists():
-        return
     path.parent.mkdir(parents=True, exist_ok=True)
     pypath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    entry = "-m llamactl" if cudnn_sdpa == "default" else f"-c {shlex.quote(_CUDNN_OFF)}"
     path.write_text(f"#!/bin/sh\nPYTHONPATH={shlex.quote(pypath)} exec {shlex.quote(sys.executable)} "
-                    f"-m llamactl \"$@\"\n")
+                    f"{entry} \"$@\"\n")
     path.chmod(0o755)
 
 
