@@ -57,7 +57,7 @@ def stage(name: str, argv: list[str], timeout_s: float, log: Path, env: dict[str
 
 
 def sh(cmd: str) -> str:
-    r = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=60, check=False)
     return f"$ {cmd}\n{r.stdout}{r.stderr}"
 
 
@@ -74,10 +74,10 @@ def main() -> None:
     report = [sh(c) for c in (
         "nvidia-smi -L", "nvidia-smi topo -m", "nproc", "free -g", "df -h /tmp /dev/shm", "uname -r",
         f"{py} --version",
-        f"{py} -c 'import torch,transformers,fastapi,uvicorn,pydantic,starlette,huggingface_hub,tokenizers;"
-        "print(torch.__version__, torch.version.cuda, transformers.__version__, fastapi.__version__,"
-        " uvicorn.__version__, pydantic.__version__, starlette.__version__, huggingface_hub.__version__,"
-        " tokenizers.__version__, torch.cuda.device_count(), torch.cuda.get_device_name(0))'",
+        (f"{py} -c 'import torch,transformers,fastapi,uvicorn,pydantic,starlette,huggingface_hub,tokenizers;"
+         "print(torch.__version__, torch.version.cuda, transformers.__version__, fastapi.__version__,"
+         " uvicorn.__version__, pydantic.__version__, starlette.__version__, huggingface_hub.__version__,"
+         " tokenizers.__version__, torch.cuda.device_count(), torch.cuda.get_device_name(0))'"),
         f"PYTHONPATH={REPO}:$PYTHONPATH {py} -m llamactl --version",
         f"sh {REPO}/bench/nginx_carry/unpack.sh {REPO}/.nginx /tmp/ngx",
     )]

@@ -21,16 +21,16 @@ def multi_gpu_markdown(info: dict[str, Any]) -> str:
         f"- Device: {info.get('device', 'unknown')}",
         f"- Versions: {info.get('versions', '-')}; {info.get('nginx_version', '-')}",
         f"- Model: {info.get('mode')} (random weights, 11B shapes; tokens are meaningless, the cost is real)",
-        f"- Server settings (rendered env files): max_batch_size {args.get('max_batch')}, max_wait_ms "
-        f"{args.get('max_wait_ms')}, cache off, bf16, {args.get('max_tokens')}-token answers (ignore_eos)",
-        f"- Method: closed loop, streaming /v1/chat/completions through nginx, one 4-tile 1120x1120 JPEG per "
-        f"request; per level one warm round (not counted) then {args.get('rounds')} x concurrency requests",
+        (f"- Server settings (rendered env files): max_batch_size {args.get('max_batch')}, max_wait_ms "
+         f"{args.get('max_wait_ms')}, cache off, bf16, {args.get('max_tokens')}-token answers (ignore_eos)"),
+        ("- Method: closed loop, streaming /v1/chat/completions through nginx, one 4-tile 1120x1120 JPEG per "
+         f"request; per level one warm round (not counted) then {args.get('rounds')} x concurrency requests"),
         f"- One GPU: {info.get('single_gpu_config', '-')}",
-        f"- cuDNN SDPA in the servers: {args.get('cudnn_sdpa', 'default')}; prewarm of every instance at every "
-        f"level first: {args.get('prewarm', False)}",
+        (f"- cuDNN SDPA in the servers: {args.get('cudnn_sdpa', 'default')}; prewarm of every instance at every "
+         f"level first: {args.get('prewarm', False)}"),
         "",
-        "| run | concurrency | requests | failed | tok/s | req/s | p50 s | p95 s | TTFT p50 s | TTFT p95 s "
-        "| upstreams | GPU util |",
+        ("| run | concurrency | requests | failed | tok/s | req/s | p50 s | p95 s | TTFT p50 s | TTFT p95 s "
+         "| upstreams | GPU util |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in info.get("single", []):
@@ -39,9 +39,9 @@ def multi_gpu_markdown(info: dict[str, Any]) -> str:
         lines.append(_row(f"{len(args.get('gpus', []))} GPUs", info["multi"]))
     res = info.get("result")
     if res:
-        lines += ["", f"**Speed-up {res['speedup']}x** ({res['multi_tok_per_s']} vs {res['single_tok_per_s']} "
-                  f"tok/s), failed requests {res['failed']}: acceptance (>= 1.9x, 0 failures) "
-                  f"{'PASSED' if res['pass'] else 'NOT MET'}."]
+        verdict = "PASSED" if res["pass"] else "NOT MET"
+        lines += ["", (f"**Speed-up {res['speedup']}x** ({res['multi_tok_per_s']} vs {res['single_tok_per_s']} "
+                       f"tok/s), failed requests {res['failed']}: acceptance (>= 1.9x, 0 failures) {verdict}.")]
     pin = info.get("pinning", {})
     if pin:
         lines += ["", "GPU pinning (nvidia-smi compute apps per server process):", ""]

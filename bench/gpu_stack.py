@@ -113,12 +113,12 @@ class Nginx:
 
     def _write(self, conf: str) -> None:
         (self.prefix / "conf.d/llamactl.conf").write_text(conf)
-        r = subprocess.run(self._args("-t"), env=self.env, capture_output=True, text=True)
+        r = subprocess.run(self._args("-t"), env=self.env, capture_output=True, text=True, check=False)
         if r.returncode != 0:
             raise RuntimeError(f"nginx -t failed:\n{r.stderr}")
 
     def version(self) -> str:
-        r = subprocess.run([self.bin, "-v"], env=self.env, capture_output=True, text=True)
+        r = subprocess.run([self.bin, "-v"], env=self.env, capture_output=True, text=True, check=False)
         return (r.stderr or r.stdout).strip()
 
     def start(self) -> None:
@@ -146,13 +146,13 @@ class Nginx:
 
 def _smi(*args: str) -> list[list[str]]:
     r = subprocess.run(["nvidia-smi", *args, "--format=csv,noheader,nounits"], capture_output=True,
-                       text=True, timeout=30)
+                       text=True, timeout=30, check=False)
     return [[c.strip() for c in line.split(",")] for line in r.stdout.strip().splitlines() if line.strip()]
 
 
 def gpu_pinning(procs: list[subprocess.Popen[bytes]], tiny: bool) -> dict[str, Any]:
     """Which GPU(s) each server process holds memory on (nvidia-smi) and the CUDA_VISIBLE_DEVICES it got."""
-    per_proc = []
+    per_proc: list[dict[str, Any]] = []
     for p in procs:
         environ = Path(f"/proc/{p.pid}/environ").read_bytes().split(b"\0")
         cvd = next((e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"CUDA_VISIBLE_DEVICES=")),

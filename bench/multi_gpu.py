@@ -167,6 +167,7 @@ def main() -> None:
     install_dir = work / "opt-llamactl" if a.tiny else Path("/opt/llamactl")
     info: dict[str, Any] = {"mode": "tiny-cpu" if a.tiny else "11b-shape-random-bf16", "args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
+    info["device"], info["versions"] = describe(a.tiny)
     t0 = time.monotonic()
     info["model_build"] = build_model(model_dir, a.tiny)
     info["model_build"]["wall_s"] = round(time.monotonic() - t0, 1)
@@ -265,6 +266,22 @@ def make_shim(path: Path, cudnn_sdpa: str) -> None:
     path.write_text(f"#!/bin/sh\nPYTHONPATH={shlex.quote(pypath)} exec {shlex.quote(sys.executable)} "
                     f"{entry} \"$@\"\n")
     path.chmod(0o755)
+
+
+def describe(tiny: bool) -> tuple[str, str]:
+    import platform
+
+    import fastapi
+    import torch
+    import transformers
+    import uvicorn
+
+    # nvidia-smi, not torch.cuda: this process must not put a CUDA context on the servers' GPUs.
+    device = f"CPU ({os.cpu_count()} cores)" if tiny else ", ".join(subprocess.run(
+        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
+        check=False).stdout.split("\n")[:-1])
+    return device, (f"Python {platform.python_version()}, torch {torch.__version__}, transformers "
+                    f"{transformers.__version__}, fastapi {fastapi.__version__}, uvicorn {uvicorn.__version__}")
 
 
 def dump(info: dict[str, Any], a: argparse.Namespace) -> None:
