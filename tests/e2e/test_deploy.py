@@ -130,12 +130,14 @@ def test_changed_host_key_is_refused(deployed_lab: Lab, tmp_path: Path) -> None:
     known = (deployed_lab.dir / "known_hosts").read_text().splitlines()
     addr = yaml.safe_load(deployed_lab.inventory.read_text())["groups"]["lab"]["hosts"]["lab-host2"]["address"]
     fake_pub = (tmp_path / "other_key.pub").read_text().split()[:2]
-    forged = [f"{addr} {' '.join(fake_pub)}" if line.split()[0] == addr else line for line in known]
+    forged = [f"{line.split()[0]} {' '.join(fake_pub)}" if addr in line.split()[0].split(",") else line
+              for line in known]
+    assert forged != known
     kh = tmp_path / "known_hosts"
     kh.write_text("\n".join(forged) + "\n")
     inv = write_inventory(deployed_lab, tmp_path, lambda d: d["defaults"]["ssh"].__setitem__("known_hosts", str(kh)))
     proc = llamactl("deploy", str(inv), "--json")
-    assert proc.returncode == 1, proc.stdout
+    assert proc.returncode == 3, proc.stdout  # every failure was a refused connection
     result = json.loads(proc.stdout)
     assert result["hosts"]["lab-host1"]["ok"] and result["hosts"]["lab-host3"]["ok"]
     err = result["hosts"]["lab-host2"]["error"]
