@@ -71,6 +71,7 @@ class Batcher:
         self._running = 0
         self._stopping = False
         self._batch_s = 1.0  # moving average of batch duration, for Retry-After
+        self._last_batch_end = 0.0  # monotonic time the previous batch finished
         self.batches = 0
 
     @property
@@ -172,7 +173,11 @@ class Batcher:
                 if self._stopping:
                     return None
                 first = self._queue[0]
-                fill_by = first.req.enqueued_at + self.max_wait_s
+                # The window starts no earlier than the end of the previous batch: clients whose answers
+                # just came back resubmit a moment later and join this batch, instead of forming a second
+                # group that alternates with the first for good (seen on an H100: mean batch 4 at
+                # concurrency 8 with max_batch_size 8).
+                fill_by = max(first.req.enqueued_at, self._last_batch_end) + self.max_wait_s
                 while not self._stopping and first in self._queue:
                     ready = sum(1 for it in self._queue if it.key == first.key)
                     remaining = fill_by - time.monotonic()
@@ -208,6 +213,7 @@ class Batcher:
             self._batch_s = 0.8 * self._batch_s + 0.2 * (time.monotonic() - t0)
             with self._cv:
                 self._running = 0
+                self._last_batch_end = time.monotonic()
 
     def _generate(self, batch: list[_Item]) -> None:
         try:

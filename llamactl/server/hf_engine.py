@@ -74,6 +74,13 @@ class HFEngine:
             kwargs["quantization_config"] = _bnb_config(s.quantization, self.dtype)
         if has_accelerate:  # load straight onto the device (no full staging copy in host memory)
             kwargs["device_map"] = {"": self.device}
+        if self.device == "cuda":
+            # Batched rows carry a padding mask, which sends SDPA to cuDNN on Hopper; cuDNN builds a plan for
+            # every new shape and every decode step has a new key length. Measured on an H100 (bench/results/
+            # multi_gpu.md): a cold 128-token batch took 70-90 s at ~5% GPU use with cuDNN, ~3 s without.
+            import torch
+
+            torch.backends.cuda.enable_cudnn_sdp(False)
         t0 = time.monotonic()
         self.processor = tf.AutoProcessor.from_pretrained(
             s.model, **({"revision": s.revision} if s.revision else {})

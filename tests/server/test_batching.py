@@ -163,3 +163,29 @@ def test_stop_fails_queued_and_refuses_new() -> None:
         assert (await first).text == "A"  # the running batch still finishes
 
     asyncio.run(_with_batcher(engine, go, max_batch_size=1))
+
+
+class SlowEngine(RecordingEngine):
+    def generate_batch(self, requests: Sequence[GenRequest]) -> list[GenResult]:
+        time.sleep(0.2)
+        return super().generate_batch(requests)
+
+
+def test_clients_that_resubmit_after_a_batch_join_the_next_one() -> None:
+    """Two groups of closed-loop clients, offset in time, must merge instead of alternating for good:
+    the batch window starts no earlier than the end of the previous batch."""
+    engine = SlowEngine()
+
+    async def client(b: Batcher, name: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        for n in range(4):
+            await b.submit(GenRequest(f"{name}{n}", None, greedy()))
+
+    async def go(b: Batcher) -> None:
+        await asyncio.gather(client(b, "a", 0), client(b, "b", 0), client(b, "c", 0.1), client(b, "d", 0.1))
+
+    asyncio.run(_with_batcher(engine, go, max_batch_size=4, max_wait_ms=100))
+    sizes = [len(c) for c in engine.calls]
+    # a+b first; c+d arrive while it runs and wait for a+b's next requests: 4 together from then on
+    # (before the fix: 2, 2, 2, 2, ... for good)
+    assert sizes[0] == 2 and sizes[1:].count(4) >= 3, sizes
