@@ -16,7 +16,9 @@ DEFAULT_QUESTION = "Describe this image in detail."
 
 
 def _console() -> Console:
-    return Console(no_color="NO_COLOR" in os.environ or None, highlight=False)
+    from llamactl.cli.console import console_for
+
+    return console_for(stderr=False)
 
 
 def _endpoint(endpoint: str | None, inventory: Path | None) -> str:

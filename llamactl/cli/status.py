@@ -22,7 +22,9 @@ GIB = 1024**3
 
 
 def _console() -> Console:
-    return Console(no_color="NO_COLOR" in os.environ or None, highlight=False)
+    from llamactl.cli.console import console_for
+
+    return console_for(stderr=False)
 
 
 def _num(value: float | None, fmt: str = "{:g}") -> str:
