@@ -1,9 +1,11 @@
 """Deploy wall time to 1, 3 and 8 lab hosts: first run and no-op rerun, with the controller's overhead.
 
 For each N: a fresh lab of N hosts, `deploy` (first run), `deploy` again (no-op), lab down.
-Controller overhead = deploy wall time - the slowest host's time spent inside remote commands and
-uploads (measured around every executor call). That is the wall time the same host-side commands
-would take if run directly over parallel SSH, so the difference is what llamactl itself adds.
+Controller overhead = deploy wall time - (the slowest host's time spent connecting, inside remote commands
+and uploads, and waiting for its instances' /ready) - the balancer host's time inside remote commands.
+Every one of those is measured around the executor call (or the readiness wait) itself. That is the wall
+time the same host-side work would take if run directly over parallel SSH, so the difference is what
+llamactl itself adds (planning, rendering, hashing, threads, progress).
 
 Run as root:  .venv/bin/python bench/deploy_bench.py [--sizes 1,3,8] [--out bench/results/deploy.json]
 """
@@ -77,9 +79,26 @@ def timed_deploy(inventory: Path) -> dict[str, Any]:
             connect_time[name] += time.monotonic() - t0
         return TimedExecutor(ex, buckets, lock)
 
-    t0 = time.monotonic()
-    result = deploy(inv, connector=connector)
-    wall = time.monotonic() - t0
+    import llamactl.ops.deploy as deploy_module
+
+    url_host = {i.url: i.host for i in inv.instances()}
+    real_wait = deploy_module.wait_instances_ready
+
+    def timed_wait(urls: list[str], **kw: Any) -> dict[str, str]:
+        t0 = time.monotonic()
+        try:
+            return real_wait(urls, **kw)
+        finally:
+            with lock:
+                buckets[url_host[urls[0]]] += time.monotonic() - t0
+
+    deploy_module.wait_instances_ready = timed_wait  # type: ignore[assignment]
+    try:
+        t0 = time.monotonic()
+        result = deploy(inv, connector=connector)
+        wall = time.monotonic() - t0
+    finally:
+        deploy_module.wait_instances_ready = real_wait
     server_hosts = [h.name for h in inv.hosts]
     slowest = max(buckets[h] + connect_time[h] for h in server_hosts)
     balancer = sum(buckets[b.name] + connect_time[b.name] for b in inv.balancer.hosts)
@@ -91,6 +110,7 @@ def timed_deploy(inventory: Path) -> dict[str, Any]:
         "balancer_remote_s": round(balancer, 3),
         "controller_overhead_s": round(wall - slowest - balancer, 3),
         "per_host_remote_s": {h: round(buckets[h] + connect_time[h], 3) for h in server_hosts},
+        "deploy_json": result.to_json(),
     }
 
 
