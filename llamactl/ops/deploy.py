@@ -22,7 +22,16 @@ from llamactl.ops.connect import Connector, connect_host
 from llamactl.ops.readiness import wait_instances_ready
 from llamactl.ops.release import build_wheel, make_release, model_upload
 from llamactl.plan.command import Command, join
-from llamactl.plan.deploy import ENV_DIR, MODEL_MANIFEST, HostPlan, InstanceAction, ModelUpload, Release, Run, Upload, plan_host
+from llamactl.plan.deploy import (
+    ENV_DIR,
+    MODEL_MANIFEST,
+    HostPlan,
+    InstanceAction,
+    ModelUpload,
+    Release,
+    Upload,
+    plan_host,
+)
 from llamactl.plan.facts import gather_command, parse_facts
 from llamactl.plan.render import render_balancer_files, render_host_files
 from llamactl.remote.base import Executor
@@ -224,7 +233,7 @@ def deploy_host(
     except LlamactlError as exc:
         out.error = str(exc)
         return out
-    except Exception as exc:  # an unexpected failure on one host must not stop the others
+    except Exception as exc:  # noqa: BLE001 - an unexpected failure on one host must not stop the others
         out.error = f"{type(exc).__name__}: {exc}"
         return out
     finally:

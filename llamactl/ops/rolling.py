@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 Connect = Callable[[str, str, Any], "Executor"]  # (host name, address, SSHSettings) -> Executor
 RestartFn = Callable[["Executor", "Instance"], None]
 Step = Literal["drain", "idle", "restart", "ready", "canary", "undrain"]
-CANARY_MAX_TOKENS = 256  # enough for the four stages on a small image, short enough to be quick
 
 
 @dataclass(frozen=True)
@@ -168,40 +167,14 @@ class Checks:
 
         return check_ready(url, 3.0).done
 
-    def canary(self, url: str, api_key: str | None, max_tokens: int) -> tuple[bool, str]:
-        """One real image inference on the instance itself, checked for the staged answer.
+    def canary(self, url: str, api_key: str | None) -> tuple[bool, str]:
+        """One real image inference on the instance itself (llamactl.health.canary), staged answer checked."""
+        from llamactl.health.canary import run_canary_sync
 
-        ``max_tokens`` stays within the server's configured limit (a request above it is a 400). The
-        question is the fixed canary one; the token cap varies a little so the server's answer cache
-        (keyed on the request) cannot stand in for the model, and a cached answer is asked again."""
-        import secrets
-
-        import httpx
-
-        from llamactl.health.canary import canary_png, check_answer, infer_payload
-        from llamactl.health.probe import describe_error
-
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        start = self.clock()
-        for _ in range(3):
-            cap = max(1, max_tokens - secrets.randbelow(min(16, max_tokens // 4) + 1))
-            try:
-                with httpx.Client(trust_env=False, timeout=self.canary_timeout_s) as client:
-                    response = client.post(url.rstrip("/") + "/infer", json=infer_payload(canary_png(), max_tokens=cap),
-                                           headers=headers)
-                body = response.json()
-            except (httpx.HTTPError, OSError, ValueError) as exc:
-                return False, f"canary failed: {describe_error(exc, self.canary_timeout_s)}"
-            if response.status_code != 200:
-                error = body.get("error", {}) if isinstance(body, dict) else {}
-                message = error.get("message") if isinstance(error, dict) else None
-                return False, f"canary failed: HTTP {response.status_code}: {message or response.text[:200]}"
-            problem, _, steps = check_answer(body)
-            if problem is not None:
-                return False, f"canary failed: {problem}"
-            if not (isinstance(body, dict) and body.get("cached") is True):
-                return True, f"canary answered in {self.clock() - start:.1f} s ({steps} reasoning steps)"
-        return False, "canary failed: the server kept answering from its cache, the model was not exercised"
+        r = run_canary_sync(url, timeout_s=self.canary_timeout_s, api_key=api_key)
+        if not r.ok:
+            return False, f"canary failed: {r.error}"
+        return True, f"canary answered in {r.elapsed_s:.1f} s ({r.reasoning_steps} reasoning steps)"
 
 
 def _any_ready(instances: list[Instance], checks: Checks) -> bool:
@@ -343,8 +316,7 @@ def _run_batch(
         if not ready:
             return Failure(inst.id, "ready", message)
         if inv.rollout.canary:
-            limit = inv.host(inst.host).model.generation.max_new_tokens
-            ok, message = checks.canary(inst.url, _api_key(inv, inst), min(limit, CANARY_MAX_TOKENS))
+            ok, message = checks.canary(inst.url, _api_key(inv, inst))
             report("canary", message, ok)
             if not ok:
                 return Failure(inst.id, "canary", message)

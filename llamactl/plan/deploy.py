@@ -6,6 +6,7 @@ units to reload, enable, start or restart. The executor in ``llamactl.ops.deploy
 
 from __future__ import annotations
 
+import json
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,8 +216,6 @@ def plan_host(
         for art in changed:
             plan.steps.append(Upload(posixpath.join(model_path, art.name), "model file", local_path=art.local_path))
         if changed or facts.model_manifest is None:
-            import json
-
             manifest = json.dumps({"files": model_upload.manifest}, sort_keys=True, indent=1).encode()
             plan.steps.append(Upload(posixpath.join(model_path, MODEL_MANIFEST), "model manifest", content=manifest))
             plan.changes.append(f"uploaded {len(changed)} changed model file(s) to {model_path}")
