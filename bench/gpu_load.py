@@ -111,10 +111,41 @@ async def _run(url: str, concurrency: int, requests: int, max_tokens: int, image
     return outcomes, wall
 
 
+def _child(url: str, concurrency: int, requests: int, max_tokens: int, images: list[str], timeout_s: float,
+           start_at: float) -> tuple[list[Outcome], float]:
+    """One load process: wait for the common start time, run, return outcomes and its end (wall clock)."""
+    time.sleep(max(0.0, start_at - time.time()))
+    outcomes, _ = asyncio.run(_run(url, concurrency, requests, max_tokens, images, timeout_s))
+    return outcomes, time.time()
+
+
+def _run_processes(url: str, concurrency: int, requests: int, max_tokens: int, images: list[str],
+                   timeout_s: float, processes: int) -> tuple[list[Outcome], float]:
+    """Split clients and requests over ``processes`` spawned processes that start at one agreed instant."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    shares = [(concurrency // processes + (i < concurrency % processes),
+               requests // processes + (i < requests % processes)) for i in range(processes)]
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(time.sleep, [0] * processes))  # start the workers before the clock starts
+        start_at = time.time() + 0.5
+        futures = [pool.submit(_child, url, c, r, max_tokens, images, timeout_s, start_at) for c, r in shares if c]
+        results = [f.result() for f in futures]
+    return [o for outs, _ in results for o in outs], max(end for _, end in results) - start_at
+
+
 def run_load(url: str, *, concurrency: int, requests: int, max_tokens: int, images: list[str],
-             timeout_s: float = 900.0) -> dict[str, Any]:
-    """Drive ``requests`` fixed-length requests at ``concurrency``; returns the figures as a JSON-able dict."""
-    outcomes, wall = asyncio.run(_run(url, concurrency, requests, max_tokens, images, timeout_s))
+             timeout_s: float = 900.0, processes: int = 1) -> dict[str, Any]:
+    """Drive ``requests`` fixed-length requests at ``concurrency``; returns the figures as a JSON-able dict.
+
+    ``processes`` > 1 spreads the clients over that many load processes (one Python process can become the
+    bottleneck at tens of streams with image uploads), started together; wall time spans all of them.
+    """
+    if processes > 1:
+        outcomes, wall = _run_processes(url, concurrency, requests, max_tokens, images, timeout_s, processes)
+    else:
+        outcomes, wall = asyncio.run(_run(url, concurrency, requests, max_tokens, images, timeout_s))
     good = [o for o in outcomes if o.ok]
     tokens = sum(o.completion_tokens for o in good)
     e2e = [o.e2e_s for o in good]
@@ -124,7 +155,8 @@ def run_load(url: str, *, concurrency: int, requests: int, max_tokens: int, imag
         return None if x is None else round(x, nd)
 
     return {
-        "concurrency": concurrency, "requests": len(outcomes), "max_tokens": max_tokens,
+        "concurrency": concurrency, "load_processes": processes, "requests": len(outcomes),
+        "max_tokens": max_tokens,
         "ok": len(good), "failed": len(outcomes) - len(good),
         "errors": sorted(Counter(o.error for o in outcomes if not o.ok).items())[:5],
         "wall_s": r(wall), "completion_tokens": tokens,

@@ -214,3 +214,98 @@ class GpuSampler:
         if self.proc is not None:
             self.proc.terminate()
             self.proc.wait()
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu_s(stat_path: Path) -> float:
+    """utime + stime of a /proc/<pid>[/task/<tid>]/stat file, in seconds (0 when it is gone)."""
+    try:
+        fields = stat_path.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK  # fields 14 and 15 of stat(5), after "pid (comm)"
+
+
+def _host_busy_s() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat's cpu line."""
+    vals = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = vals[3] + vals[4]
+    return (sum(vals) - idle) / _TICK, sum(vals) / _TICK
+
+
+class CpuMeter:
+    """CPU use over a window: each server process (and its busiest threads), nginx, this load process, host.
+
+    Figures are cores (CPU seconds / wall seconds): 1.0 = one CPU busy all the time. A server's busiest thread
+    near 1.0 is the Python model thread saturated (launching kernels, stepping the stopping criteria).
+    """
+
+    def __init__(self, servers: dict[str, int]) -> None:
+        self.servers = servers
+
+    @staticmethod
+    def _nginx_pids() -> list[int]:
+        out = []
+        for d in Path("/proc").glob("[0-9]*"):
+            try:
+                if (d / "comm").read_text().strip() == "nginx":
+                    out.append(int(d.name))
+            except OSError:
+                continue
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        import resource
+
+        threads = {}
+        for name, pid in self.servers.items():
+            threads[name] = {t.name: _proc_cpu_s(t / "stat") for t in Path(f"/proc/{pid}/task").glob("*")}
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return {"t": time.monotonic(), "threads": threads,
+                "nginx": sum(_proc_cpu_s(Path(f"/proc/{p}/stat")) for p in self._nginx_pids()),
+                "load": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime, "host": _host_busy_s()}
+
+    def since(self, before: dict[str, Any]) -> dict[str, Any]:
+        now = self.snapshot()
+        wall = max(1e-6, now["t"] - before["t"])
+        out: dict[str, Any] = {"wall_s": round(wall, 1)}
+        for name, th in now["threads"].items():
+            prev = before["threads"].get(name, {})
+            per = sorted(((v - prev.get(tid, 0.0)) / wall for tid, v in th.items()), reverse=True)
+            out[name] = {"cores": round(sum(per), 2), "top_threads": [round(x, 2) for x in per[:4]]}
+        out["nginx_cores"] = round((now["nginx"] - before["nginx"]) / wall, 2)
+        out["load_generator_cores"] = round((now["load"] - before["load"]) / wall, 2)
+        busy = now["host"][0] - before["host"][0]
+        total = now["host"][1] - before["host"][1]
+        out["host_busy_cores"] = round(busy / wall, 2)
+        out["host_busy_pct"] = round(100 * busy / max(1e-6, total), 1)
+        return out
+
+
+def scrape_batches(url: str) -> dict[str, float]:
+    """Batch counters from /metrics (size and duration sums/counts) and the engine's preprocessing time."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    want = ("llamactl_batch_size_sum", "llamactl_batch_size_count", "llamactl_batch_duration_seconds_sum",
+            "llamactl_batch_duration_seconds_count")
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in want:
+            out[name] = float(value)
+    engine = httpx.get(url + "/health", timeout=10).json().get("engine") or {}
+    out["prepare_s_total"] = float(engine.get("prepare_s_total") or 0.0)
+    return out
+
+
+def batch_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    n = after.get("llamactl_batch_size_count", 0) - before.get("llamactl_batch_size_count", 0)
+    if n <= 0:
+        return {"batches": 0}
+    size = after["llamactl_batch_size_sum"] - before["llamactl_batch_size_sum"]
+    dur = after.get("llamactl_batch_duration_seconds_sum", 0) - before.get("llamactl_batch_duration_seconds_sum", 0)
+    prep = after["prepare_s_total"] - before["prepare_s_total"]
+    return {"batches": int(n), "mean_batch_size": round(size / n, 2), "mean_batch_s": round(dur / n, 2),
+            "mean_prepare_s": round(prep / n, 3)}

@@ -10,7 +10,10 @@ Steps (one process, one device call):
 4. record GPU pinning (nvidia-smi compute apps per GPU, each process's CUDA_VISIBLE_DEVICES, /health);
 5. one GPU: the other instances marked ``down`` in the balancer config (the rolling-restart drain path) and
    nginx reloaded; drive each --single-levels concurrency (a warm round, then --rounds measured rounds);
-6. all GPUs: the rendered config back, concurrency = len(gpus) x the best single level.
+6. all GPUs: the rendered config back, concurrency = len(gpus) x the best single level;
+7. stop everything; repeat 2-6 for each --variant (inventory server settings, e.g. cpu_pinning=true).
+Every measured phase also records CPU use (servers and their busiest threads, nginx, load generator, host)
+and the servers' batches (mean size, duration, preprocessing time) from /metrics and /health.
 Writes JSON (--out) and a markdown summary (--md).
 
     python bench/multi_gpu.py --nginx-root /tmp/ngx --out bench/results/multi_gpu.json --md ...   # device
@@ -38,11 +41,14 @@ sys.path.insert(0, str(REPO / "bench"))
 import httpx
 from gpu_load import noise_jpeg, run_load
 from gpu_stack import (
+    CpuMeter,
     GpuSampler,
     Nginx,
+    batch_delta,
     gpu_pinning,
     parse_env_file,
     parse_unit,
+    scrape_batches,
     start_instance,
     stop,
     wait_ready,
@@ -52,8 +58,10 @@ from gpu_stack import (
 SAFETY_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
-def write_inventory(path: Path, a: argparse.Namespace, install_dir: Path, model_dir: Path) -> None:
+def write_inventory(path: Path, a: argparse.Namespace, install_dir: Path, model_dir: Path,
+                    server_extra: dict[str, str]) -> None:
     gpus = ", ".join(str(g) for g in a.gpus)
+    extra = "".join(f"    {k}: {v}\n" for k, v in server_extra.items())
     path.write_text(f"""version: 1
 cluster: bench
 defaults:
@@ -74,7 +82,7 @@ defaults:
     request_timeout_s: 900
     user: root
     cache: {{max_entries: 0}}
-    env: {{HF_HUB_OFFLINE: "1"}}
+{extra}    env: {{HF_HUB_OFFLINE: "1"}}
 groups:
   gpu:
     hosts:
@@ -105,11 +113,23 @@ def build_model(model_dir: Path, tiny: bool) -> dict[str, Any]:
     return build_random_11b(model_dir)
 
 
-def level(url: str, conc: int, a: argparse.Namespace, images: list[str], sampler: GpuSampler | None) -> dict[str, Any]:
-    run_load(url, concurrency=conc, requests=conc, max_tokens=a.max_tokens, images=images)  # warm round
+def procs_for(conc: int, a: argparse.Namespace) -> int:
+    return max(1, min(a.load_procs, conc // 8)) if a.load_procs > 1 else 1
+
+
+def level(url: str, conc: int, a: argparse.Namespace, images: list[str], sampler: GpuSampler | None,
+          meter: CpuMeter | None, backends: list[str]) -> dict[str, Any]:
+    procs = procs_for(conc, a)
+    run_load(url, concurrency=conc, requests=conc, max_tokens=a.max_tokens, images=images, processes=procs)
     if sampler:
         sampler.mark()
-    res = run_load(url, concurrency=conc, requests=conc * a.rounds, max_tokens=a.max_tokens, images=images)
+    before_cpu = meter.snapshot() if meter else None
+    before = [scrape_batches(b) for b in backends]
+    res = run_load(url, concurrency=conc, requests=conc * a.rounds, max_tokens=a.max_tokens, images=images,
+                   processes=procs)
+    res["batches"] = {b: batch_delta(x, scrape_batches(b)) for b, x in zip(backends, before)}
+    if meter and before_cpu:
+        res["cpu"] = meter.since(before_cpu)
     if sampler:
         res["gpu_util_mean_pct"] = sampler.mean_util_since_mark()
     print(json.dumps(res), flush=True)
@@ -119,8 +139,8 @@ def level(url: str, conc: int, a: argparse.Namespace, images: list[str], sampler
 def prewarm(urls: list[str], levels: list[int], a: argparse.Namespace, images: list[str]) -> list[dict[str, Any]]:
     """One round per level on every instance directly, all instances at once, before anything is measured.
 
-    The first batch of a new size runs ~10x slower on the GPU (per-shape work; see bench/gpu_sdpa_check.py),
-    so each instance sees every batch shape of the measured phases here, in parallel to save device time.
+    Each instance meets the batch shapes of the measured phases here (first batches of a shape are slower),
+    in parallel to save device time.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -137,6 +157,95 @@ def prewarm(urls: list[str], levels: list[int], a: argparse.Namespace, images: l
     return res
 
 
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """``pin:cpu_pinning=true,cpu_threads=4`` -> ("pin", {...}): inventory server settings for one variant."""
+    name, _, rest = text.partition(":")
+    extra = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
+    return name, extra
+
+
+def run_variant(name: str, server_extra: dict[str, str], a: argparse.Namespace, work: Path, model_dir: Path,
+                install_dir: Path, images: list[str], sampler: GpuSampler | None) -> dict[str, Any]:
+    """Render the inventory with these server settings, start every instance from its rendered files behind
+    the rendered nginx, measure one GPU (others drained) and all GPUs, stop everything."""
+    out: dict[str, Any] = {"variant": name, "server_settings": server_extra}
+    vdir = work / name
+    vdir.mkdir(parents=True, exist_ok=True)
+    inv_path = vdir / "inventory.yaml"
+    write_inventory(inv_path, a, install_dir, model_dir, server_extra)
+    rendered = vdir / "rendered"
+    subprocess.run([sys.executable, "-m", "llamactl", "render", str(inv_path), "--out", str(rendered)],
+                   check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                       p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)})
+    unit = parse_unit(rendered / "gpu-host/etc/systemd/system/llamactl@.service")
+    out["unit"] = unit
+    exec_argv = shlex.split(unit["ExecStart"])
+    make_shim(Path(exec_argv[0]))
+    state_dir = work / "state" if a.tiny else Path(unit["WorkingDirectory"])
+    state_dir.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen[bytes]] = []
+    nginx: Nginx | None = None
+    try:
+        envs = []
+        for i, _gpu in enumerate(a.gpus):
+            env_file = rendered / "gpu-host" / unit["EnvironmentFile"].replace("%i", str(i)).lstrip("/")
+            env = parse_env_file(env_file)
+            if a.tiny:  # no GPU here: same files, CPU device, state under work
+                env = {k: v.replace("/var/lib/llamactl", str(state_dir)) for k, v in env.items()}
+                env.update(LLAMACTL_DEVICE="cpu", CUDA_VISIBLE_DEVICES="")
+            envs.append(env)
+            base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", **SAFETY_ENV}
+            procs.append(start_instance(exec_argv, {**base, **env}, state_dir, vdir / f"instance-{i}.log"))
+        out["instance_env"] = [{k: v for k, v in e.items() if "API_KEY" not in k} for e in envs]
+        lb_conf = rendered / "lb/etc/nginx/conf.d/llamactl.conf"
+        nginx = Nginx(vdir / "nginx", a.nginx_root, lb_conf.read_text())
+        out["nginx_version"] = nginx.version()
+        nginx.start()
+        urls = [f"http://127.0.0.1:{e['LLAMACTL_PORT']}" for e in envs]
+        out["ready_s"] = [round(wait_ready(u, p, vdir / f"instance-{i}.log", 1200), 1)
+                          for i, (u, p) in enumerate(zip(urls, procs))]
+        out["health"] = [httpx.get(u + "/health").json() for u in urls]
+        out["pinning"] = gpu_pinning(procs, a.tiny)
+        print(json.dumps({"variant": name, "ready_s": out["ready_s"], "pinning": out["pinning"],
+                          "cpu": [h.get("cpu") for h in out["health"]],
+                          "engine": [h.get("engine") for h in out["health"]]}), flush=True)
+        meter = CpuMeter({f"server{i}": p.pid for i, p in enumerate(procs)})
+        lb_url = f"http://127.0.0.1:{a.listen}"
+        if a.prewarm:
+            out["prewarm"] = prewarm(urls, a.single_levels, a, images)
+
+        from llamactl.inventory import load_inventory
+        from llamactl.plan.render import render_balancer_files
+
+        inv = load_inventory(inv_path)
+        others = frozenset(i.id for i in inv.instances()[1:])
+        drained = render_balancer_files(inv, drained=others)[inv.balancer.config_path].content.decode()
+        nginx.reload(drained)
+        out["single_gpu_config"] = f"instances {sorted(others)} marked down; gpu {a.gpus[0]} serves"
+        out["single"] = [level(lb_url, c, a, images, sampler, meter, urls[:1]) for c in a.single_levels]
+        best = max(out["single"], key=lambda r: r["tok_per_s"] or 0)
+        nginx.reload(lb_conf.read_text())
+        conc = best["concurrency"] * len(a.gpus)
+        out["multi"] = level(lb_url, conc, a, images, sampler, meter, urls)
+        out["health_end"] = [httpx.get(u + "/health").json() for u in urls]
+        ratio = (out["multi"]["tok_per_s"] or 0) / (best["tok_per_s"] or 1)
+        out["result"] = {
+            "variant": name, "gpus": len(a.gpus), "best_single_concurrency": best["concurrency"],
+            "single_tok_per_s": best["tok_per_s"], "multi_tok_per_s": out["multi"]["tok_per_s"],
+            "speedup": round(ratio, 3), "failed": sum(r["failed"] for r in [*out["single"], out["multi"]]),
+            "pass": ratio >= 0.95 * len(a.gpus) and out["multi"]["failed"] == 0
+            and all(r["failed"] == 0 for r in out["single"]),
+        }
+        print(json.dumps(out["result"]), flush=True)
+    finally:
+        for p in procs:
+            stop(p, 120)
+        out["server_exit_codes"] = [p.returncode for p in procs]
+        if nginx:
+            nginx.stop()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CPU dry run (tiny checkpoint, LLAMACTL_DEVICE=cpu)")
@@ -150,16 +259,23 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=int, default=200)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--single-levels", type=lambda s: [int(x) for x in s.split(",")], default=[16, 32])
+    ap.add_argument("--single-levels", type=lambda s: [int(x) for x in s.split(",")], default=[32])
     ap.add_argument("--rounds", type=int, default=3, help="measured requests = rounds x concurrency")
+    ap.add_argument("--load-procs", type=int, default=4,
+                    help="load generator processes at most (one per 8 clients); 1 = one asyncio process")
     ap.add_argument("--no-prewarm", dest="prewarm", action="store_false",
                     help="skip warming every instance at every level first")
-    ap.add_argument("--cudnn-sdpa", choices=["default", "off"], default="default",
-                    help="off: disable cuDNN SDPA in the servers (the fix under test; not in llamactl yet)")
+    ap.add_argument("--variant", action="append", type=parse_variant, default=[],
+                    help="NAME:key=value,... inventory server settings for one run (repeatable); "
+                    "default: one variant with the inventory defaults")
+    ap.add_argument("--budget-s", type=float, default=0,
+                    help="skip the remaining variants once this many seconds have passed (0: no limit)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--md", type=Path)
     a = ap.parse_args()
+    variants = a.variant or [("defaults", {})]
 
+    t_start = time.monotonic()
     work = a.work or Path(tempfile.mkdtemp(prefix="llamactl-multi-gpu-"))
     work.mkdir(parents=True, exist_ok=True)
     model_dir = a.model_dir or work / "model"
@@ -168,103 +284,44 @@ def main() -> None:
     info: dict[str, Any] = {"mode": "tiny-cpu" if a.tiny else "11b-shape-random-bf16", "args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
     info["device"], info["versions"] = describe(a.tiny)
+    info["host_cpus"] = host_cpus()
     t0 = time.monotonic()
     info["model_build"] = build_model(model_dir, a.tiny)
     info["model_build"]["wall_s"] = round(time.monotonic() - t0, 1)
-
-    inv_path = work / "inventory.yaml"
-    write_inventory(inv_path, a, install_dir, model_dir)
-    rendered = work / "rendered"
-    subprocess.run([sys.executable, "-m", "llamactl", "render", str(inv_path), "--out", str(rendered)],
-                   check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                       p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)})
-    unit = parse_unit(rendered / "gpu-host/etc/systemd/system/llamactl@.service")
-    info["unit"] = unit
-    exec_argv = shlex.split(unit["ExecStart"])
-    make_shim(Path(exec_argv[0]), a.cudnn_sdpa)
-    state_dir = work / "state" if a.tiny else Path(unit["WorkingDirectory"])
-    state_dir.mkdir(parents=True, exist_ok=True)
-
-    procs: list[subprocess.Popen[bytes]] = []
-    nginx: Nginx | None = None
+    side = 112 if a.tiny else 1120
+    images = [noise_jpeg(s, side) for s in range(64)]
     sampler = None if a.tiny else GpuSampler(work / "gpu_samples.csv")
+    info["variants"] = []
     try:
-        envs = []
-        for i, _gpu in enumerate(a.gpus):
-            env_file = rendered / "gpu-host" / unit["EnvironmentFile"].replace("%i", str(i)).lstrip("/")
-            env = parse_env_file(env_file)
-            if a.tiny:  # no GPU here: same files, CPU device, state under work
-                env = {k: v.replace("/var/lib/llamactl", str(state_dir)) for k, v in env.items()}
-                env.update(LLAMACTL_DEVICE="cpu", CUDA_VISIBLE_DEVICES="")
-            envs.append(env)
-            base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", **SAFETY_ENV}
-            procs.append(start_instance(exec_argv, {**base, **env}, state_dir, work / f"instance-{i}.log"))
-        info["instance_env"] = [{k: v for k, v in e.items() if "API_KEY" not in k} for e in envs]
-        lb_conf = rendered / "lb/etc/nginx/conf.d/llamactl.conf"
-        nginx = Nginx(work / "nginx", a.nginx_root, lb_conf.read_text())
-        info["nginx_version"] = nginx.version()
-        nginx.start()
-        urls = [f"http://127.0.0.1:{e['LLAMACTL_PORT']}" for e in envs]
-        info["ready_s"] = [round(wait_ready(u, p, work / f"instance-{i}.log", 1200), 1)
-                           for i, (u, p) in enumerate(zip(urls, procs))]
-        info["health"] = [httpx.get(u + "/health").json() for u in urls]
-        info["pinning"] = gpu_pinning(procs, a.tiny)
-        print(json.dumps({"ready_s": info["ready_s"], "pinning": info["pinning"]}), flush=True)
-
-        lb_url = f"http://127.0.0.1:{a.listen}"
-        side = 112 if a.tiny else 1120
-        images = [noise_jpeg(s, side) for s in range(64)]
         if sampler:
             sampler.start()
-        if a.prewarm:
-            info["prewarm"] = prewarm(urls, a.single_levels, a, images)
-
-        from llamactl.inventory import load_inventory
-        from llamactl.plan.render import render_balancer_files
-
-        inv = load_inventory(inv_path)
-        others = frozenset(i.id for i in inv.instances()[1:])
-        drained = render_balancer_files(inv, drained=others)[inv.balancer.config_path].content.decode()
-        nginx.reload(drained)
-        info["single_gpu_config"] = f"instances {sorted(others)} marked down; gpu {a.gpus[0]} serves"
-        info["single"] = [level(lb_url, c, a, images, sampler) for c in a.single_levels]
-        best = max(info["single"], key=lambda r: r["tok_per_s"] or 0)
-        nginx.reload(lb_conf.read_text())
-        conc = best["concurrency"] * len(a.gpus)
-        info["multi"] = level(lb_url, conc, a, images, sampler)
-        info["health_end"] = [httpx.get(u + "/health").json() for u in urls]
-        ratio = (info["multi"]["tok_per_s"] or 0) / (best["tok_per_s"] or 1)
-        info["result"] = {
-            "gpus": len(a.gpus), "best_single_concurrency": best["concurrency"],
-            "single_tok_per_s": best["tok_per_s"], "multi_tok_per_s": info["multi"]["tok_per_s"],
-            "speedup": round(ratio, 3), "failed": sum(r["failed"] for r in [*info["single"], info["multi"]]),
-            "pass": ratio >= 0.95 * len(a.gpus) and info["multi"]["failed"] == 0
-            and all(r["failed"] == 0 for r in info["single"]),
-        }
+        for name, extra in variants:
+            if a.budget_s and time.monotonic() - t_start > a.budget_s:
+                info["variants"].append({"variant": name, "skipped": "out of --budget-s"})
+                continue
+            info["variants"].append(run_variant(name, extra, a, work, model_dir, install_dir, images, sampler))
     finally:
         if sampler:
             sampler.stop()
             info["gpu_samples_tail"] = sampler.tail()
-        for p in procs:
-            stop(p, 120)
-        info["server_exit_codes"] = [p.returncode for p in procs]
-        if nginx:
-            nginx.stop()
+        info["results"] = [v.get("result") for v in info["variants"]]
         dump(info, a)
 
 
-# --cudnn-sdpa off: the server with the proposed fix (see bench/gpu_sdpa_check.py), applied before it starts.
-_CUDNN_OFF = ("import torch; torch.backends.cuda.enable_cudnn_sdp(False); "
-              "from llamactl.cli.main import main; main()")
+def host_cpus() -> dict[str, Any]:
+    from llamactl.server.cpus import physical_cores, read_topology
+
+    allowed = sorted(os.sched_getaffinity(0))
+    cores = physical_cores(allowed, read_topology())
+    return {"cpus": len(allowed), "physical_cores": len(cores), "first_cores": cores[:4]}
 
 
-def make_shim(path: Path, cudnn_sdpa: str) -> None:
+def make_shim(path: Path) -> None:
     """Stand in for the release venv's ``llamactl`` entry script: this interpreter + this checkout (+ carry)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     pypath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    entry = "-m llamactl" if cudnn_sdpa == "default" else f"-c {shlex.quote(_CUDNN_OFF)}"
     path.write_text(f"#!/bin/sh\nPYTHONPATH={shlex.quote(pypath)} exec {shlex.quote(sys.executable)} "
-                    f"{entry} \"$@\"\n")
+                    "-m llamactl \"$@\"\n")
     path.chmod(0o755)
 
 
@@ -286,7 +343,7 @@ def describe(tiny: bool) -> tuple[str, str]:
 
 def dump(info: dict[str, Any], a: argparse.Namespace) -> None:
     text = json.dumps(info, indent=2, default=str)
-    print(json.dumps(info.get("result", {"incomplete": True})), flush=True)
+    print(json.dumps(info.get("results") or {"incomplete": True}), flush=True)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(text + "\n")

@@ -66,9 +66,13 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from llamactl.server.app import create_app
+    from llamactl.server.cpus import apply_budget
     from llamactl.server.lifecycle import serve as run_server
 
-    run_server(create_app(settings), settings.host, settings.port, log_level=log_level)
+    # Before torch loads (OpenMP sizes its pool once) and before any thread exists (threads inherit affinity).
+    cpu = apply_budget(slot=settings.host_slot, threads=settings.cpu_threads, pin=settings.cpu_pinning)
+    logging.getLogger("llamactl.server").info("cpu budget: %s", cpu.describe())
+    run_server(create_app(settings, cpu=cpu), settings.host, settings.port, log_level=log_level)
 
 
 def register(app: typer.Typer) -> None:

@@ -53,6 +53,10 @@ def expected_env(inv: Inventory, instance: Instance) -> dict[str, str]:
         "LLAMACTL_GEN_TEMPERATURE": number(gen.temperature),
         "LLAMACTL_GEN_TOP_P": number(gen.top_p),
         "LLAMACTL_GEN_DO_SAMPLE": _bool(gen.do_sample),
+        "LLAMACTL_CPU_THREADS": "0" if server.cpu_threads == "auto" else str(server.cpu_threads),
+        "LLAMACTL_CPU_PINNING": _bool(server.cpu_pinning),
+        # This instance's place among the host's servers: each takes its share of the CPUs (server/cpus.py).
+        "LLAMACTL_HOST_SLOT": f"{host.instances.index(instance)}/{len(host.instances)}",
         "HF_HOME": f"{STATE_DIR}/hf",
         "XDG_CACHE_HOME": f"{STATE_DIR}/cache",
     }

@@ -100,6 +100,9 @@ class ServerSettings(_Model):
     max_image_mb: Annotated[int, Field(ge=1)] = 15
     api_keys: ApiKeysRef | None = None
     cache: CacheSettings = CacheSettings()
+    # Per instance: "auto" = its share of the host's physical cores (cores / instances on the host).
+    cpu_threads: int | Literal["auto"] = "auto"
+    cpu_pinning: bool = False  # pin each instance to its own run of whole cores
     env: dict[str, str] = {}
 
     @field_validator("user")
@@ -108,6 +111,13 @@ class ServerSettings(_Model):
         if not re.match(r"[a-z_][a-z0-9_-]{0,31}\Z", value):
             raise ValueError("a user name like llamactl or root")
         return value
+
+    @field_validator("cpu_threads", mode="before")
+    @classmethod
+    def _cpu_threads(cls, value: object) -> int | str:
+        if value == "auto" or (type(value) is int and 1 <= value <= 4096):
+            return value  # type: ignore[return-value]
+        raise ValueError('"auto" or a number of threads from 1 to 4096')
 
     @field_validator("env")
     @classmethod

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llamactl import __version__
 from llamactl.server.batching import Batcher
+from llamactl.server.cpus import CpuBudget
 from llamactl.server.engine import Engine
 from llamactl.server.inference import ApiError, Inference
 from llamactl.server.jobs import JobStore
@@ -49,6 +50,7 @@ class ServerState:
             max_wait_ms=settings.max_wait_ms,
             queue_limit=settings.queue_limit,
             on_batch=lambda n: self.metrics.batch_size.observe(n),
+            on_batch_done=lambda s: self.metrics.batch_duration.observe(s),
         )
         self.metrics = Metrics(
             running=lambda: float(self.batcher.running),
@@ -61,6 +63,7 @@ class ServerState:
             settings, engine, self.batcher, self.metrics, self.cache, lambda: self.status
         )
         self.thread: threading.Thread | None = None
+        self.cpu: CpuBudget | None = None
 
     @property
     def status(self) -> str:
@@ -122,6 +125,8 @@ class ServerState:
             "queued": self.batcher.queued,
             "gpu_memory": None if mem is None else {"used_bytes": mem[0], "total_bytes": mem[1]},
             "uptime_s": round(time.monotonic() - self.started, 3),
+            "cpu": None if self.cpu is None else self.cpu.describe(),
+            "engine": self.engine.describe() if hasattr(self.engine, "describe") else None,
             "error": self.load_error,
         }
 
@@ -154,13 +159,17 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     return 422, "; ".join(parts) + more
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
-    """Build the app. ``engine`` defaults to the transformers engine; tests and benches may inject another."""
+def create_app(settings: Settings, engine: Engine | None = None, cpu: CpuBudget | None = None) -> FastAPI:
+    """Build the app. ``engine`` defaults to the transformers engine; tests and benches may inject another.
+
+    ``cpu`` is the budget ``llamactl serve`` applied to this process (None in-process, e.g. under tests).
+    """
     if engine is None:
         from llamactl.server.hf_engine import HFEngine
 
-        engine = HFEngine(settings)
+        engine = HFEngine(settings, threads=None if cpu is None else cpu.threads)
     state = ServerState(settings, engine)
+    state.cpu = cpu
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

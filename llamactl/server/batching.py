@@ -60,12 +60,14 @@ class Batcher:
         max_wait_ms: float,
         queue_limit: int,
         on_batch: Callable[[int], None] | None = None,
+        on_batch_done: Callable[[float], None] | None = None,
     ) -> None:
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.queue_limit = queue_limit
         self.on_batch = on_batch
+        self.on_batch_done = on_batch_done
         self._cv = threading.Condition()
         self._queue: deque[_Item] = deque()
         self._running = 0
@@ -210,7 +212,10 @@ class Batcher:
         try:
             self._generate(batch)
         finally:
-            self._batch_s = 0.8 * self._batch_s + 0.2 * (time.monotonic() - t0)
+            took = time.monotonic() - t0
+            self._batch_s = 0.8 * self._batch_s + 0.2 * took
+            if self.on_batch_done is not None:
+                self.on_batch_done(took)
             with self._cv:
                 self._running = 0
                 self._last_batch_end = time.monotonic()

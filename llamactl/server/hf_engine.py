@@ -28,8 +28,9 @@ _WARMUP_MESSAGES: list[dict[str, Any]] = [
 
 
 class HFEngine:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, threads: int | None = None) -> None:
         self.settings = settings
+        self.threads = threads  # torch intra-op threads (the process's CPU budget); None = torch's default
         self.model_name = settings.model
         self._state: EngineState = "loading"
         self._error: str | None = None
@@ -40,6 +41,8 @@ class HFEngine:
         self.dtype: Any = None
         self._eos_ids: frozenset[int] = frozenset()
         self._pad_id = 0
+        self._image_device: str | None = None  # where the image processor runs; set by warmup
+        self.prepare_s_total = 0.0  # time spent in the processor (tokenise + images) before generate
 
     @property
     def state(self) -> EngineState:
@@ -61,6 +64,8 @@ class HFEngine:
 
         tf: Any = transformers  # untyped library: keep mypy's strictness for our own code
         s = self.settings
+        if self.threads:
+            torch.set_num_threads(self.threads)
         self.device = _resolve_device(s.device)
         self.dtype = _resolve_dtype(s.dtype, self.device)
         kwargs: dict[str, Any] = {"dtype": self.dtype}
@@ -107,10 +112,40 @@ class HFEngine:
             image=Image.new("RGB", (64, 64), (120, 130, 140)),
             params=GenParams(max_new_tokens=2),
         )
+        self._image_device = self._probe_image_device(req)
         self.generate_batch([req])
         with self._lock:
             if self._state == "loading":
                 self._state = "ready"
+
+    def _probe_image_device(self, req: GenRequest) -> str:
+        """Run the image processor on the GPU when it can (the torchvision backend takes ``device=``).
+
+        On the CPU, resizing, normalising and tiling a batch of 32 four-tile images makes ~0.5 GB of float32
+        per batch while the GPU waits, and every server on a multi-GPU host does it at once. The PIL backend
+        ignores ``device``; its output then stays on the CPU and the probe says so.
+        """
+        if self.device != "cuda":
+            return "cpu"
+        try:
+            out = self.processor(images=[[req.image]], text=[req.prompt], add_special_tokens=False,
+                                 return_tensors="pt", device=self.device)
+        except (TypeError, ValueError) as exc:
+            log.info("image processor cannot run on %s (%s); it stays on the CPU", self.device, exc)
+            return "cpu"
+        where = str(out["pixel_values"].device.type)
+        log.info("image processor %s runs on %s", type(self.processor.image_processor).__name__, where)
+        return where
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "dtype": str(self.dtype).removeprefix("torch.") if self.dtype is not None else None,
+            "image_processor": None if self.processor is None else type(self.processor.image_processor).__name__,
+            "image_preprocessing_on": self._image_device,
+            "threads": self.threads,
+            "prepare_s_total": round(self.prepare_s_total, 3),
+        }
 
     def close(self) -> None:
         self.model = None
@@ -145,18 +180,22 @@ class HFEngine:
         from transformers import StoppingCriteriaList
 
         rows = list(requests)
+        t0 = time.monotonic()
         with_image = rows[0].image is not None
+        extra: dict[str, Any] = {"device": self.device} if with_image and self._image_device == "cuda" else {}
         inputs = self.processor(
             images=[[r.image] for r in rows] if with_image else None,
             text=[r.prompt for r in rows],
             padding=True,
             add_special_tokens=False,  # the chat template already starts with <|begin_of_text|>
             return_tensors="pt",
+            **extra,
         )
         inputs = inputs.to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         prompt_lens = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
+        self.prepare_s_total += time.monotonic() - t0
         tracker = _RowTracker(rows, prompt_lens, self._eos_ids, self.processor.tokenizer)
         p = rows[0].params
         gen: dict[str, Any] = {

@@ -54,6 +54,12 @@ class Metrics:
             buckets=_BATCH_BUCKETS,
             registry=r,
         )
+        self.batch_duration = Histogram(
+            "llamactl_batch_duration_seconds",
+            "Wall time of one batched generate call (preprocessing, prefill and every decode step).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter(
             "llamactl_prompt_tokens", "Prompt tokens processed (prefill), image token included.", registry=r
         )

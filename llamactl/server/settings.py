@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 ENV_PREFIX = "LLAMACTL_"
 
-# Settings that do not change what the server computes, so they stay out of the config hash.
-_UNHASHED = frozenset({"host", "port", "instance"})
+# Settings that do not change what the server computes (address, label, place on its host): not hashed.
+_UNHASHED = frozenset({"host", "port", "instance", "host_slot"})
 
 
 class SettingsError(ValueError):
@@ -54,6 +54,10 @@ class Settings(BaseModel):
     gen_top_p: float = Field(0.9, gt=0, le=1)
     gen_do_sample: bool = False
     instance: str = ""
+    # CPU budget (llamactl.server.cpus): 0 threads = this instance's share of the host's physical cores.
+    cpu_threads: int = Field(0, ge=0, le=4096)
+    cpu_pinning: bool = False
+    host_slot: str = Field("0/1", pattern=r"^\d+/\d+$")
     # Jobs API retention (not in the env contract's list, but read the same way).
     jobs_max_entries: int = Field(1000, ge=1)
     jobs_ttl_s: float = Field(3600.0, gt=0)
@@ -62,6 +66,9 @@ class Settings(BaseModel):
     def _keys_not_blank(self) -> Settings:
         if any(not k for k in self.api_keys):
             raise ValueError("api_keys: empty key in the list")
+        index, count = (int(x) for x in self.host_slot.split("/"))
+        if not 0 <= index < count:
+            raise ValueError(f"host_slot: expected INDEX/COUNT with 0 <= INDEX < COUNT, found {self.host_slot}")
         return self
 
     # -- construction ------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ def test_invalid_settings_exit_2_without_traceback(tmp_path: Path) -> None:
         (["serve", "--model", "m"], {"LLAMACTL_QUEUE_LIMIT": "lots"}, "LLAMACTL_QUEUE_LIMIT"),
         (["serve"], {"LLAMACTL_MODEL": ""}, "LLAMACTL_MODEL"),
         (["serve", "--model", "m"], {"LLAMACTL_CONFIG": str(tmp_path / "missing.yaml")}, "missing.yaml"),
+        (["serve", "--model", "m"], {"LLAMACTL_HOST_SLOT": "2/2"}, "host_slot"),
+        (["serve", "--model", "m"], {"LLAMACTL_CPU_THREADS": "-1"}, "LLAMACTL_CPU_THREADS"),
     ]
     for args, env, needle in cases:
         proc = run_cli(*args, env=env)
@@ -109,3 +111,21 @@ def test_sigterm_while_loading_exits_0(tiny_checkpoint: Path, tmp_path: Path) ->
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_served_process_takes_its_host_slot_cpu_share(serve_factory: Any) -> None:
+    """Slot 1 of 2 with pinning, as the second GPU's rendered env file says: the real process is pinned to
+    the plan's CPUs (read back from /proc), its thread budget is the operator's OMP_NUM_THREADS, and /health
+    reports both plus where the image processor runs."""
+    from llamactl.server.cpus import format_cpus, plan_budget, read_topology
+
+    sp = serve_factory({"LLAMACTL_HOST_SLOT": "1/2", "LLAMACTL_CPU_PINNING": "true", "OMP_NUM_THREADS": "1"})
+    health = httpx.get(sp.url + "/health").json()
+    plan = plan_budget(os.sched_getaffinity(0), read_topology(), slot=(1, 2), pin=True, env_threads="1")
+    assert health["cpu"] == {"threads": 1, "cpus": format_cpus(plan.cpus), "pinned": plan.pinned,
+                             "threads_from": "OMP_NUM_THREADS"}
+    status = Path(f"/proc/{sp.proc.pid}/status").read_text()
+    allowed = next(line.split(":", 1)[1].strip() for line in status.splitlines()
+                   if line.startswith("Cpus_allowed_list"))
+    assert allowed == format_cpus(plan.cpus)
+    assert health["engine"]["image_preprocessing_on"] == "cpu" and health["engine"]["threads"] == 1
