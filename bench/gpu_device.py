@@ -72,7 +72,8 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     report = [sh(c) for c in (
-        "nvidia-smi -L", "nvidia-smi topo -m", "nproc", "free -g", "df -h /tmp /dev/shm", "uname -r",
+        "nvidia-smi -L", "nvidia-smi topo -m", "nproc", "lscpu | head -24",
+        "cat /sys/devices/system/cpu/cpu0/topology/thread_siblings_list", "free -g", "df -h /tmp /dev/shm", "uname -r",
         f"{py} --version",
         (f"{py} -c 'import torch,transformers,fastapi,uvicorn,pydantic,starlette,huggingface_hub,tokenizers;"
          "print(torch.__version__, torch.version.cuda, transformers.__version__, fastapi.__version__,"
@@ -116,7 +117,7 @@ def main() -> None:
                             str(OUT / "gpu_smoke.json")], left(a.budget_s) - 5, OUT / "smoke.log",
               {"CUDA_VISIBLE_DEVICES": "0", "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"})
     logs = []
-    for f in sorted(Path("/tmp/mg").glob("instance-*.log")) + [Path("/tmp/mg/nginx/error.log")]:
+    for f in sorted(Path("/tmp/mg").glob("*/instance-*.log")) + sorted(Path("/tmp/mg").glob("*/nginx/error.log")):
         if f.exists():
             logs.append(f"==== {f}\n{f.read_text(errors='replace')[-6000:]}")
     (OUT / "server_logs.txt").write_text("\n".join(logs))

@@ -51,6 +51,20 @@ TEXT_VOCAB = 128256
 IMAGE_TOKEN_ID = 128256
 
 
+def hub_layout(out: Path, image_processor: Any) -> None:
+    """The published checkpoint's processor files: ``preprocessor_config.json`` naming ``MllamaImageProcessor``.
+
+    That name lets transformers pick its backend (torchvision where installed, as on the GPU machines, else
+    PIL), exactly as it does for the real Llama-3.2V-11B-cot; a saved "...Pil" name would pin the PIL one.
+    """
+    from llamactl.server.tiny import _mirror_real_layout, _write_json
+
+    _mirror_real_layout(out, image_processor)
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    pre["image_processor_type"] = "MllamaImageProcessor"
+    _write_json(out / "preprocessor_config.json", pre)
+
+
 def build_random_11b(out: Path, device: str = "cuda", cfg: Any = None) -> dict[str, Any]:
     """Save a random-weight 11B-shape Mllama (bf16) + a full-vocabulary processor into ``out``.
 
@@ -103,6 +117,7 @@ def build_random_11b(out: Path, device: str = "cuda", cfg: Any = None) -> dict[s
     t0 = time.monotonic()
     model.save_pretrained(out, max_shard_size="5GB")
     processor.save_pretrained(out)
+    hub_layout(out, image_processor)
     save_s = time.monotonic() - t0
     del model
     if device == "cuda":

@@ -62,6 +62,8 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: fl
         try:
             if httpx.get(url + "/ready", timeout=2).status_code == 200:
                 return time.monotonic() - t0
+            if httpx.get(url + "/health", timeout=2).json().get("status") == "failed":
+                raise RuntimeError(f"{url}: model load failed:\n{log.read_text()[-3000:]}")
         except httpx.TransportError:
             pass
         time.sleep(0.5)

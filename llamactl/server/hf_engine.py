@@ -130,8 +130,9 @@ class HFEngine:
         try:
             out = self.processor(images=[[req.image]], text=[req.prompt], add_special_tokens=False,
                                  return_tensors="pt", device=self.device)
-        except (TypeError, ValueError) as exc:
-            log.info("image processor cannot run on %s (%s); it stays on the CPU", self.device, exc)
+        except Exception as exc:  # noqa: BLE001 - any failure here only means: keep the CPU path
+            log.warning("image processor cannot run on %s (%s: %s); it stays on the CPU",
+                        self.device, type(exc).__name__, exc)
             return "cpu"
         where = str(out["pixel_values"].device.type)
         log.info("image processor %s runs on %s", type(self.processor.image_processor).__name__, where)
