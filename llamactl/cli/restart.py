@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from llamactl.cli.console import console_for
+from llamactl.errors import OperationFailed
 
 if TYPE_CHECKING:
     from llamactl.inventory import Instance, Inventory
@@ -67,8 +69,9 @@ def _select(inv: Inventory, limit: str | None, only: list[str]) -> list[Instance
     return chosen
 
 
-def _all_at_once(inv: Inventory, instances: list[Instance], console: Console) -> None:
-    from llamactl.errors import OperationFailed
+def _all_at_once(inv: Inventory, instances: list[Instance], console: Console) -> list[str]:
+    """Restart every selected unit, hosts in parallel, printing one line per host. Returns the ids of
+    the instances restarted; raises OperationFailed naming the hosts that failed."""
     from llamactl.ops.rolling import default_connect
     from llamactl.plan.command import Command
     from llamactl.remote.parallel import Err, run_parallel
@@ -88,15 +91,45 @@ def _all_at_once(inv: Inventory, instances: list[Instance], console: Console) ->
             executor.close()
 
     outcomes = run_parallel(list(by_host), one, max_workers=16)
-    failed = []
+    failed: list[str] = []
+    restarted: list[str] = []
     for host, outcome in zip(by_host, outcomes):
         if isinstance(outcome, Err):
             failed.append(host)
             console.print(f"{host}: FAILED: {outcome.error}", markup=False, style="red")
         else:
+            restarted += [i.id for i in by_host[host]]
             console.print(f"{host}: restarted {', '.join(i.unit for i in by_host[host])}", markup=False)
     if failed:
-        raise OperationFailed(f"restart failed on: {', '.join(failed)}")
+        raise _PartlyRestarted(f"restart failed on: {', '.join(failed)}", restarted)
+    return restarted
+
+
+class _PartlyRestarted(OperationFailed):
+    def __init__(self, message: str, restarted: list[str]) -> None:
+        super().__init__(message)
+        self.restarted = restarted
+
+
+def _audit_entry(inv: Inventory, restarted: list[str], ok: bool) -> dict[str, object]:
+    """The audit log's view of a restart: which units it restarted, per host, and whether all went well."""
+    by_id = {i.id: i for i in inv.instances()}
+    hosts: dict[str, dict[str, list[str]]] = {}
+    for inst_id in restarted:
+        inst = by_id[inst_id]
+        hosts.setdefault(inst.host, {"changes": []})["changes"].append(f"restart {inst.unit}")
+    return {"release": None, "ok": ok, "changed": len(restarted), "hosts": hosts}
+
+
+def _command_line(inventory: Path, rolling: bool, batch: str | None, limit: str | None,
+                  instances: list[str]) -> str:
+    """What the lock file and the audit log say this command is (options that change what it does)."""
+    argv = ["llamactl", "restart", str(inventory)] + (["--rolling"] if rolling else [])
+    argv += ["--batch", batch] if batch else []
+    argv += ["--limit", limit] if limit else []
+    for one in instances:
+        argv += ["--instance", one]
+    return shlex.join(argv)
 
 
 def restart(
@@ -110,51 +143,67 @@ def restart(
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     force: bool = typer.Option(False, "--force",
                                help="Allow restarting a cluster's only instance, or every instance in one batch."),
+    force_unlock: bool = typer.Option(False, "--force-unlock", help="Remove a stale deploy lock first."),
 ) -> None:
     """Restart inference servers: with --rolling, never more than rollout.max_unavailable out of the
     balancer, each back only after /ready and a canary inference; the first failure stops the rollout
     and leaves only the failed instance drained (exit 1). Without --rolling, every selected instance
-    restarts at once (service is interrupted), after a confirmation.
+    restarts at once (service is interrupted), after a confirmation. Either way the restart holds the
+    deploy lock on the balancer host (exit 1 while a deploy or another restart holds it) and is
+    recorded in the audit log there.
 
     Example: llamactl restart inventory.yaml --rolling --batch 25%
     """
     from llamactl.inventory import load_inventory
-    from llamactl.ops.rolling import RollingRestartFailed, rolling_restart
+    from llamactl.ops import lock
+    from llamactl.ops.rolling import RollingRestartFailed, default_connect, rolling_restart
     from llamactl.plan.batches import plan_batches
 
     inv = load_inventory(inventory)
     instances = _select(inv, limit, list(instance or []))
     console = console_for(stderr=True)
-    if not rolling:
-        if not yes:
-            typer.confirm(f"Restart {len(instances)} instance(s) at once? In-flight requests on them fail "
-                          "(use --rolling for no downtime)", abort=True, err=True)
-        _all_at_once(inv, instances, console)
-        return
+    command_line = _command_line(inventory, rolling, batch, limit, list(instance or []))
     spec: int | str = inv.rollout.batch if batch is None else (int(batch) if batch.isdigit() else batch)
-    batches = plan_batches(instances, spec, inv.rollout.max_unavailable,
-                           cluster_size=len(inv.instances()), force=force)
-    console.print(f"rolling restart of {len(instances)} instance(s) in {len(batches)} batch(es), at most "
-                  f"{max(len(b) for b in batches)} out of the balancer at once", markup=False)
-    view = RollingView(console, [[i.id for i in b] for b in batches])
-    # Hold the deploy lock for the whole rollout: a deploy (or a second restart) meanwhile would fight
-    # over the balancer config and the units.
-    from llamactl.ops import lock
-    from llamactl.ops.connect import connect_host
-
+    batches: list[list[Instance]] = []
+    if rolling:
+        batches = plan_batches(instances, spec, inv.rollout.max_unavailable,
+                               cluster_size=len(inv.instances()), force=force)
+    elif not yes:
+        typer.confirm(f"Restart {len(instances)} instance(s) at once? In-flight requests on them fail "
+                      "(use --rolling for no downtime)", abort=True, err=True)
+    # Hold the deploy lock for the whole restart: a deploy (or a second restart) meanwhile would fight
+    # over the balancer config and the units, and `watch` does not heal while it is held.
     lb = inv.balancer.hosts[0]
-    lb_exec = connect_host(lb.name, lb.address, lb.ssh)
+    lb_exec = default_connect(lb.name, lb.address, lb.ssh)
     try:
-        lock.acquire(lb_exec, "llamactl restart --rolling " + str(inventory))
-        try:
-            with view.live:
-                result = rolling_restart(inv, instances, on_event=view, batch=spec, force=force,
-                                         balancer_executors={lb.name: lb_exec})
-        except RollingRestartFailed as exc:
-            console.print(str(exc), markup=False, style="bold red")
-            raise
-        finally:
-            lock.release(lb_exec)
+        with lock.held(lb_exec, command_line, force=force_unlock):
+            if not rolling:
+                restarted: list[str] = []
+                try:
+                    restarted = _all_at_once(inv, instances, console)
+                except _PartlyRestarted as exc:
+                    restarted = exc.restarted
+                    raise
+                finally:
+                    ok = len(restarted) == len(instances)
+                    lock.audit(lb_exec, command_line, _audit_entry(inv, restarted, ok))
+                return
+            console.print(f"rolling restart of {len(instances)} instance(s) in {len(batches)} batch(es), at "
+                          f"most {max(len(b) for b in batches)} out of the balancer at once", markup=False)
+            view = RollingView(console, [[i.id for i in b] for b in batches])
+            done: list[str] = []
+            ok = False  # until rolling_restart returns
+            try:
+                with view.live:
+                    result = rolling_restart(inv, instances, on_event=view, batch=spec, force=force,
+                                             balancer_executors={lb.name: lb_exec})
+                done, ok = result.restarted, result.ok
+            except RollingRestartFailed as exc:
+                done = exc.result.restarted
+                console.print(str(exc), markup=False, style="bold red")
+                raise
+            finally:
+                lock.audit(lb_exec, command_line, _audit_entry(inv, done, ok))
     finally:
         lb_exec.close()
     console.print(result.summary(), markup=False, style="green")

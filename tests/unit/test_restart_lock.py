@@ -1,0 +1,177 @@
+"""`llamactl restart` without --rolling holds the deploy lock and writes the audit log, as --rolling does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from llamactl.cli.main import app
+from llamactl.ops import connect as connect_mod
+from llamactl.ops import lock
+from llamactl.plan.command import Command
+from llamactl.remote.base import Executor, RunResult
+from llamactl.remote.local import LocalExecutor
+from llamactl.remote.recording import FakeFile, RecordingExecutor, Reply
+
+INVENTORY = """\
+version: 1
+cluster: c1
+defaults:
+  gpus: 0
+  model: {source: /srv/model}
+groups:
+  g:
+    hosts:
+      h1: {address: 10.9.0.1}
+      h2: {address: 10.9.0.2}
+balancer:
+  hosts:
+    lb: {address: 10.9.0.100}
+"""
+HOLDER = {"owner": "alice@laptop", "since": "2026-01-01T10:00", "command": "llamactl deploy inv.yaml"}
+TAKE = "take the deploy lock"
+
+
+class Lb(RecordingExecutor):
+    """A balancer host whose lock file behaves like the real one (noclobber) and whose audit log is kept."""
+
+    def __init__(self, held: bool, log: list[str]) -> None:
+        files = {lock.LOCK_PATH: json.dumps(HOLDER).encode()} if held else {}
+        super().__init__("lb", files=files, responder=self._answer)
+        self.audit: list[dict[str, object]] = []
+        self.log = log
+
+    def _answer(self, command: Command) -> Reply | None:
+        if command.description == TAKE:
+            if lock.LOCK_PATH in self.files:
+                return Reply(1, "", f"sh: cannot create {lock.LOCK_PATH}: File exists")
+            self.files[lock.LOCK_PATH] = FakeFile(b'{"owner": "me"}')
+        if command.shell() == f"rm -f {lock.LOCK_PATH}":
+            self.files.pop(lock.LOCK_PATH, None)
+        return None
+
+    def run(self, command: Command, *, check: bool = True, timeout_s: float | None = None,
+            stdin: bytes | None = None) -> RunResult:
+        self.log.append(f"lb: {command.description or command.display()}")
+        if command.description == "append to the audit log" and stdin:
+            self.audit.append(json.loads(stdin))
+        return super().run(command, check=check, timeout_s=timeout_s, stdin=stdin)
+
+
+class Host(RecordingExecutor):
+    def __init__(self, name: str, log: list[str], fail: bool = False) -> None:
+        reply = {"systemctl restart llamactl@0.service": Reply(5, "", "Job failed")} if fail else {}
+        super().__init__(name, responses=reply)
+        self.log = log
+
+    def run(self, command: Command, *, check: bool = True, timeout_s: float | None = None,
+            stdin: bytes | None = None) -> RunResult:
+        self.log.append(f"{self.host}: {command.display()}")
+        return super().run(command, check=check, timeout_s=timeout_s, stdin=stdin)
+
+
+@pytest.fixture
+def inventory(tmp_path: Path) -> str:
+    (tmp_path / "inventory.yaml").write_text(INVENTORY)
+    return str(tmp_path / "inventory.yaml")
+
+
+def use(monkeypatch: pytest.MonkeyPatch, hosts: dict[str, Executor]) -> None:
+    monkeypatch.setattr(connect_mod, "connect_host", lambda name, address, ssh: hosts[name])
+
+
+def test_all_at_once_is_refused_while_a_deploy_holds_the_lock(inventory: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    log: list[str] = []
+    lb = Lb(held=True, log=log)
+    use(monkeypatch, {"lb": lb, "h1": Host("h1", log), "h2": Host("h2", log)})
+    result = CliRunner().invoke(app, ["restart", inventory, "--yes"])
+    assert isinstance(result.exception, lock.LockHeld) and result.exception.exit_code == 1
+    assert str(result.exception) == (
+        f"another deploy or restart is running: the lock {lock.LOCK_PATH} on lb is held by alice@laptop since "
+        "2026-01-01T10:00 (llamactl deploy inv.yaml). If it is gone, re-run with --force-unlock.")
+    assert log == [f"lb: {TAKE}"]  # no host touched, and someone else's lock is not removed
+    assert lock.LOCK_PATH in lb.files and lb.audit == []
+
+
+def test_all_at_once_takes_the_lock_restarts_audits_and_releases(inventory: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    log: list[str] = []
+    lb = Lb(held=False, log=log)
+    use(monkeypatch, {"lb": lb, "h1": Host("h1", log), "h2": Host("h2", log)})
+    result = CliRunner().invoke(app, ["restart", inventory, "--yes"])
+    assert result.exit_code == 0, result.output
+    assert log[0] == f"lb: {TAKE}" and log[-2:] == ["lb: append to the audit log", f"lb: rm -f {lock.LOCK_PATH}"]
+    assert sorted(log[1:-2]) == sorted(f"{h}: systemctl {verb} llamactl@0.service"
+                                       for h in ("h1", "h2") for verb in ("reset-failed", "restart"))
+    assert lock.LOCK_PATH not in lb.files
+    (entry,) = lb.audit
+    assert entry["command"] == f"llamactl restart {inventory}" and entry["ok"] is True and entry["changed"] == 2
+    assert entry["changes"] == {"h1": ["restart llamactl@0.service"], "h2": ["restart llamactl@0.service"]}
+
+
+def test_all_at_once_failure_still_audits_and_releases(inventory: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    log: list[str] = []
+    lb = Lb(held=False, log=log)
+    use(monkeypatch, {"lb": lb, "h1": Host("h1", log), "h2": Host("h2", log, fail=True)})
+    result = CliRunner().invoke(app, ["restart", inventory, "--yes", "--limit", "h1,h2"])
+    assert result.exit_code == 1 and "restart failed on: h2" in str(result.exception)
+    (entry,) = lb.audit
+    assert entry["ok"] is False and entry["changes"] == {"h1": ["restart llamactl@0.service"]}
+    assert log[-1] == f"lb: rm -f {lock.LOCK_PATH}" and lock.LOCK_PATH not in lb.files
+
+
+def test_force_unlock_removes_a_stale_lock(inventory: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    log: list[str] = []
+    lb = Lb(held=True, log=log)
+    use(monkeypatch, {"lb": lb, "h1": Host("h1", log), "h2": Host("h2", log)})
+    result = CliRunner().invoke(app, ["restart", inventory, "--yes", "--force-unlock"])
+    assert result.exit_code == 0, result.output
+    assert log[:2] == [f"lb: rm -f {lock.LOCK_PATH}", f"lb: {TAKE}"] and len(lb.audit) == 1
+
+
+def test_real_lock_file_on_a_local_balancer(inventory: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The real lock (noclobber through a shell) and audit file, on a 'balancer' that is this machine."""
+    monkeypatch.setattr(lock, "LOCK_PATH", str(tmp_path / "lib" / "deploy.lock"))
+    monkeypatch.setattr(lock, "AUDIT_PATH", str(tmp_path / "log" / "audit.log"))
+    log: list[str] = []
+    h1, h2 = Host("h1", log), Host("h2", log)
+    use(monkeypatch, {"lb": LocalExecutor("lb"), "h1": h1, "h2": h2})
+    lock.acquire(LocalExecutor("lb"), "llamactl deploy inv.yaml")  # a deploy is running
+    held = (tmp_path / "lib" / "deploy.lock").read_bytes()
+    result = CliRunner().invoke(app, ["restart", inventory, "--yes", "--instance", "h1/0"])
+    assert isinstance(result.exception, lock.LockHeld) and "(llamactl deploy inv.yaml)" in str(result.exception)
+    assert h1.commands == [] and (tmp_path / "lib" / "deploy.lock").read_bytes() == held
+    lock.release(LocalExecutor("lb"))  # the deploy is done
+    result = CliRunner().invoke(app, ["restart", inventory, "--yes", "--instance", "h1/0"])
+    assert result.exit_code == 0, result.output
+    assert h1.commands[-1] == "systemctl restart llamactl@0.service" and h2.commands == []
+    assert not (tmp_path / "lib" / "deploy.lock").exists()
+    entry = json.loads((tmp_path / "log" / "audit.log").read_text())
+    assert entry["command"] == f"llamactl restart {inventory} --instance h1/0" and entry["ok"] is True
+
+
+def test_rolling_holds_the_lock_and_audits_too(inventory: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llamactl.ops import rolling
+    from llamactl.ops.rolling import Failure, RollingRestartFailed, RollingResult
+
+    log: list[str] = []
+    lb = Lb(held=False, log=log)
+    use(monkeypatch, {"lb": lb})
+
+    def fake(inv: object, instances: list[object], **kw: object) -> RollingResult:
+        log.append("rolling restart")
+        result = RollingResult([["h1/0"], ["h2/0"]], restarted=["h1/0"],
+                               failures=[Failure("h2/0", "ready", "not ready in 5 s")], drained=frozenset({"h2/0"}))
+        raise RollingRestartFailed(result)
+
+    monkeypatch.setattr(rolling, "rolling_restart", fake)
+    result = CliRunner().invoke(app, ["restart", inventory, "--rolling", "--batch", "1"])
+    assert result.exit_code == 1 and isinstance(result.exception, RollingRestartFailed)
+    assert log == [f"lb: {TAKE}", "rolling restart", "lb: append to the audit log", f"lb: rm -f {lock.LOCK_PATH}"]
+    (entry,) = lb.audit
+    assert entry["command"] == f"llamactl restart {inventory} --rolling --batch 1" and entry["ok"] is False
+    assert entry["changes"] == {"h1": ["restart llamactl@0.service"]}
