@@ -23,7 +23,9 @@ def watch(
     """Auto-heal: after health.fall failed probes an instance is drained from the balancer and its unit
     restarted over SSH; after health.rise passes it goes back. Restarts back off exponentially and stop
     after --budget per --window (logged as an error; the instance stays drained). An instance still
-    loading within health.startup_grace_s is never restarted. Every event is one JSON line on stdout.
+    loading within health.startup_grace_s is never restarted. While a deploy or restart holds the deploy
+    lock, nothing is drained, restarted or put back (a heal_skipped event says who holds it); watch itself
+    never takes the lock. Every event is one JSON line on stdout.
 
     Example: llamactl watch inventory.yaml --log-file /var/log/llamactl/watch.log
     """

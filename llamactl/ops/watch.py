@@ -1,7 +1,8 @@
 """The edge of ``llamactl watch``: probe, feed the state machine, act, log one JSON line per event.
 
 The decisions live in ``llamactl.plan.watch`` (pure); this loop only probes (llamactl.health),
-applies the balancer config when the drained set changes, restarts units over SSH and logs.
+reads the deploy lock, applies the balancer config when the drained set changes, restarts units over
+SSH and logs.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from importlib import resources
 from typing import IO, TYPE_CHECKING, Any
 
 from llamactl.errors import ConnectError
+from llamactl.ops import lock as deploy_lock
 from llamactl.ops.balancer import NginxControl, apply_balancer_config
 from llamactl.ops.rolling import Connect, HostPool, default_connect, systemctl_restart
-from llamactl.plan.watch import Event, Observation, Policy, Step, Watcher
+from llamactl.plan.watch import Event, Observation, Policy, State, Step, Watcher
 
 if TYPE_CHECKING:
     from llamactl.health.probe import InstanceProbe
@@ -97,28 +99,68 @@ class WatchLoop:
         self.by_id = {i.id: i for i in self.instances}
         self.watcher = Watcher(self.by_id, self.policy)
         self.pool = HostPool(self.inv, self.connect)
-        self.applied: frozenset[str] = frozenset()
+        # The drained set last written to the balancer; None after a deploy held the lock (it rewrote
+        # the config): ours is then re-applied, if we have anything drained, once the lock is free.
+        self.applied: frozenset[str] | None = frozenset()
 
     def emit(self, e: Event) -> None:
         self.log({"time": round(self.wall(), 3), **e.as_dict(), "at": round(e.at, 3)})
 
     def tick(self) -> None:
         now = self.clock()
+        observed = probe_all(self.instances, self.inv.health.timeout_s)
+        # Only a tick that could act needs the lock: all ready and all healthy changes nothing.
+        could_act = (any(o.outcome != "ready" for o in observed.values())
+                     or any(self.watcher.state(i) is not State.HEALTHY for i in observed))
+        held = self._lock_holder(now) if could_act else None
         restarts: list[str] = []
-        for inst_id, obs in probe_all(self.instances, self.inv.health.timeout_s).items():
-            step: Step = self.watcher.observe(now, inst_id, obs)
+        for inst_id, obs in observed.items():
+            step: Step = self.watcher.observe(now, inst_id, obs, deploy_lock=held)
             for e in step.events:
                 self.emit(e)
             restarts += [a.instance for a in step.actions if a.kind == "restart"]
+        if held is not None:
+            self.applied = None  # the deploy owns the balancer config until it is done
+            return
         self._sync_balancer(now)  # drain before restarting, undrain what recovered
-        if restarts:
-            with ThreadPoolExecutor(max_workers=min(8, len(restarts))) as workers:
-                for step in workers.map(self._restart, restarts):
-                    for e in step.events:
-                        self.emit(e)
+        if not restarts:
+            return
+        # watch does not take the deploy lock around its restarts, it only re-reads it just before them:
+        # holding it would make a deploy started meanwhile fail ("another deploy or restart is running"),
+        # and a watch stopped mid-heal (SIGTERM runs no cleanup) would leave a stale lock that blocks every
+        # deploy and watch itself. The race left (a deploy taking the lock between this read and
+        # `systemctl restart`, one SSH round trip) costs one restart of an instance already failing its
+        # probes, which a rolling restart then finds not ready and reports.
+        held = self._lock_holder(now)
+        if held is not None:
+            self.applied = None
+            for inst_id in restarts:
+                for e in self.watcher.restart_skipped(now, inst_id, held).events:
+                    self.emit(e)
+            return
+        with ThreadPoolExecutor(max_workers=min(8, len(restarts))) as workers:
+            for step in workers.map(self._restart, restarts):
+                for e in step.events:
+                    self.emit(e)
+
+    def _lock_holder(self, now: float) -> str | None:
+        """Who holds the deploy lock (None: free). When it cannot be read, watch heals as before: a
+        deploy needs that same balancer host to take the lock, and a dead instance needs its restart."""
+        lb = self.inv.balancer.hosts[0].name
+        try:
+            executor, guard = self.pool.get(lb)
+            with guard:
+                return deploy_lock.holder(executor)
+        except Exception as exc:  # noqa: BLE001 - logged; treated as free
+            self.pool.drop(lb)
+            self.log({"time": round(self.wall(), 3), "at": round(now, 3), "event": "deploy_lock_unknown",
+                      "level": "warning", "detail": f"cannot read the deploy lock on {lb}: {exc}"})
+            return None
 
     def _sync_balancer(self, now: float) -> None:
         wanted = self.watcher.drained
+        if self.applied is None and not wanted:
+            self.applied = wanted  # nothing of ours to put back over the config the deploy left
         if wanted == self.applied:
             return
         try:

@@ -5,7 +5,9 @@ from the balancer and restart it; ``rise`` passes put it back. Restarts back off
 are limited to ``budget`` per ``window_s``; past that the machine stops restarting and says so
 loudly, leaving the instance drained. An instance reporting ``loading`` within ``startup_grace_s``
 of its start is never counted as failing (a model load takes minutes). A host that SSH cannot reach
-is drained and retried only on the backoff schedule, never looped on.
+is drained and retried only on the backoff schedule, never looped on. While a deploy or restart holds
+the deploy lock (the caller reads it and passes the holder in), probes are still counted but nothing is
+drained, restarted or put back: that deploy is restarting and draining instances on purpose.
 """
 
 from __future__ import annotations
@@ -102,7 +104,8 @@ class Watcher:
     def drained(self) -> frozenset[str]:
         return frozenset(i for i, t in self._tracks.items() if t.state not in (State.HEALTHY, State.FAILING))
 
-    def observe(self, now: float, instance: str, obs: Observation) -> Step:
+    def observe(self, now: float, instance: str, obs: Observation, *, deploy_lock: str | None = None) -> Step:
+        """``deploy_lock``: ``None`` when the deploy lock is free, else who holds it (``held by ...``)."""
         t = self._tracks[instance]
         actions: list[Action] = []
         events: list[Event] = []
@@ -113,6 +116,12 @@ class Watcher:
         def emit(name: str, level: Literal["info", "warning", "error"] = "info", **kw: Any) -> None:
             events.append(Event(now, name, instance, t.state.value, level, kw))
 
+        def skip(action: str) -> Step:
+            assert deploy_lock is not None
+            emit("heal_skipped", "warning", action=action, held=deploy_lock,
+                 detail=f"deploy in progress ({deploy_lock}), not healing")
+            return Step(actions, events)
+
         if obs.outcome == "ready":
             t.failures = 0
             t.passes += 1
@@ -120,6 +129,8 @@ class Watcher:
                 t.state = State.HEALTHY
                 emit("recovered_without_restart")
             elif t.state is not State.HEALTHY and t.state is not State.RESTARTING and t.passes >= self.policy.rise:
+                if deploy_lock is not None:
+                    return skip("undrain")  # passes keep counting: it goes back on the first tick after
                 previous = t.state
                 t.state, t.streak = State.HEALTHY, 0
                 actions.append(Action("undrain", instance))
@@ -144,6 +155,8 @@ class Watcher:
         if t.failures < self.policy.fall or t.state is State.GAVE_UP:
             return Step(actions, events)
         if t.state is State.FAILING:
+            if deploy_lock is not None:
+                return skip("drain+restart")  # failures keep counting: it heals on the first tick after
             t.state = State.RECOVERING  # drained, and about to restart below
             actions.append(Action("drain", instance))
             emit("drained", "warning", failures=t.failures, detail=obs.detail)
@@ -157,10 +170,22 @@ class Watcher:
                  detail=f"{len(recent)} restarts within {self.policy.window_s:g} s: no more restarts; "
                  "the instance stays drained until it passes its probes again")
             return Step(actions, events)
+        if deploy_lock is not None:
+            return skip("restart")
         t.state = State.RESTARTING
         actions.append(Action("restart", instance))
         emit("restart", "warning", attempt=t.streak + 1, detail=obs.detail)
         return Step(actions, events)
+
+    def restart_skipped(self, now: float, instance: str, deploy_lock: str) -> Step:
+        """The restart ``observe`` asked for was not done: a deploy took the lock in between. The instance
+        stays drained; no backoff, no budget spent; the next failed probe without the lock restarts it."""
+        t = self._tracks[instance]
+        if t.state is State.RESTARTING:
+            t.state = State.RECOVERING
+        return Step([], [Event(now, "heal_skipped", instance, t.state.value, "warning",
+                               {"action": "restart", "held": deploy_lock,
+                                "detail": f"deploy in progress ({deploy_lock}), not healing"})])
 
     def restart_done(self, now: float, instance: str, *, ok: bool, host_down: bool = False,
                      message: str = "") -> Step:

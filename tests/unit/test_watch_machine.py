@@ -173,3 +173,50 @@ def test_restart_action_names_the_instance() -> None:
     for t in (0, 5):
         w.observe(t, I, FAIL)
     assert w.observe(10, I, FAIL).actions == [Action("drain", I), Action("restart", I)]
+
+
+HELD = "held by alice@laptop since 2026-01-01T10:00 (llamactl restart inv.yaml --rolling)"
+
+
+def test_no_drain_or_restart_while_the_deploy_lock_is_held() -> None:
+    w = make()
+    for t in (0, 5):
+        assert actions(w, t, FAIL) == []
+    step = w.observe(10, I, FAIL, deploy_lock=HELD)  # the `fall`th failure: would drain and restart
+    assert step.actions == [] and w.state(I) is State.FAILING and w.drained == frozenset()
+    skipped = [e for e in step.events if e.event == "heal_skipped"]
+    assert len(skipped) == 1 and skipped[0].level == "warning"
+    assert skipped[0].fields["detail"] == f"deploy in progress ({HELD}), not healing"
+    assert skipped[0].fields["action"] == "drain+restart" and skipped[0].fields["held"] == HELD
+    assert [a.kind for a in w.observe(15, I, FAIL, deploy_lock=HELD).actions] == []  # every held tick
+    # the lock is gone: the next failed probe heals at once (the failures kept counting)
+    assert actions(w, 20, FAIL) == ["drain", "restart"]
+
+
+def test_a_drained_instance_is_not_restarted_or_undrained_while_held() -> None:
+    w = make()
+    for t in (0, 5, 10):
+        actions(w, t, FAIL)
+    w.restart_done(11, I, ok=True)  # restarted once; backoff 10 s
+    assert w.state(I) is State.RECOVERING
+    for t in (50, 55, 60):
+        step = w.observe(t, I, FAIL, deploy_lock=HELD)
+        assert step.actions == []
+    assert [e.fields["action"] for e in step.events if e.event == "heal_skipped"] == ["restart"]
+    assert w.state(I) is State.RECOVERING and I in w.drained  # stays drained: no balancer change
+    # it recovers while the deploy runs: passes count, but it is put back only once the lock is free
+    for t in (65, 70, 75):
+        assert [a.kind for a in w.observe(t, I, OK, deploy_lock=HELD).actions] == []
+    assert w.state(I) is State.RECOVERING
+    assert actions(w, 80, OK) == ["undrain"] and w.state(I) is State.HEALTHY
+
+
+def test_a_restart_skipped_after_the_decision_spends_no_budget() -> None:
+    w = make(budget=1)
+    for t in (0, 5, 10):
+        actions(w, t, FAIL)
+    assert w.state(I) is State.RESTARTING
+    step = w.restart_skipped(10, I, HELD)  # the loop found the lock taken just before restarting
+    assert [e.event for e in step.events] == ["heal_skipped"] and step.events[0].fields["action"] == "restart"
+    assert w.state(I) is State.RECOVERING and I in w.drained
+    assert actions(w, 15, FAIL) == ["restart"]  # no backoff, and the budget of 1 is still there
