@@ -94,7 +94,8 @@ def test_render_writes_every_host(tmp_path: Path) -> None:
 
 def test_render_one_host_and_unknown_host(tmp_path: Path) -> None:
     result = run("render", str(EXAMPLE), "--out", str(tmp_path / "o"), "--host", "lb-01")
-    assert result.returncode == 0 and sorted(p.name for p in (tmp_path / "o").iterdir()) == ["lb-01"]
+    assert result.returncode == 0 and sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        ".llamactl-render.json", "lb-01"]
     result = run("render", str(EXAMPLE), "--out", str(tmp_path / "o"), "--host", "nope")
     assert result.returncode == 2 and "--host nope: no such host" in result.stderr
 
@@ -109,3 +110,97 @@ def test_render_invalid_inventory_exits_2(tmp_path: Path) -> None:
         f'{bad}:1:1: found no "cluster", expected a cluster name like vision-prod',
         f'{bad}:1:1: found no "groups", expected a "groups" mapping',
     ]
+
+
+SMALL = """\
+version: 1
+cluster: c1
+defaults:
+  model: {{source: /srv/model}}
+groups:
+  g:
+    hosts:
+{hosts}
+balancer:
+  hosts:
+    lb: {{address: 10.9.0.100}}
+"""
+
+
+def small(path: Path, **gpus: int) -> str:
+    hosts = "\n".join(f"      {name}: {{address: 10.9.0.{n}, gpus: {count}}}"
+                      for n, (name, count) in enumerate(gpus.items(), 1))
+    path.write_text(SMALL.format(hosts=hosts))
+    return str(path)
+
+
+def env_files(out: Path, host: str) -> list[str]:
+    return sorted(p.name for p in (out / host / "etc" / "llamactl").glob("instance-*.env"))
+
+
+def test_render_again_removes_what_it_no_longer_renders(tmp_path: Path) -> None:
+    out, inv = tmp_path / "out", tmp_path / "inventory.yaml"
+    assert run("render", small(inv, **{"gpu-01": 2, "gpu-02": 1}), "--out", str(out)).returncode == 0
+    assert env_files(out, "gpu-01") == ["instance-0.env", "instance-1.env"]
+    (out / "notes.txt").write_text("mine")  # the user's own files, in DIR and inside a host's tree
+    (out / "gpu-01" / "etc" / "llamactl" / "local.conf").write_text("mine too")
+    (out / "gpu-02" / "etc" / "extra").mkdir()
+    (out / "gpu-02" / "etc" / "extra" / "keep.txt").write_text("mine as well")
+    result = run("render", small(inv, **{"gpu-01": 1}), "--out", str(out))  # a GPU and a host taken out
+    assert result.returncode == 0, result.stderr
+    assert env_files(out, "gpu-01") == ["instance-0.env"]
+    removed = [ln for ln in result.stdout.splitlines() if ln.startswith("removed ")]
+    assert f"removed {out}/gpu-01/etc/llamactl/instance-1.env (no longer rendered)" in removed
+    assert f"removed {out}/gpu-02/etc/llamactl/instance-0.env (no longer rendered)" in removed
+    assert len(removed) == 3  # + gpu-02's unit file
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "gpu-01" / "etc" / "llamactl" / "local.conf").read_text() == "mine too"
+    # gpu-02's rendered files went, and the directories they left empty; the user's file and its dirs stay
+    assert sorted(str(p.relative_to(out / "gpu-02")) for p in (out / "gpu-02").rglob("*")) == [
+        "etc", "etc/extra", "etc/extra/keep.txt"]
+    manifest = json.loads((out / ".llamactl-render.json").read_text())
+    assert sorted(manifest["hosts"]) == ["gpu-01", "lb"]
+    assert "etc/llamactl/instance-1.env" not in manifest["hosts"]["gpu-01"]
+    # rendering the same inventory again removes nothing
+    again = run("render", str(inv), "--out", str(out))
+    assert again.returncode == 0 and "removed" not in again.stdout
+
+
+def test_render_one_host_replaces_only_that_hosts_part(tmp_path: Path) -> None:
+    out, inv = tmp_path / "out", tmp_path / "inventory.yaml"
+    assert run("render", small(inv, **{"gpu-01": 2, "gpu-02": 2}), "--out", str(out)).returncode == 0
+    small(inv, **{"gpu-01": 1, "gpu-02": 1})
+    result = run("render", str(inv), "--out", str(out), "--host", "gpu-01")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == [f"removed {out}/gpu-01/etc/llamactl/instance-1.env (no longer rendered)"]
+    assert env_files(out, "gpu-01") == ["instance-0.env"]
+    assert env_files(out, "gpu-02") == ["instance-0.env", "instance-1.env"]  # not rendered this time: kept
+    hosts = json.loads((out / ".llamactl-render.json").read_text())["hosts"]
+    assert sorted(hosts) == ["gpu-01", "gpu-02", "lb"] and "etc/llamactl/instance-1.env" in hosts["gpu-02"]
+    assert run("render", str(inv), "--out", str(out)).returncode == 0
+    assert env_files(out, "gpu-02") == ["instance-0.env"]
+
+
+def test_render_never_removes_what_the_manifest_does_not_own(tmp_path: Path) -> None:
+    from llamactl.cli.render import remove_stale
+
+    out = tmp_path / "out"
+    (out / "h" / "etc").mkdir(parents=True)
+    (out / "h" / "etc" / "a.env").write_text("ours")
+    (out / "h" / "etc" / "dir").mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not ours")
+    removed, failed = remove_stale(out, {"h": ["etc/a.env", "../../victim.txt", str(victim), "etc/dir",
+                                               "etc/missing.env"]})
+    assert removed == [out / "h" / "etc" / "a.env"] and failed == {}
+    assert victim.read_text() == "not ours" and (out / "h" / "etc" / "dir").is_dir()
+
+
+def test_render_with_an_unreadable_manifest_removes_nothing(tmp_path: Path) -> None:
+    out, inv = tmp_path / "out", tmp_path / "inventory.yaml"
+    assert run("render", small(inv, **{"gpu-01": 2}), "--out", str(out)).returncode == 0
+    (out / ".llamactl-render.json").write_text("{not json")
+    result = run("render", small(inv, **{"gpu-01": 1}), "--out", str(out))
+    assert result.returncode == 0 and "cannot read the render manifest" in result.stderr
+    assert env_files(out, "gpu-01") == ["instance-0.env", "instance-1.env"]
+    assert json.loads((out / ".llamactl-render.json").read_text())["hosts"]["gpu-01"]
