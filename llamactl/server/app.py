@@ -51,6 +51,7 @@ class ServerState:
             queue_limit=settings.queue_limit,
             on_batch=lambda n: self.metrics.batch_size.observe(n),
             on_batch_done=lambda s: self.metrics.batch_duration.observe(s),
+            in_server=lambda: self.busy,
         )
         self.metrics = Metrics(
             running=lambda: float(self.batcher.running),

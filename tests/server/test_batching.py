@@ -189,3 +189,54 @@ def test_clients_that_resubmit_after_a_batch_join_the_next_one() -> None:
     # a+b first; c+d arrive while it runs and wait for a+b's next requests: 4 together from then on
     # (before the fix: 2, 2, 2, 2, ... for good)
     assert sizes[0] == 2 and sizes[1:].count(4) >= 3, sizes
+
+
+def _batcher_with_admissions(engine: RecordingEngine, admitting: list[int], **kw):  # type: ignore[no-untyped-def]
+    """A batcher whose server reports ``admitting[0]`` requests still being admitted (not yet queued)."""
+    b: Batcher
+
+    def in_server() -> int:
+        return admitting[0] + b.queued + b.running
+
+    b = Batcher(engine, max_batch_size=kw.pop("max_batch_size", 4), max_wait_ms=kw.pop("max_wait_ms", 50),
+                queue_limit=16, in_server=in_server)  # type: ignore[arg-type]
+    return b
+
+
+async def _run_admissions(b: Batcher, admitting: list[int], late_after_s: float) -> None:
+    t = threading.Thread(target=b.run_forever, daemon=True)
+    t.start()
+    try:
+        early = [asyncio.ensure_future(b.submit(GenRequest(f"e{i}", None, greedy()))) for i in range(2)]
+        await asyncio.sleep(late_after_s)  # two more are "being admitted" meanwhile (slow image decode)
+        late = [asyncio.ensure_future(b.submit(GenRequest(f"l{i}", None, greedy()))) for i in range(2)]
+        admitting[0] = 0
+        await asyncio.gather(*early, *late)
+    finally:
+        b.stop()
+        t.join(5)
+
+
+def test_a_batch_waits_past_its_window_for_requests_still_being_admitted() -> None:
+    engine = RecordingEngine()
+    admitting = [2]
+    b = _batcher_with_admissions(engine, admitting, max_wait_ms=50)
+    asyncio.run(_run_admissions(b, admitting, late_after_s=0.3))  # 6x the window, inside the grace
+    assert engine.calls == [["e0", "e1", "l0", "l1"]]
+
+
+def test_without_admission_info_or_past_the_grace_the_batch_starts() -> None:
+    engine = RecordingEngine()
+    admitting = [2]
+    b = _batcher_with_admissions(engine, admitting, max_wait_ms=50)
+    b.in_server = None  # a server that cannot say: the plain window
+    asyncio.run(_run_admissions(b, admitting, late_after_s=0.3))
+    assert engine.calls[0] == ["e0", "e1"]
+
+    engine = RecordingEngine()
+    admitting = [2]
+    b = _batcher_with_admissions(engine, admitting, max_wait_ms=50)
+    b.admit_grace_s = 0.1  # admissions that never finish cannot hold a batch for longer than the grace
+    t0 = time.monotonic()
+    asyncio.run(_run_admissions(b, admitting, late_after_s=0.6))
+    assert engine.calls[0] == ["e0", "e1"] and time.monotonic() - t0 < 5
