@@ -9,21 +9,8 @@ from pathlib import Path
 
 import pytest
 
-INVENTORY = """\
-version: 1
-cluster: c1
-defaults:
-  gpus: 0
-  model: {source: /srv/model}
-groups:
-  g:
-    hosts:
-      h1: {address: 10.9.0.1}
-      h2: {address: 10.9.0.2}
-balancer:
-  hosts:
-    lb: {address: 10.9.0.100}
-"""
+# Two CPU hosts and a balancer: every address unreachable, nothing here may connect for real.
+INVENTORY = (Path(__file__).resolve().parents[1] / "fixtures/inventories/two-cpu-hosts.yaml").read_text()
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -16,21 +16,8 @@ from llamactl.remote.base import Executor, RunResult
 from llamactl.remote.local import LocalExecutor
 from llamactl.remote.recording import FakeFile, RecordingExecutor, Reply
 
-INVENTORY = """\
-version: 1
-cluster: c1
-defaults:
-  gpus: 0
-  model: {source: /srv/model}
-groups:
-  g:
-    hosts:
-      h1: {address: 10.9.0.1}
-      h2: {address: 10.9.0.2}
-balancer:
-  hosts:
-    lb: {address: 10.9.0.100}
-"""
+# Two CPU hosts and a balancer: every address unreachable, nothing here may connect for real.
+INVENTORY = (Path(__file__).resolve().parents[1] / "fixtures/inventories/two-cpu-hosts.yaml").read_text()
 HOLDER = {"owner": "alice@laptop", "since": "2026-01-01T10:00", "command": "llamactl deploy inv.yaml"}
 TAKE = "take the deploy lock"
 
