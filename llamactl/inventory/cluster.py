@@ -77,6 +77,7 @@ class BalancerSpec:
     max_fails: int
     fail_timeout_s: int
     keepalive: int
+    client_keepalive_s: int
     next_upstream_tries: int
     next_upstream_timeout_s: int
     client_max_body_size_mb: int

@@ -219,6 +219,10 @@ class BalancerConfig(_Model):
     max_fails: Annotated[int, Field(ge=0)] = 2
     fail_timeout_s: Annotated[int, Field(ge=1)] = 10
     keepalive: Annotated[int, Field(ge=0)] = 32
+    # Idle keep-alive of client connections. 0 (a new connection per request) because on every reload the old
+    # workers close their idle client connections, and a client that reuses one at that instant gets a reset
+    # that nginx cannot retry for it (bench/reload_race.py measures it).
+    client_keepalive_s: Annotated[int, Field(ge=0, le=3600)] = 0
     next_upstream_tries: Annotated[int, Field(ge=1, le=100)] = 3
     next_upstream_timeout_s: Annotated[int, Field(ge=0)] | None = None  # None: proxy_read_timeout_s
     client_max_body_size_mb: Annotated[int, Field(ge=1)] = 25

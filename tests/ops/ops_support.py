@@ -257,3 +257,40 @@ class LabLoad:
         target, deadline = self.ok + n, time.monotonic() + timeout_s
         while self.ok < target and time.monotonic() < deadline and any(t.is_alive() for t in self._threads):
             time.sleep(0.1)
+
+
+def reload_storm(ngx: TempNginx, url: str, *, reloads: int, clients: int = 4,
+                 pause_s: float = 0.1) -> tuple[int, list[str]]:
+    """Reload ``ngx`` ``reloads`` times while ``clients`` threads POST /infer back to back, each on one
+    ``httpx.Client`` (keep-alive, as sessions in real clients are). Returns (ok, failures)."""
+    ok, failed = 0, []
+    lock, stop = threading.Lock(), threading.Event()
+
+    def client() -> None:
+        nonlocal ok
+        with httpx.Client(trust_env=False, timeout=10) as session:
+            while not stop.is_set():
+                try:
+                    r = session.post(url + "/infer", json={"image": "x", "question": "q"})
+                    outcome = "" if r.status_code == 200 else f"HTTP {r.status_code}"
+                except httpx.HTTPError as exc:
+                    outcome = f"{type(exc).__name__}: {exc}"
+                with lock:
+                    if outcome:
+                        failed.append(outcome)
+                    else:
+                        ok += 1
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        for _ in range(reloads):
+            subprocess.run(["nginx", *ngx.flags(), "-s", "reload"], check=True, capture_output=True, timeout=10)
+            time.sleep(pause_s)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=15)
+    return ok, failed

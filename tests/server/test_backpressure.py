@@ -29,14 +29,13 @@ class GatedEngine(HFEngine):
         return super().generate_batch(requests)
 
 
-@pytest.fixture(scope="module")
-def srv(tiny_checkpoint: Path) -> Iterator[ThreadServer]:
+def gated_server(checkpoint: Path, request_timeout_s: float) -> Iterator[ThreadServer]:
     settings = make_settings(
-        tiny_checkpoint,
+        checkpoint,
         max_batch_size=1,
         max_wait_ms=0,
         queue_limit=2,
-        request_timeout_s=4,
+        request_timeout_s=request_timeout_s,
         cache_max_entries=0,
     )
     GatedEngine.gate.set()  # open for the warm-up
@@ -44,6 +43,17 @@ def srv(tiny_checkpoint: Path) -> Iterator[ThreadServer]:
     yield server
     GatedEngine.gate.set()
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_checkpoint: Path) -> Iterator[ThreadServer]:
+    """Deadlines far beyond any test step, so a slow machine cannot turn an expected 200 into a 504."""
+    yield from gated_server(tiny_checkpoint, 120)
+
+
+@pytest.fixture(scope="module")
+def impatient(tiny_checkpoint: Path) -> Iterator[ThreadServer]:
+    yield from gated_server(tiny_checkpoint, 4)
 
 
 def wait_for(cond: Callable[[], bool], timeout_s: float = 20) -> None:
@@ -83,8 +93,9 @@ def test_full_queue_gets_429_with_retry_after(
 
 
 def test_deadline_gives_504_and_frees_the_queue(
-    srv: ThreadServer, pool: concurrent.futures.ThreadPoolExecutor
+    impatient: ThreadServer, pool: concurrent.futures.ThreadPoolExecutor
 ) -> None:
+    srv = impatient
     GatedEngine.gate.clear()
     b = srv.state.batcher
     first = pool.submit(httpx.post, srv.url + "/infer", json=body(), timeout=30)
