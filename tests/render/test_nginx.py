@@ -31,6 +31,7 @@ def test_one_host(tmp_path: Path) -> None:
     assert (
         "server 127.0.0.3:8000" not in text and "server 127.0.0.2:8000 max_fails=2 fail_timeout=10s;" in text
     )
+    assert text.count("keepalive_timeout 0;") == 1  # default: no idle client connections for a reload to reset
 
 
 def test_many_hosts_several_gpus_tls_rate_limit(tmp_path: Path) -> None:
@@ -74,6 +75,8 @@ def test_many_hosts_several_gpus_tls_rate_limit(tmp_path: Path) -> None:
     assert "limit_req_zone $binary_remote_addr zone=llamactl_many_hosts_rate:10m rate=20r/s;" in text
     assert text.count("limit_req_status 429;") == 2
     assert "least_conn" not in text and "keepalive" not in text.split("}")[0]
+    # client keep-alive asked for: set in the proxying server block (the redirecting one only answers 301)
+    assert text.count("keepalive_timeout 30s;") == 1 and "keepalive_timeout 0;" not in text
 
 
 def test_example(tmp_path: Path) -> None:
