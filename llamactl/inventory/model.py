@@ -116,7 +116,7 @@ class ServerSettings(_Model):
     @classmethod
     def _cpu_threads(cls, value: object) -> int | str:
         if value == "auto" or (type(value) is int and 1 <= value <= 4096):
-            return value  # type: ignore[return-value]
+            return value
         raise ValueError('"auto" or a number of threads from 1 to 4096')
 
     @field_validator("env")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from llamactl.cli.main import app
 from llamactl.ops import connect as connect_mod
@@ -70,12 +70,18 @@ def use(monkeypatch: pytest.MonkeyPatch, hosts: dict[str, Executor]) -> None:
     monkeypatch.setattr(connect_mod, "connect_host", lambda name, address, ssh: hosts[name])
 
 
+def restart(monkeypatch: pytest.MonkeyPatch, *args: str, held: bool = False,
+            failing: str = "") -> tuple[Result, Lb, list[str]]:
+    """``llamactl restart ARGS`` against a recorded balancer and hosts h1, h2 (``failing`` cannot restart)."""
+    log: list[str] = []
+    lb = Lb(held=held, log=log)
+    use(monkeypatch, {"lb": lb, **{h: Host(h, log, fail=h == failing) for h in ("h1", "h2")}})
+    return CliRunner().invoke(app, ["restart", *args]), lb, log
+
+
 def test_all_at_once_is_refused_while_a_deploy_holds_the_lock(inventory: str,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    log: list[str] = []
-    lb = Lb(held=True, log=log)
-    use(monkeypatch, {"lb": lb, "h1": Host("h1", log), "h2": Host("h2", log)})
-    result = CliRunner().invoke(app, ["restart", inventory, "--yes"])
+    result, lb, log = restart(monkeypatch, inventory, "--yes", held=True)
     assert isinstance(result.exception, lock.LockHeld) and result.exception.exit_code == 1
     assert str(result.exception) == (
         f"another deploy or restart is running: the lock {lock.LOCK_PATH} on lb is held by alice@laptop since "
@@ -86,10 +92,7 @@ def test_all_at_once_is_refused_while_a_deploy_holds_the_lock(inventory: str,
 
 def test_all_at_once_takes_the_lock_restarts_audits_and_releases(inventory: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    log: list[str] = []
-    lb = Lb(held=False, log=log)
-    use(monkeypatch, {"lb": lb, "h1": Host("h1", log), "h2": Host("h2", log)})
-    result = CliRunner().invoke(app, ["restart", inventory, "--yes"])
+    result, lb, log = restart(monkeypatch, inventory, "--yes")
     assert result.exit_code == 0, result.output
     assert log[0] == f"lb: {TAKE}" and log[-2:] == ["lb: append to the audit log", f"lb: rm -f {lock.LOCK_PATH}"]
     assert sorted(log[1:-2]) == sorted(f"{h}: systemctl {verb} llamactl@0.service"
@@ -101,10 +104,7 @@ def test_all_at_once_takes_the_lock_restarts_audits_and_releases(inventory: str,
 
 
 def test_all_at_once_failure_still_audits_and_releases(inventory: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    log: list[str] = []
-    lb = Lb(held=False, log=log)
-    use(monkeypatch, {"lb": lb, "h1": Host("h1", log), "h2": Host("h2", log, fail=True)})
-    result = CliRunner().invoke(app, ["restart", inventory, "--yes", "--limit", "h1,h2"])
+    result, lb, log = restart(monkeypatch, inventory, "--yes", "--limit", "h1,h2", failing="h2")
     assert result.exit_code == 1 and "restart failed on: h2" in str(result.exception)
     (entry,) = lb.audit
     assert entry["ok"] is False and entry["changes"] == {"h1": ["restart llamactl@0.service"]}
@@ -112,10 +112,7 @@ def test_all_at_once_failure_still_audits_and_releases(inventory: str, monkeypat
 
 
 def test_force_unlock_removes_a_stale_lock(inventory: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    log: list[str] = []
-    lb = Lb(held=True, log=log)
-    use(monkeypatch, {"lb": lb, "h1": Host("h1", log), "h2": Host("h2", log)})
-    result = CliRunner().invoke(app, ["restart", inventory, "--yes", "--force-unlock"])
+    result, lb, log = restart(monkeypatch, inventory, "--yes", "--force-unlock", held=True)
     assert result.exit_code == 0, result.output
     assert log[:2] == [f"lb: rm -f {lock.LOCK_PATH}", f"lb: {TAKE}"] and len(lb.audit) == 1
 
