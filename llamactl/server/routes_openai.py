@@ -96,10 +96,11 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
     rid = "chatcmpl-" + uuid.uuid4().hex
     created = int(time.time())
     model = state.settings.model
+    cache_key = svc.cache_key(image_url, prompt, params)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(state, rid, created, prompt, image, params, include_usage)
-    waiter = svc.enqueue(prompt, image, params, cache_key=svc.cache_key(image_url, prompt, params))
+        return _stream(state, rid, created, prompt, image, params, include_usage, cache_key)
+    waiter = svc.enqueue(prompt, image, params, cache_key=cache_key)
     try:
         outcome: Outcome = await unless_disconnected(request.receive, waiter)
     except ClientGone:
@@ -124,7 +125,14 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
 
 
 def _stream(
-    state: ServerState, rid: str, created: int, prompt: str, image: Any, params: Any, include_usage: bool
+    state: ServerState,
+    rid: str,
+    created: int,
+    prompt: str,
+    image: Any,
+    params: Any,
+    include_usage: bool,
+    cache_key: str | None,
 ) -> StreamingResponse:
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue[str] = asyncio.Queue()
@@ -133,10 +141,12 @@ def _stream(
         loop.call_soon_threadsafe(pieces.put_nowait, text)
 
     # Admission happens here, before the response starts, so 429/503 are real HTTP statuses.
-    waiter = state.inference.enqueue(prompt, image, params, on_text=on_text)
+    # A cached answer arrives whole (on_text is never called); a generated one is stored when it completes.
+    waiter = state.inference.enqueue(prompt, image, params, on_text=on_text, cache_key=cache_key)
     task: asyncio.Future[Outcome] = asyncio.ensure_future(waiter)
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, int] | None = None) -> str:
+    def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, int] | None = None,
+              cached: bool | None = None) -> str:
         body: dict[str, Any] = {
             "id": rid,
             "object": "chat.completion.chunk",
@@ -148,6 +158,8 @@ def _stream(
         }
         if usage is not None:
             body["usage"] = usage
+        if cached is not None:  # as the non-streaming answer's "cached"; clients ignore fields they do not know
+            body["cached"] = cached
         return f"data: {json.dumps(body)}\n\n"
 
     async def events() -> AsyncIterator[str]:
@@ -170,7 +182,9 @@ def _stream(
                 yield f"data: {json.dumps({'error': {'message': exc.message, 'type': exc.kind}})}\n\n"
                 yield "data: [DONE]\n\n"
                 return
-            yield chunk({}, finish=_finish_reason(outcome))
+            if outcome.cached:
+                yield chunk({"content": outcome.result.text})
+            yield chunk({}, finish=_finish_reason(outcome), cached=outcome.cached)
             if include_usage:
                 yield chunk({}, usage=_usage(outcome))
             yield "data: [DONE]\n\n"

@@ -131,42 +131,48 @@ def _chat_messages(colour: str) -> list[dict[str, Any]]:
     ]
 
 
-def test_openai_client_plain_and_streaming(srv: ThreadServer) -> None:
+def test_openai_client_streaming_plain_and_cached(srv: ThreadServer) -> None:
     import openai
 
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
     assert [m.id for m in client.models.list().data] == [srv.state.settings.model]
+
+    def stream() -> tuple[list[str], str | None, Any, bool | None]:
+        pieces, finish, usage, cached = [], None, None, None
+        for chunk in client.chat.completions.create(
+            model="llama",
+            messages=_chat_messages("red"),
+            max_completion_tokens=120,
+            temperature=0,  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": True},
+        ):
+            usage = chunk.usage or usage
+            cached = (chunk.model_extra or {}).get("cached", cached)
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    pieces.append(choice.delta.content)
+                finish = choice.finish_reason or finish
+        return pieces, finish, usage, cached
+
+    pieces, finish, usage, cached = stream()
+    assert len(pieces) > 5 and cached is False  # really streamed, piece by piece
+    text = "".join(pieces)
+    assert "<CONCLUSION>It is a red square.</CONCLUSION>" in text
+    assert finish == "stop" and usage is not None and usage.completion_tokens > 10
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+    # the streamed answer was stored: the same question, plain (max_tokens) or streamed again, comes from the cache
     plain = client.chat.completions.create(
         model="llama",
         messages=_chat_messages("red"),
         max_tokens=120,
         temperature=0,  # type: ignore[arg-type]
     )
-    text = plain.choices[0].message.content or ""
-    assert "<CONCLUSION>It is a red square.</CONCLUSION>" in text
-    assert plain.choices[0].finish_reason == "stop"
-    assert plain.usage is not None and plain.usage.completion_tokens > 10
-    assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
-
-    stream = client.chat.completions.create(
-        model="llama",
-        messages=_chat_messages("red"),
-        max_completion_tokens=120,
-        temperature=0,  # type: ignore[arg-type]
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    pieces, finish, usage = [], None, None
-    for chunk in stream:
-        if chunk.usage is not None:
-            usage = chunk.usage
-        for choice in chunk.choices:
-            if choice.delta.content:
-                pieces.append(choice.delta.content)
-            finish = choice.finish_reason or finish
-    assert len(pieces) > 5  # really streamed, piece by piece
-    assert "".join(pieces) == text
-    assert finish == "stop" and usage is not None and usage.completion_tokens == plain.usage.completion_tokens
+    assert plain.choices[0].message.content == text and (plain.model_extra or {})["cached"] is True
+    assert plain.choices[0].finish_reason == "stop" and plain.usage == usage
+    again, finish, again_usage, cached = stream()
+    assert again == [text] and cached is True and finish == "stop" and again_usage == usage
 
 
 def test_text_only_chat_and_template_errors(srv: ThreadServer) -> None:
