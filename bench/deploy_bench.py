@@ -62,6 +62,9 @@ class TimedExecutor:
     def read_bytes(self, *a: Any, **kw: Any) -> Any:
         return self._timed(self.inner.read_bytes, *a, **kw)
 
+    def connected(self) -> bool:
+        return bool(self.inner.connected())
+
     def close(self) -> None:
         self.inner.close()
 

@@ -42,6 +42,11 @@ class WaitResult:
 
 
 Check = Callable[[str, float], Observation]
+Alive = Callable[[], bool]
+
+# What a wait sees once the host's SSH connection is gone: its HTTP port may simply stay silent (no RST from a
+# vanished host), and waiting out the whole timeout would hold up everything behind it.
+CONNECTION_LOST = Observation(False, "unreachable", "the SSH connection to the host was lost", fatal=True)
 
 
 def _get_json(url: str, timeout_s: float) -> tuple[int, dict[str, object]]:
@@ -100,13 +105,17 @@ def wait_until(
     sleep: Sleep = time.sleep,
     interval_s: float = 1.0,
     attempt_timeout_s: float = 5.0,
+    alive: Alive | None = None,
 ) -> WaitResult:
-    """Call ``check`` every ``interval_s`` until it holds, says it never will, or ``timeout_s`` passes."""
+    """Call ``check`` every ``interval_s`` until it holds, says it never will, or ``timeout_s`` passes.
+    ``alive``: the host's connection; once it is lost the wait ends at once (CONNECTION_LOST)."""
     start = clock()
     attempts = 0
     while True:
         left = timeout_s - (clock() - start)
         attempts += 1
+        if alive is not None and not alive():
+            return WaitResult(False, clock() - start, attempts, CONNECTION_LOST)
         seen = check(url, max(0.05, min(attempt_timeout_s, left)))
         elapsed = clock() - start
         if seen.done:
@@ -124,9 +133,10 @@ def wait_ready(
     *,
     interval_s: float = 1.0,
     check: Check = check_ready,
+    alive: Alive | None = None,
 ) -> WaitResult:
-    """Wait for ``url``'s /ready to answer 200."""
-    return wait_until(url, check, timeout_s, clock=clock, sleep=sleep, interval_s=interval_s)
+    """Wait for ``url``'s /ready to answer 200 (while ``alive``, the host's connection, holds)."""
+    return wait_until(url, check, timeout_s, clock=clock, sleep=sleep, interval_s=interval_s, alive=alive)
 
 
 def wait_idle(

@@ -212,7 +212,11 @@ def deploy_host(
             executor.run(Command.sh(f"systemctl reset-failed {units} 2>/dev/null; systemctl start {units}",
                                     "start instances"))
             progress(host_name, "waiting for ready")
-            failures = wait_instances_ready([a.url for a in fresh], timeout_s=inv.rollout.ready_timeout_s)
+            failures = wait_instances_ready([a.url for a in fresh], timeout_s=inv.rollout.ready_timeout_s,
+                                            alive=executor.connected)
+            if failures and not executor.connected():
+                raise ConnectError(host_name, "the SSH connection was lost while waiting for the instances to be "
+                                   "ready: " + "; ".join(failures.values()))
             if failures:
                 details = []
                 for act in fresh:

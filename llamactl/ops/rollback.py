@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from llamactl.errors import LlamactlError
@@ -53,7 +54,8 @@ def _switch(inv: Inventory, name: str, to: str | None, connector: Connector) -> 
 
 
 def rollback(inv: Inventory, *, to: str | None = None, connector: Connector = connect_host,
-             progress=lambda host, msg: None) -> tuple[list[RollbackOutcome], str | None]:  # type: ignore[no-untyped-def]
+             progress: Callable[[str, str], None] = lambda host, msg: None
+             ) -> tuple[list[RollbackOutcome], str | None]:
     """Switch releases everywhere first (running servers are unaffected), then a rolling restart."""
     outcomes = run_parallel([h.name for h in inv.hosts], lambda n: _switch(inv, n, to, connector), max_workers=16)
     results = [o.value if o.ok else RollbackOutcome(n, False, error=str(o.error))  # type: ignore[union-attr]

@@ -156,10 +156,10 @@ class Checks:
         r = wait_idle(url, timeout_s, self.clock, self.sleep, interval_s=min(0.5, self.interval_s))
         return r.ok, r.describe("idle", url)
 
-    def ready(self, url: str, timeout_s: float) -> tuple[bool, str]:
+    def ready(self, url: str, timeout_s: float, alive: Callable[[], bool] | None = None) -> tuple[bool, str]:
         from llamactl.health.wait import wait_ready
 
-        r = wait_ready(url, timeout_s, self.clock, self.sleep, interval_s=self.interval_s)
+        r = wait_ready(url, timeout_s, self.clock, self.sleep, interval_s=self.interval_s, alive=alive)
         return r.ok, r.describe("ready", url)
 
     def ready_now(self, url: str) -> bool:
@@ -311,9 +311,11 @@ def _run_batch(
             report("restart", str(exc), False)
             return Failure(inst.id, "restart", str(exc))
         report("restart", f"{inst.unit} restarted")
-        ready, message = checks.ready(inst.url, inv.rollout.ready_timeout_s)
+        ready, message = checks.ready(inst.url, inv.rollout.ready_timeout_s, alive=executor.connected)
         report("ready", message, ready)
         if not ready:
+            if not executor.connected():
+                pool.drop(inst.host)  # the next use reconnects, or reports the host unreachable
             return Failure(inst.id, "ready", message)
         if inv.rollout.canary:
             ok, message = checks.canary(inst.url, _api_key(inv, inst))

@@ -269,12 +269,12 @@ def plan_host(
         plan.steps.append(Run(Command.of("systemctl", "enable", *to_enable), "enable units"))
         plan.changes.append(f"enabled {', '.join(to_enable)}")
 
-    for instance_id, index, unit, url in instances:
+    for instance_id, slot, unit, url in instances:
         state = facts.units.get(unit)
-        env_path = f"{ENV_DIR}/instance-{index}.env"
+        env_path = f"{ENV_DIR}/instance-{slot}.env"
         serving = state is not None and state.active in ("active", "activating", "reloading")
         if not serving:
-            plan.actions.append(InstanceAction(instance_id, index, unit, url, "start", "not running"))
+            plan.actions.append(InstanceAction(instance_id, slot, unit, url, "start", "not running"))
             continue
         reasons = []
         if release_changed:
@@ -284,7 +284,7 @@ def plan_host(
         if env_path in changed_paths:
             reasons.append("settings changed")
         if reasons:
-            plan.actions.append(InstanceAction(instance_id, index, unit, url, "restart", ", ".join(reasons)))
+            plan.actions.append(InstanceAction(instance_id, slot, unit, url, "restart", ", ".join(reasons)))
     for act in plan.actions:
         plan.changes.append(f"{act.action} {act.unit} ({act.why})")
     if dirs and plan.steps:

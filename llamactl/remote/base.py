@@ -81,6 +81,10 @@ class Executor(Protocol):
         """The file's content, or None when it does not exist."""
         ...
 
+    def connected(self) -> bool:
+        """False once the connection to the host is known to be lost (a dead peer, a cut network)."""
+        ...
+
     def close(self) -> None: ...
 
 

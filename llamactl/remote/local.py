@@ -93,6 +93,9 @@ class LocalExecutor:
         except OSError as exc:
             raise RemoteFileError(self.host, path, f"cannot read: {exc.strerror or exc}") from exc
 
+    def connected(self) -> bool:
+        return True
+
     def close(self) -> None:
         pass
 

@@ -82,6 +82,7 @@ class RecordingExecutor:
             path: f if isinstance(f, FakeFile) else FakeFile(f) for path, f in (files or {}).items()}
         self.calls: list[Recorded] = []
         self.closed = False
+        self.lost = False  # set by a test: the connection to this host is gone
         self._inner = inner
         self._passthrough = passthrough
         self._lock = threading.Lock()
@@ -149,6 +150,9 @@ class RecordingExecutor:
         if fake is not None:
             return fake.content
         return self._inner.read_bytes(path) if self._inner is not None else None
+
+    def connected(self) -> bool:
+        return not self.lost
 
     def close(self) -> None:
         self.closed = True

@@ -299,6 +299,11 @@ class SSHExecutor:
                 return None
             raise RemoteFileError(self.host, path, f"cannot read: {self._denied(exc)}") from exc
 
+    def connected(self) -> bool:
+        """Whether every hop is still up: paramiko's keepalives plus TCP_USER_TIMEOUT (transport.py) end a
+        transport whose peer vanished, so this turns False about DEAD_PEER_S after a host or network dies."""
+        return all(t.is_active() for t in self._transports)
+
     def close(self) -> None:
         with self._lock:
             if self._sftp is not None:

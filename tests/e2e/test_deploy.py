@@ -176,6 +176,84 @@ def test_unreachable_host_leaves_others_deployed_and_rerun_converges(deployed_la
     assert back.returncode == 0, back.stderr
 
 
+def test_a_host_that_vanishes_ends_a_ready_wait_at_once(deployed_lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cut network sends no RST: the instance's port just goes silent. The host's real SSH connection (its
+    keepalives unacknowledged) is what ends the wait, instead of ready_timeout_s (900 s by default)."""
+    from llamactl.health.wait import CONNECTION_LOST, wait_ready
+    from llamactl.inventory import load_inventory
+    from llamactl.ops.connect import connect_host
+    from llamactl.remote import transport
+
+    monkeypatch.setattr(transport, "KEEPALIVE_S", 1)  # product: 15 s and 60 s; the mechanism is the same
+    monkeypatch.setattr(transport, "DEAD_PEER_S", 3)
+    inv = load_inventory(deployed_lab.inventory)
+    spec = inv.host("lab-host3")
+    url = spec.instances[0].url
+    executor = connect_host(spec.name, spec.address, spec.ssh)
+    try:
+        assert wait_ready(url, 60, interval_s=0.5, alive=executor.connected).ok and executor.connected()
+        _set_link(deployed_lab, "lab-host3", up=False)
+        try:
+            started = time.monotonic()
+            result = wait_ready(url, 900, interval_s=0.5, alive=executor.connected)
+            elapsed = time.monotonic() - started
+        finally:
+            _set_link(deployed_lab, "lab-host3", up=True)
+    finally:
+        executor.close()
+    assert not result.ok and result.last == CONNECTION_LOST
+    assert elapsed < 30, elapsed  # keepalive 1 s + 3 s unacknowledged, plus at most one 5 s HTTP attempt
+    assert wait_ready(url, 60, interval_s=0.5).ok  # the link is back: the instance never stopped
+
+
+def test_a_host_lost_mid_deploy_is_reported_at_once_and_the_others_finish(
+    deployed_lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """host3's link is cut right after deploy started its (stopped) instance, while deploy waits for it."""
+    from llamactl.inventory import load_inventory
+    from llamactl.ops.connect import connect_host
+    from llamactl.ops.deploy import deploy
+    from llamactl.plan.command import Command
+    from llamactl.remote import transport
+
+    monkeypatch.setattr(transport, "KEEPALIVE_S", 1)  # product: 15 s and 60 s; the mechanism is the same
+    monkeypatch.setattr(transport, "DEAD_PEER_S", 3)
+    ssh(deployed_lab, "lab-host3", "systemctl stop llamactl@0.service")  # so deploy starts it and waits
+
+    def connector(name: str, address: str, settings: object):  # type: ignore[no-untyped-def]
+        executor = connect_host(name, address, settings)
+        if name == "lab-host3":
+            real_run = executor.run
+
+            def run(command: Command, **kw: object):  # type: ignore[no-untyped-def]
+                result = real_run(command, **kw)
+                if command.description == "start instances":
+                    _set_link(deployed_lab, "lab-host3", up=False)
+                return result
+
+            executor.run = run  # type: ignore[method-assign]
+        return executor
+
+    started = time.monotonic()
+    try:
+        result = deploy(load_inventory(deployed_lab.inventory), connector=connector, command_line="test")
+    finally:
+        _set_link(deployed_lab, "lab-host3", up=True)
+    elapsed = time.monotonic() - started
+    outcomes = {h.host: h for h in result.hosts}
+    assert outcomes["lab-host1"].ok and outcomes["lab-host2"].ok
+    lost = outcomes["lab-host3"]
+    assert not lost.ok and lost.unreachable, lost.error
+    assert "the SSH connection was lost while waiting for the instances to be ready" in (lost.error or "")
+    assert elapsed < 120, elapsed  # not rollout.ready_timeout_s
+    again = llamactl("deploy", str(deployed_lab.inventory), "--json")  # the host is back: converges
+    assert again.returncode == 0, again.stderr
+    from llamactl.health.wait import wait_ready
+
+    url = load_inventory(deployed_lab.inventory).host("lab-host3").instances[0].url
+    assert wait_ready(url, 180, interval_s=0.5).ok  # leave it serving for the tests that follow
+
+
 def test_broken_balancer_config_is_rolled_back_while_traffic_flows(deployed_lab: Lab, tmp_path: Path) -> None:
     # A certificate that does not exist on the balancer host: validation cannot know, `nginx -t` there refuses.
     def broken(d: dict) -> None:  # type: ignore[type-arg]

@@ -6,6 +6,7 @@ RecordingExecutor, so the test also sees which host each restart was sent to.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -145,3 +146,28 @@ def test_refuses_to_drain_the_last_ready_instance(tmp_path: Path, three: list[Ba
     assert "a/0: drain failed: no other instance is ready" in str(err.value)
     assert c.hosts == {} and c.conf.read_bytes() == before  # nothing drained, nothing restarted
     assert err.value.result.drained == frozenset()
+
+
+def test_a_host_lost_during_its_restart_fails_fast_not_at_ready_timeout(tmp_path: Path, three: list[Backend],
+                                                                       temp_nginx: TempNginx) -> None:
+    c = Cluster(tmp_path, three, temp_nginx, {"batch": 1, "max_unavailable": 1, "ready_timeout_s": 600,
+                                               "canary": False})
+
+    def vanish(executor: Executor, inst: Instance) -> None:
+        self_restart(executor, inst)
+        if inst.host == "b":  # the host dies under us: its port goes silent, its connection is lost
+            three[1].close()
+            c.hosts["b"].lost = True
+
+    self_restart = c.restart()
+    started = time.monotonic()
+    with Load(c.url) as load, pytest.raises(RollingRestartFailed) as err:
+        rolling_restart(c.inv, c.inv.instances(), connect=c.connect, restart_fn=vanish, nginx=c.control,
+                        checks=Checks(interval_s=0.1))
+    assert time.monotonic() - started < 60  # not the 600 s ready timeout
+    (failure,) = err.value.result.failures
+    assert (failure.instance, failure.step) == ("b/0", "ready")
+    assert "the SSH connection to the host was lost" in failure.message
+    assert c.hosts["b"].closed  # dropped: a later use reconnects or reports the host unreachable
+    assert err.value.result.drained == frozenset({"b/0"}) and three[2].restarts == 0
+    assert load.failed == []

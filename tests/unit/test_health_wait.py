@@ -71,3 +71,14 @@ def test_wait_idle_until_in_flight_reaches_zero() -> None:
     check, _ = scripted(busy, busy, busy, Observation(True, "ready"))
     result = wait_idle("http://u", 30, t.clock, t.sleep, interval_s=0.5, check=check)
     assert result.ok and result.attempts == 4 and result.elapsed_s == 1.5
+
+
+def test_a_lost_host_connection_ends_the_wait_at_once() -> None:
+    t = FakeTime()
+    silent = Observation(False, "unreachable", "no answer within 5 s")
+    check, seen = scripted(silent, cost_s=5.0, time=t)
+    looks = iter([True, True, False])
+    result = wait_ready("http://u", 900, t.clock, t.sleep, interval_s=1.0, check=check, alive=lambda: next(looks))
+    assert not result.ok and len(seen) == 2 and result.elapsed_s == 12.0  # not 900 s
+    assert result.describe("ready", "http://u") == (
+        "http://u not ready after 12.0 s (3 checks): the SSH connection to the host was lost")
