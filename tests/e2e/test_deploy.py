@@ -176,16 +176,24 @@ def test_unreachable_host_leaves_others_deployed_and_rerun_converges(deployed_la
     assert back.returncode == 0, back.stderr
 
 
-def test_a_host_that_vanishes_ends_a_ready_wait_at_once(deployed_lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def quick_dead_peer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SSH connections made in this process give up on a silent peer after ~4 s (product: 15 s keepalive, 60 s
+    TCP_USER_TIMEOUT); the mechanism is the same."""
+    from llamactl.remote import transport
+
+    monkeypatch.setattr(transport, "KEEPALIVE_S", 1)
+    monkeypatch.setattr(transport, "DEAD_PEER_S", 3)
+
+
+@pytest.mark.usefixtures("quick_dead_peer")
+def test_a_host_that_vanishes_ends_a_ready_wait_at_once(deployed_lab: Lab) -> None:
     """A cut network sends no RST: the instance's port just goes silent. The host's real SSH connection (its
     keepalives unacknowledged) is what ends the wait, instead of ready_timeout_s (900 s by default)."""
     from llamactl.health.wait import CONNECTION_LOST, wait_ready
     from llamactl.inventory import load_inventory
     from llamactl.ops.connect import connect_host
-    from llamactl.remote import transport
 
-    monkeypatch.setattr(transport, "KEEPALIVE_S", 1)  # product: 15 s and 60 s; the mechanism is the same
-    monkeypatch.setattr(transport, "DEAD_PEER_S", 3)
     inv = load_inventory(deployed_lab.inventory)
     spec = inv.host("lab-host3")
     url = spec.instances[0].url
@@ -206,18 +214,15 @@ def test_a_host_that_vanishes_ends_a_ready_wait_at_once(deployed_lab: Lab, monke
     assert wait_ready(url, 60, interval_s=0.5).ok  # the link is back: the instance never stopped
 
 
-def test_a_host_lost_mid_deploy_is_reported_at_once_and_the_others_finish(
-    deployed_lab: Lab, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("quick_dead_peer")
+def test_a_host_lost_mid_deploy_is_reported_at_once_and_the_others_finish(deployed_lab: Lab) -> None:
     """host3's link is cut right after deploy started its (stopped) instance, while deploy waits for it."""
+    from llamactl.health.wait import wait_ready
     from llamactl.inventory import load_inventory
     from llamactl.ops.connect import connect_host
     from llamactl.ops.deploy import deploy
     from llamactl.plan.command import Command
-    from llamactl.remote import transport
 
-    monkeypatch.setattr(transport, "KEEPALIVE_S", 1)  # product: 15 s and 60 s; the mechanism is the same
-    monkeypatch.setattr(transport, "DEAD_PEER_S", 3)
     ssh(deployed_lab, "lab-host3", "systemctl stop llamactl@0.service")  # so deploy starts it and waits
 
     def connector(name: str, address: str, settings: object):  # type: ignore[no-untyped-def]
@@ -248,8 +253,6 @@ def test_a_host_lost_mid_deploy_is_reported_at_once_and_the_others_finish(
     assert elapsed < 120, elapsed  # not rollout.ready_timeout_s
     again = llamactl("deploy", str(deployed_lab.inventory), "--json")  # the host is back: converges
     assert again.returncode == 0, again.stderr
-    from llamactl.health.wait import wait_ready
-
     url = load_inventory(deployed_lab.inventory).host("lab-host3").instances[0].url
     assert wait_ready(url, 180, interval_s=0.5).ok  # leave it serving for the tests that follow
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -261,36 +262,14 @@ class LabLoad:
 
 def reload_storm(ngx: TempNginx, url: str, *, reloads: int, clients: int = 4,
                  pause_s: float = 0.1) -> tuple[int, list[str]]:
-    """Reload ``ngx`` ``reloads`` times while ``clients`` threads POST /infer back to back, each on one
+    """Reload ``ngx`` ``reloads`` times while ``clients`` Loads POST /infer back to back, each on one
     ``httpx.Client`` (keep-alive, as sessions in real clients are). Returns (ok, failures)."""
-    ok, failed = 0, []
-    lock, stop = threading.Lock(), threading.Event()
-
-    def client() -> None:
-        nonlocal ok
-        with httpx.Client(trust_env=False, timeout=10) as session:
-            while not stop.is_set():
-                try:
-                    r = session.post(url + "/infer", json={"image": "x", "question": "q"})
-                    outcome = "" if r.status_code == 200 else f"HTTP {r.status_code}"
-                except httpx.HTTPError as exc:
-                    outcome = f"{type(exc).__name__}: {exc}"
-                with lock:
-                    if outcome:
-                        failed.append(outcome)
-                    else:
-                        ok += 1
-
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    try:
+    loads = [Load(url) for _ in range(clients)]
+    with contextlib.ExitStack() as running:
+        for load in loads:
+            running.enter_context(load)
         time.sleep(0.5)
         for _ in range(reloads):
             subprocess.run(["nginx", *ngx.flags(), "-s", "reload"], check=True, capture_output=True, timeout=10)
             time.sleep(pause_s)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=15)
-    return ok, failed
+    return sum(load.ok for load in loads), [f for load in loads for f in load.failed]

@@ -152,14 +152,14 @@ def test_a_host_lost_during_its_restart_fails_fast_not_at_ready_timeout(tmp_path
                                                                        temp_nginx: TempNginx) -> None:
     c = Cluster(tmp_path, three, temp_nginx, {"batch": 1, "max_unavailable": 1, "ready_timeout_s": 600,
                                                "canary": False})
+    restart = c.restart()
 
     def vanish(executor: Executor, inst: Instance) -> None:
-        self_restart(executor, inst)
+        restart(executor, inst)  # type: ignore[operator]
         if inst.host == "b":  # the host dies under us: its port goes silent, its connection is lost
             three[1].close()
             c.hosts["b"].lost = True
 
-    self_restart = c.restart()
     started = time.monotonic()
     with Load(c.url) as load, pytest.raises(RollingRestartFailed) as err:
         rolling_restart(c.inv, c.inv.instances(), connect=c.connect, restart_fn=vanish, nginx=c.control,
