@@ -22,7 +22,12 @@ def serve(
     device: str | None = typer.Option(None, "--device", help="cuda, cpu or auto."),
     dtype: str | None = typer.Option(None, "--dtype", help="auto, bfloat16, float16 or float32."),
     quantization: str | None = typer.Option(None, "--quantization", help="none, nf4 or int8 (bitsandbytes)."),
-    max_batch_size: int | None = typer.Option(None, "--max-batch-size", help="Sequences per generate call."),
+    engine: str | None = typer.Option(
+        None, "--engine", help="auto (continuous batching; the default), continuous or hf."
+    ),
+    max_batch_size: int | None = typer.Option(
+        None, "--max-batch-size", help="The most sequences decoding together."
+    ),
     max_wait_ms: float | None = typer.Option(None, "--max-wait-ms", help="How long a batch waits to fill."),
     queue_limit: int | None = typer.Option(None, "--queue-limit", help="Waiting requests before 429."),
     request_timeout_s: float | None = typer.Option(
@@ -30,6 +35,9 @@ def serve(
     ),
     drain_timeout_s: float | None = typer.Option(
         None, "--drain-timeout-s", help="How long SIGTERM waits for in-flight requests."
+    ),
+    stall_timeout_s: float | None = typer.Option(
+        None, "--stall-timeout-s", help="Busy with no engine step for this long: /ready says stalled (503)."
     ),
     max_body_mb: float | None = typer.Option(None, "--max-body-mb", help="Request body limit."),
     instance: str | None = typer.Option(None, "--instance", help="Label shown in /health, e.g. host/0."),
@@ -51,11 +59,13 @@ def serve(
             device=device,
             dtype=dtype,
             quantization=quantization,
+            engine=engine,
             max_batch_size=max_batch_size,
             max_wait_ms=max_wait_ms,
             queue_limit=queue_limit,
             request_timeout_s=request_timeout_s,
             drain_timeout_s=drain_timeout_s,
+            stall_timeout_s=stall_timeout_s,
             max_body_mb=max_body_mb,
             instance=instance,
         )

@@ -6,6 +6,7 @@ unknown keys, so misspellings surface with a "did you mean".
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal
 
@@ -95,6 +96,8 @@ class ServerSettings(_Model):
     queue_limit: Annotated[int, Field(ge=0)] = 64
     request_timeout_s: Annotated[float, Field(gt=0)] = 600.0
     drain_timeout_s: Annotated[float, Field(ge=0)] = 60.0
+    engine: Literal["auto", "continuous", "hf"] = "auto"  # auto: continuous-batching, hf where it cannot run
+    stall_timeout_s: float = 60.0  # busy with no engine step for this long: the server reports "stalled"
     max_body_mb: Annotated[int, Field(ge=1)] = 20
     max_image_pixels: Annotated[int, Field(ge=1)] = 40_000_000
     max_image_mb: Annotated[int, Field(ge=1)] = 15
@@ -118,6 +121,16 @@ class ServerSettings(_Model):
         if value == "auto" or (type(value) is int and 1 <= value <= 4096):
             return value
         raise ValueError('"auto" or a number of threads from 1 to 4096')
+
+    @field_validator("stall_timeout_s", mode="before")
+    @classmethod
+    def _stall_timeout(cls, value: object) -> float:
+        # By hand: the server refuses inf and nan too, and a rendered value it refuses would fail at start.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("a number of seconds greater than 0")
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError("a number of seconds greater than 0")
+        return float(value)
 
     @field_validator("env")
     @classmethod

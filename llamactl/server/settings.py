@@ -36,11 +36,15 @@ class Settings(BaseModel):
     device: Literal["cuda", "cpu", "auto"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     quantization: Literal["none", "nf4", "int8"] = "none"
+    # "auto" is the continuous-batching engine (or hf where it cannot run, e.g. nf4/int8; /health says which).
+    engine: Literal["auto", "continuous", "hf"] = "auto"
     max_batch_size: int = Field(8, ge=1, le=1024)
     max_wait_ms: float = Field(10.0, ge=0, le=60_000)
     queue_limit: int = Field(64, ge=1, le=100_000)
     request_timeout_s: float = Field(300.0, gt=0, le=86_400)
     drain_timeout_s: float = Field(60.0, ge=0, le=86_400)
+    # The engine has work and no step finished for this long: /health and /ready say "stalled" (liveness.py).
+    stall_timeout_s: float = Field(60.0, gt=0, allow_inf_nan=False)
     max_body_mb: float = Field(25.0, gt=0, le=4096)
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_image_mb: float = Field(20.0, gt=0, le=4096)

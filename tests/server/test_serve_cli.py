@@ -39,6 +39,9 @@ def test_invalid_settings_exit_2_without_traceback(tmp_path: Path) -> None:
         (["serve", "--model", "m"], {"LLAMACTL_CONFIG": str(tmp_path / "missing.yaml")}, "missing.yaml"),
         (["serve", "--model", "m"], {"LLAMACTL_HOST_SLOT": "2/2"}, "host_slot"),
         (["serve", "--model", "m"], {"LLAMACTL_CPU_THREADS": "-1"}, "LLAMACTL_CPU_THREADS"),
+        (["serve", "--model", "m", "--engine", "vllm"], {}, "--engine: Input should be 'auto', 'contin"),
+        (["serve", "--model", "m", "--stall-timeout-s", "0"], {}, "--stall-timeout-s: Input should be"),
+        (["serve", "--model", "m"], {"LLAMACTL_ENGINE": "static"}, "LLAMACTL_ENGINE: Input should be"),
     ]
     for args, env, needle in cases:
         proc = run_cli(*args, env=env)

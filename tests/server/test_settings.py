@@ -185,3 +185,53 @@ def test_settings_module_imports_no_heavy_packages() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_engine_and_stall_timeout_from_env_and_flags() -> None:
+    default = Settings.from_env({"LLAMACTL_MODEL": "m"})
+    assert (default.engine, default.stall_timeout_s) == ("auto", 60.0)
+    env = {"LLAMACTL_MODEL": "m", "LLAMACTL_ENGINE": "hf", "LLAMACTL_STALL_TIMEOUT_S": "2.5"}
+    s = Settings.from_env(env)
+    assert (s.engine, s.stall_timeout_s) == ("hf", 2.5)
+    flagged = Settings.from_env(env, engine="continuous", stall_timeout_s=30.0)
+    assert (flagged.engine, flagged.stall_timeout_s) == ("continuous", 30.0)
+
+
+@pytest.mark.parametrize(
+    ("env", "overrides", "message"),
+    [
+        ({"LLAMACTL_ENGINE": "vllm"}, {}, "LLAMACTL_ENGINE: Input should be 'auto', 'continuous' or 'hf'"),
+        ({"LLAMACTL_ENGINE": "HF"}, {}, "LLAMACTL_ENGINE: Input should be 'auto', 'continuous' or 'hf'"),
+        ({}, {"engine": "static"}, "--engine: Input should be 'auto', 'continuous' or 'hf'"),
+        ({"LLAMACTL_STALL_TIMEOUT_S": "0"}, {}, "LLAMACTL_STALL_TIMEOUT_S: Input should be greater than 0"),
+        ({}, {"stall_timeout_s": -1.0}, "--stall-timeout-s: Input should be greater than 0"),
+        (
+            {"LLAMACTL_STALL_TIMEOUT_S": "inf"},
+            {},
+            "LLAMACTL_STALL_TIMEOUT_S: Input should be a finite number",
+        ),
+        (
+            {"LLAMACTL_STALL_TIMEOUT_S": "soon"},
+            {},
+            "LLAMACTL_STALL_TIMEOUT_S: Input should be a valid number, unable to parse string as a number",
+        ),
+    ],
+)
+def test_engine_and_stall_timeout_errors(
+    env: dict[str, str], overrides: dict[str, object], message: str
+) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"LLAMACTL_MODEL": "m", **env}, **overrides)
+    assert str(info.value) == "invalid server settings: " + message
+
+
+def test_engine_and_stall_timeout_are_part_of_the_config_hash() -> None:
+    base = Settings.from_env({"LLAMACTL_MODEL": "m"}).config_hash()
+    hashes = {
+        Settings.from_env({"LLAMACTL_MODEL": "m", "LLAMACTL_ENGINE": name}).config_hash()
+        for name in ("auto", "continuous", "hf")
+    }
+    assert len(hashes) == 3 and base in hashes
+    assert Settings.from_env({"LLAMACTL_MODEL": "m", "LLAMACTL_STALL_TIMEOUT_S": "61"}).config_hash() != base
+    # the rendered form of the default ("60") is the default
+    assert Settings.from_env({"LLAMACTL_MODEL": "m", "LLAMACTL_STALL_TIMEOUT_S": "60"}).config_hash() == base

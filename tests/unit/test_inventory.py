@@ -117,11 +117,13 @@ def test_expected_env_for_cpu_and_gpu_instances() -> None:
         "LLAMACTL_DEVICE",
         "LLAMACTL_DTYPE",
         "LLAMACTL_QUANTIZATION",
+        "LLAMACTL_ENGINE",
         "LLAMACTL_MAX_BATCH_SIZE",
         "LLAMACTL_MAX_WAIT_MS",
         "LLAMACTL_QUEUE_LIMIT",
         "LLAMACTL_REQUEST_TIMEOUT_S",
         "LLAMACTL_DRAIN_TIMEOUT_S",
+        "LLAMACTL_STALL_TIMEOUT_S",
         "LLAMACTL_MAX_BODY_MB",
         "LLAMACTL_MAX_IMAGE_PIXELS",
         "LLAMACTL_MAX_IMAGE_MB",
@@ -145,6 +147,24 @@ def test_expected_env_feeds_the_server_settings_hash() -> None:
     assert len(ha) == 16 and ha == settings.Settings.from_env(b).config_hash()  # port/label excluded
     c = expected_env(inv, inv.host("c-1").instances[0])
     assert settings.Settings.from_env(c).config_hash() != ha
+
+
+def test_engine_and_stall_timeout_reach_the_env_file_and_the_hash(tmp_path: Path) -> None:
+    settings = pytest.importorskip("llamactl.server.settings")
+    server = "  server:\n    user: root\n"
+    text = (FIXTURES / "small.yaml").read_text()
+    text = text.replace(server, server + "    engine: hf\n    stall_timeout_s: 12.5\n")
+    assert "engine: hf" in text
+    (tmp_path / "inv.yaml").write_text(text)
+    inv = load_inventory(tmp_path / "inv.yaml", env={})
+    env = expected_env(inv, inv.instances()[0])
+    assert (env["LLAMACTL_ENGINE"], env["LLAMACTL_STALL_TIMEOUT_S"]) == ("hf", "12.5")
+    server = settings.Settings.from_env(env)
+    assert (server.engine, server.stall_timeout_s) == ("hf", 12.5)
+    default = load_inventory(FIXTURES / "small.yaml", env={})
+    plain = expected_env(default, default.instances()[0])
+    assert (plain["LLAMACTL_ENGINE"], plain["LLAMACTL_STALL_TIMEOUT_S"]) == ("auto", "60")
+    assert settings.Settings.from_env(plain).config_hash() != server.config_hash()
 
 
 def test_limit_by_names_and_globs() -> None:

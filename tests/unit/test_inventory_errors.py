@@ -459,3 +459,35 @@ def test_ordinary_variables_are_not_taken_for_secrets(tmp_path: Path) -> None:
         f"INV:{line(text, 'sk-1')}:23: defaults.server.env.OPENAI_API_KEY: found an inline secret, "
         "expected ${OPENAI_API_KEY} from the controller's environment"
     ]
+
+
+def test_unknown_engine(tmp_path: Path) -> None:
+    text = mutate("    # engine: auto  ", "    engine: vllm    ")
+    assert problems(text, tmp_path) == [
+        f'INV:{line(text, "engine: vllm")}:13: defaults.server.engine: found string "vllm", '
+        "expected one of 'auto', 'continuous' or 'hf'"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "found"),
+    [("0", "integer 0"), ("-2.5", "number -2.5"), (".inf", "number inf"), ('"60"', 'string "60"'),
+     ("true", "boolean true"), ("null", "null")],
+)  # fmt: skip
+def test_stall_timeout_must_be_a_positive_finite_number(tmp_path: Path, value: str, found: str) -> None:
+    text = mutate("    stall_timeout_s: 60 ", f"    stall_timeout_s: {value} ")
+    assert problems(text, tmp_path) == [
+        f"INV:{line(text, 'stall_timeout_s:')}:22: defaults.server.stall_timeout_s: found {found}, "
+        "expected a number of seconds greater than 0"
+    ]
+
+
+def test_engine_and_stall_timeout_per_group(tmp_path: Path) -> None:
+    batch = "      max_batch_size: 4\n"
+    text = mutate(batch, batch + "      engine: static\n      stall_timeout_s: 0\n")
+    assert problems(text, tmp_path) == [
+        f'INV:{line(text, "engine: static")}:15: groups.l4.server.engine: found string "static", '
+        "expected one of 'auto', 'continuous' or 'hf'",
+        f"INV:{line(text, 'stall_timeout_s: 0')}:24: groups.l4.server.stall_timeout_s: found integer 0, "
+        "expected a number of seconds greater than 0",
+    ]
