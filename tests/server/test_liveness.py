@@ -1,4 +1,4 @@
-"""Engine liveness: stall detection on an injected clock and on a real blocked thread, fatal CUDA errors, exit."""
+"""Engine liveness: stalls on an injected clock and on a real blocked thread, fatal CUDA errors, exit."""
 
 from __future__ import annotations
 
@@ -156,14 +156,14 @@ def _wrapped(outer: BaseException, inner: BaseException) -> BaseException:
         (RuntimeError("CUDA error: an illegal memory access was encountered"), True),
         (RuntimeError("CUDA error: device-side assert triggered\nCompile with TORCH_USE_CUDA_DSA"), True),
         (RuntimeError("CUDA error: unspecified launch failure"), True),
-        (RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx( handle, ...)`"), True),
+        (RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx(handle, ...)`"), True),
         (RuntimeError("CUDA error: misaligned address"), True),
         (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),
         (RuntimeError("CUDA error: out of memory"), False),
         (RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), False),
         (RuntimeError("Expected all tensors to be on the same device"), False),
         (ValueError("image rejected: 'CUDA error' in its text chunk"), False),
-        (_wrapped(RuntimeError("engine step failed"), RuntimeError("CUDA error: illegal memory access")), True),
+        (_wrapped(RuntimeError("engine step failed"), RuntimeError("CUDA error: misaligned address")), True),
         (_wrapped(ValueError("bad request"), RuntimeError("CUDA error: out of memory")), False),
     ],
 )
