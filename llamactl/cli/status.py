@@ -17,7 +17,9 @@ if TYPE_CHECKING:
     from llamactl.health.report import HealthReport, InstanceReport
     from llamactl.health.sweep import SweepOptions, SweepPlan
 
-_STATE_STYLE = {"ready": "green", "loading": "yellow", "draining": "cyan", "down": "bold red"}
+_STATE_STYLE = {
+    "ready": "green", "loading": "yellow", "draining": "cyan", "stalled": "bold red", "down": "bold red",
+}  # fmt: skip
 GIB = 1024**3
 
 

@@ -12,8 +12,13 @@ from llamactl.health.canary import CanaryResult
 from llamactl.health.probe import HttpOutcome, InstanceProbe
 from llamactl.health.systemd import SystemdState
 
-State = Literal["ready", "loading", "draining", "down"]
-_SERVER_STATES: dict[str, State] = {"ready": "ready", "loading": "loading", "draining": "draining"}
+# "stalled": the process answers but its engine has work and has made no step progress for the server's
+# stall_timeout_s (a hung step loop); like "down" it is not serving, and `watch` restarts it.
+State = Literal["ready", "loading", "draining", "stalled", "down"]
+_SERVER_STATES: dict[str, State] = {
+    "ready": "ready", "loading": "loading", "draining": "draining", "stalled": "stalled",
+}  # fmt: skip
+_STALLED_WHY = "engine stalled: no step progress with work waiting"
 
 
 @dataclass(frozen=True)
@@ -145,12 +150,15 @@ def _state_of(health: dict[str, Any] | None, probe: InstanceProbe) -> tuple[Stat
         return "down", f"server failed: {health.get('error') or 'no reason given'}"
     if status not in _SERVER_STATES:
         return "down", f"GET /health: unknown status {status!r}"
+    if status == "stalled":
+        # The server's own error (its stall description) becomes the last error; without one, say why.
+        return "stalled", None if health.get("error") else _STALLED_WHY
     if status == "ready" and probe.ready.status != 200:
         # /health says ready but /ready refuses: it changed state between the probes (e.g. started
         # draining), or it is broken; either way it is not serving.
         later = str((_json_body(probe.ready) or {}).get("status", ""))
-        if probe.ready.status == 503 and later in ("loading", "draining"):
-            return _SERVER_STATES[later], None
+        if probe.ready.status == 503 and later in ("loading", "draining", "stalled"):
+            return _SERVER_STATES[later], _STALLED_WHY if later == "stalled" else None
         return "down", _failure("/ready", probe.ready)
     return _SERVER_STATES[status], None
 

@@ -2,9 +2,10 @@
 
 A small asyncio HTTP/1.1 server (no framework, so hundreds of listeners stay cheap) answering the
 CONTRACTS shapes of ``/health``, ``/ready``, ``/metrics``, ``/healthz``, ``/infer`` and streamed
-``/v1/chat/completions``, with scripted misbehaviour: loading, draining, failed, slow, silent (accepts
-and never answers), and error statuses for inference. Tests run it on a thread; the status benchmark
-runs it as a separate process (``python -m llamactl.health.simulate SPEC.json``).
+``/v1/chat/completions``, with scripted misbehaviour: loading, draining, failed, stalled (an engine with
+work and no step progress), slow, silent (accepts and never answers), and error statuses for inference.
+Tests run it on a thread; the status benchmark runs it as a separate process
+(``python -m llamactl.health.simulate SPEC.json``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ STREAM = ["<SUMMARY>I will describe the image.</SUMMARY>", "<CAPTION>A plain red
 
 @dataclass
 class Behaviour:
-    status: str = "ready"  # ready | loading | draining | failed | silent | balancer
+    status: str = "ready"  # ready | loading | draining | failed | stalled | silent | balancer
     delay_s: float = 0.0  # before every answer
     version: str = llamactl.__version__
     config_hash: str = "0123456789abcdef"
@@ -71,12 +72,18 @@ def metrics_text(b: Behaviour) -> str:
     return "\n".join(lines) + "\n"
 
 
+_ERRORS = {
+    "failed": "weights missing",
+    "stalled": "engine stalled: no step completed for 75.0 s with work waiting (stall_timeout_s 60)",
+}
+
+
 def _health(b: Behaviour, ep: Endpoint) -> dict[str, Any]:
     return {
         "status": b.status, "model": b.model, "version": b.version, "config_hash": b.config_hash,
         "instance": f"{ep.host}:{ep.port}", "in_flight": 1, "queued": 0,
         "gpu_memory": {"used_bytes": 21 * 2**30, "total_bytes": 80 * 2**30}, "uptime_s": 100.0,
-        "error": "weights missing" if b.status == "failed" else None,
+        "error": _ERRORS.get(b.status),
     }  # fmt: skip
 
 

@@ -48,6 +48,8 @@ def observation(probe: InstanceProbe) -> Observation:
         return Observation("ready", uptime_s=uptime_s)
     if status == "loading":
         return Observation("loading", "loading the model", uptime_s)
+    if status == "stalled":
+        return Observation("stalled", str(body.get("error") or "engine stalled"), uptime_s)
     detail = body.get("error") or f"status {status}, /ready {probe.ready.status or probe.ready.error}"
     return Observation("failed", str(detail), uptime_s)
 

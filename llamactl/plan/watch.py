@@ -4,7 +4,9 @@ Per instance it counts consecutive failed and passed probes. ``fall`` failures d
 from the balancer and restart it; ``rise`` passes put it back. Restarts back off exponentially and
 are limited to ``budget`` per ``window_s``; past that the machine stops restarting and says so
 loudly, leaving the instance drained. An instance reporting ``loading`` within ``startup_grace_s``
-of its start is never counted as failing (a model load takes minutes). A host that SSH cannot reach
+of its start is never counted as failing (a model load takes minutes); ``stalled`` (the server's engine has
+work and made no step progress for its stall_timeout_s) is a failure like any other, startup grace or not,
+so a hung engine is drained and restarted within the same backoff and budget. A host that SSH cannot reach
 is drained and retried only on the backoff schedule, never looped on. While a deploy or restart holds
 the deploy lock (the caller reads it and passes the holder in), probes are still counted but nothing is
 drained, restarted or put back: that deploy is restarting and draining instances on purpose.
@@ -27,7 +29,7 @@ class State(str, enum.Enum):
     GAVE_UP = "gave-up"  # drained; restart budget spent, a human must look
 
 
-Outcome = Literal["ready", "loading", "failed"]
+Outcome = Literal["ready", "loading", "stalled", "failed"]
 
 
 @dataclass(frozen=True)
@@ -149,9 +151,9 @@ class Watcher:
         t.failures += 1
         if t.state is State.HEALTHY:
             t.state = State.FAILING
-            emit("probe_failed", "warning", failures=t.failures, detail=obs.detail)
+            emit("probe_failed", "warning", failures=t.failures, outcome=obs.outcome, detail=obs.detail)
         elif t.state is State.FAILING:
-            emit("probe_failed", "warning", failures=t.failures, detail=obs.detail)
+            emit("probe_failed", "warning", failures=t.failures, outcome=obs.outcome, detail=obs.detail)
         if t.failures < self.policy.fall or t.state is State.GAVE_UP:
             return Step(actions, events)
         if t.state is State.FAILING:
@@ -159,7 +161,7 @@ class Watcher:
                 return skip("drain+restart")  # failures keep counting: it heals on the first tick after
             t.state = State.RECOVERING  # drained, and about to restart below
             actions.append(Action("drain", instance))
-            emit("drained", "warning", failures=t.failures, detail=obs.detail)
+            emit("drained", "warning", failures=t.failures, outcome=obs.outcome, detail=obs.detail)
         if now < t.next_restart_at:
             return Step(actions, events)
         recent = [r for r in t.restarts if now - r < self.policy.window_s]
@@ -174,7 +176,7 @@ class Watcher:
             return skip("restart")
         t.state = State.RESTARTING
         actions.append(Action("restart", instance))
-        emit("restart", "warning", attempt=t.streak + 1, detail=obs.detail)
+        emit("restart", "warning", attempt=t.streak + 1, outcome=obs.outcome, detail=obs.detail)
         return Step(actions, events)
 
     def restart_skipped(self, now: float, instance: str, deploy_lock: str) -> Step:

@@ -78,6 +78,18 @@ def test_json_report_and_exit_1_when_one_instance_loads(
     assert doc["balancers"][0]["state"] == "ready"
 
 
+def test_a_stalled_instance_is_shown_and_fails_the_status(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster.endpoints["sim-a/1"].behaviour.status = "stalled"
+    with running(cluster.all()):
+        code, out, err = run_cli(["status", str(cluster.inventory)], capsys, monkeypatch)
+    assert code == 1, out + err
+    assert "3/4 instances ready, 1/1 balancers ready" in out
+    row = next(line for line in out.splitlines() if "1/gpu1" in line and "sim-a" in line)
+    assert "stalled" in row and "engine stalled" in row
+
+
 def test_balancer_down_fails_the_status(
     cluster: Cluster, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

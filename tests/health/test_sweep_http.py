@@ -44,16 +44,15 @@ def _sweep(plan: SweepPlan, timeout_s: float, canary: bool = False) -> tuple[flo
 
 
 def test_every_state_and_failure_in_one_sweep() -> None:
-    base = free_base_port([ADDR, "127.0.0.2"], 12)
+    base = free_base_port([ADDR, "127.0.0.2"], 13)
     kinds = ["ready", "loading", "draining", "failed", "silent", "silent", "silent", "silent", "slow", "refused",
-             "drift"]  # fmt: skip
+             "drift", "stalled"]  # fmt: skip
     endpoints = []
     for i, kind in enumerate(kinds):
         if kind == "refused":
             continue  # nothing listens there
-        b = Behaviour(
-            status=kind if kind in ("loading", "draining", "failed", "silent") else "ready", requests=40
-        )
+        scripted = kind in ("loading", "draining", "failed", "stalled", "silent")
+        b = Behaviour(status=kind if scripted else "ready", requests=40)
         if kind == "slow":
             b.delay_s = 0.3
         if kind == "drift":
@@ -68,11 +67,15 @@ def test_every_state_and_failure_in_one_sweep() -> None:
     states = {r.id: r.state for r in report.instances}  # type: ignore[attr-defined]
     assert [states[f"h/{i}"] for i in range(len(kinds))] == [
         "ready", "loading", "draining", "down", "down", "down", "down", "down", "ready", "down", "ready",
+        "stalled",
     ]  # fmt: skip
     by_id = {r.id: r for r in report.instances}  # type: ignore[attr-defined]
     assert by_id["h/3"].last_error == "server failed: weights missing"
     assert by_id["h/4"].last_error == "GET /health: no answer within 1 s"
     assert by_id["h/9"].last_error == "GET /health: connection refused"
+    assert by_id["h/11"].last_error == (
+        "server: engine stalled: no step completed for 75.0 s with work waiting (stall_timeout_s 60)"
+    )
     assert by_id["h/10"].drift and by_id["h/10"].drift_reasons[0].startswith("version 0.0.1 != ")
     assert not by_id["h/0"].drift
     assert by_id["h/0"].p50_s is not None and by_id["h/0"].requests_per_s == 0.4

@@ -97,6 +97,31 @@ def test_silent_instance_is_down_with_the_probe_error() -> None:
     assert rep.model is None and rep.p50_s is None and not rep.drift
 
 
+STALL = "engine stalled: no step completed for 75.0 s with work waiting (stall_timeout_s 60)"
+
+
+def test_stalled_server_is_not_ready_and_says_why() -> None:
+    stalled_ready = ok("/ready", {"ready": False, "status": "stalled"}, 503)
+    stalled = ok("/health", health("stalled", error=STALL))
+    rep = instance_report(TARGET, probe(h=stalled, r=stalled_ready), "0.1.0")
+    assert rep.state == "stalled" and rep.last_error == f"server: {STALL}"
+    assert (rep.in_flight, rep.queued, rep.model) == (3, 1, "/srv/models/Llama-3.2V-11B-cot")
+    assert not rep.healthy(canary_required=False)
+    report = health_report([rep], [], "0.1.0", 0.1)
+    assert not report.ok and report.summary() == "0/1 instances ready, swept in 0.10 s"
+    assert json.loads(report.to_json())["instances"][0]["state"] == "stalled"
+    # a server that gives no reason still gets one
+    bare = instance_report(TARGET, probe(h=ok("/health", health("stalled")), r=stalled_ready), "0.1.0")
+    assert bare.state == "stalled"
+    assert bare.last_error == "engine stalled: no step progress with work waiting"
+
+
+def test_health_ready_then_ready_probe_stalled_is_stalled() -> None:
+    # /health answered just before the stall timeout passed, /ready just after
+    rep = instance_report(TARGET, probe(r=ok("/ready", {"ready": False, "status": "stalled"}, 503)), "0.1.0")
+    assert rep.state == "stalled" and rep.last_error == "engine stalled: no step progress with work waiting"
+
+
 def test_health_ready_but_ready_probe_failing_is_down() -> None:
     rep = instance_report(
         TARGET, probe(r=ok("/ready", {"error": {"message": "boom", "type": "x"}}, 500)), "0.1.0"

@@ -56,6 +56,10 @@ def test_observation_mapping() -> None:
     assert draining.outcome == "failed" and "draining" in draining.detail
     assert observation(probe((200, {"status": "ready"}), 503)).outcome == "failed"  # both must agree
     assert observation(probe((500, "oops"), None)).outcome == "failed"
+    stall = "engine stalled: no step completed for 75.0 s with work waiting (stall_timeout_s 60)"
+    stalled = observation(probe((200, {"status": "stalled", "error": stall, "uptime_s": 900}), 503))
+    assert (stalled.outcome, stalled.detail, stalled.uptime_s) == ("stalled", stall, 900)
+    assert observation(probe((200, {"status": "stalled"}), 503)).detail == "engine stalled"
 
 
 def test_watch_unit(inv: Inventory, tmp_path: Path) -> None:

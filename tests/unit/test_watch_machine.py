@@ -220,3 +220,46 @@ def test_a_restart_skipped_after_the_decision_spends_no_budget() -> None:
     assert [e.event for e in step.events] == ["heal_skipped"] and step.events[0].fields["action"] == "restart"
     assert w.state(I) is State.RECOVERING and I in w.drained
     assert actions(w, 15, FAIL) == ["restart"]  # no backoff, and the budget of 1 is still there
+
+
+STALL = "engine stalled: no step completed for 75.0 s with work waiting (stall_timeout_s 60)"
+
+
+def test_a_stalled_engine_is_drained_and_restarted_even_within_startup_grace() -> None:
+    w = make()
+    # uptime 120 s: well within the 600 s startup grace, which excuses only `loading`
+    events = []
+    for t in (0, 5, 10):
+        step = w.observe(t, I, Observation("stalled", STALL, uptime_s=120 + t))
+        events += step.events
+    assert [a.kind for a in step.actions] == ["drain", "restart"]
+    assert [e.event for e in events] == ["probe_failed", "probe_failed", "probe_failed", "drained", "restart"]
+    assert all(e.fields["outcome"] == "stalled" and e.fields["detail"] == STALL for e in events)
+    w.restart_done(11, I, ok=True)
+    assert actions(w, 20, OK) == [] and actions(w, 25, OK) == ["undrain"]
+    assert w.state(I) is State.HEALTHY
+
+
+def test_a_stall_that_clears_before_fall_needs_no_restart() -> None:
+    w = make()
+    stalled = Observation("stalled", STALL, uptime_s=5000)
+    assert actions(w, 0, stalled) == [] and actions(w, 5, stalled) == []
+    step = w.observe(10, I, OK)  # a long step finished: progress again
+    assert step.actions == [] and [e.event for e in step.events] == ["recovered_without_restart"]
+
+
+def test_a_stalled_engine_gets_the_same_backoff_and_budget_as_a_failed_one() -> None:
+    def restart_times(obs: Observation) -> tuple[list[float], State]:
+        w = make(settle_s=0)
+        restarts: list[float] = []
+        now = 0.0
+        for _ in range(200):
+            now += 5
+            if any(a.kind == "restart" for a in w.observe(now, I, obs).actions):
+                restarts.append(now)
+                w.restart_done(now, I, ok=True)
+        return restarts, w.state(I)
+
+    stalled = restart_times(Observation("stalled", STALL, uptime_s=30))
+    assert stalled == restart_times(FAIL)
+    assert len(stalled[0]) == 3 and stalled[1] is State.GAVE_UP
