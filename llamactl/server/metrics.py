@@ -1,20 +1,58 @@
 """Prometheus metrics with vLLM/TGI meanings, so existing dashboards map over.
 
 One registry per app (not the global one), so several servers in one process (tests) do not collide.
+Values the engine already keeps (counts, pool usage, its name) are read through callables at scrape time;
+the constructor's defaults report 0 (or "unknown"), so every name is exposed whatever the engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, InfoMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Per-token times: a graph-captured decode step of the 11B model is ~6-10 ms; HF generate is 40-120 ms.
+_TOKEN_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def _zero() -> float:
+    return 0.0
+
+
+def _unknown() -> str:
+    return "unknown"
+
+
+class _ReadAtScrape:
+    """A counter and an info metric whose values the engine keeps: read when /metrics is scraped."""
+
+    def __init__(self, steps: Callable[[], float], engine: Callable[[], str]) -> None:
+        self._steps = steps
+        self._engine = engine
+
+    def _families(self, steps: float | None, engine: str) -> list[Metric]:
+        counter = CounterMetricFamily(
+            "llamactl_engine_steps", "Engine steps completed (decode steps and prefill or encode chunks).",
+            value=steps,
+        )
+        info = InfoMetricFamily(
+            "llamactl_engine", "The inference engine this server runs.", value={"name": engine}
+        )
+        return [counter, info]
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families(None, "")  # names only: the callables may not be ready at registration
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families(float(self._steps()), self._engine())
 
 
 class Metrics:
@@ -24,7 +62,21 @@ class Metrics:
         running: Callable[[], float],
         waiting: Callable[[], float],
         gpu_memory: Callable[[], tuple[int, int] | None],
+        kv_pool_usage: Callable[[], float] = _zero,
+        cross_pool_usage: Callable[[], float] = _zero,
+        waiting_for_memory: Callable[[], float] = _zero,
+        stalled: Callable[[], float] = _zero,
+        engine_steps: Callable[[], float] = _zero,
+        engine_name: Callable[[], str] = _unknown,
     ) -> None:
+        """Every callable is read at scrape time.
+
+        ``running``/``waiting``: requests decoding / queued now. ``kv_pool_usage``, ``cross_pool_usage``:
+        the used fraction (0..1) of the self-attention KV and cross-attention pools. ``waiting_for_memory``:
+        queued requests held back because a pool is full. ``stalled``: true (1) while the engine has work
+        and no step progress (``liveness.Liveness``). ``engine_steps``: steps completed so far (never
+        decreases). ``engine_name``: the engine actually running ("continuous", or "hf" after a fallback).
+        """
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests_running = Gauge(
             "llamactl_num_requests_running",
@@ -82,6 +134,44 @@ class Metrics:
         self.gpu_used.set_function(lambda: float((gpu_memory() or (0, 0))[0]))
         self.gpu_total = Gauge("llamactl_gpu_memory_total_bytes", "GPU memory on this device.", registry=r)
         self.gpu_total.set_function(lambda: float((gpu_memory() or (0, 0))[1]))
+        # Engine internals, vLLM's meanings (time per output token: per request, after its first token).
+        self.time_per_output_token = Histogram(
+            "llamactl_time_per_output_token_seconds",
+            "Per request: (end-to-end time - time to first token) / (generated tokens - 1).",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "llamactl_inter_token_latency_seconds",
+            "Time between two consecutive tokens of one request (every gap observed).",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.kv_pool_usage = Gauge(
+            "llamactl_kv_pool_usage_ratio",
+            "Used fraction of the self-attention KV pool (0 to 1).",
+            registry=r,
+        )
+        self.kv_pool_usage.set_function(lambda: float(kv_pool_usage()))
+        self.cross_pool_usage = Gauge(
+            "llamactl_cross_pool_usage_ratio",
+            "Used fraction of the cross-attention (image) K/V pool (0 to 1).",
+            registry=r,
+        )
+        self.cross_pool_usage.set_function(lambda: float(cross_pool_usage()))
+        self.requests_waiting_for_memory = Gauge(
+            "llamactl_requests_waiting_for_memory",
+            "Queued requests held back until KV or cross-attention pool memory frees up.",
+            registry=r,
+        )
+        self.requests_waiting_for_memory.set_function(lambda: float(waiting_for_memory()))
+        self.engine_stalled = Gauge(
+            "llamactl_engine_stalled",
+            "1 while the engine has work and has completed no step for stall_timeout_s, else 0.",
+            registry=r,
+        )
+        self.engine_stalled.set_function(lambda: 1.0 if stalled() else 0.0)
+        r.register(_ReadAtScrape(engine_steps, engine_name))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
