@@ -20,132 +20,16 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llamactl import __version__
-from llamactl.server.batching import Batcher
 from llamactl.server.cpus import CpuBudget
-from llamactl.server.engine import Engine
-from llamactl.server.inference import ApiError, Inference
-from llamactl.server.jobs import JobStore
-from llamactl.server.metrics import CONTENT_TYPE, Metrics
+from llamactl.server.engine.protocol import Engine, ServingEngine
+from llamactl.server.errors import error_response
+from llamactl.server.inference import ApiError
+from llamactl.server.metrics import CONTENT_TYPE
 from llamactl.server.middleware import AccountingMiddleware, BodyLimitMiddleware
 from llamactl.server.settings import Settings
+from llamactl.server.state import ServerState, get_state
 
 log = logging.getLogger("llamactl.server")
-
-
-class ServerState:
-    """Everything the routes share. ``status`` is the one truth for /health, /ready and admission."""
-
-    def __init__(self, settings: Settings, engine: Engine) -> None:
-        self.settings = settings
-        self.engine = engine
-        self.started = time.monotonic()
-        self.created = int(time.time())
-        self.draining = False
-        self.drain_finished = False
-        self.load_error: str | None = None
-        self.in_flight = [0]  # inference HTTP requests being handled (mutated by the accounting middleware)
-        self.batcher = Batcher(
-            engine,
-            max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
-            queue_limit=settings.queue_limit,
-            on_batch=lambda n: self.metrics.batch_size.observe(n),
-            on_batch_done=lambda s: self.metrics.batch_duration.observe(s),
-            in_server=lambda: self.busy,
-        )
-        self.metrics = Metrics(
-            running=lambda: float(self.batcher.running),
-            waiting=lambda: float(self.batcher.queued),
-            gpu_memory=self._gpu_memory,
-        )
-        self.cache = _make_cache(settings)
-        self.jobs = JobStore(settings.jobs_max_entries, settings.jobs_ttl_s)
-        self.inference = Inference(
-            settings, engine, self.batcher, self.metrics, self.cache, lambda: self.status
-        )
-        self.thread: threading.Thread | None = None
-        self.cpu: CpuBudget | None = None
-
-    @property
-    def status(self) -> str:
-        if self.load_error is not None:
-            return "failed"
-        if self.draining:
-            return "draining"
-        return self.engine.state
-
-    @property
-    def busy(self) -> int:
-        return self.in_flight[0] + self.jobs.active
-
-    def _gpu_memory(self) -> tuple[int, int] | None:
-        try:
-            return self.engine.gpu_memory()
-        except Exception:  # noqa: BLE001 - a failed load is reported by /health, not raised
-            return None
-
-    def model_main(self) -> None:
-        try:
-            self.engine.load()
-            self.engine.warmup()
-        except Exception as exc:
-            log.exception("model load failed")
-            self.load_error = f"{type(exc).__name__}: {exc}"[:2000]
-            return
-        log.info("model ready: %s", self.settings.model)
-        self.batcher.run_forever()
-
-    def begin_drain(self) -> None:
-        if not self.draining:
-            log.info("draining: refusing new inference, %d request(s) in flight", self.busy)
-        self.draining = True
-
-    async def wait_drained(self, timeout_s: float) -> bool:
-        if self.drain_finished:  # the signal handler already waited (or gave up): do not wait twice
-            timeout_s = 0
-        deadline = time.monotonic() + timeout_s
-        while self.busy > 0 or self.batcher.queued > 0 or self.batcher.running > 0:
-            if time.monotonic() >= deadline:
-                if timeout_s > 0:
-                    log.warning("drain timeout: %d request(s) still in flight", self.busy)
-                self.drain_finished = True
-                return False
-            await asyncio.sleep(0.05)
-        self.drain_finished = True
-        return True
-
-    def health(self) -> dict[str, Any]:
-        mem = self._gpu_memory()
-        return {
-            "status": self.status,
-            "model": self.settings.model,
-            "version": __version__,
-            "config_hash": self.settings.config_hash(),
-            "instance": self.settings.instance,
-            "in_flight": self.busy,
-            "queued": self.batcher.queued,
-            "gpu_memory": None if mem is None else {"used_bytes": mem[0], "total_bytes": mem[1]},
-            "uptime_s": round(time.monotonic() - self.started, 3),
-            "cpu": None if self.cpu is None else self.cpu.describe(),
-            "engine": self.engine.describe() if hasattr(self.engine, "describe") else None,
-            "error": self.load_error,
-        }
-
-
-def _make_cache(settings: Settings) -> Any:
-    if settings.cache_max_entries <= 0 or settings.cache_max_mb <= 0:
-        return None
-    from llamactl.server.cache import ResultCache
-
-    return ResultCache(
-        max_entries=settings.cache_max_entries, max_bytes=int(settings.cache_max_mb * 1024 * 1024)
-    )
-
-
-def error_response(
-    status: int, message: str, kind: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
@@ -160,17 +44,15 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     return 422, "; ".join(parts) + more
 
 
-def create_app(settings: Settings, engine: Engine | None = None, cpu: CpuBudget | None = None) -> FastAPI:
-    """Build the app. ``engine`` defaults to the transformers engine; tests and benches may inject another.
+def create_app(
+    settings: Settings, engine: ServingEngine | Engine | None = None, cpu: CpuBudget | None = None
+) -> FastAPI:
+    """Build the app. The engine is chosen by ``settings.engine``; tests and benches may inject one (a model-level
+    ``Engine`` runs behind the static batch scheduler).
 
     ``cpu`` is the budget ``llamactl serve`` applied to this process (None in-process, e.g. under tests).
     """
-    if engine is None:
-        from llamactl.server.hf_engine import HFEngine
-
-        engine = HFEngine(settings, threads=None if cpu is None else cpu.threads)
-    state = ServerState(settings, engine)
-    state.cpu = cpu
+    state = ServerState(settings, engine, cpu)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -185,7 +67,7 @@ def create_app(settings: Settings, engine: Engine | None = None, cpu: CpuBudget 
             await state.jobs.cancel_all()
             await asyncio.to_thread(state.thread.join, 30)
             if not state.thread.is_alive():
-                engine.close()
+                state.engine.close()
 
     app = FastAPI(
         title="llamactl serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
@@ -219,9 +101,10 @@ def create_app(settings: Settings, engine: Engine | None = None, cpu: CpuBudget 
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        if state.status == "ready":
+        status = state.status
+        if status == "ready":
             return JSONResponse({"ready": True})
-        return JSONResponse({"ready": False, "status": state.status}, status_code=503)
+        return JSONResponse({"ready": False, "status": status}, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -255,6 +138,4 @@ def create_app(settings: Settings, engine: Engine | None = None, cpu: CpuBudget 
     return app
 
 
-def get_state(request: Request) -> ServerState:
-    state: ServerState = request.app.state.llamactl
-    return state
+__all__ = ["ServerState", "create_app", "error_response", "get_state"]

@@ -14,7 +14,10 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from llamactl.server.engine import EngineState, FinishReason, GenParams, GenRequest, GenResult
+from collections.abc import Callable
+
+from llamactl.server.engine.detok import IncrementalText
+from llamactl.server.engine.protocol import EngineState, FinishReason, GenParams, GenRequest, GenResult
 from llamactl.server.settings import Settings
 
 if TYPE_CHECKING:
@@ -43,6 +46,7 @@ class HFEngine:
         self._pad_id = 0
         self._image_device: str | None = None  # where the image processor runs; set by warmup
         self.prepare_s_total = 0.0  # time spent in the processor (tokenise + images) before generate
+        self.progress_hook: Callable[[], None] | None = None  # called once per decode step (stall detection)
 
     @property
     def state(self) -> EngineState:
@@ -197,7 +201,7 @@ class HFEngine:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         prompt_lens = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
         self.prepare_s_total += time.monotonic() - t0
-        tracker = _RowTracker(rows, prompt_lens, self._eos_ids, self.processor.tokenizer)
+        tracker = _RowTracker(rows, prompt_lens, self._eos_ids, self.processor.tokenizer, self.progress_hook)
         p = rows[0].params
         gen: dict[str, Any] = {
             "max_new_tokens": max(r.params.max_new_tokens for r in rows),
@@ -219,12 +223,18 @@ class HFEngine:
 class _RowTracker:
     """A stopping criterion that tracks every row: tokens, streaming text, its own limits, early results."""
 
-    def __init__(self, rows: list[GenRequest], prompt_lens: list[int], eos: frozenset[int], tok: Any) -> None:
-        self.rows, self.prompt_lens, self.eos, self.tok = rows, prompt_lens, eos, tok
+    def __init__(
+        self,
+        rows: list[GenRequest],
+        prompt_lens: list[int],
+        eos: frozenset[int],
+        tok: Any,
+        on_step: Callable[[], None] | None = None,
+    ) -> None:
+        self.rows, self.prompt_lens, self.eos, self.tok, self.on_step = rows, prompt_lens, eos, tok, on_step
         n = len(rows)
         self.tokens: list[list[int]] = [[] for _ in range(n)]
-        self.sent: list[str] = [""] * n
-        self.offsets: list[tuple[int, int]] = [(0, 0)] * n
+        self.texts = [IncrementalText(tok) for _ in range(n)]
         self.results: list[GenResult | None] = [None] * n
         self.first_at: float | None = None
 
@@ -234,6 +244,8 @@ class _RowTracker:
         now = time.monotonic()
         if self.first_at is None:
             self.first_at = now
+        if self.on_step is not None:
+            self.on_step()
         last = input_ids[:, -1].tolist()
         done = []
         for i, row in enumerate(self.rows):
@@ -250,35 +262,18 @@ class _RowTracker:
         if token in self.eos:
             self._finish(i, "stop")
             return
-        if row.on_text is not None:
-            self._stream(i, row)
+        piece = self.texts[i].push(token)
+        if piece and row.on_text is not None:
+            row.on_text(piece)
         if len(self.tokens[i]) >= row.params.max_new_tokens:
             self._finish(i, "length")
-
-    def _stream(self, i: int, row: GenRequest) -> None:
-        """Emit new text by decoding a short window, not the whole answer each step (O(1) per token).
-
-        ``offsets[i] = (prefix, read)``: text of tokens[prefix:read] was already sent; decoding from ``prefix``
-        gives the new piece context, and an incomplete UTF-8 sequence (U+FFFD at the end) waits for more.
-        """
-        prefix, read = self.offsets[i]
-        toks = self.tokens[i]
-        before = self.tok.decode(toks[prefix:read], skip_special_tokens=True)
-        now = self.tok.decode(toks[prefix:], skip_special_tokens=True)
-        if len(now) > len(before) and not now.endswith("\ufffd") and now.startswith(before):
-            piece = now[len(before) :]
-            row.on_text(piece)  # type: ignore[misc]
-            self.sent[i] += piece
-            self.offsets[i] = (read, len(toks))
 
     def _finish(self, i: int, reason: FinishReason) -> None:
         row, toks = self.rows[i], self.tokens[i]
         text = self.tok.decode([t for t in toks if t not in self.eos], skip_special_tokens=True)
-        if row.on_text is not None and reason != "cancelled":
-            tail = text[len(self.sent[i]) :] if text.startswith(self.sent[i]) else ""
-            if tail:
-                row.on_text(tail)
-            self.sent[i] = text
+        tail = self.texts[i].final(text)
+        if row.on_text is not None and reason != "cancelled" and tail:
+            row.on_text(tail)
         result = GenResult(
             text=text,
             prompt_tokens=self.prompt_lens[i],
@@ -286,6 +281,7 @@ class _RowTracker:
             finish_reason=reason,
             first_token_at=self.first_at,
             batch_size=len(self.rows),
+            finished_at=time.monotonic(),
         )
         self.results[i] = result
         if row.on_finish is not None:

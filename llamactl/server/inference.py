@@ -1,4 +1,4 @@
-"""What every inference route shares: admission, image decoding, parameters, cache, batcher, metrics.
+"""What every inference route shares: admission, image decoding, parameters, cache, engine, metrics.
 
 Routes translate HTTP to these calls; failures surface as ``ApiError`` with the contract's status and type.
 """
@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import Receive
 
-from llamactl.server.batching import Batcher, DeadlineExceeded, EngineFailure, QueueFull, Stopped
-from llamactl.server.engine import Engine, GenParams, GenRequest, GenResult
+from llamactl.server.admission import Admission, DeadlineExceeded, EngineFailure, QueueFull, Stopped
+from llamactl.server.engine.protocol import GenParams, GenRequest, GenResult, ServingEngine
 from llamactl.server.settings import Settings
 
 if TYPE_CHECKING:
@@ -47,8 +47,8 @@ class Inference:
     def __init__(
         self,
         settings: Settings,
-        engine: Engine,
-        batcher: Batcher,
+        engine: ServingEngine,
+        batcher: Admission,
         metrics: Metrics,
         cache: ResultCache | None,
         status: Callable[[], str],
@@ -163,17 +163,30 @@ class Inference:
             on_text=on_text,
             deadline=started + self.settings.request_timeout_s,
         )
+        self.check_capacity()  # refuse now, before the (slow) preparation
+        if self.batcher.stopping:
+            self.error("draining")
+            raise ApiError(503, "the server is shutting down", "unavailable")
+        return self._finish(req, started, cache_key)
+
+    async def _admit(self, req: GenRequest) -> Awaitable[GenResult]:
+        """Prepare ``req`` in a worker thread (tokens, image tensors), then hand it to admission."""
         try:
-            waiter = self.batcher.enqueue(req)
+            await asyncio.to_thread(self.engine.prepare, req)
+        except ValueError as exc:
+            self.error("invalid_request")
+            raise ApiError(400, str(exc), "invalid_request") from None
+        try:
+            return self.batcher.enqueue(req)
         except QueueFull as exc:
             self.error("queue_full")
             raise ApiError(429, str(exc), "queue_full", {"Retry-After": str(exc.retry_after_s)}) from None
         except Stopped as exc:
             self.error("draining")
             raise ApiError(503, str(exc), "unavailable") from None
-        return self._finish(waiter, started, cache_key)
 
-    async def _finish(self, waiter: Awaitable[GenResult], started: float, cache_key: str | None) -> Outcome:
+    async def _finish(self, req: GenRequest, started: float, cache_key: str | None) -> Outcome:
+        waiter = await self._admit(req)
         try:
             result = await waiter
         except DeadlineExceeded:
@@ -202,6 +215,9 @@ class Inference:
         m.e2e_latency.observe(time.monotonic() - started)
         if result.first_token_at is not None:
             m.ttft.observe(max(0.0, result.first_token_at - started))
+            if result.finished_at is not None and result.completion_tokens > 1:
+                per_token = (result.finished_at - result.first_token_at) / (result.completion_tokens - 1)
+                m.time_per_output_token.observe(max(0.0, per_token))
         m.prompt_tokens.inc(result.prompt_tokens)
         m.generation_tokens.inc(result.completion_tokens)
         if cache_key is not None and self.cache is not None:

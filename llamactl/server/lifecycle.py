@@ -18,7 +18,7 @@ from types import FrameType
 
 import uvicorn
 
-from llamactl.server.app import ServerState
+from llamactl.server.state import ServerState
 
 log = logging.getLogger("llamactl.server")
 

@@ -12,7 +12,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from llamactl.server.app import ServerState, error_response, get_state
+from llamactl.server.errors import error_response
+from llamactl.server.state import ServerState, get_state
 from llamactl.server.inference import ApiError, ClientGone, Outcome, unless_disconnected
 from llamactl.server.protocol import ChatMessage, ChatRequest
 

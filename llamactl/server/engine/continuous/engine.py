@@ -1,0 +1,451 @@
+"""The continuous-batching engine: requests join a running batch at step boundaries and leave when done.
+
+Each iteration of the step loop (model thread):
+1. admit: waiting requests take free slots, at most one bounded chunk (images, prompt tokens) per iteration,
+   so running sequences wait for at most one chunk between two of their tokens;
+2. prefill the chunk: vision tower + projector once per image (cross-attention K/V into the slot), the prompt
+   through every layer (self-attention K/V into the slot), the first token sampled;
+3. one decode step for every running sequence (a CUDA graph replay on GPUs), per-row sampling and stopping;
+4. finished or cancelled sequences leave; their slots are reused at once (the last running one moves in).
+A request that cannot get a slot waits (``waiting_for_memory``); admission in front turns a long wait into 429.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from llamactl.server.engine.continuous.graphs import DecodeGraphs, batch_buckets, bucket, length_buckets
+from llamactl.server.engine.continuous.model import MllamaRunner, Newcomer
+from llamactl.server.engine.continuous.pools import PoolShape, SlotPools, plan_slots
+from llamactl.server.engine.continuous.sampler import RowSampling, choose_tokens
+from llamactl.server.engine.continuous.sequence import Prepared, Sequence
+from llamactl.server.engine.detok import IncrementalText
+from llamactl.server.engine.protocol import EngineFailure, EngineState, GenRequest, GenResult, Stopped
+from llamactl.server.hf_engine import HFEngine
+from llamactl.server.settings import Settings
+
+log = logging.getLogger("llamactl.server.engine")
+
+_PROMPT_ALLOWANCE = 1024  # prompt tokens a slot holds beyond the longest answer the server allows
+_GIB = 2**30
+
+
+class ContinuousEngine:
+    name = "continuous"
+
+    def __init__(self, settings: Settings, threads: int | None = None) -> None:
+        self.settings = settings
+        self.hf = HFEngine(settings, threads=threads)  # loading, processor, chat template, stop tokens
+        self.model_name = settings.model
+        self._state: EngineState = "loading"
+        self._error: str | None = None
+        self._cv = threading.Condition()
+        self._waiting: deque[GenRequest] = deque()
+        self._running: list[Sequence] = []  # index == slot
+        self._stopping = False
+        self.liveness: Any = None  # llamactl.server.liveness.Liveness, set by the server
+        self.metrics: Any = None  # llamactl.server.metrics.Metrics, set by the server
+        self.step_hook: Callable[[], None] | None = None  # tests: runs at the top of every iteration
+        self.runner: MllamaRunner | None = None
+        self.pools: SlotPools | None = None
+        self.graphs: DecodeGraphs | None = None
+        self.max_len = 0
+        self.slots = 0
+        self.chunk_images = 8
+        self.chunk_tokens = 4096
+        self._eos_ids: frozenset[int] = frozenset()
+        self._eos_tensor: torch.Tensor | None = None
+        self._b_buckets: list[int] = []
+        self._l_buckets: list[int] = []
+        self.steps = 0
+        self.prefill_s = 0.0
+        self.decode_s = 0.0
+
+    # -- read-only surface (any thread) ------------------------------------------------------------------
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting_for_memory(self) -> float:
+        return float(len(self._waiting)) if self.slots and len(self._running) >= self.slots else 0.0
+
+    @property
+    def kv_pool_usage(self) -> float:
+        """Used fraction of the self-attention K/V pool (tokens held over tokens allocated)."""
+        if not self.slots or not self.max_len:
+            return 0.0
+        return sum(s.length for s in list(self._running)) / (self.slots * self.max_len)
+
+    @property
+    def cross_pool_usage(self) -> float:
+        if not self.slots:
+            return 0.0
+        return sum(1 for s in list(self._running) if s.has_image) / self.slots
+
+    def describe(self) -> dict[str, Any]:
+        hf = self.hf.describe()
+        return {
+            "device": hf["device"],
+            "dtype": hf["dtype"],
+            "slots": self.slots,
+            "max_len": self.max_len,
+            "pool_gib": None if self.pools is None else round(self.pools.bytes / _GIB, 2),
+            "cuda_graphs": None if self.graphs is None else self.graphs.captures,
+            "prefill_chunk_images": self.chunk_images,
+            "threads": hf["threads"],
+            "steps": self.steps,
+            "prefill_s_total": round(self.prefill_s, 3),
+            "decode_s_total": round(self.decode_s, 3),
+        }
+
+    def render_prompt(self, messages: list[dict[str, Any]]) -> str:
+        return self.hf.render_prompt(messages)
+
+    def gpu_memory(self) -> tuple[int, int] | None:
+        return self.hf.gpu_memory()
+
+    def close(self) -> None:
+        self.graphs = None
+        self.pools = None
+        self.runner = None
+        self.hf.close()
+
+    # -- lifetime (model thread) -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        hf = self.hf
+        hf.load()
+        model, device = hf.model, hf.device
+        text_cfg = model.model.language_model.config
+        cross = list(text_cfg.cross_attention_layers)
+        self_ids = [i for i in range(text_cfg.num_hidden_layers) if i not in cross]
+        heads = text_cfg.num_attention_heads
+        vision = model.model.vision_model
+        self.max_len = min(
+            int(text_cfg.max_position_embeddings), self.settings.gen_max_new_tokens + _PROMPT_ALLOWANCE
+        )
+        shape = PoolShape(
+            self_layers=len(self_ids),
+            cross_layers=len(cross),
+            kv_heads=text_cfg.num_key_value_heads,
+            head_dim=text_cfg.hidden_size // heads,
+            max_len=self.max_len,
+            cross_len=int(vision.max_num_tiles) * int(vision.num_patches),
+            element_bytes=torch.finfo(hf.dtype).bits // 8,
+        )
+        self._eos_ids = hf._eos_ids
+        self._eos_tensor = torch.tensor(sorted(self._eos_ids), device=device)
+        with torch.inference_mode():
+            if device == "cuda":
+                self.chunk_images = 8
+                reserve = self._measure_workspace(model, vision) + 2 * _GIB
+                free, _total = torch.cuda.mem_get_info()
+                self.slots = plan_slots(shape, self.settings.max_batch_size, free, reserve)
+            else:
+                self.chunk_images = 4
+                self.slots = plan_slots(shape, self.settings.max_batch_size, None, 0)
+            self.pools = SlotPools(shape, self.slots, self_ids, cross, hf.dtype, device)
+            self.runner = MllamaRunner(model, self.pools)
+            self._b_buckets = batch_buckets(self.slots)
+            self._l_buckets = length_buckets(self.max_len)
+            if device == "cuda":
+                self.graphs = DecodeGraphs(self.runner.decode, self._b_buckets[-1], device)
+            self._warmup()
+        log.info(
+            "continuous engine: %d slots of %d tokens (%.1f GiB of pools) on %s, max batch %d",
+            self.slots, self.max_len, self.pools.bytes / _GIB, device, self.settings.max_batch_size,
+        )
+        self._state = "ready"
+
+    def _measure_workspace(self, model: Any, vision: Any) -> int:
+        """Peak extra memory of encoding a full chunk of 4-tile images (the largest activation we make)."""
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        size = int(vision.image_size)
+        tiles = int(vision.max_num_tiles)
+        dtype = self.hf.dtype
+        pixel = torch.randn(self.chunk_images, 1, tiles, 3, size, size, device="cuda", dtype=dtype)
+        ar_ids = torch.ones(self.chunk_images, 1, dtype=torch.long, device="cuda")
+        ar_mask = torch.ones(self.chunk_images, 1, tiles, dtype=torch.long, device="cuda")
+        states = vision(pixel_values=pixel, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask).last_hidden_state
+        model.model.multi_modal_projector(states)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        del pixel, states
+        torch.cuda.empty_cache()
+        return int(peak * 1.25)
+
+    def _warmup(self) -> None:
+        """One image request and one text request through the real path (lazy initialisation, first graphs)."""
+        from PIL import Image
+
+        from llamactl.server.engine.protocol import GenParams
+
+        image = Image.new("RGB", (64, 64), (120, 130, 140))
+        prompt = self.hf.render_prompt(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+        )
+        text_prompt = self.hf.render_prompt([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
+        reqs = [
+            GenRequest(prompt=prompt, image=image, params=GenParams(max_new_tokens=3, min_new_tokens=3)),
+            GenRequest(prompt=text_prompt, image=None, params=GenParams(max_new_tokens=3, min_new_tokens=3)),
+        ]
+        for r in reqs:
+            self.prepare(r)
+        self._prefill(reqs)
+        while self._running:
+            self._decode_step()
+        if self.graphs is not None:  # the common small shapes now, so the first requests do not capture
+            for rows in self._b_buckets:
+                self.graphs.run(rows, self._l_buckets[0])
+            torch.cuda.synchronize()
+
+    # -- request surface (any thread) --------------------------------------------------------------------
+
+    def prepare(self, req: GenRequest) -> None:
+        if req.prepared is not None:
+            return
+        hf = self.hf
+        if hf.processor is None:
+            raise ValueError("the model is not loaded yet")
+        out = hf.processor(
+            images=[[req.image]] if req.image is not None else None,
+            text=[req.prompt],
+            add_special_tokens=False,  # the chat template already starts with <|begin_of_text|>
+            return_tensors="pt",
+        )
+        ids = [int(t) for t in out["input_ids"][0].tolist()]
+        limit = self.max_len or (self.settings.gen_max_new_tokens + _PROMPT_ALLOWANCE)
+        if len(ids) + req.params.max_new_tokens > limit:
+            raise ValueError(
+                f"the prompt ({len(ids)} tokens) plus max_tokens ({req.params.max_new_tokens}) is longer than "
+                f"this server's context of {limit} tokens"
+            )
+        if req.image is None:
+            req.prepared = Prepared(ids, None, None, None, None)
+            return
+        cross = out["cross_attention_mask"][0, :, 0, :]  # [tokens, tiles]: one image per request
+        req.prepared = Prepared(
+            ids, cross, out["pixel_values"], out["aspect_ratio_ids"], out["aspect_ratio_mask"]
+        )
+
+    def add(self, req: GenRequest) -> None:
+        with self._cv:
+            if self._stopping:
+                raise Stopped("the server is shutting down")
+            if self.liveness is not None:
+                self.liveness.work_arrived(was_idle=not self._waiting and not self._running)
+            self._waiting.append(req)
+            self._cv.notify_all()
+
+    def abort(self, req: GenRequest) -> None:
+        req.cancel_event.set()  # a running sequence leaves at the next step boundary
+        with self._cv:
+            try:
+                self._waiting.remove(req)
+            except ValueError:
+                pass
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            left = list(self._waiting)
+            self._waiting.clear()
+            self._cv.notify_all()
+        for req in left:
+            _report(req, Stopped("the server shut down before this request ran"))
+
+    # -- the step loop (model thread) --------------------------------------------------------------------
+
+    def run_forever(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._waiting and not self._running and not self._stopping:
+                        self._cv.wait()
+                    if self._stopping and not self._running:
+                        return
+                    newcomers = self._take_newcomers()
+                if self.step_hook is not None:
+                    self.step_hook()
+                try:
+                    if newcomers:
+                        self._prefill(newcomers)
+                    if self._running:
+                        self._decode_step()
+                except Exception as exc:
+                    self._fail_running(exc, newcomers)
+                if self.liveness is not None:
+                    self.liveness.step_completed()
+
+    def _take_newcomers(self) -> list[GenRequest]:
+        """Waiting requests for free slots: one bounded chunk (images, prompt tokens) per iteration."""
+        free = self.slots - len(self._running)
+        taken: list[GenRequest] = []
+        images = tokens = 0
+        while self._waiting and len(taken) < free:
+            req = self._waiting[0]
+            if req.cancelled:
+                self._waiting.popleft()
+                _report(req, _cancelled_result(req))
+                continue
+            n_tokens = len(req.prepared.input_ids) if req.prepared is not None else 0
+            if taken and (images + (req.image is not None) > self.chunk_images or tokens + n_tokens > self.chunk_tokens):
+                break
+            self._waiting.popleft()
+            taken.append(req)
+            images += req.image is not None
+            tokens += n_tokens
+        return taken
+
+    def _prefill(self, reqs: list[GenRequest]) -> None:
+        assert self.runner is not None
+        t0 = time.monotonic()
+        seqs: list[Sequence] = []
+        for req in reqs:
+            try:
+                self.prepare(req)  # requests added without going through prepare (benches, tests)
+            except ValueError as exc:
+                _report(req, EngineFailure(str(exc)))
+                continue
+            seqs.append(self._new_sequence(req, slot=len(self._running) + len(seqs)))
+        if not seqs:
+            return
+        rows = [
+            Newcomer(s.slot, s.prepared.input_ids, s.prepared.cross_mask, s.prepared.pixel_values,
+                     s.prepared.aspect_ratio_ids, s.prepared.aspect_ratio_mask)
+            for s in seqs
+        ]
+        with_image = [r for r in rows if r.pixel_values is not None]
+        if with_image:
+            self.runner.encode_images(with_image)
+        self.runner.set_cross_rows(rows)
+        logits = self.runner.prefill(rows)
+        self._running.extend(seqs)
+        for s in seqs:
+            s.length = len(s.prepared.input_ids)
+        self._accept(seqs, logits)
+        self.prefill_s += time.monotonic() - t0
+
+    def _new_sequence(self, req: GenRequest, slot: int) -> Sequence:
+        p = req.params
+        generator = None
+        if p.do_sample:
+            generator = torch.Generator(device=self.hf.device)
+            generator.manual_seed(p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        sampling = RowSampling(p.do_sample, p.temperature, p.top_p, generator, block_eos=p.min_new_tokens > 0)
+        assert req.prepared is not None
+        return Sequence(req, req.prepared, slot, IncrementalText(self.hf.processor.tokenizer), sampling,
+                        self._eos_ids)
+
+    def _decode_step(self) -> None:
+        assert self.runner is not None
+        t0 = time.monotonic()
+        seqs = list(self._running)
+        n = len(seqs)
+        tokens = [s.next_token for s in seqs]
+        positions = [s.length for s in seqs]
+        longest = max(positions) + 1
+        if self.graphs is not None:
+            rows = bucket(n, self._b_buckets)
+            length = bucket(longest, self._l_buckets)
+            pad = rows - n
+            self.graphs.tokens[:rows].copy_(torch.tensor(tokens + [0] * pad), non_blocking=True)
+            self.graphs.positions[:rows].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+            logits = self.graphs.run(rows, length)[:n]
+        else:
+            dev = self.hf.device
+            logits = self.runner.decode(
+                torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), n, longest
+            )
+        for s in seqs:
+            s.length += 1
+        self._accept(seqs, logits)
+        self.steps += 1
+        self.decode_s += time.monotonic() - t0
+
+    def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Choose each row's token, stream it, and release the rows that are done."""
+        assert self._eos_tensor is not None
+        chosen = choose_tokens(logits, [s.sampling for s in seqs], self._eos_tensor)
+        now = time.monotonic()
+        batch = len(self._running)
+        done: list[tuple[Sequence, str]] = []
+        for s, token in zip(seqs, chosen):
+            if s.req.cancelled:
+                done.append((s, "cancelled"))
+                continue
+            reason = s.accept(token, now, batch)
+            if reason is None and s.length + 1 > self.max_len:
+                reason = "length"
+            if reason is not None:
+                done.append((s, reason))
+        if self.metrics is not None and len(seqs) > 0 and hasattr(self.metrics, "inter_token_latency"):
+            pass
+        for s, reason in done:
+            result = s.finish(reason, self.hf.processor.tokenizer)  # type: ignore[arg-type]
+            _report(s.req, result)
+        if done:
+            self._release({s.slot for s, _ in done})
+
+    def _release(self, slots: set[int]) -> None:
+        """Free finished slots, keeping running sequences packed at the front (the last one moves in)."""
+        assert self.pools is not None
+        for slot in sorted(slots, reverse=True):
+            last = len(self._running) - 1
+            if slot != last:
+                moving = self._running[last]
+                self.pools.move(last, slot, moving.length, moving.has_image)
+                moving.slot = slot
+                self._running[slot] = moving
+            self._running.pop()
+
+    def _fail_running(self, exc: Exception, newcomers: list[GenRequest]) -> None:
+        """A step failed: fail the requests it touched (a fatal CUDA error propagates: the process must end)."""
+        from llamactl.server.liveness import is_fatal_cuda_error
+
+        if is_fatal_cuda_error(exc):
+            raise exc
+        log.exception("engine step failed; failing %d running request(s)", len(self._running))
+        failure = EngineFailure(f"inference failed ({type(exc).__name__})")
+        reported = set()
+        for s in self._running:
+            reported.add(id(s.req))
+            _report(s.req, failure)
+        for req in newcomers:
+            if id(req) not in reported:
+                _report(req, failure)
+        self._running.clear()
+
+
+def _report(req: GenRequest, value: GenResult | BaseException) -> None:
+    if req.on_finish is not None:
+        req.on_finish(value)
+
+
+def _cancelled_result(req: GenRequest) -> GenResult:
+    n = len(req.prepared.input_ids) if req.prepared is not None else 0
+    return GenResult(text="", prompt_tokens=n, completion_tokens=0, finish_reason="cancelled")

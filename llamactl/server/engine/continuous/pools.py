@@ -1,0 +1,95 @@
+"""Pre-allocated per-slot memory: self-attention K/V up to ``max_len`` tokens and one image's cross-attention K/V.
+
+A slot holds one sequence from its prefill to its last token. Running sequences occupy slots ``0..n-1``: when
+one finishes, the last running sequence moves into its slot (``move``), so a decode step over ``b`` rows reads
+exactly the memory of ``b`` sequences and a CUDA graph per batch size stays valid. Sizing (``plan_slots``) is
+pure arithmetic on free memory, so admission can never over-commit: a request waits until a slot is free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PoolShape:
+    self_layers: int
+    cross_layers: int
+    kv_heads: int
+    head_dim: int
+    max_len: int  # tokens per slot (prompt + answer)
+    cross_len: int  # image positions per slot (tiles x patches)
+    element_bytes: int
+
+    @property
+    def self_bytes_per_slot(self) -> int:
+        return 2 * self.self_layers * self.kv_heads * self.max_len * self.head_dim * self.element_bytes
+
+    @property
+    def cross_bytes_per_slot(self) -> int:
+        return 2 * self.cross_layers * self.kv_heads * self.cross_len * self.head_dim * self.element_bytes
+
+    @property
+    def bytes_per_slot(self) -> int:
+        return self.self_bytes_per_slot + self.cross_bytes_per_slot
+
+
+def plan_slots(shape: PoolShape, wanted: int, free_bytes: int | None, reserve_bytes: int) -> int:
+    """How many slots to allocate: ``wanted`` (max batch size), fewer when free memory cannot hold them.
+
+    ``free_bytes`` None = no device limit known (CPU). Raises ValueError when not even one slot fits.
+    """
+    if free_bytes is None:
+        return wanted
+    fits = (free_bytes - reserve_bytes) // shape.bytes_per_slot
+    if fits < 1:
+        raise ValueError(
+            f"not enough GPU memory for one sequence: {free_bytes / 2**30:.1f} GiB free, "
+            f"{reserve_bytes / 2**30:.1f} GiB kept for activations, {shape.bytes_per_slot / 2**30:.2f} GiB per slot"
+        )
+    return int(min(wanted, fits))
+
+
+class SlotPools:
+    def __init__(
+        self,
+        shape: PoolShape,
+        slots: int,
+        self_layer_ids: list[int],
+        cross_layer_ids: list[int],
+        dtype: torch.dtype,
+        device: str,
+    ) -> None:
+        self.shape, self.slots, self.dtype, self.device = shape, slots, dtype, device
+        self.max_len, self.cross_len = shape.max_len, shape.cross_len
+        self.self_index = {layer: i for i, layer in enumerate(self_layer_ids)}
+        self.cross_index = {layer: i for i, layer in enumerate(cross_layer_ids)}
+        kv = (slots, shape.kv_heads, shape.max_len, shape.head_dim)
+        cx = (slots, shape.kv_heads, shape.cross_len, shape.head_dim)
+        # zeros, not empty: a text-only row multiplies its cross-attention output by 0, and 0 * NaN is NaN.
+        self.k = [torch.zeros(kv, dtype=dtype, device=device) for _ in self_layer_ids]
+        self.v = [torch.zeros(kv, dtype=dtype, device=device) for _ in self_layer_ids]
+        self.ck = [torch.zeros(cx, dtype=dtype, device=device) for _ in cross_layer_ids]
+        self.cv = [torch.zeros(cx, dtype=dtype, device=device) for _ in cross_layer_ids]
+        self.cross_bias = torch.zeros(slots, shape.cross_len, dtype=dtype, device=device)
+        self.cross_rowmask = torch.zeros(slots, dtype=dtype, device=device)
+        self.has_image = torch.zeros(slots, dtype=dtype, device=device)
+
+    @property
+    def bytes(self) -> int:
+        return self.slots * self.shape.bytes_per_slot
+
+    def move(self, src: int, dst: int, length: int, has_image: bool) -> None:
+        """Copy slot ``src``'s sequence (``length`` tokens of self K/V, its image K/V and masks) into ``dst``."""
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
+        if has_image:
+            for ck, cv in zip(self.ck, self.cv):
+                ck[dst] = ck[src]
+                cv[dst] = cv[src]
+        self.cross_bias[dst] = self.cross_bias[src]
+        self.cross_rowmask[dst] = self.cross_rowmask[src]
+        self.has_image[dst] = self.has_image[src]
