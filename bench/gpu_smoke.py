@@ -65,20 +65,10 @@ def hub_layout(out: Path, image_processor: Any) -> None:
     _write_json(out / "preprocessor_config.json", pre)
 
 
-def build_random_11b(out: Path, device: str = "cuda", cfg: Any = None) -> dict[str, Any]:
-    """Save a random-weight 11B-shape Mllama (bf16) + a full-vocabulary processor into ``out``.
-
-    ``cfg`` (a smaller MllamaConfig) and ``device`` exist only to check this function on a CPU machine.
-    """
-    import torch
+def make_processor() -> tuple[Any, Any]:
+    """A full-vocabulary Llama 3 style processor (word-level tokenizer) for the random 11B-shape model."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        MllamaConfig,
-        MllamaForConditionalGeneration,
-        MllamaImageProcessorPil,
-        MllamaProcessor,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import MllamaImageProcessorPil, MllamaProcessor, PreTrainedTokenizerFast
 
     from llamactl.server.tiny import CHAT_TEMPLATE
 
@@ -104,6 +94,19 @@ def build_random_11b(out: Path, device: str = "cuda", cfg: Any = None) -> dict[s
     processor = MllamaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
     )
+
+    return processor, image_processor
+
+
+def build_random_11b(out: Path, device: str = "cuda", cfg: Any = None) -> dict[str, Any]:
+    """Save a random-weight 11B-shape Mllama (bf16) + a full-vocabulary processor into ``out``.
+
+    ``cfg`` (a smaller MllamaConfig) and ``device`` exist only to check this function on a CPU machine.
+    """
+    import torch
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    processor, image_processor = make_processor()
 
     if cfg is None:
         cfg = MllamaConfig()
