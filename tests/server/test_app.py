@@ -87,7 +87,7 @@ def test_batch_infer_reports_each_item(srv: ThreadServer) -> None:
         "questions": QUESTION,
         "max_tokens": 90,
     }
-    before = srv.state.batcher.batches
+    before = srv.state.engine.batches
     r = post(srv, "/batch_infer", body)
     assert r.status_code == 200, r.text
     out = r.json()
@@ -96,7 +96,8 @@ def test_batch_infer_reports_each_item(srv: ThreadServer) -> None:
     assert out["results"][1]["error"]["status"] in (400, 415)
     assert out["results"][0]["result"]["conclusion"] == "It is a red square."
     assert out["results"][2]["result"]["conclusion"] == "It is a blue square."
-    assert srv.state.batcher.batches - before == 1  # both good items went through ONE generate call
+    # the continuous engine admits each good item as soon as it is prepared: one or two prefill chunks
+    assert 1 <= srv.state.engine.batches - before <= 2
     bad = post(srv, "/batch_infer", {"images": [png_b64()], "questions": ["a", "b"]})
     assert bad.status_code == 422 and "questions" in bad.json()["error"]["message"]
 
@@ -209,10 +210,10 @@ def test_concurrent_requests_are_batched_and_match_unbatched(srv: ThreadServer) 
     cache, srv.state.inference.cache = srv.state.inference.cache, None  # measure generation, not the cache
     try:
         before_text = httpx.get(srv.url + "/metrics").text
-        batches_before = srv.state.batcher.batches
+        batches_before = srv.state.engine.batches
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             together = list(pool.map(lambda b: post(srv, "/infer", b), bodies))
-        batches = srv.state.batcher.batches - batches_before
+        batches = srv.state.engine.batches - batches_before
         after_text = httpx.get(srv.url + "/metrics").text
         alone = [post(srv, "/infer", b) for b in bodies]  # one at a time: batch size 1 each
     finally:
