@@ -54,7 +54,7 @@ from engine_figures import (
     roofline_tok_s,
 )
 from gpu_load import noise_jpeg, run_load
-from gpu_stack import CpuMeter, GpuSampler, stop, wait_ready
+from gpu_stack import CpuMeter, GpuSampler, batch_delta, scrape_batches, stop, wait_ready
 from typing_extensions import Self
 
 SAFETY_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -324,6 +324,7 @@ class Bench:
                 if proc.poll() is not None:
                     out["error"] = f"the server exited with {proc.returncode} during the {conc}-client level"
                     break
+            out["metrics_end"] = self.metrics(url)
         except Exception as exc:  # noqa: BLE001 - any failure is recorded, the next design still runs
             out["error"] = f"{type(exc).__name__}: {exc}"[:1500]
             self.rec.log(f"{d.name}: {out['error']}")
@@ -332,6 +333,22 @@ class Bench:
             out["server_exit_code"] = proc.returncode
             self.proc = None
         return out
+
+    @staticmethod
+    def scrape(url: str) -> dict[str, float] | None:
+        try:
+            return scrape_batches(url)
+        except (httpx.HTTPError, ValueError, KeyError):
+            return None
+
+    @staticmethod
+    def metrics(url: str) -> list[str]:
+        """The server's own llamactl_* series (no histogram buckets): what it saw, for reading the run later."""
+        try:
+            text = httpx.get(url + "/metrics", timeout=10).text
+        except httpx.HTTPError as exc:
+            return [f"({exc})"]
+        return [ln for ln in text.splitlines() if ln.startswith("llamactl_") and "_bucket{" not in ln][:300]
 
     def level(self, d: Design, url: str, conc: int, first: bool, lvl_end: float, rate: float | None,
               meter: CpuMeter) -> dict[str, Any]:
@@ -356,9 +373,13 @@ class Bench:
         if self.sampler:
             self.sampler.mark()
         cpu0 = meter.snapshot()
+        batches0 = self.scrape(url)
         with HealthPoller(url) as hp:
             m = self.load(url, conc, n, lvl_end)
         lv.update(m)
+        batches1 = self.scrape(url)
+        if batches0 and batches1:
+            lv["batches"] = batch_delta(batches0, batches1)  # the hf engine's generate calls (size, duration)
         cpu = meter.since(cpu0)
         lv["server_cores"] = cpu.get("server", {}).get("cores")
         lv["server_top_threads"] = cpu.get("server", {}).get("top_threads")
