@@ -273,7 +273,7 @@ class Bench:
                "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
                "LLAMACTL_ENGINE": d.engine, "LLAMACTL_MAX_BATCH_SIZE": str(d.max_batch),
                "LLAMACTL_CACHE_MAX_ENTRIES": "0",
-               "LLAMACTL_QUEUE_LIMIT": "1024", "LLAMACTL_REQUEST_TIMEOUT_S": "900",
+               "LLAMACTL_QUEUE_LIMIT": "1024", "LLAMACTL_REQUEST_TIMEOUT_S": "900", "LLAMACTL_DRAIN_TIMEOUT_S": "10",
                "LLAMACTL_GEN_MAX_NEW_TOKENS": "4096", "LLAMACTL_INSTANCE": f"engine-bench/{d.name}",
                "LLAMACTL_DEVICE": "cpu" if self.a.tiny else "cuda"}
         env["CUDA_VISIBLE_DEVICES"] = "" if self.a.tiny else "0"
@@ -305,9 +305,14 @@ class Bench:
             out["health_at_ready"] = health
             engine = health.get("engine") or {}
             out["engine_reported"] = engine.get("name")
+            notes = []
             if out["engine_reported"] != d.engine:
-                out["note"] = (f"asked for engine {d.engine!r}; /health engine.name is {out['engine_reported']!r}"
-                               + (f" ({engine.get('reason')})" if engine.get("reason") else ""))
+                notes.append(f"asked for engine {d.engine!r}; /health engine.name is {out['engine_reported']!r}"
+                             + (f" ({engine.get('reason')})" if engine.get("reason") else ""))
+            if d.max_wait_ms and d.max_batch > 1:
+                notes.append(f"its batcher waits up to {d.max_wait_ms} ms for a batch to fill: part of its TTFT "
+                             "at low load")
+            out["note"] = "; ".join(notes)
             self.rec.log(f"{d.name}: ready in {out['ready_s']}s, engine {out['engine_reported']!r}, "
                          f"GPU memory {health.get('gpu_memory')}")
             self.rec.dump()
@@ -329,7 +334,7 @@ class Bench:
             out["error"] = f"{type(exc).__name__}: {exc}"[:1500]
             self.rec.log(f"{d.name}: {out['error']}")
         finally:
-            stop(proc, 60)
+            stop(proc, 30)
             out["server_exit_code"] = proc.returncode
             self.proc = None
         return out

@@ -162,12 +162,12 @@ def markdown(info: dict[str, Any]) -> str:
                 (f"Server: `{d.get('env_summary', '')}`; /health engine: {d.get('engine_reported')!r}; "
                 f"ready in {_f(d.get('ready_s'))} s; {d.get('note', '')}"), "",
                 ("| clients | requests ok/failed/cut | tok/s | req/s | TTFT p50 / p95 s | ITL p50 / p95 ms | "
-                "e2e p50 s | peak GPU GB (smi / health) | GPU util % | server cores | of roofline |"),
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "e2e p50 s | peak GPU GB (smi / health) | GPU util % | server cores | mean batch | of roofline |"),
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for lv in d.get("levels", []):
             if "tok_per_s" not in lv:
                 out.append(f"| {lv.get('concurrency')} | {lv.get('skipped') or lv.get('error') or '-'} "
-                           "| | | | | | | | | |")
+                           "| | | | | | | | | | |")
                 continue
             itl50 = None if lv.get("itl_s_p50") is None else lv["itl_s_p50"] * 1000
             itl95 = None if lv.get("itl_s_p95") is None else lv["itl_s_p95"] * 1000
@@ -177,7 +177,7 @@ def markdown(info: dict[str, Any]) -> str:
                 f"{_f(itl50)} / {_f(itl95)} | {_f(lv.get('latency_s_p50'), 2)} | "
                 f"{_f(lv.get('gpu_mem_smi_peak_gb'))} / {_gb(lv.get('gpu_mem_health_peak_bytes'))} | "
                 f"{_f(lv.get('gpu_util_mean_pct'))} | {_f(lv.get('server_cores'), 2)} | "
-                f"{_f(lv.get('of_roofline'), 3)} |")
+                f"{_f((lv.get('batches') or {}).get('mean_batch_size'))} | {_f(lv.get('of_roofline'), 3)} |")
         if d.get("error"):
             out.append(f"\nError: `{d['error']}`")
         out.append("")
