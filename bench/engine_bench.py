@@ -45,12 +45,15 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 import httpx
 from engine_figures import (
+    PEAK_SERIES,
     W_BYTES,
     X_BYTES,
     acceptance,
     bandwidth_for,
+    engine_window,
     markdown,
     of_roofline,
+    parse_metrics,
     roofline_tok_s,
 )
 from gpu_load import noise_jpeg, run_load
@@ -209,13 +212,19 @@ def run_prep(a: argparse.Namespace, rec: Recorder, model_dir: Path, timeout_s: f
 
 
 class HealthPoller:
-    """/health every 0.5 s during a measured level: peak GPU memory used, statuses seen, the last engine block."""
+    """/health and /metrics every 0.5 s during a measured level: peak GPU memory used, statuses seen, the last
+    engine block, peaks of the engine's gauges (pools, running, waiting) and its counters at the first and last
+    sample (steps, generated tokens)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.peak = 0
         self.statuses: set[str] = set()
         self.engine: dict[str, Any] | None = None
+        self.first: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+        self.peaks: dict[str, float] = {}
+        self.t_first = self.t_last = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -227,9 +236,19 @@ class HealthPoller:
                 self.peak = max(self.peak, int(mem.get("used_bytes") or 0))
                 self.statuses.add(str(h.get("status")))
                 self.engine = h.get("engine")
+                m = parse_metrics(httpx.get(self.url + "/metrics", timeout=5).text)
+                if not self.first:
+                    self.first, self.t_first = m, time.monotonic()
+                self.last, self.t_last = m, time.monotonic()
+                for k in PEAK_SERIES:
+                    if k in m:
+                        self.peaks[k] = max(self.peaks.get(k, 0.0), m[k])
             except (httpx.HTTPError, ValueError):
                 self.statuses.add("unreachable")
             self._stop.wait(0.5)
+
+    def window(self) -> dict[str, Any]:
+        return engine_window(self.first, self.last, self.peaks, self.t_last - self.t_first)
 
     def __enter__(self) -> Self:
         self._thread.start()
@@ -392,6 +411,7 @@ class Bench:
         lv["gpu_mem_health_peak_bytes"] = hp.peak or None
         lv["health_statuses"] = sorted(hp.statuses)
         lv["engine_end"] = hp.engine
+        lv["engine_metrics"] = hp.window()
         if self.sampler:
             g = self.sampler.mean_util_since_mark().get("0", {})
             lv["gpu_util_mean_pct"] = g.get("util_pct")

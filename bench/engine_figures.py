@@ -68,6 +68,39 @@ def pct(values: list[float], q: float) -> float | None:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
+def parse_metrics(text: str) -> dict[str, float]:
+    """Unlabelled series of a Prometheus text exposition: name -> value (comments and labelled series skipped)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line[0] == "#" or "{" in line:
+            continue
+        name, _, rest = line.partition(" ")
+        try:
+            out[name] = float(rest.split()[0])
+        except (ValueError, IndexError):
+            continue
+    return out
+
+
+# Sampled during a measured level: the engine's gauges (peak) and counters (difference over the level).
+PEAK_SERIES = ("llamactl_kv_pool_usage_ratio", "llamactl_cross_pool_usage_ratio",
+               "llamactl_requests_waiting_for_memory", "llamactl_num_requests_running",
+               "llamactl_num_requests_waiting", "llamactl_engine_stalled")
+COUNTERS = ("llamactl_engine_steps_total", "llamactl_generation_tokens_total")
+
+
+def engine_window(first: dict[str, float], last: dict[str, float], peaks: dict[str, float],
+                  wall_s: float) -> dict[str, Any]:
+    """What the server's /metrics say about a level: peaks of its gauges, steps/s and tokens per step."""
+    out: dict[str, Any] = {k.removeprefix("llamactl_") + "_peak": v for k, v in peaks.items()}
+    steps = last.get(COUNTERS[0], 0.0) - first.get(COUNTERS[0], 0.0)
+    tokens = last.get(COUNTERS[1], 0.0) - first.get(COUNTERS[1], 0.0)
+    if steps > 0 and wall_s > 0:
+        out["engine_steps_per_s"] = round(steps / wall_s, 1)
+        out["tokens_per_step"] = round(tokens / steps, 2)
+    return out
+
+
 # -- acceptance (issue 10) ---------------------------------------------------------------------------------
 
 def _level(design: dict[str, Any] | None, conc: int) -> dict[str, Any] | None:
@@ -178,6 +211,17 @@ def markdown(info: dict[str, Any]) -> str:
                 f"{_f(lv.get('gpu_mem_smi_peak_gb'))} / {_gb(lv.get('gpu_mem_health_peak_bytes'))} | "
                 f"{_f(lv.get('gpu_util_mean_pct'))} | {_f(lv.get('server_cores'), 2)} | "
                 f"{_f((lv.get('batches') or {}).get('mean_batch_size'))} | {_f(lv.get('of_roofline'), 3)} |")
+        em = [(lv["concurrency"], lv["engine_metrics"]) for lv in d.get("levels", []) if lv.get("engine_metrics")]
+        if em:
+            out += ["", ("From the server's /metrics during each level (peaks of the gauges; steps and tokens per "
+                    "step from its counters):"), "",
+                    ("| clients | engine steps/s | tokens per step | KV pool peak | cross-attention pool peak | "
+                    "waiting for memory peak | running peak | waiting peak |"), "|---|---|---|---|---|---|---|---|"]
+            for conc, m in em:
+                out.append(f"| {conc} | {_f(m.get('engine_steps_per_s'))} | {_f(m.get('tokens_per_step'), 2)} | "
+                           f"{_f(m.get('kv_pool_usage_ratio_peak'), 2)} | {_f(m.get('cross_pool_usage_ratio_peak'), 2)} "
+                           f"| {_f(m.get('requests_waiting_for_memory_peak'), 0)} | "
+                           f"{_f(m.get('num_requests_running_peak'), 0)} | {_f(m.get('num_requests_waiting_peak'), 0)} |")
         if d.get("error"):
             out.append(f"\nError: `{d['error']}`")
         out.append("")

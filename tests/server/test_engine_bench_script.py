@@ -53,6 +53,19 @@ def test_percentiles_and_gaps() -> None:
     assert gaps([1.0]) == []
 
 
+def test_metrics_parsing_and_the_engine_window() -> None:
+    text = ("# HELP llamactl_engine_steps_total Engine steps\n# TYPE llamactl_engine_steps_total counter\n"
+            "llamactl_engine_steps_total 1000.0\nllamactl_generation_tokens_total 8000.0\n"
+            'llamactl_request_errors_total{reason="oom"} 2.0\nllamactl_kv_pool_usage_ratio 0.25\nbroken line\n')
+    first = ef.parse_metrics(text)
+    assert first == {"llamactl_engine_steps_total": 1000.0, "llamactl_generation_tokens_total": 8000.0,
+                     "llamactl_kv_pool_usage_ratio": 0.25}
+    last = {"llamactl_engine_steps_total": 1500.0, "llamactl_generation_tokens_total": 24000.0}
+    w = ef.engine_window(first, last, {"llamactl_kv_pool_usage_ratio": 0.5}, 10.0)
+    assert w == {"kv_pool_usage_ratio_peak": 0.5, "engine_steps_per_s": 50.0, "tokens_per_step": 32.0}
+    assert ef.engine_window({}, {}, {}, 0.0) == {}
+
+
 def _design(levels: dict[int, dict[str, Any]], engine: str = "continuous") -> dict[str, Any]:
     return {"ready_s": 1.0, "engine_reported": engine,
             "levels": [{"concurrency": c, "failed": 0, "cut": 0, **v} for c, v in levels.items()]}
@@ -90,10 +103,13 @@ def test_markdown_of_a_partial_run() -> None:
             "designs": {"continuous": {"title": "t", "levels": [
                 {"concurrency": 1, "ok": 6, "failed": 0, "cut": 0, "tok_per_s": 100.0, "req_per_s": 0.8,
                  "itl_s_p50": 0.009, "itl_s_p95": 0.012},
-                {"concurrency": 8, "skipped": "needs ~40s"}], "error": "boom"}}}
+                {"concurrency": 8, "skipped": "needs ~40s"},
+                {"concurrency": 32, "ok": 64, "failed": 0, "tok_per_s": 1600.0, "req_per_s": 12.5,
+                 "engine_metrics": {"engine_steps_per_s": 50.0, "tokens_per_step": 31.5}}], "error": "boom"}}}
     info["acceptance"] = ef.acceptance(info["designs"], "NVIDIA H100 80GB HBM3")
     md = ef.markdown(info)
     assert "partial: x" in md and "needs ~40s" in md and "boom" in md and "9.0 / 12.0" in md
+    assert "| 32 | 50.0 | 31.50 |" in md
 
 
 def test_designs_split_the_levels_above_the_hf_batch() -> None:
