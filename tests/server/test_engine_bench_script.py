@@ -97,7 +97,7 @@ def test_acceptance_rows() -> None:
 
 
 def test_markdown_of_a_partial_run() -> None:
-    info = {"mode": "11b-shape-random-bf16", "env": {"gpu_name": "NVIDIA H100 80GB HBM3"}, "status": "partial: x",
+    info: dict[str, Any] = {"mode": "11b-shape-random-bf16", "env": {"gpu_name": "NVIDIA H100 80GB HBM3"}, "status": "partial: x",
             "baseline": {"runs": [{"batch": 1, "new_tokens": 128, "wall_s": 5.0, "tok_per_s": 25.6}],
                          "error": "exit 1"},
             "designs": {"continuous": {"title": "t", "levels": [
