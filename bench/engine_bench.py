@@ -55,6 +55,7 @@ from engine_figures import (
     of_roofline,
     parse_metrics,
     roofline_tok_s,
+    summary,
 )
 from gpu_load import noise_jpeg, run_load
 from gpu_stack import CpuMeter, GpuSampler, batch_delta, scrape_batches, stop, wait_ready
@@ -542,7 +543,7 @@ def main() -> None:
         logs = [f"==== {p.name}\n{p.read_text(errors='replace')[-8000:]}" for p in sorted(a.work.glob("serve-*.log"))]
         (a.out / "server_logs.txt").write_text("\n".join(logs))
         rec.dump()
-        rec.log(f"== done after {rec.info['elapsed_s']}s: {rec.info['status']}")
+        rec.log(f"== done after {rec.info['elapsed_s']}s: {rec.info['status']}\n{summary(rec.info)}")
 
 
 if __name__ == "__main__":

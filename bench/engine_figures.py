@@ -237,3 +237,36 @@ def markdown(info: dict[str, Any]) -> str:
         out.append("")
     out += ["## Method", "", *info.get("method", [])]
     return "\n".join(out) + "\n"
+
+
+def summary(info: dict[str, Any]) -> str:
+    """A short fixed-width table of every level and the acceptance rows: the last thing a device call prints."""
+    env = info.get("env", {})
+    rows = [f"{env.get('gpu_name') or 'CPU'} | {info.get('status')} | {info.get('elapsed_s', '?')} s",
+            (f"{'design':<11}{'clients':>8}{'ok/fail':>9}{'tok/s':>9}{'req/s':>7}{'ttft50':>8}{'ttft95':>8}"
+            f"{'itl50ms':>8}{'itl95ms':>8}{'memGB':>7}{'util%':>6}{'roof':>6}")]
+    for r in (info.get("baseline") or {}).get("runs", []):
+        if "tok_per_s" in r:
+            rows.append(f"{'generate':<11}{r['batch']:>8}{'-':>9}{r['tok_per_s']:>9.1f}{r.get('req_per_s', 0):>7.2f}"
+                        f"{_f(r.get('ttft_s'), 3):>8}{'-':>8}{'-':>8}{'-':>8}{_gb(r.get('peak_bytes')):>7}{'-':>6}"
+                        f"{_f(r.get('of_roofline'), 2):>6}")
+    for name, d in (info.get("designs") or {}).items():
+        for lv in d.get("levels", []):
+            if "tok_per_s" not in lv:
+                rows.append(f"{name:<11}{lv.get('concurrency'):>8}  {lv.get('skipped') or lv.get('error')}")
+                continue
+            itl = [None if lv.get(k) is None else lv[k] * 1000 for k in ("itl_s_p50", "itl_s_p95")]
+            rows.append(f"{name:<11}{lv['concurrency']:>8}{str(lv['ok']) + '/' + str(lv['failed']):>9}"
+                        f"{lv['tok_per_s']:>9.1f}{lv['req_per_s']:>7.2f}{_f(lv.get('ttft_s_p50'), 3):>8}"
+                        f"{_f(lv.get('ttft_s_p95'), 3):>8}{_f(itl[0]):>8}{_f(itl[1]):>8}"
+                        f"{_f(lv.get('gpu_mem_smi_peak_gb')):>7}{_f(lv.get('gpu_util_mean_pct'), 0):>6}"
+                        f"{_f(lv.get('of_roofline'), 2):>6}")
+        if d.get("error"):
+            rows.append(f"{name:<11} error: {str(d['error'])[:200]}")
+        if d.get("note"):
+            rows.append(f"{name:<11} note: {d['note'][:200]}")
+    for r in info.get("acceptance") or []:
+        verdict = "not run" if r["pass"] is None else ("PASS" if r["pass"] else "FAIL")
+        rows.append(f"acceptance: {r['criterion']}: {_f(r['measured'], 2)} (target {r['target']}) {verdict}")
+    return "\n".join(rows)
+

@@ -110,6 +110,8 @@ def test_markdown_of_a_partial_run() -> None:
     md = ef.markdown(info)
     assert "partial: x" in md and "needs ~40s" in md and "boom" in md and "9.0 / 12.0" in md
     assert "| 32 | 50.0 | 31.50 |" in md
+    text = ef.summary(info)
+    assert "continuous        8  needs ~40s" in text and "acceptance: 32 clients: output tok/s: 1600.00" in text
 
 
 def test_designs_split_the_levels_above_the_hf_batch() -> None:
