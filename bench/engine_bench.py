@@ -387,6 +387,10 @@ class Bench:
             rate = w.get("tok_per_s") or rate
         n = max(d.min_requests, d.rounds * conc)
         left = lvl_end - time.monotonic()
+        if left <= 1:
+            lv["skipped"] = "no time left after the warm-up round"
+            self.rec.log(f"{d.name} c={conc}: {lv['skipped']}")
+            return lv
         if rate:
             while n > conc and n * a.max_tokens / rate > 0.9 * left:
                 n = max(conc, n - conc)
