@@ -4,6 +4,9 @@
 last token and send the next, until ``requests`` have been sent. Answers have a fixed length (``ignore_eos``,
 so min_new_tokens == max_new_tokens on the server). Every request is accounted for: failures (HTTP status,
 transport error, an error event in the stream, or a short answer) are counted, never dropped.
+Each outcome keeps the gaps between its streamed content chunks (inter-token latency as the client sees it).
+With a ``deadline`` no request starts after it and those still running at ``deadline + grace_s`` are cut:
+counted as ``cut`` (the bench ran out of time), apart from ``failed`` (the server failed them).
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import itertools
 import json
 import math
 import random
 import statistics
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -44,6 +48,8 @@ class Outcome:
     completion_tokens: int
     upstream: str
     error: str = ""
+    itl_s: list[float] = field(default_factory=list)  # gaps between successive content chunks
+    chunks: int = 0  # content chunks received
 
 
 async def one_request(client: httpx.AsyncClient, url: str, image: str, max_tokens: int) -> Outcome:
@@ -53,13 +59,14 @@ async def one_request(client: httpx.AsyncClient, url: str, image: str, max_token
             {"type": "image_url", "image_url": {"url": image}},
             {"type": "text", "text": QUESTION},
         ]}],
-        "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True,
+        "max_tokens": max_tokens, "min_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True,
         "stream_options": {"include_usage": True},
     }
     t0 = time.monotonic()
     ttft: float | None = None
     tokens = 0
     upstream = ""
+    arrivals: list[float] = []
     try:
         async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
             upstream = r.headers.get("x-upstream", "direct")
@@ -74,14 +81,23 @@ async def one_request(client: httpx.AsyncClient, url: str, image: str, max_token
                     return Outcome(False, time.monotonic() - t0, ttft, tokens, upstream, str(chunk["error"])[:200])
                 if chunk.get("usage"):
                     tokens = int(chunk["usage"].get("completion_tokens", 0))
-                if ttft is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
-                    ttft = time.monotonic() - t0
+                if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                    arrivals.append(time.monotonic())
+                    if ttft is None:
+                        ttft = arrivals[0] - t0
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         return Outcome(False, time.monotonic() - t0, ttft, tokens, upstream, f"{type(exc).__name__}: {exc}"[:200])
     e2e = time.monotonic() - t0
+    itl = gaps(arrivals)
     if tokens != max_tokens:
-        return Outcome(False, e2e, ttft, tokens, upstream, f"{tokens} tokens instead of {max_tokens}")
-    return Outcome(True, e2e, ttft, tokens, upstream)
+        return Outcome(False, e2e, ttft, tokens, upstream, f"{tokens} tokens instead of {max_tokens}", itl,
+                       len(arrivals))
+    return Outcome(True, e2e, ttft, tokens, upstream, "", itl, len(arrivals))
+
+
+def gaps(times: list[float]) -> list[float]:
+    """Differences between successive arrival times (a stream's inter-token latencies)."""
+    return [b - a for a, b in itertools.pairwise(times)]
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -92,35 +108,55 @@ def pct(values: list[float], q: float) -> float | None:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
+CUT = "cut: the bench's deadline passed while it ran"
+
+
 async def _run(url: str, concurrency: int, requests: int, max_tokens: int, images: list[str],
-               timeout_s: float) -> tuple[list[Outcome], float]:
+               timeout_s: float, deadline: float | None = None, grace_s: float = 0.0,
+               first_image: int = 0) -> tuple[list[Outcome], float]:
+    """``deadline`` is a time.time() value: no request starts after it; running ones are cut at +grace_s."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     sent = 0
     outcomes: list[Outcome] = []
+    running: dict[int, float] = {}
     async with httpx.AsyncClient(limits=limits, timeout=timeout_s) as client:
         async def worker() -> None:
             nonlocal sent
-            while sent < requests:
+            while sent < requests and (deadline is None or time.time() < deadline):
                 i = sent
                 sent += 1
-                outcomes.append(await one_request(client, url, images[i % len(images)], max_tokens))
+                running[i] = time.monotonic()
+                outcomes.append(await one_request(client, url, images[(first_image + i) % len(images)],
+                                                  max_tokens))
+                del running[i]
 
         t0 = time.monotonic()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        everyone = asyncio.gather(*(worker() for _ in range(concurrency)))
+        if deadline is None:
+            await everyone
+        else:
+            try:
+                await asyncio.wait_for(everyone, max(0.0, deadline + grace_s - time.time()))
+            except asyncio.TimeoutError:
+                now = time.monotonic()
+                outcomes.extend(Outcome(False, now - started, None, 0, "", CUT) for started in running.values())
         wall = time.monotonic() - t0
     return outcomes, wall
 
 
 def _child(url: str, concurrency: int, requests: int, max_tokens: int, images: list[str], timeout_s: float,
-           start_at: float) -> tuple[list[Outcome], float]:
+           start_at: float, deadline: float | None = None, grace_s: float = 0.0,
+           first_image: int = 0) -> tuple[list[Outcome], float]:
     """One load process: wait for the common start time, run, return outcomes and its end (wall clock)."""
     time.sleep(max(0.0, start_at - time.time()))
-    outcomes, _ = asyncio.run(_run(url, concurrency, requests, max_tokens, images, timeout_s))
+    outcomes, _ = asyncio.run(_run(url, concurrency, requests, max_tokens, images, timeout_s, deadline, grace_s,
+                                   first_image))
     return outcomes, time.time()
 
 
 def _run_processes(url: str, concurrency: int, requests: int, max_tokens: int, images: list[str],
-                   timeout_s: float, processes: int) -> tuple[list[Outcome], float]:
+                   timeout_s: float, processes: int, deadline: float | None = None,
+                   grace_s: float = 0.0, first_image: int = 0) -> tuple[list[Outcome], float]:
     """Split clients and requests over ``processes`` spawned processes that start at one agreed instant."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -130,26 +166,39 @@ def _run_processes(url: str, concurrency: int, requests: int, max_tokens: int, i
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(time.sleep, [0] * processes))  # start the workers before the clock starts
         start_at = time.time() + 0.5
-        futures = [pool.submit(_child, url, c, r, max_tokens, images, timeout_s, start_at) for c, r in shares if c]
+        futures, offset = [], first_image
+        for c, r in shares:
+            if c:  # each process starts at its own place in the images: concurrent requests differ
+                futures.append(pool.submit(_child, url, c, r, max_tokens, images, timeout_s, start_at, deadline,
+                                           grace_s, offset))
+                offset += r
         results = [f.result() for f in futures]
     return [o for outs, _ in results for o in outs], max(end for _, end in results) - start_at
 
 
 def run_load(url: str, *, concurrency: int, requests: int, max_tokens: int, images: list[str],
-             timeout_s: float = 900.0, processes: int = 1) -> dict[str, Any]:
+             timeout_s: float = 900.0, processes: int = 1, deadline: float | None = None,
+             grace_s: float = 0.0, first_image: int = 0) -> dict[str, Any]:
     """Drive ``requests`` fixed-length requests at ``concurrency``; returns the figures as a JSON-able dict.
 
     ``processes`` > 1 spreads the clients over that many load processes (one Python process can become the
     bottleneck at tens of streams with image uploads), started together; wall time spans all of them.
+    Request i carries ``images[(first_image + i) % len(images)]``.
     """
     if processes > 1:
-        outcomes, wall = _run_processes(url, concurrency, requests, max_tokens, images, timeout_s, processes)
+        outcomes, wall = _run_processes(url, concurrency, requests, max_tokens, images, timeout_s, processes,
+                                        deadline, grace_s, first_image)
     else:
-        outcomes, wall = asyncio.run(_run(url, concurrency, requests, max_tokens, images, timeout_s))
+        outcomes, wall = asyncio.run(_run(url, concurrency, requests, max_tokens, images, timeout_s, deadline,
+                                          grace_s, first_image))
     good = [o for o in outcomes if o.ok]
+    cut = sum(1 for o in outcomes if o.error == CUT)
     tokens = sum(o.completion_tokens for o in good)
     e2e = [o.e2e_s for o in good]
     ttft = [o.ttft_s for o in good if o.ttft_s is not None]
+    itl = [g for o in good for g in o.itl_s]
+    tpot = [(o.e2e_s - o.ttft_s) / (o.completion_tokens - 1) for o in good
+            if o.ttft_s is not None and o.completion_tokens > 1]
 
     def r(x: float | None, nd: int = 3) -> float | None:
         return None if x is None else round(x, nd)
@@ -157,12 +206,15 @@ def run_load(url: str, *, concurrency: int, requests: int, max_tokens: int, imag
     return {
         "concurrency": concurrency, "load_processes": processes, "requests": len(outcomes),
         "max_tokens": max_tokens,
-        "ok": len(good), "failed": len(outcomes) - len(good),
-        "errors": sorted(Counter(o.error for o in outcomes if not o.ok).items())[:5],
+        "ok": len(good), "failed": len(outcomes) - len(good) - cut, "cut": cut,
+        "errors": sorted(Counter(o.error for o in outcomes if not o.ok and o.error != CUT).items())[:5],
         "wall_s": r(wall), "completion_tokens": tokens,
         "tok_per_s": r(tokens / wall, 1), "req_per_s": r(len(good) / wall),
         "latency_s_p50": r(pct(e2e, 50)), "latency_s_p95": r(pct(e2e, 95)),
         "latency_s_mean": r(statistics.fmean(e2e)) if e2e else None,
         "ttft_s_p50": r(pct(ttft, 50)), "ttft_s_p95": r(pct(ttft, 95)),
+        "itl_s_p50": r(pct(itl, 50), 4), "itl_s_p95": r(pct(itl, 95), 4), "itl_s_max": r(max(itl, default=None), 4),
+        "tpot_s_mean": r(statistics.fmean(tpot), 4) if tpot else None,
+        "chunks_per_request_mean": r(statistics.fmean(o.chunks for o in good), 1) if good else None,
         "upstreams": dict(Counter(o.upstream for o in outcomes)),
     }

@@ -1,0 +1,214 @@
+"""bench/engine_bench.py (issue 10's benchmark): its pure parts, the load generator's ITL and deadline, and the
+--tiny CPU mode end to end (so the one GPU call is not its first run)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ._support import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+
+import engine_figures as ef
+from gpu_load import CUT, gaps, pct, run_load
+
+
+def test_roofline_fit_reproduces_the_baseline_note_figures() -> None:
+    for batch, rate in ef.H100_ANCHORS.items():
+        assert abs(ef.roofline_tok_s(batch, ef.H100_BW) / rate - 1) < 0.02
+    assert 17e9 < ef.W_BYTES < 19e9 and 0.35e9 < ef.X_BYTES < 0.5e9
+    # more rows, more tokens per step; an H200 is the same bytes at 4.8/3.35 the bandwidth
+    assert ef.roofline_tok_s(64, ef.H100_BW) > ef.roofline_tok_s(32, ef.H100_BW)
+    assert ef.roofline_tok_s(8, ef.H200_BW) == pytest.approx(ef.roofline_tok_s(8, ef.H100_BW) * 4.8 / 3.35)
+
+
+def test_bandwidth_by_gpu_name_and_fraction() -> None:
+    assert ef.bandwidth_for("NVIDIA H100 80GB HBM3")[0] == ef.H100_BW
+    bw, note = ef.bandwidth_for("NVIDIA H200")
+    assert bw == ef.H200_BW and "4.8/3.35" in note
+    assert ef.bandwidth_for("NVIDIA H100 PCIe")[0] is None
+    assert ef.bandwidth_for("")[0] is None
+    assert ef.of_roofline(90.0, 1, ef.H100_BW) == round(90.0 / ef.roofline_tok_s(1, ef.H100_BW), 3)
+    assert ef.of_roofline(90.0, 1, None) is None and ef.of_roofline(None, 1, ef.H100_BW) is None
+
+
+def test_percentiles_and_gaps() -> None:
+    assert pct([], 50) is None
+    assert pct([3.0, 1.0, 2.0], 50) == 2.0
+    assert pct([float(i) for i in range(1, 101)], 95) == 95.0
+    assert ef.pct([5.0], 95) == 5.0
+    assert gaps([1.0, 1.5, 1.75]) == [0.5, 0.25]
+    assert gaps([1.0]) == []
+
+
+def test_metrics_parsing_and_the_engine_window() -> None:
+    text = ("# HELP llamactl_engine_steps_total Engine steps\n# TYPE llamactl_engine_steps_total counter\n"
+            "llamactl_engine_steps_total 1000.0\nllamactl_generation_tokens_total 8000.0\n"
+            'llamactl_request_errors_total{reason="oom"} 2.0\nllamactl_kv_pool_usage_ratio 0.25\nbroken line\n')
+    first = ef.parse_metrics(text)
+    assert first == {"llamactl_engine_steps_total": 1000.0, "llamactl_generation_tokens_total": 8000.0,
+                     "llamactl_kv_pool_usage_ratio": 0.25}
+    last = {"llamactl_engine_steps_total": 1500.0, "llamactl_generation_tokens_total": 24000.0}
+    w = ef.engine_window(first, last, {"llamactl_kv_pool_usage_ratio": 0.5}, 10.0)
+    assert w == {"kv_pool_usage_ratio_peak": 0.5, "engine_steps_per_s": 50.0, "tokens_per_step": 32.0}
+    assert ef.engine_window({}, {}, {}, 0.0) == {}
+
+
+def _design(levels: dict[int, dict[str, Any]], engine: str = "continuous") -> dict[str, Any]:
+    return {"ready_s": 1.0, "engine_reported": engine,
+            "levels": [{"concurrency": c, "failed": 0, "cut": 0, **v} for c, v in levels.items()]}
+
+
+def test_acceptance_rows() -> None:
+    designs = {
+        "continuous": _design({1: {"tok_per_s": 120.0, "ttft_s_p50": 0.15},
+                               32: {"tok_per_s": 1600.0, "ttft_s_p95": 1.2},
+                               64: {"tok_per_s": 1500.0, "server_alive_after": True}}),
+        "hf": _design({32: {"tok_per_s": 500.0}}, engine="hf"),
+    }
+    rows = {r["criterion"]: r for r in ef.acceptance(designs, "NVIDIA H100 80GB HBM3")}
+    assert rows["32 clients: output tok/s"]["pass"] is True
+    assert rows["32 clients: x the hf engine"]["measured"] == 3.2
+    assert rows["32 clients: TTFT p95 s"]["pass"] is True
+    assert rows["1 client: output tok/s"]["pass"] is True
+    assert rows["1 client: TTFT p50 s"]["pass"] is True
+    assert rows["64 clients: failed requests (no OOM)"]["pass"] is True
+    assert rows["64 clients: tok/s vs 32 clients"]["pass"] is False  # 1500 < 1600
+    assert all(r["note"] == "" for r in rows.values())
+    # a server that did not run the continuous engine, on an H200, with nothing at 64: said, not hidden
+    designs["continuous"]["engine_reported"] = None
+    del designs["continuous"]["levels"][2]
+    rows = {r["criterion"]: r for r in ef.acceptance(designs, "NVIDIA H200")}
+    assert rows["64 clients: failed requests (no OOM)"]["pass"] is None
+    note = rows["1 client: output tok/s"]["note"]
+    assert "NVIDIA H200" in note and "not 'continuous'" in note
+
+
+def test_markdown_of_a_partial_run() -> None:
+    info: dict[str, Any] = {"mode": "11b-shape-random-bf16", "env": {"gpu_name": "NVIDIA H100 80GB HBM3"}, "status": "partial: x",
+            "baseline": {"runs": [{"batch": 1, "new_tokens": 128, "wall_s": 5.0, "tok_per_s": 25.6}],
+                         "error": "exit 1"},
+            "designs": {"continuous": {"title": "t", "levels": [
+                {"concurrency": 1, "ok": 6, "failed": 0, "cut": 0, "tok_per_s": 100.0, "req_per_s": 0.8,
+                 "itl_s_p50": 0.009, "itl_s_p95": 0.012},
+                {"concurrency": 8, "skipped": "needs ~40s"},
+                {"concurrency": 32, "ok": 64, "failed": 0, "tok_per_s": 1600.0, "req_per_s": 12.5,
+                 "engine_metrics": {"engine_steps_per_s": 50.0, "tokens_per_step": 31.5}}], "error": "boom"}}}
+    info["acceptance"] = ef.acceptance(info["designs"], "NVIDIA H100 80GB HBM3")
+    md = ef.markdown(info)
+    assert "partial: x" in md and "needs ~40s" in md and "boom" in md and "9.0 / 12.0" in md
+    assert "| 32 | 50.0 | 31.50 |" in md
+    text = ef.summary(info)
+    assert "continuous        8  needs ~40s" in text and "acceptance: 32 clients: output tok/s: 1600.00" in text
+
+
+def test_designs_split_the_levels_above_the_hf_batch() -> None:
+    import engine_bench
+
+    a = argparse.Namespace(levels=[1, 8, 32, 64], hf_max_batch=32, seed_levels=[1, 8], rounds=2, min_requests=6,
+                           seed_min_requests=4, hf_max_wait_ms=200, designs=["continuous", "hf", "seed", "hf-big"])
+    got = {d.name: (d.engine, d.max_batch, d.levels, d.max_wait_ms) for d in engine_bench.designs_from(a)}
+    assert got == {"continuous": ("continuous", 64, [1, 8, 32, 64], None), "hf": ("hf", 32, [1, 8, 32], 200),
+                   "seed": ("hf", 1, [1, 8], 200), "hf-b64": ("hf", 64, [64], 200)}
+    a.designs = ["nope"]
+    with pytest.raises(SystemExit, match="unknown design 'nope'"):
+        engine_bench.designs_from(a)
+
+
+# -- the load generator against a fake streaming server (starlette + uvicorn on a real socket) -------------
+
+@pytest.fixture
+def slow_sse() -> Iterator[str]:
+    """A chat-completions stand-in: 8 content chunks 50 ms apart, then usage and [DONE]."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    async def chat(request: Request) -> StreamingResponse:
+        body = await request.json()
+        n = int(body["max_tokens"])
+
+        async def events() -> AsyncIterator[str]:
+            yield 'data: {"choices": [{"delta": {"role": "assistant", "content": ""}}]}\n\n'
+            for _ in range(n):
+                await asyncio.sleep(0.05)
+                yield 'data: {"choices": [{"delta": {"content": "w1 "}}]}\n\n'
+            yield f'data: {{"choices": [], "usage": {{"completion_tokens": {n}}}}}\n\n'
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
+                                           host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_load_measures_inter_token_latency(slow_sse: str) -> None:
+    r = run_load(slow_sse, concurrency=2, requests=4, max_tokens=8, images=["data:image/jpeg;base64,AA=="])
+    assert (r["ok"], r["failed"], r["cut"]) == (4, 0, 0)
+    assert r["completion_tokens"] == 32 and r["chunks_per_request_mean"] == 8
+    assert 0.04 < r["itl_s_p50"] < 0.2 and r["itl_s_p95"] >= r["itl_s_p50"]
+    assert 0.04 < r["tpot_s_mean"] < 0.2
+
+
+def test_load_deadline_cuts_running_requests(slow_sse: str) -> None:
+    t0 = time.monotonic()
+    r = run_load(slow_sse, concurrency=2, requests=10, max_tokens=8, images=["x"], deadline=time.time() + 0.2,
+                 grace_s=0.05)
+    assert time.monotonic() - t0 < 1.5  # 10 requests of 0.4 s would take 2 s
+    assert r["cut"] == 2 and r["failed"] == 0 and r["ok"] == 0
+    assert not r["errors"]  # cut requests are the bench's doing, not the server's errors
+    assert CUT
+
+
+# -- end to end on the CPU ---------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_engine_bench_tiny_mode(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench/engine_bench.py"), "--tiny", "--model-dir", str(tiny_checkpoint),
+         "--out", str(out), "--work", str(tmp_path / "work"), "--designs", "continuous,seed", "--levels", "1,2",
+         "--seed-levels", "2", "--baseline-batches", "1,2", "--min-requests", "2", "--seed-min-requests", "2",
+         "--budget-s", "150"],
+        capture_output=True, text=True, timeout=300, check=False, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((out / "engine_bench.json").read_text())
+    assert data["status"] == "complete", data["status"]
+    assert [r["batch"] for r in data["baseline"]["runs"]] == [1, 2]
+    assert all(r["new_tokens"] == 8 for r in data["baseline"]["runs"])
+    assert list(data["designs"]) == ["continuous", "seed"]
+    for name, conc in (("continuous", [1, 2]), ("seed", [2])):
+        d = data["designs"][name]
+        assert d["server_exit_code"] == 0 and "error" not in d, d.get("error")
+        assert [lv["concurrency"] for lv in d["levels"]] == conc
+        for lv in d["levels"]:
+            assert lv["failed"] == 0 and lv["ok"] >= 2 and lv["completion_tokens"] == 8 * lv["ok"]
+            assert lv["tok_per_s"] > 0 and lv["ttft_s_p50"] is not None and lv["itl_s_p50"] is not None
+    assert data["designs"]["seed"]["env_summary"].startswith("LLAMACTL_ENGINE=hf LLAMACTL_MAX_BATCH_SIZE=1")
+    md = (out / "engine_bench.md").read_text()
+    assert "## continuous" in md and "## seed" in md and "Bare HF generate" in md
+    assert (out / "engine_bench.log").exists() and (out / "server_logs.txt").exists()
