@@ -117,6 +117,7 @@ class ContinuousEngine:
             "pool_gib": None if self.pools is None else round(self.pools.bytes / _GIB, 2),
             "cuda_graphs": None if self.graphs is None else self.graphs.captures,
             "prefill_chunk_images": self.chunk_images,
+            "image_preprocessing_on": "cpu",  # the processor runs in request threads (prepare), off the GPU loop
             "threads": hf["threads"],
             "steps": self.steps,
             "prefill_s_total": round(self.prefill_s, 3),
