@@ -26,7 +26,7 @@ NO_INVENTORY = ("no inventory given: pass the INVENTORY argument, set $LLAMACTL_
 
 # (command, arguments after it, what the error line must contain)
 Case = tuple[str, list[str], str]
-NO_ARGUMENTS: list[Case] = [(c, [], NO_INVENTORY) for c in INVENTORY_COMMANDS if c not in ("logs", "render")] + [
+NO_ARGUMENTS: list[Case] = [(c, list[str](), NO_INVENTORY) for c in INVENTORY_COMMANDS if c not in ("logs", "render")] + [
     ("render", [], "Missing option '--out' / '-o'."),
     ("", [], ("missing command: expected one of deploy, infer, lab, logs, model, render, restart, rollback, "
               "serve, status, validate, watch")),
