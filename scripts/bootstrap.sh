@@ -21,11 +21,19 @@ if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv"
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c 'import llamactl, torch, transformers, fastapi, openai' 2>/dev/null; then
-  echo "bootstrap: installing llamactl with the server and dev extras"
-  .venv/bin/python -m pip install -q --upgrade pip
-  # Pin torch first: the local CPU build satisfies the server extra's range, so no CUDA build is pulled.
-  .venv/bin/python -m pip install -q torch==2.13.0
-  .venv/bin/python -m pip install -q -e '.[server,dev]'
+# Installs are pinned by constraints.txt (the versions CI tested; see README "Reproducible installs").
+# The stamp holds what the venv was installed from: editing either file reinstalls.
+stamp=.venv/.llamactl-installed
+want=$(cat constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c 'import llamactl, torch, transformers, fastapi, openai' 2>/dev/null; then
+  echo "bootstrap: installing llamactl with the server and dev extras (versions from constraints.txt)"
+  pinned_pip=$(grep -i '^pip==' constraints.txt | cut -d= -f3)
+  if [ "$(.venv/bin/python -m pip --version | cut -d' ' -f2)" != "$pinned_pip" ]; then
+    .venv/bin/python -m pip install -q -c constraints.txt --upgrade pip
+  fi
+  # torch first: the local CPU build satisfies the constraint (2.13.0), so no CUDA build is pulled.
+  .venv/bin/python -m pip install -q -c constraints.txt torch
+  .venv/bin/python -m pip install -q -c constraints.txt -e '.[server,dev]'
+  echo "$want" > "$stamp"
 fi
 echo "bootstrap: ready ($(.venv/bin/llamactl --version))"
