@@ -6,6 +6,8 @@ description of every command and for the command lists of the groups, at 60 and 
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -65,7 +67,7 @@ def command_list(lines: list[str]) -> list[tuple[int, list[str]]]:
 
 
 def assert_filled(paragraph: list[str], room: int, where: str) -> None:
-    for line, after in zip(paragraph, paragraph[1:]):
+    for line, after in pairwise(paragraph):
         next_word = after.split()[0]
         assert len(line) + 1 + len(next_word) > room - SLACK, (
             f"{where}: line ends early although {next_word!r} fits:\n{line}\n{after}")
