@@ -95,10 +95,11 @@ def split_arguments(first: str | None, second: str | None) -> tuple[Path | None,
 
 
 def logs(
-    first: str | None = typer.Argument(None, metavar="[INVENTORY] HOST", show_default=False,
+    first: str | None = typer.Argument(None, metavar="INVENTORY", show_default=False,
                                        help="The inventory YAML file (default: $LLAMACTL_INVENTORY, else "
-                                       "./inventory.yaml), then a server host (or balancer host) name."),
-    second: str | None = typer.Argument(None, hidden=True, show_default=False),
+                                       "./inventory.yaml); with one argument, that argument is the HOST."),
+    second: str | None = typer.Argument(None, metavar="HOST", show_default=False,
+                                        help="A server host (or balancer host) name from the inventory."),
     instance: int | None = typer.Option(
         None, "--instance", "-i", help="Only this instance index (default: every instance on the host)."),
     follow_: bool = typer.Option(False, "--follow", "-f", help="Keep streaming new lines until Ctrl-C."),
