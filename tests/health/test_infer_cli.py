@@ -160,9 +160,9 @@ def test_endpoint_from_inventory_or_environment(
     monkeypatch.delenv("LLAMACTL_INVENTORY", raising=False)
     monkeypatch.chdir(tmp_path)  # no ./inventory.yaml here
     code, _, err = infer([str(image)], capsys, monkeypatch)
-    assert (code, err.strip()) == (2, "error: no endpoint given: pass --endpoint URL or --inventory FILE, set "
+    assert (code, err.strip()) == (2, ("error: no endpoint given: pass --endpoint URL or --inventory FILE, set "
                                    "$LLAMACTL_ENDPOINT or $LLAMACTL_INVENTORY, or run where ./inventory.yaml exists "
-                                   f"(looked for {tmp_path}/inventory.yaml)\n{HINT}")
+                                   f"(looked for {tmp_path}/inventory.yaml)\n{HINT}"))
 
 
 def test_stream_prints_tokens_then_the_stages(
