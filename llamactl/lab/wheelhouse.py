@@ -81,7 +81,7 @@ def ensure_cache(reqs: list[str], say: Callable[[str], None], cache: Path = CACH
     for line in proc.stdout:  # pip's own lines are kept for an error report, not shown
         line = line.rstrip()
         tail = [*tail[-20:], line]
-        saved += line.startswith(("Saved", "File was already downloaded"))
+        saved += line.lstrip().startswith(("Saved", "File was already downloaded"))
     if proc.wait() != 0:
         raise LlamactlError("wheelhouse: `pip download` failed:\n  " + "\n  ".join(tail))
     stamp.write_text(stamp_text)

@@ -31,6 +31,10 @@ def test_download_takes_the_pinned_version_and_says_one_line_per_phase(tmp_path:
     said.clear()
     wheelhouse.ensure_cache(["idna"], said.append, tmp_path / "cache", tested)
     assert said == [f"wheelhouse: cached in {cache}"]
+    (cache / ".requirements").unlink()  # a changed stamp: pip finds the wheel already there
+    said.clear()
+    wheelhouse.ensure_cache(["idna"], said.append, tmp_path / "cache", tested)
+    assert said[-1] == "wheelhouse: 1 wheels downloaded"
 
 
 def test_a_pin_pip_cannot_meet_fails_with_pips_reason(tmp_path: Path) -> None:
