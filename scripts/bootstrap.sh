@@ -21,11 +21,31 @@ if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv"
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c 'import llamactl, torch, transformers, fastapi, openai' 2>/dev/null; then
-  echo "bootstrap: installing llamactl with the server and dev extras"
-  .venv/bin/python -m pip install -q --upgrade pip
-  # Pin torch first: the local CPU build satisfies the server extra's range, so no CUDA build is pulled.
-  .venv/bin/python -m pip install -q torch==2.13.0
-  .venv/bin/python -m pip install -q -e '.[server,dev]'
+# Installs are pinned by constraints.txt (the versions CI tested; see README "Reproducible installs").
+# The stamp holds what the venv was installed from: editing either file reinstalls. pip's own output goes
+# to a log, shown only when an install fails.
+stamp=.venv/.llamactl-installed
+log=.venv/bootstrap-pip.log
+want=$(cat constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+pip_install() {
+  if ! .venv/bin/python -m pip install --progress-bar off -c constraints.txt "$@" >>"$log" 2>&1; then
+    echo "bootstrap: \`pip install $*\` failed; the end of $log:" >&2
+    tail -n 40 "$log" >&2
+    exit 1
+  fi
+}
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c 'import llamactl, torch, transformers, fastapi, openai' 2>/dev/null; then
+  : >"$log"
+  pinned_pip=$(grep -i '^pip==' constraints.txt | cut -d= -f3)
+  if [ "$(.venv/bin/python -m pip --version | cut -d' ' -f2)" != "$pinned_pip" ]; then
+    echo "bootstrap: pip $pinned_pip"
+    pip_install --upgrade pip
+  fi
+  # torch first: the local CPU build satisfies the constraint (2.13.0), so no CUDA build is pulled.
+  echo "bootstrap: torch (versions from constraints.txt)"
+  pip_install torch
+  echo "bootstrap: llamactl with the server and dev extras"
+  pip_install -e '.[server,dev]'
+  echo "$want" > "$stamp"
 fi
 echo "bootstrap: ready ($(.venv/bin/llamactl --version))"

@@ -16,6 +16,7 @@ from rich.live import Live
 from rich.table import Table
 
 from llamactl.cli.console import console_for
+from llamactl.cli.inventory_arg import inventory_argument, load
 from llamactl.ops.deploy import DeployResult, FileDiff, HostOutcome, deploy, raise_for
 from llamactl.plan.deploy import Run, Upload
 
@@ -112,7 +113,7 @@ def _brief(h: HostOutcome) -> str:
 
 
 def deploy_command(
-    inventory: Path = typer.Argument(..., help="The inventory YAML file."),
+    inventory: Path | None = inventory_argument(),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change (diffs, commands); change nothing."),
     json_out: bool = typer.Option(False, "--json", help="Print a machine-readable result on stdout."),
     parallel: int = typer.Option(16, "--parallel", min=1, help="Hosts deployed at the same time."),
@@ -123,9 +124,7 @@ def deploy_command(
 
     Example: llamactl deploy inventory.yaml --dry-run
     """
-    from llamactl.inventory import load_inventory
-
-    inv = load_inventory(inventory)
+    inv = load(inventory)
     err = console_for(stderr=True)
     out = console_for(stderr=False)
     progress = HostProgress(err, [h.name for h in inv.hosts] + [b.name for b in inv.balancer.hosts] + ["balancer"])

@@ -22,20 +22,15 @@ def _console() -> Console:
 
 
 def _endpoint(endpoint: str | None, inventory: Path | None) -> str:
-    from llamactl.errors import UsageError
+    from llamactl.inventory.locate import locate_endpoint
 
-    if endpoint and inventory:
-        raise UsageError("give either --endpoint or --inventory, not both")
-    if endpoint:
-        return endpoint.rstrip("/")
-    if inventory is not None:
-        from llamactl.inventory import load_inventory
+    source = locate_endpoint(endpoint, inventory, os.environ, Path.cwd())
+    if source.url is not None:
+        return source.url
+    from llamactl.inventory import load_inventory
 
-        return load_inventory(inventory).endpoint.rstrip("/")
-    from_env = os.environ.get("LLAMACTL_ENDPOINT")
-    if from_env:
-        return from_env.rstrip("/")
-    raise UsageError("no endpoint: pass --endpoint URL or --inventory FILE, or set LLAMACTL_ENDPOINT")
+    assert source.inventory is not None
+    return load_inventory(source.inventory).endpoint.rstrip("/")
 
 
 def _read_image(image: Path) -> bytes:
@@ -95,8 +90,9 @@ def infer(
 ) -> None:
     """Ask the cluster about an image and show the staged answer.
 
-    The endpoint comes from --endpoint, --inventory, or $LLAMACTL_ENDPOINT; the API key from the
-    environment variable named by --api-key-env (never from the command line).
+    The endpoint comes from --endpoint, --inventory, $LLAMACTL_ENDPOINT, or the balancer of the inventory
+    named by $LLAMACTL_INVENTORY or found as ./inventory.yaml; the API key from the environment variable
+    named by --api-key-env (never from the command line).
 
     Example: llamactl infer photo.jpg --question "What is unusual here?" --endpoint http://lb.example.com
     """

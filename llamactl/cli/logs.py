@@ -82,9 +82,24 @@ def follow(executor: Any, command: Command, out: Any = sys.stdout) -> int:
         channel.close()
 
 
+def split_arguments(first: str | None, second: str | None) -> tuple[Path | None, str]:
+    """``logs HOST`` or ``logs INVENTORY HOST``: (inventory or None, host). The inventory is optional
+    although it comes first, so one argument is the host."""
+    from llamactl.errors import UsageError
+
+    if first is None:
+        raise UsageError("missing argument HOST (a host name from the inventory)")
+    if second is None:
+        return None, first
+    return Path(first), second
+
+
 def logs(
-    inventory: Path = typer.Argument(..., help="Inventory YAML file."),
-    host: str = typer.Argument(..., help="A server host (or balancer host) name from the inventory."),
+    first: str | None = typer.Argument(None, metavar="INVENTORY", show_default=False,
+                                       help="The inventory YAML file (default: $LLAMACTL_INVENTORY, else "
+                                       "./inventory.yaml); with one argument, that argument is the HOST."),
+    second: str | None = typer.Argument(None, metavar="HOST", show_default=False,
+                                        help="A server host (or balancer host) name from the inventory."),
     instance: int | None = typer.Option(
         None, "--instance", "-i", help="Only this instance index (default: every instance on the host)."),
     follow_: bool = typer.Option(False, "--follow", "-f", help="Keep streaming new lines until Ctrl-C."),
@@ -94,10 +109,11 @@ def logs(
 
     Example: llamactl logs inventory.yaml gpu-01 --instance 0 -f
     """
-    from llamactl.inventory import load_inventory
+    from llamactl.cli.inventory_arg import load
     from llamactl.ops.connect import connect_host
 
-    inv = load_inventory(inventory)
+    inventory, host = split_arguments(first, second)
+    inv = load(inventory)
     address, ssh, units = units_for(inv, host, instance)
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     command = journal_command(units, lines, follow_, color=color)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from typing import Optional
@@ -11,30 +10,35 @@ import typer
 from rich.console import Console
 
 from llamactl import __version__
-from llamactl.errors import InventoryError, LlamactlError
 
-# Each module exposes ``register(app: typer.Typer) -> None``. Imports stay lazy inside commands so
-# that ``llamactl --help`` on a laptop never imports torch.
-COMMAND_MODULES = (
-    "llamactl.cli.validate",
-    "llamactl.cli.render",
-    "llamactl.cli.deploy",
-    "llamactl.cli.status",
-    "llamactl.cli.restart",
-    "llamactl.cli.watch",
-    "llamactl.cli.infer",
-    "llamactl.cli.logs",
-    "llamactl.cli.rollback",
-    "llamactl.cli.lab",
-    "llamactl.cli.serve",
-    "llamactl.cli.model",
+# Every command module, imported explicitly: a missing or broken one fails here, loudly. Each exposes
+# ``register(app: typer.Typer) -> None``; heavy imports (torch) stay inside the commands, so
+# ``llamactl --help`` on a laptop never loads them.
+from llamactl.cli import (
+    deploy,
+    infer,
+    lab,
+    logs,
+    model,
+    render,
+    restart,
+    rollback,
+    serve,
+    status,
+    validate,
+    watch,
 )
+from llamactl.cli.helptext import reflow_help
+from llamactl.cli.usage import UsageReport, command_path, is_parser_error, parser_error_report
+from llamactl.errors import InventoryError, LlamactlError, UsageError
+
+COMMAND_MODULES = (validate, render, deploy, status, restart, watch, infer, logs, rollback, lab, serve, model)
 
 app = typer.Typer(
     name="llamactl",
     help="Deploy, operate and serve a Llama 3.2 Vision inference cluster over SSH.\n\n"
     "Example: llamactl deploy inventory.yaml",
-    no_args_is_help=True,
+    no_args_is_help=False,  # a bare `llamactl` is a usage error (exit 2) naming the commands
     pretty_exceptions_enable=False,
     add_completion=True,
 )
@@ -59,14 +63,12 @@ def _root(
     DEBUG["on"] = debug or os.environ.get("LLAMACTL_DEBUG") == "1"
 
 
-for _name in COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(_name)
-    except ModuleNotFoundError as exc:  # a command module not written yet
-        if exc.name != _name:
-            raise
-        continue
+for _module in COMMAND_MODULES:
     _module.register(app)
+for _group in app.registered_groups:  # `llamactl lab` alone: a usage error too, not a help page
+    if isinstance(_group.typer_instance, typer.Typer):
+        _group.typer_instance.info.no_args_is_help = False
+reflow_help(app)
 
 
 def report_error(exc: LlamactlError) -> int:
@@ -76,9 +78,17 @@ def report_error(exc: LlamactlError) -> int:
     if isinstance(exc, InventoryError):
         for problem in exc.problems:
             err_console.print(str(problem), markup=False, soft_wrap=True)
+    elif isinstance(exc, UsageError):
+        hint = command_path(typer.main.get_command(app), sys.argv[1:]) + " --help"
+        _print_usage(UsageReport(str(exc), hint, exc.exit_code))
     else:
         err_console.print(f"error: {exc}", markup=False, soft_wrap=True)
     return exc.exit_code
+
+
+def _print_usage(report: UsageReport) -> None:
+    for line in report.lines():
+        err_console.print(line, markup=False, soft_wrap=True)
 
 
 def main() -> None:
@@ -95,10 +105,11 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
-    except Exception as exc:  # click usage errors come through here with standalone_mode=False
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
-        raise
+    except Exception as exc:
+        if not is_parser_error(exc):  # a bug: its traceback is what we need to see
+            raise
+        if DEBUG["on"]:
+            err_console.print_exception()
+        report = parser_error_report(exc, sys.argv[1:], typer.main.get_command(app))
+        _print_usage(report)
+        sys.exit(report.exit_code)

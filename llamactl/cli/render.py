@@ -15,8 +15,8 @@ from pathlib import Path
 
 import typer
 
+from llamactl.cli.inventory_arg import inventory_argument, load
 from llamactl.errors import UsageError
-from llamactl.inventory import load_inventory
 from llamactl.plan.render import RenderedFile, render_all
 
 MANIFEST = ".llamactl-render.json"
@@ -122,7 +122,7 @@ def write_manifest(out: Path, manifest: Manifest) -> None:
 
 
 def render(
-    inventory: Path = typer.Argument(..., help="The inventory YAML file."),
+    inventory: Path | None = inventory_argument(),
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write DIR/<host>/<path> into."),
     host: str | None = typer.Option(None, "--host", help="Only this host (a server or balancer host name)."),
 ) -> None:
@@ -132,11 +132,11 @@ def render(
 
     Example: llamactl render inventory.yaml --out rendered/
     """
-    inv = load_inventory(inventory)
+    inv = load(inventory)
     files = render_all(inv)
     if host is not None:
         if host not in files:
-            raise UsageError(f"--host {host}: no such host in {inventory} (hosts: {', '.join(files)})")
+            raise UsageError(f"--host {host}: no such host in {inv.path} (hosts: {', '.join(files)})")
         files = {host: files[host]}
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory")

@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from llamactl.cli.console import console_for
+from llamactl.cli.inventory_arg import inventory_argument, inventory_path
 from llamactl.errors import OperationFailed
 
 if TYPE_CHECKING:
@@ -133,7 +134,7 @@ def _command_line(inventory: Path, rolling: bool, batch: str | None, limit: str 
 
 
 def restart(
-    inventory: Path = typer.Argument(..., help="Inventory YAML file."),
+    inventory: Path | None = inventory_argument(),
     rolling: bool = typer.Option(False, "--rolling", help="Batch by batch through the balancer, no request lost."),
     batch: str | None = typer.Option(
         None, "--batch", help="Instances per batch: a count or a percentage like 25% (default: rollout.batch)."),
@@ -159,10 +160,11 @@ def restart(
     from llamactl.ops.rolling import RollingRestartFailed, default_connect, rolling_restart
     from llamactl.plan.batches import plan_batches
 
-    inv = load_inventory(inventory)
+    path = inventory_path(inventory)
+    inv = load_inventory(path)
     instances = _select(inv, limit, list(instance or []))
     console = console_for(stderr=True)
-    command_line = _command_line(inventory, rolling, batch, limit, list(instance or []))
+    command_line = _command_line(path, rolling, batch, limit, list(instance or []))
     spec: int | str = inv.rollout.batch if batch is None else (int(batch) if batch.isdigit() else batch)
     batches: list[list[Instance]] = []
     if rolling:

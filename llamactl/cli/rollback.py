@@ -9,21 +9,21 @@ import typer
 from rich.table import Table
 
 from llamactl.cli.console import console_for
+from llamactl.cli.inventory_arg import inventory_argument, load
 from llamactl.errors import OperationFailed
 
 
 def rollback_command(
-    inventory: Path = typer.Argument(..., help="The inventory YAML file."),
+    inventory: Path | None = inventory_argument(),
     to: Optional[str] = typer.Option(None, "--to", help="A release id to return to (default: the previous one)."),  # noqa: UP007
 ) -> None:
     """Activate the previous release on every host, then restart instances batch by batch.
 
     Example: llamactl rollback inventory.yaml
     """
-    from llamactl.inventory import load_inventory
     from llamactl.ops.rollback import rollback
 
-    inv = load_inventory(inventory)
+    inv = load(inventory)
     console = console_for(stderr=False)
     results, rolling_error = rollback(inv, to=to,
                                       progress=lambda h, m: console_for(stderr=True).print(f"{h}: {m}", markup=False))

@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from llamactl.cli.inventory_arg import inventory_argument
+
 if TYPE_CHECKING:
     from llamactl.health.report import HealthReport, InstanceReport
     from llamactl.health.sweep import SweepOptions, SweepPlan
@@ -117,12 +119,12 @@ def render_table(report: HealthReport) -> Table:
     return table
 
 
-def _build(inventory: Path, limit: str | None) -> SweepPlan:
+def _build(inventory: Path | None, limit: str | None) -> SweepPlan:
+    from llamactl.cli.inventory_arg import load
     from llamactl.health.sweep import plan_from_inventory
-    from llamactl.inventory import load_inventory
     from llamactl.inventory.select import limit as select_limit
 
-    inv = load_inventory(inventory)
+    inv = load(inventory)
     hosts = {h.name for h in select_limit(inv, limit)}
     return plan_from_inventory(inv, hosts)
 
@@ -172,7 +174,7 @@ async def _watch(
 
 
 def status(
-    inventory: Path = typer.Argument(..., help="Inventory YAML file."),
+    inventory: Path | None = inventory_argument(),
     watch: bool = typer.Option(
         False, "--watch", "-w", help="Refresh live every health.interval_s until Ctrl-C."
     ),

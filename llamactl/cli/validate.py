@@ -7,8 +7,9 @@ from pathlib import Path
 
 import typer
 
+from llamactl.cli.inventory_arg import inventory_argument, load
 from llamactl.errors import InventoryError
-from llamactl.inventory import Inventory, load_inventory
+from llamactl.inventory import Inventory
 
 
 def summary(inv: Inventory) -> str:
@@ -21,7 +22,7 @@ def summary(inv: Inventory) -> str:
 
 
 def validate(
-    inventory: Path = typer.Argument(..., help="The inventory YAML file."),
+    inventory: Path | None = inventory_argument(),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
     """Check an inventory: exit 0 if valid, else 2 with one `FILE:LINE:COL: path: problem` line each.
@@ -29,10 +30,10 @@ def validate(
     Example: llamactl validate inventory.yaml
     """
     if not as_json:
-        typer.echo(summary(load_inventory(inventory)))
+        typer.echo(summary(load(inventory)))
         return
     try:
-        inv = load_inventory(inventory)
+        inv = load(inventory)
     except InventoryError as exc:
         problems = [
             {"file": p.file, "line": p.line, "column": p.column, "path": p.path, "message": p.message}

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import typer
 
+from llamactl.cli.inventory_arg import inventory_argument
+
 
 def watch(
-    inventory: Path = typer.Argument(..., help="Inventory YAML file."),
+    inventory: Path | None = inventory_argument(),
     once: bool = typer.Option(False, "--once", help="One probe round (and its actions), then exit."),
     interval: float | None = typer.Option(
         None, "--interval", min=0.1, help="Seconds between probe rounds (default: health.interval_s)."),
@@ -29,11 +31,11 @@ def watch(
 
     Example: llamactl watch inventory.yaml --log-file /var/log/llamactl/watch.log
     """
-    from llamactl.inventory import load_inventory
+    from llamactl.cli.inventory_arg import load
     from llamactl.ops.watch import JsonLog, WatchLoop
     from llamactl.plan.watch import Policy, State
 
-    inv = load_inventory(inventory)
+    inv = load(inventory)
     h = inv.health
     policy = Policy(fall=h.fall, rise=h.rise, startup_grace_s=h.startup_grace_s, backoff_base_s=backoff,
                     backoff_max_s=max(backoff, 600.0), budget=budget, window_s=window)

@@ -39,8 +39,12 @@ class _Context:
         shown, line, col, _ = position(self.tree, path, key)
         self.problems.append(Problem(self.file, line, col, shown, message))
 
-    def typed(self, model: type[BaseModel], data: Any, merged: Merged | None, prefix: PathKey = ()) -> Any:
-        """Validate ``data`` as ``model``; map errors back through ``merged`` origins (or ``prefix``)."""
+    def typed(self, model: type[BaseModel], data: Any, merged: Merged | None, prefix: PathKey = (),
+              *, partial: bool = False) -> Any:
+        """Validate ``data`` as ``model``; map errors back through ``merged`` origins (or ``prefix``).
+
+        ``partial``: ``data`` is one level of a merge (defaults or a group), checked as written; what it
+        leaves out (a host's address, the model source) is no error there."""
         try:
             return model.model_validate(data)
         except ValidationError as exc:
@@ -49,9 +53,16 @@ class _Context:
                 return position(self.tree, path, key)
 
             broken = {dotted(p) for p in self.tree.broken}
-            found = from_validation(exc, model, locate, self.file)
+            ignore = frozenset({"missing"}) if partial else frozenset()
+            found = from_validation(exc, model, locate, self.file, ignore=ignore)
             self.problems.extend(p for p in found if p.path not in broken)
             return None
+
+    def level(self, data: dict[str, Any], path: PathKey) -> None:
+        """Check one level of host settings as written, so a bad value a later level overrides is still
+        reported at its own line (secrets are masked first, so no message echoes one)."""
+        checks.inline_secrets(self, data, path)
+        self.typed(HostConfig, data, None, path, partial=True)
 
 
 def load_inventory(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Inventory:
@@ -94,6 +105,7 @@ def _mapping(value: Any) -> dict[str, Any]:
 
 def _hosts(ctx: _Context, data: dict[str, Any], base: Path, env: Mapping[str, str]) -> list[HostSpec]:
     defaults = checks.level_keys(ctx, _mapping(data.get("defaults")), ("defaults",))
+    ctx.level(defaults, ("defaults",))
     hosts: list[HostSpec] = []
     for group, gdata in _mapping(data.get("groups")).items():
         gpath: PathKey = ("groups", group)
@@ -111,6 +123,7 @@ def _hosts(ctx: _Context, data: dict[str, Any], base: Path, env: Mapping[str, st
                         "expected a mapping of host names to host settings", key=False)
             continue
         settings = checks.level_keys(ctx, {k: v for k, v in gdata.items() if k != "hosts"}, gpath)
+        ctx.level(settings, gpath)
         for name, hdata in gdata["hosts"].items():
             hpath = gpath + ("hosts", name)
             if not NAME_RE.match(name):
@@ -120,8 +133,8 @@ def _hosts(ctx: _Context, data: dict[str, Any], base: Path, env: Mapping[str, st
                         key=False)
                 continue
             merged = Merged(hpath)
+            checks.inline_secrets(ctx, hdata or {}, hpath)  # defaults and group: done in ctx.level
             for layer, source in ((defaults, ("defaults",)), (settings, gpath), (hdata or {}, hpath)):
-                checks.inline_secrets(ctx, layer, source)
                 merged.layer(layer, source)
             config = ctx.typed(HostConfig, merged.data, merged)
             if config is None or not checks.host_ports(ctx, config, merged):

@@ -143,12 +143,16 @@ def _fields(model: type[BaseModel], loc: Loc) -> list[str]:
 
 
 def from_validation(
-    exc: ValidationError, model: type[BaseModel], locate: Locator, file: str
+    exc: ValidationError, model: type[BaseModel], locate: Locator, file: str,
+    ignore: frozenset[str] = frozenset(),
 ) -> list[Problem]:
+    """One problem per pydantic error, except errors of the types in ``ignore``."""
     problems: list[Problem] = []
     for err in exc.errors():
         loc: Loc = tuple(err["loc"])
         kind = err["type"]
+        if kind in ignore:
+            continue
         if kind == "extra_forbidden":
             path, line, col, _ = locate(loc, True)
             key = str(loc[-1])

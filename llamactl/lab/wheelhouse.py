@@ -1,7 +1,8 @@
 """The lab wheelhouse: every wheel `llamactl[server]` needs, for air-gapped lab hosts.
 
 Downloaded once with the controller's pip into a shared cache (slow the first time) and hard-linked
-into ``DIR/wheelhouse`` on each ``lab up`` (instant).
+into ``DIR/wheelhouse`` on each ``lab up`` (instant). The versions are the ones CI tested: the source
+tree's ``constraints.txt`` constrains the download, so hosts install exactly them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from llamactl.errors import LlamactlError
 
 CACHE = Path("/var/cache/llamactl-lab/wheelhouse")
+CONSTRAINTS = Path(__file__).resolve().parents[2] / "constraints.txt"  # in a source checkout
 # The CPU build; an unpinned torch would pull a multi-GB CUDA build and its nvidia-* wheels.
 TORCH_PIN = "torch==2.13.0+cpu"
 # The hosts run /usr/bin/python3 (CPython 3.11, glibc x86_64); say so when the controller differs.
@@ -49,30 +51,41 @@ def _same_target() -> bool:
     return sys.version_info[:2] == (3, 11) and sys.platform == "linux" and os.uname().machine == "x86_64"
 
 
-def ensure_cache(reqs: list[str], say: Callable[[str], None], cache: Path = CACHE) -> Path:
+def pinned_constraints(tested: Path | None = CONSTRAINTS) -> str:
+    """The download's constraints: the tested versions (when this is a source checkout) and the CPU torch."""
+    text = tested.read_text() if tested is not None and tested.is_file() else ""
+    return text + ("" if not text or text.endswith("\n") else "\n") + TORCH_PIN + "\n"
+
+
+def ensure_cache(reqs: list[str], say: Callable[[str], None], cache: Path = CACHE,
+                 tested: Path | None = CONSTRAINTS) -> Path:
     """Fill the cache with wheels for ``reqs`` unless a stamp says it already holds exactly them."""
-    stamp_text = "\n".join([*reqs, TORCH_PIN]) + "\n"
+    pins = pinned_constraints(tested)
+    stamp_text = "\n".join(reqs) + "\n" + pins
     stamp = cache / ".requirements"
     if stamp.exists() and stamp.read_text() == stamp_text and any(cache.glob("*.whl")):
         say(f"wheelhouse: cached in {cache}")
         return cache
+    if pins == TORCH_PIN + "\n":
+        say("wheelhouse: no constraints.txt (not a source checkout): newest versions within llamactl's ranges")
     cache.mkdir(parents=True, exist_ok=True)
     constraints = cache / ".constraints.txt"
-    constraints.write_text(TORCH_PIN + "\n")
+    constraints.write_text(pins)
     argv = [sys.executable, "-m", "pip", "download", "--dest", str(cache), "--only-binary=:all:",
             "--progress-bar", "off", "-c", str(constraints), *([] if _same_target() else TARGET), *reqs]
     say(f"wheelhouse: downloading {len(reqs)} requirements and their dependencies into {cache} (first time only)")
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail: list[str] = []
+    saved = 0
     assert proc.stdout is not None
-    for line in proc.stdout:
+    for line in proc.stdout:  # pip's own lines are kept for an error report, not shown
         line = line.rstrip()
         tail = [*tail[-20:], line]
-        if line.startswith(("Collecting", "Saved", "File was already downloaded")):
-            say(f"  {line}")
+        saved += line.lstrip().startswith(("Saved", "File was already downloaded"))
     if proc.wait() != 0:
         raise LlamactlError("wheelhouse: `pip download` failed:\n  " + "\n  ".join(tail))
     stamp.write_text(stamp_text)
+    say(f"wheelhouse: {saved} wheels downloaded")
     return cache
 
 

@@ -80,7 +80,10 @@ class HFEngine:
             # bitsandbytes needs accelerate, and its models cannot be moved with .to() after loading.
             if not has_accelerate:
                 raise RuntimeError(f"quantization {s.quantization} needs the accelerate package installed")
-            kwargs["quantization_config"] = _bnb_config(s.quantization, self.dtype)
+            from llamactl.server.quant_support import skip_modules
+
+            skip = skip_modules(s.quantization, self.device, s.model, s.revision)  # layers the kernels can't take
+            kwargs["quantization_config"] = _bnb_config(s.quantization, self.dtype, skip)
         if has_accelerate:  # load straight onto the device (no full staging copy in host memory)
             kwargs["device_map"] = {"": self.device}
         if self.device == "cuda":
@@ -314,7 +317,8 @@ def _resolve_dtype(dtype: str, device: str) -> Any:
     return getattr(torch, dtype)
 
 
-def _bnb_config(quantization: str, dtype: Any) -> Any:
+def _bnb_config(quantization: str, dtype: Any, skip: list[str] | None) -> Any:
+    """``skip``: modules kept unquantized (llamactl.server.quant_support decides; None = transformers')."""
     import transformers
 
     BitsAndBytesConfig: Any = transformers.BitsAndBytesConfig
@@ -325,19 +329,9 @@ def _bnb_config(quantization: str, dtype: Any) -> Any:
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=True,
+            llm_int8_skip_modules=skip,
         )
-    # int8 inside the vision tower fails (and costs accuracy): keep vision, projector and lm_head in full precision.
-    return BitsAndBytesConfig(
-        load_in_8bit=True,
-        # transformers matches these from the start of the module path (or as a suffix); both layouts listed
-        llm_int8_skip_modules=[
-            "model.vision_model",
-            "model.multi_modal_projector",
-            "vision_model",
-            "multi_modal_projector",
-            "lm_head",
-        ],
-    )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
 def _eos_ids(model: Any, tok: Any) -> frozenset[int]:

@@ -14,6 +14,7 @@ from llamactl.health.simulate import Behaviour, Endpoint, running
 from tests.health.helpers import free_base_port, run_cli, write_inventory
 
 ADDR = "127.0.0.41"
+HINT = "hint: run 'llamactl infer --help' for usage"
 
 
 @pytest.fixture
@@ -134,9 +135,9 @@ def test_missing_image_exits_2_before_any_request(
     # Nothing listens on the endpoint: a request would exit 3, so exit 2 proves none was sent.
     missing = tmp_path / "nope.jpg"
     code, _, err = infer([str(missing), "--endpoint", f"http://{ADDR}:{port}"], capsys, monkeypatch)
-    assert (code, err.strip()) == (2, f"error: {missing}: image file not found")
+    assert (code, err.strip()) == (2, f"error: {missing}: image file not found\n{HINT}")
     code, _, err = infer([str(tmp_path), "--endpoint", f"http://{ADDR}:{port}"], capsys, monkeypatch)
-    assert (code, err.strip()) == (2, f"error: {tmp_path}: is a directory, not an image file")
+    assert (code, err.strip()) == (2, f"error: {tmp_path}: is a directory, not an image file\n{HINT}")
 
 
 def test_endpoint_from_inventory_or_environment(
@@ -156,10 +157,12 @@ def test_endpoint_from_inventory_or_environment(
         assert code == 0, err
         assert json.loads(out)["result"]["conclusion"] == "It is a red square."
     monkeypatch.delenv("LLAMACTL_ENDPOINT")
+    monkeypatch.delenv("LLAMACTL_INVENTORY", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./inventory.yaml here
     code, _, err = infer([str(image)], capsys, monkeypatch)
-    assert (
-        code == 2 and "no endpoint: pass --endpoint URL or --inventory FILE, or set LLAMACTL_ENDPOINT" in err
-    )
+    assert (code, err.strip()) == (2, ("error: no endpoint given: pass --endpoint URL or --inventory FILE, set "
+                                   "$LLAMACTL_ENDPOINT or $LLAMACTL_INVENTORY, or run where ./inventory.yaml exists "
+                                   f"(looked for {tmp_path}/inventory.yaml)\n{HINT}"))
 
 
 def test_stream_prints_tokens_then_the_stages(
