@@ -51,6 +51,7 @@ class ContinuousEngine:
         self._waiting: deque[GenRequest] = deque()
         self._running: list[Sequence] = []  # index == slot
         self._stopping = False
+        self._admitted = 0  # requests taken from the queue whose prefill has not finished
         self.liveness: Any = None  # llamactl.server.liveness.Liveness, set by the server
         self.metrics: Any = None  # llamactl.server.metrics.Metrics, set by the server
         self.step_hook: Callable[[], None] | None = None  # tests: runs at the top of every iteration
@@ -88,7 +89,7 @@ class ContinuousEngine:
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        return len(self._running) + self._admitted  # taken from the queue and being prefilled count as running
 
     @property
     def waiting_for_memory(self) -> float:
@@ -301,14 +302,17 @@ class ContinuousEngine:
                     if self._stopping and not self._running:
                         return
                     newcomers = self._take_newcomers()
+                    self._admitted = len(newcomers)
                 if self.step_hook is not None:
                     self.step_hook()
                 try:
                     if newcomers:
                         self._prefill(newcomers)
+                    self._admitted = 0
                     if self._running:
                         self._decode_step()
                 except Exception as exc:
+                    self._admitted = 0
                     self._fail_running(exc, newcomers)
                 if self.liveness is not None:
                     self.liveness.step_completed()

@@ -1,0 +1,234 @@
+"""The continuous engine on the tiny real checkpoint (float32, CPU): token-exact against transformers' generate.
+
+Greedy answers must equal ``generate``'s token ids for one request and for 16 requests with different images,
+prompt lengths and max_tokens that arrive at different times, with sampled requests in the same batch; sampling
+with a seed is reproducible; a short request does not wait for long ones; more requests than slots wait for
+memory and all finish; a blocked step loop is reported as stalled.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+from llamactl.server.engine.continuous import ContinuousEngine
+from llamactl.server.engine.continuous.pools import PoolShape, plan_slots
+from llamactl.server.engine.protocol import GenParams, GenRequest, GenResult
+from llamactl.server.tiny import trained_image, trained_messages
+
+from ._support import ThreadServer, make_settings, png_b64, start_thread_server
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint: Path) -> Iterator[ContinuousEngine]:
+    eng = ContinuousEngine(make_settings(tiny_checkpoint, max_batch_size=8, gen_max_new_tokens=512))
+    eng.start()
+    thread = threading.Thread(target=eng.run_forever, daemon=True)
+    thread.start()
+    yield eng
+    eng.stop()
+    thread.join(10)
+
+
+def reference_ids(eng: ContinuousEngine, req: GenRequest) -> list[int]:
+    """What transformers' generate answers for this request alone (greedy), without its stop token."""
+    hf = eng.hf
+    inputs = hf.processor(images=[[req.image]] if req.image is not None else None, text=[req.prompt],
+                          add_special_tokens=False, return_tensors="pt")
+    with torch.inference_mode():
+        out = hf.model.generate(**inputs, max_new_tokens=req.params.max_new_tokens, do_sample=False,
+                                pad_token_id=hf._pad_id, temperature=1.0, top_p=1.0, top_k=50)
+    return [t for t in out[0, inputs["input_ids"].shape[1]:].tolist() if t not in hf._eos_ids]
+
+
+def run_all(eng: ContinuousEngine, reqs: list[GenRequest], gaps_s: list[float] | None = None,
+            timeout_s: float = 120) -> list[GenResult]:
+    results: dict[int, Any] = {}
+    done = threading.Event()
+
+    def finisher(i: int) -> Any:
+        def finish(value: Any) -> None:
+            results[i] = value
+            if len(results) == len(reqs):
+                done.set()
+        return finish
+
+    for i, r in enumerate(reqs):
+        r.on_finish = finisher(i)
+    for i, r in enumerate(reqs):
+        eng.prepare(r)
+        eng.add(r)
+        if gaps_s:
+            time.sleep(gaps_s[i % len(gaps_s)])
+    assert done.wait(timeout_s), f"only {len(results)} of {len(reqs)} finished"
+    out = [results[i] for i in range(len(reqs))]
+    assert all(isinstance(r, GenResult) for r in out), out
+    return out
+
+
+def answer_ids(eng: ContinuousEngine, result: GenResult) -> list[int]:
+    return list(eng.hf.processor.tokenizer(result.text, add_special_tokens=False)["input_ids"])
+
+
+def image_prompt(eng: ContinuousEngine, text: str | None = None) -> str:
+    msgs = trained_messages() if text is None else [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
+    ]
+    return eng.render_prompt(msgs)
+
+
+def test_one_greedy_request_equals_generate(engine: ContinuousEngine) -> None:
+    req = GenRequest(prompt=image_prompt(engine), image=trained_image("red"), params=GenParams(max_new_tokens=40))
+    [result] = run_all(engine, [req])
+    ref = reference_ids(engine, GenRequest(prompt=req.prompt, image=req.image, params=req.params))
+    got_text = result.text
+    ref_text = engine.hf.processor.tokenizer.decode(ref, skip_special_tokens=True)
+    assert got_text == ref_text and got_text
+    assert result.finish_reason in ("stop", "length") and result.first_token_at is not None
+
+
+def test_sixteen_staggered_requests_mixed_with_sampling_equal_generate(engine: ContinuousEngine) -> None:
+    """Different images (colours, sizes, tile counts), prompts, lengths; text-only rows; sampled rows between."""
+    sizes = [(56, 56), (120, 40), (40, 130), (200, 200), (90, 60)]
+    questions = [None, "What colour is it?", "Describe every detail of this picture in words.", "Say something."]
+    greedy: list[GenRequest] = []
+    reqs: list[GenRequest] = []
+    for i in range(16):
+        if i % 5 == 4:  # sampled rows in the same batch must not disturb the greedy ones
+            reqs.append(GenRequest(prompt=image_prompt(engine), image=trained_image("blue"),
+                                   params=GenParams(max_new_tokens=30, do_sample=True, temperature=0.9, seed=i)))
+            continue
+        if i % 7 == 3:
+            prompt = engine.render_prompt([{"role": "user", "content": [{"type": "text", "text": f"Count to {i}"}]}])
+            req = GenRequest(prompt=prompt, image=None, params=GenParams(max_new_tokens=8 + i))
+        else:
+            colour = ("red", (30, 200, 60), "blue")[i % 3]
+            img = trained_image(colour) if isinstance(colour, str) else Image.new("RGB", sizes[i % 5], colour)
+            req = GenRequest(prompt=image_prompt(engine, questions[i % 4]), image=img.resize(sizes[i % 5]),
+                             params=GenParams(max_new_tokens=10 + 3 * i))
+        greedy.append(req)
+        reqs.append(req)
+    results = run_all(engine, reqs, gaps_s=[0.0, 0.05, 0.0, 0.15])
+    tok = engine.hf.processor.tokenizer
+    for req, result in zip(reqs, results):
+        if req.params.do_sample:
+            assert result.completion_tokens > 0
+            continue
+        ref = reference_ids(engine, GenRequest(prompt=req.prompt, image=req.image, params=req.params))
+        assert result.text == tok.decode(ref, skip_special_tokens=True), req.prompt[-60:]
+    assert max(r.batch_size for r in results) > 1  # they really ran together
+
+
+def test_sampling_with_a_seed_is_reproducible(engine: ContinuousEngine) -> None:
+    def sampled(seed: int) -> GenRequest:
+        return GenRequest(prompt=image_prompt(engine), image=trained_image("red"),
+                          params=GenParams(max_new_tokens=40, min_new_tokens=40, do_sample=True,
+                                           temperature=1.5, top_p=0.95, seed=seed))
+
+    first = run_all(engine, [sampled(7), sampled(8)])
+    again = run_all(engine, [sampled(7)])
+    assert first[0].text == again[0].text
+    assert first[0].text != first[1].text  # a different seed draws differently (40 tokens at temperature 1.5)
+
+
+def test_a_short_request_does_not_wait_for_long_ones(engine: ContinuousEngine) -> None:
+    longs = [GenRequest(prompt=image_prompt(engine), image=trained_image("blue"),
+                        params=GenParams(max_new_tokens=1400, min_new_tokens=1400)) for _ in range(3)]
+    short = GenRequest(prompt=image_prompt(engine), image=trained_image("red"),
+                       params=GenParams(max_new_tokens=4, min_new_tokens=4))
+    done: dict[str, float] = {}
+    for i, r in enumerate(longs):
+        r.on_finish = lambda v, i=i: done.__setitem__(f"long{i}", time.monotonic())
+        engine.prepare(r)
+        engine.add(r)
+    while engine.running < 3:
+        time.sleep(0.005)
+    time.sleep(0.1)  # the long ones are decoding
+    engine.prepare(short)
+    t0 = time.monotonic()
+    short.on_finish = lambda v: done.__setitem__("short", time.monotonic())
+    engine.add(short)
+    deadline = time.monotonic() + 120
+    while len(done) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(done) == 4
+    short_s = done["short"] - t0
+    long_left_s = min(done[f"long{i}"] for i in range(3)) - t0
+    # about its own time (a prefill and 3 decode steps), not the batch's (hundreds of steps still to go)
+    assert short_s < long_left_s / 5, (short_s, long_left_s)
+
+
+def test_more_requests_than_slots_wait_for_memory_and_all_finish(tiny_checkpoint: Path) -> None:
+    eng = ContinuousEngine(make_settings(tiny_checkpoint, max_batch_size=2, gen_max_new_tokens=64))
+    eng.start()
+    thread = threading.Thread(target=eng.run_forever, daemon=True)
+    thread.start()
+    try:
+        reqs = [GenRequest(prompt=image_prompt(eng), image=trained_image("red"), params=GenParams(max_new_tokens=12))
+                for _ in range(6)]
+        seen_waiting: list[float] = []
+        watcher = threading.Thread(target=lambda: [seen_waiting.append(eng.waiting_for_memory) or time.sleep(0.002)
+                                                   for _ in range(200)], daemon=True)
+        watcher.start()
+        results = run_all(eng, reqs)
+        assert len({r.text for r in results}) == 1 and all(r.finish_reason != "cancelled" for r in results)
+        assert max(r.batch_size for r in results) <= 2 and max(seen_waiting) > 0
+        with pytest.raises(ValueError, match="longer than this server's context"):
+            eng.prepare(GenRequest(prompt=image_prompt(eng), image=trained_image("red"),
+                                   params=GenParams(max_new_tokens=10_000)))
+    finally:
+        eng.stop()
+        thread.join(10)
+
+
+def test_plan_slots_sizes_pools_from_free_memory() -> None:
+    shape = PoolShape(self_layers=32, cross_layers=8, kv_heads=8, head_dim=128, max_len=3072, cross_len=6404,
+                      element_bytes=2)
+    assert shape.cross_bytes_per_slot == 2 * 8 * 8 * 6404 * 128 * 2  # ~210 MB per 4-tile image
+    per_slot = shape.bytes_per_slot
+    assert plan_slots(shape, 64, None, 0) == 64
+    assert plan_slots(shape, 64, 10 * per_slot + 5, 5) == 10
+    assert plan_slots(shape, 8, 100 * per_slot, 0) == 8
+    with pytest.raises(ValueError, match="not enough GPU memory for one sequence"):
+        plan_slots(shape, 8, per_slot, per_slot)
+
+
+@pytest.fixture
+def hooked(tiny_checkpoint: Path) -> Iterator[ThreadServer]:
+    srv = start_thread_server(make_settings(tiny_checkpoint, stall_timeout_s=1.0, max_batch_size=4))
+    yield srv
+    srv.state.engine.step_hook = None
+    srv.stop()
+
+
+def test_a_blocked_step_loop_is_reported_stalled_then_recovers(hooked: ThreadServer) -> None:
+    srv = hooked
+    gate = threading.Event()
+    srv.state.engine.step_hook = lambda: gate.wait(30)
+    assert httpx.get(srv.url + "/ready").status_code == 200  # idle is never stalled
+    pending = threading.Thread(
+        target=lambda: httpx.post(srv.url + "/infer", json={"image": png_b64("red"), "max_tokens": 4}, timeout=60),
+        daemon=True,
+    )
+    pending.start()
+    deadline = time.monotonic() + 20
+    while httpx.get(srv.url + "/health").json()["status"] != "stalled":
+        assert time.monotonic() < deadline, "never reported stalled"
+        time.sleep(0.1)
+    ready = httpx.get(srv.url + "/ready")
+    assert ready.status_code == 503 and ready.json()["status"] == "stalled"
+    health = httpx.get(srv.url + "/health").json()
+    assert health["engine"]["name"] == "continuous" and "stalled" in health["error"]
+    assert "llamactl_engine_stalled 1.0" in httpx.get(srv.url + "/metrics").text
+    srv.state.engine.step_hook = None
+    gate.set()
+    pending.join(60)
+    assert httpx.get(srv.url + "/ready").status_code == 200
