@@ -426,8 +426,13 @@ class ContinuousEngine:
                 reason = "length"
             if reason is not None:
                 done.append((s, reason))
-        if self.metrics is not None and len(seqs) > 0 and hasattr(self.metrics, "inter_token_latency"):
-            pass
+        itl = getattr(self.metrics, "inter_token_latency", None)
+        if itl is not None:
+            for s in seqs:
+                if s.first_at is not None and s.last_at is not None and s.last_at < now:
+                    itl.observe(now - s.last_at)
+        for s in seqs:
+            s.last_at = now
         for s, reason in done:
             result = s.finish(reason, self.hf.processor.tokenizer)  # type: ignore[arg-type]
             _report(s.req, result)

@@ -37,6 +37,7 @@ class Sequence:
     next_token: int = 0  # the token the next decode step feeds (sampled, not yet in the slot)
     tokens: list[int] = field(default_factory=list)
     first_at: float | None = None
+    last_at: float | None = None  # when its previous token came out (inter-token latency)
     batch_at_first: int = 1
     result: GenResult | None = None
 
