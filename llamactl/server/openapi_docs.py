@@ -134,7 +134,7 @@ class GpuMemory(_Shape):
 
 
 class Health(_Shape):
-    status: Literal["loading", "ready", "draining", "failed"]
+    status: Literal["loading", "ready", "draining", "stalled", "failed"]
     model: str
     version: str
     config_hash: str = Field(description="First 16 hex digits of the effective settings' sha256.")
@@ -154,7 +154,7 @@ class Ready(_Shape):
 
 class NotReady(_Shape):
     ready: Literal[False]
-    status: str = Field(description="loading, draining or failed")
+    status: Literal["loading", "draining", "stalled", "failed"]
 
 
 _RETRY_AFTER = {
@@ -287,7 +287,7 @@ READY_ROUTE: dict[str, Any] = {
     "summary": "Whether this instance takes inference requests (for balancers and rollouts)",
     "responses": {
         **ok(Ready, "Ready"),
-        503: {"model": NotReady, "description": "Loading, draining or failed"},
+        503: {"model": NotReady, "description": "Loading, draining, stalled (the engine makes no progress) or failed"},
     },
 }
 METRICS_ROUTE: dict[str, Any] = {

@@ -11,7 +11,6 @@ from fastapi import APIRouter, Body, Path, Request
 from fastapi.responses import JSONResponse
 
 from llamactl.server.errors import error_response
-from llamactl.server.state import ServerState, get_state
 from llamactl.server.inference import ApiError, ClientGone, Outcome, unless_disconnected
 from llamactl.server.jobs import JOB_ID_PATTERN, JobsFull
 from llamactl.server.openapi_docs import (
@@ -25,6 +24,7 @@ from llamactl.server.openapi_docs import (
     ok,
 )
 from llamactl.server.protocol import BatchInferRequest, GenOptions, InferRequest, JobRequest
+from llamactl.server.state import ServerState, get_state
 
 router = APIRouter()
 

@@ -13,7 +13,6 @@ from fastapi import APIRouter, Body, Request
 from fastapi.responses import StreamingResponse
 
 from llamactl.server.errors import error_response
-from llamactl.server.state import ServerState, get_state
 from llamactl.server.inference import ApiError, ClientGone, Outcome, unless_disconnected
 from llamactl.server.openapi_docs import (
     EXAMPLE_IMAGE,
@@ -25,6 +24,7 @@ from llamactl.server.openapi_docs import (
     ok,
 )
 from llamactl.server.protocol import ChatMessage, ChatRequest
+from llamactl.server.state import ServerState, get_state
 
 router = APIRouter()
 

@@ -116,7 +116,7 @@ def test_jobs_keep_their_result(srv: ThreadServer) -> None:
     assert job["status"] == "succeeded", job
     assert job["result"]["result"]["conclusion"] == "It is a blue square."
     assert httpx.get(f"{srv.url}/v1/jobs/{job_id}").json()["status"] == "succeeded"  # still there
-    missing = httpx.get(f"{srv.url}/v1/jobs/job-nope")
+    missing = httpx.get(f"{srv.url}/v1/jobs/job-{'0' * 32}")
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found"
     # bad input is refused when submitting, not discovered later
     assert post(srv, "/v1/jobs", {"image": "%%%", "max_tokens": 5}).status_code in (400, 415)
@@ -257,7 +257,7 @@ BAD_BODIES: list[tuple[str, Any, tuple[int, ...]]] = [
                 }
             ]
         },
-        (400,),
+        (422,),  # the document's pattern ^data: (this server does not fetch remote URLs)
     ),
     (
         "/v1/chat/completions",
