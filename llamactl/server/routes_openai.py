@@ -60,12 +60,12 @@ async def models(request: Request) -> dict[str, Any]:
 def convert_messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], str | None]:
     """OpenAI messages -> HF chat messages with image placeholders, and the one image's URL (if any).
 
-    The request model already guarantees content in every message, images only in user messages and data:
-    URLs only; what it cannot say (one image per request) is checked here.
+    The request model already guarantees content in every message and data: URLs only; images only in user
+    messages and one image per request are checked here (400).
     """
     out: list[dict[str, Any]] = []
     image: str | None = None
-    for m in messages:
+    for i, m in enumerate(messages):
         role = "system" if m.role == "developer" else m.role
         if isinstance(m.content, str):
             out.append({"role": role, "content": m.content})
@@ -75,6 +75,10 @@ def convert_messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]],
             if part.type == "text":
                 parts.append({"type": "text", "text": part.text})
                 continue
+            if role != "user":
+                raise ApiError(
+                    400, f"messages.{i}: images are only accepted in user messages", "invalid_request"
+                )
             if image is not None:
                 raise ApiError(400, "only one image per request is supported", "invalid_request")
             image = part.image_url.url
@@ -109,7 +113,7 @@ def _finish_reason(outcome: Outcome) -> str:
         **errors(
             400, 401, 413, 415, 422, 429, 500, 503, 504,
             e400="The body is not JSON, or valid JSON the server cannot use: more than one image, an image "
-            "that does not decode, max_tokens above this server's limit, or messages the model's chat template "
+            "outside a user message, an image that does not decode, max_tokens above this server's limit, or messages the model's chat template "
             "refuses (Llama 3.2 Vision: a system message together with an image).",
         ),
     },
