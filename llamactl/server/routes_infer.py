@@ -116,7 +116,8 @@ async def infer(
         **ok(BatchInferResponse, "One result per image (an image's own failure is reported in its item)"),
         **errors(
             400, 401, 413, 422, 503,
-            e400="The body is not JSON, or questions is a list of another length than images.",
+            e400="The body is not JSON, questions is a list of another length than images, or max_tokens is "
+            "above this server's limit.",
         ),
     },
 )
@@ -132,6 +133,7 @@ async def batch_infer(
             f"questions: {len(questions)} given for {len(body.images)} images (give one each, or a single string)",
             "invalid_request",
         )
+    _params(state, body)  # options are the whole request's: refused once (400), not once per item
 
     async def one(image: str, question: str) -> dict[str, Any]:
         try:

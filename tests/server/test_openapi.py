@@ -14,6 +14,7 @@ import httpx
 import pytest
 from pydantic import BaseModel
 
+from llamactl.server.app import create_app
 from llamactl.server.openapi_docs import (
     EXAMPLE_IMAGE,
     BatchInferResponse,
@@ -27,6 +28,7 @@ from llamactl.server.openapi_docs import (
     ModelList,
     Ready,
 )
+from llamactl.server.openapi_instance import install
 
 from ._support import ThreadServer, make_settings, start_thread_server
 
@@ -107,7 +109,7 @@ def test_the_constraints_the_server_enforces_are_in_the_document(doc: dict[str, 
     infer = schemas["InferRequest"]["properties"]
     assert infer["image"]["minLength"] == 1
     assert infer["ignore_eos"]["type"] == "boolean"
-    assert infer["max_tokens"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 32768}
+    assert infer["max_tokens"]["anyOf"][0]["type"] == "integer" and infer["max_tokens"]["anyOf"][0]["minimum"] == 1
     assert infer["top_p"]["anyOf"][0] == {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
     assert schemas["BatchInferRequest"]["properties"]["images"]["maxItems"] == 256
     chat = schemas["ChatRequest"]["properties"]
@@ -116,6 +118,23 @@ def test_the_constraints_the_server_enforces_are_in_the_document(doc: dict[str, 
     assert schemas["ImageURL"]["properties"]["url"]["pattern"] == "^data:"
     job_id = doc["paths"]["/v1/jobs/{job_id}"]["get"]["parameters"][0]
     assert job_id["schema"]["pattern"] == "^job-[0-9a-f]{32}$"
+
+
+@pytest.mark.parametrize("keys", [(), ("k1",)], ids=["open", "api-keys"])
+def test_the_served_document_states_this_instances_limit_and_keys(tiny_checkpoint: Path, keys: tuple[str, ...]) -> None:
+    settings = make_settings(tiny_checkpoint, gen_max_new_tokens=LIMIT, api_keys=keys)
+    app = create_app(settings)
+    install(app, settings)
+    doc = app.openapi()
+    schemas = doc["components"]["schemas"]
+    for model, name in [("InferRequest", "max_tokens"), ("ChatRequest", "max_completion_tokens")]:
+        assert schemas[model]["properties"][name]["anyOf"][0]["maximum"] == LIMIT
+    secured = {(m, p) for m, p, op in _operations(doc) if op.get("security") == [{"bearer": []}]}
+    if keys:
+        assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+        assert secured == {op for op in EXPECTED_STATUSES if op[1] not in ("/health", "/ready", "/metrics")}
+    else:
+        assert "securitySchemes" not in doc["components"] and not secured
 
 
 def _chat(content: Any, role: str = "user", **extra: Any) -> dict[str, Any]:
@@ -159,6 +178,13 @@ CASES: list[tuple[str, str, str, Any, int]] = [
         "POST",
         "/batch_infer",
         {"images": [EXAMPLE_IMAGE, EXAMPLE_IMAGE], "questions": ["a?", "b?", "c?"]},
+        400,
+    ),
+    (
+        "max_tokens above the limit in a batch: the request's error, not each item's",
+        "POST",
+        "/batch_infer",
+        {"images": [EXAMPLE_IMAGE], "max_tokens": LIMIT + 1},
         400,
     ),
     ("job id of the wrong form", "GET", "/v1/jobs/job-nope", None, 422),
