@@ -1,8 +1,9 @@
 """schemathesis, every check and every phase, against a real ``llamactl serve`` (tiny checkpoint) and its own
 OpenAPI document: it must find nothing.
 
-100 examples per operation: about 1,650 test cases over the 9 operations (examples, coverage, fuzzing and stateful
-phases), 15 to 35 s on a shared 2-core machine (seeds 1 to 6 at 100 and 200 examples found nothing). The expected statuses of two checks are set in schemathesis.toml beside
+Without API keys, 100 examples per operation: about 1,700 test cases over the 9 operations (examples, coverage,
+fuzzing and stateful phases), 10 to 35 s on a shared 2-core machine (seeds 1 to 6 at 100 and 200 examples found
+nothing). With API keys, 30 examples per operation (about 800 cases): the same document plus bearer auth. The expected statuses of two checks are set in schemathesis.toml beside
 this file (with the reasons). ``LLAMACTL_SCHEMATHESIS_SEED`` picks another seed; ``..._EXAMPLES`` another count.
 """
 
@@ -31,9 +32,12 @@ SERVER_ENV = {
 
 
 @pytest.mark.slow
-def test_schemathesis_finds_nothing(serve_factory: Any, tmp_path: Path) -> None:
-    server = serve_factory(SERVER_ENV)
-    examples = os.environ.get("LLAMACTL_SCHEMATHESIS_EXAMPLES", "100")
+@pytest.mark.parametrize(("keys", "default_examples"), [(False, "100"), (True, "30")], ids=["open", "api-keys"])
+def test_schemathesis_finds_nothing(serve_factory: Any, tmp_path: Path, keys: bool, default_examples: str) -> None:
+    """With API keys the document requires bearer auth, and schemathesis also checks that requests without it,
+    or with a wrong key, are refused (401)."""
+    server = serve_factory({**SERVER_ENV, "LLAMACTL_API_KEYS": "k1"} if keys else SERVER_ENV)
+    examples = os.environ.get("LLAMACTL_SCHEMATHESIS_EXAMPLES", default_examples)
     seed = os.environ.get("LLAMACTL_SCHEMATHESIS_SEED", "1")
     cmd = [
         sys.executable, "-m", "schemathesis.cli",
@@ -46,6 +50,7 @@ def test_schemathesis_finds_nothing(serve_factory: Any, tmp_path: Path) -> None:
         "--workers", "1",
         "--request-timeout", "30",
         "--generation-database", "none",
+        *(["--header", "Authorization: Bearer k1"] if keys else []),
     ]  # fmt: skip
     started = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=170, check=False)
