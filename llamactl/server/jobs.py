@@ -15,6 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 JobStatus = Literal["queued", "running", "succeeded", "failed"]
+JOB_ID_PATTERN = r"^job-[0-9a-f]{32}$"  # what new_job_id makes; the API refuses other ids with 422
+
+
+def new_job_id() -> str:
+    return "job-" + uuid.uuid4().hex
 
 
 class JobsFull(Exception):
@@ -70,7 +75,7 @@ class JobStore:
         on_error: Callable[[BaseException], dict[str, Any]],
     ) -> Job:
         """Start ``work`` as a job. Call ``check_room`` first; this never refuses (admission already happened)."""
-        job = Job(id="job-" + uuid.uuid4().hex, created=self.clock())
+        job = Job(id=new_job_id(), created=self.clock())
         self._jobs[job.id] = job
 
         async def runner() -> None:

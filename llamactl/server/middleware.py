@@ -23,19 +23,18 @@ def endpoint_label(path: str) -> str:
     return "other"
 
 
-async def _send_error(send: Send, status: int, message: str, kind: str) -> None:
+# A declared body up to this size is read and dropped by the server after an early 413, and the connection is
+# kept; a larger one gets "Connection: close". Closing a socket with unread bytes makes the kernel send a reset,
+# which can destroy the 413 before the client reads it (RFC 9112 section 9.6).
+DRAIN_MAX_BYTES = 64 * 1024 * 1024
+
+
+async def _send_error(send: Send, status: int, message: str, kind: str, close: bool = True) -> None:
     body = json.dumps({"error": {"message": message, "type": kind}}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -60,7 +59,7 @@ class BodyLimitMiddleware:
             if declared > self.max_bytes:
                 if self.on_reject:
                     self.on_reject()
-                await _send_error(send, 413, message, "body_too_large")
+                await _send_error(send, 413, message, "body_too_large", close=declared > DRAIN_MAX_BYTES)
                 return
         seen = 0
         rejected = False

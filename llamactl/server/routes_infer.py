@@ -5,18 +5,34 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Body, Path, Request
 from fastapi.responses import JSONResponse
 
 from llamactl.server.errors import error_response
-from llamactl.server.state import ServerState, get_state
 from llamactl.server.inference import ApiError, ClientGone, Outcome, unless_disconnected
-from llamactl.server.jobs import JobsFull
+from llamactl.server.jobs import JOB_ID_PATTERN, JobsFull
+from llamactl.server.openapi_docs import (
+    EXAMPLE_IMAGE,
+    BatchInferResponse,
+    InferResponse,
+    Job,
+    JobAccepted,
+    errors,
+    example,
+    ok,
+)
 from llamactl.server.protocol import BatchInferRequest, GenOptions, InferRequest, JobRequest
+from llamactl.server.state import ServerState, get_state
 
 router = APIRouter()
+
+_INFER_EXAMPLE = example("A small PNG", {"image": EXAMPLE_IMAGE, "question": "What colour is it?", "max_tokens": 8})
+_BATCH_EXAMPLE = example(
+    "Two images, one question each",
+    {"images": [EXAMPLE_IMAGE, EXAMPLE_IMAGE], "questions": ["What colour is it?", "Describe it."], "max_tokens": 8},
+)
 
 
 def _messages(question: str) -> list[dict[str, Any]]:
@@ -69,8 +85,18 @@ def _error_dict(exc: BaseException) -> dict[str, Any]:
     return {"message": "internal server error", "type": "internal", "status": 500}
 
 
-@router.post("/infer")
-async def infer(body: InferRequest, request: Request) -> Any:
+@router.post(
+    "/infer",
+    operation_id="infer",
+    summary="Ask about one image; the answer split into its stages",
+    responses={
+        **ok(InferResponse, "The answer"),
+        **errors(400, 401, 413, 415, 422, 429, 500, 503, 504),
+    },
+)
+async def infer(
+    body: Annotated[InferRequest, Body(openapi_examples=_INFER_EXAMPLE)], request: Request
+) -> Any:
     state = get_state(request)
     state.inference.check_accepting()
     waiter = await _admit(state, body.image, body.question, body)
@@ -82,17 +108,32 @@ async def infer(body: InferRequest, request: Request) -> Any:
     return _answer(state, outcome)
 
 
-@router.post("/batch_infer")
-async def batch_infer(body: BatchInferRequest, request: Request) -> Any:
+@router.post(
+    "/batch_infer",
+    operation_id="batch_infer",
+    summary="Ask about several images at once; each item succeeds or fails on its own",
+    responses={
+        **ok(BatchInferResponse, "One result per image (an image's own failure is reported in its item)"),
+        **errors(
+            400, 401, 413, 422, 503,
+            e400="The body is not JSON, questions is a list of another length than images, or max_tokens is "
+            "above this server's limit.",
+        ),
+    },
+)
+async def batch_infer(
+    body: Annotated[BatchInferRequest, Body(openapi_examples=_BATCH_EXAMPLE)], request: Request
+) -> Any:
     state = get_state(request)
     state.inference.check_accepting()
     questions = [body.questions] * len(body.images) if isinstance(body.questions, str) else body.questions
     if len(questions) != len(body.images):
         raise ApiError(
-            422,
+            400,
             f"questions: {len(questions)} given for {len(body.images)} images (give one each, or a single string)",
             "invalid_request",
         )
+    _params(state, body)  # options are the whole request's: refused once (400), not once per item
 
     async def one(image: str, question: str) -> dict[str, Any]:
         try:
@@ -112,8 +153,41 @@ async def batch_infer(body: BatchInferRequest, request: Request) -> Any:
     return {"results": items, "succeeded": ok, "failed": len(items) - ok, "model": state.settings.model}
 
 
-@router.post("/v1/jobs", status_code=202)
-async def create_job(body: JobRequest, request: Request) -> Any:
+@router.post(
+    "/v1/jobs",
+    status_code=202,
+    operation_id="create_job",
+    summary="Queue one /infer request as a job; fetch its result from GET /v1/jobs/{job_id}",
+    responses={
+        **ok(
+            JobAccepted,
+            "Queued",
+            status=202,
+            headers={
+                "Location": {
+                    "description": "The job's URL (/v1/jobs/{id})",
+                    "required": True,
+                    "schema": {"type": "string"},
+                }
+            },
+            links={
+                "GetJob": {
+                    "operationId": "get_job",
+                    "parameters": {"job_id": "$response.body#/id"},
+                    "description": "The job's state and, once finished, its result",
+                }
+            },
+        ),
+        **errors(
+            400, 401, 413, 415, 422, 429, 503,
+            e429="The request queue is full, or the server holds as many unfinished jobs as it keeps "
+            "(LLAMACTL_JOBS_MAX_ENTRIES); retry after Retry-After seconds.",
+        ),
+    },
+)
+async def create_job(
+    body: Annotated[JobRequest, Body(openapi_examples=_INFER_EXAMPLE)], request: Request
+) -> Any:
     state = get_state(request)
     state.inference.check_accepting()
     try:
@@ -134,8 +208,20 @@ async def create_job(body: JobRequest, request: Request) -> Any:
     )
 
 
-@router.get("/v1/jobs/{job_id}")
-async def get_job(job_id: str, request: Request) -> Any:
+@router.get(
+    "/v1/jobs/{job_id}",
+    operation_id="get_job",
+    summary="A job's state, and its result or error once it has finished",
+    responses={
+        **ok(Job, "The job"),
+        **errors(
+            401, 404, 422,
+            e404="No such job: never created, or expired after its retention time (LLAMACTL_JOBS_TTL_S).",
+            e422="job_id is not of the form job-<32 hex digits>.",
+        ),
+    },
+)
+async def get_job(job_id: Annotated[str, Path(pattern=JOB_ID_PATTERN)], request: Request) -> Any:
     job = get_state(request).jobs.get(job_id)
     if job is None:
         raise ApiError(

@@ -7,20 +7,50 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Body, Request
 from fastapi.responses import StreamingResponse
 
 from llamactl.server.errors import error_response
-from llamactl.server.state import ServerState, get_state
 from llamactl.server.inference import ApiError, ClientGone, Outcome, unless_disconnected
+from llamactl.server.openapi_docs import (
+    EXAMPLE_IMAGE,
+    SSE_EVENT_SCHEMA,
+    ChatCompletion,
+    ModelList,
+    errors,
+    example,
+    ok,
+)
 from llamactl.server.protocol import ChatMessage, ChatRequest
+from llamactl.server.state import ServerState, get_state
 
 router = APIRouter()
 
+_CHAT_EXAMPLE = example(
+    "A question about a small PNG",
+    {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + EXAMPLE_IMAGE}},
+                    {"type": "text", "text": "What colour is it?"},
+                ],
+            }
+        ],
+        "max_tokens": 8,
+    },
+)
 
-@router.get("/v1/models")
+
+@router.get(
+    "/v1/models",
+    operation_id="list_models",
+    summary="The one model this server serves (OpenAI's model list)",
+    responses={**ok(ModelList, "The model"), **errors(401)},
+)
 async def models(request: Request) -> dict[str, Any]:
     state = get_state(request)
     card = {"id": state.settings.model, "object": "model", "created": state.created, "owned_by": "llamactl"}
@@ -28,13 +58,17 @@ async def models(request: Request) -> dict[str, Any]:
 
 
 def convert_messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], str | None]:
-    """OpenAI messages -> HF chat messages with image placeholders, and the one image's URL (if any)."""
+    """OpenAI messages -> HF chat messages with image placeholders, and the one image's URL (if any).
+
+    The request model already guarantees content in every message and data: URLs only; images only in user
+    messages and one image per request are checked here (400).
+    """
     out: list[dict[str, Any]] = []
     image: str | None = None
     for i, m in enumerate(messages):
         role = "system" if m.role == "developer" else m.role
-        if m.content is None or isinstance(m.content, str):
-            out.append({"role": role, "content": m.content or ""})
+        if isinstance(m.content, str):
+            out.append({"role": role, "content": m.content})
             continue
         parts: list[dict[str, Any]] = []
         for part in m.content:
@@ -47,14 +81,7 @@ def convert_messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]],
                 )
             if image is not None:
                 raise ApiError(400, "only one image per request is supported", "invalid_request")
-            url = part.image_url.url
-            if not url.startswith("data:"):
-                raise ApiError(
-                    400,
-                    f"messages.{i}: image_url must be a data: URL (base64); this server does not fetch remote URLs",
-                    "invalid_request",
-                )
-            image = url
+            image = part.image_url.url
             parts.append({"type": "image"})
         out.append({"role": role, "content": parts})
     return out, image
@@ -73,8 +100,27 @@ def _finish_reason(outcome: Outcome) -> str:
     return "length" if outcome.result.finish_reason == "length" else "stop"
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(body: ChatRequest, request: Request) -> Any:
+@router.post(
+    "/v1/chat/completions",
+    operation_id="create_chat_completion",
+    summary="OpenAI-compatible chat completion, plain or streamed (stream: true)",
+    responses={
+        **ok(
+            ChatCompletion,
+            "The completion: JSON, or server-sent events with stream: true",
+            content={"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
+        ),
+        **errors(
+            400, 401, 413, 415, 422, 429, 500, 503, 504,
+            e400="The body is not JSON, or valid JSON the server cannot use: more than one image, an image "
+            "outside a user message, an image that does not decode, max_tokens above this server's limit, or messages the model's chat template "
+            "refuses (Llama 3.2 Vision: a system message together with an image).",
+        ),
+    },
+)
+async def chat_completions(
+    body: Annotated[ChatRequest, Body(openapi_examples=_CHAT_EXAMPLE)], request: Request
+) -> Any:
     state = get_state(request)
     svc = state.inference
     svc.check_accepting()
