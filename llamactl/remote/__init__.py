@@ -6,10 +6,10 @@
 
 from llamactl.remote.base import CommandTimeout, Executor, RemoteFileError, RunResult
 from llamactl.remote.local import LocalExecutor
-from llamactl.remote.parallel import Err, Ok, Outcome, run_parallel
+from llamactl.remote.parallel import Err, Ok, TaskResult, run_parallel
 from llamactl.remote.recording import FakeFile, Recorded, RecordingExecutor, Reply
 
 __all__ = [
-    "CommandTimeout", "Err", "Executor", "FakeFile", "LocalExecutor", "Ok", "Outcome", "Recorded",
+    "CommandTimeout", "Err", "Executor", "FakeFile", "LocalExecutor", "Ok", "TaskResult", "Recorded",
     "RecordingExecutor", "RemoteFileError", "Reply", "RunResult", "run_parallel",
 ]
