@@ -68,11 +68,6 @@ def plan_from_inventory(inv: Inventory, hosts: Collection[str] | None = None) ->
         except (LlamactlError, ValueError) as exc:
             expected = None
             problems.append(f"{instance.id}: cannot compute the expected config hash: {exc}")
-        except ModuleNotFoundError as exc:  # only while llamactl.server.settings is being written
-            if not (exc.name or "").startswith("llamactl"):
-                raise
-            expected = None
-            problems.append(f"config hash check unavailable: {exc.name} is missing")
         targets.append(
             Target(
                 id=instance.id,
@@ -102,15 +97,11 @@ def balancer_endpoints(inv: Inventory) -> list[tuple[str, str]]:
 
 
 def _deep_host(inv: Inventory, host_name: str, units: list[str], timeout_s: float) -> dict[str, SystemdState]:
-    from llamactl.remote.ssh import SSHTarget, connect
+    from llamactl.ops.connect import HostPool
 
-    host = inv.host(host_name)
     try:
-        executor = connect(SSHTarget.from_settings(host.name, host.address, host.ssh))
-        try:
-            result = executor.run(show_command(units), check=False, timeout_s=timeout_s)
-        finally:
-            executor.close()
+        with HostPool(inv) as pool:
+            result = pool.executor(host_name).run(show_command(units), check=False, timeout_s=timeout_s)
     except LlamactlError as exc:
         return {u: SystemdState(u, error=str(exc)) for u in units}
     if result.exit_code != 0 and not result.stdout.strip():
