@@ -18,8 +18,8 @@ from llamactl.plan.nginx import NginxControl, parse_pids, remove_command, worker
 
 if TYPE_CHECKING:
     from llamactl.inventory import Inventory
-    from llamactl.plan.render import RenderedFile
     from llamactl.plan.command import Command
+    from llamactl.plan.render import RenderedFile
     from llamactl.remote import Executor
 
 __all__ = ["BACKUP_SUFFIX", "BalancerConfigError", "BalancerResult", "HostChange", "NginxControl",

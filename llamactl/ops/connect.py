@@ -49,7 +49,7 @@ class HostPool:
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
-    def __enter__(self) -> HostPool:
+    def __enter__(self) -> HostPool:  # noqa: PYI034 - not subclassed
         return self
 
     def __exit__(self, *exc: object) -> None:

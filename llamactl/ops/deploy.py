@@ -24,13 +24,22 @@ from llamactl.ops.readiness import wait_instances_ready
 from llamactl.ops.release import build_wheel, make_release, model_upload
 from llamactl.ops.rolling import ProgressFn, RollingRestartFailed, rolling_restart
 from llamactl.ops.units import restart_units
-from llamactl.plan.deploy import DesiredHost, HostPlan, InstanceAction, Upload, desired_host, facts_command, plan_host
+from llamactl.plan.deploy import (
+    DesiredHost,
+    HostPlan,
+    InstanceAction,
+    Upload,
+    desired_host,
+    facts_command,
+    plan_host,
+)
 from llamactl.plan.facts import HostFacts, parse_facts
 from llamactl.plan.release import ModelUpload, Release
 from llamactl.plan.render import render_balancer_files
 from llamactl.plan.units import journal_command
 from llamactl.remote.base import Executor
 from llamactl.remote.parallel import run_parallel
+
 
 @dataclass
 class FileDiff:

@@ -13,7 +13,7 @@ import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Union
+from typing import TYPE_CHECKING, Literal
 
 from llamactl.plan.command import Command, quote
 from llamactl.plan.facts import HostFacts, gather_command
@@ -44,7 +44,7 @@ class Upload:
     secret: bool = False
 
 
-DeployStep = Union[Run, Upload]
+DeployStep = Run | Upload
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,17 @@ from llamactl.remote.parallel import Err, Ok, TaskResult, run_parallel
 from llamactl.remote.recording import FakeFile, Recorded, RecordingExecutor, Reply
 
 __all__ = [
-    "CommandTimeout", "Err", "Executor", "FakeFile", "LocalExecutor", "Ok", "TaskResult", "Recorded",
-    "RecordingExecutor", "RemoteFileError", "Reply", "RunResult", "run_parallel",
+    "CommandTimeout",
+    "Err",
+    "Executor",
+    "FakeFile",
+    "LocalExecutor",
+    "Ok",
+    "Recorded",
+    "RecordingExecutor",
+    "RemoteFileError",
+    "Reply",
+    "RunResult",
+    "TaskResult",
+    "run_parallel",
 ]
