@@ -103,6 +103,9 @@ def _summary(console: Console, result: DeployResult) -> None:
                   result.balancer_error or ("config updated" if result.balancer_changed else "unchanged"))
     if result.rolling_error:
         table.add_row("rolling restart", "[red]failed[/red]", "", "", result.rolling_error)
+    if result.watch_error or result.watch_changes:
+        table.add_row("watch service", "[red]failed[/red]" if result.watch_error else "[green]ok[/green]",
+                      str(len(result.watch_changes)), "", result.watch_error or "; ".join(result.watch_changes))
     console.print(table)
     console.print(f"{result.changed} change(s) in {result.duration_s:.1f}s")
 

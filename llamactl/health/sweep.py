@@ -184,3 +184,17 @@ async def sweep(
         instances, lbs, plan.expected_version, elapsed, canary=options.canary, deep=options.deep
     )
     return report, {t.id: p for t, p in zip(plan.targets, probes)}
+
+
+def watch_service_state(inv: Inventory, timeout_s: float) -> str:
+    """Whether ``watch`` runs as a service on the first balancer host (``health.watch``): systemd's word for
+    the unit (``active``, ``inactive``, ``failed``, ...) or why it could not be read."""
+    from llamactl.ops.connect import HostPool
+    from llamactl.plan.watchsvc import is_active_command
+
+    try:
+        with HostPool(inv) as pool:
+            result = pool.lock_host().run(is_active_command(), check=False, timeout_s=timeout_s)
+    except LlamactlError as exc:
+        return f"unknown ({exc})"
+    return result.stdout.strip() or f"unknown (systemctl exited {result.exit_code})"

@@ -20,33 +20,22 @@ from llamactl.inventory import HostSpec, Inventory
 from llamactl.ops import lock as deploy_lock
 from llamactl.ops.balancer import apply_balancer_config
 from llamactl.ops.connect import Connector, HostPool
+from llamactl.ops.hostplan import FileDiff, apply_plan, file_diffs, read_facts
 from llamactl.ops.readiness import wait_instances_ready
 from llamactl.ops.release import build_wheel, make_release, model_upload
 from llamactl.ops.rolling import ProgressFn, RollingRestartFailed, rolling_restart
 from llamactl.ops.units import restart_units
 from llamactl.plan.deploy import (
-    DesiredHost,
     HostPlan,
     InstanceAction,
-    Upload,
     desired_host,
-    facts_command,
     plan_host,
 )
-from llamactl.plan.facts import HostFacts, parse_facts
 from llamactl.plan.release import ModelUpload, Release
 from llamactl.plan.render import render_balancer_files
 from llamactl.plan.units import journal_command
 from llamactl.remote.base import Executor
 from llamactl.remote.parallel import run_parallel
-
-
-@dataclass
-class FileDiff:
-    path: str
-    old: bytes | None
-    new: bytes
-    secret: bool
 
 
 @dataclass
@@ -75,16 +64,20 @@ class DeployResult:
     balancer_error: str | None = None
     balancer_diff: list[FileDiff] = field(default_factory=list)
     rolling_error: str | None = None
+    watch_changes: list[str] = field(default_factory=list)  # health.watch: the service on the balancer host
+    watch_error: str | None = None
     drained: frozenset[str] = frozenset()  # instances a failed rolling restart left out of the balancer
     duration_s: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return all(h.ok for h in self.hosts) and not self.balancer_error and not self.rolling_error
+        return (all(h.ok for h in self.hosts) and not self.balancer_error and not self.rolling_error
+                and not self.watch_error)
 
     @property
     def changed(self) -> int:
-        return sum(len(h.changes) for h in self.hosts) + (1 if self.balancer_changed else 0)
+        return (sum(len(h.changes) for h in self.hosts) + (1 if self.balancer_changed else 0)
+                + len(self.watch_changes))
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -107,6 +100,7 @@ class DeployResult:
             },
             "balancer": {"changed": self.balancer_changed, "error": self.balancer_error},
             "rolling_restart_error": self.rolling_error,
+            "watch": {"changes": self.watch_changes, "error": self.watch_error},
             "drained": sorted(self.drained),
         }
 
@@ -210,33 +204,6 @@ def _deploy_host(job: HostJob, host_name: str, out: HostOutcome) -> None:
     out.ok = True
 
 
-def read_facts(executor: Executor, desired: DesiredHost) -> HostFacts:
-    """The host's state in one round trip."""
-    return parse_facts(executor.run(facts_command(desired)).stdout)
-
-
-def file_diffs(executor: Executor, plan: HostPlan, desired: DesiredHost) -> list[FileDiff]:
-    """Dry run: each rendered file the plan would upload, next to what the host has now."""
-    return [FileDiff(step.remote_path, executor.read_bytes(step.remote_path), step.content, step.secret)
-            for step in plan.steps
-            if isinstance(step, Upload) and step.content is not None and step.remote_path in desired.files]
-
-
-def apply_plan(executor: Executor, plan: HostPlan, say: Callable[[str], None]) -> None:
-    """Carry out the plan's steps in order: uploads, then the commands (a venv build may take minutes)."""
-    for step in plan.steps:
-        if isinstance(step, Upload):
-            say(f"uploading {step.remote_path}")
-            if step.content is not None:
-                executor.put_bytes(step.content, step.remote_path, mode=step.mode)
-            else:
-                assert step.local_path is not None
-                executor.put_file(step.local_path, step.remote_path, mode=step.mode)
-        else:
-            say(step.why)
-            executor.run(step.command, timeout_s=1800)
-
-
 def start_instances(executor: Executor, fresh: list[InstanceAction], ready_timeout_s: float,
                     say: Callable[[str], None]) -> None:
     """Start instances that were not serving and wait for their /ready; a failure carries their journal."""
@@ -288,6 +255,7 @@ def deploy(
                 _deploy_hosts(job, parallel, result)
                 _rolling_restarts(inv, result, pool, progress)
                 _apply_balancer(inv, result, pool, dry_run, progress)
+                _sync_watch(job, result)
     result.duration_s = time.monotonic() - t0
     return result
 
@@ -316,6 +284,19 @@ def _rolling_restarts(inv: Inventory, result: DeployResult, pool: HostPool, prog
         result.drained = exc.result.drained
     except LlamactlError as exc:
         result.rolling_error = str(exc)
+
+
+def _sync_watch(job: HostJob, result: DeployResult) -> None:
+    from llamactl.ops.watchsvc import sync_watch
+
+    lb = job.pool.lock_host()
+    try:
+        plan = sync_watch(job.inv, lb, job.shipment.release_for(job.inv.hosts[0]),
+                          lambda msg: job.progress(lb.host, f"watch: {msg}"))
+        result.watch_changes = plan.changes
+        result.watch_error = "; ".join(plan.problems) or None
+    except Exception as exc:  # noqa: BLE001 - reported like a host's failure; the cluster itself is deployed
+        result.watch_error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, LlamactlError) else str(exc)
 
 
 def _apply_balancer(inv: Inventory, result: DeployResult, pool: HostPool, dry_run: bool,
@@ -351,4 +332,6 @@ def raise_for(result: DeployResult) -> None:
             parts.append(f"rolling restart ({result.rolling_error})")
         if result.balancer_error:
             parts.append(f"balancer ({result.balancer_error})")
+        if result.watch_error:
+            parts.append(f"watch service ({result.watch_error})")
         raise OperationFailed("deploy failed: " + "; ".join(parts))

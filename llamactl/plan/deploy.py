@@ -72,6 +72,8 @@ class DesiredHost:
     model_path: str | None = None  # the model directory on the host, when model.source is a path
     model_upload: ModelUpload | None = None  # what to copy there (model.upload_from)
     service_user: str = "root"
+    extra: str = "server"  # the wheel's extra installed into the release venv ("" = the controller only)
+    services: tuple[str, ...] = ()  # other units of ours on the host: enabled, (re)started when anything changed
 
     @property
     def release_dir(self) -> str:
@@ -132,7 +134,7 @@ def facts_command(desired: DesiredHost) -> Command:
         install_dir=desired.install_dir,
         files=sorted(desired.files),
         wheelhouse_dir=desired.wheelhouse_dir,
-        units=[i.unit for i in desired.instances],
+        units=[i.unit for i in desired.instances] + list(desired.services),
         model_path=model,
         model_manifest=posixpath.join(model, MODEL_MANIFEST) if model and desired.model_upload else None,
         gpus=bool(desired.gpus),
@@ -186,8 +188,8 @@ def plan_host(desired: DesiredHost, facts: HostFacts) -> HostPlan:
     if release_changed:
         plan.run(activate_command(desired.install_dir, desired.release.release_id), "activate release",
                  f"activated release {desired.release.release_id} (was {facts.current or 'none'})")
-    to_enable = [i.unit for i in desired.instances
-                 if facts.units.get(i.unit) is None or facts.units[i.unit].enabled != "enabled"]
+    to_enable = [u for u in [i.unit for i in desired.instances] + list(desired.services)
+                 if facts.units.get(u) is None or facts.units[u].enabled != "enabled"]
     if to_enable:
         plan.run(Command.of("systemctl", "enable", *to_enable), "enable units", f"enabled {', '.join(to_enable)}")
     _instance_actions(plan, desired, facts, release_changed=release_changed, unit_changed=unit_changed,
@@ -223,6 +225,7 @@ def _build_release(plan: HostPlan, desired: DesiredHost, facts: HostFacts) -> bo
         find_links=find_links,
         no_index=desired.pip.no_index,
         clone_from=release_dir(desired.install_dir, facts.current) if facts.current in facts.releases else None,
+        extra=desired.extra,
     )
     plan.run(Command.sh(script, f"build release {release.release_id}"), "build release venv",
              f"built release {release.release_id}")
@@ -290,5 +293,11 @@ def _instance_actions(plan: HostPlan, desired: DesiredHost, facts: HostFacts, *,
         if reasons:
             plan.actions.append(InstanceAction(inst.id, inst.index, inst.unit, inst.url, "restart",
                                                ", ".join(reasons)))
+    for unit in desired.services:  # no URL: nothing to wait for
+        state = facts.units.get(unit)
+        if state is None or state.active not in ("active", "activating", "reloading"):
+            plan.actions.append(InstanceAction(unit, -1, unit, "", "start", "not running"))
+        elif release_changed or changed_files:
+            plan.actions.append(InstanceAction(unit, -1, unit, "", "restart", "new release or files changed"))
     for act in plan.actions:
         plan.changes.append(f"{act.action} {act.unit} ({act.why})")

@@ -64,12 +64,14 @@ def pip_install_command(
     find_links: list[str],
     no_index: bool,
     clone_from: str | None = None,
+    extra: str = "server",
 ) -> str:
     """The shell line that builds a release venv; `.complete` marks it usable (a half-built one is redone).
 
     With ``clone_from`` (the active release), the new venv starts as a copy of it with its paths
     rewritten, so pip only installs what changed (usually just llamactl): an upgrade takes seconds
     instead of reinstalling torch. If that fails for any reason, a fresh venv is built instead.
+    ``extra``: the wheel's extra to install with it (``server`` on server hosts, none for the controller).
     """
     pip = [posixpath.join(venv, "bin", "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     if no_index:
@@ -80,7 +82,7 @@ def pip_install_command(
         pip += ["--extra-index-url", url]
     for link in find_links:
         pip += ["--find-links", link]
-    pip.append(f"{wheel_path}[server]")
+    pip.append(f"{wheel_path}[{extra}]" if extra else wheel_path)
     done = join(["touch", posixpath.join(venv, ".complete")])
     fresh = " && ".join([join(["rm", "-rf", venv]), join([python, "-m", "venv", venv]), join(pip), done])
     if clone_from is None:

@@ -273,3 +273,48 @@ def test_broken_balancer_config_is_rolled_back_while_traffic_flows(deployed_lab:
     assert codes and all(c == 200 for c in codes), codes
     resp = httpx.get(f"{deployed_lab.endpoint}/healthz", timeout=10, trust_env=False)
     assert resp.status_code == 200
+
+
+def test_health_watch_runs_watch_as_a_service_on_the_balancer(deployed_lab: Lab, tmp_path: Path) -> None:
+    """deploy installs `llamactl watch` on the balancer host (inventory and SSH files 0600), status shows it
+    running, it heals a stopped server over SSH from there, and a deploy without health.watch removes it."""
+    inv = write_inventory(deployed_lab, tmp_path, lambda d: d.setdefault("health", {}).__setitem__("watch", True))
+    unit = "llamactl-watch.service"
+    try:
+        first = llamactl("deploy", str(inv), "--json", timeout=900)
+        assert first.returncode == 0, first.stdout + first.stderr
+        changes = json.loads(first.stdout)["watch"]["changes"]
+        assert any(c.startswith("built release") for c in changes) and f"start {unit} (not running)" in changes
+        assert lab_sh(deployed_lab, "lab-lb", f"systemctl is-active {unit}").strip() == "active"
+        modes = lab_sh(deployed_lab, "lab-lb", "stat -c '%a %n' /etc/llamactl/watch/*").splitlines()
+        assert modes and all(m.startswith("600 ") for m in modes), modes
+        assert any(m.endswith("/inventory.yaml") for m in modes) and any("id_ed25519" in m for m in modes)
+        status = llamactl("status", str(inv), "--json", timeout=120)
+        assert json.loads(status.stdout)["watch_service"] == "active", status.stdout + status.stderr
+        again = llamactl("deploy", str(inv), "--json", timeout=900)
+        assert again.returncode == 0 and json.loads(again.stdout)["watch"]["changes"] == [], again.stdout
+
+        lab_sh(deployed_lab, "lab-host2", "systemctl stop llamactl@0.service")  # watch, on lab-lb, heals it
+        deadline = time.monotonic() + 180
+        while lab_sh(deployed_lab, "lab-host2", "systemctl is-active llamactl@0.service", check=False).strip() != (
+                "active"):
+            assert time.monotonic() < deadline, lab_sh(deployed_lab, "lab-lb", "tail -n 20 /var/log/llamactl/watch.log")
+            time.sleep(1)
+        log = lab_sh(deployed_lab, "lab-lb", "cat /var/log/llamactl/watch.log")
+        assert '"event": "restarted"' in log and '"instance": "lab-host2/0"' in log, log
+        url = load_inventory_url(deployed_lab, "lab-host2")
+        from llamactl.health.wait import wait_ready
+
+        assert wait_ready(url, 180, interval_s=0.5).ok
+    finally:
+        off = llamactl("deploy", str(deployed_lab.inventory), "--json", timeout=900)
+    assert off.returncode == 0, off.stdout + off.stderr
+    assert json.loads(off.stdout)["watch"]["changes"] == ["removed the watch service"]
+    assert lab_sh(deployed_lab, "lab-lb", f"test -e /etc/systemd/system/{unit} || echo gone").strip() == "gone"
+    assert "watch_service" not in json.loads(llamactl("status", str(deployed_lab.inventory), "--json").stdout)
+
+
+def load_inventory_url(lab: Lab, host: str) -> str:
+    from llamactl.inventory import load_inventory
+
+    return load_inventory(lab.inventory).host(host).instances[0].url
