@@ -16,7 +16,8 @@ from rich.live import Live
 from rich.table import Table
 
 from llamactl.cli.console import console_for
-from llamactl.ops.deploy import DeployResult, FileDiff, HostOutcome, deploy, raise_for
+from llamactl.ops.deploy import DeployResult, HostOutcome, deploy, raise_for
+from llamactl.ops.hostplan import FileDiff
 from llamactl.plan.deploy import Run, Upload
 
 SECRET_MARKERS = ("API_KEY", "SECRET", "TOKEN", "PASSWORD")

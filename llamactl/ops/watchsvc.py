@@ -68,5 +68,5 @@ def sync_watch(inv: Inventory, executor: Executor, release: Release, say: Callab
         units = [a.unit for a in plan.actions if a.action == verb]
         if units:
             say(f"{verb} the watch service")
-            restart_units(executor, units, verb)  # type: ignore[arg-type]
+            restart_units(executor, units, verb)
     return plan

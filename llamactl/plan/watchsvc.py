@@ -109,7 +109,8 @@ def watch_inventory(document: Mapping[str, Any], base: Path, home: Path, placed:
     for section, key in (("server", "api_keys"), ("model", "upload_from"), ("pip", "wheelhouse")):
         _drop(doc, section, key)
     header = "# Placed by `llamactl deploy` for `llamactl watch` (health.watch): do not edit.\n"
-    return (header + yaml.safe_dump(_escape(doc), sort_keys=False)).encode()
+    text: str = yaml.safe_dump(_escape(doc), sort_keys=False)
+    return (header + text).encode()
 
 
 def render_watch_unit(inv: Inventory, llamactl_bin: str) -> RenderedFile:
