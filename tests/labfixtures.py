@@ -1,7 +1,10 @@
-"""Shared lab fixtures: one lab of 3 real hosts + a balancer per test session, deployed once.
+"""The one lab fixture: a lab of 3 real hosts + a balancer per test session (``lab``), deployed once
+(``deployed_lab``), plus when the lab can run at all (``lab_available``) and a shell on its hosts (``lab_sh``).
 
-Tests that break something (kill a server, change a host key, stop a unit) must put it back, since
-later modules (tests/e2e, tests/ops) share the same deployed lab.
+tests/lab checks the hosts themselves on it, tests/e2e and tests/ops operate the deployed cluster. Tests
+that break something (kill a server, change a host key, stop a unit) must put it back, since later
+modules share the same lab. Only tests of the lab's own lifecycle (up/down/crash) bring up labs of their
+own, under other names.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from llamactl.lab.state import LabState, load_state
+
 LLAMACTL = [sys.executable, "-m", "llamactl"]
 LAB_NAME = "e2e"
 LAB_SUBNET = "10.214.0.0/24"
@@ -29,6 +34,13 @@ class Lab:
     endpoint: str
     deploy_json: dict  # type: ignore[type-arg]
 
+    @property
+    def state(self) -> LabState:
+        """The lab's hosts (names, addresses, processes), as ``llamactl lab up`` recorded them."""
+        state = load_state(self.dir)
+        assert state is not None, f"no lab state in {self.dir}"
+        return state
+
 
 def llamactl(*args: str, timeout: float = 900, check: bool = False, env: dict[str, str] | None = None
              ) -> subprocess.CompletedProcess[str]:
@@ -40,12 +52,26 @@ def llamactl(*args: str, timeout: float = 900, check: bool = False, env: dict[st
 
 
 def lab_available() -> str | None:
+    """None when this machine can run a lab, else why not (the reason a lab test is skipped)."""
     if os.geteuid() != 0:
-        return "the lab needs root"
-    for tool in ("ip", "unshare", "nsenter", "nginx"):
+        return "the lab needs root (network namespaces, mounts, cgroups)"
+    for tool in ("ip", "unshare", "nsenter", "ssh-keygen", "nginx"):
         if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
-            return f"the lab needs {tool}"
+            return f"the lab needs `{tool}` on this machine"
+    for path in ("/lib/systemd/systemd", "/usr/sbin/sshd"):
+        if not os.path.exists(path):
+            return f"the lab needs {path}"
     return None
+
+
+def lab_sh(lab: Lab, host: str, script: str, check: bool = True) -> str:
+    """Run a shell script on a lab host (server or balancer) through llamactl's own SSH edge; its stdout."""
+    from llamactl.inventory import load_inventory
+    from llamactl.ops.connect import HostPool
+    from llamactl.plan.command import Command
+
+    with HostPool(load_inventory(lab.inventory)) as pool:
+        return pool.executor(host).run(Command.sh(script), check=check).stdout
 
 
 @pytest.fixture(scope="session")

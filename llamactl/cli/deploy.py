@@ -17,7 +17,8 @@ from rich.table import Table
 
 from llamactl.cli.console import console_for
 from llamactl.cli.inventory_arg import inventory_argument, load
-from llamactl.ops.deploy import DeployResult, FileDiff, HostOutcome, deploy, raise_for
+from llamactl.ops.deploy import DeployResult, HostOutcome, deploy, raise_for
+from llamactl.ops.hostplan import FileDiff
 from llamactl.plan.deploy import Run, Upload
 
 SECRET_MARKERS = ("API_KEY", "SECRET", "TOKEN", "PASSWORD")
@@ -104,6 +105,9 @@ def _summary(console: Console, result: DeployResult) -> None:
                   result.balancer_error or ("config updated" if result.balancer_changed else "unchanged"))
     if result.rolling_error:
         table.add_row("rolling restart", "[red]failed[/red]", "", "", result.rolling_error)
+    if result.watch_error or result.watch_changes:
+        table.add_row("watch service", "[red]failed[/red]" if result.watch_error else "[green]ok[/green]",
+                      str(len(result.watch_changes)), "", result.watch_error or "; ".join(result.watch_changes))
     console.print(table)
     console.print(f"{result.changed} change(s) in {result.duration_s:.1f}s")
 

@@ -14,29 +14,15 @@ if TYPE_CHECKING:
     from llamactl.plan.command import Command
 
 
-def journal_command(units: list[str], lines: int, follow: bool, *, color: bool = False) -> Command:
-    """``journalctl -u U ... -n LINES --no-pager [-f]``: one command for every unit, merged by time.
-    Colors only when asked (our terminal is a TTY): ``-f`` runs on a PTY, where journalctl colors."""
-    from llamactl.plan.command import Command
-
-    argv = ["env", f"SYSTEMD_COLORS={int(color)}", "journalctl", "--no-pager", "-o", "short-iso",
-            "-n", str(lines)]
-    for unit in units:
-        argv += ["-u", unit]
-    if follow:
-        argv.append("-f")
-    return Command(tuple(argv), description="logs")
-
-
-def units_for(inv: Inventory, host: str, instance: int | None) -> tuple[str, Any, list[str]]:
-    """(address, ssh settings, units) of a server host or a balancer host; clear errors otherwise."""
+def units_for(inv: Inventory, host: str, instance: int | None) -> list[str]:
+    """The units of a server host (or one instance of it) or a balancer host; clear errors otherwise."""
     from llamactl.errors import UsageError
 
     for bh in inv.balancer.hosts:
         if bh.name == host:
             if instance is not None:
                 raise UsageError(f"{host} is a balancer host: it runs no instance (drop --instance)")
-            return bh.address, bh.ssh, ["nginx.service", "llamactl-watch.service"]
+            return ["nginx.service", "llamactl-watch.service"]
     names = [h.name for h in inv.hosts]
     if host not in names:
         known = ", ".join(names + [f"{b.name} (balancer)" for b in inv.balancer.hosts])
@@ -46,7 +32,7 @@ def units_for(inv: Inventory, host: str, instance: int | None) -> tuple[str, Any
     if instance is not None and instance not in indices:
         raise UsageError(f"{host}: no instance {instance} (instances: {', '.join(map(str, indices))})")
     chosen = [i for i in spec.instances if instance is None or i.index == instance]
-    return spec.address, spec.ssh, [i.unit for i in chosen]
+    return [i.unit for i in chosen]
 
 
 def follow(executor: Any, command: Command, out: Any = sys.stdout) -> int:
@@ -110,22 +96,21 @@ def logs(
     Example: llamactl logs inventory.yaml gpu-01 --instance 0 -f
     """
     from llamactl.cli.inventory_arg import load
-    from llamactl.ops.connect import connect_host
+    from llamactl.ops.connect import HostPool
+    from llamactl.plan.units import journal_command
 
     inventory, host = split_arguments(first, second)
     inv = load(inventory)
-    address, ssh, units = units_for(inv, host, instance)
+    units = units_for(inv, host, instance)
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     command = journal_command(units, lines, follow_, color=color)
-    executor = connect_host(host, address, ssh)
-    try:
+    with HostPool(inv) as pool:
+        executor = pool.executor(host)
         if follow_:
             code = follow(executor, command)
             raise typer.Exit(0 if code in (0, 130) else code)
         result = executor.run(command)
         sys.stdout.write(result.stdout)
-    finally:
-        executor.close()
 
 
 def register(app: typer.Typer) -> None:

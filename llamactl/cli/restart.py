@@ -15,7 +15,6 @@ from rich.text import Text
 
 from llamactl.cli.console import console_for
 from llamactl.cli.inventory_arg import inventory_argument, inventory_path
-from llamactl.errors import OperationFailed
 
 if TYPE_CHECKING:
     from llamactl.inventory import Instance, Inventory
@@ -70,58 +69,6 @@ def _select(inv: Inventory, limit: str | None, only: list[str]) -> list[Instance
     return chosen
 
 
-def _all_at_once(inv: Inventory, instances: list[Instance], console: Console) -> list[str]:
-    """Restart every selected unit, hosts in parallel, printing one line per host. Returns the ids of
-    the instances restarted; raises OperationFailed naming the hosts that failed."""
-    from llamactl.ops.rolling import default_connect
-    from llamactl.plan.command import Command
-    from llamactl.remote.parallel import Err, run_parallel
-
-    by_host: dict[str, list[Instance]] = {}
-    for inst in instances:
-        by_host.setdefault(inst.host, []).append(inst)
-
-    def one(host: str) -> None:
-        spec = inv.host(host)
-        executor = default_connect(host, spec.address, spec.ssh)
-        try:
-            units = [i.unit for i in by_host[host]]
-            executor.run(Command.of("systemctl", "reset-failed", *units), check=False)  # see rolling
-            executor.run(Command.of("systemctl", "restart", *units))
-        finally:
-            executor.close()
-
-    outcomes = run_parallel(list(by_host), one, max_workers=16)
-    failed: list[str] = []
-    restarted: list[str] = []
-    for host, outcome in zip(by_host, outcomes):
-        if isinstance(outcome, Err):
-            failed.append(host)
-            console.print(f"{host}: FAILED: {outcome.error}", markup=False, style="red")
-        else:
-            restarted += [i.id for i in by_host[host]]
-            console.print(f"{host}: restarted {', '.join(i.unit for i in by_host[host])}", markup=False)
-    if failed:
-        raise _PartlyRestarted(f"restart failed on: {', '.join(failed)}", restarted)
-    return restarted
-
-
-class _PartlyRestarted(OperationFailed):
-    def __init__(self, message: str, restarted: list[str]) -> None:
-        super().__init__(message)
-        self.restarted = restarted
-
-
-def _audit_entry(inv: Inventory, restarted: list[str], ok: bool) -> dict[str, object]:
-    """The audit log's view of a restart: which units it restarted, per host, and whether all went well."""
-    by_id = {i.id: i for i in inv.instances()}
-    hosts: dict[str, dict[str, list[str]]] = {}
-    for inst_id in restarted:
-        inst = by_id[inst_id]
-        hosts.setdefault(inst.host, {"changes": []})["changes"].append(f"restart {inst.unit}")
-    return {"release": None, "ok": ok, "changed": len(restarted), "hosts": hosts}
-
-
 def _command_line(inventory: Path, rolling: bool, batch: str | None, limit: str | None,
                   instances: list[str]) -> str:
     """What the lock file and the audit log say this command is (options that change what it does)."""
@@ -156,8 +103,6 @@ def restart(
     Example: llamactl restart inventory.yaml --rolling --batch 25%
     """
     from llamactl.inventory import load_inventory
-    from llamactl.ops import lock
-    from llamactl.ops.rolling import RollingRestartFailed, default_connect, rolling_restart
     from llamactl.plan.batches import plan_batches
 
     path = inventory_path(inventory)
@@ -173,41 +118,57 @@ def restart(
     elif not yes:
         typer.confirm(f"Restart {len(instances)} instance(s) at once? In-flight requests on them fail "
                       "(use --rolling for no downtime)", abort=True, err=True)
-    # Hold the deploy lock for the whole restart: a deploy (or a second restart) meanwhile would fight
-    # over the balancer config and the units, and `watch` does not heal while it is held.
-    lb = inv.balancer.hosts[0]
-    lb_exec = default_connect(lb.name, lb.address, lb.ssh)
-    try:
-        with lock.held(lb_exec, command_line, force=force_unlock):
-            if not rolling:
-                restarted: list[str] = []
-                try:
-                    restarted = _all_at_once(inv, instances, console)
-                except _PartlyRestarted as exc:
-                    restarted = exc.restarted
-                    raise
-                finally:
-                    ok = len(restarted) == len(instances)
-                    lock.audit(lb_exec, command_line, _audit_entry(inv, restarted, ok))
-                return
-            console.print(f"rolling restart of {len(instances)} instance(s) in {len(batches)} batch(es), at "
-                          f"most {max(len(b) for b in batches)} out of the balancer at once", markup=False)
-            view = RollingView(console, [[i.id for i in b] for b in batches])
-            done: list[str] = []
-            ok = False  # until rolling_restart returns
-            try:
-                with view.live:
-                    result = rolling_restart(inv, instances, on_event=view, batch=spec, force=force,
-                                             balancer_executors={lb.name: lb_exec})
-                done, ok = result.restarted, result.ok
-            except RollingRestartFailed as exc:
-                done = exc.result.restarted
-                console.print(str(exc), markup=False, style="bold red")
-                raise
-            finally:
-                lock.audit(lb_exec, command_line, _audit_entry(inv, done, ok))
-    finally:
-        lb_exec.close()
+    if rolling:
+        _rolling(inv, instances, batches, console, command_line, spec=spec, force=force, force_unlock=force_unlock)
+    else:
+        _at_once(inv, instances, console, command_line, force_unlock=force_unlock)
+
+
+def _at_once(inv: Inventory, instances: list[Instance], console: Console, command_line: str, *,
+             force_unlock: bool) -> None:
+    """Every selected unit at once, under the deploy lock, one line per host."""
+    from llamactl.ops import lock
+    from llamactl.ops.connect import HostPool
+    from llamactl.ops.restart import PartlyRestarted, Restarted, restart_at_once
+
+    def say(host: str, error: str | None) -> None:
+        if error is not None:
+            console.print(f"{host}: FAILED: {error}", markup=False, style="red")
+        else:
+            units = ", ".join(i.unit for i in instances if i.host == host)
+            console.print(f"{host}: restarted {units}", markup=False)
+
+    done = Restarted(inv)
+    with HostPool(inv) as pool, lock.guarded(pool.lock_host(), command_line, done.summary, force=force_unlock):
+        try:
+            done.ids = restart_at_once(inv, instances, pool, say)
+        except PartlyRestarted as exc:
+            done.ids = exc.restarted
+            raise
+        finally:
+            done.ok = len(done.ids) == len(instances)
+
+
+def _rolling(inv: Inventory, instances: list[Instance], batches: list[list[Instance]], console: Console,
+             command_line: str, *, spec: int | str, force: bool, force_unlock: bool) -> None:
+    """Batch by batch through the balancer, under the deploy lock, with a live table."""
+    from llamactl.ops import lock, rolling
+    from llamactl.ops.connect import HostPool
+    from llamactl.ops.restart import Restarted
+
+    done = Restarted(inv)
+    with HostPool(inv) as pool, lock.guarded(pool.lock_host(), command_line, done.summary, force=force_unlock):
+        console.print(f"rolling restart of {len(instances)} instance(s) in {len(batches)} batch(es), at "
+                      f"most {max(len(b) for b in batches)} out of the balancer at once", markup=False)
+        view = RollingView(console, [[i.id for i in b] for b in batches])
+        try:
+            with view.live:
+                result = rolling.rolling_restart(inv, instances, on_event=view, batch=spec, force=force, pool=pool)
+            done.ids, done.ok = result.restarted, result.ok
+        except rolling.RollingRestartFailed as exc:
+            done.ids = exc.result.restarted
+            console.print(str(exc), markup=False, style="bold red")
+            raise
     console.print(result.summary(), markup=False, style="green")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Optional
 
@@ -16,8 +17,10 @@ from llamactl.errors import OperationFailed
 def rollback_command(
     inventory: Path | None = inventory_argument(),
     to: Optional[str] = typer.Option(None, "--to", help="A release id to return to (default: the previous one)."),  # noqa: UP007
+    force_unlock: bool = typer.Option(False, "--force-unlock", help="Remove a stale deploy lock first."),
 ) -> None:
-    """Activate the previous release on every host, then restart instances batch by batch.
+    """Activate the previous release on every host, then restart instances batch by batch. Like deploy,
+    it holds the deploy lock on the balancer host and is recorded in the audit log there.
 
     Example: llamactl rollback inventory.yaml
     """
@@ -25,8 +28,10 @@ def rollback_command(
 
     inv = load(inventory)
     console = console_for(stderr=False)
-    results, rolling_error = rollback(inv, to=to,
-                                      progress=lambda h, m: console_for(stderr=True).print(f"{h}: {m}", markup=False))
+    command_line = shlex.join(["llamactl", "rollback", str(inventory)] + (["--to", to] if to else []))
+    err = console_for(stderr=True)
+    results, rolling_error = rollback(inv, to=to, force_unlock=force_unlock, command_line=command_line,
+                                      progress=lambda h, m: err.print(f"{h}: {m}", markup=False))
     table = Table(title="rollback")
     for col in ("host", "result", "from", "to", "detail"):
         table.add_column(col)

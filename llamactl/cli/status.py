@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -146,7 +147,6 @@ async def _watch(
     With --json, one compact JSON report per line (for piping); otherwise a live table.
     """
     import contextlib
-    import json
 
     from rich.live import Live
 
@@ -220,15 +220,29 @@ def status(
         report = asyncio.run(_watch(plan, options, float(health.interval_s), console, as_json))
     else:
         report = asyncio.run(_once(plan, options))
+        watch_state = _watch_service(plan, options.timeout_s)
         if as_json:
-            typer.echo(report.to_json())
+            typer.echo(report.to_json() if watch_state is None else json.dumps(
+                {**json.loads(report.to_json()), "watch_service": watch_state}, indent=2))
         else:
             console.print(render_table(report))
+            if watch_state is not None:
+                style = "green" if watch_state == "active" else "red"
+                console.print(f"watch service on {plan.inventory.balancer.hosts[0].name}: {watch_state}",
+                              style=style, markup=False)
     for problem in plan.problems:
         Console(stderr=True, no_color="NO_COLOR" in os.environ or None).print(
             f"warning: {problem}", markup=False
         )
     raise typer.Exit(0 if report.ok else 1)
+
+
+def _watch_service(plan: SweepPlan, timeout_s: float) -> str | None:
+    """With ``health.watch``, the state of the watch service on the balancer host (read over SSH)."""
+    from llamactl.health.sweep import watch_service_state
+
+    inv = plan.inventory
+    return watch_service_state(inv, max(timeout_s, 5.0)) if inv is not None and inv.health.watch else None
 
 
 def _inventory_key(plan: SweepPlan) -> str | None:

@@ -68,11 +68,6 @@ def plan_from_inventory(inv: Inventory, hosts: Collection[str] | None = None) ->
         except (LlamactlError, ValueError) as exc:
             expected = None
             problems.append(f"{instance.id}: cannot compute the expected config hash: {exc}")
-        except ModuleNotFoundError as exc:  # only while llamactl.server.settings is being written
-            if not (exc.name or "").startswith("llamactl"):
-                raise
-            expected = None
-            problems.append(f"config hash check unavailable: {exc.name} is missing")
         targets.append(
             Target(
                 id=instance.id,
@@ -102,15 +97,11 @@ def balancer_endpoints(inv: Inventory) -> list[tuple[str, str]]:
 
 
 def _deep_host(inv: Inventory, host_name: str, units: list[str], timeout_s: float) -> dict[str, SystemdState]:
-    from llamactl.remote.ssh import SSHTarget, connect
+    from llamactl.ops.connect import HostPool
 
-    host = inv.host(host_name)
     try:
-        executor = connect(SSHTarget.from_settings(host.name, host.address, host.ssh))
-        try:
-            result = executor.run(show_command(units), check=False, timeout_s=timeout_s)
-        finally:
-            executor.close()
+        with HostPool(inv) as pool:
+            result = pool.executor(host_name).run(show_command(units), check=False, timeout_s=timeout_s)
     except LlamactlError as exc:
         return {u: SystemdState(u, error=str(exc)) for u in units}
     if result.exit_code != 0 and not result.stdout.strip():
@@ -193,3 +184,17 @@ async def sweep(
         instances, lbs, plan.expected_version, elapsed, canary=options.canary, deep=options.deep
     )
     return report, {t.id: p for t, p in zip(plan.targets, probes)}
+
+
+def watch_service_state(inv: Inventory, timeout_s: float) -> str:
+    """Whether ``watch`` runs as a service on the first balancer host (``health.watch``): systemd's word for
+    the unit (``active``, ``inactive``, ``failed``, ...) or why it could not be read."""
+    from llamactl.ops.connect import HostPool
+    from llamactl.plan.watchsvc import is_active_command
+
+    try:
+        with HostPool(inv) as pool:
+            result = pool.lock_host().run(is_active_command(), check=False, timeout_s=timeout_s)
+    except LlamactlError as exc:
+        return f"unknown ({exc})"
+    return result.stdout.strip() or f"unknown (systemctl exited {result.exit_code})"

@@ -1,13 +1,15 @@
-"""Reading systemd state on a host: one command plus a pure parser of its captured output (--deep)."""
+"""Reading systemd state on a host: the pure parser of ``systemctl show`` output (--deep); the command
+itself is built in ``llamactl.plan.units``."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from llamactl.plan.command import Command
+from llamactl.plan.units import SHOW_PROPERTIES as PROPERTIES
+from llamactl.plan.units import show_command
 
-PROPERTIES = ("Id", "ActiveState", "SubState", "NRestarts")
+__all__ = ["PROPERTIES", "SystemdState", "parse_show", "show_command"]
 
 
 @dataclass(frozen=True)
@@ -23,18 +25,6 @@ class SystemdState:
             return "?"
         restarts = "?" if self.restarts is None else str(self.restarts)
         return f"{self.active_state}/{self.sub_state} restarts={restarts}"
-
-
-def show_command(units: Sequence[str]) -> Command:
-    """One ``systemctl show`` for every unit of a host; ``Id`` ties each block to its unit."""
-    return Command.of(
-        "systemctl",
-        "show",
-        *units,
-        "-p",
-        ",".join(PROPERTIES),
-        description="read llamactl unit states",
-    )
 
 
 def parse_show(output: str, units: Sequence[str]) -> dict[str, SystemdState]:

@@ -1,10 +1,19 @@
 """A lean plain-HTTP/1.1 transport for httpx, for sweeping hundreds of instances at once.
 
-Measured on the 2-core box (bench/status_sweep.py notes): 300 concurrent probes cost 2.5-3 s of wall
-through httpx's default transport (httpcore's pool rescans every connection per request and anyio starts a
-task group per connect), against ~0.4 s over plain asyncio streams. So status keeps ``httpx.AsyncClient``
-(timeouts, URLs, Response objects) and swaps only the transport: asyncio streams, keep-alive per origin,
-bodies by Content-Length, chunked or close. ``https`` goes to httpx's own transport (TLS, certificates).
+Kept (issue 11) because the measurement says so. ``bench/status_sweep.py``: one ``llamactl status`` sweep of
+100 simulated instances (10 hosts x 10 on loopback), 10 of them silent, 1 s probe timeout, 5 runs each way,
+the same client limits, on the project's shared 2-core box (2026-11-27, load average ~2):
+
+    this transport (asyncio streams)      median 1.03 s  (1.03-1.14)   90 ready, 10 down
+    httpx's default transport (httpcore)  median 2.81 s  (1.98-4.26)   90 ready, 10 down
+
+and on an H100 host's CPU pinned to 2 cores (bench/results/status_sweep.md): 1.11 s against 2.90 s. The
+sweep's floor is the 1 s timeout of the silent instances; through httpcore the 300 concurrent probes add
+1-3 s of CPU (its pool rescans every connection per request, anyio starts a task group per connect), which
+misses the 1.5 s target. So status keeps ``httpx.AsyncClient`` (timeouts, URLs, Response objects) and swaps
+only the transport: asyncio streams, keep-alive per origin, bodies by Content-Length, chunked or close.
+``https`` goes to httpx's own transport (TLS, certificates). Re-measure with
+``bench/status_sweep.py --transport asyncio|httpcore`` before changing this.
 """
 
 from __future__ import annotations

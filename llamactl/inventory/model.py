@@ -293,6 +293,7 @@ class HealthSpec(_Model):
     fall: Annotated[int, Field(ge=1)] = 3
     rise: Annotated[int, Field(ge=1)] = 2
     startup_grace_s: Annotated[float, Field(ge=0)] = 600.0
+    watch: bool = False  # deploy installs `llamactl watch` on the first balancer host as a systemd unit
 
 
 class Document(_Model):

@@ -2,7 +2,8 @@
 
 A broken config never reaches a running nginx: when the test fails the previous file goes back
 (or the new one is removed when there was none), nginx is not reloaded and keeps serving, and the
-error carries nginx's own message. Deploy, rolling restart and watch all go through here.
+error carries nginx's own message. Deploy, rolling restart and watch all go through here. The commands
+come from ``llamactl.plan.nginx``; this module only runs them.
 """
 
 from __future__ import annotations
@@ -13,40 +14,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from llamactl.errors import LlamactlError
-from llamactl.plan.command import Command, quote
+from llamactl.plan.nginx import NginxControl, parse_pids, remove_command, workers_command
 
 if TYPE_CHECKING:
     from llamactl.inventory import Inventory
+    from llamactl.plan.command import Command
     from llamactl.plan.render import RenderedFile
     from llamactl.remote import Executor
 
+__all__ = ["BACKUP_SUFFIX", "BalancerConfigError", "BalancerResult", "HostChange", "NginxControl",
+           "apply_balancer_config", "apply_files", "parse_pids"]
+
 BACKUP_SUFFIX = ".llamactl-prev"
-
-
-@dataclass(frozen=True)
-class NginxControl:
-    """How to test, reload and inspect nginx on a balancer host.
-
-    ``reload=None`` picks ``systemctl reload nginx`` when nginx is active under systemd, else
-    ``nginx -s reload``. ``master_pid`` prints the master's PID; its children are the workers whose
-    replacement proves a reload took.
-    """
-
-    test: Command = field(default_factory=lambda: Command.of("nginx", "-t"))
-    reload: Command | None = None
-    master_pid: Command | None = None
-    systemd_unit: str = "nginx.service"
-    confirm_timeout_s: float = 10.0
-
-    @classmethod
-    def for_prefix(cls, prefix: str, conf: str) -> NginxControl:
-        """An nginx started as ``nginx -p PREFIX -c CONF`` (tests, unprivileged setups)."""
-        flags = ("-p", prefix, "-c", conf)
-        return cls(
-            test=Command.of("nginx", "-t", *flags),
-            reload=Command.of("nginx", "-s", "reload", *flags),
-            master_pid=Command.sh(f"cat {quote(prefix.rstrip('/') + '/nginx.pid')}"),
-        )
 
 
 @dataclass(frozen=True)
@@ -150,7 +129,7 @@ def apply_files(
 
 def _restore(executor: Executor, path: str, previous: bytes | None, mode: int) -> None:
     if previous is None:
-        executor.run(Command.of("rm", "-f", path))
+        executor.run(remove_command(path))
     else:
         executor.put_bytes(previous, path, mode)
 
@@ -163,22 +142,10 @@ def _reload(
     sleep: Callable[[float], None],
     clock: Callable[[], float],
 ) -> None:
-    reload_cmd, pid_cmd, under_systemd = control.reload, control.master_pid, False
-    if reload_cmd is None or pid_cmd is None:
-        active = executor.run(Command.of("systemctl", "is-active", "--quiet", control.systemd_unit), check=False)
-        under_systemd = active.exit_code == 0
-        if reload_cmd is None:
-            reload_cmd = (
-                Command.of("systemctl", "reload", control.systemd_unit)
-                if under_systemd
-                else Command.of("nginx", "-s", "reload")
-            )
-        if pid_cmd is None:
-            pid_cmd = (
-                Command.of("systemctl", "show", "--property=MainPID", "--value", control.systemd_unit)
-                if under_systemd
-                else Command.of("cat", "/run/nginx.pid")
-            )
+    under_systemd = False
+    if control.reload is None or control.master_pid is None:
+        under_systemd = executor.run(control.is_active(), check=False).exit_code == 0
+    reload_cmd, pid_cmd = control.reload_commands(under_systemd)
     before = _workers(executor, pid_cmd)
     if not before:
         raise BalancerConfigError(
@@ -206,7 +173,7 @@ def _reload(
             )
         sleep(0.1)
     if under_systemd:
-        executor.run(Command.of("systemctl", "is-active", "--quiet", control.systemd_unit))
+        executor.run(control.is_active())
 
 
 def _workers(executor: Executor, pid_cmd: Command) -> frozenset[int]:
@@ -214,9 +181,4 @@ def _workers(executor: Executor, pid_cmd: Command) -> frozenset[int]:
     pid = executor.run(pid_cmd, check=False).stdout.strip()
     if not pid.isdigit() or pid == "0":
         return frozenset()
-    out = executor.run(Command.of("ps", "-o", "pid=", "--ppid", pid), check=False).stdout
-    return parse_pids(out)
-
-
-def parse_pids(text: str) -> frozenset[int]:
-    return frozenset(int(tok) for tok in text.split() if tok.isdigit())
+    return parse_pids(executor.run(workers_command(int(pid)), check=False).stdout)

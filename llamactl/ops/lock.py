@@ -1,28 +1,28 @@
-"""The deploy lock and audit log, both on the (first) balancer host.
+"""The deploy lock and the audit log, both on the (first) balancer host: the one place that takes the
+lock and writes the audit line (the commands come from ``llamactl.plan.lock``).
 
-The lock is a file created with the shell's noclobber (O_EXCL): of two concurrent deploys exactly one
-wins. It records who holds it, so a refusal can say so; ``--force-unlock`` removes a stale one.
-``deploy`` and ``restart`` (rolling or all at once) hold it for their whole run; ``watch`` only reads it
-(``holder``) and does not heal while someone holds it.
+``deploy``, ``restart`` (rolling or all at once) and ``rollback`` run inside ``guarded``: the lock held
+for their whole run, one audit line at the end however it ends. ``watch`` only reads it (``holder``)
+and does not heal while someone holds it.
 """
 
 from __future__ import annotations
 
 import getpass
-import json
-import posixpath
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 from llamactl import __version__
 from llamactl.errors import LlamactlError
-from llamactl.plan.command import Command, quote
+from llamactl.plan import lock as plan
+from llamactl.plan.lock import AUDIT_PATH, LOCK_PATH, describe
 from llamactl.remote.base import Executor
 
-LOCK_PATH = "/var/lib/llamactl/deploy.lock"
-AUDIT_PATH = "/var/log/llamactl/audit.log"
+__all__ = ["AUDIT_PATH", "LOCK_PATH", "LockHeld", "acquire", "audit", "describe", "guarded", "holder", "release"]
+
+Summary = Callable[[], Mapping[str, object]]  # the result to audit: {"release", "ok", "changed", "hosts"}
 
 
 class LockHeld(LlamactlError):
@@ -37,15 +37,8 @@ def _who() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def describe(held: bytes) -> str:
-    """What a lock file's content says about its holder, for messages: ``held by ... since ... (...)``."""
-    try:
-        owner = json.loads(held)
-    except ValueError:
-        return "held (unreadable lock file)"
-    if not isinstance(owner, dict):
-        return "held (unreadable lock file)"
-    return f"held by {owner.get('owner')} since {owner.get('since')} ({owner.get('command')})"
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def holder(ex: Executor) -> str | None:
@@ -56,12 +49,9 @@ def holder(ex: Executor) -> str | None:
 
 def acquire(ex: Executor, command_line: str, *, force: bool = False) -> None:
     if force:
-        ex.run(Command.of("rm", "-f", LOCK_PATH))
-    info = json.dumps({"owner": _who(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command_line,
-                       "version": __version__})
-    script = (f"mkdir -p {quote(posixpath.dirname(LOCK_PATH))} && "
-              f"(set -C; printf '%s\\n' {quote(info)} > {quote(LOCK_PATH)})")
-    res = ex.run(Command.sh(script, "take the deploy lock"), check=False)
+        ex.run(plan.release_command(LOCK_PATH))
+    record = plan.lock_record(owner=_who(), since=_now(), command_line=command_line, version=__version__)
+    res = ex.run(plan.take_command(record, LOCK_PATH), check=False)
     if res.exit_code != 0:
         held = ex.read_bytes(LOCK_PATH)
         if held is None:
@@ -72,33 +62,25 @@ def acquire(ex: Executor, command_line: str, *, force: bool = False) -> None:
         )
 
 
+def release(ex: Executor) -> None:
+    ex.run(plan.release_command(LOCK_PATH), check=False)
+
+
+def audit(ex: Executor, command_line: str, result: Mapping[str, object]) -> None:
+    """Append one JSON line: who, when, what version, what changed. Never fails the operation."""
+    line = plan.audit_line(time=_now(), who=_who(), command_line=command_line, version=__version__, result=result)
+    ex.run(plan.audit_command(AUDIT_PATH), check=False, stdin=line.encode())
+
+
 @contextmanager
-def held(ex: Executor, command_line: str, *, force: bool = False) -> Iterator[None]:
-    """Hold the lock for the body; released however the body ends (not when the process is killed)."""
+def guarded(ex: Executor, command_line: str, summary: Summary, *, force: bool = False) -> Iterator[None]:
+    """Hold the lock for the body, then write ``summary()`` to the audit log and release the lock,
+    however the body ends (not when the process is killed: ``--force-unlock`` is for that)."""
     acquire(ex, command_line, force=force)
     try:
         yield
     finally:
-        release(ex)
-
-
-def release(ex: Executor) -> None:
-    ex.run(Command.of("rm", "-f", LOCK_PATH), check=False)
-
-
-def audit(ex: Executor, command_line: str, result: dict[str, object]) -> None:
-    """Append one JSON line: who, when, what version, what changed. Never fails the deploy."""
-    hosts = result.get("hosts", {})
-    entry = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "who": _who(),
-        "command": command_line,
-        "version": __version__,
-        "release": result.get("release"),
-        "ok": result.get("ok"),
-        "changed": result.get("changed"),
-        "changes": {h: v.get("changes") for h, v in hosts.items()} if isinstance(hosts, dict) else {},
-    }
-    line = json.dumps(entry, sort_keys=True) + "\n"
-    script = f"mkdir -p {quote(posixpath.dirname(AUDIT_PATH))} && cat >> {quote(AUDIT_PATH)}"
-    ex.run(Command.sh(script, "append to the audit log"), check=False, stdin=line.encode())
+        try:
+            audit(ex, command_line, summary())
+        finally:
+            release(ex)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from llamactl import __version__
 from llamactl.errors import UsageError
-from llamactl.plan.deploy import Artifact, ModelUpload, Release
+from llamactl.plan.release import Artifact, ModelUpload, Release
 
 CACHE_DIR = Path(os.environ.get("LLAMACTL_CACHE_DIR", Path.home() / ".cache" / "llamactl"))
 SKIP_PARTS = {"__pycache__", ".git", ".mypy_cache", ".pytest_cache", ".ruff_cache"}

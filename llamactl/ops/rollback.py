@@ -1,4 +1,7 @@
-"""Rollback: point every host's `current` back to its previous release, then restart batch by batch."""
+"""Rollback: point every host's `current` back to its previous release, then restart batch by batch.
+
+It holds the deploy lock for its whole run and leaves an audit line, as deploy and restart do.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +10,12 @@ from dataclasses import dataclass
 
 from llamactl.errors import LlamactlError
 from llamactl.inventory import Inventory
-from llamactl.ops.connect import Connector, connect_host
-from llamactl.plan.command import Command, quote
-from llamactl.plan.deploy import ENV_DIR, release_dir
-from llamactl.plan.facts import gather_command, parse_facts
-from llamactl.plan.rollback import previous_release
+from llamactl.ops import lock as deploy_lock
+from llamactl.ops.connect import Connector, HostPool
+from llamactl.ops.restart import Restarted
+from llamactl.plan.facts import parse_facts
+from llamactl.plan.release import activate_command
+from llamactl.plan.rollback import previous_release, releases_command
 from llamactl.remote.parallel import run_parallel
 
 
@@ -24,50 +28,49 @@ class RollbackOutcome:
     error: str | None = None
 
 
-def _switch(inv: Inventory, name: str, to: str | None, connector: Connector) -> RollbackOutcome:
+def _switch(inv: Inventory, name: str, to: str | None, pool: HostPool) -> RollbackOutcome:
     spec = inv.host(name)
     try:
-        ex = connector(spec.name, spec.address, spec.ssh)
-    except LlamactlError as exc:
-        return RollbackOutcome(name, False, error=str(exc))
-    try:
-        facts = parse_facts(ex.run(gather_command(
-            spec.python, install_dir=spec.install_dir, files=[], wheelhouse_dir="/nonexistent", units=[],
-            model_path=None, model_manifest=None, gpus=False, env_dir=ENV_DIR)).stdout)
+        ex = pool.executor(name)
+        facts = parse_facts(ex.run(releases_command(spec.python, spec.install_dir)).stdout)
         try:
             target = previous_release(facts, to=to)
         except ValueError as exc:
             return RollbackOutcome(name, False, facts.current, error=str(exc))
         if target is None:
             return RollbackOutcome(name, False, facts.current, error="no earlier release to roll back to")
-        link = f"{spec.install_dir}/current"
-        history = f"{spec.install_dir}/releases/.history"
-        ex.run(Command.sh(
-            f"ln -sfn {quote(release_dir(spec.install_dir, target))} {quote(link + '.new')} && "
-            f"mv -T {quote(link + '.new')} {quote(link)} && echo {quote(target)} >> {quote(history)}",
-            "activate the previous release"))
+        ex.run(activate_command(spec.install_dir, target, "activate the previous release"))
         return RollbackOutcome(name, True, facts.current, target)
     except LlamactlError as exc:
         return RollbackOutcome(name, False, error=str(exc))
     finally:
-        ex.close()
+        pool.drop(name)
 
 
-def rollback(inv: Inventory, *, to: str | None = None, connector: Connector = connect_host,
-             progress: Callable[[str, str], None] = lambda host, msg: None
-             ) -> tuple[list[RollbackOutcome], str | None]:
-    """Switch releases everywhere first (running servers are unaffected), then a rolling restart."""
-    outcomes = run_parallel([h.name for h in inv.hosts], lambda n: _switch(inv, n, to, connector), max_workers=16)
-    results = [o.value if o.ok else RollbackOutcome(n, False, error=str(o.error))  # type: ignore[union-attr]
-               for n, o in zip([h.name for h in inv.hosts], outcomes)]
-    switched = {r.host for r in results if r.ok}
-    if not switched:
-        return results, None
-    from llamactl.ops.rolling import rolling_restart
+def rollback(inv: Inventory, *, to: str | None = None, connector: Connector | None = None,
+             progress: Callable[[str, str], None] = lambda host, msg: None, force_unlock: bool = False,
+             command_line: str = "llamactl rollback") -> tuple[list[RollbackOutcome], str | None]:
+    """Switch releases everywhere first (running servers are unaffected), then a rolling restart, all
+    under the deploy lock. Returns every host's outcome and the rolling restart's error, if any."""
+    from llamactl.ops.rolling import RollingRestartFailed, rolling_restart
 
-    instances = [i for i in inv.instances() if i.host in switched]
-    try:
-        rolling_restart(inv, instances, progress=progress)
-    except LlamactlError as exc:
-        return results, str(exc)
-    return results, None
+    done = Restarted(inv)
+    rolling_error: str | None = None
+    with HostPool(inv, connector) as pool, deploy_lock.guarded(pool.lock_host(), command_line, done.summary,
+                                                              force=force_unlock):
+        names = [h.name for h in inv.hosts]
+        outcomes = run_parallel(names, lambda n: _switch(inv, n, to, pool), max_workers=16)
+        results = [o.value if o.ok else RollbackOutcome(n, False, error=str(o.error))  # type: ignore[union-attr]
+                   for n, o in zip(names, outcomes)]
+        switched = {r.host for r in results if r.ok}
+        done.release = next((r.to for r in results if r.ok), None)
+        done.ok = all(r.ok for r in results)
+        if switched:
+            instances = [i for i in inv.instances() if i.host in switched]
+            try:
+                done.ids = rolling_restart(inv, instances, pool=pool, progress=progress, reason="rollback").restarted
+            except RollingRestartFailed as exc:
+                done.ids, done.ok, rolling_error = exc.result.restarted, False, str(exc)
+            except LlamactlError as exc:
+                done.ok, rolling_error = False, str(exc)
+    return results, rolling_error

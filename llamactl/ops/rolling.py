@@ -9,26 +9,25 @@ reload), so waiting for its own in-flight count to reach 0 makes the restart los
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from llamactl.errors import OperationFailed, UsageError
 from llamactl.ops.balancer import BalancerResult, NginxControl, apply_balancer_config
+from llamactl.ops.connect import Connector, HostPool
+from llamactl.ops.units import restart_units
 from llamactl.plan.batches import plan_batches
-from llamactl.plan.command import Command
 
 if TYPE_CHECKING:
     from llamactl.inventory import Instance, Inventory
     from llamactl.remote import Executor
 
-Connect = Callable[[str, str, Any], "Executor"]  # (host name, address, SSHSettings) -> Executor
 RestartFn = Callable[["Executor", "Instance"], None]
-Step = Literal["drain", "idle", "restart", "ready", "canary", "undrain"]
+Phase = Literal["drain", "idle", "restart", "ready", "canary", "undrain"]
+ProgressFn = Callable[[str, str], None]  # (where: a host, an instance or "balancer", message)
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ class Progress:
 
     batch: int  # 1-based
     batches: int
-    step: Step | Literal["batch", "done", "warning"]
+    step: Phase | Literal["batch", "done", "warning"]
     instance: str = ""
     message: str = ""
     ok: bool = True
@@ -46,7 +45,7 @@ class Progress:
 @dataclass(frozen=True)
 class Failure:
     instance: str
-    step: Step
+    step: Phase
     message: str
 
     def __str__(self) -> str:
@@ -82,63 +81,9 @@ class RollingRestartFailed(OperationFailed):
         super().__init__(result.summary())
 
 
-def default_connect(name: str, address: str, ssh: Any) -> Executor:
-    from llamactl.ops.connect import connect_host
-
-    return connect_host(name, address, ssh)
-
-
-def systemctl_restart(executor: Executor, instance: Instance) -> None:
-    # Clear the unit's failed state and start-rate counter first: a unit that hit StartLimitBurst
-    # refuses `restart`, and our deliberate restarts must not use up the budget that lets systemd
-    # bring a crashed server back (Restart=on-failure).
-    executor.run(Command.of("systemctl", "reset-failed", instance.unit), check=False)
-    executor.run(Command.of("systemctl", "restart", instance.unit, description=f"restart {instance.id}"))
-
-
-class HostPool:
-    """One executor per host, connected on first use, with a lock per host: executors are not
-    required to be thread-safe, and a batch works on several instances at once."""
-
-    def __init__(self, inv: Inventory, connect: Connect, given: Mapping[str, Executor] | None = None) -> None:
-        self._inv, self._connect = inv, connect
-        self._given = dict(given or {})  # the caller's executors: used, never closed or dropped
-        self._executors: dict[str, Executor] = dict(self._given)
-        self._locks: dict[str, threading.Lock] = {}
-        self._guard = threading.Lock()
-
-    def _spec(self, name: str) -> tuple[str, Any]:
-        for bh in self._inv.balancer.hosts:
-            if bh.name == name:
-                return bh.address, bh.ssh
-        host = self._inv.host(name)
-        return host.address, host.ssh
-
-    def get(self, name: str) -> tuple[Executor, threading.Lock]:
-        with self._guard:
-            lock = self._locks.setdefault(name, threading.Lock())
-        with lock:
-            if name not in self._executors:
-                address, ssh = self._spec(name)
-                self._executors[name] = self._connect(name, address, ssh)
-        return self._executors[name], lock
-
-    def balancers(self) -> dict[str, Executor]:
-        return {bh.name: self.get(bh.name)[0] for bh in self._inv.balancer.hosts}
-
-    def drop(self, name: str) -> None:
-        """Forget a host's executor (after a connection error) so the next use reconnects."""
-        if name in self._given:
-            return
-        with self._guard:
-            executor = self._executors.pop(name, None)
-        if executor is not None:
-            with contextlib.suppress(Exception):  # closing a broken connection may fail too
-                executor.close()
-
-    def close(self) -> None:
-        for name in list(self._executors):
-            self.drop(name)
+def restart_instance(executor: Executor, instance: Instance) -> None:
+    """The default restart action: the one "(re)start these units" step, for one instance's unit."""
+    restart_units(executor, [instance.unit])
 
 
 @dataclass(frozen=True)
@@ -191,10 +136,10 @@ def rolling_restart(
     inv: Inventory,
     instances: Sequence[Instance],
     *,
-    connect: Connect = default_connect,
-    progress: Callable[[str, str], None] | None = None,
+    connect: Connector | None = None,
+    pool: HostPool | None = None,
+    progress: ProgressFn | None = None,
     on_event: Callable[[Progress], None] | None = None,
-    balancer_executors: Mapping[str, Executor] | None = None,
     restart_fn: RestartFn | None = None,
     batch: int | str | None = None,
     force: bool = False,
@@ -205,7 +150,7 @@ def rolling_restart(
     """Restart ``instances`` (a subset of ``inv.instances()``) without dropping a request.
 
     ``progress(where, message)`` gets one line per step; ``on_event`` the structured ``Progress``.
-    ``balancer_executors`` (by balancer host name) are used instead of connecting, and left open.
+    ``pool``: the caller's connections (used, left open); else one is made with ``connect``.
     ``restart_fn(executor, instance)`` replaces ``systemctl restart <unit>`` (deploy: activate the new
     release, then restart). Refuses (UsageError) when the cluster has a single instance, since its
     restart is an outage, unless ``force``. Raises ``RollingRestartFailed`` (exit 1, with ``.result``)
@@ -227,13 +172,14 @@ def rolling_restart(
     groups = plan_batches(instances, spec, inv.rollout.max_unavailable, cluster_size=len(cluster), force=force)
     result = RollingResult([[i.id for i in g] for g in groups])
     checks = checks or Checks()
-    restart = restart_fn or systemctl_restart
-    pool = HostPool(inv, connect, balancer_executors)
+    restart = restart_fn or restart_instance
+    own_pool = pool is None
+    hosts = pool if pool is not None else HostPool(inv, connect)
     start = checks.clock()
     try:
         for number, group in enumerate(groups, 1):
             emit(Progress(number, len(groups), "batch", message=", ".join(i.id for i in group)))
-            failures = _run_batch(inv, group, number, len(groups), pool, restart, checks, nginx, emit, reason,
+            failures = _run_batch(inv, group, number, len(groups), hosts, restart, checks, nginx, emit, reason,
                                   force)
             result.failures.extend(failures)
             if any(f.step == "drain" for f in failures):
@@ -241,7 +187,7 @@ def rolling_restart(
             failed_ids = frozenset(f.instance for f in failures)
             # Undrain what came back; a failed instance stays out of the balancer.
             try:
-                _apply(inv, pool, failed_ids, nginx, f"{reason}: undrain batch {number}/{len(groups)}")
+                _apply(inv, hosts, failed_ids, nginx, f"{reason}: undrain batch {number}/{len(groups)}")
             except Exception as exc:  # noqa: BLE001 - reported as a failure, the batch stays drained
                 result.failures.append(Failure(",".join(i.id for i in group), "undrain", str(exc)))
                 result.restarted.extend(i.id for i in group if i.id not in failed_ids)
@@ -255,7 +201,8 @@ def rolling_restart(
             if failures:
                 break
     finally:
-        pool.close()
+        if own_pool:
+            hosts.close()
         result.elapsed_s = checks.clock() - start
     emit(Progress(len(groups), len(groups), "done", ok=result.ok,
                       message=result.summary()))
@@ -296,7 +243,7 @@ def _run_batch(
         progress(Progress(number, total, "drain", inst.id, "out of the balancer"))
 
     def one(inst: Instance) -> Failure | None:
-        def report(step: Step, message: str, ok: bool = True) -> None:
+        def report(step: Phase, message: str, ok: bool = True) -> None:
             progress(Progress(number, total, step, inst.id, message, ok))
 
         idle, message = checks.idle(inst.url, inv.rollout.drain_timeout_s)

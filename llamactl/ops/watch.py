@@ -14,21 +14,18 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from importlib import resources
 from typing import IO, TYPE_CHECKING, Any
 
 from llamactl.errors import ConnectError
 from llamactl.ops import lock as deploy_lock
 from llamactl.ops.balancer import NginxControl, apply_balancer_config
-from llamactl.ops.rolling import Connect, HostPool, default_connect, systemctl_restart
+from llamactl.ops.connect import Connector, HostPool
+from llamactl.ops.units import restart_units
 from llamactl.plan.watch import Event, Observation, Policy, State, Step, Watcher
 
 if TYPE_CHECKING:
     from llamactl.health.probe import InstanceProbe
     from llamactl.inventory import Instance, Inventory
-    from llamactl.plan.render import RenderedFile
-
-WATCH_UNIT_PATH = "/etc/systemd/system/llamactl-watch.service"
 
 
 def observation(probe: InstanceProbe) -> Observation:
@@ -91,7 +88,7 @@ class WatchLoop:
     inv: Inventory
     policy: Policy
     log: Callable[[dict[str, Any]], None]
-    connect: Connect = default_connect
+    connect: Connector | None = None
     nginx: NginxControl | None = None
     clock: Callable[[], float] = time.monotonic
     wall: Callable[[], float] = time.time
@@ -182,7 +179,7 @@ class WatchLoop:
         try:
             executor, lock = self.pool.get(inst.host)
             with lock:
-                systemctl_restart(executor, inst)
+                restart_units(executor, [inst.unit])
         except ConnectError as exc:
             self.pool.drop(inst.host)
             return self.watcher.restart_done(self.clock(), inst_id, ok=False, host_down=True, message=str(exc))
@@ -205,31 +202,3 @@ class WatchLoop:
                     break
         finally:
             self.pool.close()
-
-
-def render_watch_unit(
-    inv: Inventory,
-    *,
-    inventory_path: str = "/etc/llamactl/inventory.yaml",
-    llamactl_bin: str = "/opt/llamactl/current/bin/llamactl",
-    log_file: str = "/var/log/llamactl/watch.log",
-) -> dict[str, RenderedFile]:
-    """The systemd unit that runs ``llamactl watch`` on a balancer host. Deploy must also place the
-    inventory at ``inventory_path`` and an SSH key/known_hosts that reach the server hosts."""
-    import jinja2
-
-    from llamactl.plan.render import RenderedFile
-
-    source = resources.files("llamactl").joinpath("templates/llamactl-watch.service.j2").read_text("utf-8")
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
-    text = env.from_string(source).render(
-        cluster=inv.cluster,
-        llamactl_bin=llamactl_bin,
-        inventory_path=inventory_path,
-        interval_s=f"{inv.health.interval_s:g}",
-        log_file=log_file,
-        # systemd creates /var/log/<name> for the service; a log elsewhere must already be writable.
-        log_dir_name=(log_file.rsplit("/", 1)[0].removeprefix("/var/log/")
-                      if log_file.startswith("/var/log/") else "llamactl"),
-    )
-    return {WATCH_UNIT_PATH: RenderedFile(text.encode("utf-8"), 0o644)}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from llamactl.plan.facts import HostFacts
+from llamactl.plan.command import Command
+from llamactl.plan.facts import HostFacts, gather_command
+from llamactl.plan.render import ENV_DIR
 
 
 def previous_release(facts: HostFacts, *, to: str | None = None) -> str | None:
@@ -18,3 +20,10 @@ def previous_release(facts: HostFacts, *, to: str | None = None) -> str | None:
         if rid != facts.current and rid in facts.releases:
             return rid
     return None
+
+
+def releases_command(python: str, install_dir: str) -> Command:
+    """Read the host's installed releases, the active one and the activation history (the fact-gathering
+    script with nothing else to look at)."""
+    return gather_command(python, install_dir=install_dir, files=[], wheelhouse_dir="/nonexistent", units=[],
+                          model_path=None, model_manifest=None, gpus=False, env_dir=ENV_DIR)

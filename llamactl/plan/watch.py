@@ -29,14 +29,14 @@ class State(str, enum.Enum):
     GAVE_UP = "gave-up"  # drained; restart budget spent, a human must look
 
 
-Outcome = Literal["ready", "loading", "stalled", "failed"]
+ProbeOutcome = Literal["ready", "loading", "stalled", "failed"]
 
 
 @dataclass(frozen=True)
 class Observation:
     """One probe of one instance. ``uptime_s`` comes from /health when the server answered."""
 
-    outcome: Outcome
+    outcome: ProbeOutcome
     detail: str = ""
     uptime_s: float | None = None
 

@@ -6,10 +6,21 @@
 
 from llamactl.remote.base import CommandTimeout, Executor, RemoteFileError, RunResult
 from llamactl.remote.local import LocalExecutor
-from llamactl.remote.parallel import Err, Ok, Outcome, run_parallel
+from llamactl.remote.parallel import Err, Ok, TaskResult, run_parallel
 from llamactl.remote.recording import FakeFile, Recorded, RecordingExecutor, Reply
 
 __all__ = [
-    "CommandTimeout", "Err", "Executor", "FakeFile", "LocalExecutor", "Ok", "Outcome", "Recorded",
-    "RecordingExecutor", "RemoteFileError", "Reply", "RunResult", "run_parallel",
+    "CommandTimeout",
+    "Err",
+    "Executor",
+    "FakeFile",
+    "LocalExecutor",
+    "Ok",
+    "Recorded",
+    "RecordingExecutor",
+    "RemoteFileError",
+    "Reply",
+    "RunResult",
+    "TaskResult",
+    "run_parallel",
 ]

@@ -27,16 +27,16 @@ class Err:
     ok = False
 
 
-Outcome = Ok[R] | Err
+TaskResult = Ok[R] | Err
 
 
-def run_parallel(items: Iterable[T], fn: Callable[[T], R], max_workers: int) -> list[Outcome[R]]:
+def run_parallel(items: Iterable[T], fn: Callable[[T], R], max_workers: int) -> list[TaskResult[R]]:
     """``fn(item)`` for every item, at most ``max_workers`` at a time; outcomes in the items' order."""
     todo = list(items)
     if max_workers < 1:
         raise ValueError(f"max_workers must be >= 1, got {max_workers}")
 
-    def guarded(item: T) -> Outcome[R]:
+    def guarded(item: T) -> TaskResult[R]:
         try:
             return Ok(fn(item))
         except Exception as exc:  # noqa: BLE001 - one host's failure is data, not a crash

@@ -21,7 +21,7 @@ SSH_CONFIG_ENV = "LLAMACTL_SSH_CONFIG"
 
 
 @dataclass(frozen=True)
-class HostConfig:
+class SSHConfigEntry:
     """What ssh_config says about one host. None / () = the file does not set it."""
 
     hostname: str | None = None
@@ -30,9 +30,9 @@ class HostConfig:
     identity_files: tuple[str, ...] = ()
     proxy_jump: str | None = None
 
-    def fill(self, other: HostConfig) -> HostConfig:
+    def fill(self, other: SSHConfigEntry) -> SSHConfigEntry:
         """Keep our values, take ``other``'s where ours are unset (ssh's first-value-wins rule)."""
-        return HostConfig(
+        return SSHConfigEntry(
             hostname=self.hostname or other.hostname,
             user=self.user or other.user,
             port=self.port if self.port is not None else other.port,
@@ -78,7 +78,7 @@ def _parse(path: str, _mtime_ns: int, _size: int) -> paramiko.SSHConfig | None:
         raise UsageError(f"{path}: cannot read ssh config: {exc}") from exc
 
 
-def lookup(config: paramiko.SSHConfig, alias: str) -> HostConfig:
+def lookup(config: paramiko.SSHConfig, alias: str) -> SSHConfigEntry:
     try:
         found = config.lookup(alias)
     except (ValueError, paramiko.ConfigParseError, paramiko.CouldNotCanonicalize) as exc:
@@ -86,7 +86,7 @@ def lookup(config: paramiko.SSHConfig, alias: str) -> HostConfig:
     hostname = found.get("hostname")
     port = found.get("port")
     jump = found.get("proxyjump")
-    return HostConfig(
+    return SSHConfigEntry(
         # paramiko fills HostName with the alias itself when the file does not set it.
         hostname=hostname if hostname and hostname != alias else None,
         user=found.get("user"),
@@ -96,10 +96,10 @@ def lookup(config: paramiko.SSHConfig, alias: str) -> HostConfig:
     )
 
 
-def lookup_host(config: paramiko.SSHConfig | None, name: str, address: str) -> HostConfig:
+def lookup_host(config: paramiko.SSHConfig | None, name: str, address: str) -> SSHConfigEntry:
     """Settings for an inventory host: sections matching its name first, then its address."""
     if config is None:
-        return HostConfig()
+        return SSHConfigEntry()
     found = lookup(config, name)
     return found if address == name else found.fill(lookup(config, address))
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.labfixtures import Lab, llamactl
+from tests.labfixtures import Lab, lab_sh, llamactl
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -24,20 +24,6 @@ def jpeg(color: tuple[int, int, int] = (200, 60, 30)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (64, 48), color).save(buf, format="JPEG")
     return buf.getvalue()
-
-
-def ssh(lab: Lab, host: str, script: str, check: bool = True) -> str:
-    from llamactl.inventory import load_inventory
-    from llamactl.ops.connect import connect_host
-    from llamactl.plan.command import Command
-
-    inv = load_inventory(lab.inventory)
-    spec = next((h for h in inv.hosts if h.name == host), None) or next(b for b in inv.balancer.hosts if b.name == host)
-    ex = connect_host(spec.name, spec.address, spec.ssh)
-    try:
-        return ex.run(Command.sh(script), check=check).stdout
-    finally:
-        ex.close()
 
 
 def write_inventory(lab: Lab, tmp_path: Path, mutate) -> Path:  # type: ignore[no-untyped-def]
@@ -74,7 +60,7 @@ def test_inference_through_the_balancer(deployed_lab: Lab) -> None:
 
 
 def test_units_run_the_release_and_env_files_are_private(deployed_lab: Lab) -> None:
-    out = ssh(deployed_lab, "lab-host1",
+    out = lab_sh(deployed_lab, "lab-host1",
               "systemctl is-active llamactl@0.service; stat -c '%a' /etc/llamactl/instance-0.env; "
               "readlink /opt/llamactl/current")
     active, mode, current = out.split()
@@ -83,7 +69,7 @@ def test_units_run_the_release_and_env_files_are_private(deployed_lab: Lab) -> N
 
 
 def test_redeploy_changes_nothing_and_restarts_nothing(deployed_lab: Lab) -> None:
-    pid_before = ssh(deployed_lab, "lab-host2", "systemctl show -p MainPID --value llamactl@0.service").strip()
+    pid_before = lab_sh(deployed_lab, "lab-host2", "systemctl show -p MainPID --value llamactl@0.service").strip()
     started = time.monotonic()
     proc = llamactl("deploy", str(deployed_lab.inventory), "--json")
     elapsed = time.monotonic() - started
@@ -91,24 +77,24 @@ def test_redeploy_changes_nothing_and_restarts_nothing(deployed_lab: Lab) -> Non
     result = json.loads(proc.stdout)
     assert result["changed"] == 0, result
     assert all(h["changed"] == 0 for h in result["hosts"].values())
-    assert ssh(deployed_lab, "lab-host2", "systemctl show -p MainPID --value llamactl@0.service").strip() == pid_before
+    assert lab_sh(deployed_lab, "lab-host2", "systemctl show -p MainPID --value llamactl@0.service").strip() == pid_before
     assert elapsed < 30  # generous for a loaded 2-core CI box; the benchmark records the real figure
 
 
 def test_dry_run_shows_the_diff_and_changes_nothing(deployed_lab: Lab, tmp_path: Path) -> None:
     inv = write_inventory(deployed_lab, tmp_path,
                           lambda d: d["defaults"]["server"].__setitem__("max_batch_size", 2))
-    before = ssh(deployed_lab, "lab-host1", "sha256sum /etc/llamactl/instance-0.env")
+    before = lab_sh(deployed_lab, "lab-host1", "sha256sum /etc/llamactl/instance-0.env")
     proc = llamactl("deploy", str(inv), "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert "-LLAMACTL_MAX_BATCH_SIZE=4" in proc.stdout and "+LLAMACTL_MAX_BATCH_SIZE=2" in proc.stdout
     assert "restart llamactl@0.service (settings changed)" in proc.stdout
-    assert ssh(deployed_lab, "lab-host1", "sha256sum /etc/llamactl/instance-0.env") == before
+    assert lab_sh(deployed_lab, "lab-host1", "sha256sum /etc/llamactl/instance-0.env") == before
     assert "Traceback" not in proc.stderr
 
 
 def test_deploy_lock_refuses_a_second_deploy(deployed_lab: Lab) -> None:
-    ssh(deployed_lab, "lab-lb", "mkdir -p /var/lib/llamactl && "
+    lab_sh(deployed_lab, "lab-lb", "mkdir -p /var/lib/llamactl && "
         "echo '{\"owner\": \"alice@laptop\", \"since\": \"2026-11-25T10:00\", \"command\": \"llamactl deploy x\"}' "
         "> /var/lib/llamactl/deploy.lock")
     proc = llamactl("deploy", str(deployed_lab.inventory))
@@ -117,9 +103,9 @@ def test_deploy_lock_refuses_a_second_deploy(deployed_lab: Lab) -> None:
     assert "--force-unlock" in proc.stderr
     proc = llamactl("deploy", str(deployed_lab.inventory), "--force-unlock", "--json")
     assert proc.returncode == 0, proc.stderr
-    assert ssh(deployed_lab, "lab-lb", "test -e /var/lib/llamactl/deploy.lock && echo held || echo free",
+    assert lab_sh(deployed_lab, "lab-lb", "test -e /var/lib/llamactl/deploy.lock && echo held || echo free",
                check=False).strip() == "free"
-    audit = ssh(deployed_lab, "lab-lb", "tail -n 1 /var/log/llamactl/audit.log")
+    audit = lab_sh(deployed_lab, "lab-lb", "tail -n 1 /var/log/llamactl/audit.log")
     entry = json.loads(audit)
     assert entry["ok"] is True and entry["version"] and "who" in entry
 
@@ -166,7 +152,7 @@ def test_unreachable_host_leaves_others_deployed_and_rerun_converges(deployed_la
     assert result["hosts"]["lab-host1"]["ok"] and result["hosts"]["lab-host2"]["ok"]
     assert not result["hosts"]["lab-host3"]["ok"]
     assert "lab-host3" in result["hosts"]["lab-host3"]["error"]
-    assert "LLAMACTL_QUEUE_LIMIT=17" in ssh(deployed_lab, "lab-host1", "cat /etc/llamactl/instance-0.env")
+    assert "LLAMACTL_QUEUE_LIMIT=17" in lab_sh(deployed_lab, "lab-host1", "cat /etc/llamactl/instance-0.env")
     again = llamactl("deploy", str(inv), "--json")
     assert again.returncode == 0, again.stderr
     res2 = json.loads(again.stdout)
@@ -223,7 +209,7 @@ def test_a_host_lost_mid_deploy_is_reported_at_once_and_the_others_finish(deploy
     from llamactl.ops.deploy import deploy
     from llamactl.plan.command import Command
 
-    ssh(deployed_lab, "lab-host3", "systemctl stop llamactl@0.service")  # so deploy starts it and waits
+    lab_sh(deployed_lab, "lab-host3", "systemctl stop llamactl@0.service")  # so deploy starts it and waits
 
     def connector(name: str, address: str, settings: object):  # type: ignore[no-untyped-def]
         executor = connect_host(name, address, settings)
@@ -264,7 +250,7 @@ def test_broken_balancer_config_is_rolled_back_while_traffic_flows(deployed_lab:
                                 "certificate_key": "/etc/ssl/missing.key"}
 
     inv = write_inventory(deployed_lab, tmp_path, broken)
-    before = ssh(deployed_lab, "lab-lb", "sha256sum /etc/nginx/conf.d/llamactl.conf")
+    before = lab_sh(deployed_lab, "lab-lb", "sha256sum /etc/nginx/conf.d/llamactl.conf")
     stop = threading.Event()
     codes: list[int] = []
 
@@ -283,7 +269,52 @@ def test_broken_balancer_config_is_rolled_back_while_traffic_flows(deployed_lab:
     assert proc.returncode == 1
     result = json.loads(proc.stdout)
     assert "nginx" in (result["balancer"]["error"] or "")
-    assert ssh(deployed_lab, "lab-lb", "sha256sum /etc/nginx/conf.d/llamactl.conf") == before
+    assert lab_sh(deployed_lab, "lab-lb", "sha256sum /etc/nginx/conf.d/llamactl.conf") == before
     assert codes and all(c == 200 for c in codes), codes
     resp = httpx.get(f"{deployed_lab.endpoint}/healthz", timeout=10, trust_env=False)
     assert resp.status_code == 200
+
+
+def test_health_watch_runs_watch_as_a_service_on_the_balancer(deployed_lab: Lab, tmp_path: Path) -> None:
+    """deploy installs `llamactl watch` on the balancer host (inventory and SSH files 0600), status shows it
+    running, it heals a stopped server over SSH from there, and a deploy without health.watch removes it."""
+    inv = write_inventory(deployed_lab, tmp_path, lambda d: d.setdefault("health", {}).__setitem__("watch", True))
+    unit = "llamactl-watch.service"
+    try:
+        first = llamactl("deploy", str(inv), "--json", timeout=900)
+        assert first.returncode == 0, first.stdout + first.stderr
+        changes = json.loads(first.stdout)["watch"]["changes"]
+        assert any(c.startswith("built release") for c in changes) and f"start {unit} (not running)" in changes
+        assert lab_sh(deployed_lab, "lab-lb", f"systemctl is-active {unit}").strip() == "active"
+        modes = lab_sh(deployed_lab, "lab-lb", "stat -c '%a %n' /etc/llamactl/watch/*").splitlines()
+        assert modes and all(m.startswith("600 ") for m in modes), modes
+        assert any(m.endswith("/inventory.yaml") for m in modes) and any("id_ed25519" in m for m in modes)
+        status = llamactl("status", str(inv), "--json", timeout=120)
+        assert json.loads(status.stdout)["watch_service"] == "active", status.stdout + status.stderr
+        again = llamactl("deploy", str(inv), "--json", timeout=900)
+        assert again.returncode == 0 and json.loads(again.stdout)["watch"]["changes"] == [], again.stdout
+
+        lab_sh(deployed_lab, "lab-host2", "systemctl stop llamactl@0.service")  # watch, on lab-lb, heals it
+        deadline = time.monotonic() + 180
+        while lab_sh(deployed_lab, "lab-host2", "systemctl is-active llamactl@0.service", check=False).strip() != (
+                "active"):
+            assert time.monotonic() < deadline, lab_sh(deployed_lab, "lab-lb", "tail -n 20 /var/log/llamactl/watch.log")
+            time.sleep(1)
+        log = lab_sh(deployed_lab, "lab-lb", "cat /var/log/llamactl/watch.log")
+        assert '"event": "restarted"' in log and '"instance": "lab-host2/0"' in log, log
+        url = load_inventory_url(deployed_lab, "lab-host2")
+        from llamactl.health.wait import wait_ready
+
+        assert wait_ready(url, 180, interval_s=0.5).ok
+    finally:
+        off = llamactl("deploy", str(deployed_lab.inventory), "--json", timeout=900)
+    assert off.returncode == 0, off.stdout + off.stderr
+    assert json.loads(off.stdout)["watch"]["changes"] == ["removed the watch service"]
+    assert lab_sh(deployed_lab, "lab-lb", f"test -e /etc/systemd/system/{unit} || echo gone").strip() == "gone"
+    assert "watch_service" not in json.loads(llamactl("status", str(deployed_lab.inventory), "--json").stdout)
+
+
+def load_inventory_url(lab: Lab, host: str) -> str:
+    from llamactl.inventory import load_inventory
+
+    return load_inventory(lab.inventory).host(host).instances[0].url

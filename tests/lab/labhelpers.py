@@ -1,26 +1,12 @@
-"""Helpers of the lab tests: when they can run, and SSH into lab hosts with strict host keys."""
+"""Helpers of the lab tests: SSH into lab hosts with plain paramiko and strict host keys (when the lab can\nrun at all: ``tests.labfixtures.lab_available``)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import paramiko
 
 from llamactl.lab.state import LabState
-
-
-def skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "lab tests need root (network namespaces, mounts, cgroups)"
-    for tool in ("ip", "unshare", "nsenter", "ssh-keygen"):
-        if shutil.which(tool) is None:
-            return f"lab tests need `{tool}` on this machine"
-    for path in ("/lib/systemd/systemd", "/usr/sbin/sshd", "/usr/sbin/nginx"):
-        if not os.path.exists(path):
-            return f"lab tests need {path}"
-    return None
 
 
 def ssh(state: LabState, host_name: str, known_hosts: Path | None = None) -> paramiko.SSHClient:

@@ -16,6 +16,7 @@ import yaml
 from llamactl.lab import core
 from llamactl.lab.state import LabState
 from tests.lab.labhelpers import run, ssh
+from tests.labfixtures import LAB_NAME, LAB_SUBNET
 
 pytestmark = pytest.mark.lab
 
@@ -126,7 +127,7 @@ def test_status_command_json(lab3: LabState) -> None:
                           check=False, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert report["name"] == "lt" and report["subnet"] == "10.213.0.0/24"
+    assert (report["name"], report["subnet"]) == (LAB_NAME, LAB_SUBNET) == (lab3.name, lab3.subnet)
     assert {h["name"]: (h["address"], h["systemd"], h["sshd"]) for h in report["hosts"]} == {
         h.name: (h.address, "running", True) for h in lab3.hosts
     }

@@ -15,7 +15,8 @@ import pytest
 from llamactl.errors import UsageError
 from llamactl.lab import core, netns
 from llamactl.lab.state import LabState, load_state
-from tests.lab.labhelpers import run, skip_reason, ssh
+from tests.lab.labhelpers import run, ssh
+from tests.labfixtures import lab_available
 
 pytestmark = pytest.mark.lab
 NAME, SUBNET = "lc", "10.218.0.0/24"
@@ -27,7 +28,7 @@ def up(d: Path, count: int = 1, name: str = NAME, subnet: str = SUBNET) -> LabSt
 
 @pytest.fixture
 def lab_dir(tmp_path: Path) -> Iterator[Path]:
-    reason = skip_reason()
+    reason = lab_available()
     if reason:
         pytest.skip(reason)
     core.down(tmp_path / "lab", NAME, say=lambda _m: None)

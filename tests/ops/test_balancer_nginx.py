@@ -8,7 +8,8 @@ import pytest
 from ops_support import Backend, Load, TempNginx, free_port, reload_storm, write_inventory
 
 from llamactl.inventory import load_inventory
-from llamactl.ops.balancer import BalancerConfigError, NginxControl, apply_balancer_config, apply_files
+from llamactl.ops.balancer import BalancerConfigError, apply_balancer_config, apply_files
+from llamactl.plan.nginx import NginxControl
 from llamactl.plan.render import RenderedFile, render_balancer_files
 from llamactl.remote.local import LocalExecutor
 

@@ -12,22 +12,9 @@ import httpx
 import pytest
 from ops_support import LabLoad
 
-from tests.labfixtures import Lab, llamactl
+from tests.labfixtures import Lab, lab_sh, llamactl
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
-
-
-def ssh(lab: Lab, host: str, script: str) -> str:
-    from llamactl.inventory import load_inventory
-    from llamactl.ops.connect import connect_host
-    from llamactl.plan.command import Command
-
-    spec = load_inventory(lab.inventory).host(host)
-    ex = connect_host(spec.name, spec.address, spec.ssh)
-    try:
-        return ex.run(Command.sh(script)).stdout
-    finally:
-        ex.close()
 
 
 def uptimes(lab: Lab) -> dict[str, float]:
@@ -66,13 +53,13 @@ def test_rolling_restart_under_load_loses_nothing(deployed_lab: Lab) -> None:
 
 def test_kill_9_under_load_loses_nothing_and_heals(deployed_lab: Lab) -> None:
     wait_all_ready(deployed_lab, 120)
-    restarts = int(ssh(deployed_lab, "lab-host1", "systemctl show -p NRestarts --value llamactl@0.service"))
+    restarts = int(lab_sh(deployed_lab, "lab-host1", "systemctl show -p NRestarts --value llamactl@0.service"))
     with LabLoad(deployed_lab.endpoint, max_requests=400, max_seconds=600) as load:
         load.wait_ok(20)
-        ssh(deployed_lab, "lab-host1", "systemctl kill -s KILL llamactl@0.service")
+        lab_sh(deployed_lab, "lab-host1", "systemctl kill -s KILL llamactl@0.service")
         healed = wait_all_ready(deployed_lab, 90)
         load.wait_ok(max(0, 200 - load.ok))
-    after = int(ssh(deployed_lab, "lab-host1", "systemctl show -p NRestarts --value llamactl@0.service"))
+    after = int(lab_sh(deployed_lab, "lab-host1", "systemctl show -p NRestarts --value llamactl@0.service"))
     assert after == restarts + 1  # systemd brought it back (Restart=on-failure)
     assert healed < 90
     assert load.failed == [] and load.ok >= 200, load.failed[:5]
@@ -80,7 +67,7 @@ def test_kill_9_under_load_loses_nothing_and_heals(deployed_lab: Lab) -> None:
 
 def test_watch_heals_a_stopped_server(deployed_lab: Lab) -> None:
     wait_all_ready(deployed_lab, 120)
-    ssh(deployed_lab, "lab-host2", "systemctl stop llamactl@0.service")
+    lab_sh(deployed_lab, "lab-host2", "systemctl stop llamactl@0.service")
     watch = subprocess.Popen([sys.executable, "-m", "llamactl", "watch", str(deployed_lab.inventory),
                               "--interval", "1", "--backoff", "2"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -102,7 +89,7 @@ def test_watch_heals_a_stopped_server(deployed_lab: Lab) -> None:
     names = [(e.get("event"), e.get("instance")) for e in events]
     assert ("drained", "lab-host2/0") in names and ("restart", "lab-host2/0") in names, names
     assert ("undrained", "lab-host2/0") in names, names
-    assert ssh(deployed_lab, "lab-host2", "systemctl is-active llamactl@0.service").strip() == "active"
+    assert lab_sh(deployed_lab, "lab-host2", "systemctl is-active llamactl@0.service").strip() == "active"
     assert load.failed == [], load.failed[:5]
     wait_all_ready(deployed_lab, 60)
 

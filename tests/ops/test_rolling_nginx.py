@@ -15,7 +15,7 @@ from ops_support import Backend, Load, TempNginx, free_port, write_inventory
 
 from llamactl.errors import UsageError
 from llamactl.inventory import Instance, Inventory, load_inventory
-from llamactl.ops.balancer import NginxControl
+from llamactl.plan.nginx import NginxControl
 from llamactl.ops.rolling import Checks, Progress, RollingRestartFailed, rolling_restart
 from llamactl.plan.render import render_balancer_files
 from llamactl.remote.base import Executor

@@ -13,7 +13,7 @@ import pytest
 from ops_support import Backend, Load, TempNginx, free_port, write_inventory
 
 from llamactl.inventory import load_inventory
-from llamactl.ops.balancer import NginxControl
+from llamactl.plan.nginx import NginxControl
 from llamactl.ops.watch import JsonLog, WatchLoop
 from llamactl.plan.command import Command
 from llamactl.plan.render import render_balancer_files

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from llamactl.inventory import Inventory, load_inventory
-from llamactl.ops.balancer import BACKUP_SUFFIX, BalancerConfigError, NginxControl, apply_balancer_config
+from llamactl.ops.balancer import BACKUP_SUFFIX, BalancerConfigError, apply_balancer_config
+from llamactl.plan.nginx import NginxControl
 from llamactl.plan.command import Command
 from llamactl.plan.render import render_balancer_files
 from llamactl.remote.recording import RecordingExecutor, Reply

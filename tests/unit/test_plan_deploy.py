@@ -11,21 +11,23 @@ from pathlib import Path
 
 import pytest
 
+from llamactl.inventory import Instance, PipSettings
 from llamactl.plan.command import Command
-from llamactl.plan.deploy import Artifact, ModelUpload, Release, Run, Upload, pip_install_command, plan_host
+from llamactl.plan.deploy import DesiredHost, HostPlan, Run, Upload, plan_host
 from llamactl.plan.facts import FactsError, HostFacts, UnitState, gather_command, parse_facts
+from llamactl.plan.release import Artifact, ModelUpload, Release, pip_install_command
+from llamactl.plan.render import RenderedFile
 
 UNIT = "/etc/systemd/system/llamactl@.service"
 ENV0 = "/etc/llamactl/instance-0.env"
 ENV1 = "/etc/llamactl/instance-1.env"
 FILES = {UNIT: (b"[Unit]\n", 0o644), ENV0: (b"LLAMACTL_PORT=8000\n", 0o600), ENV1: (b"LLAMACTL_PORT=8001\n", 0o600)}
 DIGESTS = {p: hashlib.sha256(c).hexdigest() for p, (c, _) in FILES.items()}
-INSTANCES = [("h1/0", 0, "llamactl@0.service", "http://10.0.0.1:8000"),
-             ("h1/1", 1, "llamactl@1.service", "http://10.0.0.1:8001")]
+INSTANCES = (Instance("h1", 0, None, "10.0.0.1", 8000), Instance("h1", 1, None, "10.0.0.1", 8001))
 RELEASE = Release("0.1.0-abc", Artifact(Path("/w/llamactl-0.1.0-py3-none-any.whl"), "llamactl-0.1.0-py3-none-any.whl",
                                         "ab" * 32, 1000),
                   (Artifact(Path("/wh/torch.whl"), "torch.whl", "", 5), Artifact(Path("/wh/x.whl"), "x.whl", "", 7)))
-PIP = {"index_url": None, "extra_index_urls": [], "find_links": [], "no_index": True}
+PIP = PipSettings(no_index=True)
 
 FRESH = HostFacts(python=(3, 11, 2), venv=True, free_bytes=50 * 1024**3, systemd=True,
                   files={p: None for p in FILES}, wheelhouse={}, releases=[], current=None,
@@ -33,20 +35,22 @@ FRESH = HostFacts(python=(3, 11, 2), venv=True, free_bytes=50 * 1024**3, systemd
 CONVERGED = replace(
     FRESH, files=dict(DIGESTS), wheelhouse={"torch.whl": 5, "x.whl": 7}, releases=["0.1.0-abc"], current="0.1.0-abc",
     model_present=True,
-    units={u: UnitState("active", "enabled") for (_, _, u, _) in INSTANCES},
+    units={i.unit: UnitState("active", "enabled") for i in INSTANCES},
     env_files=[ENV0, ENV1],
 )
 
 
-def plan(facts: HostFacts, **kw: object):  # type: ignore[no-untyped-def]
-    args: dict[str, object] = dict(host="h1", python="/usr/bin/python3", install_dir="/opt/llamactl", gpus=[],
-                                   instances=INSTANCES, files=FILES, file_digests=DIGESTS, facts=facts,
-                                   release=RELEASE, pip_settings=PIP, model_path=None, model_upload=None)
-    args.update(kw)
-    return plan_host(**args)  # type: ignore[arg-type]
+def plan(facts: HostFacts, *, files: dict[str, tuple[bytes, int]] = FILES, gpus: tuple[int, ...] = (),
+         release: Release = RELEASE, model_path: str | None = None, model_upload: ModelUpload | None = None,
+         service_user: str = "root") -> HostPlan:
+    desired = DesiredHost(name="h1", python="/usr/bin/python3", install_dir="/opt/llamactl", gpus=gpus,
+                          instances=INSTANCES, files={p: RenderedFile(c, m) for p, (c, m) in files.items()},
+                          release=release, pip=PIP, model_path=model_path, model_upload=model_upload,
+                          service_user=service_user)
+    return plan_host(desired, facts)
 
 
-def commands(p) -> list[str]:  # type: ignore[no-untyped-def]
+def commands(p: HostPlan) -> list[str]:
     return [s.command.display() for s in p.steps if isinstance(s, Run)]
 
 
@@ -82,8 +86,7 @@ def test_converged_host_is_a_noop() -> None:
 def test_only_changed_instance_restarts() -> None:
     files = dict(FILES)
     files[ENV1] = (b"LLAMACTL_PORT=8001\nLLAMACTL_MAX_BATCH_SIZE=2\n", 0o600)
-    digests = {p: hashlib.sha256(c).hexdigest() for p, (c, _) in files.items()}
-    p = plan(CONVERGED, files=files, file_digests=digests)
+    p = plan(CONVERGED, files=files)
     assert [s.remote_path for s in p.steps if isinstance(s, Upload)] == [ENV1]
     assert "systemctl daemon-reload" not in commands(p)  # an env file is not a unit
     assert [(a.unit, a.action, a.why) for a in p.actions] == [("llamactl@1.service", "restart", "settings changed")]
@@ -118,14 +121,14 @@ def test_stale_instance_is_removed() -> None:
         (replace(FRESH, venv=False), {}, "python has no venv/ensurepip module (on Debian: apt-get install python3-venv)"),
         (replace(FRESH, systemd=False), {}, "systemd is not running as the init system (/run/systemd/system is missing)"),
         (replace(FRESH, free_bytes=1024**3), {}, "only 1.0 GiB free under /opt/llamactl, need 3 GiB"),
-        (FRESH, {"gpus": [0, 1]}, "the inventory gives this host GPUs but nvidia-smi is missing or failed"),
-        (replace(FRESH, gpu_count=2), {"gpus": [0, 3]}, "GPU index 3 configured but nvidia-smi lists 2 GPU(s)"),
+        (FRESH, {"gpus": (0, 1)}, "the inventory gives this host GPUs but nvidia-smi is missing or failed"),
+        (replace(FRESH, gpu_count=2), {"gpus": (0, 3)}, "GPU index 3 configured but nvidia-smi lists 2 GPU(s)"),
         (FRESH, {"model_path": "/srv/models/x"},
          "model directory /srv/models/x does not exist on the host (set model.upload_from?)"),
     ],
 )
 def test_preflight_problems(facts: HostFacts, kw: dict[str, object], message: str) -> None:
-    p = plan(facts, **kw)
+    p = plan(facts, **kw)  # type: ignore[arg-type]
     assert p.problems == [message]
     assert p.steps == []
 

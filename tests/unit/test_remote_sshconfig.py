@@ -11,7 +11,7 @@ import pytest
 
 from llamactl.errors import UsageError
 from llamactl.inventory.model import SSHSettings
-from llamactl.remote.sshconfig import HostConfig, JumpSpec, load_config, lookup, lookup_host, parse_jump
+from llamactl.remote.sshconfig import SSHConfigEntry, JumpSpec, load_config, lookup, lookup_host, parse_jump
 from llamactl.remote.target import Hop, SSHTarget
 
 CONFIG = """
@@ -74,7 +74,7 @@ def test_lookup_marks_unset_hostname_as_none() -> None:
     found = lookup(config, "gpu-01")
     assert (found.hostname, found.user, found.port) == ("10.9.0.1", "alice", 2201)
     assert found.identity_files[1] == "/keys/default" and found.identity_files[0].endswith("/.ssh/gpu01")
-    assert lookup(config, "elsewhere") == HostConfig(identity_files=("/keys/default",))
+    assert lookup(config, "elsewhere") == SSHConfigEntry(identity_files=("/keys/default",))
 
 
 def test_lookup_host_merges_name_then_address() -> None:
@@ -82,7 +82,7 @@ def test_lookup_host_merges_name_then_address() -> None:
     found = lookup_host(config, "gpu-02", "10.0.0.12")
     assert (found.user, found.proxy_jump, found.hostname) == ("bob", "bastion", None)
     assert found.identity_files == ("/keys/default", "/keys/tenner")  # name's first, then the address's
-    assert lookup_host(None, "x", "y") == HostConfig()
+    assert lookup_host(None, "x", "y") == SSHConfigEntry()
 
 
 def test_config_errors_name_the_file(tmp_path: Path) -> None:

@@ -159,3 +159,50 @@ def test_rolling_holds_the_lock_and_audits_too(inventory: str, monkeypatch: pyte
     (entry,) = lb.audit
     assert entry["command"] == f"llamactl restart {inventory} --rolling --batch 1" and entry["ok"] is False
     assert entry["changes"] == {"h1": ["restart llamactl@0.service"]}
+
+
+class Releases(Host):
+    """A host with releases r1 (older) and r2 (active) installed."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        super().__init__(name, log)
+        facts = {"python": [3, 11, 2], "venv": True, "free_bytes": None, "systemd": True, "files": {},
+                 "wheelhouse": {}, "releases": ["r1", "r2"], "history": ["r1", "r2"], "current": "r2",
+                 "model_manifest": None, "model_present": None, "units": {}}
+        self.responder = lambda command: Reply(0, json.dumps(facts)) if "-c" in command.argv[:2] else None
+
+
+def test_rollback_holds_the_lock_and_audits(inventory: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llamactl.inventory import load_inventory
+    from llamactl.ops import rolling
+    from llamactl.ops.rollback import rollback
+    from llamactl.ops.rolling import RollingResult
+
+    log: list[str] = []
+    lb = Lb(held=False, log=log)
+    use(monkeypatch, {"lb": lb, "h1": Releases("h1", log), "h2": Releases("h2", log)})
+
+    def fake(inv: object, instances: list[object], **kw: object) -> RollingResult:
+        log.append("rolling restart")
+        return RollingResult([["h1/0"], ["h2/0"]], restarted=["h1/0", "h2/0"])
+
+    monkeypatch.setattr(rolling, "rolling_restart", fake)
+    results, error = rollback(load_inventory(inventory, env={}), command_line="llamactl rollback inv.yaml")
+    assert error is None and [(r.host, r.ok, r.frm, r.to) for r in results] == [("h1", True, "r2", "r1"),
+                                                                                ("h2", True, "r2", "r1")]
+    assert log[0] == f"lb: {TAKE}" and log[-3:] == ["rolling restart", "lb: append to the audit log",
+                                                    f"lb: rm -f {lock.LOCK_PATH}"]
+    (entry,) = lb.audit
+    assert entry["command"] == "llamactl rollback inv.yaml" and entry["ok"] is True and entry["release"] == "r1"
+    assert entry["changes"] == {"h1": ["restart llamactl@0.service"], "h2": ["restart llamactl@0.service"]}
+
+
+def test_rollback_is_refused_while_a_deploy_holds_the_lock(inventory: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llamactl.inventory import load_inventory
+    from llamactl.ops.rollback import rollback
+
+    log: list[str] = []
+    use(monkeypatch, {"lb": Lb(held=True, log=log), "h1": Releases("h1", log), "h2": Releases("h2", log)})
+    with pytest.raises(lock.LockHeld):
+        rollback(load_inventory(inventory, env={}))
+    assert log == [f"lb: {TAKE}"]

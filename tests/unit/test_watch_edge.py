@@ -1,19 +1,18 @@
-"""Pure pieces around watch and logs: probe interpretation, the watch unit, journalctl commands."""
+"""Pure pieces around watch and logs: probe interpretation, journalctl commands."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from llamactl.cli.logs import journal_command, units_for
+from llamactl.cli.logs import units_for
 from llamactl.errors import UsageError
 from llamactl.health.probe import HttpOutcome, InstanceProbe
 from llamactl.inventory import Inventory, load_inventory
-from llamactl.ops.watch import WATCH_UNIT_PATH, observation, render_watch_unit
+from llamactl.ops.watch import observation
+from llamactl.plan.units import journal_command
 
 INVENTORY = """\
 version: 1
@@ -62,23 +61,6 @@ def test_observation_mapping() -> None:
     assert observation(probe((200, {"status": "stalled"}), 503)).detail == "engine stalled"
 
 
-def test_watch_unit(inv: Inventory, tmp_path: Path) -> None:
-    files = render_watch_unit(inv)
-    assert list(files) == [WATCH_UNIT_PATH]
-    text = files[WATCH_UNIT_PATH].content.decode()
-    assert files[WATCH_UNIT_PATH].mode == 0o644
-    assert ("ExecStart=/opt/llamactl/current/bin/llamactl watch /etc/llamactl/inventory.yaml --interval 7 "
-            "--log-file /var/log/llamactl/watch.log") in text
-    assert "LogsDirectory=llamactl\n" in text and "Restart=always" in text and "cluster c1" in text
-    if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze not installed")
-    # verify needs the ExecStart binary to exist: point it at a real one
-    unit = tmp_path / "llamactl-watch.service"
-    unit.write_bytes(render_watch_unit(inv, llamactl_bin=shutil.which("true") or "/bin/true")[WATCH_UNIT_PATH].content)
-    done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=30, check=False)
-    assert done.returncode == 0 and done.stderr == "", done.stderr
-
-
 def test_journal_command() -> None:
     assert journal_command(["llamactl@0.service"], 50, False).shell() == (
         "env SYSTEMD_COLORS=0 journalctl --no-pager -o short-iso -n 50 -u llamactl@0.service")
@@ -87,9 +69,9 @@ def test_journal_command() -> None:
 
 
 def test_units_for(inv: Inventory) -> None:
-    assert units_for(inv, "gpu-01", None)[2] == ["llamactl@0.service", "llamactl@1.service"]
-    assert units_for(inv, "gpu-01", 1)[2] == ["llamactl@1.service"]
-    assert units_for(inv, "lb", None)[2] == ["nginx.service", "llamactl-watch.service"]
+    assert units_for(inv, "gpu-01", None) == ["llamactl@0.service", "llamactl@1.service"]
+    assert units_for(inv, "gpu-01", 1) == ["llamactl@1.service"]
+    assert units_for(inv, "lb", None) == ["nginx.service", "llamactl-watch.service"]
     with pytest.raises(UsageError, match=r"gpu-9: no such host in .*inventory.yaml \(hosts: gpu-01, lb \(balancer\)\)"):
         units_for(inv, "gpu-9", None)
     with pytest.raises(UsageError, match=r"gpu-01: no instance 5 \(instances: 0, 1\)"):
