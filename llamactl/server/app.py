@@ -95,18 +95,20 @@ def create_app(
         state.metrics.request_errors.labels(reason="internal").inc()
         return error_response(500, "internal server error", "internal")
 
-    @app.get("/health")
+    from llamactl.server.openapi_docs import HEALTH_ROUTE, METRICS_ROUTE, READY_ROUTE
+
+    @app.get("/health", **HEALTH_ROUTE)
     async def health() -> dict[str, Any]:
         return state.health()
 
-    @app.get("/ready")
+    @app.get("/ready", **READY_ROUTE)
     async def ready() -> JSONResponse:
         status = state.status
         if status == "ready":
             return JSONResponse({"ready": True})
         return JSONResponse({"ready": False, "status": status}, status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", **METRICS_ROUTE)
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
@@ -115,6 +117,9 @@ def create_app(
 
     app.include_router(infer_router)
     app.include_router(openai_router)
+    from llamactl.server.openapi_instance import install as install_openapi
+
+    install_openapi(app, settings)
 
     # add_middleware puts each one outside the previous: the order below is innermost first, so requests meet
     # accounting (counts everything, even 401/413), then the body limit, then API keys, then the routes.

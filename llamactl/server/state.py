@@ -73,15 +73,17 @@ class ServerState:
                 max_batch_size=settings.max_batch_size,
                 max_wait_ms=settings.max_wait_ms,
             )
-        self.engine: ServingEngine = engine  # type: ignore[assignment]
+        self.engine: ServingEngine = engine
         self.liveness = Liveness(settings.stall_timeout_s)
-        if hasattr(self.engine, "liveness"):
-            self.engine.liveness = self.liveness
-        if hasattr(self.engine, "in_server"):
-            self.engine.in_server = lambda: self.busy
-        if hasattr(self.engine, "on_batch"):
-            self.engine.on_batch = lambda n: self.metrics.batch_size.observe(n)
-            self.engine.on_batch_done = lambda s: self.metrics.batch_duration.observe(s)
+        # Optional hooks an engine may expose (set by attribute: the protocol stays minimal).
+        hooks: Any = self.engine
+        if hasattr(hooks, "liveness"):
+            hooks.liveness = self.liveness
+        if hasattr(hooks, "in_server"):
+            hooks.in_server = lambda: self.busy
+        if hasattr(hooks, "on_batch"):
+            hooks.on_batch = lambda n: self.metrics.batch_size.observe(n)
+            hooks.on_batch_done = lambda s: self.metrics.batch_duration.observe(s)
         self.started = time.monotonic()
         self.created = int(time.time())
         self.draining = False
@@ -89,7 +91,7 @@ class ServerState:
         self.load_error: str | None = None
         self.in_flight = [0]  # inference HTTP requests being handled (mutated by the accounting middleware)
         self.batcher = Admission(self.engine, queue_limit=settings.queue_limit)
-        self.metrics = Metrics(
+        self.metrics: Metrics = Metrics(
             running=lambda: float(self.engine.running),
             waiting=lambda: float(self.engine.waiting),
             gpu_memory=self._gpu_memory,
@@ -100,8 +102,8 @@ class ServerState:
             engine_steps=lambda: float(self.liveness.steps),
             engine_name=lambda: self.engine.name,
         )
-        if hasattr(self.engine, "metrics"):
-            self.engine.metrics = self.metrics
+        if hasattr(hooks, "metrics"):
+            hooks.metrics = self.metrics
         self.cache = _make_cache(settings)
         self.jobs = JobStore(settings.jobs_max_entries, settings.jobs_ttl_s)
         self.inference = Inference(

@@ -22,8 +22,8 @@ class IncrementalText:
     def push(self, token: int) -> str:
         """Add one token; return the newly printable text ("" while a character is incomplete)."""
         self.tokens.append(token)
-        before = self.tok.decode(self.tokens[self._prefix : self._read], skip_special_tokens=True)
-        now = self.tok.decode(self.tokens[self._prefix :], skip_special_tokens=True)
+        before = str(self.tok.decode(self.tokens[self._prefix : self._read], skip_special_tokens=True))
+        now = str(self.tok.decode(self.tokens[self._prefix :], skip_special_tokens=True))
         if len(now) > len(before) and not now.endswith("\ufffd") and now.startswith(before):
             piece = now[len(before) :]
             self.sent += piece

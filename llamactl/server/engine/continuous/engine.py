@@ -28,7 +28,14 @@ from llamactl.server.engine.continuous.pools import PoolShape, SlotPools, plan_s
 from llamactl.server.engine.continuous.sampler import RowSampling, choose_tokens
 from llamactl.server.engine.continuous.sequence import Prepared, Sequence
 from llamactl.server.engine.detok import IncrementalText
-from llamactl.server.engine.protocol import EngineFailure, EngineState, GenRequest, GenResult, Stopped
+from llamactl.server.engine.protocol import (
+    EngineFailure,
+    EngineState,
+    FinishReason,
+    GenRequest,
+    GenResult,
+    Stopped,
+)
 from llamactl.server.hf_engine import HFEngine
 from llamactl.server.settings import Settings
 
@@ -416,7 +423,7 @@ class ContinuousEngine:
         chosen = choose_tokens(logits, [s.sampling for s in seqs], self._eos_tensor)
         now = time.monotonic()
         batch = len(self._running)
-        done: list[tuple[Sequence, str]] = []
+        done: list[tuple[Sequence, FinishReason]] = []
         for s, token in zip(seqs, chosen):
             if s.req.cancelled:
                 done.append((s, "cancelled"))
@@ -434,7 +441,7 @@ class ContinuousEngine:
         for s in seqs:
             s.last_at = now
         for s, reason in done:
-            result = s.finish(reason, self.hf.processor.tokenizer)  # type: ignore[arg-type]
+            result = s.finish(reason, self.hf.processor.tokenizer)
             _report(s.req, result)
         if done:
             self._release({s.slot for s, _ in done})

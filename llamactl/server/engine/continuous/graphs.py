@@ -59,7 +59,7 @@ class DecodeGraphs:
     def _capture(self, rows: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Warm-up runs on a side stream (library handles, autotuning) do the very step we are about to replay:
         # they write the same K/V at the same positions, so running it again is harmless.
-        side = torch.cuda.Stream()
+        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):

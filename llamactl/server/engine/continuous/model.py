@@ -145,7 +145,7 @@ class MllamaRunner:
             else:
                 h = self._self_layer_prefill(layer, h, cos, sin, self_bias, slots, t, pools.self_index[layer_idx])
         last = h[torch.arange(n, device=dev), len_t - 1]  # [n, hidden]
-        return self.lm_head(self.norm(last)).float()
+        return self.lm_head(self.norm(last)).float()  # type: ignore[no-any-return]
 
     def _prefill_cross_masks(self, rows: list[Newcomer], t: int) -> tuple[torch.Tensor, torch.Tensor]:
         pools = self.pools
@@ -178,7 +178,7 @@ class MllamaRunner:
         self.pools.v[s][slots, :, :t] = v
         out = _attend(q, k, v, bias, self.scale, self.group)
         h = h + attn.o_proj(out.transpose(1, 2).reshape(n, t, -1))
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        return h + layer.mlp(layer.post_attention_layernorm(h))  # type: ignore[no-any-return]
 
     def _cross_layer(
         self, layer: Any, h: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, bias: torch.Tensor,
@@ -195,7 +195,7 @@ class MllamaRunner:
         h = h + (layer.cross_attn_attn_gate.tanh() * attn) * has_image
         mlp = layer.mlp(layer.post_attention_layernorm(h))
         mlp = rowmask[:, 0] * mlp
-        return h + (layer.cross_attn_mlp_gate.tanh() * mlp) * has_image
+        return h + (layer.cross_attn_mlp_gate.tanh() * mlp) * has_image  # type: ignore[no-any-return]
 
     # -- decode: one token for slots 0..b-1, self K/V read up to length bucket lb ------------------------
 
@@ -228,7 +228,7 @@ class MllamaRunner:
             out = _attend(q, pools.k[s][:b, :, :lb], pools.v[s][:b, :, :lb], self_bias, self.scale, self.group)
             h = h + attn.o_proj(out.transpose(1, 2).reshape(b, 1, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.lm_head(self.norm(h[:, 0])).float()
+        return self.lm_head(self.norm(h[:, 0])).float()  # type: ignore[no-any-return]
 
 
 def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
