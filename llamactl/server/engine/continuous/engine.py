@@ -41,7 +41,10 @@ from llamactl.server.settings import Settings
 
 log = logging.getLogger("llamactl.server.engine")
 
-_PROMPT_ALLOWANCE = 1024  # prompt tokens a slot holds beyond the longest answer the server allows
+_PROMPT_ALLOWANCE = 1024
+# Batches up to this size decode through the compiled step: at batch 1 it cut the step from 12.3 to 9.8 ms, but at
+# batch 32 its generated attention kernels were slower than eager (31 vs 17 ms; bench/results/engine_direct_run4).
+_COMPILED_ROWS = 8  # prompt tokens a slot holds beyond the longest answer the server allows
 _GIB = 2**30
 
 
@@ -192,8 +195,10 @@ class ContinuousEngine:
             self._b_buckets = batch_buckets(self.slots)
             self._l_buckets = length_buckets(self.max_len)
             if device == "cuda":
-                decode = self._compiled(self.runner) if self.settings.engine_compile else self.runner.decode
-                self.graphs = DecodeGraphs(decode, self._b_buckets[-1], device)
+                small = self._compiled(self.runner) if self.settings.engine_compile else None
+                self.graphs = DecodeGraphs(
+                    self.runner.decode, self._b_buckets[-1], device, small=small, small_rows=_COMPILED_ROWS
+                )
             self._warmup()
         log.info(
             "continuous engine: %d slots of %d tokens (%.1f GiB of pools) on %s, max batch %d",
@@ -202,7 +207,7 @@ class ContinuousEngine:
         self._state = "ready"
 
     def _compiled(self, runner: MllamaRunner) -> Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]:
-        """torch.compile the decode step (one graph, batch and length symbolic) and each vision encoder layer.
+        """torch.compile the decode step (batch and length symbolic) for small batches.
 
         A decode step at batch 1 is ~2,000 kernels of which only ~200 are the weight GEMMs that bound it
         (bench/results/engine_probe_run1.json: 6.1 of 10.9 ms of GPU time); fusing the element-wise rest

@@ -39,8 +39,12 @@ def bucket(value: int, buckets: list[int]) -> int:
 
 
 class DecodeGraphs:
-    def __init__(self, decode: DecodeFn, max_rows: int, device: str) -> None:
+    def __init__(
+        self, decode: DecodeFn, max_rows: int, device: str, small: DecodeFn | None = None, small_rows: int = 0
+    ) -> None:
+        """``small`` (if given) replaces ``decode`` for batches of at most ``small_rows`` rows."""
         self.decode = decode
+        self.small, self.small_rows = small, small_rows
         self.tokens = torch.zeros(max_rows, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_rows, dtype=torch.long, device=device)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -57,16 +61,17 @@ class DecodeGraphs:
         return out
 
     def _capture(self, rows: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        decode = self.small if self.small is not None and rows <= self.small_rows else self.decode
         # Warm-up runs on a side stream (library handles, autotuning) do the very step we are about to replay:
         # they write the same K/V at the same positions, so running it again is harmless.
         side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.decode(self.tokens[:rows], self.positions[:rows], rows, length)
+                decode(self.tokens[:rows], self.positions[:rows], rows, length)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self.decode(self.tokens[:rows], self.positions[:rows], rows, length)
+            out = decode(self.tokens[:rows], self.positions[:rows], rows, length)
         self.captures += 1
         return graph, out
