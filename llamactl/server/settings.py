@@ -38,9 +38,10 @@ class Settings(BaseModel):
     quantization: Literal["none", "nf4", "int8"] = "none"
     # "auto" is the continuous-batching engine (or hf where it cannot run, e.g. nf4/int8; /health says which).
     engine: Literal["auto", "continuous", "hf"] = "auto"
-    # torch.compile the continuous engine's decode step and vision layers on CUDA (fused element-wise kernels);
-    # off keeps plain eager kernels (still replayed through CUDA graphs). Compiling adds a minute or two at start.
-    engine_compile: bool = True
+    # torch.compile the continuous engine's small-batch decode step and vision layers on CUDA (fused element-wise
+    # kernels). Off by default: on an H100 it cut a batch-1 step from 12.3 to 9.8 ms, but the server took over
+    # 220 s to become ready (bench/results/engine_direct_run4.json, engine_bench_run2.md).
+    engine_compile: bool = False
     max_batch_size: int = Field(8, ge=1, le=1024)
     max_wait_ms: float = Field(10.0, ge=0, le=60_000)
     queue_limit: int = Field(64, ge=1, le=100_000)

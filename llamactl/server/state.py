@@ -167,7 +167,8 @@ class ServerState:
         self.draining = True
 
     async def wait_drained(self, timeout_s: float) -> bool:
-        if self.drain_finished or self.stalled:  # already waited, or nothing will ever finish
+        if self.drain_finished or self.stalled or self.engine.state != "ready":
+            # already waited; nothing will ever finish; or still loading (its warm-up is not a client's request)
             timeout_s = 0
         deadline = time.monotonic() + timeout_s
         while self.busy > 0 or self.engine.waiting > 0 or self.engine.running > 0:
