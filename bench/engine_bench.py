@@ -328,7 +328,7 @@ class Bench:
             notes = []
             if out["engine_reported"] != d.engine:
                 notes.append(f"asked for engine {d.engine!r}; /health engine.name is {out['engine_reported']!r}"
-                             + (f" ({engine.get('reason')})" if engine.get("reason") else ""))
+                             + (f" ({engine.get('fallback_reason')})" if engine.get("fallback_reason") else ""))
             if d.max_wait_ms and d.max_batch > 1:
                 notes.append(f"its batcher waits up to {d.max_wait_ms} ms for a batch to fill: part of its TTFT "
                              "at low load")
