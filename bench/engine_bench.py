@@ -214,18 +214,14 @@ def run_prep(a: argparse.Namespace, rec: Recorder, model_dir: Path, timeout_s: f
 
 class HealthPoller:
     """/health and /metrics every 0.5 s during a measured level: peak GPU memory used, statuses seen, the last
-    engine block, peaks of the engine's gauges (pools, running, waiting) and its counters at the first and last
-    sample (steps, generated tokens)."""
+    engine block, peaks of the engine's gauges (pools, running, waiting)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.peak = 0
         self.statuses: set[str] = set()
         self.engine: dict[str, Any] | None = None
-        self.first: dict[str, float] = {}
-        self.last: dict[str, float] = {}
         self.peaks: dict[str, float] = {}
-        self.t_first = self.t_last = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -238,18 +234,12 @@ class HealthPoller:
                 self.statuses.add(str(h.get("status")))
                 self.engine = h.get("engine")
                 m = parse_metrics(httpx.get(self.url + "/metrics", timeout=5).text)
-                if not self.first:
-                    self.first, self.t_first = m, time.monotonic()
-                self.last, self.t_last = m, time.monotonic()
                 for k in PEAK_SERIES:
                     if k in m:
                         self.peaks[k] = max(self.peaks.get(k, 0.0), m[k])
             except (httpx.HTTPError, ValueError):
                 self.statuses.add("unreachable")
             self._stop.wait(0.5)
-
-    def window(self) -> dict[str, Any]:
-        return engine_window(self.first, self.last, self.peaks, self.t_last - self.t_first)
 
     def __enter__(self) -> Self:
         self._thread.start()
@@ -367,6 +357,13 @@ class Bench:
             return None
 
     @staticmethod
+    def series(url: str) -> dict[str, float]:
+        try:
+            return parse_metrics(httpx.get(url + "/metrics", timeout=10).text)
+        except httpx.HTTPError:
+            return {}
+
+    @staticmethod
     def metrics(url: str) -> list[str]:
         """The server's own llamactl_* series (no histogram buckets): what it saw, for reading the run later."""
         try:
@@ -402,11 +399,11 @@ class Bench:
         if self.sampler:
             self.sampler.mark()
         cpu0 = meter.snapshot()
-        batches0 = self.scrape(url)
+        batches0, series0 = self.scrape(url), self.series(url)
         with HealthPoller(url) as hp:
             m = self.load(url, conc, n, lvl_end)
         lv.update(m)
-        batches1 = self.scrape(url)
+        batches1, series1 = self.scrape(url), self.series(url)
         if batches0 and batches1:
             lv["batches"] = batch_delta(batches0, batches1)  # the hf engine's generate calls (size, duration)
         cpu = meter.since(cpu0)
@@ -416,7 +413,7 @@ class Bench:
         lv["gpu_mem_health_peak_bytes"] = hp.peak or None
         lv["health_statuses"] = sorted(hp.statuses)
         lv["engine_end"] = hp.engine
-        lv["engine_metrics"] = hp.window()
+        lv["engine_metrics"] = engine_window(series0, series1, hp.peaks, float(lv.get("wall_s") or 0.0))
         if self.sampler:
             g = self.sampler.mean_util_since_mark().get("0", {})
             lv["gpu_util_mean_pct"] = g.get("util_pct")
@@ -438,6 +435,9 @@ METHOD = [
     ("- TTFT: request sent to first content chunk. ITL: gaps between successive content chunks of a stream, "
     "pooled over the level's streams (client-side arrival times). tok/s: completion tokens of the ok requests "
     "/ the level's wall time."),
+    ("- Server side: its /metrics just before and after the measured requests (engine steps/s, tokens per step, "
+     "mean batch = the llamactl_batch_size histogram over the level: rows per generate call for hf) and every "
+     "0.5 s during them (peaks of the pool, running and waiting gauges)."),
     ("- GPU: nvidia-smi every 0.5 s (peak memory.used, mean utilization.gpu over the measured phase) and the "
     "server's /health gpu_memory (device-wide used bytes) every 0.5 s. Server cores: CPU seconds of the server "
     "process / wall seconds."),
