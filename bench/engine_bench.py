@@ -181,7 +181,8 @@ def run_prep(a: argparse.Namespace, rec: Recorder, model_dir: Path, timeout_s: f
         "the model built on the GPU from the checkpoint's config (random bf16 weights)")
     base["note"] = (f"`generate` on {built}, one "
                     f"{a.side}px JPEG a row, greedy, {a.baseline_tokens} new tokens (min = max), after a warm run; "
-                    "processor time excluded; TTFT = a 1-token generate")
+                    "processor time excluded; TTFT = a 1-token generate"
+                    + ("" if a.tiny else "; cuDNN SDPA off, as in the hf engine"))
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO, text=True)
     deadline = time.monotonic() + timeout_s
     killer = threading.Timer(timeout_s, proc.send_signal, (signal.SIGTERM,))
