@@ -83,8 +83,10 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
     small = [c for c in levels if c <= a.hf_max_batch]
     big = [c for c in levels if c > a.hf_max_batch]
     table = {
+        # weights: the engine under test first and with the most time (its start includes torch.compile and
+        # CUDA graph capture); hf-b64 last and least (run 1: its batches of 64 ran near the memory limit, slowly)
         "continuous": Design("continuous", "the continuous-batching engine", "continuous", max(levels), levels,
-                             a.rounds, a.min_requests, "round", 3.0),
+                             a.rounds, a.min_requests, "round", 4.0),
         "hf": Design("hf", f"hf engine, windowed static batches of up to {a.hf_max_batch}", "hf", a.hf_max_batch,
                      small, a.rounds, a.min_requests, "round", 3.0, a.hf_max_wait_ms),
         "seed": Design("seed", "one request at a time (hf engine, max batch 1: the seed article's design)", "hf", 1,
@@ -92,7 +94,7 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
     }
     if big:
         table[f"hf-b{max(big)}"] = Design(f"hf-b{max(big)}", f"hf engine, static batches of up to {max(big)}",
-                                          "hf", max(big), big, a.rounds, a.min_requests, "round", 1.5,
+                                          "hf", max(big), big, a.rounds, a.min_requests, "round", 1.0,
                                           a.hf_max_wait_ms)
     out = []
     for name in a.designs:
@@ -181,7 +183,8 @@ def run_prep(a: argparse.Namespace, rec: Recorder, model_dir: Path, timeout_s: f
         "the model built on the GPU from the checkpoint's config (random bf16 weights)")
     base["note"] = (f"`generate` on {built}, one "
                     f"{a.side}px JPEG a row, greedy, {a.baseline_tokens} new tokens (min = max), after a warm run; "
-                    "processor time excluded; TTFT = a 1-token generate")
+                    "processor time excluded; TTFT = a 1-token generate"
+                    + ("" if a.tiny else "; cuDNN SDPA off, as in the hf engine"))
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO, text=True)
     deadline = time.monotonic() + timeout_s
     killer = threading.Timer(timeout_s, proc.send_signal, (signal.SIGTERM,))
@@ -214,18 +217,14 @@ def run_prep(a: argparse.Namespace, rec: Recorder, model_dir: Path, timeout_s: f
 
 class HealthPoller:
     """/health and /metrics every 0.5 s during a measured level: peak GPU memory used, statuses seen, the last
-    engine block, peaks of the engine's gauges (pools, running, waiting) and its counters at the first and last
-    sample (steps, generated tokens)."""
+    engine block, peaks of the engine's gauges (pools, running, waiting)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.peak = 0
         self.statuses: set[str] = set()
         self.engine: dict[str, Any] | None = None
-        self.first: dict[str, float] = {}
-        self.last: dict[str, float] = {}
         self.peaks: dict[str, float] = {}
-        self.t_first = self.t_last = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -238,18 +237,12 @@ class HealthPoller:
                 self.statuses.add(str(h.get("status")))
                 self.engine = h.get("engine")
                 m = parse_metrics(httpx.get(self.url + "/metrics", timeout=5).text)
-                if not self.first:
-                    self.first, self.t_first = m, time.monotonic()
-                self.last, self.t_last = m, time.monotonic()
                 for k in PEAK_SERIES:
                     if k in m:
                         self.peaks[k] = max(self.peaks.get(k, 0.0), m[k])
             except (httpx.HTTPError, ValueError):
                 self.statuses.add("unreachable")
             self._stop.wait(0.5)
-
-    def window(self) -> dict[str, Any]:
-        return engine_window(self.first, self.last, self.peaks, self.t_last - self.t_first)
 
     def __enter__(self) -> Self:
         self._thread.start()
@@ -328,7 +321,7 @@ class Bench:
             notes = []
             if out["engine_reported"] != d.engine:
                 notes.append(f"asked for engine {d.engine!r}; /health engine.name is {out['engine_reported']!r}"
-                             + (f" ({engine.get('reason')})" if engine.get("reason") else ""))
+                             + (f" ({engine.get('fallback_reason')})" if engine.get("fallback_reason") else ""))
             if d.max_wait_ms and d.max_batch > 1:
                 notes.append(f"its batcher waits up to {d.max_wait_ms} ms for a batch to fill: part of its TTFT "
                              "at low load")
@@ -367,6 +360,13 @@ class Bench:
             return None
 
     @staticmethod
+    def series(url: str) -> dict[str, float]:
+        try:
+            return parse_metrics(httpx.get(url + "/metrics", timeout=10).text)
+        except httpx.HTTPError:
+            return {}
+
+    @staticmethod
     def metrics(url: str) -> list[str]:
         """The server's own llamactl_* series (no histogram buckets): what it saw, for reading the run later."""
         try:
@@ -402,11 +402,11 @@ class Bench:
         if self.sampler:
             self.sampler.mark()
         cpu0 = meter.snapshot()
-        batches0 = self.scrape(url)
+        batches0, series0 = self.scrape(url), self.series(url)
         with HealthPoller(url) as hp:
             m = self.load(url, conc, n, lvl_end)
         lv.update(m)
-        batches1 = self.scrape(url)
+        batches1, series1 = self.scrape(url), self.series(url)
         if batches0 and batches1:
             lv["batches"] = batch_delta(batches0, batches1)  # the hf engine's generate calls (size, duration)
         cpu = meter.since(cpu0)
@@ -416,7 +416,7 @@ class Bench:
         lv["gpu_mem_health_peak_bytes"] = hp.peak or None
         lv["health_statuses"] = sorted(hp.statuses)
         lv["engine_end"] = hp.engine
-        lv["engine_metrics"] = hp.window()
+        lv["engine_metrics"] = engine_window(series0, series1, hp.peaks, float(lv.get("wall_s") or 0.0))
         if self.sampler:
             g = self.sampler.mean_util_since_mark().get("0", {})
             lv["gpu_util_mean_pct"] = g.get("util_pct")
@@ -438,6 +438,9 @@ METHOD = [
     ("- TTFT: request sent to first content chunk. ITL: gaps between successive content chunks of a stream, "
     "pooled over the level's streams (client-side arrival times). tok/s: completion tokens of the ok requests "
     "/ the level's wall time."),
+    ("- Server side: its /metrics just before and after the measured requests (engine steps/s, tokens per step, "
+     "mean batch = the llamactl_batch_size histogram over the level: rows per generate call for hf) and every "
+     "0.5 s during them (peaks of the pool, running and waiting gauges)."),
     ("- GPU: nvidia-smi every 0.5 s (peak memory.used, mean utilization.gpu over the measured phase) and the "
     "server's /health gpu_memory (device-wide used bytes) every 0.5 s. Server cores: CPU seconds of the server "
     "process / wall seconds."),

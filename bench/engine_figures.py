@@ -222,6 +222,10 @@ def markdown(info: dict[str, Any]) -> str:
                            f"{_f(m.get('kv_pool_usage_ratio_peak'), 2)} | {_f(m.get('cross_pool_usage_ratio_peak'), 2)} "
                            f"| {_f(m.get('requests_waiting_for_memory_peak'), 0)} | "
                            f"{_f(m.get('num_requests_running_peak'), 0)} | {_f(m.get('num_requests_waiting_peak'), 0)} |")
+        cut = [str(lv["concurrency"]) for lv in d.get("levels", []) if lv.get("cut")]
+        if cut:
+            out.append(f"\nCut: at {', '.join(cut)} clients the level's time ran out with requests still running "
+                       "(counted as cut, not failed); its tok/s and latencies cover the finished ones only.")
         if d.get("error"):
             out.append(f"\nError: `{d['error']}`")
         out.append("")

@@ -6,7 +6,9 @@
    checkpoint's config (random weights cost the same as real ones; building takes ~1 s, loading 21 GB longer),
    the checkpoint's processor, one prompt with one image per row (different 1120x1120 JPEGs), greedy,
    ``min_new_tokens = max_new_tokens``. Per batch size: a short warm run (the first run at a shape is 2-3x
-   slower), a 1-token run (time to first token: vision + prefill), then the measured run.
+   slower), a 1-token run (time to first token: vision + prefill), then the measured run. cuDNN SDPA is off,
+   as in the hf engine (llamactl/server/hf_engine.py): with it, every decode step's new key length builds a
+   cuDNN plan, which made a first H100 run of this baseline 2-4x slower than the server (engine_bench_run1).
 
 Every result is printed at once as a ``PREP {json}`` line, so the parent keeps what finished if this process is
 stopped at its time limit. Its GPU memory is returned when it exits, before any server starts.
@@ -68,6 +70,8 @@ def bare_generate(a: argparse.Namespace, deadline: float) -> None:
 
     device = "cpu" if a.tiny else "cuda"
     dtype = torch.float32 if a.tiny else torch.bfloat16
+    if device == "cuda" and not a.cudnn_sdp:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     processor = AutoProcessor.from_pretrained(a.model_dir)  # type: ignore[no-untyped-call]
     t0 = time.monotonic()
     if a.tiny:  # small: load the real file
@@ -83,6 +87,7 @@ def bare_generate(a: argparse.Namespace, deadline: float) -> None:
         "device": gpu or f"CPU ({os.cpu_count()} CPUs)", "torch": torch.__version__, "cuda": torch.version.cuda,
         "transformers": transformers.__version__, "model_build_s": round(time.monotonic() - t0, 2),
         "dtype": str(dtype).removeprefix("torch."), "bandwidth_note": bw_note,
+        "cudnn_sdp": bool(device == "cuda" and torch.backends.cuda.cudnn_sdp_enabled()),
     })
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
@@ -140,6 +145,7 @@ def main() -> None:
     ap.add_argument("--warm-tokens", type=int, default=8)
     ap.add_argument("--side", type=int, default=1120, help="image side in pixels (1120 = 4 tiles of 560)")
     ap.add_argument("--budget-s", type=float, default=180, help="no new baseline batch after this")
+    ap.add_argument("--cudnn-sdp", action="store_true", help="leave cuDNN SDPA on (per-shape plans)")
     a = ap.parse_args()
     deadline = time.monotonic() + a.budget_s
     emit("build", build(a.model_dir, a.tiny))

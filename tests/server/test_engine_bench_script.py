@@ -127,6 +127,18 @@ def test_designs_split_the_levels_above_the_hf_batch() -> None:
         engine_bench.designs_from(a)
 
 
+def test_cpu_figure_ratios_per_repeat() -> None:
+    import engine_cpu_bench as cpu
+
+    runs = [{"repeat": 1, "design": "continuous", "tok_per_s": 3000.0, "failed": 0, "server_cores": 0.6},
+            {"repeat": 1, "design": "seed", "tok_per_s": 500.0, "failed": 0, "server_cores": 0.8},
+            {"repeat": 2, "design": "continuous", "tok_per_s": 2000.0, "failed": 1, "server_cores": 0.6},
+            {"repeat": 2, "design": "seed", "tok_per_s": 400.0, "failed": 0, "server_cores": 0.8}]
+    assert cpu.ratios(runs, "seed", cpu._tok) == [6.0]  # a burst with a failed request counts for nothing
+    assert cpu.ratios(runs, "seed", cpu._per_cpu) == [8.0]
+    assert cpu.ratios(runs, "hf", cpu._tok) == []
+
+
 # -- the load generator against a fake streaming server (starlette + uvicorn on a real socket) -------------
 
 @pytest.fixture
