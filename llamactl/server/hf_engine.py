@@ -30,6 +30,16 @@ _WARMUP_MESSAGES: list[dict[str, Any]] = [
 ]
 
 
+PROMPT_ALLOWANCE = 1024  # prompt tokens a request may bring beyond the longest answer the server allows
+
+
+def context_limit(settings: Settings, model: Any) -> int:
+    """The most tokens (prompt + answer) one request may take: the server's longest answer plus a prompt
+    allowance, within the model's positions. Both engines refuse longer requests with a 400 before any work."""
+    positions = int(model.config.get_text_config().max_position_embeddings)
+    return min(positions, settings.gen_max_new_tokens + PROMPT_ALLOWANCE)
+
+
 class HFEngine:
     def __init__(self, settings: Settings, threads: int | None = None) -> None:
         self.settings = settings
@@ -171,6 +181,18 @@ class HFEngine:
         return int(total - free), int(total)
 
     # -- inference ---------------------------------------------------------------------------------------
+
+    def check_length(self, req: GenRequest) -> None:
+        """Raise ValueError (a 400) when the prompt plus max_new_tokens is beyond ``context_limit``."""
+        if self.processor is None or self.model is None:
+            raise ValueError("the model is not loaded yet")
+        tokens = len(self.processor.tokenizer(req.prompt, add_special_tokens=False)["input_ids"])
+        limit = context_limit(self.settings, self.model)
+        if tokens + req.params.max_new_tokens > limit:
+            raise ValueError(
+                f"the prompt ({tokens} tokens) plus max_tokens ({req.params.max_new_tokens}) is longer than "
+                f"this server's context of {limit} tokens"
+            )
 
     def render_prompt(self, messages: list[dict[str, Any]]) -> str:
         if self.processor is None:

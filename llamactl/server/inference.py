@@ -139,7 +139,7 @@ class Inference:
             self.error("invalid_request")
             raise ApiError(400, str(exc), "invalid_request") from None
 
-    def enqueue(
+    async def enqueue(
         self,
         prompt: str,
         image: Image | None,
@@ -148,7 +148,9 @@ class Inference:
         cache_key: str | None = None,
         on_text: Callable[[str], None] | None = None,
     ) -> Awaitable[Outcome]:
-        """Admit a request now (raising 429/503 synchronously) and return an awaitable of its outcome."""
+        """Admit a request (prepared in a worker thread, then handed to the engine) and return an awaitable of
+        its outcome. Refusals (400 for a request the engine cannot take, 429, 503) raise here, before a caller
+        starts a response, so a streamed request gets them as its HTTP status."""
         started = time.monotonic()
         if cache_key is not None and self.cache is not None:
             hit = self.cache.get(cache_key)
@@ -167,7 +169,8 @@ class Inference:
         if self.batcher.stopping:
             self.error("draining")
             raise ApiError(503, "the server is shutting down", "unavailable")
-        return self._finish(req, started, cache_key)
+        waiter = await self._admit(req)
+        return self._finish(waiter, started, cache_key)
 
     async def _admit(self, req: GenRequest) -> Awaitable[GenResult]:
         """Prepare ``req`` in a worker thread (tokens, image tensors), then hand it to admission."""
@@ -185,8 +188,7 @@ class Inference:
             self.error("draining")
             raise ApiError(503, str(exc), "unavailable") from None
 
-    async def _finish(self, req: GenRequest, started: float, cache_key: str | None) -> Outcome:
-        waiter = await self._admit(req)
+    async def _finish(self, waiter: Awaitable[GenResult], started: float, cache_key: str | None) -> Outcome:
         try:
             result = await waiter
         except DeadlineExceeded:

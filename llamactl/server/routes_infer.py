@@ -57,7 +57,7 @@ async def _admit(state: ServerState, image_b64: str, question: str, opts: GenOpt
     prompt = svc.render(_messages(question))
     svc.check_capacity()
     image = await svc.decode_image(image_b64)
-    return svc.enqueue(prompt, image, params, cache_key=svc.cache_key(image_b64, prompt, params))
+    return await svc.enqueue(prompt, image, params, cache_key=svc.cache_key(image_b64, prompt, params))
 
 
 def _answer(state: ServerState, outcome: Outcome) -> dict[str, Any]:

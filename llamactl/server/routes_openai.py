@@ -146,8 +146,8 @@ async def chat_completions(
     cache_key = svc.cache_key(image_url, prompt, params)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(state, rid, created, prompt, image, params, include_usage, cache_key)
-    waiter = svc.enqueue(prompt, image, params, cache_key=cache_key)
+        return await _stream(state, rid, created, prompt, image, params, include_usage, cache_key)
+    waiter = await svc.enqueue(prompt, image, params, cache_key=cache_key)
     try:
         outcome: Outcome = await unless_disconnected(request.receive, waiter)
     except ClientGone:
@@ -171,7 +171,7 @@ async def chat_completions(
     }
 
 
-def _stream(
+async def _stream(
     state: ServerState,
     rid: str,
     created: int,
@@ -189,7 +189,7 @@ def _stream(
 
     # Admission happens here, before the response starts, so 429/503 are real HTTP statuses.
     # A cached answer arrives whole (on_text is never called); a generated one is stored when it completes.
-    waiter = state.inference.enqueue(prompt, image, params, on_text=on_text, cache_key=cache_key)
+    waiter = await state.inference.enqueue(prompt, image, params, on_text=on_text, cache_key=cache_key)
     task: asyncio.Future[Outcome] = asyncio.ensure_future(waiter)
 
     def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, int] | None = None,

@@ -98,7 +98,10 @@ class StaticBatches:
         self.engine.warmup()
 
     def prepare(self, req: GenRequest) -> None:
-        return None  # the processor runs per batch inside generate_batch
+        """Refuse a request longer than the context before it queues (the processor runs per batch later)."""
+        check = getattr(self.engine, "check_length", None)
+        if check is not None:
+            check(req)
 
     def add(self, req: GenRequest) -> None:
         with self._cv:

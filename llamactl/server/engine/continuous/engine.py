@@ -36,12 +36,11 @@ from llamactl.server.engine.protocol import (
     GenResult,
     Stopped,
 )
-from llamactl.server.hf_engine import HFEngine
+from llamactl.server.hf_engine import PROMPT_ALLOWANCE, HFEngine, context_limit
 from llamactl.server.settings import Settings
 
 log = logging.getLogger("llamactl.server.engine")
 
-_PROMPT_ALLOWANCE = 1024
 # Batches up to this size decode through the compiled step: at batch 1 it cut the step from 12.3 to 9.8 ms, but at
 # batch 32 its generated attention kernels were slower than eager (31 vs 17 ms; bench/results/engine_direct_run4).
 _COMPILED_ROWS = 8  # prompt tokens a slot holds beyond the longest answer the server allows
@@ -160,9 +159,7 @@ class ContinuousEngine:
         self_ids = [i for i in range(text_cfg.num_hidden_layers) if i not in cross]
         heads = text_cfg.num_attention_heads
         vision = model.model.vision_model
-        self.max_len = min(
-            int(text_cfg.max_position_embeddings), self.settings.gen_max_new_tokens + _PROMPT_ALLOWANCE
-        )
+        self.max_len = context_limit(self.settings, model)
         shape = PoolShape(
             self_layers=len(self_ids),
             cross_layers=len(cross),
@@ -281,7 +278,7 @@ class ContinuousEngine:
             return_tensors="pt",
         )
         ids = [int(t) for t in out["input_ids"][0].tolist()]
-        limit = self.max_len or (self.settings.gen_max_new_tokens + _PROMPT_ALLOWANCE)
+        limit = self.max_len or (self.settings.gen_max_new_tokens + PROMPT_ALLOWANCE)
         if len(ids) + req.params.max_new_tokens > limit:
             raise ValueError(
                 f"the prompt ({len(ids)} tokens) plus max_tokens ({req.params.max_new_tokens}) is longer than "
