@@ -42,7 +42,7 @@ def pct(values: list[float], q: float) -> float | None:
     return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
 
 
-def build(tiny: bool, slots: int, max_new: int, compile_: bool = True) -> tuple[Any, Any]:
+def build(tiny: bool, slots: int, max_new: int, compile_: str = "off") -> tuple[Any, Any]:
     from llamactl.server.engine.continuous import ContinuousEngine
     from llamactl.server.settings import Settings
 
@@ -257,7 +257,7 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=1120)
     ap.add_argument("--slots", type=int, default=64)
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--no-compile", action="store_true", help="eager kernels in the graphs (engine_compile off)")
+    ap.add_argument("--compile", default="off", choices=["off", "vision", "all"], help="engine_compile")
     args = ap.parse_args()
     report: dict[str, Any] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                               "torch": torch.__version__}
@@ -265,7 +265,7 @@ def main() -> None:
 
     report["transformers"] = transformers.__version__
     t0 = time.monotonic()
-    engine, model = build(args.tiny, args.slots, 2048, compile_=not args.no_compile)
+    engine, model = build(args.tiny, args.slots, 2048, compile_=args.compile)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if not args.tiny and not args.skip_hf:  # before the engine's pools take the memory HF generate needs
         engine.hf.load()

@@ -38,10 +38,10 @@ class Settings(BaseModel):
     quantization: Literal["none", "nf4", "int8"] = "none"
     # "auto" is the continuous-batching engine (or hf where it cannot run, e.g. nf4/int8; /health says which).
     engine: Literal["auto", "continuous", "hf"] = "auto"
-    # torch.compile the continuous engine's small-batch decode step and vision layers on CUDA (fused element-wise
-    # kernels). Off by default: on an H100 it cut a batch-1 step from 12.3 to 9.8 ms, but the server took over
-    # 220 s to become ready (bench/results/engine_direct_run4.json, engine_bench_run2.md).
-    engine_compile: bool = False
+    # torch.compile on CUDA (continuous engine): "vision" compiles the vision encoder layers, "all" also the
+    # small-batch decode step. Off by default: with "all" a batch-1 step went from 12.3 to 9.8 ms on an H100, but
+    # the server took over 220 s to become ready (bench/results/engine_direct_run4.json, engine_bench_run2.md).
+    engine_compile: Literal["off", "vision", "all"] = "off"
     max_batch_size: int = Field(8, ge=1, le=1024)
     max_wait_ms: float = Field(10.0, ge=0, le=60_000)
     queue_limit: int = Field(64, ge=1, le=100_000)

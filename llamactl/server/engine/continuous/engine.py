@@ -127,7 +127,7 @@ class ContinuousEngine:
             "max_len": self.max_len,
             "pool_gib": None if self.pools is None else round(self.pools.bytes / _GIB, 2),
             "cuda_graphs": None if self.graphs is None else self.graphs.captures,
-            "compiled": self.compiled,
+            "compiled": self.settings.engine_compile if self.hf.device == "cuda" else "off",
             "prefill_chunk_images": self.chunk_images,
             "image_preprocessing_on": "cpu",  # the processor runs in request threads (prepare), off the GPU loop
             "threads": hf["threads"],
@@ -179,7 +179,7 @@ class ContinuousEngine:
                 # default kernel on an H100 (bench/results/engine_probe_run1.json: 0.52 s vs 0.99 s for 8
                 # images; relative L2 1.2e-2, within bf16 noise). Its plans are built once per shape below.
                 torch.backends.cuda.enable_cudnn_sdp(True)
-                if self.settings.engine_compile:
+                if self.settings.engine_compile in ("vision", "all"):
                     _compile_vision(vision)
                 reserve = self._measure_workspace(model, vision) + 2 * _GIB
                 free, _total = torch.cuda.mem_get_info()
@@ -192,7 +192,7 @@ class ContinuousEngine:
             self._b_buckets = batch_buckets(self.slots)
             self._l_buckets = length_buckets(self.max_len)
             if device == "cuda":
-                small = self._compiled(self.runner) if self.settings.engine_compile else None
+                small = self._compiled(self.runner) if self.settings.engine_compile == "all" else None
                 self.graphs = DecodeGraphs(
                     self.runner.decode, self._b_buckets[-1], device, small=small, small_rows=_COMPILED_ROWS
                 )
