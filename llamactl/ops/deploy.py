@@ -12,21 +12,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from llamactl.errors import ConnectError, LlamactlError, OperationFailed
+from llamactl.errors import ConnectError, LlamactlError
 from llamactl.inventory import HostSpec, Inventory
 from llamactl.ops import lock as deploy_lock
 from llamactl.ops.balancer import apply_balancer_config
 from llamactl.ops.connect import Connector, HostPool
+from llamactl.ops.deploy_result import DeployResult, HostOutcome, HostsUnreachable, raise_for
 from llamactl.ops.hostplan import FileDiff, apply_plan, file_diffs, read_facts
 from llamactl.ops.readiness import wait_instances_ready
 from llamactl.ops.release import build_wheel, make_release, model_upload
 from llamactl.ops.rolling import ProgressFn, RollingRestartFailed, rolling_restart
 from llamactl.ops.units import restart_units
 from llamactl.plan.deploy import (
-    HostPlan,
     InstanceAction,
     desired_host,
     plan_host,
@@ -37,72 +37,8 @@ from llamactl.plan.units import journal_command
 from llamactl.remote.base import Executor
 from llamactl.remote.parallel import run_parallel
 
-
-@dataclass
-class HostOutcome:
-    host: str
-    ok: bool = False
-    error: str | None = None
-    unreachable: bool = False  # the failure was connecting or authenticating (exit code 3 if all are)
-    plan: HostPlan | None = None
-    diffs: list[FileDiff] = field(default_factory=list)
-    restarts: list[InstanceAction] = field(default_factory=list)
-    duration_s: float = 0.0
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def changes(self) -> list[str]:
-        return self.plan.changes if self.plan else []
-
-
-@dataclass
-class DeployResult:
-    release_id: str
-    dry_run: bool
-    hosts: list[HostOutcome]
-    balancer_changed: bool = False
-    balancer_error: str | None = None
-    balancer_diff: list[FileDiff] = field(default_factory=list)
-    rolling_error: str | None = None
-    watch_changes: list[str] = field(default_factory=list)  # health.watch: the service on the balancer host
-    watch_error: str | None = None
-    drained: frozenset[str] = frozenset()  # instances a failed rolling restart left out of the balancer
-    duration_s: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return (all(h.ok for h in self.hosts) and not self.balancer_error and not self.rolling_error
-                and not self.watch_error)
-
-    @property
-    def changed(self) -> int:
-        return (sum(len(h.changes) for h in self.hosts) + (1 if self.balancer_changed else 0)
-                + len(self.watch_changes))
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "ok": self.ok,
-            "dry_run": self.dry_run,
-            "release": self.release_id,
-            "changed": self.changed,
-            "duration_s": round(self.duration_s, 3),
-            "hosts": {
-                h.host: {
-                    "ok": h.ok,
-                    "error": h.error,
-                    "unreachable": h.unreachable,
-                    "changed": len(h.changes),
-                    "changes": h.changes,
-                    "duration_s": round(h.duration_s, 3),
-                    "timings": {k: round(v, 3) for k, v in h.timings.items()},
-                }
-                for h in self.hosts
-            },
-            "balancer": {"changed": self.balancer_changed, "error": self.balancer_error},
-            "rolling_restart_error": self.rolling_error,
-            "watch": {"changes": self.watch_changes, "error": self.watch_error},
-            "drained": sorted(self.drained),
-        }
+__all__ = ["DeployResult", "FileDiff", "HostJob", "HostOutcome", "HostsUnreachable", "Shipment", "deploy",
+           "deploy_host", "prepare", "raise_for", "start_instances"]
 
 
 @dataclass(frozen=True)
@@ -316,22 +252,3 @@ def _apply_balancer(inv: Inventory, result: DeployResult, pool: HostPool, dry_ru
             result.balancer_changed = res.changed
     except LlamactlError as exc:
         result.balancer_error = str(exc)
-
-
-class HostsUnreachable(OperationFailed):
-    exit_code = 3
-
-
-def raise_for(result: DeployResult) -> None:
-    failed = [h for h in result.hosts if not h.ok]
-    if failed and all(h.unreachable for h in failed) and result.ok is False and not result.balancer_error:
-        raise HostsUnreachable("cannot reach: " + ", ".join(h.host for h in failed))
-    if not result.ok:
-        parts = [f"{h.host} ({(h.error or '').splitlines()[0] if h.error else 'failed'})" for h in failed]
-        if result.rolling_error:
-            parts.append(f"rolling restart ({result.rolling_error})")
-        if result.balancer_error:
-            parts.append(f"balancer ({result.balancer_error})")
-        if result.watch_error:
-            parts.append(f"watch service ({result.watch_error})")
-        raise OperationFailed("deploy failed: " + "; ".join(parts))

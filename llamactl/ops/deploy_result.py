@@ -1,0 +1,96 @@
+"""What a deploy did: per host, the balancer, the rolling restart and the watch service (``--json``), and
+the exit code it maps to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llamactl.errors import OperationFailed
+from llamactl.ops.hostplan import FileDiff
+from llamactl.plan.deploy import HostPlan, InstanceAction
+
+
+@dataclass
+class HostOutcome:
+    host: str
+    ok: bool = False
+    error: str | None = None
+    unreachable: bool = False  # the failure was connecting or authenticating (exit code 3 if all are)
+    plan: HostPlan | None = None
+    diffs: list[FileDiff] = field(default_factory=list)
+    restarts: list[InstanceAction] = field(default_factory=list)
+    duration_s: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def changes(self) -> list[str]:
+        return self.plan.changes if self.plan else []
+
+
+@dataclass
+class DeployResult:
+    release_id: str
+    dry_run: bool
+    hosts: list[HostOutcome]
+    balancer_changed: bool = False
+    balancer_error: str | None = None
+    balancer_diff: list[FileDiff] = field(default_factory=list)
+    rolling_error: str | None = None
+    watch_changes: list[str] = field(default_factory=list)  # health.watch: the service on the balancer host
+    watch_error: str | None = None
+    drained: frozenset[str] = frozenset()  # instances a failed rolling restart left out of the balancer
+    duration_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return (all(h.ok for h in self.hosts) and not self.balancer_error and not self.rolling_error
+                and not self.watch_error)
+
+    @property
+    def changed(self) -> int:
+        return (sum(len(h.changes) for h in self.hosts) + (1 if self.balancer_changed else 0)
+                + len(self.watch_changes))
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "ok": self.ok,
+            "dry_run": self.dry_run,
+            "release": self.release_id,
+            "changed": self.changed,
+            "duration_s": round(self.duration_s, 3),
+            "hosts": {
+                h.host: {
+                    "ok": h.ok,
+                    "error": h.error,
+                    "unreachable": h.unreachable,
+                    "changed": len(h.changes),
+                    "changes": h.changes,
+                    "duration_s": round(h.duration_s, 3),
+                    "timings": {k: round(v, 3) for k, v in h.timings.items()},
+                }
+                for h in self.hosts
+            },
+            "balancer": {"changed": self.balancer_changed, "error": self.balancer_error},
+            "rolling_restart_error": self.rolling_error,
+            "watch": {"changes": self.watch_changes, "error": self.watch_error},
+            "drained": sorted(self.drained),
+        }
+
+
+class HostsUnreachable(OperationFailed):
+    exit_code = 3
+
+
+def raise_for(result: DeployResult) -> None:
+    failed = [h for h in result.hosts if not h.ok]
+    if failed and all(h.unreachable for h in failed) and result.ok is False and not result.balancer_error:
+        raise HostsUnreachable("cannot reach: " + ", ".join(h.host for h in failed))
+    if not result.ok:
+        parts = [f"{h.host} ({(h.error or '').splitlines()[0] if h.error else 'failed'})" for h in failed]
+        if result.rolling_error:
+            parts.append(f"rolling restart ({result.rolling_error})")
+        if result.balancer_error:
+            parts.append(f"balancer ({result.balancer_error})")
+        if result.watch_error:
+            parts.append(f"watch service ({result.watch_error})")
+        raise OperationFailed("deploy failed: " + "; ".join(parts))
