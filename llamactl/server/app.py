@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -74,43 +73,8 @@ def create_app(
     )
     app.state.llamactl = state
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.kind, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        status, message = _validation_message(exc)
-        state.metrics.request_errors.labels(reason="invalid_request").inc()
-        return error_response(status, message, "invalid_request")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, str(exc.detail), kind, dict(exc.headers or {}))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error on %s", request.url.path, exc_info=exc)
-        state.metrics.request_errors.labels(reason="internal").inc()
-        return error_response(500, "internal server error", "internal")
-
-    from llamactl.server.openapi_docs import HEALTH_ROUTE, METRICS_ROUTE, READY_ROUTE
-
-    @app.get("/health", **HEALTH_ROUTE)
-    async def health() -> dict[str, Any]:
-        return state.health()
-
-    @app.get("/ready", **READY_ROUTE)
-    async def ready() -> JSONResponse:
-        status = state.status
-        if status == "ready":
-            return JSONResponse({"ready": True})
-        return JSONResponse({"ready": False, "status": status}, status_code=503)
-
-    @app.get("/metrics", **METRICS_ROUTE)
-    async def metrics() -> Response:
-        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+    _install_error_handlers(app, state)
+    _install_probes(app, state)
 
     from llamactl.server.routes_infer import router as infer_router
     from llamactl.server.routes_openai import router as openai_router
@@ -141,6 +105,51 @@ def create_app(
         in_flight=state.in_flight,
     )
     return app
+
+
+def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
+    """Every error leaves as ``{"error": {"message", "type"}}``; a bug is a 500 with no detail, logged."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.kind, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status, message = _validation_message(exc)
+        state.metrics.request_errors.labels(reason="invalid_request").inc()
+        return error_response(status, message, "invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, str(exc.detail), kind, dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s", request.url.path, exc_info=exc)
+        state.metrics.request_errors.labels(reason="internal").inc()
+        return error_response(500, "internal server error", "internal")
+
+
+def _install_probes(app: FastAPI, state: ServerState) -> None:
+    """/health, /ready and /metrics read state; they never touch the model."""
+    from llamactl.server.openapi_docs import HEALTH_ROUTE, METRICS_ROUTE, READY_ROUTE
+
+    @app.get("/health", **HEALTH_ROUTE)
+    async def health() -> dict[str, Any]:
+        return state.health()
+
+    @app.get("/ready", **READY_ROUTE)
+    async def ready() -> JSONResponse:
+        status = state.status
+        if status == "ready":
+            return JSONResponse({"ready": True})
+        return JSONResponse({"ready": False, "status": status}, status_code=503)
+
+    @app.get("/metrics", **METRICS_ROUTE)
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
 __all__ = ["ServerState", "create_app", "error_response", "get_state"]

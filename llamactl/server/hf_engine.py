@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from collections.abc import Callable
 
 from llamactl.server.engine.detok import IncrementalText
-from llamactl.server.engine.protocol import EngineState, FinishReason, GenParams, GenRequest, GenResult
+from llamactl.server.engine.protocol import EngineState, EngineStatus, FinishReason, GenParams, GenRequest, GenResult
 from llamactl.server.settings import Settings
 
 if TYPE_CHECKING:
@@ -40,13 +40,12 @@ def context_limit(settings: Settings, model: Any) -> int:
     return min(positions, settings.gen_max_new_tokens + PROMPT_ALLOWANCE)
 
 
-class HFEngine:
+class HFEngine(EngineStatus):
     def __init__(self, settings: Settings, threads: int | None = None) -> None:
         self.settings = settings
         self.threads = threads  # torch intra-op threads (the process's CPU budget); None = torch's default
         self.model_name = settings.model
-        self._state: EngineState = "loading"
-        self._error: str | None = None
+        super().__init__()
         self._lock = threading.Lock()  # guards state/error only
         self.model: Any = None
         self.processor: Any = None
@@ -57,14 +56,6 @@ class HFEngine:
         self._image_device: str | None = None  # where the image processor runs; set by warmup
         self.prepare_s_total = 0.0  # time spent in the processor (tokenise + images) before generate
         self.progress_hook: Callable[[], None] | None = None  # called once per decode step (stall detection)
-
-    @property
-    def state(self) -> EngineState:
-        return self._state
-
-    @property
-    def error(self) -> str | None:
-        return self._error
 
     def fail(self, message: str) -> None:
         with self._lock:

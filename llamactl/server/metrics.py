@@ -55,6 +55,17 @@ class _ReadAtScrape:
         return self._families(float(self._steps()), self._engine())
 
 
+def _histogram(registry: CollectorRegistry, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+    return Histogram(name, doc, buckets=buckets, registry=registry)
+
+
+def _read_gauge(registry: CollectorRegistry, name: str, doc: str, read: Callable[[], float]) -> Gauge:
+    """A gauge whose value is ``read()`` at scrape time."""
+    gauge = Gauge(name, doc, registry=registry)
+    gauge.set_function(lambda: float(read()))
+    return gauge
+
+
 class Metrics:
     def __init__(
         self,
@@ -84,34 +95,42 @@ class Metrics:
             registry=r,
         )
         self.requests_running.set_function(running)
-        self.requests_waiting = Gauge(
-            "llamactl_num_requests_waiting", "Requests waiting in the queue for a batch.", registry=r
+        self.requests_waiting = _read_gauge(
+            r, "llamactl_num_requests_waiting", "Requests waiting in the queue for a batch.", waiting
         )
-        self.requests_waiting.set_function(waiting)
-        self.e2e_latency = Histogram(
-            "llamactl_e2e_request_latency_seconds",
-            "End-to-end latency of inference requests, from arrival to the last token.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self._define_request_metrics(r)
+        self._gpu_memory = gpu_memory
+        self.gpu_used = _read_gauge(r, "llamactl_gpu_memory_used_bytes", "GPU memory in use on this device.",
+                                    lambda: float((gpu_memory() or (0, 0))[0]))
+        self.gpu_total = _read_gauge(r, "llamactl_gpu_memory_total_bytes", "GPU memory on this device.",
+                                     lambda: float((gpu_memory() or (0, 0))[1]))
+        # Engine internals, vLLM's meanings (time per output token: per request, after its first token).
+        self.time_per_output_token = _histogram(r, "llamactl_time_per_output_token_seconds", "Per request: (end-to-end time - time to first token) / (generated tokens - 1).", _TOKEN_BUCKETS)
+        self.inter_token_latency = _histogram(r, "llamactl_inter_token_latency_seconds", "Time between two consecutive tokens of one request (every gap observed).", _TOKEN_BUCKETS)
+        self.kv_pool_usage = _read_gauge(
+            r, "llamactl_kv_pool_usage_ratio", "Used fraction of the self-attention KV pool (0 to 1).", kv_pool_usage
         )
-        self.ttft = Histogram(
-            "llamactl_time_to_first_token_seconds",
-            "Time from request arrival to its first generated token.",
-            buckets=_TTFT_BUCKETS,
-            registry=r,
+        self.cross_pool_usage = _read_gauge(
+            r, "llamactl_cross_pool_usage_ratio", "Used fraction of the cross-attention (image) K/V pool (0 to 1).",
+            cross_pool_usage,
         )
-        self.batch_size = Histogram(
-            "llamactl_batch_size",
-            "Number of sequences per generate call.",
-            buckets=_BATCH_BUCKETS,
-            registry=r,
+        self.requests_waiting_for_memory = _read_gauge(
+            r, "llamactl_requests_waiting_for_memory",
+            "Queued requests held back until KV or cross-attention pool memory frees up.", waiting_for_memory,
         )
-        self.batch_duration = Histogram(
-            "llamactl_batch_duration_seconds",
-            "Wall time of one batched generate call (preprocessing, prefill and every decode step).",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.engine_stalled = _read_gauge(
+            r, "llamactl_engine_stalled",
+            "1 while the engine has work and has completed no step for stall_timeout_s, else 0.",
+            lambda: 1.0 if stalled() else 0.0,
         )
+        r.register(_ReadAtScrape(engine_steps, engine_name))
+
+    def _define_request_metrics(self, r: CollectorRegistry) -> None:
+        """Latency histograms and request/token/error/cache counters (observed by the routes and admission)."""
+        self.e2e_latency = _histogram(r, "llamactl_e2e_request_latency_seconds", "End-to-end latency of inference requests, from arrival to the last token.", _LATENCY_BUCKETS)
+        self.ttft = _histogram(r, "llamactl_time_to_first_token_seconds", "Time from request arrival to its first generated token.", _TTFT_BUCKETS)
+        self.batch_size = _histogram(r, "llamactl_batch_size", "Number of sequences per generate call.", _BATCH_BUCKETS)
+        self.batch_duration = _histogram(r, "llamactl_batch_duration_seconds", "Wall time of one batched generate call (preprocessing, prefill and every decode step).", _LATENCY_BUCKETS)
         self.prompt_tokens = Counter(
             "llamactl_prompt_tokens", "Prompt tokens processed (prefill), image token included.", registry=r
         )
@@ -127,51 +146,6 @@ class Metrics:
         )
         self.cache_hits = Counter("llamactl_cache_hits", "Result cache hits.", registry=r)
         self.cache_misses = Counter("llamactl_cache_misses", "Result cache misses.", registry=r)
-        self._gpu_memory = gpu_memory
-        self.gpu_used = Gauge(
-            "llamactl_gpu_memory_used_bytes", "GPU memory in use on this device.", registry=r
-        )
-        self.gpu_used.set_function(lambda: float((gpu_memory() or (0, 0))[0]))
-        self.gpu_total = Gauge("llamactl_gpu_memory_total_bytes", "GPU memory on this device.", registry=r)
-        self.gpu_total.set_function(lambda: float((gpu_memory() or (0, 0))[1]))
-        # Engine internals, vLLM's meanings (time per output token: per request, after its first token).
-        self.time_per_output_token = Histogram(
-            "llamactl_time_per_output_token_seconds",
-            "Per request: (end-to-end time - time to first token) / (generated tokens - 1).",
-            buckets=_TOKEN_BUCKETS,
-            registry=r,
-        )
-        self.inter_token_latency = Histogram(
-            "llamactl_inter_token_latency_seconds",
-            "Time between two consecutive tokens of one request (every gap observed).",
-            buckets=_TOKEN_BUCKETS,
-            registry=r,
-        )
-        self.kv_pool_usage = Gauge(
-            "llamactl_kv_pool_usage_ratio",
-            "Used fraction of the self-attention KV pool (0 to 1).",
-            registry=r,
-        )
-        self.kv_pool_usage.set_function(lambda: float(kv_pool_usage()))
-        self.cross_pool_usage = Gauge(
-            "llamactl_cross_pool_usage_ratio",
-            "Used fraction of the cross-attention (image) K/V pool (0 to 1).",
-            registry=r,
-        )
-        self.cross_pool_usage.set_function(lambda: float(cross_pool_usage()))
-        self.requests_waiting_for_memory = Gauge(
-            "llamactl_requests_waiting_for_memory",
-            "Queued requests held back until KV or cross-attention pool memory frees up.",
-            registry=r,
-        )
-        self.requests_waiting_for_memory.set_function(lambda: float(waiting_for_memory()))
-        self.engine_stalled = Gauge(
-            "llamactl_engine_stalled",
-            "1 while the engine has work and has completed no step for stall_timeout_s, else 0.",
-            registry=r,
-        )
-        self.engine_stalled.set_function(lambda: 1.0 if stalled() else 0.0)
-        r.register(_ReadAtScrape(engine_steps, engine_name))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -96,6 +96,22 @@ class GenResult:
     started_at: float | None = None  # time.monotonic() when the engine began its prefill (left the queue)
 
 
+class EngineStatus:
+    """The state an engine reports: loading, then ready or failed (with the reason). Reads from any thread."""
+
+    def __init__(self) -> None:
+        self._state: EngineState = "loading"
+        self._error: str | None = None
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+
 class Engine(Protocol):
     """The model-level interface of the transformers engine. Every method except ``state``/``error``/
     ``gpu_memory``/``render_prompt`` runs on the model thread only."""

@@ -31,6 +31,7 @@ from llamactl.server.engine.detok import IncrementalText
 from llamactl.server.engine.protocol import (
     EngineFailure,
     EngineState,
+    EngineStatus,
     FinishReason,
     GenRequest,
     GenResult,
@@ -47,15 +48,14 @@ _COMPILED_ROWS = 8  # prompt tokens a slot holds beyond the longest answer the s
 _GIB = 2**30
 
 
-class ContinuousEngine:
+class ContinuousEngine(EngineStatus):
     name = "continuous"
 
     def __init__(self, settings: Settings, threads: int | None = None) -> None:
         self.settings = settings
         self.hf = HFEngine(settings, threads=threads)  # loading, processor, chat template, stop tokens
         self.model_name = settings.model
-        self._state: EngineState = "loading"
-        self._error: str | None = None
+        super().__init__()
         self._cv = threading.Condition()
         self._waiting: deque[GenRequest] = deque()
         self._running: list[Sequence] = []  # index == slot
@@ -84,14 +84,6 @@ class ContinuousEngine:
         self.decode_s = 0.0
 
     # -- read-only surface (any thread) ------------------------------------------------------------------
-
-    @property
-    def state(self) -> EngineState:
-        return self._state
-
-    @property
-    def error(self) -> str | None:
-        return self._error
 
     @property
     def waiting(self) -> int:
