@@ -232,3 +232,48 @@ def test_a_blocked_step_loop_is_reported_stalled_then_recovers(hooked: ThreadSer
     gate.set()
     pending.join(60)
     assert httpx.get(srv.url + "/ready").status_code == 200
+
+
+@pytest.fixture
+def short_deadline(tiny_checkpoint: Path) -> Iterator[ThreadServer]:
+    srv = start_thread_server(make_settings(tiny_checkpoint, request_timeout_s=0.5, max_batch_size=4,
+                                            gen_max_new_tokens=4000))
+    yield srv
+    srv.stop()
+
+
+def wait_idle(eng: Any, what: str, within_s: float = 10) -> None:
+    deadline = time.monotonic() + within_s
+    while eng.running:
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_a_request_past_its_deadline_gets_504_and_frees_its_slot(short_deadline: ThreadServer) -> None:
+    srv = short_deadline
+    assert srv.state.engine.name == "continuous"
+    slow = {"image": png_b64("red"), "max_tokens": 4000, "ignore_eos": True}  # seconds of work, 0.5 s deadline
+    r = httpx.post(srv.url + "/infer", json=slow, timeout=60)
+    assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+    wait_idle(srv.state.engine, "the expired request kept its slot", within_s=1.5)
+    assert httpx.get(srv.url + "/ready").status_code == 200
+
+
+@pytest.fixture
+def long_answers(tiny_checkpoint: Path) -> Iterator[ThreadServer]:
+    srv = start_thread_server(make_settings(tiny_checkpoint, max_batch_size=4, gen_max_new_tokens=4000))
+    yield srv
+    srv.stop()
+
+
+def test_a_streamed_client_that_hangs_up_frees_its_slot(long_answers: ThreadServer) -> None:
+    srv = long_answers
+    chat = {"messages": [{"role": "user", "content": "Count slowly."}], "max_tokens": 4000, "stream": True,
+            "ignore_eos": True}  # seconds of decoding: the slot must come back long before it could finish
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json=chat, timeout=60) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith("data:") and '"content"' in line:
+                break  # the first token arrived: hang up
+    wait_idle(srv.state.engine, "the disconnected stream kept its slot", within_s=1.5)
+    assert httpx.get(srv.url + "/ready").status_code == 200
