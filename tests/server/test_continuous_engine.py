@@ -277,3 +277,24 @@ def test_a_streamed_client_that_hangs_up_frees_its_slot(long_answers: ThreadServ
                 break  # the first token arrived: hang up
     wait_idle(srv.state.engine, "the disconnected stream kept its slot", within_s=1.5)
     assert httpx.get(srv.url + "/ready").status_code == 200
+
+
+def test_quantized_models_fall_back_to_the_hf_engine_and_health_says_why(tiny_checkpoint: Path) -> None:
+    from llamactl.server.state import choose_engine
+
+    engine, reason = choose_engine(make_settings(tiny_checkpoint, quantization="nf4"), None)
+    assert engine.name == "hf" and reason is not None and "quantization nf4" in reason
+    engine, reason = choose_engine(make_settings(tiny_checkpoint), None)
+    assert engine.name == "continuous" and reason is None
+    engine, reason = choose_engine(make_settings(tiny_checkpoint, engine="hf"), None)
+    assert engine.name == "hf" and reason is None  # asked for: no fallback to explain
+
+    srv = start_thread_server(make_settings(tiny_checkpoint, quantization="int8"))
+    try:
+        health = httpx.get(srv.url + "/health").json()
+        assert health["engine"]["name"] == "hf" and health["engine"]["requested"] == "auto"
+        assert "quantization int8 runs on the hf engine" in health["engine"]["fallback_reason"]
+        r = httpx.post(srv.url + "/infer", json={"image": png_b64("red"), "max_tokens": 8}, timeout=120)
+        assert r.status_code == 200
+    finally:
+        srv.stop()
