@@ -63,6 +63,7 @@ def create_app(
             state.begin_drain()
             await state.wait_drained(0 if state.load_error else settings.drain_timeout_s)
             state.batcher.stop()
+            state.gpu.stop()
             await state.jobs.cancel_all()
             await asyncio.to_thread(state.thread.join, 30)
             if not state.thread.is_alive():

@@ -14,6 +14,9 @@ from prometheus_client.core import CounterMetricFamily, InfoMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 
+from llamactl.server.gpu_health import GpuReading
+from llamactl.server.gpu_metrics import GpuCollector
+
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -29,6 +32,14 @@ def _zero() -> float:
 
 def _unknown() -> str:
     return "unknown"
+
+
+def _no_gpu() -> GpuReading | None:
+    return None
+
+
+def _no_fault() -> bool:
+    return False
 
 
 class _ReadAtScrape:
@@ -79,6 +90,8 @@ class Metrics:
         stalled: Callable[[], float] = _zero,
         engine_steps: Callable[[], float] = _zero,
         engine_name: Callable[[], str] = _unknown,
+        gpu: Callable[[], GpuReading | None] = _no_gpu,
+        gpu_fault: Callable[[], bool] = _no_fault,
     ) -> None:
         """Every callable is read at scrape time.
 
@@ -87,6 +100,7 @@ class Metrics:
         queued requests held back because a pool is full. ``stalled``: true (1) while the engine has work
         and no step progress (``liveness.Liveness``). ``engine_steps``: steps completed so far (never
         decreases). ``engine_name``: the engine actually running ("continuous", or "hf" after a fallback).
+        ``gpu``: the latest NVML reading (None: no NVML), ``gpu_fault``: a GPU fault latched (gpu_metrics.py).
         """
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests_running = Gauge(
@@ -124,6 +138,7 @@ class Metrics:
             lambda: 1.0 if stalled() else 0.0,
         )
         r.register(_ReadAtScrape(engine_steps, engine_name))
+        r.register(GpuCollector(gpu, gpu_fault))
 
     def _define_request_metrics(self, r: CollectorRegistry) -> None:
         """Latency histograms and request/token/error/cache counters (observed by the routes and admission)."""

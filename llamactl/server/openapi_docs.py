@@ -134,7 +134,7 @@ class GpuMemory(_Shape):
 
 
 class Health(_Shape):
-    status: Literal["loading", "ready", "draining", "stalled", "failed"]
+    status: Literal["loading", "ready", "draining", "stalled", "gpu_fault", "failed"]
     model: str
     version: str
     config_hash: str = Field(description="First 16 hex digits of the effective settings' sha256.")
@@ -145,7 +145,12 @@ class Health(_Shape):
     uptime_s: float
     cpu: dict[str, Any] | None = Field(description="Threads and CPUs this process uses; null in-process.")
     engine: dict[str, Any] | None = Field(description="What the engine reports about itself.")
-    error: str | None = Field(description="Why the model failed to load, when status is failed.")
+    gpu: dict[str, Any] = Field(
+        description="This instance's GPU from NVML: status unavailable (no NVML, CPU instance; with a reason), "
+        "ok or fault (faults listed), and the latest reading: utilization_pct, memory, temperature_c, power_w, "
+        "throttle_reasons, ecc, row_remap, retired_pages, xids."
+    )
+    error: str | None = Field(description="Why the model failed to load (failed), stalled or faulted (gpu_fault).")
 
 
 class Ready(_Shape):
@@ -154,7 +159,7 @@ class Ready(_Shape):
 
 class NotReady(_Shape):
     ready: Literal[False]
-    status: Literal["loading", "draining", "stalled", "failed"]
+    status: Literal["loading", "draining", "stalled", "gpu_fault", "failed"]
 
 
 _RETRY_AFTER = {

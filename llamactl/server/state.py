@@ -2,7 +2,8 @@
 
 Route modules import ``get_state`` from here, never from the app factory. ``status`` is the one truth for
 /health, /ready and admission; it includes ``stalled`` (the engine has work and made no step for
-``stall_timeout_s``), which status and watch treat as not ready.
+``stall_timeout_s``), which status and watch treat as not ready, and ``gpu_fault`` (NVML reported a hardware
+fault of this instance's GPU, ``gpu_health.py``), which watch drains and never restarts.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from llamactl import __version__
 from llamactl.server.admission import Admission
 from llamactl.server.cpus import CpuBudget
 from llamactl.server.engine.protocol import Engine, ServingEngine
+from llamactl.server.gpu_health import GpuHealth, device_selector, open_gpu_health
 from llamactl.server.inference import Inference
 from llamactl.server.jobs import JobStore
 from llamactl.server.liveness import Liveness, exit_for_restart, is_fatal_cuda_error
@@ -59,9 +61,15 @@ class ServerState:
         settings: Settings,
         engine: ServingEngine | Engine | None = None,
         cpu: CpuBudget | None = None,
+        gpu: GpuHealth | None = None,
     ) -> None:
         self.settings = settings
         self.cpu = cpu
+        if gpu is None:
+            cpu_only = settings.device == "cpu"
+            gpu = (GpuHealth(None, unavailable_reason="CPU instance (device cpu)") if cpu_only
+                   else open_gpu_health(device_selector()))
+        self.gpu = gpu
         self.engine_note: str | None = None
         if engine is None:
             engine, self.engine_note = choose_engine(settings, None if cpu is None else cpu.threads)
@@ -101,6 +109,8 @@ class ServerState:
             stalled=lambda: 1.0 if self.stalled else 0.0,
             engine_steps=lambda: float(self.liveness.steps),
             engine_name=lambda: self.engine.name,
+            gpu=lambda: self.gpu.reading(),
+            gpu_fault=lambda: self.gpu.fault is not None,
         )
         if hasattr(hooks, "metrics"):
             hooks.metrics = self.metrics
@@ -125,6 +135,8 @@ class ServerState:
 
     @property
     def status(self) -> str:
+        if self.gpu.fault is not None:
+            return "gpu_fault"  # before failed and stalled: a broken GPU explains those, and is not restarted
         if self.load_error is not None:
             return "failed"
         if self.draining:
@@ -144,6 +156,7 @@ class ServerState:
             return None
 
     def model_main(self) -> None:
+        self.gpu.start()
         try:
             self.engine.start()
         except Exception as exc:
@@ -193,6 +206,8 @@ class ServerState:
         engine["steps"] = live.steps
         engine["since_progress_s"] = None if live.since_progress_s is None else round(live.since_progress_s, 3)
         error = self.load_error or (live.describe() if self.stalled else None)
+        if self.gpu.fault is not None:
+            error = f"GPU fault: {self.gpu.fault}"
         return {
             "status": self.status,
             "model": self.settings.model,
@@ -205,6 +220,7 @@ class ServerState:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "cpu": None if self.cpu is None else self.cpu.describe(),
             "engine": engine,
+            "gpu": self.gpu.describe(),
             "error": error,
         }
 
