@@ -25,6 +25,7 @@ from llamactl.cli import (
     rollback,
     serve,
     status,
+    undrain,
     validate,
     watch,
 )
@@ -32,7 +33,9 @@ from llamactl.cli.helptext import reflow_help
 from llamactl.cli.usage import UsageReport, command_path, is_parser_error, parser_error_report
 from llamactl.errors import InventoryError, LlamactlError, UsageError
 
-COMMAND_MODULES = (validate, render, deploy, status, restart, watch, infer, logs, rollback, lab, serve, model)
+COMMAND_MODULES = (
+    validate, render, deploy, status, restart, watch, undrain, infer, logs, rollback, lab, serve, model,
+)
 
 app = typer.Typer(
     name="llamactl",

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from llamactl.health.sweep import SweepOptions, SweepPlan
 
 _STATE_STYLE = {
-    "ready": "green", "loading": "yellow", "draining": "cyan", "stalled": "bold red", "down": "bold red",
+    "ready": "green", "loading": "yellow", "draining": "cyan", "stalled": "bold red", "gpu_fault": "bold red",
+    "down": "bold red",
 }  # fmt: skip
 GIB = 1024**3
 
@@ -49,6 +50,23 @@ def _gpu(i: InstanceReport) -> str:
     return f"{used:.1f}/{i.gpu_memory_total_bytes / GIB:.1f} GiB"
 
 
+def _gpu_health(i: InstanceReport, deep: bool) -> Text:
+    """The GPU column: flags; with --deep also temperature, power and utilisation from NVML."""
+    g = i.gpu_health
+    if g is None:
+        return Text("-")
+    parts: list[str] = []
+    if deep and g.get("status") != "unavailable":
+        for key, fmt in (("temperature_c", "{:.0f}C"), ("power_w", "{:.0f}W"), ("utilization_pct", "{:.0f}%")):
+            if isinstance(g.get(key), (int, float)):
+                parts.append(fmt.format(g[key]))
+    flags = i.gpu_flags or (["ok"] if g.get("status") == "ok" else [])
+    text = Text(" ".join(parts + [f for f in flags if f != "FAULT"]))
+    if "FAULT" in flags:
+        text.append((" " if len(text) else "") + "FAULT", style="bold red")
+    return text
+
+
 def _version(i: InstanceReport) -> Text:
     if i.version is None:
         return Text("-")
@@ -69,6 +87,7 @@ def render_table(report: HealthReport) -> Table:
         "model",
         "version config",
         "GPU mem",
+        "GPU",
         "in flight",
         "queued",
         "req/s",
@@ -90,6 +109,7 @@ def render_table(report: HealthReport) -> Table:
             Path(i.model).name if i.model else "-",
             _version(i),
             _gpu(i),
+            _gpu_health(i, report.deep),
             _num(i.in_flight),
             _num(i.queued),
             _num(i.requests_per_s, "{:.2f}"),
@@ -114,7 +134,7 @@ def render_table(report: HealthReport) -> Table:
         url = urlsplit(b.url)
         port = url.port or (443 if url.scheme == "https" else 80)
         cells: list[str | Text] = [b.name, "balancer", str(port), state]
-        cells += ["-"] * (7 + int(report.deep) + int(report.canary))
+        cells += ["-"] * (8 + int(report.deep) + int(report.canary))
         cells.append(Text(b.error or "", style="red"))
         table.add_row(*cells)
     return table

@@ -14,9 +14,11 @@ from llamactl.health.systemd import SystemdState
 
 # "stalled": the process answers but its engine has work and has made no step progress for the server's
 # stall_timeout_s (a hung step loop); like "down" it is not serving, and `watch` restarts it.
-State = Literal["ready", "loading", "draining", "stalled", "down"]
+# "gpu_fault": the server's GPU reported a hardware fault (NVML: critical Xid, uncorrectable ECC, row remap);
+# not serving, and `watch` drains it without restarting it (a restart cannot fix the card).
+State = Literal["ready", "loading", "draining", "stalled", "gpu_fault", "down"]
 _SERVER_STATES: dict[str, State] = {
-    "ready": "ready", "loading": "loading", "draining": "draining", "stalled": "stalled",
+    "ready": "ready", "loading": "loading", "draining": "draining", "stalled": "stalled", "gpu_fault": "gpu_fault",
 }  # fmt: skip
 _STALLED_WHY = "engine stalled: no step progress with work waiting"
 
@@ -52,6 +54,9 @@ class InstanceReport:
     drift_reasons: list[str] = field(default_factory=list)
     gpu_memory_used_bytes: int | None = None
     gpu_memory_total_bytes: int | None = None
+    gpu_status: str | None = None  # the server's NVML view: ok / fault / unavailable (None: not reported)
+    gpu_flags: list[str] = field(default_factory=list)  # short words for the table: fault, throttle reasons, ECC
+    gpu_health: dict[str, Any] | None = None  # the whole /health "gpu" object (--json, --deep)
     in_flight: int | None = None
     queued: int | None = None
     requests_per_s: float | None = None
@@ -157,7 +162,7 @@ def _state_of(health: dict[str, Any] | None, probe: InstanceProbe) -> tuple[Stat
         # /health says ready but /ready refuses: it changed state between the probes (e.g. started
         # draining), or it is broken; either way it is not serving.
         later = str((_json_body(probe.ready) or {}).get("status", ""))
-        if probe.ready.status == 503 and later in ("loading", "draining", "stalled"):
+        if probe.ready.status == 503 and later in ("loading", "draining", "stalled", "gpu_fault"):
             return _SERVER_STATES[later], _STALLED_WHY if later == "stalled" else None
         return "down", _failure("/ready", probe.ready)
     return _SERVER_STATES[status], None
@@ -215,12 +220,45 @@ def _fill_from_health(report: InstanceReport, health: dict[str, Any], expected_v
     if isinstance(gpu, dict):
         report.gpu_memory_used_bytes = _int(gpu.get("used_bytes"))
         report.gpu_memory_total_bytes = _int(gpu.get("total_bytes"))
+    gpu_health = health.get("gpu")
+    if isinstance(gpu_health, dict):
+        report.gpu_status = str(gpu_health.get("status"))
+        report.gpu_flags = gpu_flags(gpu_health)
+        report.gpu_health = gpu_health
     if report.version is not None and report.version != expected_version:
         report.drift_reasons.append(f"version {report.version} != {expected_version}")
     expected_hash = report.expected_config_hash
     if report.config_hash is not None and expected_hash is not None and report.config_hash != expected_hash:
         report.drift_reasons.append(f"config {report.config_hash} != {expected_hash}")
     report.drift = bool(report.drift_reasons)
+
+
+# Throttle reasons worth a flag: the card is held back by heat or power, not idling or following settings.
+_THROTTLE_FLAGS = {
+    "sw_power_cap": "power-cap", "hw_slowdown": "hw-slowdown", "sw_thermal_slowdown": "thermal",
+    "hw_thermal_slowdown": "hw-thermal", "hw_power_brake_slowdown": "power-brake",
+}  # fmt: skip
+
+
+def gpu_flags(gpu: dict[str, Any]) -> list[str]:
+    """Short words for the status table from /health's ``gpu`` object (pure)."""
+    status = gpu.get("status")
+    if status == "unavailable":
+        return ["no-nvml"]
+    flags = ["FAULT"] if status == "fault" else []
+    reasons = gpu.get("throttle_reasons")
+    for reason in reasons if isinstance(reasons, list) else []:
+        if reason in _THROTTLE_FLAGS:
+            flags.append(_THROTTLE_FLAGS[reason])
+    ecc = gpu.get("ecc")
+    if isinstance(ecc, dict) and (_int(ecc.get("volatile_corrected")) or 0) > 0:
+        flags.append(f"ecc-corr:{ecc['volatile_corrected']}")
+    rows = gpu.get("row_remap")
+    if isinstance(rows, dict) and ((_int(rows.get("correctable")) or 0) + (_int(rows.get("uncorrectable")) or 0)) > 0:
+        flags.append(f"remapped:{(_int(rows.get('correctable')) or 0) + (_int(rows.get('uncorrectable')) or 0)}")
+    if gpu.get("error"):
+        flags.append("read-error")
+    return flags
 
 
 def _scrape(probe: InstanceProbe | None, errors: list[str]) -> m.Scrape | None:

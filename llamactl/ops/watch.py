@@ -2,7 +2,7 @@
 
 The decisions live in ``llamactl.plan.watch`` (pure); this loop only probes (llamactl.health),
 reads the deploy lock, applies the balancer config when the drained set changes, restarts units over
-SSH and logs.
+SSH, keeps the GPU fault records on the balancer host (``ops.gpufault``) and logs.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
 from llamactl.errors import ConnectError
+from llamactl.ops import gpufault
 from llamactl.ops import lock as deploy_lock
 from llamactl.ops.balancer import NginxControl, apply_balancer_config
 from llamactl.ops.connect import Connector, HostPool
@@ -47,6 +48,8 @@ def observation(probe: InstanceProbe) -> Observation:
         return Observation("loading", "loading the model", uptime_s)
     if status == "stalled":
         return Observation("stalled", str(body.get("error") or "engine stalled"), uptime_s)
+    if status == "gpu_fault":
+        return Observation("gpu_fault", str(body.get("error") or "GPU fault"), uptime_s)
     detail = body.get("error") or f"status {status}, /ready {probe.ready.status or probe.ready.error}"
     return Observation("failed", str(detail), uptime_s)
 
@@ -101,12 +104,15 @@ class WatchLoop:
         # The drained set last written to the balancer; None after a deploy held the lock (it rewrote
         # the config): ours is then re-applied, if we have anything drained, once the lock is free.
         self.applied: frozenset[str] | None = frozenset()
+        self.faults_loaded = False  # the balancer host's GPU fault records read once at start
+        self.unrecorded: dict[str, str] = {}  # faulted instances whose record could not be written yet: detail
 
     def emit(self, e: Event) -> None:
         self.log({"time": round(self.wall(), 3), **e.as_dict(), "at": round(e.at, 3)})
 
     def tick(self) -> None:
         now = self.clock()
+        self._sync_faults(now)
         observed = probe_all(self.instances, self.inv.health.timeout_s)
         # Only a tick that could act needs the lock: all ready and all healthy changes nothing.
         could_act = (any(o.outcome != "ready" for o in observed.values())
@@ -118,6 +124,9 @@ class WatchLoop:
             for e in step.events:
                 self.emit(e)
             restarts += [a.instance for a in step.actions if a.kind == "restart"]
+            for a in step.actions:
+                if a.kind == "record_fault":
+                    self._record_fault(now, a.instance, obs.detail)
         if held is not None:
             self.applied = None  # the deploy owns the balancer config until it is done
             return
@@ -141,6 +150,47 @@ class WatchLoop:
             for step in workers.map(self._restart, restarts):
                 for e in step.events:
                     self.emit(e)
+
+    def _sync_faults(self, now: float) -> None:
+        """Read the fault records: at start, restore them; later, a faulted instance whose record is gone was
+        cleared by ``llamactl undrain``. Unreadable records change nothing (retried next tick)."""
+        if self.faults_loaded and not self.watcher.faulted:
+            return
+        lb = self.inv.balancer.hosts[0].name
+        try:
+            executor, guard = self.pool.get(lb)
+            with guard:
+                for inst_id, detail in list(self.unrecorded.items()):
+                    gpufault.write_record(executor, inst_id, detail)
+                    del self.unrecorded[inst_id]
+                records = gpufault.recorded(executor)
+        except Exception as exc:  # noqa: BLE001 - logged; faulted instances stay drained meanwhile
+            self.pool.drop(lb)
+            self.log({"time": round(self.wall(), 3), "at": round(now, 3), "event": "gpu_fault_records_unknown",
+                      "level": "warning", "detail": f"cannot read the GPU fault records on {lb}: {exc}"})
+            return
+        steps: list[Step] = []
+        if not self.faults_loaded:
+            steps += [self.watcher.restore_fault(now, i) for i in sorted(records) if i in self.by_id]
+            self.faults_loaded = True
+        else:
+            steps += [self.watcher.cleared(now, i) for i in sorted(self.watcher.faulted - records)]
+        for step in steps:
+            for e in step.events:
+                self.emit(e)
+
+    def _record_fault(self, now: float, inst_id: str, detail: str) -> None:
+        lb = self.inv.balancer.hosts[0].name
+        try:
+            executor, guard = self.pool.get(lb)
+            with guard:
+                gpufault.write_record(executor, inst_id, detail)
+        except Exception as exc:  # noqa: BLE001 - drained anyway; written again by the next tick's _sync_faults
+            self.unrecorded[inst_id] = detail
+            self.pool.drop(lb)
+            self.log({"time": round(self.wall(), 3), "at": round(now, 3), "event": "gpu_fault_record_failed",
+                      "level": "error", "instance": inst_id,
+                      "detail": f"cannot record the GPU fault on {lb}: {exc}"})
 
     def _lock_holder(self, now: float) -> str | None:
         """Who holds the deploy lock (None: free). When it cannot be read, watch heals as before: a

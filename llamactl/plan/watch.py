@@ -10,6 +10,10 @@ so a hung engine is drained and restarted within the same backoff and budget. A 
 is drained and retried only on the backoff schedule, never looped on. While a deploy or restart holds
 the deploy lock (the caller reads it and passes the holder in), probes are still counted but nothing is
 drained, restarted or put back: that deploy is restarting and draining instances on purpose.
+
+``gpu_fault`` (the server's GPU reported a hardware fault) drains the instance at once and never restarts it:
+it stays drained, whatever later probes say, until an operator clears it (``llamactl undrain``: the caller
+reports that with ``cleared``). ``restore_fault`` puts back a fault recorded before this watch started.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ class State(str, enum.Enum):
     RECOVERING = "recovering"  # drained; restarted, waiting for `rise` passes
     HOST_DOWN = "host-down"  # drained; SSH could not reach the host
     GAVE_UP = "gave-up"  # drained; restart budget spent, a human must look
+    GPU_FAULT = "gpu-fault"  # drained; the GPU reported a hardware fault: never restarted, an operator clears it
 
 
-ProbeOutcome = Literal["ready", "loading", "stalled", "failed"]
+ProbeOutcome = Literal["ready", "loading", "stalled", "gpu_fault", "failed"]
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ class Policy:
 
 @dataclass(frozen=True)
 class Action:
-    kind: Literal["drain", "undrain", "restart"]
+    kind: Literal["drain", "undrain", "restart", "record_fault"]  # record_fault: persist it for undrain
     instance: str
 
 
@@ -124,6 +129,20 @@ class Watcher:
                  detail=f"deploy in progress ({deploy_lock}), not healing")
             return Step(actions, events)
 
+        if t.state is State.GPU_FAULT:
+            return Step(actions, events)  # drained until an operator clears it, whatever the probe says
+        if obs.outcome == "gpu_fault":
+            if deploy_lock is not None:
+                return skip("drain")
+            previous = t.state
+            t.state, t.failures, t.passes = State.GPU_FAULT, 0, 0
+            if previous in (State.HEALTHY, State.FAILING):
+                actions.append(Action("drain", instance))
+            actions.append(Action("record_fault", instance))
+            emit("gpu_fault", "error", detail=obs.detail, was=previous.value,
+                 hint=f"drained and not restarted; after fixing the GPU: llamactl undrain INVENTORY {instance}")
+            return Step(actions, events)
+
         if obs.outcome == "ready":
             t.failures = 0
             t.passes += 1
@@ -179,6 +198,29 @@ class Watcher:
         emit("restart", "warning", attempt=t.streak + 1, outcome=obs.outcome, detail=obs.detail)
         return Step(actions, events)
 
+    def restore_fault(self, now: float, instance: str) -> Step:
+        """A fault recorded before this watch started (or by another watch): drained, not restarted."""
+        t = self._tracks[instance]
+        if t.state is State.GPU_FAULT:
+            return Step([], [])
+        t.state, t.failures, t.passes = State.GPU_FAULT, 0, 0
+        return Step([], [Event(now, "gpu_fault_restored", instance, t.state.value, "warning",
+                               {"detail": "a recorded GPU fault: stays drained until llamactl undrain"})])
+
+    def cleared(self, now: float, instance: str) -> Step:
+        """An operator cleared the fault (its record is gone): back in service as healthy; a GPU still
+        faulted is drained again by its next probe."""
+        t = self._tracks[instance]
+        if t.state is not State.GPU_FAULT:
+            return Step([], [])
+        t.state, t.failures, t.passes, t.streak = State.HEALTHY, 0, 0, 0
+        return Step([Action("undrain", instance)],
+                    [Event(now, "gpu_fault_cleared", instance, t.state.value, "info", {})])
+
+    @property
+    def faulted(self) -> frozenset[str]:
+        return frozenset(i for i, t in self._tracks.items() if t.state is State.GPU_FAULT)
+
     def restart_skipped(self, now: float, instance: str, deploy_lock: str) -> Step:
         """The restart ``observe`` asked for was not done: a deploy took the lock in between. The instance
         stays drained; no backoff, no budget spent; the next failed probe without the lock restarts it."""
@@ -193,6 +235,8 @@ class Watcher:
                      message: str = "") -> Step:
         """Report what the restart asked for by ``observe`` did."""
         t = self._tracks[instance]
+        if t.state is State.GPU_FAULT:
+            return Step([], [])  # faulted meanwhile: it stays drained and is not restarted again
         events: list[Event] = []
         t.failures = t.passes = 0
         t.streak += 1

@@ -23,6 +23,7 @@ from llamactl.remote.recording import RecordingExecutor, Reply
 INVENTORY = (Path(__file__).resolve().parents[1] / "fixtures/inventories/two-cpu-hosts.yaml").read_text()
 HOLDER = {"owner": "alice@laptop", "since": "2026-01-01T10:00", "command": "llamactl deploy inv.yaml"}
 RESTART = "systemctl restart llamactl@0.service"
+LIST_FAULTS = "if [ -d /var/lib/llamactl/gpu-faults ]; then ls -1 /var/lib/llamactl/gpu-faults; fi"
 
 
 class FakeNginx:
@@ -68,7 +69,8 @@ def test_watch_does_not_heal_while_the_lock_is_held_then_heals(inv: Inventory,
     for _ in range(4):
         loop.tick()
     assert h1.commands == [] and h2.commands == []
-    assert lb.commands == [] and lb.uploads == []  # read the lock only: no nginx change, no lock taken
+    # read the lock (and, once at start, the GPU fault records) only: no nginx change, no lock taken
+    assert lb.commands == [LIST_FAULTS] and lb.uploads == []
     assert loop.watcher.state("h1/0") is State.FAILING
     skipped = [e for e in events if e["event"] == "heal_skipped"]
     assert len(skipped) == 3  # every tick from the `fall`th failure on
@@ -117,7 +119,8 @@ def test_all_healthy_ticks_do_not_read_the_lock(inv: Inventory, monkeypatch: pyt
                         monkeypatch, outcome)
     loop.tick()
     loop.tick()
-    assert lb.calls == []
+    assert lb.commands == [LIST_FAULTS]  # the GPU fault records, once at start; never the lock
+    assert [c.kind for c in lb.calls] == ["run"]
 
 
 def test_a_real_lock_file_stops_healing(inv: Inventory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
