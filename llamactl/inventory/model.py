@@ -287,6 +287,27 @@ class RolloutSpec(_Model):
         return max(1, total * int(self.batch[:-1]) // 100)
 
 
+class AlertSpec(_Model):
+    """Prometheus alert and recording rules for the cluster (``llamactl.plan.alerts``), placed with the
+    file_sd targets on the balancer hosts when ``enabled``."""
+
+    enabled: bool = False
+    rules_path: str = "/etc/prometheus/rules/llamactl.yml"
+    not_ready_for_s: Annotated[int, Field(ge=60)] = 600
+    p95_latency_slo_s: Annotated[float, Field(gt=0)] = 120.0  # end to end, a whole chain-of-thought answer
+    ttft_p95_slo_s: Annotated[float, Field(gt=0)] = 5.0
+    error_ratio: Annotated[float, Field(gt=0, le=1)] = 0.05  # 5xx answers / all answers
+    rate_429_ratio: Annotated[float, Field(gt=0, le=1)] = 0.05
+    queue_saturation_ratio: Annotated[float, Field(gt=0, le=1)] = 0.9  # waiting / queue_limit
+    gpu_memory_ratio: Annotated[float, Field(gt=0, le=1)] = 0.98  # the engine's pools fill the rest on purpose
+    drift_for_s: Annotated[int, Field(ge=60)] = 1800  # longer than a rolling restart of the cluster
+
+    @field_validator("rules_path")
+    @classmethod
+    def _abs(cls, value: str) -> str:
+        return _absolute(value)
+
+
 class HealthSpec(_Model):
     interval_s: Annotated[float, Field(gt=0)] = 5.0
     timeout_s: Annotated[float, Field(gt=0)] = 3.0
@@ -294,6 +315,7 @@ class HealthSpec(_Model):
     rise: Annotated[int, Field(ge=1)] = 2
     startup_grace_s: Annotated[float, Field(ge=0)] = 600.0
     watch: bool = False  # deploy installs `llamactl watch` on the first balancer host as a systemd unit
+    alerts: AlertSpec = AlertSpec()
 
 
 class Document(_Model):

@@ -90,7 +90,8 @@ def _hostport(address: str, port: int) -> str:
 
 
 def render_balancer_files(inv: Inventory, drained: Iterable[str] = frozenset()) -> dict[str, RenderedFile]:
-    """The nginx config (inside ``http {}``) and the Prometheus file_sd targets.
+    """The nginx config (inside ``http {}``), the Prometheus file_sd targets and, with ``health.alerts``
+    enabled, the Prometheus rules (``llamactl.plan.alerts``).
 
     Instances whose id is in ``drained`` are marked ``down``. When every instance is drained, nginx
     answers 503 with Retry-After itself (a config of only ``down`` servers loads but yields bare 502s).
@@ -116,10 +117,15 @@ def render_balancer_files(inv: Inventory, drained: Iterable[str] = frozenset()) 
         tls_listen=f"{listen_host}{tls_port}",
         tls_port_suffix="" if tls_port == 443 else f":{tls_port}",
     )
-    return {
+    files = {
         lb.config_path: RenderedFile(nginx, 0o644),
         lb.prometheus_targets_path: RenderedFile(prometheus_targets(inv), 0o644),
     }
+    if inv.health.alerts.enabled:
+        from llamactl.plan.alerts import rules_file
+
+        files[inv.health.alerts.rules_path] = RenderedFile(rules_file(inv), 0o644)
+    return files
 
 
 def prometheus_targets(inv: Inventory) -> bytes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, InfoMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
@@ -92,6 +92,9 @@ class Metrics:
         engine_name: Callable[[], str] = _unknown,
         gpu: Callable[[], GpuReading | None] = _no_gpu,
         gpu_fault: Callable[[], bool] = _no_fault,
+        ready: Callable[[], bool] = _no_fault,
+        queue_limit: int = 0,
+        build: dict[str, str] | None = None,
     ) -> None:
         """Every callable is read at scrape time.
 
@@ -101,6 +104,8 @@ class Metrics:
         and no step progress (``liveness.Liveness``). ``engine_steps``: steps completed so far (never
         decreases). ``engine_name``: the engine actually running ("continuous", or "hf" after a fallback).
         ``gpu``: the latest NVML reading (None: no NVML), ``gpu_fault``: a GPU fault latched (gpu_metrics.py).
+        ``ready``: what /ready says; ``queue_limit`` and ``build`` (version, config_hash) are fixed for the
+        process: the alert rules (``llamactl.plan.alerts``) compare queues and instances with them.
         """
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests_running = Gauge(
@@ -139,6 +144,13 @@ class Metrics:
         )
         r.register(_ReadAtScrape(engine_steps, engine_name))
         r.register(GpuCollector(gpu, gpu_fault))
+        self.ready = _read_gauge(r, "llamactl_ready", "1 while /ready answers 200 (loaded, warm, not draining, "
+                                 "stalled or faulted), else 0.", lambda: 1.0 if ready() else 0.0)
+        self.queue_limit = Gauge("llamactl_queue_limit", "Requests the queue holds before answering 429.",
+                                 registry=r)
+        self.queue_limit.set(queue_limit)
+        Info("llamactl_build", "This server's llamactl version and effective config hash.",
+             registry=r).info(build or {"version": "", "config_hash": ""})
 
     def _define_request_metrics(self, r: CollectorRegistry) -> None:
         """Latency histograms and request/token/error/cache counters (observed by the routes and admission)."""

@@ -111,6 +111,9 @@ class ServerState:
             engine_name=lambda: self.engine.name,
             gpu=lambda: self.gpu.reading(),
             gpu_fault=lambda: self.gpu.fault is not None,
+            ready=lambda: self.status == "ready",
+            queue_limit=settings.queue_limit,
+            build={"version": __version__, "config_hash": settings.config_hash()},
         )
         if hasattr(hooks, "metrics"):
             hooks.metrics = self.metrics

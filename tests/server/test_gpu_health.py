@@ -187,6 +187,8 @@ def test_a_fault_turns_the_instance_gpu_fault_on_ready_health_and_metrics(kind: 
     metrics = client.get("/metrics").text
     assert 'DCGM_FI_DEV_GPU_TEMP{UUID="GPU-fake-0",gpu="0",modelName="NVIDIA H100 80GB HBM3"} 55.0' in metrics
     assert "llamactl_gpu_fault 0.0" in metrics and "llamactl_gpu_available 1.0" in metrics
+    assert "llamactl_ready 1.0" in metrics and "llamactl_queue_limit 64.0" in metrics
+    assert f'llamactl_build_info{{config_hash="{state.settings.config_hash()}",version="0.1.0"}} 1.0' in metrics
 
     reader.reading, expected = FAULTS[kind]
     state.gpu.refresh()
@@ -196,7 +198,8 @@ def test_a_fault_turns_the_instance_gpu_fault_on_ready_health_and_metrics(kind: 
     Health.model_validate(health)
     assert health["status"] == "gpu_fault" and health["gpu"]["faults"] == expected
     assert health["error"] == "GPU fault: " + "; ".join(expected)
-    assert "llamactl_gpu_fault 1.0" in client.get("/metrics").text
+    metrics = client.get("/metrics").text
+    assert "llamactl_gpu_fault 1.0" in metrics and "llamactl_ready 0.0" in metrics
 
 
 def test_a_cpu_instance_reports_gpu_unavailable(tmp_path: Path) -> None:

@@ -60,7 +60,7 @@ MUTATIONS = [
         id="misspelt_top_level_key"),
     pytest.param("  fall: 3 ", "  colour: 3 ", "colour", 3,
         'health.colour: found unknown key "colour", expected one of: interval_s, timeout_s, fall, rise, '
-        "startup_grace_s, watch",
+        "startup_grace_s, watch, alerts",
         id="unknown_key_lists_the_choices"),
     pytest.param("    dtype: bfloat16 ", "    dtype: bf16 ", "bf16", 12,
         'defaults.model.dtype: found string "bf16", expected one of \'auto\', \'bfloat16\', \'float16\' or '
