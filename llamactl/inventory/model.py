@@ -293,6 +293,7 @@ class AlertSpec(_Model):
 
     enabled: bool = False
     rules_path: str = "/etc/prometheus/rules/llamactl.yml"
+    dashboard_path: str = "/etc/llamactl/grafana/llamactl-dashboard.json"  # Grafana JSON, placed with the rules
     not_ready_for_s: Annotated[int, Field(ge=60)] = 600
     p95_latency_slo_s: Annotated[float, Field(gt=0)] = 120.0  # end to end, a whole chain-of-thought answer
     ttft_p95_slo_s: Annotated[float, Field(gt=0)] = 5.0
@@ -302,7 +303,7 @@ class AlertSpec(_Model):
     gpu_memory_ratio: Annotated[float, Field(gt=0, le=1)] = 0.98  # the engine's pools fill the rest on purpose
     drift_for_s: Annotated[int, Field(ge=60)] = 1800  # longer than a rolling restart of the cluster
 
-    @field_validator("rules_path")
+    @field_validator("rules_path", "dashboard_path")
     @classmethod
     def _abs(cls, value: str) -> str:
         return _absolute(value)

@@ -91,7 +91,7 @@ def _hostport(address: str, port: int) -> str:
 
 def render_balancer_files(inv: Inventory, drained: Iterable[str] = frozenset()) -> dict[str, RenderedFile]:
     """The nginx config (inside ``http {}``), the Prometheus file_sd targets and, with ``health.alerts``
-    enabled, the Prometheus rules (``llamactl.plan.alerts``).
+    enabled, the Prometheus rules (``llamactl.plan.alerts``) and a Grafana dashboard (``plan.dashboard``).
 
     Instances whose id is in ``drained`` are marked ``down``. When every instance is drained, nginx
     answers 503 with Retry-After itself (a config of only ``down`` servers loads but yields bare 502s).
@@ -123,8 +123,10 @@ def render_balancer_files(inv: Inventory, drained: Iterable[str] = frozenset()) 
     }
     if inv.health.alerts.enabled:
         from llamactl.plan.alerts import rules_file
+        from llamactl.plan.dashboard import dashboard
 
         files[inv.health.alerts.rules_path] = RenderedFile(rules_file(inv), 0o644)
+        files[inv.health.alerts.dashboard_path] = RenderedFile(dashboard(inv), 0o644)
     return files
 
 

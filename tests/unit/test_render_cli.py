@@ -81,7 +81,7 @@ def test_render_writes_every_host(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = run("render", str(EXAMPLE), "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"wrote 20 files for 4 hosts under {out}\n"  # the example turns alert rules on
+    assert result.stdout == f"wrote 21 files for 4 hosts under {out}\n"  # the example turns alert rules on
     env = out / "gpu-03" / "etc" / "llamactl" / "instance-1.env"
     assert stat.S_IMODE(env.stat().st_mode) == 0o600
     assert "LLAMACTL_PORT=8001\n" in env.read_text()
