@@ -134,8 +134,10 @@ def render_table(report: HealthReport) -> Table:
         url = urlsplit(b.url)
         port = url.port or (443 if url.scheme == "https" else 80)
         cells: list[str | Text] = [b.name, "balancer", str(port), state]
-        cells += ["-"] * (8 + int(report.deep) + int(report.canary))
-        cells.append(Text(b.error or "", style="red"))
+        # in flight: clients connected to nginx; req/s: through nginx (stub_status)
+        cells += ["-"] * 4 + [_num(b.active_connections), "-", _num(b.requests_per_s, "{:.2f}"), "-"]
+        cells += ["-"] * (int(report.deep) + int(report.canary))
+        cells.append(Text("; ".join(e for e in (b.error, b.figures_error) if e), style="red"))
         table.add_row(*cells)
     return table
 
@@ -202,7 +204,8 @@ def status(
     canary: bool = typer.Option(
         False, "--canary", help="Run a real small-image inference on every instance."
     ),
-    deep: bool = typer.Option(False, "--deep", help="Add systemd state and restart count (over SSH)."),
+    deep: bool = typer.Option(False, "--deep", help="Add systemd state and restart count, GPU temperature, "
+                              "power and utilisation, and the balancers' connections and req/s (over SSH)."),
     limit: str | None = typer.Option(
         None, "--limit", help="Only these hosts (comma-separated names or globs)."
     ),

@@ -11,6 +11,7 @@ from llamactl.health import metrics as m
 from llamactl.health.canary import CanaryResult
 from llamactl.health.probe import HttpOutcome, InstanceProbe
 from llamactl.health.systemd import SystemdState
+from llamactl.plan.stubstatus import BalancerFigures
 
 # "stalled": the process answers but its engine has work and has made no step progress for the server's
 # stall_timeout_s (a hung step loop); like "down" it is not serving, and `watch` restarts it.
@@ -82,6 +83,10 @@ class BalancerReport:
     status_code: int | None
     error: str | None
     elapsed_s: float
+    # nginx stub_status, read over SSH on the balancer host (balancer.stub_status_port); None: not read
+    active_connections: int | None = None
+    requests_per_s: float | None = None
+    figures_error: str | None = None
 
 
 @dataclass
@@ -301,12 +306,19 @@ def _fill_from_metrics(
     report.p50_s, report.p95_s = m.quantiles(window, (0.5, 0.95))
 
 
-def balancer_report(name: str, outcome: HttpOutcome) -> BalancerReport:
+def balancer_report(name: str, outcome: HttpOutcome, figures: BalancerFigures | str | None = None) -> BalancerReport:
+    """``figures``: the stub_status figures, or why they could not be read (a string), or None (not asked)."""
     ok = outcome.status == 200
     error = None if ok else (outcome.error or f"HTTP {outcome.status}")
-    return BalancerReport(
+    report = BalancerReport(
         name, outcome.url, "ready" if ok else "down", outcome.status, error, outcome.elapsed_s
     )
+    if isinstance(figures, str):
+        report.figures_error = figures
+    elif figures is not None:
+        report.active_connections = figures.active_connections
+        report.requests_per_s = round(figures.requests_per_s, 3)
+    return report
 
 
 def health_report(

@@ -24,6 +24,7 @@ from llamactl.health.systemd import SystemdState, parse_show, show_command
 
 if TYPE_CHECKING:
     from llamactl.inventory import Inventory
+    from llamactl.plan.stubstatus import BalancerFigures
 
 CANARY_TIMEOUT_S = 120.0
 
@@ -160,11 +161,12 @@ async def sweep(
     """Probe everything concurrently; returns the report and this sweep's raw probes (for the next rates)."""
     start = time.monotonic()
     urls = [t.url for t in plan.targets]
-    probes, balancers, canaries, systemd = await asyncio.gather(
+    probes, balancers, canaries, systemd, figures = await asyncio.gather(
         probe_instances(client, urls, options.timeout_s),
         probe_balancers(client, [u for _, u in plan.balancers], options.timeout_s),
         _canaries(client, plan.targets, options) if options.canary else _nothing(),
         deep_states(plan, options.timeout_s) if options.deep else _nothing(),
+        balancer_figures(plan, options.timeout_s) if options.deep else _nothing(),
     )
     elapsed = time.monotonic() - start
     before = previous or {}
@@ -179,11 +181,44 @@ async def sweep(
         )
         for i, (target, probe) in enumerate(zip(plan.targets, probes))
     ]
-    lbs = [balancer_report(name, outcome) for (name, _), outcome in zip(plan.balancers, balancers)]
+    lbs = [balancer_report(name, outcome, (figures or {}).get(name))
+           for (name, _), outcome in zip(plan.balancers, balancers)]
     report = health_report(
         instances, lbs, plan.expected_version, elapsed, canary=options.canary, deep=options.deep
     )
     return report, {t.id: p for t, p in zip(plan.targets, probes)}
+
+
+async def balancer_figures(plan: SweepPlan, timeout_s: float) -> dict[str, BalancerFigures | str]:
+    """nginx stub_status of every balancer host, sampled over SSH (it listens on loopback only), hosts in
+    parallel; a host that cannot be read gets the reason instead. Empty when ``stub_status_port`` is off."""
+    inv = plan.inventory
+    if inv is None or inv.balancer.stub_status_port is None:
+        return {}
+    port = inv.balancer.stub_status_port
+    names = [bh.name for bh in inv.balancer.hosts]
+    loop = asyncio.get_running_loop()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(names))) as pool:
+        results = await asyncio.gather(
+            *(loop.run_in_executor(pool, _figures_of, inv, name, port, timeout_s) for name in names))
+    return dict(zip(names, results))
+
+
+def _figures_of(inv: Inventory, name: str, port: int, timeout_s: float) -> BalancerFigures | str:
+    from llamactl.ops.connect import HostPool
+    from llamactl.plan.stubstatus import StubStatusError, parse_samples, sample_command
+
+    try:
+        with HostPool(inv) as pool:
+            result = pool.executor(name).run(sample_command(port), check=False, timeout_s=timeout_s + 3)
+    except Exception as exc:  # noqa: BLE001 - shown in the balancer's row; never fails the sweep
+        return f"stub_status: {exc}"
+    if result.exit_code != 0:
+        return f"stub_status: exit {result.exit_code}: {(result.stderr or result.stdout).strip()[:200]}"
+    try:
+        return parse_samples(result.stdout)
+    except StubStatusError as exc:
+        return f"stub_status: {exc}"
 
 
 def watch_service_state(inv: Inventory, timeout_s: float) -> str:

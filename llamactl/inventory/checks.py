@@ -167,6 +167,10 @@ def cross_check(
 def _balancer(
     ctx: _Context, hosts: list[HostSpec], balancer: BalancerSpec, names: dict[str, PathKey]
 ) -> None:
+    public = {balancer.listen} | ({balancer.tls.listen} if balancer.tls else set())
+    if balancer.stub_status_port in public:
+        ctx.add(("balancer", "stub_status_port"), f"found {balancer.stub_status_port}, expected a port other "
+                "than the balancer's listen ports (stub_status listens on 127.0.0.1 of the same host)", key=False)
     lb_addresses: dict[str, PathKey] = {}
     for lb in balancer.hosts:
         lpath: PathKey = ("balancer", "hosts", lb.name)

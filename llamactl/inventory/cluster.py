@@ -86,6 +86,7 @@ class BalancerSpec:
     rate_limit: RateLimit | None
     config_path: str
     prometheus_targets_path: str
+    stub_status_port: int | None = None
 
 
 @dataclass(frozen=True)

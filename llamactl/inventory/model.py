@@ -244,6 +244,8 @@ class BalancerConfig(_Model):
     rate_limit: RateLimit | None = None
     config_path: str = "/etc/nginx/conf.d/llamactl.conf"
     prometheus_targets_path: str = "/etc/prometheus/file_sd/llamactl.json"
+    # nginx stub_status on 127.0.0.1 of each balancer host (None: off); `status` reads it over SSH.
+    stub_status_port: Port | None = 8089
 
     @field_validator("config_path", "prometheus_targets_path")
     @classmethod

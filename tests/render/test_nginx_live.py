@@ -66,7 +66,7 @@ def inventory(tmp: Path, listen: int, ports: list[int], extra: str = "") -> Inve
         f"defaults: {{gpus: {len(ports)}, model: {{source: /m}}}}\n"
         f"groups: {{g: {{hosts: {{h: {{address: 127.0.0.1, ports: {ports}}}}}}}}}\n"
         f"balancer:\n  hosts: {{lb: {{address: 127.0.0.9}}}}\n  listen: {listen}\n  listen_address: 127.0.0.1\n"
-        f"  max_fails: 0\n{extra}"
+        f"  max_fails: 0\n  stub_status_port: {free_port()}\n{extra}"
     )
     return load_inventory(path, env={})
 
@@ -169,4 +169,36 @@ def test_rate_limit_answers_429(tmp_path: Path, backends: tuple[Backend, Backend
         statuses = [nginx.request("POST", "/infer")[0] for _ in range(3)]
         assert statuses[0] == 200 and 429 in statuses[1:]
     finally:
+        nginx.stop()
+
+
+def test_stub_status_on_loopback_gives_connections_and_request_rate(
+    tmp_path: Path, backends: tuple[Backend, Backend]
+) -> None:
+    from llamactl.plan.stubstatus import parse_samples, sample_command
+    from llamactl.remote.local import LocalExecutor
+
+    _, good = backends
+    inv = inventory(tmp_path, free_port(), [good.port])
+    assert inv.balancer.stub_status_port is not None
+    nginx = running(tmp_path, inv)
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            nginx.request("POST", "/infer")
+            time.sleep(0.02)
+
+    sender = threading.Thread(target=traffic, daemon=True)
+    try:
+        sender.start()
+        result = LocalExecutor("lb").run(sample_command(inv.balancer.stub_status_port))
+        figures = parse_samples(result.stdout)
+        assert figures.requests_per_s > 5  # ~40/s sent; the sampler's own requests are left out
+        assert figures.sample.requests > 10 and figures.active_connections >= 0
+        # loopback only: the status page is not on the public listener
+        assert b"Active connections" not in nginx.request("GET", "/nginx_status")[2]
+    finally:
+        stop.set()
+        sender.join(5)
         nginx.stop()

@@ -46,6 +46,10 @@ MUTATIONS = [
     pytest.param("  listen: 80\n", "  listen: 0\n", "listen: 0", 11,
         "balancer.listen: found integer 0, expected an integer from 1 to 65535",
         id="port_zero"),
+    pytest.param("  stub_status_port: 8089 ", "  stub_status_port: 80 ", "stub_status_port: 80 ", 21,
+        "balancer.stub_status_port: found 80, expected a port other than the balancer's listen ports "
+        "(stub_status listens on 127.0.0.1 of the same host)",
+        id="stub_status_on_the_public_port"),
     pytest.param("  max_fails: 2\n", "  max_fails: yes\n", "max_fails: yes", 14,
         "balancer.max_fails: found boolean true, expected an integer of at least 0",
         id="boolean_is_not_an_integer"),
