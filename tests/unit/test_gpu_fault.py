@@ -286,3 +286,22 @@ def test_undrain_is_refused_while_the_lock_is_held_and_names_unknown_instances(
 
 def test_the_record_listing_ignores_upload_temporaries() -> None:
     assert plan.parse_list("h1@0\nh1@0.tmp-3f2a1b\ngpu-02@3\n\n") == {"h1/0", "gpu-02/3"}
+
+
+def test_the_status_table_gpu_column_shows_flags_and_under_deep_the_readings() -> None:
+    from llamactl.cli.status import render_table
+    from llamactl.health.report import health_report
+
+    body = {"status": "gpu_fault", "error": XID, "uptime_s": 300.0, "version": "0.1.0",
+            "gpu": {**GPU_OK, "status": "fault", "faults": ["Xid 79 critical error"]}}
+    rep = instance_report(Target(I, "h1", 0, 0, "10.9.0.1", 8000, URL), probe(body, 503), "0.1.0")
+
+    def gpu_cell(deep: bool) -> str:
+        table = render_table(health_report([rep], [], "0.1.0", 0.1, deep=deep))
+        column = next(c for c in table.columns if c.header == "GPU")
+        return str(next(iter(column.cells)))
+
+    assert gpu_cell(False) == "power-cap hw-thermal ecc-corr:4 remapped:2 FAULT"
+    assert gpu_cell(True) == "83C 690W 99% power-cap hw-thermal ecc-corr:4 remapped:2 FAULT"
+    state = next(c for c in render_table(health_report([rep], [], "0.1.0", 0.1)).columns if c.header == "state")
+    assert str(next(iter(state.cells))) == "gpu_fault"
