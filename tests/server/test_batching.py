@@ -182,7 +182,8 @@ def test_clients_that_resubmit_after_a_batch_join_the_next_one() -> None:
             await b.submit(GenRequest(f"{name}{n}", None, greedy()))
 
     async def go(b: Batcher) -> None:
-        await asyncio.gather(client(b, "a", 0), client(b, "b", 0), client(b, "c", 0.1), client(b, "d", 0.1))
+        # c and d come half a window after a+b's window closed (at 0.1 s): never inside the first batch
+        await asyncio.gather(client(b, "a", 0), client(b, "b", 0), client(b, "c", 0.15), client(b, "d", 0.15))
 
     asyncio.run(_with_batcher(engine, go, max_batch_size=4, max_wait_ms=100))
     sizes = [len(c) for c in engine.calls]
