@@ -85,7 +85,17 @@ def make_release(wheel: Path, wheelhouse: Path | None) -> Release:
             for p in sorted(wheelhouse.iterdir())
             if p.is_file() and p.suffix in (".whl", ".gz", ".zip") and not p.name.startswith("llamactl-")
         )
-    return Release(f"{__version__}-{digest[:10]}", art, house)
+    return Release(f"{__version__}-{digest[:10]}", art, house, tested_constraints())
+
+
+def tested_constraints() -> bytes | None:
+    """The constraints file shipped in this llamactl (a checkout's constraints.txt; package data in a wheel):
+    hosts install the versions CI tested. None when it is missing (a build that did not include it)."""
+    path = Path(__file__).resolve().parents[1] / "constraints.txt"
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def model_upload(local_dir: Path) -> ModelUpload:

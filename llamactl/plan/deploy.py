@@ -213,6 +213,10 @@ def _build_release(plan: HostPlan, desired: DesiredHost, facts: HostFacts) -> bo
         plan.changes.append(f"uploaded {len(missing)} wheel(s) to the host's wheelhouse")
     wheel_remote = posixpath.join(desired.wheels_dir, release.wheel.name)
     plan.steps.append(Upload(wheel_remote, "llamactl wheel", local_path=release.wheel.local_path))
+    constraints_remote = None
+    if release.constraints is not None:
+        constraints_remote = posixpath.join(desired.wheels_dir, f"constraints-{release.release_id}.txt")
+        plan.steps.append(Upload(constraints_remote, "tested versions", content=release.constraints))
     find_links = list(desired.pip.find_links)
     if release.wheelhouse:
         find_links.insert(0, desired.wheelhouse_dir)
@@ -226,6 +230,7 @@ def _build_release(plan: HostPlan, desired: DesiredHost, facts: HostFacts) -> bo
         no_index=desired.pip.no_index,
         clone_from=release_dir(desired.install_dir, facts.current) if facts.current in facts.releases else None,
         extra=desired.extra,
+        constraints=constraints_remote,
     )
     plan.run(Command.sh(script, f"build release {release.release_id}"), "build release venv",
              f"built release {release.release_id}")

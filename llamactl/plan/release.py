@@ -26,11 +26,13 @@ class Artifact:
 
 @dataclass(frozen=True)
 class Release:
-    """What this controller deploys: its own wheel plus an optional wheelhouse for air-gapped hosts."""
+    """What this controller deploys: its own wheel plus an optional wheelhouse for air-gapped hosts, and the
+    constraints (the versions CI tested) that every host's pip installs under."""
 
     release_id: str
     wheel: Artifact
     wheelhouse: tuple[Artifact, ...] = ()
+    constraints: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ def pip_install_command(
     no_index: bool,
     clone_from: str | None = None,
     extra: str = "server",
+    constraints: str | None = None,
 ) -> str:
     """The shell line that builds a release venv; `.complete` marks it usable (a half-built one is redone).
 
@@ -72,6 +75,7 @@ def pip_install_command(
     rewritten, so pip only installs what changed (usually just llamactl): an upgrade takes seconds
     instead of reinstalling torch. If that fails for any reason, a fresh venv is built instead.
     ``extra``: the wheel's extra to install with it (``server`` on server hosts, none for the controller).
+    ``constraints``: a constraints file on the host (pip ``-c``): dependencies resolve to the tested versions.
     """
     pip = [posixpath.join(venv, "bin", "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     if no_index:
@@ -82,6 +86,8 @@ def pip_install_command(
         pip += ["--extra-index-url", url]
     for link in find_links:
         pip += ["--find-links", link]
+    if constraints:
+        pip += ["-c", constraints]
     pip.append(f"{wheel_path}[{extra}]" if extra else wheel_path)
     done = join(["touch", posixpath.join(venv, ".complete")])
     fresh = " && ".join([join(["rm", "-rf", venv]), join([python, "-m", "venv", venv]), join(pip), done])

@@ -213,3 +213,22 @@ def test_upgrade_reinstalls_llamactl_even_with_the_same_version_number() -> None
     build = next(c for c in commands(p) if "pip install" in c)
     assert ("--force-reinstall --no-deps /opt/llamactl/wheels/llamactl-0.1.0-py3-none-any.whl && "
             "/opt/llamactl/releases/0.1.0-def/bin/python -m pip install") in build
+
+
+def test_hosts_install_under_the_tested_constraints() -> None:
+    line = pip_install_command("/usr/bin/python3", "/r", "/w.whl", index_url=None, extra_index_urls=[],
+                               find_links=[], no_index=False, constraints="/opt/llamactl/wheels/constraints-1.txt")
+    assert "-m pip install --quiet --disable-pip-version-check -c /opt/llamactl/wheels/constraints-1.txt '/w.whl[server]'" in line
+    from llamactl.ops.release import tested_constraints
+
+    shipped = tested_constraints()
+    assert shipped is not None and b"torch==2.13.0" in shipped  # the checkout's constraints.txt, as the wheel ships it
+
+
+def test_a_release_with_constraints_uploads_them_and_builds_under_them() -> None:
+    p = plan(FRESH, release=replace(RELEASE, constraints=b"torch==2.13.0\n"))
+    up = [s for s in p.steps if isinstance(s, Upload) and s.remote_path.endswith(".txt")]
+    assert [(s.remote_path, s.content) for s in up] == [("/opt/llamactl/wheels/constraints-0.1.0-abc.txt",
+                                                         b"torch==2.13.0\n")]
+    build = next(c for c in commands(p) if "pip install" in c)
+    assert "-c /opt/llamactl/wheels/constraints-0.1.0-abc.txt" in build
