@@ -21,7 +21,8 @@ from llamactl.ops.deploy import DeployResult, HostOutcome, deploy, raise_for
 from llamactl.ops.hostplan import FileDiff
 from llamactl.plan.deploy import Run, Upload
 
-SECRET_MARKERS = ("API_KEY", "SECRET", "TOKEN", "PASSWORD")
+SECRET_MARKERS = ("API_KEY", "SECRET", "TOKEN", "PASSWORD", "REDIS_URL")
+SECRET_DIRECTIVES = ("requirepass ",)  # redis.conf lines: `directive value`
 
 
 class HostProgress:
@@ -50,6 +51,7 @@ class HostProgress:
 def _masked(text: str) -> str:
     return "\n".join(
         (line.split("=", 1)[0] + "=***") if "=" in line and any(m in line.split("=", 1)[0] for m in SECRET_MARKERS)
+        else (line.split(" ", 1)[0] + " ***") if line.startswith(SECRET_DIRECTIVES)
         else line
         for line in text.splitlines()
     )

@@ -4,7 +4,7 @@
     for inst in inv.instances(): ...
 """
 
-from llamactl.inventory.cluster import BalancerHost, BalancerSpec, HostSpec, Instance, Inventory
+from llamactl.inventory.cluster import BalancerHost, BalancerSpec, HostSpec, Instance, Inventory, RedisSpec
 from llamactl.inventory.envfile import expected_env
 from llamactl.inventory.load import load_inventory
 from llamactl.inventory.model import (
@@ -15,6 +15,7 @@ from llamactl.inventory.model import (
     ModelSettings,
     PipSettings,
     RateLimit,
+    RedisSettings,
     RolloutSpec,
     ServerSettings,
     SSHSettings,
@@ -23,6 +24,7 @@ from llamactl.inventory.model import (
 
 __all__ = [
     "ApiKeysRef", "BalancerHost", "BalancerSpec", "CacheSettings", "GenerationSettings", "HealthSpec",
-    "HostSpec", "Instance", "Inventory", "ModelSettings", "PipSettings", "RateLimit", "RolloutSpec",
+    "HostSpec", "Instance", "Inventory", "ModelSettings", "PipSettings", "RateLimit", "RedisSettings",
+    "RedisSpec", "RolloutSpec",
     "SSHSettings", "ServerSettings", "TLSSettings", "expected_env", "load_inventory",
 ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 from llamactl.inventory.model import (
     HealthSpec,
@@ -90,6 +91,25 @@ class BalancerSpec:
 
 
 @dataclass(frozen=True)
+class RedisSpec:
+    host: str  # the inventory name of the host that runs it
+    address: str
+    port: int
+    password: str = field(repr=False)
+    maxmemory_mb: int = 256
+    appendonly: bool = True
+    appendfsync: str = "everysec"
+    config_path: str = "/etc/redis/llamactl.conf"
+    data_dir: str = "/var/lib/redis-llamactl"
+
+    @property
+    def url(self) -> str:
+        """What instances connect to (it holds the password: only ever written to 0600 env files)."""
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"redis://:{quote(self.password, safe='')}@{host}:{self.port}/0"
+
+
+@dataclass(frozen=True)
 class Inventory:
     path: Path
     cluster: str
@@ -97,6 +117,7 @@ class Inventory:
     balancer: BalancerSpec
     rollout: RolloutSpec
     health: HealthSpec
+    redis: RedisSpec | None = None
 
     def instances(self) -> list[Instance]:
         return [inst for host in self.hosts for inst in host.instances]

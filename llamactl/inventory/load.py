@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from llamactl.errors import InventoryError, Problem, UsageError
-from llamactl.inventory import checks
+from llamactl.inventory import checks, redis
 from llamactl.inventory.cluster import BalancerHost, BalancerSpec, HostSpec, Instance, Inventory
 from llamactl.inventory.merge import Merged, position
 from llamactl.inventory.model import (
@@ -84,14 +84,16 @@ def load_inventory(path: str | os.PathLike[str], *, env: Mapping[str, str] | Non
     if not isinstance(data, dict):
         ctx.add((), f"found {describe(data)}, expected a mapping with cluster, groups and balancer")
         raise InventoryError(ctx.problems)
+    redis.inline_password(ctx, data)
     doc = ctx.typed(Document, data, None)
     hosts = _hosts(ctx, data, file.parent, environ)
     balancer = _balancer(ctx, data, doc, file.parent)
     checks.cross_check(ctx, hosts, balancer, doc)
+    redis_spec = redis.resolve(ctx, doc, hosts, balancer, file.parent, environ)
     if ctx.problems:
         raise InventoryError(_sorted_unique(ctx.problems))
     assert doc is not None and balancer is not None
-    return Inventory(file, doc.cluster, hosts, balancer, doc.rollout, doc.health)
+    return Inventory(file, doc.cluster, hosts, balancer, doc.rollout, doc.health, redis_spec)
 
 
 def _sorted_unique(problems: list[Problem]) -> list[Problem]:

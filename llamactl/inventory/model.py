@@ -321,6 +321,38 @@ class HealthSpec(_Model):
     alerts: AlertSpec = AlertSpec()
 
 
+class SecretRef(_Model):
+    """A secret named by reference: an environment variable or a file on the controller."""
+
+    env: str | None = None
+    file: str | None = None
+
+    @field_validator("env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not ENV_NAME_RE.match(value):
+            raise ValueError("an environment variable name like LLAMACTL_REDIS_PASSWORD")
+        return value
+
+
+class RedisSettings(_Model):
+    """Shared cluster state (async jobs). The password is read by the loader into ``RedisSpec``."""
+
+    host: str | None = None  # a balancer or server host name; None: the first balancer host
+    port: Port = 6379
+    password: SecretRef = Field(description="{env: VAR} or {file: PATH} holding the Redis password")
+    maxmemory_mb: Annotated[int, Field(ge=1, le=1_048_576)] = 256
+    appendonly: bool = True  # jobs survive a Redis restart only with the append-only file
+    appendfsync: Literal["always", "everysec", "no"] = "everysec"
+    config_path: str = "/etc/redis/llamactl.conf"
+    data_dir: str = "/var/lib/redis-llamactl"
+
+    @field_validator("config_path", "data_dir")
+    @classmethod
+    def _abs(cls, value: str) -> str:
+        return _absolute(value)
+
+
 class Document(_Model):
     """The top level. Sections merged by hand are kept untyped here and typed per host later."""
 
@@ -331,6 +363,7 @@ class Document(_Model):
     balancer: BalancerConfig
     rollout: RolloutSpec = RolloutSpec()
     health: HealthSpec = HealthSpec()
+    redis: RedisSettings | None = None
 
     @field_validator("cluster")
     @classmethod

@@ -147,10 +147,22 @@ def prometheus_targets(inv: Inventory) -> bytes:
     return (json.dumps(groups, indent=2) + "\n").encode()
 
 
+def render_redis_files(inv: Inventory) -> dict[str, RenderedFile]:
+    """The Redis config for the ``redis:`` host (0600: it holds the password); empty without the section."""
+    if inv.redis is None:
+        return {}
+    binds = " ".join(dict.fromkeys([inv.redis.address, "127.0.0.1"]))  # its inventory address and loopback
+    conf = _render("redis.conf.j2", cluster=inv.cluster, redis=inv.redis, binds=binds)
+    return {inv.redis.config_path: RenderedFile(conf, 0o600)}
+
+
 def render_all(inv: Inventory) -> dict[str, dict[str, RenderedFile]]:
-    """Every file for every host: server hosts, then balancer hosts (each gets the same balancer files)."""
+    """Every file for every host: server hosts, then balancer hosts (each gets the same balancer files),
+    and the Redis config on the ``redis:`` host."""
     out = {host.name: render_host_files(inv, host) for host in inv.hosts}
     balancer = render_balancer_files(inv)
     for lb in inv.balancer.hosts:
         out[lb.name] = dict(balancer)
+    if inv.redis is not None:
+        out.setdefault(inv.redis.host, {}).update(render_redis_files(inv))
     return out

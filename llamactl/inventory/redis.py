@@ -1,0 +1,114 @@
+"""The optional ``redis:`` section: where shared state runs, and its password read from env or a file."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llamactl.inventory.cluster import BalancerSpec, HostSpec, RedisSpec
+from llamactl.inventory.model import Document
+
+if TYPE_CHECKING:
+    from llamactl.inventory.load import _Context
+
+MIN_PASSWORD = 16
+# Written unquoted into redis.conf and into a URL (percent-encoded): printable, no spaces, quotes or '\'.
+_PASSWORD_RE = re.compile(r"[!#-&(-\[\]-~]+\Z")
+_PASSWORD_EXPECTED = (f"a password of at least {MIN_PASSWORD} printable characters without spaces, "
+                      "quotes or backslashes")
+_REF = "{env: VAR} or {file: PATH}"
+
+
+def inline_password(ctx: _Context, data: dict[str, Any]) -> None:
+    """Report a password written inline before the section is typed, so no message echoes it."""
+    redis = data.get("redis")
+    if not isinstance(redis, dict) or "password" not in redis or isinstance(redis["password"], dict):
+        return
+    ctx.add(("redis", "password"), f"found an inline secret, expected {_REF} (never a password inline)")
+    redis["password"] = {}  # typed as a reference to nothing; _inline_reported keeps it one problem
+
+
+def resolve(
+    ctx: _Context, doc: Document | None, hosts: list[HostSpec], balancer: BalancerSpec | None,
+    base: Path, env: Mapping[str, str],
+) -> RedisSpec | None:
+    """The typed section checked against the cluster (host, port) with its password read."""
+    if doc is None or doc.redis is None or balancer is None:
+        return None
+    cfg = doc.redis
+    names = {lb.name: lb.address for lb in balancer.hosts} | {h.name: h.address for h in hosts}
+    host = cfg.host if cfg.host is not None else (balancer.hosts[0].name if balancer.hosts else None)
+    if host is None:
+        return None  # no balancer host: reported already
+    if host not in names:
+        known = ", ".join(names)
+        ctx.add(("redis", "host"), f'found "{host}", expected the name of a balancer or server host '
+                f"({known})", key=False)
+        return None
+    address = names[host]
+    _port_free(ctx, cfg.port, address, hosts, balancer)
+    password = _password(ctx, cfg.password.env, cfg.password.file, base, env)
+    if password is None:
+        return None
+    return RedisSpec(host=host, address=address, port=cfg.port, password=password,
+                     maxmemory_mb=cfg.maxmemory_mb, appendonly=cfg.appendonly, appendfsync=cfg.appendfsync,
+                     config_path=cfg.config_path, data_dir=cfg.data_dir)
+
+
+def _port_free(ctx: _Context, port: int, address: str, hosts: list[HostSpec], balancer: BalancerSpec) -> None:
+    used: list[tuple[int, str]] = [(i.port, f"instance {i.id}") for h in hosts if h.address == address
+                                   for i in h.instances]
+    if any(lb.address == address for lb in balancer.hosts):
+        used.append((balancer.listen, "balancer.listen"))
+        if balancer.tls is not None:
+            used.append((balancer.tls.listen, "balancer.tls.listen"))
+    for other, what in used:
+        if other == port:
+            ctx.add(("redis", "port"), f"found port {port} on {address}, also used by {what}, "
+                    "expected a free port", key=False)
+            return
+
+
+def _password(ctx: _Context, var: str | None, file: str | None, base: Path,
+              env: Mapping[str, str]) -> str | None:
+    path = ("redis", "password")
+    if var is not None and file is not None:
+        ctx.add(path, "found both env and file, expected exactly one source of the password")
+        return None
+    if var is None and file is None:
+        if not _inline_reported(ctx):
+            ctx.add(path, f"found neither env nor file, expected {_REF}")
+        return None
+    if var is not None:
+        if var not in env:
+            ctx.add(path + ("env",), f"found {var}, expected the environment variable {var} to be set "
+                    "(it holds the Redis password)", key=False)
+            return None
+        value, where = env[var].strip(), f"{var}"
+    else:
+        assert file is not None
+        full = Path(file).expanduser()
+        full = full if full.is_absolute() else (base / full).resolve()
+        try:
+            lines = [line.strip() for line in full.read_text().splitlines() if line.strip()]
+        except OSError as exc:
+            ctx.add(path + ("file",), f"found {full} unreadable ({exc.strerror}), expected a file holding "
+                    "the password", key=False)
+            return None
+        if len(lines) > 1:
+            ctx.add(path + ("file",), f"found {len(lines)} lines in {full}, expected the password on one line",
+                    key=False)
+            return None
+        value, where = (lines[0] if lines else ""), str(full)
+    if not _PASSWORD_RE.match(value) or len(value) < MIN_PASSWORD:
+        shown = "empty" if not value else f"holding {len(value)} characters"
+        ctx.add(path + ("env" if var is not None else "file",),
+                f"found {where} {shown}, expected {_PASSWORD_EXPECTED}", key=False)
+        return None
+    return value
+
+
+def _inline_reported(ctx: _Context) -> bool:
+    return any(p.path == "redis.password" and "inline secret" in p.message for p in ctx.problems)
