@@ -57,11 +57,17 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.thread = threading.Thread(target=state.model_main, name="llamactl-model", daemon=True)
         state.thread.start()
+        if state.shared_jobs is not None:
+            from llamactl.server.routes_infer import run_job
+
+            state.shared_jobs.start(lambda request, on_start: run_job(state, request, on_start))
         try:
             yield
         finally:
             state.begin_drain()
             await state.wait_drained(0 if state.load_error else settings.drain_timeout_s)
+            if state.shared_jobs is not None:
+                await state.shared_jobs.stop()  # hands back what it still holds
             state.batcher.stop()
             state.gpu.stop()
             await state.jobs.cancel_all()

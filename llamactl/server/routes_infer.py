@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Request
@@ -13,6 +13,8 @@ from fastapi.responses import JSONResponse
 from llamactl.server.errors import error_response
 from llamactl.server.inference import ApiError, ClientGone, Outcome, unless_disconnected
 from llamactl.server.jobs import JOB_ID_PATTERN, JobsFull
+from llamactl.state.client import StateUnavailable
+from llamactl.state.jobs import JobFailed
 from llamactl.server.openapi_docs import (
     EXAMPLE_IMAGE,
     BatchInferResponse,
@@ -182,6 +184,8 @@ async def batch_infer(
             400, 401, 413, 415, 422, 429, 503,
             e429="The request queue is full, or the server holds as many unfinished jobs as it keeps "
             "(LLAMACTL_JOBS_MAX_ENTRIES); retry after Retry-After seconds.",
+            e503="The server is loading or shutting down, or its job store (Redis, when configured) is "
+            "unreachable or full.",
         ),
     },
 )
@@ -190,6 +194,8 @@ async def create_job(
 ) -> Any:
     state = get_state(request)
     state.inference.check_accepting()
+    if state.shared_jobs is not None:
+        return await _create_shared_job(state, body)
     try:
         state.jobs.check_room()
     except JobsFull as exc:
@@ -215,16 +221,74 @@ async def create_job(
     responses={
         **ok(Job, "The job"),
         **errors(
-            401, 404, 422,
+            401, 404, 422, 503,
             e404="No such job: never created, or expired after its retention time (LLAMACTL_JOBS_TTL_S).",
             e422="job_id is not of the form job-<32 hex digits>.",
+            e503="The job store (Redis, when configured) is unreachable.",
         ),
     },
 )
 async def get_job(job_id: Annotated[str, Path(pattern=JOB_ID_PATTERN)], request: Request) -> Any:
-    job = get_state(request).jobs.get(job_id)
-    if job is None:
+    state = get_state(request)
+    if state.shared_jobs is not None:
+        try:
+            shared = await state.shared_jobs.get(job_id)
+        except StateUnavailable as exc:
+            raise _unavailable(state, exc) from None
+        found = shared
+    else:
+        job = state.jobs.get(job_id)
+        found = None if job is None else job.to_dict()
+    if found is None:
         raise ApiError(
             404, f"no job {job_id[:80]!r} (unknown, or expired after its retention time)", "not_found"
         )
-    return job.to_dict()
+    return found
+
+
+# -- jobs on Redis (LLAMACTL_REDIS_URL): any instance takes the POST, any instance runs it, any answers GET --
+
+
+def _unavailable(state: ServerState, exc: StateUnavailable) -> ApiError:
+    state.inference.error("jobs_unavailable")
+    return ApiError(503, str(exc), "unavailable", {"Retry-After": "5"})
+
+
+async def _create_shared_job(state: ServerState, body: JobRequest) -> Any:
+    assert state.shared_jobs is not None
+    svc = state.inference
+    _params(state, body)  # bad input fails now, not in the job
+    svc.render(_messages(body.question))
+    await svc.decode_image(body.image)
+    try:
+        job_id = await state.shared_jobs.submit(body.model_dump(mode="json"))
+    except StateUnavailable as exc:
+        raise _unavailable(state, exc) from None
+    return JSONResponse(
+        {"id": job_id, "object": "job", "status": "queued"},
+        status_code=202,
+        headers={"Location": f"/v1/jobs/{job_id}"},
+    )
+
+
+# Failures another delivery may not repeat: the server was busy, shutting down, or its engine failed.
+_RETRYABLE = frozenset({429, 500, 503, 504})
+
+
+async def run_job(state: ServerState, request: dict[str, Any], on_start: Callable[[], None]) -> dict[str, Any]:
+    """Run one job taken from the stream, as POST /infer would; failures raise ``JobFailed``."""
+    try:
+        body = JobRequest.model_validate(request)
+        svc = state.inference
+        svc.check_accepting()
+        params = _params(state, body)
+        prompt = svc.render(_messages(body.question))
+        image = await svc.decode_image(body.image)
+        waiter = svc.enqueue(prompt, image, params, cache_key=svc.cache_key(body.image, prompt, params),
+                             on_text=lambda _piece: on_start())
+        return _answer(state, await waiter)
+    except ApiError as exc:
+        raise JobFailed(_error_dict(exc), retry=exc.status in _RETRYABLE) from None
+    except ValueError as exc:  # the stored request no longer validates (another version wrote it)
+        raise JobFailed({"message": str(exc)[:500], "type": "invalid_request", "status": 400},
+                        retry=False) from None

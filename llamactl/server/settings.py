@@ -69,6 +69,11 @@ class Settings(BaseModel):
     # Jobs API retention (not in the env contract's list, but read the same way).
     jobs_max_entries: int = Field(1000, ge=1)
     jobs_ttl_s: float = Field(3600.0, gt=0)
+    # Shared jobs on Redis (llamactl.state): redis://:PASSWORD@HOST:PORT/DB. None: in-memory jobs.
+    redis_url: str | None = Field(None, pattern=r"^rediss?://", repr=False)
+    jobs_slots: int = Field(0, ge=0, le=4096)  # jobs this instance runs at once; 0 = max_batch_size
+    jobs_claim_idle_s: float = Field(30.0, gt=0, le=86_400)  # a claimed job silent this long is reclaimed
+    jobs_max_deliveries: int = Field(3, ge=1, le=100)  # deliveries without an end before a job fails
 
     @model_validator(mode="after")
     def _keys_not_blank(self) -> Settings:
@@ -116,11 +121,13 @@ class Settings(BaseModel):
     def config_hash(self) -> str:
         """sha256 (first 16 hex chars) of the canonical JSON of every effective setting except host/port/label.
 
-        API keys contribute only their sha256, so the hash can be shown without leaking them.
+        API keys and the Redis URL contribute only their sha256, so the hash can be shown without leaking them.
         """
         data = self.model_dump(mode="json", exclude=set(_UNHASHED))
         data["api_keys"] = sorted(hashlib.sha256(k.encode()).hexdigest() for k in self.api_keys)
         data.pop("api_keys_file", None)  # its contents are already in api_keys
+        if self.redis_url is not None:  # holds the password
+            data["redis_url"] = hashlib.sha256(self.redis_url.encode()).hexdigest()
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -169,7 +176,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
 def _coerce(name: str, value: Any) -> Any:
     if name == "api_keys" and isinstance(value, str):
         return tuple(k.strip() for k in value.split(",") if k.strip())
-    if name == "revision" and value == "":
+    if name in ("revision", "redis_url") and value == "":
         return None
     return value
 

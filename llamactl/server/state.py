@@ -12,7 +12,8 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
@@ -26,6 +27,9 @@ from llamactl.server.jobs import JobStore
 from llamactl.server.liveness import Liveness, exit_for_restart, is_fatal_cuda_error
 from llamactl.server.metrics import Metrics
 from llamactl.server.settings import Settings
+
+if TYPE_CHECKING:
+    from llamactl.state.service import SharedJobs
 
 log = logging.getLogger("llamactl.server")
 
@@ -119,6 +123,7 @@ class ServerState:
             hooks.metrics = self.metrics
         self.cache = _make_cache(settings)
         self.jobs = JobStore(settings.jobs_max_entries, settings.jobs_ttl_s)
+        self.shared_jobs = _shared_jobs(settings, lambda: self.status == "ready")  # None: in-memory jobs only
         self.inference = Inference(
             settings, self.engine, self.batcher, self.metrics, self.cache, lambda: self.status
         )
@@ -150,7 +155,8 @@ class ServerState:
 
     @property
     def busy(self) -> int:
-        return self.in_flight[0] + self.jobs.active
+        shared = 0 if self.shared_jobs is None else self.shared_jobs.active
+        return self.in_flight[0] + self.jobs.active + shared
 
     def _gpu_memory(self) -> tuple[int, int] | None:
         try:
@@ -235,6 +241,18 @@ def _make_cache(settings: Settings) -> Any:
 
     return ResultCache(
         max_entries=settings.cache_max_entries, max_bytes=int(settings.cache_max_mb * 1024 * 1024)
+    )
+
+
+def _shared_jobs(settings: Settings, accepting: Callable[[], bool]) -> SharedJobs | None:
+    if settings.redis_url is None:
+        return None
+    from llamactl.state.service import SharedJobs
+
+    return SharedJobs(
+        settings.redis_url, instance=settings.instance, ttl_s=settings.jobs_ttl_s,
+        slots=settings.jobs_slots or settings.max_batch_size, claim_idle_s=settings.jobs_claim_idle_s,
+        max_deliveries=settings.jobs_max_deliveries, accepting=accepting,
     )
 
 
