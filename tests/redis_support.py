@@ -51,13 +51,12 @@ class RedisServer:
 
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.data_dir.parent / "redis.log", "ab")
-        self.proc = subprocess.Popen(
-            [REDIS_SERVER, str(self.conf), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(self.data_dir), "--daemonize", "no", "--supervised", "no"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
-        log.close()
+        with open(self.data_dir.parent / "redis.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [REDIS_SERVER, str(self.conf), "--port", str(self.port), "--bind", "127.0.0.1",
+                 "--dir", str(self.data_dir), "--daemonize", "no", "--supervised", "no"],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
         self._wait_answering()
 
     def _wait_answering(self, timeout_s: float = 30.0) -> None:

@@ -13,8 +13,6 @@ from fastapi.responses import JSONResponse
 from llamactl.server.errors import error_response
 from llamactl.server.inference import ApiError, ClientGone, Outcome, unless_disconnected
 from llamactl.server.jobs import JOB_ID_PATTERN, JobsFull
-from llamactl.state.client import StateUnavailable
-from llamactl.state.jobs import JobFailed
 from llamactl.server.openapi_docs import (
     EXAMPLE_IMAGE,
     BatchInferResponse,
@@ -27,6 +25,8 @@ from llamactl.server.openapi_docs import (
 )
 from llamactl.server.protocol import BatchInferRequest, GenOptions, InferRequest, JobRequest
 from llamactl.server.state import ServerState, get_state
+from llamactl.state.client import StateUnavailable
+from llamactl.state.jobs import JobFailed
 
 router = APIRouter()
 

@@ -195,9 +195,11 @@ class JobConsumer:
                 await self.records.finish(claim.job_id, claim.entry_id, status, payload)
                 return
             except Exception as exc:
-                if not is_down(exc) or asyncio.get_running_loop().time() > deadline:
-                    log.warning("jobs: could not record the end of %s (%s); it will be rerun", claim.job_id,
-                                type(exc).__name__)
+                if not is_down(exc):
+                    raise
+                if asyncio.get_running_loop().time() > deadline:
+                    log.warning("jobs: could not record the end of %s (Redis unreachable); it will be rerun",
+                                claim.job_id)
                     return
                 await asyncio.sleep(DOWN_BACKOFF_S / 4)
 

@@ -15,6 +15,7 @@ import httpx
 import pytest
 import redis
 
+from llamactl.server.openapi_docs import ErrorResponse, Job, JobAccepted
 from tests.redis_support import RedisServer
 
 from ._support import ThreadServer, make_settings, png_b64, start_serve, start_thread_server
@@ -88,8 +89,10 @@ def test_a_job_posted_to_one_instance_is_found_through_the_other(
     assert r.status_code == 202 and r.json()["status"] == "queued"
     job_id = r.json()["id"]
     assert r.headers["location"] == f"/v1/jobs/{job_id}"
+    JobAccepted.model_validate(r.json())  # the OpenAPI document's shapes (unknown fields refused)
     job = wait_job(b.url, job_id)
     assert job["status"] == "succeeded", job
+    Job.model_validate(job)
     assert job["result"]["result"]["conclusion"] == "It is a blue square."
     assert httpx.get(f"{a.url}/v1/jobs/{job_id}").json() == job  # the same record from either
     assert ran_on(redis_server, job_id).startswith(("host-a/0-", "host-b/0-"))
@@ -126,6 +129,7 @@ def test_redis_down_503_on_jobs_200_on_inference(
         assert r.headers["retry-after"] == "5"
         g = httpx.get(f"{a.url}/v1/jobs/job-{'1' * 32}")
         assert g.status_code == 503 and g.json()["error"]["message"] == message
+        ErrorResponse.model_validate(g.json())
         infer = httpx.post(f"{a.url}/infer", json={"image": png_b64("red"), "question": QUESTION,
                                                    "max_tokens": 95}, timeout=60)
         assert infer.status_code == 200 and infer.json()["result"]["conclusion"] == "It is a red square."

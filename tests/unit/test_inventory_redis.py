@@ -118,12 +118,12 @@ def test_exact_errors(tmp_path: Path, redis: str, env: dict[str, str] | None, ex
 
 def test_password_file_problems(tmp_path: Path) -> None:
     (tmp_path / "two.pass").write_text(f"{PASSWORD}\nsecond-line-0123456\n")
-    assert problems(tmp_path, "redis:\n  password: {file: two.pass}\n") == [
-        f"INV:16:20: redis.password.file: found 2 lines in {tmp_path / 'two.pass'}, expected the password "
-        "on one line"]
-    assert problems(tmp_path, "redis:\n  password: {file: none.pass}\n") == [
-        f"INV:16:20: redis.password.file: found {tmp_path / 'none.pass'} unreadable (No such file or "
-        "directory), expected a file holding the password"]
+    two = (f"INV:16:20: redis.password.file: found 2 lines in {tmp_path / 'two.pass'}, expected the password "
+           "on one line")
+    assert problems(tmp_path, "redis:\n  password: {file: two.pass}\n") == [two]
+    none = (f"INV:16:20: redis.password.file: found {tmp_path / 'none.pass'} unreadable (No such file or "
+            "directory), expected a file holding the password")
+    assert problems(tmp_path, "redis:\n  password: {file: none.pass}\n") == [none]
 
 
 def test_render_config_and_masking(tmp_path: Path) -> None:

@@ -73,7 +73,7 @@ def test_submit_run_get_and_slots(redis_server: RedisServer) -> None:
         assert sorted([await status(records, i) for i in ids]) == ["queued", "running", "running"]
         gate.set()
         for job_id in ids:
-            await until(lambda: _eq(status(records, job_id), "succeeded"), f"{job_id} succeeded")
+            await until(lambda j=job_id: _eq(status(records, j), "succeeded"), f"{job_id} succeeded")
         job = await records.get(ids[0])
         assert job is not None and job["result"] == {"echo": "0"} and job["finished"] >= job["created"]
         assert await records.backlog() == 0  # ended entries leave the stream
@@ -183,7 +183,7 @@ def test_redis_restart_loses_no_accepted_job(redis_server: RedisServer) -> None:
         await asyncio.to_thread(redis_server.restart)  # SIGTERM: the append-only file is flushed
         gate.set()  # the two running jobs finish (their ends are written once Redis answers again)
         for job_id in ids:
-            await until(lambda: _eq(status(records, job_id), "succeeded"), f"{job_id} after the restart")
+            await until(lambda j=job_id: _eq(status(records, j), "succeeded"), f"{job_id} after the restart")
         assert sorted(done, key=int) == [str(i) for i in range(10)]  # each ran once
         await c.stop()
         await records.redis.aclose()
@@ -204,3 +204,20 @@ def test_redis_down_is_a_plain_error(tmp_path: Path) -> None:
         await jobs.stop()
 
     asyncio.run(go())
+
+
+def test_the_redis_url_is_hashed_and_never_shown() -> None:
+    from llamactl.server.settings import Settings
+
+    url = f"redis://:{PASSWORD}@10.0.0.2:6379/0"
+    with_url = Settings.from_env({"LLAMACTL_MODEL": "m", "LLAMACTL_REDIS_URL": url})
+    other = Settings.from_env({"LLAMACTL_MODEL": "m", "LLAMACTL_REDIS_URL": url.replace("0123", "0124")})
+    without = Settings.from_env({"LLAMACTL_MODEL": "m", "LLAMACTL_REDIS_URL": ""})
+    assert with_url.redis_url == url and without.redis_url is None
+    assert len({with_url.config_hash(), other.config_hash(), without.config_hash()}) == 3
+    assert PASSWORD not in repr(with_url)
+    from llamactl.server.settings import SettingsError
+
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"LLAMACTL_MODEL": "m", "LLAMACTL_REDIS_URL": f"http://:{PASSWORD}@x"})
+    assert PASSWORD not in str(caught.value) and "LLAMACTL_REDIS_URL" in str(caught.value)
