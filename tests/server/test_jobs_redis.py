@@ -158,8 +158,8 @@ def test_a_server_killed_mid_job_loses_nothing(
     })
     rescuer: ThreadServer | None = None
     try:
-        # Long enough (2048 tokens, EOS ignored) to be caught running.
-        job_id = post_job(victim, "blue", max_tokens=2048, ignore_eos=True).json()["id"]
+        # Long enough (1500 tokens, EOS ignored) to be caught running.
+        job_id = post_job(victim, "blue", max_tokens=1500, ignore_eos=True).json()["id"]
         assert wait_job(victim.url, job_id, until=("running",))["status"] == "running"
         assert ran_on(own, job_id).startswith("victim/0-")
         os.kill(victim.proc.pid, signal.SIGKILL)
@@ -168,12 +168,59 @@ def test_a_server_killed_mid_job_loses_nothing(
                                                     gen_max_new_tokens=2048))
         job = wait_job(rescuer.url, job_id)
         assert job["status"] == "succeeded", job
-        assert job["result"]["usage"]["completion_tokens"] == 2048
+        assert job["result"]["usage"]["completion_tokens"] == 1500
         assert ran_on(own, job_id).startswith("rescuer/0-")
     finally:
         if victim.proc.poll() is None:
             victim.proc.kill()
             victim.proc.wait(30)
+        if rescuer is not None:
+            rescuer.stop()
+        own.stop()
+
+
+def test_sigterm_gives_back_claimed_jobs_that_have_not_started(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    (tmp_path / "redis").mkdir()
+    own = RedisServer.with_password(tmp_path / "redis", PASSWORD)
+    own.start()
+    # Three job slots but two engine slots: of three claimed jobs two run, the third waits in the engine, unstarted.
+    server = start_serve(tiny_checkpoint, tmp_path, {
+        "LLAMACTL_REDIS_URL": own.url, "LLAMACTL_INSTANCE": "draining/0", "LLAMACTL_GEN_MAX_NEW_TOKENS": "2048",
+        "LLAMACTL_JOBS_SLOTS": "3", "LLAMACTL_MAX_BATCH_SIZE": "2", "LLAMACTL_JOBS_CLAIM_IDLE_S": "60",
+    })
+    rescuer: ThreadServer | None = None
+    try:
+        # Long (EOS ignored, distinct lengths so none is a cache hit): the two running ones outlast the checks.
+        ids = [post_job(server, "red", max_tokens=n, ignore_eos=True).json()["id"] for n in (1500, 1499, 1498)]
+        for job_id in ids:
+            wait_job(server.url, job_id, until=("running",))
+        server.proc.send_signal(signal.SIGTERM)
+        client = redis.Redis.from_url(own.url, decode_responses=True, socket_timeout=10)
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:  # handed back at the start of the drain, not at its end
+            records = [client.hgetall(f"llamactl:job:{job_id}") for job_id in ids]
+            if any(r["status"] == "queued" for r in records):
+                break
+            time.sleep(0.02)
+        shown = [{k: v for k, v in r.items() if k != "result"} for r in records]
+        assert server.proc.poll() is None, shown  # still draining
+        assert sorted(r["status"] for r in records) == ["queued", "running", "running"], shown
+        given_back = ids[[r["status"] for r in records].index("queued")]
+        assert client.hget(f"llamactl:job:{given_back}", "gave_back") == "1"
+        assert server.proc.wait(WAIT_S) == 0  # drained: the started jobs finished
+        statuses = [client.hget(f"llamactl:job:{job_id}", "status") for job_id in ids]
+        client.close()
+        assert sorted(statuses) == ["queued", "succeeded", "succeeded"], statuses  # type: ignore[type-var]
+        # claimable at once although the claim timeout is 60 s: another instance runs it now
+        rescuer = start_thread_server(jobs_settings(tiny_checkpoint, own.url, "rescuer/0",
+                                                    gen_max_new_tokens=2048, jobs_claim_idle_s=60.0))
+        job = wait_job(rescuer.url, given_back)
+        assert job["status"] == "succeeded", job
+        assert ran_on(own, given_back).startswith("rescuer/0-")
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait(30)
         if rescuer is not None:
             rescuer.stop()
         own.stop()
