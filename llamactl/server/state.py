@@ -123,7 +123,9 @@ class ServerState:
             hooks.metrics = self.metrics
         self.cache = _make_cache(settings)
         self.jobs = JobStore(settings.jobs_max_entries, settings.jobs_ttl_s)
-        self.shared_jobs = _shared_jobs(settings, lambda: self.status == "ready")  # None: in-memory jobs only
+        self.shared_jobs = _shared_jobs(  # None: in-memory jobs only
+            settings, lambda: self.status == "ready", lambda: self.batcher.queued < self.batcher.queue_limit
+        )
         self.inference = Inference(
             settings, self.engine, self.batcher, self.metrics, self.cache, lambda: self.status
         )
@@ -244,7 +246,9 @@ def _make_cache(settings: Settings) -> Any:
     )
 
 
-def _shared_jobs(settings: Settings, accepting: Callable[[], bool]) -> SharedJobs | None:
+def _shared_jobs(
+    settings: Settings, accepting: Callable[[], bool], room: Callable[[], bool]
+) -> SharedJobs | None:
     if settings.redis_url is None:
         return None
     from llamactl.state.service import SharedJobs
@@ -252,7 +256,7 @@ def _shared_jobs(settings: Settings, accepting: Callable[[], bool]) -> SharedJob
     return SharedJobs(
         settings.redis_url, instance=settings.instance, ttl_s=settings.jobs_ttl_s,
         slots=settings.jobs_slots or settings.max_batch_size, claim_idle_s=settings.jobs_claim_idle_s,
-        max_deliveries=settings.jobs_max_deliveries, accepting=accepting,
+        max_deliveries=settings.jobs_max_deliveries, accepting=accepting, room=room,
     )
 
 

@@ -1,6 +1,6 @@
 """One instance's consumer of the jobs stream: it claims a job only when it has a free slot.
 
-Each loop turn, with a slot free and the server accepting work: first reclaim one entry another consumer left
+Each loop turn, with a slot free, the server ready and room in its admission queue: first reclaim one entry another consumer left
 pending longer than ``claim_idle_s`` (XAUTOCLAIM: that consumer died or hung), else read one new entry
 (XREADGROUP, blocking briefly). While a job runs, its entry's idle time is reset every ``claim_idle_s / 3``
 (XCLAIM JUSTID, which does not count as a delivery), so a long job is never taken from a live instance.
@@ -54,8 +54,9 @@ class JobConsumer:
         claim_idle_s: float,
         max_deliveries: int,
         accepting: Callable[[], bool],
+        room: Callable[[], bool] = lambda: True,
     ) -> None:
-        self.records, self.run = records, run
+        self.records, self.run, self.room = records, run, room
         self.name = f"{name or 'server'}-{uuid.uuid4().hex[:8]}"  # unique per process
         self.slots, self.max_deliveries, self.accepting = slots, max_deliveries, accepting
         self.claim_idle_ms = max(1, int(claim_idle_s * 1000))
@@ -86,7 +87,7 @@ class JobConsumer:
                 await self._give_back(started_too=False)
                 await self._wait_freed()
                 continue
-            if self.active >= self.slots:
+            if self.active >= self.slots or not self.room():
                 await self._wait_freed()
                 continue
             try:

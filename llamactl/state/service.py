@@ -24,13 +24,14 @@ class SharedJobs:
         claim_idle_s: float,
         max_deliveries: int,
         accepting: Callable[[], bool],
+        room: Callable[[], bool] = lambda: True,
     ) -> None:
         self.url = url
         self.redis = connect(url)
         self.records = JobRecords(self.redis, ttl_s)
         self._consumer_args: dict[str, Any] = {
             "name": instance, "slots": slots, "claim_idle_s": claim_idle_s,
-            "max_deliveries": max_deliveries, "accepting": accepting,
+            "max_deliveries": max_deliveries, "accepting": accepting, "room": room,
         }
         self.consumer: JobConsumer | None = None
 

@@ -38,9 +38,9 @@ async def until(check: Callable[[], Awaitable[bool]], what: str) -> None:
 
 def consumer(records: JobRecords, run: Any, *, slots: int = 1, claim_idle_s: float = 60.0,
              max_deliveries: int = 3, accepting: Callable[[], bool] = lambda: True,
-             name: str = "test") -> JobConsumer:
+             room: Callable[[], bool] = lambda: True, name: str = "test") -> JobConsumer:
     c = JobConsumer(records, run, name=name, slots=slots, claim_idle_s=claim_idle_s,
-                    max_deliveries=max_deliveries, accepting=accepting)
+                    max_deliveries=max_deliveries, accepting=accepting, room=room)
     c.start()
     return c
 
@@ -91,6 +91,26 @@ async def _true(value: bool) -> bool:
 
 async def _eq(value: Awaitable[str], expected: str) -> bool:
     return await value == expected
+
+
+def test_no_claim_while_the_admission_queue_is_full(redis_server: RedisServer) -> None:
+    async def go() -> None:
+        records = JobRecords(connect(redis_server.url), ttl_s=60)
+        room = [False]
+
+        async def run(request: dict[str, Any], on_start: Callable[[], None]) -> dict[str, Any]:
+            return {"ok": True}
+
+        job_id = await records.submit({"n": "1"})
+        c = consumer(records, run, slots=4, room=lambda: room[0])
+        await asyncio.sleep(0.6)  # not synchronisation: more than one loop turn in which a claim would show
+        assert await status(records, job_id) == "queued" and c.active == 0
+        room[0] = True
+        await until(lambda: _eq(status(records, job_id), "succeeded"), "claimed once there is room")
+        await c.stop()
+        await records.redis.aclose()
+
+    asyncio.run(go())
 
 
 def test_a_dead_consumers_job_is_reclaimed_and_failures_counted(redis_server: RedisServer) -> None:
