@@ -284,8 +284,8 @@ async def run_job(state: ServerState, request: dict[str, Any], on_start: Callabl
         params = _params(state, body)
         prompt = svc.render(_messages(body.question))
         image = await svc.decode_image(body.image)
-        waiter = svc.enqueue(prompt, image, params, cache_key=svc.cache_key(body.image, prompt, params),
-                             on_text=lambda _piece: on_start())
+        waiter = await svc.enqueue(prompt, image, params, cache_key=svc.cache_key(body.image, prompt, params),
+                                   on_text=lambda _piece: on_start())
         return _answer(state, await waiter)
     except ApiError as exc:
         raise JobFailed(_error_dict(exc), retry=exc.status in _RETRYABLE) from None
