@@ -298,3 +298,18 @@ def test_quantized_models_fall_back_to_the_hf_engine_and_health_says_why(tiny_ch
         assert r.status_code == 200
     finally:
         srv.stop()
+
+
+def test_a_single_slot_engine_starts_and_serves_in_turn(tiny_checkpoint: Path) -> None:
+    eng = ContinuousEngine(make_settings(tiny_checkpoint, max_batch_size=1, gen_max_new_tokens=64))
+    eng.start()
+    thread = threading.Thread(target=eng.run_forever, daemon=True)
+    thread.start()
+    try:
+        reqs = [GenRequest(prompt=image_prompt(eng), image=trained_image(c), params=GenParams(max_new_tokens=10))
+                for c in ("red", "blue", "red")]
+        results = run_all(eng, reqs)
+        assert results[0].text == results[2].text and all(r.batch_size == 1 for r in results)
+    finally:
+        eng.stop()
+        thread.join(10)

@@ -247,9 +247,10 @@ class ContinuousEngine(EngineStatus):
         ]
         for r in reqs:
             self.prepare(r)
-        self._prefill(reqs)
-        while self._running:
-            self._decode_step()
+        for r in reqs:  # one at a time: a server may have a single slot
+            self._prefill([r])
+            while self._running:
+                self._decode_step()
         if self.graphs is not None:  # the common small shapes now, so the first requests do not capture
             for rows in self._b_buckets:
                 self.graphs.run(rows, self._l_buckets[0])
