@@ -8,6 +8,7 @@ memory and all finish; a blocked step loop is reported as stalled.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -27,15 +28,24 @@ from llamactl.server.tiny import trained_image, trained_messages
 from ._support import ThreadServer, make_settings, png_b64, start_thread_server
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint: Path) -> Iterator[ContinuousEngine]:
-    eng = ContinuousEngine(make_settings(tiny_checkpoint, max_batch_size=8, gen_max_new_tokens=512))
+@contextlib.contextmanager
+def running_engine(tiny_checkpoint: Path, **settings: Any) -> Iterator[ContinuousEngine]:
+    """A started engine with its step loop on a thread, stopped afterwards."""
+    eng = ContinuousEngine(make_settings(tiny_checkpoint, **settings))
     eng.start()
     thread = threading.Thread(target=eng.run_forever, daemon=True)
     thread.start()
-    yield eng
-    eng.stop()
-    thread.join(10)
+    try:
+        yield eng
+    finally:
+        eng.stop()
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint: Path) -> Iterator[ContinuousEngine]:
+    with running_engine(tiny_checkpoint, max_batch_size=8, gen_max_new_tokens=512) as eng:
+        yield eng
 
 
 def reference_ids(eng: ContinuousEngine, req: GenRequest) -> list[int]:
@@ -167,11 +177,7 @@ def test_a_short_request_does_not_wait_for_long_ones(engine: ContinuousEngine) -
 
 
 def test_more_requests_than_slots_wait_for_memory_and_all_finish(tiny_checkpoint: Path) -> None:
-    eng = ContinuousEngine(make_settings(tiny_checkpoint, max_batch_size=2, gen_max_new_tokens=64))
-    eng.start()
-    thread = threading.Thread(target=eng.run_forever, daemon=True)
-    thread.start()
-    try:
+    with running_engine(tiny_checkpoint, max_batch_size=2, gen_max_new_tokens=64) as eng:
         reqs = [GenRequest(prompt=image_prompt(eng), image=trained_image("red"), params=GenParams(max_new_tokens=12))
                 for _ in range(6)]
         seen_waiting: list[float] = []
@@ -184,9 +190,6 @@ def test_more_requests_than_slots_wait_for_memory_and_all_finish(tiny_checkpoint
         with pytest.raises(ValueError, match="longer than this server's context"):
             eng.prepare(GenRequest(prompt=image_prompt(eng), image=trained_image("red"),
                                    params=GenParams(max_new_tokens=10_000)))
-    finally:
-        eng.stop()
-        thread.join(10)
 
 
 def test_plan_slots_sizes_pools_from_free_memory() -> None:
@@ -301,15 +304,8 @@ def test_quantized_models_fall_back_to_the_hf_engine_and_health_says_why(tiny_ch
 
 
 def test_a_single_slot_engine_starts_and_serves_in_turn(tiny_checkpoint: Path) -> None:
-    eng = ContinuousEngine(make_settings(tiny_checkpoint, max_batch_size=1, gen_max_new_tokens=64))
-    eng.start()
-    thread = threading.Thread(target=eng.run_forever, daemon=True)
-    thread.start()
-    try:
+    with running_engine(tiny_checkpoint, max_batch_size=1, gen_max_new_tokens=64) as eng:
         reqs = [GenRequest(prompt=image_prompt(eng), image=trained_image(c), params=GenParams(max_new_tokens=10))
                 for c in ("red", "blue", "red")]
         results = run_all(eng, reqs)
         assert results[0].text == results[2].text and all(r.batch_size == 1 for r in results)
-    finally:
-        eng.stop()
-        thread.join(10)
