@@ -47,6 +47,12 @@ def server_requirements() -> list[str]:
     return sorted(reqs)
 
 
+# Requirements that apply on the hosts but that pip skips while downloading here: it evaluates
+# `python_full_version` markers against this interpreter, even with --python-version. Debian 12's python3 (the lab
+# hosts') is 3.11.2, and redis needs async-timeout below 3.11.3.
+HOST_ONLY = ("async-timeout>=4.0.3",)
+
+
 def _same_target() -> bool:
     return sys.version_info[:2] == (3, 11) and sys.platform == "linux" and os.uname().machine == "x86_64"
 
@@ -101,7 +107,7 @@ def cache_lock(cache: Path) -> Iterator[None]:
 def populate(dest: Path, say: Callable[[str], None], cache: Path = CACHE) -> int:
     """Make ``dest`` hold every cached wheel (hard links, copies across filesystems). Returns the count."""
     with cache_lock(cache):
-        ensure_cache(server_requirements(), say, cache)
+        ensure_cache(server_requirements() + list(HOST_ONLY), say, cache)
     dest.mkdir(parents=True, exist_ok=True)
     count = 0
     for wheel in sorted(cache.glob("*.whl")):

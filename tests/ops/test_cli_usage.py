@@ -19,8 +19,8 @@ ENTRY_POINT = Path(sys.executable).with_name("llamactl")
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures/inventories/two-cpu-hosts.yaml"
 
 INVENTORY_COMMANDS = ["validate", "render", "deploy", "status", "restart", "watch", "logs", "rollback"]
-ALL_COMMANDS = INVENTORY_COMMANDS + ["infer", "serve", "lab", "lab up", "lab down", "lab status", "model",
-                                     "model tiny"]
+ALL_COMMANDS = INVENTORY_COMMANDS + ["undrain", "infer", "serve", "lab", "lab up", "lab down", "lab status",
+                                     "model", "model tiny"]
 NO_INVENTORY = ("no inventory given: pass the INVENTORY argument, set $LLAMACTL_INVENTORY, or run where "
                 "./inventory.yaml exists (looked for {cwd}/inventory.yaml)")
 
@@ -29,8 +29,9 @@ Case = tuple[str, list[str], str]
 NO_ARGUMENTS: list[Case] = [(c, list[str](), NO_INVENTORY) for c in INVENTORY_COMMANDS if c not in ("logs", "render")] + [
     ("render", [], "Missing option '--out' / '-o'."),
     ("", [], ("missing command: expected one of deploy, infer, lab, logs, model, render, restart, rollback, "
-              "serve, status, validate, watch")),
+              "serve, status, undrain, validate, watch")),
     ("logs", [], "missing argument HOST (a host name from the inventory)"),
+    ("undrain", [], "missing argument INSTANCE (host/index, e.g. gpu-01/0)"),
     ("infer", [], "Missing argument 'image'."),
     ("serve", [], "no model given: set LLAMACTL_MODEL or pass --model PATH_OR_HUB_ID"),
     ("lab", [], "missing command: expected one of down, status, up"),
@@ -67,6 +68,7 @@ BAD_VALUE = [
     ("watch", ["--interval", "0"], "Invalid value for '--interval'"),
     ("logs", ["h1", "--lines", "-1"], "Invalid value for '--lines'"),
     ("rollback", ["--to"], "Option '--to' requires an argument."),
+    ("undrain", ["x.yaml", "h/0", "--force-unlock=3"], "Option '--force-unlock' does not take a value."),
     ("infer", ["x.jpg", "--max-tokens", "0"], "Invalid value for '--max-tokens'"),
     ("serve", ["--port", "http"], "Invalid value for '--port'"),
     ("lab up", ["three"], "Invalid value for 'N'"),
