@@ -11,13 +11,17 @@ import importlib.util
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from collections.abc import Callable
-
 from llamactl.server.engine.detok import IncrementalText
-from llamactl.server.engine.protocol import EngineState, EngineStatus, FinishReason, GenParams, GenRequest, GenResult
+from llamactl.server.engine.protocol import (
+    EngineStatus,
+    FinishReason,
+    GenParams,
+    GenRequest,
+    GenResult,
+)
 from llamactl.server.settings import Settings
 
 if TYPE_CHECKING:

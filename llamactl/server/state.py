@@ -40,7 +40,6 @@ def choose_engine(settings: Settings, threads: int | None) -> tuple[ServingEngin
     ``auto`` and ``continuous`` run the continuous engine; bitsandbytes quantization (nf4/int8) runs on ``hf``,
     whose transformers layers handle the quantized weights.
     """
-    from llamactl.server.engine.static import StaticBatches
     from llamactl.server.hf_engine import HFEngine
 
     wanted = settings.engine
@@ -52,11 +51,17 @@ def choose_engine(settings: Settings, threads: int | None) -> tuple[ServingEngin
         )
         wanted = "hf"
     if wanted == "hf":
-        hf = HFEngine(settings, threads=threads)
-        return StaticBatches(hf, max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms), reason
+        return static_engine(HFEngine(settings, threads=threads), settings), reason
     from llamactl.server.engine.continuous import ContinuousEngine
 
     return ContinuousEngine(settings, threads=threads), reason
+
+
+def static_engine(engine: Engine, settings: Settings) -> ServingEngine:
+    """A model-level engine behind the ``hf`` windowed static batches, sized by the settings."""
+    from llamactl.server.engine.static import StaticBatches
+
+    return StaticBatches(engine, max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms)
 
 
 class ServerState:
@@ -78,13 +83,7 @@ class ServerState:
         if engine is None:
             engine, self.engine_note = choose_engine(settings, None if cpu is None else cpu.threads)
         elif hasattr(engine, "generate_batch"):  # a model-level engine (tests, benches): the static scheduler
-            from llamactl.server.engine.static import StaticBatches
-
-            engine = StaticBatches(
-                engine,  # type: ignore[arg-type]
-                max_batch_size=settings.max_batch_size,
-                max_wait_ms=settings.max_wait_ms,
-            )
+            engine = static_engine(engine, settings)  # type: ignore[arg-type]
         self.engine: ServingEngine = engine
         self.liveness = Liveness(settings.stall_timeout_s)
         # Optional hooks an engine may expose (set by attribute: the protocol stays minimal).

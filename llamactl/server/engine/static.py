@@ -16,7 +16,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from llamactl.server.liveness import Liveness
 from llamactl.server.engine.protocol import (
     Engine,
     EngineFailure,
@@ -25,6 +24,7 @@ from llamactl.server.engine.protocol import (
     GenResult,
     Stopped,
 )
+from llamactl.server.liveness import Liveness
 
 log = logging.getLogger("llamactl.server.batching")
 

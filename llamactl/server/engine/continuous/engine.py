@@ -30,7 +30,6 @@ from llamactl.server.engine.continuous.sequence import Prepared, Sequence
 from llamactl.server.engine.detok import IncrementalText
 from llamactl.server.engine.protocol import (
     EngineFailure,
-    EngineState,
     EngineStatus,
     FinishReason,
     GenRequest,
@@ -67,7 +66,6 @@ class ContinuousEngine(EngineStatus):
         self.runner: MllamaRunner | None = None
         self.pools: SlotPools | None = None
         self.graphs: DecodeGraphs | None = None
-        self.compiled = False
         self.max_len = 0
         self.slots = 0
         self.chunk_images = 8
@@ -205,7 +203,6 @@ class ContinuousEngine(EngineStatus):
         compiled: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor] = torch.compile(
             runner.decode, dynamic=True
         )
-        self.compiled = True
         return compiled
 
     def _measure_workspace(self, model: Any, vision: Any) -> int:
@@ -331,7 +328,7 @@ class ContinuousEngine(EngineStatus):
                     self._admitted = 0
                     if self._running:
                         self._decode_step()
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - fails the step's requests; fatal CUDA errors re-raise
                     self._admitted = 0
                     self._fail_running(exc, newcomers)
                 if self.liveness is not None:
