@@ -40,10 +40,6 @@ class Admission:
         self._last_done: float | None = None
 
     @property
-    def stopping(self) -> bool:
-        return self._stopping
-
-    @property
     def queued(self) -> int:
         return self.engine.waiting
 

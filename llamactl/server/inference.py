@@ -165,10 +165,7 @@ class Inference:
             on_text=on_text,
             deadline=started + self.settings.request_timeout_s,
         )
-        self.check_capacity()  # refuse now, before the (slow) preparation
-        if self.batcher.stopping:
-            self.error("draining")
-            raise ApiError(503, "the server is shutting down", "unavailable")
+        self.check_capacity()  # refuse now, before the (slow) preparation; admission says 503 once stopping
         waiter = await self._admit(req)
         return self._finish(waiter, started, cache_key)
 

@@ -444,11 +444,9 @@ class ContinuousEngine(EngineStatus):
             if reason is not None:
                 done.append((s, reason))
         itl = getattr(self.metrics, "inter_token_latency", None)
-        if itl is not None:
-            for s in seqs:
-                if s.first_at is not None and s.last_at is not None and s.last_at < now:
-                    itl.observe(now - s.last_at)
-        for s in seqs:
+        for s in seqs:  # the gap since each row's previous token (none before its first)
+            if itl is not None and s.last_at is not None:
+                itl.observe(now - s.last_at)
             s.last_at = now
         for s, reason in done:
             result = s.finish(reason, self.hf.processor.tokenizer)
