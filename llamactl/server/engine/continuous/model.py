@@ -1,7 +1,8 @@
 """The forward passes of the continuous engine, over transformers' own Mllama modules and weights.
 
-Only the orchestration is ours: which rows, which memory, which masks. Every layer's arithmetic is done by the
-checkpoint's modules (projections, norms, MLPs, gates, rotary tables) in the same order as transformers, so a
+Only the orchestration and the grouping of kernels are ours: which rows, which memory, which masks, and
+``fused.py``'s fewer, larger kernels over the checkpoint's own weights (q/k/v and gate/up as one GEMM each, fused
+norms and rotary, residuals inside the GEMMs), with the same arithmetic as transformers' modules, so a float32
 greedy answer equals ``generate``'s. What differs from ``generate``:
 - self-attention K/V live in pre-allocated per-slot memory (``pools.SlotPools``) and are written in place;
 - cross-attention K/V are computed once per image (``encode_images``) and kept in the slot while it decodes;
@@ -19,6 +20,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llamactl.server.engine.continuous.fused import (
+    CrossWeights,
+    SelfWeights,
+    add_linear_,
+    attend,
+    cross_weights,
+    mlp,
+    rms,
+    rope,
+    rope_halves,
+    self_weights,
+    signed_sin,
+)
 from llamactl.server.engine.continuous.pools import SlotPools
 
 
@@ -60,7 +74,15 @@ class MllamaRunner:
         probe = torch.zeros(1, dtype=self.dtype, device=pools.device)
         cos, sin = text.rotary_emb(probe, position_ids=positions)
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # [max_len, head_dim]
+        self.sin_signed = signed_sin(self.sin)
+        self._sin_table = self.sin if self.sin_signed is None else self.sin_signed
         self._arange = torch.arange(pools.max_len, device=pools.device)
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"the continuous engine expects SiLU MLPs, not {cfg.hidden_act!r}")
+        self.weights: list[SelfWeights | CrossWeights] = [
+            cross_weights(layer) if i in self.cross_layers else self_weights(layer)
+            for i, layer in enumerate(self.layers)
+        ]
 
     # -- vision: once per image --------------------------------------------------------------------------
 
@@ -127,7 +149,7 @@ class MllamaRunner:
         len_t = torch.tensor(lens, device=dev)
         slots = torch.tensor([r.slot for r in rows], device=dev)
         h = self.embed(ids)
-        cos, sin = self.cos[:t][None], self.sin[:t][None]
+        cos, sin = self.cos[:t][None, :, None], self._sin_table[:t][None, :, None]  # [1, t, 1, head_dim]
         # causal and key-padding bias [n, 1, t, t]
         q_pos = self._arange[:t]
         allowed = (q_pos[None, :, None] >= q_pos[None, None, :]) & (q_pos[None, None, :] < len_t[:, None, None])
@@ -135,15 +157,14 @@ class MllamaRunner:
         self_bias.masked_fill_(~allowed[:, None], self.min_value)
         has_image = torch.tensor([r.cross_mask is not None for r in rows], device=dev).to(self.dtype)
         cross_bias, cross_rowmask = self._prefill_cross_masks(rows, t)
-        for layer_idx, layer in enumerate(self.layers):
-            if layer_idx in self.cross_layers:
+        for layer_idx, w in enumerate(self.weights):
+            if isinstance(w, CrossWeights):
                 c = pools.cross_index[layer_idx]
                 h = self._cross_layer(
-                    layer, h, pools.ck[c][slots], pools.cv[c][slots], cross_bias, cross_rowmask,
-                    has_image.view(n, 1, 1),
+                    w, h, pools.ck[c][slots], pools.cv[c][slots], cross_bias, cross_rowmask, has_image.view(n, 1, 1)
                 )
             else:
-                h = self._self_layer_prefill(layer, h, cos, sin, self_bias, slots, t, pools.self_index[layer_idx])
+                h = self._self_layer_prefill(w, h, cos, sin, self_bias, slots, t, pools.self_index[layer_idx])
         last = h[torch.arange(n, device=dev), len_t - 1]  # [n, hidden]
         return self.lm_head(self.norm(last)).float()  # type: ignore[no-any-return]
 
@@ -164,97 +185,66 @@ class MllamaRunner:
         return bias, rowmask
 
     def _self_layer_prefill(
-        self, layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+        self, w: SelfWeights, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
         slots: torch.Tensor, t: int, s: int,
     ) -> torch.Tensor:
-        n = h.shape[0]
-        attn = layer.self_attn
-        x = layer.input_layernorm(h)
-        q = attn.q_proj(x).view(n, t, self.nh, self.hd).transpose(1, 2)
-        k = attn.k_proj(x).view(n, t, self.nkv, self.hd).transpose(1, 2)
-        v = attn.v_proj(x).view(n, t, self.nkv, self.hd).transpose(1, 2)
-        q, k = _rope(q, k, cos, sin)
+        n, nh, nkv = h.shape[0], self.nh, self.nkv
+        qkv = F.linear(rms(w.ln_in, h), w.qkv).view(n, t, nh + 2 * nkv, self.hd)
+        qk = self._rope(qkv[:, :, : nh + nkv], cos, sin)  # cos/sin [1, t, 1, head_dim]
+        q, k = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2)
+        v = qkv[:, :, nh + nkv :].transpose(1, 2)
         self.pools.k[s][slots, :, :t] = k
         self.pools.v[s][slots, :, :t] = v
-        out = _attend(q, k, v, bias, self.scale, self.group)
-        h = h + attn.o_proj(out.transpose(1, 2).reshape(n, t, -1))
-        return h + layer.mlp(layer.post_attention_layernorm(h))  # type: ignore[no-any-return]
+        out = attend(q, k, v, bias, self.scale)
+        h = add_linear_(h, out.transpose(1, 2).reshape(n, t, -1), w.o)
+        return add_linear_(h, mlp(w, rms(w.ln_post, h)), w.down)
 
     def _cross_layer(
-        self, layer: Any, h: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, bias: torch.Tensor,
+        self, w: CrossWeights, h: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, bias: torch.Tensor,
         rowmask: torch.Tensor, has_image: torch.Tensor,
     ) -> torch.Tensor:
         """h [n, t, hidden]; ck/cv [n, kv_heads, C, head_dim]; bias [n, 1, t, C]; rowmask [n, 1, t, 1]."""
         n, t, _ = h.shape
-        ca = layer.cross_attn
-        x = layer.input_layernorm(h)
-        q = ca.q_proj(x).view(n, t, self.nh, self.hd).transpose(1, 2)
-        q = ca.q_norm(q)
-        out = _attend(q, ck, cv, bias, self.scale, self.group)
-        attn = ca.o_proj(out.transpose(1, 2).reshape(n, t, -1))
-        h = h + (layer.cross_attn_attn_gate.tanh() * attn) * has_image
-        mlp = layer.mlp(layer.post_attention_layernorm(h))
-        mlp = rowmask[:, 0] * mlp
-        return h + (layer.cross_attn_mlp_gate.tanh() * mlp) * has_image  # type: ignore[no-any-return]
+        q = F.linear(rms(w.ln_in, h), w.q).view(n, t, self.nh, self.hd)
+        q = rms(w.q_norm, q).transpose(1, 2)
+        out = attend(q, ck, cv, bias, self.scale)
+        attn = F.linear(out.transpose(1, 2).reshape(n, t, -1), w.o)
+        h = h.addcmul_(attn, w.attn_gate * has_image)  # a text-only row (has_image 0) passes unchanged
+        down = F.linear(mlp(w, rms(w.ln_post, h)), w.down)
+        return h.addcmul_(down, rowmask[:, 0] * (w.mlp_gate * has_image))
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return rope(x, cos, sin) if self.sin_signed is not None else rope_halves(x, cos, sin)
 
     # -- decode: one token for slots 0..b-1, self K/V read up to length bucket lb ------------------------
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, b: int, lb: int) -> torch.Tensor:
         """tokens/positions [b] (device); returns float32 logits [b, vocab]. Static shapes for given (b, lb)."""
-        pools = self.pools
+        pools, nh, nkv = self.pools, self.nh, self.nkv
         h = self.embed(tokens.view(b, 1))
         cos = self.cos[positions].view(b, 1, self.hd)
-        sin = self.sin[positions].view(b, 1, self.hd)
+        sin = self._sin_table[positions].view(b, 1, self.hd)
         key_ok = self._arange[:lb][None, :] <= positions[:, None]  # [b, lb]
         self_bias = torch.where(key_ok, 0.0, self.min_value).to(self.dtype).view(b, 1, 1, lb)
         cross_bias = pools.cross_bias[:b].view(b, 1, 1, -1)
         rowmask = pools.cross_rowmask[:b].view(b, 1, 1, 1)
         has_image = pools.has_image[:b].view(b, 1, 1)
-        write_at = positions.view(b, 1, 1, 1).expand(b, self.nkv, 1, self.hd)
-        for layer_idx, layer in enumerate(self.layers):
-            if layer_idx in self.cross_layers:
+        write_at = positions.view(b, 1, 1, 1).expand(b, nkv, 1, self.hd)
+        for layer_idx, w in enumerate(self.weights):
+            if isinstance(w, CrossWeights):
                 c = pools.cross_index[layer_idx]
-                h = self._cross_layer(layer, h, pools.ck[c][:b], pools.cv[c][:b], cross_bias, rowmask, has_image)
+                h = self._cross_layer(w, h, pools.ck[c][:b], pools.cv[c][:b], cross_bias, rowmask, has_image)
                 continue
             s = pools.self_index[layer_idx]
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(b, 1, self.nh, self.hd).transpose(1, 2)
-            k = attn.k_proj(x).view(b, 1, self.nkv, self.hd).transpose(1, 2)
-            v = attn.v_proj(x).view(b, 1, self.nkv, self.hd).transpose(1, 2)
-            q, k = _rope(q, k, cos, sin)
+            qkv = F.linear(rms(w.ln_in, h), w.qkv).view(b, nh + 2 * nkv, self.hd)
+            qk = self._rope(qkv[:, : nh + nkv], cos, sin)
+            k, v = qk[:, nh:].unsqueeze(2), qkv[:, nh + nkv :].unsqueeze(2)  # [b, kv_heads, 1, head_dim]
             pools.k[s][:b].scatter_(2, write_at, k)
             pools.v[s][:b].scatter_(2, write_at, v)
-            out = _attend(q, pools.k[s][:b, :, :lb], pools.v[s][:b, :, :lb], self_bias, self.scale, self.group)
-            h = h + attn.o_proj(out.transpose(1, 2).reshape(b, 1, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            out = attend(qk[:, :nh].unsqueeze(2), pools.k[s][:b, :, :lb], pools.v[s][:b, :, :lb], self_bias,
+                         self.scale)
+            h = add_linear_(h, out.view(b, 1, -1), w.o)  # [b, heads, 1, d] is already [b, 1, heads * d]
+            h = add_linear_(h, mlp(w, rms(w.ln_post, h)), w.down)
         return self.lm_head(self.norm(h[:, 0])).float()  # type: ignore[no-any-return]
 
 
-def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embedding as transformers applies it (cos/sin [n, t, head_dim] broadcast over heads)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float, group: int
-) -> torch.Tensor:
-    """Grouped-query attention without repeating K/V in memory.
-
-    q [n, heads, t, d]; k/v [n, kv_heads, L, d]; bias [n, 1, t, L] -> [n, heads, t, d]. Query heads are grouped
-    under the K/V head they share, so each K/V element is read once per step (decode is bandwidth-bound).
-    """
-    n, heads, t, d = q.shape
-    kv_heads = k.shape[1]
-    qg = q.reshape(n, kv_heads, group * t, d)
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [n, kv, group*t, L]
-    scores = scores.view(n, kv_heads, group, t, -1) + bias.unsqueeze(1)
-    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(weights.view(n, kv_heads, group * t, -1), v)
-    return out.view(n, heads, t, d)
