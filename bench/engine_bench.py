@@ -224,6 +224,7 @@ class HealthPoller:
         self.peak = 0
         self.statuses: set[str] = set()
         self.engine: dict[str, Any] | None = None
+        self.gpu: dict[str, Any] | None = None  # the last NVML reading /health gave (issue 13)
         self.peaks: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -236,6 +237,7 @@ class HealthPoller:
                 self.peak = max(self.peak, int(mem.get("used_bytes") or 0))
                 self.statuses.add(str(h.get("status")))
                 self.engine = h.get("engine")
+                self.gpu = h.get("gpu") or self.gpu
                 m = parse_metrics(httpx.get(self.url + "/metrics", timeout=5).text)
                 for k in PEAK_SERIES:
                     if k in m:
@@ -352,6 +354,30 @@ class Bench:
             self.proc = None
         return out
 
+    def status_deep(self, url: str, lv: dict[str, Any]) -> None:
+        """`llamactl status --deep` (table and --json) of this one server while the level's load runs: the GPU
+        column of a real card under load (issue 13). The inventory names 127.0.0.1 and the server's port; there
+        is no balancer and no sshd on the device, so those columns say unreachable."""
+        time.sleep(8)
+        port = url.rsplit(":", 1)[1]
+        inv = self.a.work / "status-inventory.yaml"
+        inv.write_text(
+            "version: 1\ncluster: device-bench\ndefaults:\n  gpus: 1\n  base_port: " + port + "\n"
+            "  model:\n    source: /tmp/llamactl-11b\n    dtype: bfloat16\n  server:\n    user: root\n"
+            "groups:\n  gpu:\n    hosts:\n      device:\n        address: 127.0.0.1\n"
+            "balancer:\n  hosts:\n    lb:\n      address: 127.0.0.3\n  listen: 8080\n")
+        env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200",
+               "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+        for key, extra in (("status_deep", []), ("status_deep_json", ["--json"])):
+            try:
+                r = subprocess.run([sys.executable, "-m", "llamactl", "status", str(inv), "--deep", "--timeout", "5",
+                                    *extra], check=False, capture_output=True, text=True, timeout=45, env=env,
+                                   cwd=REPO)
+                lv[key] = {"exit_code": r.returncode, "stdout": r.stdout[-12000:], "stderr": r.stderr[-3000:]}
+                (self.a.out / f"{key}.txt").write_text(r.stdout + "\n---- stderr\n" + r.stderr)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                lv[key] = {"error": f"{type(exc).__name__}: {exc}"}
+
     @staticmethod
     def scrape(url: str) -> dict[str, float] | None:
         try:
@@ -403,9 +429,17 @@ class Bench:
             self.sampler.mark()
         cpu0 = meter.snapshot()
         batches0, series0 = self.scrape(url), self.series(url)
+        status_run = None
+        if conc == self.a.status_at and d.engine != "hf" and not self.a.tiny:
+            status_run = threading.Thread(target=self.status_deep, args=(url, lv), daemon=True)
         with HealthPoller(url) as hp:
+            if status_run is not None:
+                status_run.start()
             m = self.load(url, conc, n, lvl_end)
+        if status_run is not None:
+            status_run.join(timeout=60)
         lv.update(m)
+        lv["health_gpu"] = hp.gpu
         batches1, series1 = self.scrape(url), self.series(url)
         if batches0 and batches1:
             lv["batches"] = batch_delta(batches0, batches1)  # the hf engine's generate calls (size, duration)
@@ -476,6 +510,8 @@ def main() -> None:
     ap.add_argument("--baseline-warm-tokens", type=int, default=8)
     ap.add_argument("--images", type=int, help="distinct JPEGs, reused in turn (default 256; tiny 32)")
     ap.add_argument("--load-procs", type=int, default=4, help="load processes at most (one per 16 clients)")
+    ap.add_argument("--status-at", type=int, default=32, help="clients of the level during which `llamactl "
+                    "status --deep` runs against the continuous server (0: never)")
     ap.add_argument("--grace-s", type=float, default=20, help="how long past its time share a level may run")
     a = ap.parse_args()
     tiny = a.tiny

@@ -257,6 +257,7 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=1120)
     ap.add_argument("--slots", type=int, default=64)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--probe", action="store_true", help="engine_probe.py's measurements on this engine first")
     ap.add_argument("--compile", default="off", choices=["off", "vision", "all"], help="engine_compile")
     args = ap.parse_args()
     report: dict[str, Any] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -283,6 +284,11 @@ def main() -> None:
     def dump() -> None:
         args.out.write_text(json.dumps(report, indent=1, default=str))
 
+    if args.probe:
+        from engine_probe import probe
+
+        report["probe"] = probe(engine, model)
+        dump()
     report["logits"] = logits_check(engine, model, args.side, 16)
     dump()
     thread = threading.Thread(target=engine.run_forever, daemon=True)

@@ -1,4 +1,5 @@
-"""Where the continuous engine's GPU time goes: the vision tower per SDPA backend, and graph-replayed decode steps.
+"""Where the continuous engine's GPU time goes: the vision tower (cuDNN attention), graph-replayed decode steps,
+both at once on the engine's two streams, and the kernels of one batch-1 step.
 
     python3 bench/engine_probe.py --out $OUT/engine_probe.json      # GPU only
 """
@@ -8,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,35 +40,58 @@ def main() -> None:
     from engine_direct import build
 
     engine, model = build(False, 64, 2048)
-    engine.start()
-    report: dict[str, Any] = {"device": torch.cuda.get_device_name()}
+    engine.start()  # turns cuDNN attention on for the vision tower (the engine's default on CUDA)
+    args.out.write_text(json.dumps(probe(engine, model), indent=1, default=str))
+
+
+def probe(engine: Any, model: Any) -> dict[str, Any]:
+    """The measurements, on a started engine (also run by engine_direct.py --probe, on its engine)."""
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     vision = model.model.vision_model
     n = 8
     pixel = torch.randn(n, 1, 4, 3, 560, 560, device="cuda", dtype=torch.bfloat16)
     ar_ids = torch.ones(n, 1, dtype=torch.long, device="cuda")
     ar_mask = torch.ones(n, 1, 4, dtype=torch.long, device="cuda")
-    run = lambda: vision(pixel_values=pixel, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask)  # noqa: E731
+    run = lambda: vision(pixel_values=pixel, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask)
+    g = engine.graphs
+    main_s, vision_s = engine._main_stream, engine._vision_stream
     with torch.inference_mode():
-        report["vision_8_images_default_s"] = timed(run)
-        print("vision default", report["vision_8_images_default_s"], flush=True)
-        torch.backends.cuda.enable_cudnn_sdp(True)
-        t0 = time.monotonic()
-        run()
-        torch.cuda.synchronize()
-        report["vision_cudnn_first_call_s"] = time.monotonic() - t0
         report["vision_8_images_cudnn_s"] = timed(run)
-        print("vision cudnn", report["vision_cudnn_first_call_s"], report["vision_8_images_cudnn_s"], flush=True)
-        torch.backends.cuda.enable_cudnn_sdp(False)
-        ref = run().last_hidden_state.float()
-        torch.backends.cuda.enable_cudnn_sdp(True)
-        got = run().last_hidden_state.float()
-        report["vision_cudnn_rel_l2"] = float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref))
-        torch.backends.cuda.enable_cudnn_sdp(False)
+        print("vision cudnn 8 images", report["vision_8_images_cudnn_s"], flush=True)
         for b in (1, 8, 32, 64):
             for lb in (256,):
-                g = engine.graphs
-                report[f"decode_replay_b{b}_l{lb}_s"] = timed(lambda: g.run(b, lb), reps=10)
+                report[f"decode_replay_b{b}_l{lb}_s"] = timed(lambda b=b, lb=lb: g.run(b, lb), reps=10)
                 print("decode", b, lb, report[f"decode_replay_b{b}_l{lb}_s"], flush=True)
+        # Vision on the low-priority stream while the high-priority stream replays decode steps (the engine's
+        # overlap): each alone, then together from one start event.
+        steps = 30
+        for b in (8, 32):
+            def together(b: int = b) -> dict[str, float]:
+                start = torch.cuda.Event(enable_timing=True)
+                dec_end, vis_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                with torch.cuda.stream(main_s):
+                    start.record()
+                vision_s.wait_event(start)
+                with torch.cuda.stream(vision_s):
+                    run()
+                    vis_end.record()
+                with torch.cuda.stream(main_s):
+                    for _ in range(steps):
+                        g.run(b, 256)
+                    dec_end.record()
+                torch.cuda.synchronize()
+                return {"decode_s": start.elapsed_time(dec_end) / 1000, "vision_s": start.elapsed_time(vis_end) / 1000}
+            together()
+            both = together()
+            with torch.cuda.stream(main_s):
+                alone = timed(lambda b=b: [g.run(b, 256) for _ in range(steps)], reps=3)
+            report[f"overlap_b{b}"] = {
+                "decode_steps": steps, "decode_alone_s": alone, "vision_alone_s": report["vision_8_images_cudnn_s"],
+                "together_decode_s": both["decode_s"], "together_vision_s": both["vision_s"],
+                "together_wall_s": max(both.values()),
+                "serial_s": alone + report["vision_8_images_cudnn_s"],
+            }
+            print("overlap", b, report[f"overlap_b{b}"], flush=True)
         # where a replay's time goes: profile one b=1 eager step
         from torch.profiler import ProfilerActivity, profile
 
@@ -83,7 +106,7 @@ def main() -> None:
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
         report["decode_b1_profile"] = table
         print(table, flush=True)
-    args.out.write_text(json.dumps(report, indent=1, default=str))
+    return report
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 Each iteration of the step loop (model thread):
 1. admit: waiting requests take free slots, at most one bounded chunk (images, prompt tokens) per iteration,
    so running sequences wait for at most one chunk between two of their tokens;
-2. prefill the chunk: vision tower + projector once per image (cross-attention K/V into the slot), the prompt
-   through every layer (self-attention K/V into the slot), the first token sampled;
+2. text-only newcomers are prefilled at once; image newcomers first go through the vision tower + projector,
+   on GPUs on a second, low-priority CUDA stream while the batch keeps decoding (the tower is compute-bound,
+   a decode step bandwidth-bound: they share the GPU instead of taking turns). Once their states are ready
+   they join: cross-attention K/V into their slots, the prompt through every layer, the first token sampled;
 3. one decode step for every running sequence (a CUDA graph replay on GPUs), per-row sampling and stopping;
 4. finished or cancelled sequences leave; their slots are reused at once (the last running one moves in).
 A request that cannot get a slot waits (``waiting_for_memory``); admission in front turns a long wait into 429.
@@ -12,12 +14,14 @@ A request that cannot get a slot waits (``waiting_for_memory``); admission in fr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,6 +51,19 @@ _COMPILED_ROWS = 8  # prompt tokens a slot holds beyond the longest answer the s
 _GIB = 2**30
 
 
+@dataclass
+class _Encoding:
+    """Image newcomers whose vision states are being computed (on the vision stream on GPUs); no slot yet."""
+
+    reqs: list[GenRequest]
+    states: torch.Tensor
+    done: Any  # torch.cuda.Event, or None when computed synchronously (CPU)
+    started: float
+
+    def ready(self) -> bool:
+        return self.done is None or bool(self.done.query())
+
+
 class ContinuousEngine(EngineStatus):
     name = "continuous"
 
@@ -60,6 +77,9 @@ class ContinuousEngine(EngineStatus):
         self._running: list[Sequence] = []  # index == slot
         self._stopping = False
         self._admitted = 0  # requests taken from the queue whose prefill has not finished
+        self._encoding: _Encoding | None = None
+        self._main_stream: Any = None  # CUDA streams: decode and prefill (high priority), vision (low)
+        self._vision_stream: Any = None
         self.liveness: Any = None  # llamactl.server.liveness.Liveness, set by the server
         self.metrics: Any = None  # llamactl.server.metrics.Metrics, set by the server
         self.step_hook: Callable[[], None] | None = None  # tests: runs at the top of every iteration
@@ -89,7 +109,9 @@ class ContinuousEngine(EngineStatus):
 
     @property
     def running(self) -> int:
-        return len(self._running) + self._admitted  # taken from the queue and being prefilled count as running
+        # taken from the queue and being encoded or prefilled count as running
+        encoding = self._encoding
+        return len(self._running) + self._admitted + (len(encoding.reqs) if encoding is not None else 0)
 
     @property
     def waiting_for_memory(self) -> float:
@@ -119,6 +141,7 @@ class ContinuousEngine(EngineStatus):
             "cuda_graphs": None if self.graphs is None else self.graphs.captures,
             "compiled": self.settings.engine_compile if self.hf.device == "cuda" else "off",
             "prefill_chunk_images": self.chunk_images,
+            "vision_overlaps_decode": self._vision_stream is not None,
             "image_preprocessing_on": "cpu",  # the processor runs in request threads (prepare), off the GPU loop
             "threads": hf["threads"],
             "steps": self.steps,
@@ -182,6 +205,8 @@ class ContinuousEngine(EngineStatus):
             self._b_buckets = batch_buckets(self.slots)
             self._l_buckets = length_buckets(self.max_len)
             if device == "cuda":
+                self._main_stream = torch.cuda.Stream(priority=-1)  # type: ignore[no-untyped-call]
+                self._vision_stream = torch.cuda.Stream(priority=0)  # type: ignore[no-untyped-call]
                 small = self._compiled(self.runner) if self.settings.engine_compile == "all" else None
                 self.graphs = DecodeGraphs(
                     self.runner.decode, self._b_buckets[-1], device, small=small, small_rows=_COMPILED_ROWS
@@ -278,9 +303,10 @@ class ContinuousEngine(EngineStatus):
             req.prepared = Prepared(ids, None, None, None, None)
             return
         cross = out["cross_attention_mask"][0, :, 0, :]  # [tokens, tiles]: one image per request
-        req.prepared = Prepared(
-            ids, cross, out["pixel_values"], out["aspect_ratio_ids"], out["aspect_ratio_mask"]
-        )
+        pixel = out["pixel_values"].to(hf.dtype)  # here, in the request's thread, not on the model thread
+        if hf.device == "cuda":
+            pixel = pixel.pin_memory()  # the copy to the GPU then does not block the model thread
+        req.prepared = Prepared(ids, cross, pixel, out["aspect_ratio_ids"], out["aspect_ratio_mask"])
 
     def add(self, req: GenRequest) -> None:
         with self._cv:
@@ -311,32 +337,50 @@ class ContinuousEngine(EngineStatus):
     # -- the step loop (model thread) --------------------------------------------------------------------
 
     def run_forever(self) -> None:
-        with torch.inference_mode():
+        stream = torch.cuda.stream(self._main_stream) if self._main_stream is not None else _no_stream()
+        with torch.inference_mode(), stream:
             while True:
                 with self._cv:
-                    while not self._waiting and not self._running and not self._stopping:
+                    while not self._waiting and not self._running and self._encoding is None and not self._stopping:
                         self._cv.wait()
-                    if self._stopping and not self._running:
+                    if self._stopping and not self._running and self._encoding is None:
                         return
                     newcomers = self._take_newcomers()
                     self._admitted = len(newcomers)
                 if self.step_hook is not None:
                     self.step_hook()
                 try:
-                    if newcomers:
-                        self._prefill(newcomers)
-                    self._admitted = 0
-                    if self._running:
-                        self._decode_step()
+                    self._iterate(newcomers)
                 except Exception as exc:  # noqa: BLE001 - fails the step's requests; fatal CUDA errors re-raise
                     self._admitted = 0
                     self._fail_running(exc, newcomers)
                 if self.liveness is not None:
                     self.liveness.step_completed()
 
+    def _iterate(self, newcomers: list[GenRequest]) -> None:
+        """Text newcomers prefill, ready images join, the batch decodes one token; new images start encoding
+        while that step runs on the GPU (their kernels are launched before the step's tokens are read back)."""
+        texts = [r for r in newcomers if r.image is None]
+        images = [r for r in newcomers if r.image is not None]
+        if texts:
+            self._prefill(texts)
+        self._admitted = len(images)
+        encoding = self._encoding
+        if encoding is not None and (encoding.ready() or not self._running):
+            self._encoding = None
+            self._join(encoding)
+        logits = self._launch_decode() if self._running else None
+        if images:
+            self._start_encoding(images)
+        self._admitted = 0
+        if logits is not None:
+            self._finish_decode(*logits)
+
     def _take_newcomers(self) -> list[GenRequest]:
-        """Waiting requests for free slots: one bounded chunk (images, prompt tokens) per iteration."""
-        free = self.slots - len(self._running)
+        """Waiting requests for free slots: one bounded chunk (images, prompt tokens) per iteration. Images wait
+        while an earlier chunk of images is still in the vision tower (the queue stays in order)."""
+        encoding = self._encoding
+        free = self.slots - len(self._running) - (len(encoding.reqs) if encoding is not None else 0)
         taken: list[GenRequest] = []
         images = tokens = 0
         while self._waiting and len(taken) < free:
@@ -345,6 +389,8 @@ class ContinuousEngine(EngineStatus):
                 self._waiting.popleft()
                 _report(req, _cancelled_result(req))
                 continue
+            if req.image is not None and encoding is not None:
+                break
             n_tokens = len(req.prepared.input_ids) if req.prepared is not None else 0
             if taken and (images + (req.image is not None) > self.chunk_images or tokens + n_tokens > self.chunk_tokens):
                 break
@@ -354,27 +400,57 @@ class ContinuousEngine(EngineStatus):
             tokens += n_tokens
         return taken
 
-    def _prefill(self, reqs: list[GenRequest]) -> None:
-        assert self.runner is not None
-        t0 = time.monotonic()
-        seqs: list[Sequence] = []
+    def _prepared(self, reqs: list[GenRequest]) -> list[GenRequest]:
+        """The requests whose inputs are ready (prepared here if they came without ``prepare``: benches, tests)."""
+        ok = []
         for req in reqs:
             try:
-                self.prepare(req)  # requests added without going through prepare (benches, tests)
+                self.prepare(req)
             except ValueError as exc:
                 _report(req, EngineFailure(str(exc)))
                 continue
-            seqs.append(self._new_sequence(req, slot=len(self._running) + len(seqs)))
+            ok.append(req)
+        return ok
+
+    def _start_encoding(self, reqs: list[GenRequest]) -> None:
+        """Vision tower + projector for image newcomers: on the vision stream on GPUs (returns at once)."""
+        assert self.runner is not None
+        t0 = time.monotonic()
+        reqs = self._prepared(reqs)
+        if not reqs:
+            return
+        rows = [_newcomer(-1, r.prepared) for r in reqs]
+        if self._vision_stream is None:
+            self._encoding = _Encoding(reqs, self.runner.vision_states(rows), None, t0)
+            return
+        with torch.cuda.stream(self._vision_stream):
+            states = self.runner.vision_states(rows)
+            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            done.record()
+        self._encoding = _Encoding(reqs, states, done, t0)
+
+    def _join(self, encoding: _Encoding) -> None:
+        """Encoded image newcomers take slots: their cross K/V, prompt prefill and first token."""
+        if encoding.done is not None:
+            main = torch.cuda.current_stream()
+            main.wait_event(encoding.done)
+            encoding.states.record_stream(main)  # freed on the vision stream only after the main stream used it
+        self._prefill(encoding.reqs, states=encoding.states, started=encoding.started)
+
+    def _prefill(self, reqs: list[GenRequest], states: torch.Tensor | None = None, started: float | None = None) -> None:
+        """Newcomers into slots; ``states`` = their images' vision states (all have images) if already encoded."""
+        assert self.runner is not None
+        t0 = time.monotonic() if started is None else started
+        seqs = [self._new_sequence(req, slot=len(self._running) + i) for i, req in enumerate(self._prepared(reqs))]
         if not seqs:
             return
-        rows = [
-            Newcomer(s.slot, s.prepared.input_ids, s.prepared.cross_mask, s.prepared.pixel_values,
-                     s.prepared.aspect_ratio_ids, s.prepared.aspect_ratio_mask)
-            for s in seqs
-        ]
-        with_image = [r for r in rows if r.pixel_values is not None]
-        if with_image:
-            self.runner.encode_images(with_image)
+        rows = [_newcomer(s.slot, s.prepared) for s in seqs]
+        if states is not None:
+            self.runner.write_cross(rows, states)
+        else:
+            with_image = [r for r in rows if r.pixel_values is not None]
+            if with_image:
+                self.runner.encode_images(with_image)
         self.runner.set_cross_rows(rows)
         logits = self.runner.prefill(rows)
         self._running.extend(seqs)
@@ -402,6 +478,10 @@ class ContinuousEngine(EngineStatus):
                         self._eos_ids)
 
     def _decode_step(self) -> None:
+        self._finish_decode(*self._launch_decode())
+
+    def _launch_decode(self) -> tuple[list[Sequence], torch.Tensor, float]:
+        """Queue one decode step for every running sequence (on GPUs nothing waits for it here)."""
         assert self.runner is not None
         t0 = time.monotonic()
         seqs = list(self._running)
@@ -421,6 +501,9 @@ class ContinuousEngine(EngineStatus):
             logits = self.runner.decode(
                 torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), n, longest
             )
+        return seqs, logits, t0
+
+    def _finish_decode(self, seqs: list[Sequence], logits: torch.Tensor, t0: float) -> None:
         for s in seqs:
             s.length += 1
         self._accept(seqs, logits)
@@ -474,12 +557,14 @@ class ContinuousEngine(EngineStatus):
             raise exc
         log.exception("engine step failed; failing %d running request(s)", len(self._running))
         failure = EngineFailure(f"inference failed ({type(exc).__name__})")
+        encoding, self._encoding = self._encoding, None
         reported = set()
         for s in self._running:
             reported.add(id(s.req))
             _report(s.req, failure)
-        for req in newcomers:
+        for req in [*newcomers, *(encoding.reqs if encoding is not None else [])]:
             if id(req) not in reported:
+                reported.add(id(req))
                 _report(req, failure)
         self._running.clear()
 
@@ -489,6 +574,15 @@ def _compile_vision(vision: Any) -> None:
     for stack in (vision.transformer, vision.global_transformer):
         for layer in stack.layers:
             layer.forward = torch.compile(layer.forward, dynamic=True)
+
+
+def _newcomer(slot: int, p: Prepared) -> Newcomer:
+    return Newcomer(slot, p.input_ids, p.cross_mask, p.pixel_values, p.aspect_ratio_ids, p.aspect_ratio_mask)
+
+
+@contextlib.contextmanager
+def _no_stream() -> Iterator[None]:
+    yield
 
 
 def _report(req: GenRequest, value: GenResult | BaseException) -> None:

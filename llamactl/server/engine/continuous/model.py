@@ -88,16 +88,25 @@ class MllamaRunner:
 
     def encode_images(self, rows: list[Newcomer]) -> None:
         """Vision tower + projector for the rows' images, then each cross layer's K/V into the rows' slots."""
-        pools = self.pools
-        pixel = torch.cat([r.pixel_values for r in rows]).to(pools.device, self.dtype)  # type: ignore[misc]
-        ar_ids = torch.cat([r.aspect_ratio_ids for r in rows]).to(pools.device)  # type: ignore[misc]
-        ar_mask = torch.cat([r.aspect_ratio_mask for r in rows]).to(pools.device)  # type: ignore[misc]
+        self.write_cross(rows, self.vision_states(rows))
+
+    def vision_states(self, rows: list[Newcomer]) -> torch.Tensor:
+        """Vision tower + projector for the rows' images -> [n, tiles * patches, hidden] (no slot touched, so it
+        may run on another CUDA stream while the running batch decodes)."""
+        dev = self.pools.device
+        pixel = torch.cat([r.pixel_values.to(dev, self.dtype, non_blocking=True) for r in rows])  # type: ignore[union-attr]
+        ar_ids = torch.cat([r.aspect_ratio_ids for r in rows]).to(dev)  # type: ignore[misc]
+        ar_mask = torch.cat([r.aspect_ratio_mask for r in rows]).to(dev)  # type: ignore[misc]
         states = self.vision(pixel_values=pixel, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask)
         states = states.last_hidden_state  # [n, 1, tiles, patches, dim]
         n, _, tiles, patches, _ = states.shape
-        states = self.projector(states).reshape(n, tiles * patches, -1)
+        return self.projector(states).reshape(n, tiles * patches, -1)  # type: ignore[no-any-return]
+
+    def write_cross(self, rows: list[Newcomer], states: torch.Tensor) -> None:
+        """Each cross layer's K/V of the rows' image states into the rows' slots."""
+        pools = self.pools
+        n, length, _ = states.shape
         slots = torch.tensor([r.slot for r in rows], device=pools.device)
-        length = tiles * patches
         for layer_idx in sorted(self.cross_layers):
             ca = self.layers[layer_idx].cross_attn
             k = ca.k_proj(states).view(n, length, self.nkv, self.hd).transpose(1, 2)
