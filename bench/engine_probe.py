@@ -55,9 +55,20 @@ def probe(engine: Any, model: Any) -> dict[str, Any]:
     run = lambda: vision(pixel_values=pixel, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask)
     g = engine.graphs
     main_s, vision_s = engine._main_stream, engine._vision_stream
+    encoder = engine.runner.encoder
+    ar_cpu = torch.ones(n, 1, 4, dtype=torch.long)
+    split = lambda: encoder(pixel, ar_ids, ar_mask, ar_cpu)
     with torch.inference_mode():
-        report["vision_8_images_cudnn_s"] = timed(run)
-        print("vision cudnn 8 images", report["vision_8_images_cudnn_s"], flush=True)
+        report["engine_vision_attention"] = engine.describe().get("vision_attention")
+        report["vision_8_images_dense_mask_s"] = timed(run)  # transformers' path (cuDNN attention, dense mask)
+        report["vision_8_images_split_mask_s"] = timed(split)
+        report["vision_8_images_cudnn_s"] = report["vision_8_images_split_mask_s"]  # what the engine runs
+        dense = model.model.multi_modal_projector(run().last_hidden_state).reshape(n, -1, 4096).float()
+        got = split().float()
+        report["vision_split_vs_dense_rel_l2"] = float(torch.linalg.vector_norm(got - dense)
+                                                       / torch.linalg.vector_norm(dense))
+        print("vision 8 images", {k: v for k, v in report.items() if k.startswith("vision")}, flush=True)
+        run = split
         for b in (1, 8, 32, 64):
             for lb in (256,):
                 report[f"decode_replay_b{b}_l{lb}_s"] = timed(lambda b=b, lb=lb: g.run(b, lb), reps=10)

@@ -31,6 +31,7 @@ from llamactl.server.engine.continuous.model import MllamaRunner, Newcomer
 from llamactl.server.engine.continuous.pools import PoolShape, SlotPools, plan_slots
 from llamactl.server.engine.continuous.sampler import RowSampling, choose_tokens
 from llamactl.server.engine.continuous.sequence import Prepared, Sequence
+from llamactl.server.engine.continuous.vision import VisionEncoder, choose_backend
 from llamactl.server.engine.detok import IncrementalText
 from llamactl.server.engine.protocol import (
     EngineFailure,
@@ -90,6 +91,8 @@ class ContinuousEngine(EngineStatus):
         self.slots = 0
         self.chunk_images = 8
         self.chunk_tokens = 4096
+        self.split_vision_mask = True  # vision.py: attention without transformers' dense L x L mask
+        self.vision_timings: dict[str, float] = {}  # seconds for 2 images per unmasked-attention kernel
         self._eos_ids: frozenset[int] = frozenset()
         self._eos_tensor: torch.Tensor | None = None
         self._b_buckets: list[int] = []
@@ -142,12 +145,24 @@ class ContinuousEngine(EngineStatus):
             "compiled": self.settings.engine_compile if self.hf.device == "cuda" else "off",
             "prefill_chunk_images": self.chunk_images,
             "vision_overlaps_decode": self._vision_stream is not None,
+            "vision_attention": self._vision_attention(),
             "image_preprocessing_on": "cpu",  # the processor runs in request threads (prepare), off the GPU loop
             "threads": hf["threads"],
             "steps": self.steps,
             "prefill_s_total": round(self.prefill_s, 3),
             "decode_s_total": round(self.decode_s, 3),
         }
+
+    def _vision_attention(self) -> str:
+        if self.runner is None:
+            return "-"
+        encoder = self.runner.encoder
+        if not encoder.split_mask:
+            return "dense mask (transformers)"
+        if not self.vision_timings:
+            return "split mask"
+        best = min(self.vision_timings, key=self.vision_timings.__getitem__)
+        return f"split mask, {best} (" + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.vision_timings.items()) + ")"
 
     def render_prompt(self, messages: list[dict[str, Any]]) -> str:
         return self.hf.render_prompt(messages)
@@ -184,6 +199,7 @@ class ContinuousEngine(EngineStatus):
         )
         self._eos_ids = hf._eos_ids
         self._eos_tensor = torch.tensor(sorted(self._eos_ids), device=device)
+        encoder = VisionEncoder(vision, model.model.multi_modal_projector, split_mask=self.split_vision_mask)
         with torch.inference_mode():
             if device == "cuda":
                 self.chunk_images = 8
@@ -194,14 +210,18 @@ class ContinuousEngine(EngineStatus):
                 torch.backends.cuda.enable_cudnn_sdp(True)
                 if self.settings.engine_compile in ("vision", "all"):
                     _compile_vision(vision)
-                reserve = self._measure_workspace(model, vision) + 2 * _GIB
+                if encoder.split_mask:
+                    self.vision_timings = choose_backend(
+                        encoder, 2, int(vision.max_num_tiles), int(vision.image_size), hf.dtype
+                    )
+                reserve = self._measure_workspace(encoder, vision) + 2 * _GIB
                 free, _total = torch.cuda.mem_get_info()
                 self.slots = plan_slots(shape, self.settings.max_batch_size, free, reserve)
             else:
                 self.chunk_images = 4
                 self.slots = plan_slots(shape, self.settings.max_batch_size, None, 0)
             self.pools = SlotPools(shape, self.slots, self_ids, cross, hf.dtype, device)
-            self.runner = MllamaRunner(model, self.pools)
+            self.runner = MllamaRunner(model, self.pools, encoder)
             self._b_buckets = batch_buckets(self.slots)
             self._l_buckets = length_buckets(self.max_len)
             if device == "cuda":
@@ -230,7 +250,7 @@ class ContinuousEngine(EngineStatus):
         )
         return compiled
 
-    def _measure_workspace(self, model: Any, vision: Any) -> int:
+    def _measure_workspace(self, encoder: VisionEncoder, vision: Any) -> int:
         """Encode chunks of 1..chunk_images 4-tile images once (attention plans for every chunk shape) and
         return the peak extra memory of the largest, the biggest activation the engine makes."""
         size = int(vision.image_size)
@@ -243,9 +263,8 @@ class ContinuousEngine(EngineStatus):
             before = torch.cuda.memory_allocated()
             pixel = torch.randn(n, 1, tiles, 3, size, size, device="cuda", dtype=dtype)
             ar_ids = torch.ones(n, 1, dtype=torch.long, device="cuda")
-            ar_mask = torch.ones(n, 1, tiles, dtype=torch.long, device="cuda")
-            states = vision(pixel_values=pixel, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask)
-            model.model.multi_modal_projector(states.last_hidden_state)
+            ar_mask = torch.ones(n, 1, tiles, dtype=torch.long)
+            states = encoder(pixel, ar_ids, ar_mask.to("cuda"), ar_mask)
             torch.cuda.synchronize()
             peak = max(peak, torch.cuda.max_memory_allocated() - before)
             del pixel, states

@@ -34,6 +34,7 @@ from llamactl.server.engine.continuous.fused import (
     signed_sin,
 )
 from llamactl.server.engine.continuous.pools import SlotPools
+from llamactl.server.engine.continuous.vision import VisionEncoder
 
 
 @dataclass
@@ -49,11 +50,10 @@ class Newcomer:
 
 
 class MllamaRunner:
-    def __init__(self, model: Any, pools: SlotPools) -> None:
+    def __init__(self, model: Any, pools: SlotPools, encoder: VisionEncoder) -> None:
         inner = model.model
         text = inner.language_model
-        self.vision = inner.vision_model
-        self.projector = inner.multi_modal_projector
+        self.encoder = encoder
         self.embed = text.embed_tokens
         self.layers = text.layers
         self.norm = text.norm
@@ -65,7 +65,7 @@ class MllamaRunner:
         self.hd = cfg.hidden_size // self.nh
         self.group = self.nh // self.nkv
         self.scale = self.hd**-0.5
-        self.num_patches = int(self.vision.num_patches)
+        self.num_patches = int(inner.vision_model.num_patches)
         self.pools = pools
         self.dtype = pools.dtype
         self.min_value = torch.finfo(self.dtype).min
@@ -95,12 +95,9 @@ class MllamaRunner:
         may run on another CUDA stream while the running batch decodes)."""
         dev = self.pools.device
         pixel = torch.cat([r.pixel_values.to(dev, self.dtype, non_blocking=True) for r in rows])  # type: ignore[union-attr]
+        ar_mask = torch.cat([r.aspect_ratio_mask for r in rows])  # type: ignore[misc]
         ar_ids = torch.cat([r.aspect_ratio_ids for r in rows]).to(dev)  # type: ignore[misc]
-        ar_mask = torch.cat([r.aspect_ratio_mask for r in rows]).to(dev)  # type: ignore[misc]
-        states = self.vision(pixel_values=pixel, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask)
-        states = states.last_hidden_state  # [n, 1, tiles, patches, dim]
-        n, _, tiles, patches, _ = states.shape
-        return self.projector(states).reshape(n, tiles * patches, -1)  # type: ignore[no-any-return]
+        return self.encoder(pixel, ar_ids, ar_mask.to(dev), ar_mask)
 
     def write_cross(self, rows: list[Newcomer], states: torch.Tensor) -> None:
         """Each cross layer's K/V of the rows' image states into the rows' slots."""

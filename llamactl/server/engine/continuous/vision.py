@@ -1,0 +1,158 @@
+"""The vision tower + projector for the continuous engine, with its attention free of the L x L mask.
+
+Mllama's vision mask (transformers' ``_prepare_aspect_ratio_attention_mask``, as in Meta's reference code) masks a
+(query, key) pair only when BOTH are padding: the patches that pad each tile to a multiple of 8, and the tiles an
+image does not use. Every real patch attends to every position. transformers still hands the attention kernel a
+dense [n, 1, L, L] bias (L = 4 tiles x 1608 = 6,432: ~660 MB for 8 images, read again by each layer and head),
+which also keeps the fastest kernels (which take no bias) away. Here each attention layer runs:
+1. one attention without any mask, for every row (right for every real row);
+2. the padding rows again, attending only to real keys (a broadcast key mask), written over their rows.
+Same arithmetic as transformers up to kernel rounding (the padding rows are ~0.4 % of a 4-tile image's rows).
+Which rows are padding is known on the CPU from the processor's ``aspect_ratio_mask`` before the tower runs, so
+nothing in it waits for the GPU. The function is registered with transformers' attention interface under a name
+only this engine's vision config uses; without rows set (any other caller) it falls back to transformers' SDPA.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+ATTENTION_NAME = "llamactl_vision_split_mask"
+
+
+class PaddingRows:
+    """The padding rows of the images now in the tower (set around each call, on the model thread)."""
+
+    def __init__(self) -> None:
+        # [n, P] row indices; a shorter list repeats its last row (or row 0, a real row: recomputing it with a
+        # key mask that masks nothing gives the same values)
+        self.rows: torch.Tensor | None = None
+        self.key_bias: torch.Tensor | None = None  # [n, 1, 1, L]: 0 for real keys, dtype min for padding keys
+        self.backends: list[SDPBackend] | None = None  # the unmasked attention's kernels (None: torch's choice)
+
+
+_CURRENT = PaddingRows()
+
+
+def padding_rows(aspect_ratio_mask: torch.Tensor, patches: int, padded: int) -> list[list[int]]:
+    """Per image, its padding rows: the last ``padded - patches`` rows of each tile and every row of an unused tile.
+
+    aspect_ratio_mask [n, tiles] (CPU, 0/1); ``patches`` = real rows per tile (patches + class token); ``padded`` =
+    rows per tile after padding to a multiple of 8.
+    """
+    out = []
+    for tiles in aspect_ratio_mask.tolist():
+        rows: list[int] = []
+        for t, used in enumerate(tiles):
+            start = t * padded
+            rows.extend(range(start + (patches if used else 0), start + padded))
+        out.append(rows)
+    return out
+
+
+def split_mask_attention(
+    module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+    dropout: float = 0.0, scaling: float | None = None, **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """query/key/value [n, heads, L, d] -> ([n, L, heads, d], None), as transformers' attention functions."""
+    rows, key_bias = _CURRENT.rows, _CURRENT.key_bias
+    if rows is None or key_bias is None or rows.shape[0] != query.shape[0]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if _CURRENT.backends is None:
+        out = F.scaled_dot_product_attention(query, key, value, scale=scaling)
+    else:
+        with sdpa_kernel(_CURRENT.backends):
+            out = F.scaled_dot_product_attention(query, key, value, scale=scaling)
+    if rows.shape[1]:
+        n, heads, _, d = query.shape
+        index = rows[:, None, :, None].expand(n, heads, rows.shape[1], d)
+        pad = F.scaled_dot_product_attention(torch.gather(query, 2, index), key, value, attn_mask=key_bias,
+                                             scale=scaling)
+        out.scatter_(2, index, pad)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, split_mask_attention)
+
+
+class VisionEncoder:
+    """Vision tower + projector: pixel values -> [n, tiles * padded rows, text hidden] image states."""
+
+    def __init__(self, vision: Any, projector: Any, split_mask: bool) -> None:
+        self.vision, self.projector = vision, projector
+        self.patches = int(vision.num_patches)  # per tile, with the class token
+        self.padded = self.patches + (8 - self.patches % 8) % 8
+        self.split_mask = split_mask
+        self.backends: list[SDPBackend] | None = None
+        if split_mask:
+            vision.config._attn_implementation = ATTENTION_NAME
+
+    def __call__(self, pixel: torch.Tensor, ar_ids: torch.Tensor, ar_mask: torch.Tensor,
+                 ar_mask_cpu: torch.Tensor) -> torch.Tensor:
+        """pixel [n, 1, tiles, 3, px, px] and ar_ids/ar_mask on the device; ar_mask_cpu [n, 1, tiles] the same mask
+        on the CPU (the padding rows are computed from it without waiting for the GPU)."""
+        if self.split_mask:
+            self._set_rows(ar_mask_cpu.reshape(ar_mask_cpu.shape[0], -1), pixel.device, pixel.dtype)
+            _CURRENT.backends = self.backends
+        try:
+            states = self.vision(pixel_values=pixel, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask)
+        finally:
+            _CURRENT.rows = _CURRENT.key_bias = _CURRENT.backends = None
+        states = states.last_hidden_state  # [n, 1, tiles, patches, dim]
+        n, _, tiles, patches, _ = states.shape
+        return self.projector(states).reshape(n, tiles * patches, -1)  # type: ignore[no-any-return]
+
+    def _set_rows(self, ar_mask: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
+        per_image = padding_rows(ar_mask, self.patches, self.padded)
+        width = max(len(r) for r in per_image)
+        rows = torch.tensor([r + [r[-1] if r else 0] * (width - len(r)) for r in per_image], dtype=torch.long)
+        length = ar_mask.shape[1] * self.padded
+        bias = torch.zeros(len(per_image), 1, 1, length, dtype=dtype)
+        for i, r in enumerate(per_image):
+            bias[i, 0, 0, r] = torch.finfo(dtype).min
+        pin = device.type == "cuda"
+        _CURRENT.rows = (rows.pin_memory() if pin else rows).to(device, non_blocking=True)
+        _CURRENT.key_bias = (bias.pin_memory() if pin else bias).to(device, non_blocking=True)
+
+
+CANDIDATE_BACKENDS = {
+    "flash": [SDPBackend.FLASH_ATTENTION],
+    "cudnn": [SDPBackend.CUDNN_ATTENTION],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+}
+
+
+def choose_backend(encoder: VisionEncoder, images: int, tiles: int, size: int, dtype: torch.dtype) -> dict[str, float]:
+    """Time the tower on ``images`` 4-tile images with each unmasked-attention kernel; keep the fastest (CUDA).
+
+    Returns seconds per candidate (a kernel that cannot take these shapes is left out). The kernels differ by GPU
+    and library version, so this is measured at start rather than assumed.
+    """
+    pixel = torch.randn(images, 1, tiles, 3, size, size, device="cuda", dtype=dtype)
+    ar_ids = torch.ones(images, 1, dtype=torch.long, device="cuda")
+    ar_cpu = torch.ones(images, 1, tiles, dtype=torch.long)
+    ar_mask = ar_cpu.to("cuda")
+    timings: dict[str, float] = {}
+    for name, backends in CANDIDATE_BACKENDS.items():
+        encoder.backends = backends
+        try:
+            encoder(pixel, ar_ids, ar_mask, ar_cpu)  # first call: kernel selection and plans
+            torch.cuda.synchronize()
+            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            start.record()
+            encoder(pixel, ar_ids, ar_mask, ar_cpu)
+            end.record()
+            torch.cuda.synchronize()
+            timings[name] = start.elapsed_time(end) / 1000
+        except RuntimeError:
+            continue
+    encoder.backends = CANDIDATE_BACKENDS[min(timings, key=timings.__getitem__)] if timings else None
+    return timings

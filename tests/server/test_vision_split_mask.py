@@ -1,0 +1,53 @@
+"""The continuous engine's vision attention without the dense mask equals transformers' (tiny checkpoint, float32)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from llamactl.server.engine.continuous.vision import VisionEncoder, padding_rows
+from llamactl.server.hf_engine import HFEngine
+
+from ._support import make_settings
+
+
+def test_padding_rows_are_each_tiles_tail_and_every_row_of_an_unused_tile() -> None:
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    rows = padding_rows(mask, patches=5, padded=8)
+    assert rows[0] == [5, 6, 7, 13, 14, 15, *range(16, 32)]
+    assert rows[1] == [5, 6, 7, 13, 14, 15, 21, 22, 23, 29, 30, 31]
+
+
+def test_split_mask_vision_states_equal_transformers_for_images_of_different_tile_counts(
+    tiny_checkpoint: Path,
+) -> None:
+    hf = HFEngine(make_settings(tiny_checkpoint))
+    hf.load()
+    model = hf.model
+    images = [Image.new("RGB", size, colour) for size, colour in
+              (((112, 112), (200, 40, 40)), ((224, 56), (30, 160, 90)), ((56, 56), (20, 20, 220)))]
+    prompt = "<|image|>What is this?"
+    inputs = hf.processor(images=[[im] for im in images], text=[prompt] * 3, return_tensors="pt")
+    ar_mask = inputs["aspect_ratio_mask"]
+    assert sorted(int(m.sum()) for m in ar_mask) == [1, 4, 4]  # a square, a wide (4 x 1) and a one-tile image
+    vision, projector = model.model.vision_model, model.model.multi_modal_projector
+    with torch.inference_mode():
+        ref = vision(pixel_values=inputs["pixel_values"], aspect_ratio_ids=inputs["aspect_ratio_ids"],
+                     aspect_ratio_mask=ar_mask).last_hidden_state
+        n, _, tiles, patches, _ = ref.shape
+        ref = projector(ref).reshape(n, tiles * patches, -1)
+        encoder = VisionEncoder(vision, projector, split_mask=True)
+        got = encoder(inputs["pixel_values"], inputs["aspect_ratio_ids"], ar_mask, ar_mask)
+        plain = VisionEncoder(vision, projector, split_mask=False)
+        # the dense-mask path (any caller that sets no padding rows) is transformers' own
+        again = plain(inputs["pixel_values"], inputs["aspect_ratio_ids"], ar_mask, ar_mask)
+    assert got.shape == ref.shape
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4), float((got - ref).abs().max())
+    assert torch.allclose(again, ref, atol=1e-5, rtol=1e-4)
+    # the padding rows' recompute matters: leave out the unused tiles' rows and the states differ
+    encoder = VisionEncoder(vision, projector, split_mask=True)
+    with torch.inference_mode():
+        wrong = encoder(inputs["pixel_values"], inputs["aspect_ratio_ids"], ar_mask, torch.ones_like(ar_mask))
+    assert not torch.allclose(wrong, ref, atol=1e-3)
