@@ -214,7 +214,12 @@ class ContinuousEngine(EngineStatus):
                     self.vision_timings = choose_backend(
                         encoder, 2, int(vision.max_num_tiles), int(vision.image_size), hf.dtype
                     )
-                reserve = self._measure_workspace(encoder, vision) + 2 * _GIB
+                # Two streams, two workspaces: PyTorch's caching allocator gives a block freed on one stream only
+                # to that stream, so the vision tower's activations (vision stream) and the prefill's (main
+                # stream) are reserved separately. One reserve of the tower's peak ran out of memory on an 80 GB
+                # H100 at 32 clients (bench/results/engine_bench_run3_h100_oom.md); the prefill's own peak (long
+                # text prompts: attention scores of a 4,096-token chunk) is bounded by the 3 GiB beside it.
+                reserve = 2 * self._measure_workspace(encoder, vision) + 3 * _GIB
                 free, _total = torch.cuda.mem_get_info()
                 self.slots = plan_slots(shape, self.settings.max_batch_size, free, reserve)
             else:
