@@ -15,6 +15,7 @@ A request that cannot get a slot waits (``waiting_for_memory``); admission in fr
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -28,6 +29,7 @@ import torch
 
 from llamactl.server.engine.continuous.graphs import DecodeGraphs, batch_buckets, bucket, length_buckets
 from llamactl.server.engine.continuous.model import MllamaRunner, Newcomer
+from llamactl.server.engine.continuous.output import OutputWorker, run_all
 from llamactl.server.engine.continuous.pools import PoolShape, SlotPools, plan_slots
 from llamactl.server.engine.continuous.sampler import RowSampling, choose_tokens
 from llamactl.server.engine.continuous.sequence import Prepared, Sequence
@@ -79,6 +81,7 @@ class ContinuousEngine(EngineStatus):
         self._stopping = False
         self._admitted = 0  # requests taken from the queue whose prefill has not finished
         self._encoding: _Encoding | None = None
+        self._out = OutputWorker()  # detokenizing, streaming, results: off the step loop
         self._main_stream: Any = None  # CUDA streams: decode and prefill (high priority), vision (low)
         self._vision_stream: Any = None
         self.liveness: Any = None  # llamactl.server.liveness.Liveness, set by the server
@@ -171,6 +174,8 @@ class ContinuousEngine(EngineStatus):
         return self.hf.gpu_memory()
 
     def close(self) -> None:
+        self._out.drain(10)
+        self._out.close()
         self.graphs = None
         self.pools = None
         self.runner = None
@@ -535,29 +540,34 @@ class ContinuousEngine(EngineStatus):
         self.decode_s += time.monotonic() - t0
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Choose each row's token, stream it, and release the rows that are done."""
+        """Choose each row's token and decide who goes on (here); streaming, ends and metrics go to the output
+        thread as one job, so the next step can start."""
         assert self._eos_tensor is not None
         chosen = choose_tokens(logits, [s.sampling for s in seqs], self._eos_tensor)
         now = time.monotonic()
         batch = len(self._running)
         done: list[tuple[Sequence, FinishReason]] = []
+        jobs: list[Callable[[], None]] = []
         for s, token in zip(seqs, chosen):
             if s.req.cancelled:
                 done.append((s, "cancelled"))
                 continue
-            reason = s.accept(token, now, batch)
+            reason = s.record(token, now, batch)
+            jobs.append(functools.partial(s.stream, token))
             if reason is None and s.length + 1 > self.max_len:
                 reason = "length"
             if reason is not None:
                 done.append((s, reason))
-        itl = getattr(self.metrics, "inter_token_latency", None)
-        for s in seqs:  # the gap since each row's previous token (none before its first)
-            if itl is not None and s.last_at is not None:
-                itl.observe(now - s.last_at)
+        gaps = [now - s.last_at for s in seqs if s.last_at is not None]  # since each row's previous token
+        for s in seqs:
             s.last_at = now
+        itl = getattr(self.metrics, "inter_token_latency", None)
+        if itl is not None and gaps:
+            jobs.append(functools.partial(_observe_all, itl, gaps))
+        tokenizer = self.hf.processor.tokenizer
         for s, reason in done:
-            result = s.finish(reason, self.hf.processor.tokenizer)
-            _report(s.req, result)
+            jobs.append(functools.partial(_finish, s, reason, tokenizer))
+        self._out.submit(run_all(jobs))
         if done:
             self._release({s.slot for s, _ in done})
 
@@ -583,13 +593,10 @@ class ContinuousEngine(EngineStatus):
         failure = EngineFailure(f"inference failed ({type(exc).__name__})")
         encoding, self._encoding = self._encoding, None
         reported = set()
-        for s in self._running:
-            reported.add(id(s.req))
-            _report(s.req, failure)
-        for req in [*newcomers, *(encoding.reqs if encoding is not None else [])]:
+        for req in [*(s.req for s in self._running), *newcomers, *(encoding.reqs if encoding is not None else [])]:
             if id(req) not in reported:
                 reported.add(id(req))
-                _report(req, failure)
+                self._out.submit(functools.partial(_report, req, failure))  # after the text already queued
         self._running.clear()
 
 
@@ -607,6 +614,15 @@ def _newcomer(slot: int, p: Prepared) -> Newcomer:
 @contextlib.contextmanager
 def _no_stream() -> Iterator[None]:
     yield
+
+
+def _finish(s: Sequence, reason: FinishReason, tokenizer: Any) -> None:
+    _report(s.req, s.finish(reason, tokenizer))
+
+
+def _observe_all(histogram: Any, values: list[float]) -> None:
+    for v in values:
+        histogram.observe(v)
 
 
 def _report(req: GenRequest, value: GenResult | BaseException) -> None:

@@ -45,8 +45,8 @@ class Sequence:
     def has_image(self) -> bool:
         return self.prepared.cross_mask is not None
 
-    def accept(self, token: int, now: float, batch: int) -> FinishReason | None:
-        """Record a sampled token: stream its text; return why the sequence ends, or None to go on."""
+    def record(self, token: int, now: float, batch: int) -> FinishReason | None:
+        """Record a sampled token (model thread, cheap): return why the sequence ends, or None to go on."""
         if self.first_at is None:
             self.first_at, self.batch_at_first = now, batch
         self.tokens.append(token)
@@ -55,12 +55,17 @@ class Sequence:
         self.sampling.block_eos = len(self.tokens) < params.min_new_tokens
         if token in self.eos:
             return "stop"
-        piece = self.text.push(token)
-        if piece and self.req.on_text is not None:
-            self.req.on_text(piece)
         if len(self.tokens) >= params.max_new_tokens:
             return "length"
         return None
+
+    def stream(self, token: int) -> None:
+        """Detokenize one recorded token and send its text on (output thread, in token order)."""
+        if token in self.eos:
+            return
+        piece = self.text.push(token)
+        if piece and self.req.on_text is not None:
+            self.req.on_text(piece)
 
     def finish(self, reason: FinishReason, tokenizer: Any) -> GenResult:
         text = tokenizer.decode([t for t in self.tokens if t not in self.eos], skip_special_tokens=True)
