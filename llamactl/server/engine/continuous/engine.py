@@ -32,6 +32,7 @@ from llamactl.server.engine.continuous.model import MllamaRunner, Newcomer
 from llamactl.server.engine.continuous.output import OutputWorker, run_all
 from llamactl.server.engine.continuous.pools import PoolShape, SlotPools, plan_slots
 from llamactl.server.engine.continuous.sampler import RowSampling, choose_tokens
+from llamactl.server.engine.continuous.scheduler import take_chunk
 from llamactl.server.engine.continuous.sequence import Prepared, Sequence
 from llamactl.server.engine.continuous.vision import VisionEncoder, choose_backend
 from llamactl.server.engine.detok import IncrementalText
@@ -406,28 +407,12 @@ class ContinuousEngine(EngineStatus):
             self._finish_decode(*logits)
 
     def _take_newcomers(self) -> list[GenRequest]:
-        """Waiting requests for free slots: one bounded chunk (images, prompt tokens) per iteration. Images wait
-        while an earlier chunk of images is still in the vision tower (the queue stays in order)."""
         encoding = self._encoding
-        free = self.slots - len(self._running) - (len(encoding.reqs) if encoding is not None else 0)
-        taken: list[GenRequest] = []
-        images = tokens = 0
-        while self._waiting and len(taken) < free:
-            req = self._waiting[0]
-            if req.cancelled:
-                self._waiting.popleft()
-                _report(req, _cancelled_result(req))
-                continue
-            if req.image is not None and encoding is not None:
-                break
-            n_tokens = len(req.prepared.input_ids) if req.prepared is not None else 0
-            if taken and (images + (req.image is not None) > self.chunk_images or tokens + n_tokens > self.chunk_tokens):
-                break
-            self._waiting.popleft()
-            taken.append(req)
-            images += req.image is not None
-            tokens += n_tokens
-        return taken
+        pending = len(encoding.reqs) if encoding is not None else 0
+        return take_chunk(
+            self._waiting, self.slots - len(self._running) - pending, self.chunk_images, self.chunk_tokens,
+            images_busy=encoding is not None, on_cancelled=lambda req: _report(req, _cancelled_result(req)),
+        )
 
     def _prepared(self, reqs: list[GenRequest]) -> list[GenRequest]:
         """The requests whose inputs are ready (prepared here if they came without ``prepare``: benches, tests)."""

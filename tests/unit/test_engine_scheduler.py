@@ -1,0 +1,55 @@
+"""The continuous engine's choice of newcomers at a step boundary (pure: a queue in, a chunk out)."""
+
+from __future__ import annotations
+
+from collections import deque
+from types import SimpleNamespace
+from typing import Any
+
+from llamactl.server.engine.continuous.scheduler import take_chunk
+
+
+def req(tokens: int, image: bool = False, cancelled: bool = False) -> Any:
+    return SimpleNamespace(image=object() if image else None, cancelled=cancelled,
+                           prepared=SimpleNamespace(input_ids=[0] * tokens))
+
+
+def take(queue: deque[Any], free: int = 8, images: int = 2, tokens: int = 100, busy: bool = False) -> list[Any]:
+    return take_chunk(queue, free, images, tokens, images_busy=busy, on_cancelled=lambda r: None)
+
+
+def test_a_chunk_stops_at_the_image_limit_and_keeps_the_rest_in_order() -> None:
+    reqs = [req(10, image=True) for _ in range(3)] + [req(5)]
+    queue = deque(reqs)
+    assert take(queue) == reqs[:2]
+    assert list(queue) == reqs[2:]
+
+
+def test_a_chunk_stops_at_the_token_limit_but_always_takes_one() -> None:
+    big, small = req(500), req(10)
+    queue = deque([big, small])
+    assert take(queue, tokens=100) == [big]  # alone it may exceed the chunk
+    assert take(queue, tokens=100) == [small]
+
+
+def test_free_slots_bound_the_chunk() -> None:
+    queue = deque([req(1) for _ in range(5)])
+    assert len(take(queue, free=3)) == 3
+    assert len(queue) == 2
+    assert take(queue, free=0) == []
+
+
+def test_images_wait_while_the_tower_is_busy_and_the_queue_keeps_its_order() -> None:
+    text1, image, text2 = req(5), req(5, image=True), req(5)
+    queue = deque([text1, image, text2])
+    assert take(queue, busy=True) == [text1]
+    assert list(queue) == [image, text2]
+    assert take(queue, busy=False) == [image, text2]
+
+
+def test_cancelled_requests_at_the_head_are_reported_and_dropped() -> None:
+    gone, kept = req(5, cancelled=True), req(5)
+    reported: list[Any] = []
+    queue = deque([gone, kept])
+    assert take_chunk(queue, 4, 2, 100, images_busy=False, on_cancelled=reported.append) == [kept]
+    assert reported == [gone]
