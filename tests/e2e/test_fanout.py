@@ -5,6 +5,7 @@ peer killed mid-transfer still converges on a rerun."""
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import time
@@ -114,7 +115,7 @@ def test_a_peer_killed_mid_transfer_converges_on_a_rerun(deployed_lab: Lab, tmp_
         while not killed and time.monotonic() < deadline and proc.poll() is None:
             parts = lab_sh(deployed_lab, "lab-host2", "ls /srv/models/tiny/ | grep -c llamactl-part || true").strip()
             if parts != "0":
-                killed = lab_sh(deployed_lab, "lab-host1", SERVER_PIDS).strip()
+                killed = lab_sh(deployed_lab, "lab-host1", "python3 -c " + shlex.quote(SERVER_PIDS)).strip()
                 assert killed, "lab-host2 is fetching but lab-host1 serves nothing"
                 lab_sh(deployed_lab, "lab-host1", f"kill -9 {killed}")
             time.sleep(0.2)
