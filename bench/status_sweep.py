@@ -44,7 +44,7 @@ def set_layout(hosts: int) -> None:
     global HOSTS, SILENT
     HOSTS = [f"127.0.0.{101 + h}" for h in range(hosts)] if hosts <= 10 else [f"127.0.1.{1 + h}" for h in range(hosts)]
     SILENT = {(h, (PER_HOST - 1 - h) % PER_HOST) for h in range(hosts)}
-TIMEOUT_S = 1.0
+TIMEOUT_S = float(os.environ.get("SWEEP_TIMEOUT_S", "1.0"))
 RESULTS = Path(__file__).parent / "results"
 
 
