@@ -15,7 +15,7 @@ Recorded: wall time, controller CPU (user+sys of this process), peak RSS, the mo
 The same run without the fan-out would send N x the artifacts from the controller; its wall time is
 bounded below by that volume over the uplink, which is what the report gives for comparison.
 
-    .venv/bin/python bench/fanout_bench.py [--hosts 300] [--model-mb 1024] [--parallel 16] [--label L]
+    .venv/bin/python bench/fanout_bench.py [--hosts 300] [--model-mb 1024] [--parallel 16] [--no-fanout] [--label L]
 """
 
 from __future__ import annotations
@@ -38,9 +38,11 @@ sys.path.insert(0, str(ROOT))
 
 from llamactl.inventory import load_inventory  # noqa: E402
 from llamactl.ops.connect import HostPool  # noqa: E402
-from llamactl.ops.deploy import HostJob, prepare  # noqa: E402
+from llamactl.ops.deploy import HostJob, HostOutcome, deploy_host, prepare  # noqa: E402
+from llamactl.ops.fanout import HostTransfer, TransferReport  # noqa: E402
 from llamactl.ops.fanout_deploy import deploy_hosts_fanout  # noqa: E402
 from llamactl.plan.command import Command  # noqa: E402
+from llamactl.remote.parallel import run_parallel  # noqa: E402
 from llamactl.remote.recording import RecordingExecutor, Reply  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -175,6 +177,8 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--uplink-mbps", type=float, default=1000.0, help="the controller's uplink")
     parser.add_argument("--peer-mbps", type=float, default=10000.0, help="one host-to-host transfer")
+    parser.add_argument("--no-fanout", action="store_true",
+                        help="the deploy before issue 14: each host gets every file from the controller")
     parser.add_argument("--label", default="shared-2-core")
     parser.add_argument("--machine", default="the project's 2-core Debian dev box, shared with other work")
     parser.add_argument("--out", type=Path, default=RESULTS / "fanout_300.json")
@@ -208,8 +212,16 @@ def main() -> None:
         rss_before = before.ru_maxrss
         t0 = time.monotonic()
         with HostPool(inv, lambda name, address, ssh: SimHost(name, args, uplink, counters)) as pool:
-            job = HostJob(inv, shipment, pool, False, progress)
-            outcomes, report = deploy_hosts_fanout(job, [h.name for h in inv.hosts], args.parallel)
+            job = HostJob(inv, shipment, pool, False, progress, not args.no_fanout)
+            names = [h.name for h in inv.hosts]
+            if args.no_fanout:
+                done = run_parallel(names, lambda n: deploy_host(job, n), max_workers=args.parallel)
+                outcomes = [o.value if o.ok else HostOutcome(n, error=str(o.error))  # type: ignore[union-attr]
+                            for n, o in zip(names, done)]
+                report = TransferReport(hosts={n: HostTransfer() for n in names})
+                report.hosts[names[0]].from_controller = counters.controller_bytes
+            else:
+                outcomes, report = deploy_hosts_fanout(job, names, args.parallel)
         wall = time.monotonic() - t0
         after = resource.getrusage(resource.RUSAGE_SELF)
         stop.set()
@@ -221,7 +233,7 @@ def main() -> None:
         "machine": args.machine, "cpus_usable": len(os.sched_getaffinity(0)),
         "load_average_1m_after": round(os.getloadavg()[0], 2),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "hosts": args.hosts, "parallel": args.parallel, "latency_ms": args.latency_ms,
+        "fanout": not args.no_fanout, "hosts": args.hosts, "parallel": args.parallel, "latency_ms": args.latency_ms,
         "uplink_mbps": args.uplink_mbps, "peer_mbps": args.peer_mbps,
         "artifact_files": 1 + len(rel.wheelhouse) + len(model.files), "artifact_bytes": artifact_bytes,
         "prepare_s": round(prep_s, 3),
