@@ -36,14 +36,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llamactl.inventory import load_inventory  # noqa: E402
-from llamactl.ops.connect import HostPool  # noqa: E402
-from llamactl.ops.deploy import HostJob, HostOutcome, deploy_host, prepare  # noqa: E402
-from llamactl.ops.fanout import HostTransfer, TransferReport  # noqa: E402
-from llamactl.ops.fanout_deploy import deploy_hosts_fanout  # noqa: E402
-from llamactl.plan.command import Command  # noqa: E402
-from llamactl.remote.parallel import run_parallel  # noqa: E402
-from llamactl.remote.recording import RecordingExecutor, Reply  # noqa: E402
+from llamactl.inventory import load_inventory
+from llamactl.ops.connect import HostPool
+from llamactl.ops.deploy import HostJob, HostOutcome, deploy_host, prepare
+from llamactl.ops.fanout import HostTransfer, TransferReport
+from llamactl.ops.fanout_deploy import deploy_hosts_fanout
+from llamactl.plan.command import Command
+from llamactl.remote.parallel import run_parallel
+from llamactl.remote.recording import RecordingExecutor, Reply
 
 RESULTS = ROOT / "bench" / "results"
 WHEELHOUSE = Path("/var/cache/llamactl-lab/wheelhouse")

@@ -27,11 +27,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llamactl.inventory import load_inventory  # noqa: E402
-from llamactl.lab.state import load_state  # noqa: E402
-from llamactl.ops.connect import HostPool  # noqa: E402
-from llamactl.ops.deploy import prepare  # noqa: E402
-from llamactl.plan.command import Command  # noqa: E402
+from llamactl.inventory import load_inventory
+from llamactl.lab.state import load_state
+from llamactl.ops.connect import HostPool
+from llamactl.ops.deploy import prepare
+from llamactl.plan.command import Command
 
 LLAMACTL = [sys.executable, "-m", "llamactl"]
 NAME, SUBNET = "fanb", "10.231.0.0/24"
@@ -50,7 +50,7 @@ DIGESTS = ("import hashlib, json, sys\n"
 
 
 def run(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*LLAMACTL, *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([*LLAMACTL, *args], capture_output=True, text=True, timeout=timeout, check=False,
                           env={**os.environ, "NO_COLOR": "1"})
 
 

@@ -8,7 +8,6 @@ import shlex
 import sys
 import threading
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -128,12 +127,12 @@ def deploy_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change (diffs, commands); change nothing."),
     json_out: bool = typer.Option(False, "--json", help="Print a machine-readable result on stdout."),
     parallel: int = typer.Option(16, "--parallel", min=1, help="Hosts deployed at the same time."),
-    wheel: Optional[Path] = typer.Option(None, "--wheel", help="Deploy this llamactl wheel instead of building one."),  # noqa: UP007
+    wheel: Path | None = typer.Option(None, "--wheel", help="Deploy this llamactl wheel instead of building one."),
     force_unlock: bool = typer.Option(False, "--force-unlock", help="Remove a stale deploy lock first."),
     fanout: bool = typer.Option(True, "--fanout/--no-fanout",
                                 help="Send each wheel and model file from this machine once; hosts fetch it from "
                                      "each other (authenticated, sha256-checked). --no-fanout: upload to every host."),
-    peer_rate: Optional[float] = typer.Option(None, "--peer-rate", min=0.1, metavar="MB/S",  # noqa: UP007
+    peer_rate: float | None = typer.Option(None, "--peer-rate", min=0.1, metavar="MB/S",
                                               help="Cap what each host sends to its peers, in MB/s."),
 ) -> None:
     """Provision every host, start one server per GPU, wait until ready, then wire the balancer.

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from llamactl.errors import LlamactlError
 from llamactl.plan.command import Command
@@ -134,9 +135,8 @@ class Distributor:
                 for f in fetches:
                     if self.report.hosts[f.host].error is None:
                         by_host.setdefault(f.host, []).append(f)
-                label = f"fan-out {no + 1}/{len(self.plan.rounds)}"
-                run_parallel(sorted(by_host), lambda h, lab=label: self._host_round(h, by_host[h], lab),
-                             max_workers=self.parallel)
+                jobs = [(h, by_host[h], f"fan-out {no + 1}/{len(self.plan.rounds)}") for h in sorted(by_host)]
+                run_parallel(jobs, lambda job: self._host_round(*job), max_workers=self.parallel)
         finally:
             run_parallel(sorted(self.servers), lambda h: stop_server(self.executors[h], self.servers[h]),
                          max_workers=self.parallel)
@@ -193,7 +193,7 @@ class Distributor:
                                  "token": self.servers[s].token} for s in fetch.sources if s in self.servers]
         return entry
 
-    def _run_agent(self, host: str, entries: list[dict[str, object]]) -> dict[str, dict[str, object]]:
+    def _run_agent(self, host: str, entries: list[dict[str, object]]) -> dict[str, dict[str, Any]]:
         """The agent's result per destination path."""
         config = {"items": entries, "timeout_s": FETCH_TIMEOUT_S}
         result = self.executors[host].run(agent_command(self.pythons[host], "fetch"),
@@ -237,7 +237,7 @@ class Distributor:
                 raise LlamactlError(f"{f.item.dest}: the controller's upload did not verify: {errors}")
             self._count(host, r)
 
-    def _count(self, host: str, r: Mapping[str, object]) -> None:
+    def _count(self, host: str, r: Mapping[str, Any]) -> None:
         stats = self.report.hosts[host]
         n = int(str(r["bytes"]))
         with self._lock:

@@ -112,7 +112,8 @@ def plan_fanout(hosts: Sequence[HostNeeds], degree: int = DEFAULT_DEGREE) -> Fan
                 continue
             for fetch in list(waiting):
 
-                def rank(src: str, fetcher: str = fetch.host) -> tuple[int, int, int]:
+                def rank(src: str, fetcher: str = fetch.host, served: dict[str, set[str]] = served
+                         ) -> tuple[int, int, int]:
                     return (fetcher not in served.get(src, set()), len(served.get(src, set())), order[src])
 
                 able = sorted((s for s in holders if s != fetch.host

@@ -46,13 +46,9 @@ def serve(cfg):
             if not hmac.compare_digest(given, b"Bearer " + token):
                 return self.send_error(403)
             path = files.get(self.path.lstrip("/"))
-            try:
-                f = open(path, "rb") if path else None
-            except OSError:
-                f = None
-            if f is None:
+            if not path or not os.path.isfile(path):
                 return self.send_error(404)
-            with f:
+            with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 self.send_response(200)
                 self.send_header("Content-Length", str(size))
@@ -124,7 +120,7 @@ def fetch_one(item, timeout_s):
             out.update(ok=True, how="present")
             return out
     except OSError as exc:
-        out["errors"].append("%s: %s" % (dest, exc))
+        out["errors"].append(f"{dest}: {exc}")
         return out
     staged = item.get("staged")
     if staged:
@@ -134,13 +130,13 @@ def fetch_one(item, timeout_s):
                 _place(staged, item)
                 out.update(ok=True, how="controller", bytes=item["size"])
             else:
-                out["errors"].append("controller upload: sha256 %s, expected %s" % (got, item["digest"]))
+                out["errors"].append(f"controller upload: sha256 {got}, expected {item['digest']}")
                 os.unlink(staged)
         except OSError as exc:
-            out["errors"].append("controller upload: %s" % exc)
+            out["errors"].append(f"controller upload: {exc}")
         out["seconds"] = time.monotonic() - started
         return out
-    tmp = "%s%s-%d" % (dest, PART, os.getpid())
+    tmp = f"{dest}{PART}-{os.getpid()}"
     for src in item.get("sources", []):
         t0 = time.monotonic()
         try:
@@ -149,9 +145,9 @@ def fetch_one(item, timeout_s):
                 _place(tmp, item)
                 out.update(ok=True, how="peer", source=src["host"], bytes=n, seconds=time.monotonic() - t0)
                 return out
-            out["errors"].append("%s: got %d bytes with sha256 %s" % (src["host"], n, digest))
-        except Exception as exc:  # any failure of one peer: try the next, then the controller
-            out["errors"].append("%s: %s" % (src["host"], exc))
+            out["errors"].append(f"{src['host']}: got {n} bytes with sha256 {digest}")
+        except Exception as exc:  # noqa: BLE001 - any failure of one peer: try the next, then the controller
+            out["errors"].append(f"{src['host']}: {exc}")
         try:
             os.unlink(tmp)
         except OSError:

@@ -71,7 +71,7 @@ def assert_all_present(tmp_path: Path, names: list[str], files: dict[str, tuple[
 
 def test_four_hosts_get_every_file_once_from_the_controller(tmp_path: Path, files: dict) -> None:  # type: ignore[type-arg]
     names = ["h1", "h2", "h3", "h4"]
-    plan, report, messages = distribute(tmp_path, needs_for(tmp_path, names, files), files)
+    _, report, messages = distribute(tmp_path, needs_for(tmp_path, names, files), files)
     assert_all_present(tmp_path, names, files)
     total = sum(size for _, size in files.values())
     assert report.controller_bytes == total
@@ -125,7 +125,7 @@ def alive(pid: int) -> bool:
 
 def test_a_corrupt_peer_copy_is_refused_and_the_controller_fills_in(tmp_path: Path, files: dict) -> None:  # type: ignore[type-arg]
     names = ["h1", "h2", "h3"]
-    digest, (path, size) = max(files.items(), key=lambda kv: kv[1][1])
+    digest, (_, size) = max(files.items(), key=lambda kv: kv[1][1])
     liar = tmp_path / "liar" / "model.bin"
     liar.parent.mkdir()
     liar.write_bytes(b"x" * size)  # right size, wrong content: a host whose facts claim the file
@@ -140,7 +140,6 @@ def test_a_corrupt_peer_copy_is_refused_and_the_controller_fills_in(tmp_path: Pa
 def test_killing_a_peer_mid_transfer_falls_back_and_a_rerun_converges(tmp_path: Path, files: dict) -> None:  # type: ignore[type-arg]
     names = ["h1", "h2", "h3"]
     needs = needs_for(tmp_path, names, files)
-    done = threading.Event()
     killed: list[int] = []
 
     class Watching(LocalExecutor):

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from llamactl.inventory import PipSettings
 from llamactl.plan.deploy import DesiredHost, Upload, plan_host
 from llamactl.plan.facts import HostFacts
-from llamactl.plan.fanout import HostNeeds, Item, plan_fanout, host_needs, without_bulk
+from llamactl.plan.fanout import HostNeeds, Item, host_needs, plan_fanout, without_bulk
 from llamactl.plan.release import Artifact, ModelUpload, Release
-from llamactl.inventory import PipSettings
 
 MODEL = Item("aa" * 32, 1_000_000_000, "/srv/models/m/model.safetensors")
 WHEEL = Item("bb" * 32, 30_000, "/opt/llamactl/wheels/llamactl.whl")
