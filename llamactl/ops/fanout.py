@@ -29,7 +29,7 @@ from llamactl.remote.parallel import run_parallel
 
 AGENT_SOURCE = Path(peer_agent.__file__).read_text(encoding="utf-8")
 SERVER_TTL_S = 3600
-FETCH_TIMEOUT_S = 30.0  # per socket operation: a stalled peer is given up on, the next source tried
+FETCH_TIMEOUT_S = 10.0  # per socket operation: a stalled peer is given up on, the next source tried
 STAGED = ".llamactl-staged"
 
 Say = Callable[[str, str], None]

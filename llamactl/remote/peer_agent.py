@@ -105,7 +105,10 @@ def _place(tmp, item):
     os.replace(tmp, item["dest"])
 
 
-def fetch_one(item, timeout_s):
+def fetch_one(item, timeout_s, dead=None):
+    """``dead``: peers that already failed in this run are not tried again (a firewalled or killed peer
+    would otherwise cost a timeout per file)."""
+    dead = set() if dead is None else dead
     dest = item["dest"]
     out = {"dest": dest, "digest": item["digest"], "ok": False, "how": None, "source": None, "bytes": 0,
            "seconds": 0.0, "errors": []}
@@ -138,6 +141,9 @@ def fetch_one(item, timeout_s):
         return out
     tmp = f"{dest}{PART}-{os.getpid()}"
     for src in item.get("sources", []):
+        if src["host"] in dead:
+            out["errors"].append(f"{src['host']}: skipped, failed earlier")
+            continue
         t0 = time.monotonic()
         try:
             digest, n = _download(src["url"], src["token"], tmp, timeout_s)
@@ -148,6 +154,7 @@ def fetch_one(item, timeout_s):
             out["errors"].append(f"{src['host']}: got {n} bytes with sha256 {digest}")
         except Exception as exc:  # noqa: BLE001 - any failure of one peer: try the next, then the controller
             out["errors"].append(f"{src['host']}: {exc}")
+            dead.add(src["host"])
         try:
             os.unlink(tmp)
         except OSError:
@@ -157,9 +164,10 @@ def fetch_one(item, timeout_s):
 
 
 def fetch(cfg):
-    timeout_s = float(cfg.get("timeout_s", 30))
+    timeout_s = float(cfg.get("timeout_s", 10))
+    dead = set()
     for item in cfg["items"]:
-        print(json.dumps(fetch_one(item, timeout_s)), flush=True)
+        print(json.dumps(fetch_one(item, timeout_s, dead)), flush=True)
 
 
 if __name__ == "__main__":

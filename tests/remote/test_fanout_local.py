@@ -169,3 +169,26 @@ def test_killing_a_peer_mid_transfer_falls_back_and_a_rerun_converges(tmp_path: 
     _, again, _ = distribute(tmp_path, needs, files)
     assert again.controller_bytes == 0 and again.peer_bytes == 0
     assert_all_present(tmp_path, names, files)
+
+
+def test_a_peer_that_failed_once_is_not_asked_again_in_the_same_run(tmp_path: Path) -> None:
+    from llamactl.ops.fanout import agent_command
+
+    src = tmp_path / "src"
+    src.mkdir()
+    digests = {make_file(src / f"w{i}.whl", 1000 + i, i): src / f"w{i}.whl" for i in range(5)}
+    ex = LocalExecutor("h1")
+    server = start_server(ex, PY, "127.0.0.1", {d: str(p) for d, p in digests.items()})
+    try:
+        # a peer that refuses connections comes first for every file: tried once, then skipped
+        dead = {"host": "gone", "url": "http://127.0.0.1:9/x", "token": "t"}
+        items = [{"digest": d, "size": p.stat().st_size, "dest": str(tmp_path / "dst" / p.name), "mode": 0o644,
+                  "sources": [dead, {"host": "h1", "url": f"{server.url}/{d}", "token": server.token}]}
+                 for d, p in digests.items()]
+        out = ex.run(agent_command(PY, "fetch"), stdin=json.dumps({"items": items, "timeout_s": 5}).encode())
+    finally:
+        stop_server(ex, server)
+    answers = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [a["how"] for a in answers] == ["peer"] * 5 and all(a["source"] == "h1" for a in answers)
+    assert "refused" in answers[0]["errors"][0].lower()
+    assert all(a["errors"] == ["gone: skipped, failed earlier"] for a in answers[1:])
