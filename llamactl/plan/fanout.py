@@ -111,6 +111,10 @@ def plan_fanout(hosts: Sequence[HostNeeds], degree: int = DEFAULT_DEGREE) -> Fan
                 arrived.append((digest, pick.host, pick.item.dest))
                 continue
             for fetch in list(waiting):
+                if set(holders) == {fetch.host}:  # the same content twice on one host, nobody else has it yet
+                    fetches.append(fetch)  # the controller sends it again: rare (identical files), never stuck
+                    waiting.remove(fetch)
+                    continue
 
                 def rank(src: str, fetcher: str = fetch.host, served: dict[str, set[str]] = served
                          ) -> tuple[int, int, int]:

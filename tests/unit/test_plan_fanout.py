@@ -124,3 +124,15 @@ def test_host_needs_from_a_real_plan(tmp_path: Path) -> None:
     assert not [s for s in rest.steps if isinstance(s, Upload) and s.local_path is not None]
     assert [s for s in rest.steps if not isinstance(s, Upload) or s.local_path is None] == rest.steps
     assert rest.changes == plan.changes and rest.actions == plan.actions
+
+
+def test_identical_files_on_one_host_never_stall_the_plan() -> None:
+    empty = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # two empty files share a digest
+    items = (Item(empty, 0, "/srv/m/a.txt"), Item(empty, 0, "/srv/m/b.txt"))
+    one = [HostNeeds("solo", items)]
+    plan = plan_fanout(one)
+    check_complete(one, plan)
+    assert [[f.seed for f in r] for r in plan.rounds] == [[True], [True]]
+    three = hosts(3, items)
+    plan = plan_fanout(three)
+    check_complete(three, plan)
