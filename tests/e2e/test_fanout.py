@@ -136,5 +136,9 @@ def test_a_peer_killed_mid_transfer_converges_on_a_rerun(deployed_lab: Lab, tmp_
              for p in model.rglob("*") if p.is_file())}
     for host in HOSTS:
         assert remote_digests(deployed_lab, host, sorted(want)) == want, host
-    # put the lab's model manifest back for the tests that follow
-    assert llamactl("deploy", str(deployed_lab.inventory), "--json").returncode == 0
+    # put the lab's model manifest back for the tests that follow, through the per-host path (no fan-out)
+    back = llamactl("deploy", str(deployed_lab.inventory), "--json", "--no-fanout")
+    assert back.returncode == 0, back.stderr
+    restored = json.loads(back.stdout)
+    assert restored["transfer"] is None
+    assert all(any("manifest" in c or "model file" in c for c in h["changes"]) for h in restored["hosts"].values())
