@@ -33,6 +33,7 @@ class Lab:
     inventory: Path
     endpoint: str
     deploy_json: dict  # type: ignore[type-arg]
+    controller_tx_bytes: int = 0  # what this machine sent into the lab's bridge during the first deploy
 
     @property
     def state(self) -> LabState:
@@ -92,8 +93,15 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         assert down.returncode == 0, down.stderr
 
 
+def bridge_tx_bytes(lab: Lab) -> int:
+    """Bytes this machine (the controller) has sent into the lab network: the bridge's own counter, which
+    does not count frames the bridge forwards from one host to another."""
+    return int(Path(f"/sys/class/net/{lab.state.bridge}/statistics/tx_bytes").read_text())
+
+
 @pytest.fixture(scope="session")
 def deployed_lab(lab: Lab) -> Lab:
+    before = bridge_tx_bytes(lab)
     proc = llamactl("deploy", str(lab.inventory), "--json", timeout=1500)
     assert proc.returncode == 0, f"first deploy failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return Lab(lab.dir, lab.inventory, lab.endpoint, json.loads(proc.stdout))
+    return Lab(lab.dir, lab.inventory, lab.endpoint, json.loads(proc.stdout), bridge_tx_bytes(lab) - before)

@@ -8,7 +8,6 @@ import shlex
 import sys
 import threading
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -18,6 +17,7 @@ from rich.table import Table
 from llamactl.cli.console import console_for
 from llamactl.cli.inventory_arg import inventory_argument, load
 from llamactl.ops.deploy import DeployResult, HostOutcome, deploy, raise_for
+from llamactl.ops.fanout import human
 from llamactl.ops.hostplan import FileDiff
 from llamactl.plan.deploy import Run, Upload
 
@@ -112,6 +112,10 @@ def _summary(console: Console, result: DeployResult) -> None:
                       str(len(result.watch_changes)), "", result.watch_error or "; ".join(result.watch_changes))
     console.print(table)
     console.print(f"{result.changed} change(s) in {result.duration_s:.1f}s")
+    if result.transfer is not None and (result.transfer.controller_bytes or result.transfer.peer_bytes):
+        t = result.transfer
+        console.print(f"files: {human(t.controller_bytes)} sent by this machine, {human(t.peer_bytes)} by peers "
+                      f"({t.rounds} round(s), {t.duration_s:.1f}s)")
 
 
 def _brief(h: HostOutcome) -> str:
@@ -123,8 +127,13 @@ def deploy_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change (diffs, commands); change nothing."),
     json_out: bool = typer.Option(False, "--json", help="Print a machine-readable result on stdout."),
     parallel: int = typer.Option(16, "--parallel", min=1, help="Hosts deployed at the same time."),
-    wheel: Optional[Path] = typer.Option(None, "--wheel", help="Deploy this llamactl wheel instead of building one."),  # noqa: UP007
+    wheel: Path | None = typer.Option(None, "--wheel", help="Deploy this llamactl wheel instead of building one."),
     force_unlock: bool = typer.Option(False, "--force-unlock", help="Remove a stale deploy lock first."),
+    fanout: bool = typer.Option(True, "--fanout/--no-fanout",
+                                help="Send each wheel and model file from this machine once; hosts fetch it from "
+                                     "each other (authenticated, sha256-checked). --no-fanout: upload to every host."),
+    peer_rate: float | None = typer.Option(None, "--peer-rate", min=0.1, metavar="MB/S",
+                                              help="Cap what each host sends to its peers, in MB/s."),
 ) -> None:
     """Provision every host, start one server per GPU, wait until ready, then wire the balancer.
 
@@ -137,7 +146,8 @@ def deploy_command(
     argv = "llamactl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     with progress.live:
         result = deploy(inv, dry_run=dry_run, parallel=parallel, wheel=wheel, force_unlock=force_unlock,
-                        progress=progress, command_line=argv)
+                        progress=progress, command_line=argv, fanout=fanout,
+                        peer_rate_bytes_s=peer_rate * 1e6 if peer_rate else None)
     if json_out:
         print(json.dumps(result.to_json(), indent=2))
     else:

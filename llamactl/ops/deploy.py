@@ -27,10 +27,13 @@ from llamactl.ops.release import build_wheel, make_release, model_upload
 from llamactl.ops.rolling import ProgressFn, RollingRestartFailed, rolling_restart
 from llamactl.ops.units import restart_units
 from llamactl.plan.deploy import (
+    DesiredHost,
+    HostPlan,
     InstanceAction,
     desired_host,
     plan_host,
 )
+from llamactl.plan.facts import HostFacts
 from llamactl.plan.release import ModelUpload, Release
 from llamactl.plan.render import render_balancer_files
 from llamactl.plan.units import journal_command
@@ -81,6 +84,8 @@ class HostJob:
     pool: HostPool
     dry_run: bool
     progress: ProgressFn
+    fanout: bool = True  # hosts fetch bulk files from peers (ops.fanout_deploy); False: the controller sends all
+    peer_rate_bytes_s: float | None = None  # cap on each peer server's sending rate
 
 
 class _Stopwatch:
@@ -97,13 +102,7 @@ def deploy_host(job: HostJob, host_name: str) -> HostOutcome:
     out = HostOutcome(host_name)
     t0 = time.monotonic()
     try:
-        _deploy_host(job, host_name, out)
-    except ConnectError as exc:
-        out.error, out.unreachable = str(exc), True
-    except LlamactlError as exc:
-        out.error = str(exc)
-    except Exception as exc:  # noqa: BLE001 - an unexpected failure on one host must not stop the others
-        out.error = f"{type(exc).__name__}: {exc}"
+        guard_host(out, lambda: _deploy_host(job, host_name, out))
     finally:
         out.duration_s = time.monotonic() - t0
         job.progress(host_name, "done" if out.ok else "failed")
@@ -111,8 +110,37 @@ def deploy_host(job: HostJob, host_name: str) -> HostOutcome:
     return out
 
 
+def guard_host(out: HostOutcome, step: Callable[[], object]) -> None:
+    """Run one host's step; a failure becomes the outcome's error (the other hosts carry on)."""
+    try:
+        step()
+    except ConnectError as exc:
+        out.error, out.unreachable = str(exc), True
+    except LlamactlError as exc:
+        out.error = str(exc)
+    except Exception as exc:  # noqa: BLE001 - an unexpected failure on one host must not stop the others
+        out.error = f"{type(exc).__name__}: {exc}"
+
+
 def _deploy_host(job: HostJob, host_name: str, out: HostOutcome) -> None:
     """The named steps of one host's deploy: connect, read facts, plan, apply, start the new instances."""
+    prepared = _prepare_host(job, host_name, out)
+    if prepared is not None:
+        _finish_host(job, host_name, out, prepared)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A host connected, its facts read and its plan made: what the fan-out and the apply phase need."""
+
+    executor: Executor
+    desired: DesiredHost
+    facts: HostFacts
+    plan: HostPlan
+
+
+def _prepare_host(job: HostJob, host_name: str, out: HostOutcome) -> Prepared | None:
+    """Connect, read the facts, plan; None when there is nothing left to apply (problems, dry run)."""
     spec = job.inv.host(host_name)
     clock = _Stopwatch(out.timings)
     job.progress(host_name, "connecting")
@@ -125,11 +153,18 @@ def _deploy_host(job: HostJob, host_name: str, out: HostOutcome) -> None:
     out.plan = plan = plan_host(desired, facts)
     if plan.problems:
         out.error = "; ".join(plan.problems)
-        return
+        return None
     if job.dry_run:
         out.diffs = file_diffs(executor, plan, desired)
         out.ok = True
-        return
+        return None
+    return Prepared(executor, desired, facts, plan)
+
+
+def _finish_host(job: HostJob, host_name: str, out: HostOutcome, prepared: Prepared) -> None:
+    """Apply the plan (its bulk uploads already delivered when the fan-out ran) and start new instances."""
+    clock = _Stopwatch(out.timings)
+    executor, plan = prepared.executor, prepared.plan
     apply_plan(executor, plan, lambda msg: job.progress(host_name, msg))
     clock.mark("apply")
     out.restarts = [a for a in plan.actions if a.action == "restart"]
@@ -169,6 +204,8 @@ def deploy(
     connector: Connector | None = None,
     progress: ProgressFn = lambda host, msg: None,
     command_line: str = "llamactl deploy",
+    fanout: bool = True,
+    peer_rate_bytes_s: float | None = None,
 ) -> DeployResult:
     t0 = time.monotonic()
     shipment = prepare(inv, wheel)
@@ -182,7 +219,7 @@ def deploy(
         for bh in inv.balancer.hosts:
             progress(bh.name, "connecting")
             pool.executor(bh.name)
-        job = HostJob(inv, shipment, pool, dry_run, progress)
+        job = HostJob(inv, shipment, pool, dry_run, progress, fanout, peer_rate_bytes_s)
         if dry_run:
             _deploy_hosts(job, parallel, result)
             _apply_balancer(inv, result, pool, dry_run, progress)
@@ -198,6 +235,11 @@ def deploy(
 
 def _deploy_hosts(job: HostJob, parallel: int, result: DeployResult) -> None:
     names = [h.name for h in job.inv.hosts]
+    if job.fanout and not job.dry_run:
+        from llamactl.ops.fanout_deploy import deploy_hosts_fanout
+
+        result.hosts, result.transfer = deploy_hosts_fanout(job, names, parallel, job.peer_rate_bytes_s)
+        return
     outcomes = run_parallel(names, lambda name: deploy_host(job, name), max_workers=parallel)
     result.hosts = [o.value if o.ok else HostOutcome(name, error=str(o.error))  # type: ignore[union-attr]
                     for name, o in zip(names, outcomes)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llamactl.errors import OperationFailed
+from llamactl.ops.fanout import TransferReport
 from llamactl.ops.hostplan import FileDiff
 from llamactl.plan.deploy import HostPlan, InstanceAction
 
@@ -40,6 +41,7 @@ class DeployResult:
     watch_error: str | None = None
     drained: frozenset[str] = frozenset()  # instances a failed rolling restart left out of the balancer
     duration_s: float = 0.0
+    transfer: TransferReport | None = None  # the fan-out of bulk files (None: dry run or --no-fanout)
 
     @property
     def ok(self) -> bool:
@@ -74,6 +76,7 @@ class DeployResult:
             "rolling_restart_error": self.rolling_error,
             "watch": {"changes": self.watch_changes, "error": self.watch_error},
             "drained": sorted(self.drained),
+            "transfer": self.transfer.to_json() if self.transfer is not None else None,
         }
 
 

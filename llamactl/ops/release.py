@@ -80,11 +80,10 @@ def make_release(wheel: Path, wheelhouse: Path | None) -> Release:
     if wheelhouse is not None:
         if not wheelhouse.is_dir():
             raise UsageError(f"pip.wheelhouse {wheelhouse}: not a directory")
-        house = tuple(
-            Artifact(p, p.name, "", p.stat().st_size)
-            for p in sorted(wheelhouse.iterdir())
-            if p.is_file() and p.suffix in (".whl", ".gz", ".zip") and not p.name.startswith("llamactl-")
-        )
+        wheels = [p for p in sorted(wheelhouse.iterdir())
+                  if p.is_file() and p.suffix in (".whl", ".gz", ".zip") and not p.name.startswith("llamactl-")]
+        digests = cached_sha256(wheels)  # hosts fetch wheels from peers and check them by digest
+        house = tuple(Artifact(p, p.name, digests[p], p.stat().st_size) for p in wheels)
     return Release(f"{__version__}-{digest[:10]}", art, house, tested_constraints())
 
 
@@ -102,35 +101,43 @@ def model_upload(local_dir: Path) -> ModelUpload:
     """Hash a local model directory (sizes+mtimes cached, so an unchanged 20 GB model is not re-read)."""
     if not local_dir.is_dir():
         raise UsageError(f"model.upload_from {local_dir}: not a directory")
+    paths = [p for p in sorted(local_dir.rglob("*"))
+             if p.is_file() and not SKIP_PARTS & set(p.parts) and p.name != ".llamactl-manifest.json"]
+    digests = cached_sha256(paths)
+    files: list[Artifact] = []
+    manifest: dict[str, str] = {}
+    for p in paths:
+        rel = p.relative_to(local_dir).as_posix()
+        files.append(Artifact(p, rel, digests[p], p.stat().st_size))
+        manifest[rel] = digests[p]
+    if not files:
+        raise UsageError(f"model.upload_from {local_dir}: the directory is empty")
+    return ModelUpload(tuple(files), manifest)
+
+
+def cached_sha256(paths: list[Path]) -> dict[Path, str]:
+    """sha256 of each file, cached by (size, mtime) so an unchanged 20 GB model or wheelhouse is not re-read."""
     cache_path = CACHE_DIR / "model-hashes.json"
     try:
         cache: dict[str, list[object]] = json.loads(cache_path.read_text())
     except (OSError, ValueError):
         cache = {}
-    files: list[Artifact] = []
-    manifest: dict[str, str] = {}
+    out: dict[Path, str] = {}
     dirty = False
-    for p in sorted(local_dir.rglob("*")):
-        if not p.is_file() or SKIP_PARTS & set(p.parts) or p.name == ".llamactl-manifest.json":
-            continue
+    for p in paths:
         st = p.stat()
         key = str(p.resolve())
         hit = cache.get(key)
         if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-            digest = str(hit[2])
+            out[p] = str(hit[2])
         else:
-            digest = sha256_file(p)
-            cache[key] = [st.st_size, st.st_mtime_ns, digest]
+            out[p] = sha256_file(p)
+            cache[key] = [st.st_size, st.st_mtime_ns, out[p]]
             dirty = True
-        rel = p.relative_to(local_dir).as_posix()
-        files.append(Artifact(p, rel, digest, st.st_size))
-        manifest[rel] = digest
-    if not files:
-        raise UsageError(f"model.upload_from {local_dir}: the directory is empty")
     if dirty:
         try:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             cache_path.write_text(json.dumps(cache))
         except OSError:
             pass
-    return ModelUpload(tuple(files), manifest)
+    return out
