@@ -68,6 +68,8 @@ def create_app(
             await state.wait_drained(0 if state.load_error else settings.drain_timeout_s)
             if state.shared_jobs is not None:
                 await state.shared_jobs.stop()  # hands back what it still holds
+            if state.inference.shared_cache is not None:
+                await state.inference.shared_cache.close()
             state.batcher.stop()
             state.gpu.stop()
             await state.jobs.cancel_all()

@@ -128,6 +128,7 @@ class ServerState:
         self.inference = Inference(
             settings, self.engine, self.batcher, self.metrics, self.cache, lambda: self.status
         )
+        self.inference.shared_cache = _shared_cache(settings, self.metrics)
         self.thread: threading.Thread | None = None
 
     def _engine_figure(self, name: str) -> float:
@@ -232,7 +233,13 @@ class ServerState:
             "engine": engine,
             "gpu": self.gpu.describe(),
             "error": error,
+            **self._shared_state(),
         }
+
+    def _shared_state(self) -> dict[str, Any]:
+        """Redis-backed parts (only when configured): the cluster-wide cache's state."""
+        shared = self.inference.shared_cache
+        return {} if shared is None else {"shared_cache": shared.describe()}
 
 
 def _make_cache(settings: Settings) -> Any:
@@ -257,6 +264,16 @@ def _shared_jobs(
         slots=settings.jobs_slots or settings.max_batch_size, claim_idle_s=settings.jobs_claim_idle_s,
         max_deliveries=settings.jobs_max_deliveries, accepting=accepting, room=room,
     )
+
+
+def _shared_cache(settings: Settings, metrics: Metrics) -> Any:
+    if settings.redis_url is None or settings.cache_shared_mb <= 0:
+        return None
+    from llamactl.state.cache import SharedCache
+
+    return SharedCache(settings.redis_url, model=settings.model, revision=settings.revision,
+                       max_bytes=int(settings.cache_shared_mb * 1024 * 1024), ttl_s=settings.cache_shared_ttl_s,
+                       registry=metrics.registry)
 
 
 def get_state(request: Request) -> ServerState:
