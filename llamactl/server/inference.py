@@ -15,6 +15,7 @@ from starlette.types import Receive
 
 from llamactl.server.admission import Admission, DeadlineExceeded, EngineFailure, QueueFull, Stopped
 from llamactl.server.engine.protocol import GenParams, GenRequest, GenResult, ServingEngine
+from llamactl.server.quota_mw import record_usage
 from llamactl.server.settings import Settings
 
 if TYPE_CHECKING:
@@ -227,9 +228,10 @@ class Inference:
                 m.time_per_output_token.observe(max(0.0, per_token))
         m.prompt_tokens.inc(result.prompt_tokens)
         m.generation_tokens.inc(result.completion_tokens)
+        record_usage(result.prompt_tokens, result.completion_tokens)  # charged to the request's API key
         if cache_key is not None and self.cache is not None:
             self.cache.put(cache_key, result, len(result.text.encode()) + 256)
-        if cache_key is not None and self.shared_cache is not None and result.finish_reason != "cancelled":
+        if cache_key is not None and self.shared_cache is not None:
             await self.shared_cache.put(cache_key, result)
         return Outcome(result, False, started)
 

@@ -82,6 +82,12 @@ class Settings(BaseModel):
     def _keys_not_blank(self) -> Settings:
         if any(not k for k in self.api_keys):
             raise ValueError("api_keys: empty key in the list")
+        from llamactl.state.keys import KeySpecError, parse_entries
+
+        try:
+            parse_entries(self.api_keys)
+        except KeySpecError as exc:
+            raise ValueError(f"api_keys: {exc}") from None
         index, count = (int(x) for x in self.host_slot.split("/"))
         if not 0 <= index < count:
             raise ValueError(f"host_slot: expected INDEX/COUNT with 0 <= INDEX < COUNT, found {self.host_slot}")

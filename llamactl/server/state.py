@@ -129,6 +129,7 @@ class ServerState:
             settings, self.engine, self.batcher, self.metrics, self.cache, lambda: self.status
         )
         self.inference.shared_cache = _shared_cache(settings, self.metrics)
+        self.quotas = _quotas(settings, self.metrics)  # None without API keys
         self.thread: threading.Thread | None = None
 
     def _engine_figure(self, name: str) -> float:
@@ -239,7 +240,10 @@ class ServerState:
     def _shared_state(self) -> dict[str, Any]:
         """Redis-backed parts (only when configured): the cluster-wide cache's state."""
         shared = self.inference.shared_cache
-        return {} if shared is None else {"shared_cache": shared.describe()}
+        out = {} if shared is None else {"shared_cache": shared.describe()}
+        if self.quotas is not None:
+            out["quotas"] = self.quotas.describe()
+        return out
 
 
 def _make_cache(settings: Settings) -> Any:
@@ -274,6 +278,15 @@ def _shared_cache(settings: Settings, metrics: Metrics) -> Any:
     return SharedCache(settings.redis_url, model=settings.model, revision=settings.revision,
                        max_bytes=int(settings.cache_shared_mb * 1024 * 1024), ttl_s=settings.cache_shared_ttl_s,
                        registry=metrics.registry)
+
+
+def _quotas(settings: Settings, metrics: Metrics) -> Any:
+    if not settings.api_keys:
+        return None
+    from llamactl.state.keys import parse_entries
+    from llamactl.state.quotas import Quotas
+
+    return Quotas(parse_entries(settings.api_keys), settings.redis_url, metrics.registry)
 
 
 def get_state(request: Request) -> ServerState:

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from llamactl.errors import RemoteCommandError
 from llamactl.inventory import Inventory, load_inventory
 from llamactl.plan import redis as plan
 from llamactl.plan.deploy import Run, Upload
 from llamactl.plan.render import render_redis_files
 from llamactl.remote.local import LocalExecutor
-from llamactl.errors import RemoteCommandError
 from tests.redis_support import RedisServer
 
 PASSWORD = "s3cret-Redis-pass-0123"
@@ -121,10 +121,10 @@ def test_host_that_cannot_install_fails_preflight_with_the_command(
     facts = replace(plan.parse_facts(CAPTURED_FRESH), server=None, apt=apt, candidate=candidate)
     p = plan.plan_redis(inventory(tmp_path), facts)
     assert p.steps == []
-    assert p.problems == [
-        "redis-server (with redis-cli and the redis user) is not installed and this host cannot install it "
-        f"({why}); install it yourself, as root on lb-01: "
-        "`apt-get update && apt-get install -y --no-install-recommends redis-server`"]
+    expected = ("redis-server (with redis-cli and the redis user) is not installed and this host cannot install it "
+                f"({why}); install it yourself, as root on lb-01: "
+                "`apt-get update && apt-get install -y --no-install-recommends redis-server`")
+    assert p.problems == [expected]
 
 
 def test_no_systemd_is_a_problem(tmp_path: Path) -> None:
@@ -149,7 +149,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     inv = inventory(tmp_path)
     unit = tmp_path / plan.REDIS_UNIT
     unit.write_bytes(plan.render_unit(inv, shutil.which("redis-server") or plan.DEFAULT_SERVER).content)
-    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False)
     assert (proc.returncode, proc.stderr) == (0, "")
 
 
