@@ -109,3 +109,31 @@ def test_lab_inventory_names_redis_by_file(deployed_lab: Lab) -> None:
     data = yaml.safe_load(deployed_lab.inventory.read_text())
     assert data["redis"]["password"] == {"file": str(deployed_lab.dir / "redis-password")}
     assert (deployed_lab.dir / "redis-password").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_repeated_request_through_the_balancer_is_a_cache_hit_on_any_instance(deployed_lab: Lab) -> None:
+    body = {"image": base64.b64encode(jpeg((10, 200, 90))).decode(), "question": "Cache me, from any instance.",
+            "max_tokens": 12}
+    answers = []
+    with httpx.Client(base_url=deployed_lab.endpoint, timeout=120, trust_env=False) as client:
+        for _ in range(7):
+            r = client.post("/infer", json=body)
+            assert r.status_code == 200, r.text
+            answers.append((r.headers["x-upstream"], r.json()["cached"], r.json()["full_response"]))
+    assert answers[0][1] is False
+    assert all(cached for _, cached, _ in answers[1:]), answers
+    assert len({text for _, _, text in answers}) == 1
+    # least_conn spreads them: instances that never answered it before answered from Redis
+    assert len({upstream for upstream, _, _ in answers}) >= 2, answers
+
+
+def test_status_shows_redis_memory_and_backlog(deployed_lab: Lab) -> None:
+    proc = llamactl("status", str(deployed_lab.inventory), "--json", "--keys")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    redis_state = json.loads(proc.stdout)["redis"]
+    assert redis_state["answers"] is True and redis_state["unit"] == "active"
+    assert redis_state["maxmemory_bytes"] == 64 * 1024 * 1024 and redis_state["used_memory_bytes"] > 0
+    assert redis_state["jobs_backlog"] == 0 and redis_state["cache_bytes"] > 0
+    human = llamactl("status", str(deployed_lab.inventory))
+    assert "redis on lab-lb: up (unit active), memory " in human.stdout
+    assert password(deployed_lab) not in proc.stdout + human.stdout + proc.stderr + human.stderr
