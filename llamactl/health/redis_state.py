@@ -13,9 +13,7 @@ from typing import TYPE_CHECKING, Any
 from llamactl.errors import LlamactlError
 from llamactl.plan.command import Command, quote
 from llamactl.plan.redis import REDIS_UNIT
-from llamactl.state.cache import TOTAL as CACHE_BYTES
-from llamactl.state.jobs import GROUP, STREAM
-from llamactl.state.quotas import USAGE
+from llamactl.state.names import CACHE_BYTES, GROUP, STREAM, USAGE
 
 if TYPE_CHECKING:
     from llamactl.inventory import Inventory

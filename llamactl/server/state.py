@@ -121,7 +121,7 @@ class ServerState:
         if hasattr(hooks, "metrics"):
             hooks.metrics = self.metrics
         self.cache = _make_cache(settings)
-        self.jobs = JobStore(settings.jobs_max_entries, settings.jobs_ttl_s)
+        self.jobs = JobStore(settings.jobs_max_entries, settings.jobs_ttl_s, instance=settings.instance)
         self.shared_jobs = _shared_jobs(  # None: in-memory jobs only
             settings, lambda: self.status == "ready", lambda: self.batcher.queued < self.batcher.queue_limit
         )

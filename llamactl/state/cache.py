@@ -22,14 +22,15 @@ from redis import exceptions as rx
 
 from llamactl.server.engine.protocol import GenResult
 from llamactl.state.client import connect, is_down, where
+from llamactl.state.names import CACHE_BYTES, CACHE_PREFIX
 
 log = logging.getLogger("llamactl.state.cache")
 
-PREFIX = "llamactl:cache:"
+PREFIX = CACHE_PREFIX
 ENTRY = PREFIX + "e:"
 INDEX = PREFIX + "lru"  # member -> last use (seconds)
 SIZES = PREFIX + "sizes"  # member -> bytes counted against the budget
-TOTAL = PREFIX + "bytes"
+TOTAL = CACHE_BYTES
 
 # KEYS: index, sizes, total. ARGV: member, value, ttl_s, now, max_bytes, entry prefix.
 _PUT = """

@@ -25,7 +25,6 @@ from llamactl.state.keys import KeyPolicy
 
 log = logging.getLogger("llamactl.state.quotas")
 
-USAGE = "llamactl:usage:"  # + name: hash of cluster-wide totals
 WINDOW_S = 60
 
 # ARGV: name, rpm (0 = none), tpm (0 = none). Returns {admitted 0/1, limit, retry_after_s}.
