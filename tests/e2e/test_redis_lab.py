@@ -137,3 +137,24 @@ def test_status_shows_redis_memory_and_backlog(deployed_lab: Lab) -> None:
     human = llamactl("status", str(deployed_lab.inventory))
     assert "redis on lab-lb: up (unit active), memory " in human.stdout
     assert password(deployed_lab) not in proc.stdout + human.stdout + proc.stderr + human.stderr
+
+
+def test_no_job_lost_across_a_kill_9_and_a_redis_restart(deployed_lab: Lab) -> None:
+    """The small CI version of bench/jobs_lab.py (which adds a rolling restart and a redeploy, >= 50 jobs)."""
+    from tests.e2e.jobload import JobLoad
+    from tests.ops.test_lab_operations import wait_all_ready
+
+    wait_all_ready(deployed_lab, 120)
+    load = JobLoad(deployed_lab.endpoint)
+    try:
+        killed = load.run("kill -9 of a server", 6, lambda: lab_sh(
+            deployed_lab, "lab-host1", "systemctl kill -s KILL llamactl@0.service"), settle_timeout_s=240)
+        wait_all_ready(deployed_lab, 120)
+        restarted = load.run("Redis restart", 6, lambda: lab_sh(
+            deployed_lab, LB, f"systemctl restart {REDIS_UNIT}"), settle_timeout_s=240)
+    finally:
+        load.close()
+    for phase in (killed, restarted):
+        summary = phase.summary()
+        assert summary["lost"] == 0 and summary["not_accepted"] == 0, summary
+        assert summary["succeeded"] == summary["accepted"] == 6, summary

@@ -31,8 +31,8 @@ def test_bare_and_named_entries() -> None:
     (f"name=alice key={SECRET} rpm=0", "key 1: found rpm='0', expected a whole number >= 1"),
     (f"name=alice key={SECRET} rpm=x", "key 1: found rpm='x', expected a whole number >= 1"),
     (f"name=al/ice key={SECRET}", "key 1: found name='al/ice', expected 1-64 letters, digits, '_', '.' or '-'"),
-    (f"name=alice {SECRET}", "key 1: found an unknown field (word 2), expected name=, key=, rpm= or tpm= "
-                             "separated by spaces"),
+    (f"name=alice {SECRET}", ("key 1: found an unknown field (word 2), expected name=, key=, rpm= or tpm= "
+                              "separated by spaces")),
     (f"name=a name=b key={SECRET}", "key 1: found name= twice, expected it once"),
 ])
 def test_bad_entries_are_named_by_position_never_echoed(entry: str, message: str) -> None:
