@@ -40,6 +40,7 @@ def test_a_bad_entry_is_reported_at_the_key_source(tmp_path: Path) -> None:
     with pytest.raises(InventoryError) as caught:
         load_inventory(write(tmp_path, f"name=alice key={SECRET} rpm=-1\n"), env={})
     problems = [str(p).replace(str(tmp_path / "inv.yaml"), "INV") for p in caught.value.problems]
-    assert problems == ["INV:7:22: defaults.server.api_keys.file: found key 1: found rpm='-1', expected a whole "
-                        "number >= 1; expected each key as KEY or name=NAME key=KEY [rpm=N] [tpm=N]"]
+    expected = ("INV:7:22: defaults.server.api_keys.file: found key 1: found rpm='-1', expected a whole "
+                "number >= 1; expected each key as KEY or name=NAME key=KEY [rpm=N] [tpm=N]")
+    assert problems == [expected]
     assert SECRET not in str(caught.value)
