@@ -23,6 +23,15 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow]
 LB = "lab-lb"
 
 
+def wait_all_ready(lab: Lab, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if llamactl("status", str(lab.inventory), "--json", timeout=60).returncode == 0:
+            return
+        time.sleep(1)
+    raise AssertionError(f"not all instances ready within {timeout_s:g} s")
+
+
 def password(lab: Lab) -> str:
     return (lab.dir / "redis-password").read_text().strip()
 
@@ -142,7 +151,6 @@ def test_status_shows_redis_memory_and_backlog(deployed_lab: Lab) -> None:
 def test_no_job_lost_across_a_kill_9_and_a_redis_restart(deployed_lab: Lab) -> None:
     """The small CI version of bench/jobs_lab.py (which adds a rolling restart and a redeploy, >= 50 jobs)."""
     from tests.e2e.jobload import JobLoad
-    from tests.ops.test_lab_operations import wait_all_ready
 
     wait_all_ready(deployed_lab, 120)
     load = JobLoad(deployed_lab.endpoint)
