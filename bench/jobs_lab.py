@@ -4,7 +4,7 @@ server and a Redis restart: how many accepted jobs are lost (the answer must be 
     flock /tmp/llamactl-lab.lock .venv/bin/python bench/jobs_lab.py --jobs-per-phase 15 \
         --out bench/results/jobs_lab.json
 
-Brings up its own lab (name ``jobsbench``, 10.216.0.0/24), deploys it (the lab inventory enables ``redis:``),
+Brings up its own lab (name ``jobsb``, 10.216.0.0/24), deploys it (the lab inventory enables ``redis:``),
 runs the four phases with ``tests/e2e/jobload.py`` (jobs posted 0.4 s apart while the disruption runs, then
 each followed through the balancer to its end), writes JSON and a Markdown table, and tears the lab down.
 """
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from tests.e2e.jobload import JobLoad, PhaseResult
 
 LLAMACTL = [sys.executable, "-m", "llamactl"]
-NAME, SUBNET = "jobsbench", "10.216.0.0/24"
+NAME, SUBNET = "jobsb", "10.216.0.0/24"
 
 
 def llamactl(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess[str]:
