@@ -174,3 +174,32 @@ def test_ping_command_against_a_real_redis(tmp_path: Path) -> None:
         assert "Redis did not answer PONG" in str(caught.value) and "WRONGPASS" in str(caught.value)
     finally:
         server.stop()
+
+
+def test_sync_redis_applies_the_plan_then_pings(tmp_path: Path) -> None:
+    """The edge (``ops.redis``) through the recording executor: uploads, commands, the PING, in order;
+    nothing printed or recorded carries the password. A dry run only reads."""
+    from llamactl.ops.redis import sync_redis
+    from llamactl.remote.recording import Reply, RecordingExecutor
+
+    inv = inventory(tmp_path)
+    facts = plan.facts_command(inv)
+
+    def fresh() -> RecordingExecutor:
+        return RecordingExecutor("lb-01", responses={facts.shell(): Reply(stdout=CAPTURED_FRESH)})
+
+    dry = fresh()
+    out = sync_redis(inv, dry, dry_run=True, say=lambda msg: None)
+    assert [c.kind for c in dry.calls] == ["run", "read", "read"]  # facts, then the two files for the diff
+    assert out.commands == ["systemctl daemon-reload", f"systemctl enable {plan.REDIS_UNIT}",
+                            f"systemctl start {plan.REDIS_UNIT}"]
+    assert [d.secret for d in out.diffs] == [False, True]
+    real = fresh()
+    out = sync_redis(inv, real, dry_run=False, say=lambda msg: None)
+    assert [(u.path, u.mode) for u in real.uploads] == [(plan.REDIS_UNIT_PATH, 0o644),
+                                                          (str(tmp_path / "llamactl.conf"), 0o600)]
+    assert real.commands[1:4] == ["systemctl daemon-reload", f"systemctl enable {plan.REDIS_UNIT}",
+                                  f"systemctl start {plan.REDIS_UNIT}"]
+    assert out.changes[-1] == f"started {plan.REDIS_UNIT}"
+    assert "redis-cli --no-auth-warning" in real.commands[-1]  # the PING comes last
+    assert all(PASSWORD not in str(c) for c in real.calls + dry.calls)
