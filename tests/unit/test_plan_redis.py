@@ -180,7 +180,7 @@ def test_sync_redis_applies_the_plan_then_pings(tmp_path: Path) -> None:
     """The edge (``ops.redis``) through the recording executor: uploads, commands, the PING, in order;
     nothing printed or recorded carries the password. A dry run only reads."""
     from llamactl.ops.redis import sync_redis
-    from llamactl.remote.recording import Reply, RecordingExecutor
+    from llamactl.remote.recording import RecordingExecutor, Reply
 
     inv = inventory(tmp_path)
     facts = plan.facts_command(inv)
