@@ -85,6 +85,8 @@ def redeploy(inventory: Path, work: Path) -> Callable[[], None]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs-per-phase", type=int, default=15)
+    ap.add_argument("--max-tokens", type=int, default=64, help="per job: long enough to be running when hit")
+    ap.add_argument("--interval", type=float, default=0.15, help="seconds between two POSTs")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/jobs_lab.json")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="jobs-lab-"))
@@ -99,7 +101,7 @@ def main() -> None:
         deploy_s = time.monotonic() - t
         endpoint = (lab / "endpoint").read_text().strip()
         wait_ready(inv)
-        load = JobLoad(endpoint)
+        load = JobLoad(endpoint, max_tokens=args.max_tokens)
         phases: list[PhaseResult] = []
         try:
             steps: list[tuple[str, Callable[[], None]]] = [
@@ -111,7 +113,8 @@ def main() -> None:
             ]
             for name, disrupt in steps:
                 print(f"phase: {name}", flush=True)
-                phase = load.run(name, args.jobs_per_phase, disrupt, settle_timeout_s=300)
+                phase = load.run(name, args.jobs_per_phase, disrupt, interval_s=args.interval,
+                                 settle_timeout_s=300)
                 print(json.dumps(phase.summary()), flush=True)
                 phases.append(phase)
                 wait_ready(inv)
@@ -125,30 +128,33 @@ def main() -> None:
                                                              "lost")}
     result = {"benchmark": "jobs through the balancer of a 3-host lab with Redis, across disruptions",
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
-              "jobs_per_phase": args.jobs_per_phase, "first_deploy_s": round(deploy_s, 1),
+              "jobs_per_phase": args.jobs_per_phase, "max_tokens": args.max_tokens,
+              "interval_s": args.interval, "first_deploy_s": round(deploy_s, 1),
               "total": total, "phases": summaries, "wall_s": round(time.monotonic() - started, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    rows = "\n".join(f"| {s['phase']} | {s['accepted']} | {s['succeeded']} | {s['failed']} | {s['lost']} | "
+    rows = "\n".join(f"| {s['phase']} | {s['accepted']} | {s['open_at_disruption']} | {s['succeeded']} | "
+                     f"{s['failed']} | {s['lost']} | "
                      f"{s['not_accepted']} | {s['post_retries']} | {s['get_retries']} | {s['disruption_s']} | "
                      f"{s['settle_s']} |" for s in summaries)
     m = result["machine"]
     assert isinstance(m, dict)
     md = f"""# Jobs across disruptions (lab, Redis): {total['lost']} of {total['accepted']} accepted jobs lost
 
-`{' '.join(['flock /tmp/llamactl-lab.lock .venv/bin/python bench/jobs_lab.py', '--jobs-per-phase',
-            str(args.jobs_per_phase)])}` on {result['date']}.
+`flock /tmp/llamactl-lab.lock .venv/bin/python bench/jobs_lab.py --jobs-per-phase {args.jobs_per_phase} \
+--max-tokens {args.max_tokens} --interval {args.interval:g}` on {result['date']}.
 
 Machine: {m['cpus']} CPUs ({m['cpu']}), {m['memory_gib']} GiB, {m['os']}, Python {m['python']}; {m['note']}.
 Lab (`llamactl lab up 3`): 3 server hosts + a balancer host running nginx and Redis (deployed by
-`llamactl deploy`), the tiny CPU model, one instance per host, jobs of at most 12 tokens posted 0.4 s apart
-through the balancer while the disruption runs; each accepted job (202) is then followed through the balancer
-until it ends. Lost = a 404 or no end within 300 s. Retries = 429/502/503/504 or refused connections, retried.
+`llamactl deploy`), the tiny CPU model, one instance per host, jobs of at most {args.max_tokens} tokens posted
+{args.interval:g} s apart through the balancer while the disruption runs (it starts once 3 are accepted; "open when
+hit" = accepted jobs still queued or running at that moment); each accepted job (202) is then followed through the
+balancer until it ends. Lost = a 404 or no end within 300 s. Retries = 429/502/503/504 or refused connections.
 
-| phase | accepted | succeeded | failed | lost | never accepted | POST retries | GET retries | disruption s | settle s |
-|---|---|---|---|---|---|---|---|---|---|
+| phase | accepted | open when hit | succeeded | failed | lost | never accepted | POST retries | GET retries | disruption s | settle s |
+|---|---|---|---|---|---|---|---|---|---|---|
 {rows}
-| **total** | **{total['accepted']}** | **{total['succeeded']}** | **{total['failed']}** | **{total['lost']}** | {total['not_accepted']} | | | | |
+| **total** | **{total['accepted']}** | | **{total['succeeded']}** | **{total['failed']}** | **{total['lost']}** | {total['not_accepted']} | | | | |
 
 First deploy of the lab: {result['first_deploy_s']} s; whole run {result['wall_s']} s.
 """

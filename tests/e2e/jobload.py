@@ -36,6 +36,7 @@ class PhaseResult:
     outcome: dict[str, str] = field(default_factory=dict)  # id -> succeeded | failed: REASON | lost: WHY
     post_retries: int = 0
     get_retries: int = 0
+    open_at_disruption: int = 0  # accepted jobs not ended yet when the disruption began
     disruption_s: float = 0.0
     settle_s: float = 0.0
 
@@ -49,6 +50,7 @@ class PhaseResult:
                 "succeeded": sum(1 for e in ends if e == "succeeded"),
                 "failed": sum(1 for e in ends if e.startswith("failed")), "lost": len(self.lost),
                 "lost_detail": {i: self.outcome.get(i, "lost: no end") for i in self.lost},
+                "open_at_disruption": self.open_at_disruption,
                 "post_retries": self.post_retries, "get_retries": self.get_retries,
                 "disruption_s": round(self.disruption_s, 1), "settle_s": round(self.settle_s, 1)}
 
@@ -100,6 +102,7 @@ class JobLoad:
         thread.start()
         while len(phase.accepted) < min(3, jobs) and thread.is_alive():
             time.sleep(0.05)
+        phase.open_at_disruption = self._open(list(phase.accepted))
         t0 = time.monotonic()
         disrupt()
         phase.disruption_s = time.monotonic() - t0
@@ -108,6 +111,17 @@ class JobLoad:
         self.settle(phase, settle_timeout_s)
         phase.settle_s = time.monotonic() - t1
         return phase
+
+    def _open(self, ids: list[str]) -> int:
+        """How many of ``ids`` have not ended (queued or running) right now."""
+        count = 0
+        for job_id in ids:
+            try:
+                r = self.client.get(f"/v1/jobs/{job_id}")
+                count += r.status_code == 200 and r.json()["status"] in ("queued", "running")
+            except httpx.TransportError:
+                pass
+        return count
 
     def settle(self, phase: PhaseResult, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
