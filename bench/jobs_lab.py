@@ -85,8 +85,9 @@ def redeploy(inventory: Path, work: Path) -> Callable[[], None]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs-per-phase", type=int, default=15)
-    ap.add_argument("--max-tokens", type=int, default=64, help="per job: long enough to be running when hit")
-    ap.add_argument("--interval", type=float, default=0.15, help="seconds between two POSTs")
+    ap.add_argument("--max-tokens", type=int, default=96, help="tokens per job, exactly (ignore_eos): long "
+                    "enough to be running when the disruption hits (the lab's limit is 96)")
+    ap.add_argument("--interval", type=float, default=0.05, help="seconds between two POSTs")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/jobs_lab.json")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="jobs-lab-"))
@@ -101,7 +102,7 @@ def main() -> None:
         deploy_s = time.monotonic() - t
         endpoint = (lab / "endpoint").read_text().strip()
         wait_ready(inv)
-        load = JobLoad(endpoint, max_tokens=args.max_tokens)
+        load = JobLoad(endpoint, max_tokens=args.max_tokens, ignore_eos=True)
         phases: list[PhaseResult] = []
         try:
             steps: list[tuple[str, Callable[[], None]]] = [
@@ -146,7 +147,7 @@ def main() -> None:
 
 Machine: {m['cpus']} CPUs ({m['cpu']}), {m['memory_gib']} GiB, {m['os']}, Python {m['python']}; {m['note']}.
 Lab (`llamactl lab up 3`): 3 server hosts + a balancer host running nginx and Redis (deployed by
-`llamactl deploy`), the tiny CPU model, one instance per host, jobs of at most {args.max_tokens} tokens posted
+`llamactl deploy`), the tiny CPU model, one instance per host, jobs of exactly {args.max_tokens} tokens (ignore_eos) posted
 {args.interval:g} s apart through the balancer while the disruption runs (it starts once 3 are accepted; "open when
 hit" = accepted jobs still queued or running at that moment); each accepted job (202) is then followed through the
 balancer until it ends. Lost = a 404 or no end within 300 s. Retries = 429/502/503/504 or refused connections.

@@ -56,9 +56,10 @@ class PhaseResult:
 
 
 class JobLoad:
-    def __init__(self, endpoint: str, *, max_tokens: int = 12, post_give_up_s: float = 120.0) -> None:
+    def __init__(self, endpoint: str, *, max_tokens: int = 12, ignore_eos: bool = False,
+                 post_give_up_s: float = 120.0) -> None:
         self.client = httpx.Client(base_url=endpoint, timeout=60, trust_env=False)
-        self.max_tokens, self.post_give_up_s = max_tokens, post_give_up_s
+        self.max_tokens, self.ignore_eos, self.post_give_up_s = max_tokens, ignore_eos, post_give_up_s
         self.serial = 0
 
     def close(self) -> None:
@@ -68,7 +69,7 @@ class JobLoad:
         self.serial += 1
         n = self.serial
         body = {"image": jpeg_b64(n), "question": f"Job {n} of the lab run: what is in this picture?",
-                "max_tokens": self.max_tokens}
+                "max_tokens": self.max_tokens, "ignore_eos": self.ignore_eos}
         deadline = time.monotonic() + self.post_give_up_s
         last = ""
         while time.monotonic() < deadline:
