@@ -105,17 +105,20 @@ def main() -> None:
         load = JobLoad(endpoint, max_tokens=args.max_tokens, ignore_eos=True)
         phases: list[PhaseResult] = []
         try:
-            steps: list[tuple[str, Callable[[], None]]] = [
-                ("rolling restart", lambda: llamactl("restart", str(inv), "--rolling", "--yes")),
-                ("redeploy (a setting changed: every instance restarted)", redeploy(inv, work)),
+            # (name, disruption, accepted jobs before it starts): the long ones start early and jobs keep
+            # arriving during them; the instant ones hit once every job of the phase is in (the most open)
+            n = args.jobs_per_phase
+            steps: list[tuple[str, Callable[[], None], int]] = [
+                ("rolling restart", lambda: llamactl("restart", str(inv), "--rolling", "--yes"), 3),
+                ("redeploy (a setting changed: every instance restarted)", redeploy(inv, work), 3),
                 ("kill -9 of a server", lambda: on_host(inv, "lab-host1",
-                                                        "systemctl kill -s KILL llamactl@0.service")),
-                ("Redis restart", lambda: on_host(inv, "lab-lb", "systemctl restart llamactl-redis.service")),
+                                                        "systemctl kill -s KILL llamactl@0.service"), n),
+                ("Redis restart", lambda: on_host(inv, "lab-lb", "systemctl restart llamactl-redis.service"), n),
             ]
-            for name, disrupt in steps:
+            for name, disrupt, hit_after in steps:
                 print(f"phase: {name}", flush=True)
-                phase = load.run(name, args.jobs_per_phase, disrupt, interval_s=args.interval,
-                                 settle_timeout_s=300)
+                phase = load.run(name, n, disrupt, interval_s=args.interval, settle_timeout_s=300,
+                                 hit_after=hit_after)
                 print(json.dumps(phase.summary()), flush=True)
                 phases.append(phase)
                 wait_ready(inv)
@@ -148,8 +151,8 @@ def main() -> None:
 Machine: {m['cpus']} CPUs ({m['cpu']}), {m['memory_gib']} GiB, {m['os']}, Python {m['python']}; {m['note']}.
 Lab (`llamactl lab up 3`): 3 server hosts + a balancer host running nginx and Redis (deployed by
 `llamactl deploy`), the tiny CPU model, one instance per host, jobs of exactly {args.max_tokens} tokens (ignore_eos) posted
-{args.interval:g} s apart through the balancer while the disruption runs (it starts once 3 are accepted; "open when
-hit" = accepted jobs still queued or running at that moment); each accepted job (202) is then followed through the
+{args.interval:g} s apart through the balancer while the disruption runs (a restart starts once 3 are accepted, a
+kill -9 or Redis restart once all of the phase's are; "open when hit" = accepted jobs still queued or running then); each accepted job (202) is then followed through the
 balancer until it ends. Lost = a 404 or no end within 300 s. Retries = 429/502/503/504 or refused connections.
 
 | phase | accepted | open when hit | succeeded | failed | lost | never accepted | POST retries | GET retries | disruption s | settle s |

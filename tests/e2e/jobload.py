@@ -89,9 +89,10 @@ class JobLoad:
         phase.not_accepted.append(f"job {n}: {last}")
 
     def run(self, name: str, jobs: int, disrupt: Callable[[], None], interval_s: float = 0.4,
-            settle_timeout_s: float = 300.0) -> PhaseResult:
-        """Post ``jobs`` jobs ``interval_s`` apart in a thread while ``disrupt()`` runs here (started after the
-        first few are accepted), then follow every accepted job to its end."""
+            settle_timeout_s: float = 300.0, hit_after: int = 3) -> PhaseResult:
+        """Post ``jobs`` jobs ``interval_s`` apart in a thread while ``disrupt()`` runs here (started once
+        ``hit_after`` are accepted: all of them for an instant disruption such as a kill), then follow every
+        accepted job to its end."""
         phase = PhaseResult(name)
 
         def poster() -> None:
@@ -101,7 +102,7 @@ class JobLoad:
 
         thread = threading.Thread(target=poster, name=f"post-{name}")
         thread.start()
-        while len(phase.accepted) < min(3, jobs) and thread.is_alive():
+        while len(phase.accepted) < min(hit_after, jobs) and thread.is_alive():
             time.sleep(0.05)
         phase.open_at_disruption = self._open(list(phase.accepted))
         t0 = time.monotonic()
