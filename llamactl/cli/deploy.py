@@ -66,7 +66,26 @@ def _diff(d: FileDiff) -> str:
     return "\n".join(lines)
 
 
+def _print_redis_dry_run(console: Console, result: DeployResult) -> None:
+    if result.redis is None and result.redis_error is None:
+        return
+    console.rule(f"[bold]redis ({result.redis.host if result.redis else 'not planned'})")
+    if result.redis_error:
+        console.print(f"[red]cannot plan:[/red] {result.redis_error}", markup=True)
+        return
+    assert result.redis is not None
+    if not result.redis.changes:
+        console.print("no changes")
+    for change in result.redis.changes:
+        console.print(f"  ~ {change}", markup=False)
+    for command in result.redis.commands:
+        console.print(f"  $ {command}", markup=False, soft_wrap=True)
+    for d in result.redis.diffs:
+        console.print(_diff(d), markup=False, highlight=False)
+
+
 def _print_dry_run(console: Console, result: DeployResult) -> None:
+    _print_redis_dry_run(console, result)
     for h in result.hosts:
         console.rule(f"[bold]{h.host}")
         if h.error:
@@ -110,6 +129,10 @@ def _summary(console: Console, result: DeployResult) -> None:
     if result.watch_error or result.watch_changes:
         table.add_row("watch service", "[red]failed[/red]" if result.watch_error else "[green]ok[/green]",
                       str(len(result.watch_changes)), "", result.watch_error or "; ".join(result.watch_changes))
+    if result.redis is not None or result.redis_error:
+        changes = result.redis.changes if result.redis else []
+        table.add_row("redis", "[red]failed[/red]" if result.redis_error else "[green]ok[/green]",
+                      str(len(changes)), "", result.redis_error or "; ".join(changes) or "unchanged")
     console.print(table)
     console.print(f"{result.changed} change(s) in {result.duration_s:.1f}s")
     if result.transfer is not None and (result.transfer.controller_bytes or result.transfer.peer_bytes):

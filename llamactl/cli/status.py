@@ -17,6 +17,7 @@ from rich.text import Text
 from llamactl.cli.inventory_arg import inventory_argument
 
 if TYPE_CHECKING:
+    from llamactl.health.redis_state import RedisState
     from llamactl.health.report import HealthReport, InstanceReport
     from llamactl.health.sweep import SweepOptions, SweepPlan
 
@@ -212,6 +213,8 @@ def status(
     timeout: float | None = typer.Option(
         None, "--timeout", help="Per-probe timeout in seconds (default: the inventory's health.timeout_s)."
     ),
+    keys: bool = typer.Option(False, "--keys", help="With inventory redis:, add the cluster-wide usage per API "
+                              "key name (requests, refused, prompt and completion tokens)."),
     api_key_env: str = typer.Option(
         "LLAMACTL_API_KEY",
         "--api-key-env",
@@ -244,10 +247,15 @@ def status(
     else:
         report = asyncio.run(_once(plan, options))
         watch_state = _watch_service(plan, options.timeout_s)
+        redis = _redis_state(plan, options.timeout_s, keys)
         if as_json:
-            typer.echo(report.to_json() if watch_state is None else json.dumps(
-                {**json.loads(report.to_json()), "watch_service": watch_state}, indent=2))
+            extra = {k: v for k, v in (("watch_service", watch_state),
+                                       ("redis", None if redis is None else redis.to_dict())) if v is not None}
+            typer.echo(json.dumps({**json.loads(report.to_json()), **extra}, indent=2) if extra
+                       else report.to_json())
         else:
+            if redis is not None:
+                _print_redis(console, redis, keys)
             console.print(render_table(report))
             if watch_state is not None:
                 style = "green" if watch_state == "active" else "red"
@@ -268,6 +276,32 @@ def _watch_service(plan: SweepPlan, timeout_s: float) -> str | None:
     return watch_service_state(inv, max(timeout_s, 5.0)) if inv is not None and inv.health.watch else None
 
 
+def _redis_state(plan: SweepPlan, timeout_s: float, keys: bool) -> RedisState | None:
+    """With inventory ``redis:``, its state read over SSH on its host (``llamactl.health.redis_state``)."""
+    from llamactl.errors import UsageError
+    from llamactl.health.redis_state import read_redis_state
+
+    inv = plan.inventory
+    if inv is None or inv.redis is None:
+        if keys:
+            raise UsageError("--keys needs the inventory's redis: section (usage per key is kept in Redis)")
+        return None
+    return read_redis_state(inv, timeout_s, keys)
+
+
+def _print_redis(console: Console, redis: RedisState, keys: bool) -> None:
+    console.print(redis.line(), style="green" if redis.answers else "bold red", markup=False)
+    if not keys:
+        return
+    table = Table(title="usage per API key (cluster-wide, since Redis' data began)", title_justify="left")
+    for name in ("key", "requests", "refused (429)", "prompt tokens", "completion tokens"):
+        table.add_column(name, justify="left" if name == "key" else "right")
+    for name, u in sorted(redis.usage.items()):
+        table.add_row(name, str(u["requests"]), str(u["rejected"]), str(u["prompt_tokens"]),
+                      str(u["completion_tokens"]))
+    console.print(table)
+
+
 def _inventory_key(plan: SweepPlan) -> str | None:
     """The first API key the rendered env files would carry (the controller holds them, from its env)."""
     if plan.inventory is None or not plan.targets:
@@ -279,7 +313,15 @@ def _inventory_key(plan: SweepPlan) -> str | None:
         keys = str(expected_env(plan.inventory, first).get("LLAMACTL_API_KEYS", ""))
     except Exception:  # noqa: BLE001 - the key is a convenience; a missing one shows up as a 401 canary
         return None
-    return next((k.strip() for k in keys.split(",") if k.strip()), None)
+    first_entry = next((k.strip() for k in keys.split(",") if k.strip()), None)
+    if first_entry is None:
+        return None
+    from llamactl.state.keys import KeySpecError, parse_entry
+
+    try:
+        return parse_entry(first_entry, "key 1").key  # a named entry: name=... key=... rpm=...
+    except KeySpecError:
+        return None
 
 
 def register(app: typer.Typer) -> None:

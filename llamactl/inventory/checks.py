@@ -133,6 +133,7 @@ def resolve_local_paths(
                 if not keys:
                     ctx.add(fpath, f"found {file} empty, expected one API key per line", key=False)
             ref = ref.model_copy(update={"file": file})
+        _check_key_entries(ctx, merged, "env" if ref.env is not None else "file", keys)
         server = server.model_copy(update={"api_keys": ref.model_copy(update={"keys": tuple(keys)})})
     return config.model_copy(update={"ssh": ssh_paths(config.ssh, base), "model": model, "pip": pip,
                                      "server": server})
@@ -220,3 +221,14 @@ def host_ports(ctx: _Context, config: HostConfig, merged: Merged) -> bool:
                     "expected one port per instance", key=False)
         first.setdefault(port, i)
     return len(first) == count
+
+
+def _check_key_entries(ctx: _Context, merged: Merged, source: str, keys: list[str]) -> None:
+    """Named keys with limits (``name=... key=... rpm=N tpm=N``): every entry well formed, named once."""
+    from llamactl.state.keys import KeySpecError, parse_entries
+
+    try:
+        parse_entries(keys, "key")
+    except KeySpecError as exc:
+        ctx.add(merged.source(("server", "api_keys", source)),
+                f"found {exc}; expected each key as KEY or name=NAME key=KEY [rpm=N] [tpm=N]", key=False)

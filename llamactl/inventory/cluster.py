@@ -99,6 +99,7 @@ class RedisSpec:
     maxmemory_mb: int = 256
     appendonly: bool = True
     appendfsync: str = "everysec"
+    cache_mb: int = 64  # the cluster-wide result cache's byte budget inside Redis (0: none)
     config_path: str = "/etc/redis/llamactl.conf"
     data_dir: str = "/var/lib/redis-llamactl"
 

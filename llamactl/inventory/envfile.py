@@ -66,5 +66,6 @@ def expected_env(inv: Inventory, instance: Instance) -> dict[str, str]:
         env["LLAMACTL_API_KEYS"] = ",".join(server.api_keys.keys)
     if inv.redis is not None:
         env["LLAMACTL_REDIS_URL"] = inv.redis.url  # holds the password: this file is 0600
+        env["LLAMACTL_CACHE_SHARED_MB"] = str(inv.redis.cache_mb)
     env.update(server.env)  # validated: extras never override LLAMACTL_* or CUDA_VISIBLE_DEVICES
     return env

@@ -344,6 +344,8 @@ class RedisSettings(_Model):
     maxmemory_mb: Annotated[int, Field(ge=1, le=1_048_576)] = 256
     appendonly: bool = True  # jobs survive a Redis restart only with the append-only file
     appendfsync: Literal["always", "everysec", "no"] = "everysec"
+    # the cluster-wide result cache's share of Redis (MiB; 0 = no shared cache); default: a quarter of maxmemory
+    cache_mb: Annotated[int, Field(ge=0, le=1_048_576)] | None = None
     config_path: str = "/etc/redis/llamactl.conf"
     data_dir: str = "/var/lib/redis-llamactl"
 

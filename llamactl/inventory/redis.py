@@ -50,10 +50,15 @@ def resolve(
     address = names[host]
     _port_free(ctx, cfg.port, address, hosts, balancer)
     password = _password(ctx, cfg.password.env, cfg.password.file, base, env)
+    cache_mb = cfg.maxmemory_mb // 4 if cfg.cache_mb is None else cfg.cache_mb
+    if cache_mb >= cfg.maxmemory_mb:
+        ctx.add(("redis", "cache_mb"), f"found {cache_mb}, expected less than maxmemory_mb ({cfg.maxmemory_mb}): "
+                "the jobs need the rest", key=False)
+        return None
     if password is None:
         return None
     return RedisSpec(host=host, address=address, port=cfg.port, password=password,
-                     maxmemory_mb=cfg.maxmemory_mb, appendonly=cfg.appendonly, appendfsync=cfg.appendfsync,
+                     maxmemory_mb=cfg.maxmemory_mb, cache_mb=cache_mb, appendonly=cfg.appendonly, appendfsync=cfg.appendfsync,
                      config_path=cfg.config_path, data_dir=cfg.data_dir)
 
 

@@ -20,10 +20,10 @@ from llamactl.lab.state import STATE_FILE, LabHost, LabState, load_state, plan_s
 
 Say = Callable[[str], None]
 TOOLS = ("ip", "unshare", "nsenter", "ssh-keygen", "mount")
-FILES = ("/lib/systemd/systemd", "/usr/sbin/sshd", "/usr/sbin/nginx", "/usr/bin/python3")
+FILES = ("/lib/systemd/systemd", "/usr/sbin/sshd", "/usr/sbin/nginx", "/usr/bin/python3", "/usr/bin/redis-server")
 # What `lab up` writes into DIR (and `lab down` removes).
 MADE = ("hosts", "init.sh", STATE_FILE, "inventory.yaml", "known_hosts", "endpoint", "id_ed25519",
-        "id_ed25519.pub", "model", "wheelhouse")
+        "id_ed25519.pub", "model", "wheelhouse", "redis-password")
 
 
 def require_root(action: str) -> None:
@@ -41,7 +41,7 @@ def check_prerequisites() -> None:
     if missing:
         raise UsageError(
             "lab hosts need these on this machine, missing: " + ", ".join(missing)
-            + " (Debian: apt-get install iproute2 util-linux openssh-server nginx systemd python3-venv)"
+            + " (Debian: apt-get install iproute2 util-linux openssh-server nginx systemd python3-venv redis-server)"
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import yaml
 from llamactl.lab.state import LabState
 
 MODEL_SOURCE = "/srv/models/tiny"
+REDIS_PASSWORD = "redis-password"  # in the lab directory, 0600, made once per lab directory
 
 
 def build_inventory(state: LabState) -> dict[str, Any]:
@@ -79,6 +82,8 @@ def build_inventory(state: LabState) -> dict[str, Any]:
             "canary": True,
         },
         "health": {"interval_s": 2, "timeout_s": 2, "fall": 2, "rise": 1, "startup_grace_s": 120},
+        # Redis on the balancer host (the distribution's redis-server, which every host has): shared jobs
+        "redis": {"port": 6379, "maxmemory_mb": 64, "password": {"file": str(d / REDIS_PASSWORD)}},
     }
 
 
@@ -108,3 +113,8 @@ def write_files(state: LabState, host_keys: dict[str, str]) -> None:
     (d / "inventory.yaml").write_text(header + yaml.safe_dump(build_inventory(state), sort_keys=False))
     (d / "known_hosts").write_text(known_hosts(state, host_keys))
     (d / "endpoint").write_text(endpoint(state) + "\n")
+    password = d / REDIS_PASSWORD
+    if not password.exists():
+        fd = os.open(password, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24) + "\n")

@@ -221,10 +221,14 @@ def deploy(
             pool.executor(bh.name)
         job = HostJob(inv, shipment, pool, dry_run, progress, fanout, peer_rate_bytes_s)
         if dry_run:
+            _sync_redis(inv, result, pool, dry_run, progress)
             _deploy_hosts(job, parallel, result)
             _apply_balancer(inv, result, pool, dry_run, progress)
         else:
             with deploy_lock.guarded(pool.lock_host(), command_line, finished, force=force_unlock):
+                if not _sync_redis(inv, result, pool, dry_run, progress):
+                    result.duration_s = time.monotonic() - t0
+                    return result  # stopped before any server host: nothing there changed
                 _deploy_hosts(job, parallel, result)
                 _rolling_restarts(inv, result, pool, progress)
                 _apply_balancer(inv, result, pool, dry_run, progress)
@@ -262,6 +266,24 @@ def _rolling_restarts(inv: Inventory, result: DeployResult, pool: HostPool, prog
         result.drained = exc.result.drained
     except LlamactlError as exc:
         result.rolling_error = str(exc)
+
+
+def _sync_redis(inv: Inventory, result: DeployResult, pool: HostPool, dry_run: bool,
+                progress: ProgressFn) -> bool:
+    """The Redis step (inventory ``redis:``) before the server hosts; False when it failed."""
+    if inv.redis is None:
+        return True
+    from llamactl.ops.redis import sync_redis
+
+    host = inv.redis.host
+    try:
+        result.redis = sync_redis(inv, pool.executor(host), dry_run, lambda msg: progress(host, msg))
+        if result.redis.problems:
+            result.redis_error = f"{host}: " + "; ".join(result.redis.problems)
+    except LlamactlError as exc:
+        result.redis_error = str(exc)
+    progress(host, "failed" if result.redis_error else "redis ready")
+    return result.redis_error is None
 
 
 def _sync_watch(job: HostJob, result: DeployResult) -> None:

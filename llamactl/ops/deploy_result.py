@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from llamactl.errors import OperationFailed
 from llamactl.ops.fanout import TransferReport
 from llamactl.ops.hostplan import FileDiff
+from llamactl.ops.redis import RedisOutcome
 from llamactl.plan.deploy import HostPlan, InstanceAction
 
 
@@ -39,6 +40,8 @@ class DeployResult:
     rolling_error: str | None = None
     watch_changes: list[str] = field(default_factory=list)  # health.watch: the service on the balancer host
     watch_error: str | None = None
+    redis: RedisOutcome | None = None  # inventory redis: the Redis step (llamactl.ops.redis)
+    redis_error: str | None = None
     drained: frozenset[str] = frozenset()  # instances a failed rolling restart left out of the balancer
     duration_s: float = 0.0
     transfer: TransferReport | None = None  # the fan-out of bulk files (None: dry run or --no-fanout)
@@ -46,12 +49,12 @@ class DeployResult:
     @property
     def ok(self) -> bool:
         return (all(h.ok for h in self.hosts) and not self.balancer_error and not self.rolling_error
-                and not self.watch_error)
+                and not self.watch_error and not self.redis_error)
 
     @property
     def changed(self) -> int:
         return (sum(len(h.changes) for h in self.hosts) + (1 if self.balancer_changed else 0)
-                + len(self.watch_changes))
+                + len(self.watch_changes) + (len(self.redis.changes) if self.redis else 0))
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -77,6 +80,11 @@ class DeployResult:
             "watch": {"changes": self.watch_changes, "error": self.watch_error},
             "drained": sorted(self.drained),
             "transfer": self.transfer.to_json() if self.transfer is not None else None,
+            "redis": None if self.redis is None and self.redis_error is None else {
+                "host": self.redis.host if self.redis else None,
+                "changes": self.redis.changes if self.redis else [],
+                "error": self.redis_error,
+            },
         }
 
 
@@ -96,4 +104,6 @@ def raise_for(result: DeployResult) -> None:
             parts.append(f"balancer ({result.balancer_error})")
         if result.watch_error:
             parts.append(f"watch service ({result.watch_error})")
+        if result.redis_error:
+            parts.append(f"redis ({result.redis_error})")
         raise OperationFailed("deploy failed: " + "; ".join(parts))

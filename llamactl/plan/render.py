@@ -116,6 +116,7 @@ def render_balancer_files(inv: Inventory, drained: Iterable[str] = frozenset()) 
         listen=f"{listen_host}{lb.listen}",
         tls_listen=f"{listen_host}{tls_port}",
         tls_port_suffix="" if tls_port == 443 else f":{tls_port}",
+        job_routes=job_routes(inv),
     )
     files = {
         lb.config_path: RenderedFile(nginx, 0o644),
@@ -128,6 +129,16 @@ def render_balancer_files(inv: Inventory, drained: Iterable[str] = frozenset()) 
         files[inv.health.alerts.rules_path] = RenderedFile(rules_file(inv), 0o644)
         files[inv.health.alerts.dashboard_path] = RenderedFile(dashboard(inv), 0o644)
     return files
+
+
+def job_routes(inv: Inventory) -> list[dict[str, str]]:
+    """Without Redis, each instance's job-id tag and address, so nginx routes GET /v1/jobs/{id} to the
+    instance holding the job (``llamactl.server.jobs.route_tag``). With Redis any instance answers: none."""
+    from llamactl.server.jobs import route_tag
+
+    if inv.redis is not None:
+        return []
+    return [{"id": i.id, "tag": route_tag(i.id), "target": _hostport(i.address, i.port)} for i in inv.instances()]
 
 
 def prometheus_targets(inv: Inventory) -> bytes:

@@ -95,7 +95,7 @@ def _escape(value: Any) -> Any:
 
 def watch_inventory(document: Mapping[str, Any], base: Path, home: Path, placed: Mapping[Path, str]) -> bytes:
     """The inventory placed for watch: SSH paths rewritten to ``placed`` copies, ``use_ssh_config`` off
-    (the controller's ~/.ssh/config is not there), API keys, model uploads and wheelhouses left out."""
+    (the controller's ~/.ssh/config is not there), API keys, model uploads, wheelhouses and ``redis:`` left out."""
     doc = copy.deepcopy(dict(document))
     for ssh in _ssh_mappings(doc):
         for key in SSH_PATHS:
@@ -108,6 +108,7 @@ def watch_inventory(document: Mapping[str, Any], base: Path, home: Path, placed:
     ssh["use_ssh_config"] = False
     for section, key in (("server", "api_keys"), ("model", "upload_from"), ("pip", "wheelhouse")):
         _drop(doc, section, key)
+    doc.pop("redis", None)  # watch never uses Redis; its password file stays on the controller
     header = "# Placed by `llamactl deploy` for `llamactl watch` (health.watch): do not edit.\n"
     text: str = yaml.safe_dump(_escape(doc), sort_keys=False)
     return (header + text).encode()

@@ -68,6 +68,10 @@ def create_app(
             await state.wait_drained(0 if state.load_error else settings.drain_timeout_s)
             if state.shared_jobs is not None:
                 await state.shared_jobs.stop()  # hands back what it still holds
+            if state.inference.shared_cache is not None:
+                await state.inference.shared_cache.close()
+            if state.quotas is not None:
+                await state.quotas.close()
             state.batcher.stop()
             state.gpu.stop()
             await state.jobs.cancel_all()
@@ -96,6 +100,10 @@ def create_app(
     # accounting (counts everything, even 401/413), then the body limit, then API keys, then the routes.
     from llamactl.server.auth import ApiKeyMiddleware
 
+    if state.quotas is not None:
+        from llamactl.server.quota_mw import QuotaMiddleware
+
+        app.add_middleware(QuotaMiddleware, quotas=state.quotas)  # inside the key check, which names the key
     app.add_middleware(
         ApiKeyMiddleware,
         keys=settings.api_keys,

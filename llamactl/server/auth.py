@@ -12,6 +12,7 @@ import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+KEY_NAME = "llamactl.api_key_name"  # the scope entry naming the accepted key (see server.quota_mw)
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 
@@ -20,30 +21,43 @@ def _digest(key: str | bytes) -> bytes:
 
 
 class ApiKeyMiddleware:
+    """``keys``: entries as ``llamactl.state.keys`` parses them (a bare key, or name=... key=... rpm=... tpm=...);
+    an accepted request carries its key's name in ``scope[KEY_NAME]`` for the quota middleware."""
+
     def __init__(self, app: ASGIApp, keys: tuple[str, ...], on_reject: object = None) -> None:
+        from llamactl.state.keys import parse_entries
+
         self.app = app
-        self._digests = [_digest(k) for k in keys]
+        policies = parse_entries(keys)  # validated with the settings already
+        self._digests = [_digest(p.key) for p in policies]
+        self._names = [p.name for p in policies]
         self._on_reject = on_reject
 
     def allowed(self, authorization: bytes | None) -> bool:
+        return self.identify(authorization) is not None
+
+    def identify(self, authorization: bytes | None) -> str | None:
+        """The name of the key presented, or None; compares with every key (no early exit)."""
         if authorization is None:
-            return False
+            return None
         scheme, _, token = authorization.partition(b" ")
         if scheme.lower() != b"bearer" or not token.strip():
-            return False
+            return None
         presented = _digest(token.strip())
-        ok = False
-        for d in self._digests:
-            ok |= hmac.compare_digest(d, presented)
-        return ok
+        found: str | None = None
+        for d, name in zip(self._digests, self._names):
+            if hmac.compare_digest(d, presented):
+                found = name
+        return found
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self._digests or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         auth = dict(scope["headers"]).get(b"authorization")
-        if self.allowed(auth):
-            await self.app(scope, receive, send)
+        name = self.identify(auth)
+        if name is not None:
+            await self.app({**scope, KEY_NAME: name}, receive, send)
             return
         if callable(self._on_reject):
             self._on_reject()

@@ -15,6 +15,7 @@ from starlette.types import Receive
 
 from llamactl.server.admission import Admission, DeadlineExceeded, EngineFailure, QueueFull, Stopped
 from llamactl.server.engine.protocol import GenParams, GenRequest, GenResult, ServingEngine
+from llamactl.server.quota_mw import record_usage
 from llamactl.server.settings import Settings
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
     from llamactl.server.cache import ResultCache
     from llamactl.server.metrics import Metrics
+    from llamactl.state.cache import SharedCache
 
 
 class ApiError(Exception):
@@ -61,6 +63,7 @@ class Inference:
             cache,
         )
         self._status = status
+        self.shared_cache: SharedCache | None = None  # the cluster-wide cache (Redis), set by ServerState
 
     def error(self, reason: str) -> None:
         self.metrics.request_errors.labels(reason=reason).inc()
@@ -158,6 +161,12 @@ class Inference:
                 self.metrics.cache_hits.inc()
                 return _ready(Outcome(hit, True, started))
             self.metrics.cache_misses.inc()
+        if cache_key is not None and self.shared_cache is not None:
+            shared = await self.shared_cache.get(cache_key)  # None on a miss or while Redis is down
+            if shared is not None:
+                if self.cache is not None:
+                    self.cache.put(cache_key, shared, len(shared.text.encode()) + 256)
+                return _ready(Outcome(shared, True, started))
         req = GenRequest(
             prompt=prompt,
             image=image,
@@ -219,14 +228,21 @@ class Inference:
                 m.time_per_output_token.observe(max(0.0, per_token))
         m.prompt_tokens.inc(result.prompt_tokens)
         m.generation_tokens.inc(result.completion_tokens)
+        record_usage(result.prompt_tokens, result.completion_tokens)  # charged to the request's API key
         if cache_key is not None and self.cache is not None:
             self.cache.put(cache_key, result, len(result.text.encode()) + 256)
+        if cache_key is not None and self.shared_cache is not None:
+            await self.shared_cache.put(cache_key, result)
         return Outcome(result, False, started)
 
     def cache_key(self, image_data: str | None, prompt: str, params: GenParams) -> str | None:
-        if self.cache is None or (params.do_sample and not self.settings.cache_include_sampled):
+        if (self.cache is None and self.shared_cache is None) or (
+            params.do_sample and not self.settings.cache_include_sampled
+        ):
             return None
-        return str(self.cache.key((image_data or "").encode(), prompt, params.cache_dict()))
+        from llamactl.server.cache import ResultCache
+
+        return ResultCache.key((image_data or "").encode(), prompt, params.cache_dict())
 
 
 async def _ready(outcome: Outcome) -> Outcome:

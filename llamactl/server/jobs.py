@@ -7,6 +7,7 @@ they are older than ``ttl_s`` or pushed out by newer ones (oldest finished first
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import uuid
 from collections import OrderedDict
@@ -18,8 +19,15 @@ JobStatus = Literal["queued", "running", "succeeded", "failed"]
 JOB_ID_PATTERN = r"^job-[0-9a-f]{32}$"  # what new_job_id makes; the API refuses other ids with 422
 
 
-def new_job_id() -> str:
-    return "job-" + uuid.uuid4().hex
+def new_job_id(route: str = "") -> str:
+    """``job-`` + 32 hex digits; with ``route`` (``route_tag`` of this instance) the first 8 name the
+    instance, so the balancer can send GET /v1/jobs/{id} of an in-memory job to the instance that holds it."""
+    return "job-" + (route + uuid.uuid4().hex)[:32]
+
+
+def route_tag(instance: str) -> str:
+    """8 hex digits naming an instance id in its job ids (the balancer config maps them back)."""
+    return hashlib.sha256(instance.encode()).hexdigest()[:8]
 
 
 class JobsFull(Exception):
@@ -48,7 +56,9 @@ class Job:
 
 
 class JobStore:
-    def __init__(self, max_entries: int, ttl_s: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, max_entries: int, ttl_s: float, clock: Callable[[], float] = time.time,
+                 instance: str = "") -> None:
+        self.route = route_tag(instance) if instance else ""  # job ids name this instance (see new_job_id)
         self.max_entries = max_entries
         self.ttl_s = ttl_s
         self.clock = clock
@@ -75,7 +85,7 @@ class JobStore:
         on_error: Callable[[BaseException], dict[str, Any]],
     ) -> Job:
         """Start ``work`` as a job. Call ``check_room`` first; this never refuses (admission already happened)."""
-        job = Job(id=new_job_id(), created=self.clock())
+        job = Job(id=new_job_id(self.route), created=self.clock())
         self._jobs[job.id] = job
 
         async def runner() -> None:

@@ -74,11 +74,20 @@ class Settings(BaseModel):
     jobs_slots: int = Field(0, ge=0, le=4096)  # jobs this instance runs at once; 0 = max_batch_size
     jobs_claim_idle_s: float = Field(30.0, gt=0, le=86_400)  # a claimed job silent this long is reclaimed
     jobs_max_deliveries: int = Field(3, ge=1, le=100)  # deliveries without an end before a job fails
+    # Cluster-wide result cache in Redis (llamactl.state.cache), behind the local one; 0 MiB = off.
+    cache_shared_mb: float = Field(0.0, ge=0, le=1_048_576)
+    cache_shared_ttl_s: float = Field(86_400.0, gt=0, le=30 * 86_400)
 
     @model_validator(mode="after")
     def _keys_not_blank(self) -> Settings:
         if any(not k for k in self.api_keys):
             raise ValueError("api_keys: empty key in the list")
+        from llamactl.state.keys import KeySpecError, parse_entries
+
+        try:
+            parse_entries(self.api_keys)
+        except KeySpecError as exc:
+            raise ValueError(f"api_keys: {exc}") from None
         index, count = (int(x) for x in self.host_slot.split("/"))
         if not 0 <= index < count:
             raise ValueError(f"host_slot: expected INDEX/COUNT with 0 <= INDEX < COUNT, found {self.host_slot}")

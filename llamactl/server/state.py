@@ -121,13 +121,15 @@ class ServerState:
         if hasattr(hooks, "metrics"):
             hooks.metrics = self.metrics
         self.cache = _make_cache(settings)
-        self.jobs = JobStore(settings.jobs_max_entries, settings.jobs_ttl_s)
+        self.jobs = JobStore(settings.jobs_max_entries, settings.jobs_ttl_s, instance=settings.instance)
         self.shared_jobs = _shared_jobs(  # None: in-memory jobs only
             settings, lambda: self.status == "ready", lambda: self.batcher.queued < self.batcher.queue_limit
         )
         self.inference = Inference(
             settings, self.engine, self.batcher, self.metrics, self.cache, lambda: self.status
         )
+        self.inference.shared_cache = _shared_cache(settings, self.metrics)
+        self.quotas = _quotas(settings, self.metrics)  # None without API keys
         self.thread: threading.Thread | None = None
 
     def _engine_figure(self, name: str) -> float:
@@ -232,7 +234,16 @@ class ServerState:
             "engine": engine,
             "gpu": self.gpu.describe(),
             "error": error,
+            **self._shared_state(),
         }
+
+    def _shared_state(self) -> dict[str, Any]:
+        """Redis-backed parts (only when configured): the cluster-wide cache's state."""
+        shared = self.inference.shared_cache
+        out = {} if shared is None else {"shared_cache": shared.describe()}
+        if self.quotas is not None:
+            out["quotas"] = self.quotas.describe()
+        return out
 
 
 def _make_cache(settings: Settings) -> Any:
@@ -257,6 +268,25 @@ def _shared_jobs(
         slots=settings.jobs_slots or settings.max_batch_size, claim_idle_s=settings.jobs_claim_idle_s,
         max_deliveries=settings.jobs_max_deliveries, accepting=accepting, room=room,
     )
+
+
+def _shared_cache(settings: Settings, metrics: Metrics) -> Any:
+    if settings.redis_url is None or settings.cache_shared_mb <= 0:
+        return None
+    from llamactl.state.cache import SharedCache
+
+    return SharedCache(settings.redis_url, model=settings.model, revision=settings.revision,
+                       max_bytes=int(settings.cache_shared_mb * 1024 * 1024), ttl_s=settings.cache_shared_ttl_s,
+                       registry=metrics.registry)
+
+
+def _quotas(settings: Settings, metrics: Metrics) -> Any:
+    if not settings.api_keys:
+        return None
+    from llamactl.state.keys import parse_entries
+    from llamactl.state.quotas import Quotas
+
+    return Quotas(parse_entries(settings.api_keys), settings.redis_url, metrics.registry)
 
 
 def get_state(request: Request) -> ServerState:

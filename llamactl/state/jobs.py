@@ -20,9 +20,11 @@ from redis import exceptions as rx
 from redis.asyncio import Redis
 
 from llamactl.server.jobs import new_job_id
+from llamactl.state import names
 
-STREAM = "llamactl:jobs"
-GROUP = "servers"
+STREAM = names.STREAM
+GROUP = names.GROUP
+
 UNFINISHED_TTL_S = 7 * 86400
 Final = Literal["succeeded", "failed"]
 

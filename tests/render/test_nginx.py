@@ -70,10 +70,13 @@ def test_many_hosts_several_gpus_tls_rate_limit(tmp_path: Path) -> None:
     inv = inv.__class__(**{**inv.__dict__, "balancer": lb})
     assert_ok(nginx_test(inv, tmp_path))
     text = conf_text(inv)
-    assert text.count("\n    server ") == len(inv.instances()) == 13
+    main_upstream = text.split("upstream llamactl_many_hosts {")[1].split("}")[0]
+    assert main_upstream.count("\n    server ") == len(inv.instances()) == 13
+    # without Redis, one single-server upstream per instance for its in-memory jobs (see test_nginx_jobs.py)
+    assert text.count("upstream llamactl_many_hosts_job_") == 13
     assert "listen 8443 ssl;" in text and "return 301 https://$host:8443$request_uri;" in text
     assert "limit_req_zone $binary_remote_addr zone=llamactl_many_hosts_rate:10m rate=20r/s;" in text
-    assert text.count("limit_req_status 429;") == 2
+    assert text.count("limit_req_status 429;") == 3  # /, the chat stream and the in-memory jobs route
     assert "least_conn" not in text and "keepalive" not in text.split("}")[0]
     # client keep-alive asked for: set in the proxying server block (the redirecting one only answers 301)
     assert text.count("keepalive_timeout 30s;") == 1 and "keepalive_timeout 0;" not in text

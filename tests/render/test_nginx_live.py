@@ -99,6 +99,14 @@ class Nginx:
         conn.close()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
 
+    def request_body(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+
     def stop(self) -> None:
         subprocess.run([*self.args, "-s", "stop"], capture_output=True, timeout=30)
 

@@ -36,6 +36,7 @@ balancer:
   hosts:
     lb: {address: 10.9.0.100}
 health: {interval_s: 7, watch: true}
+redis: {password: {env: REDIS_PW}}
 """
 
 
@@ -51,13 +52,14 @@ def test_placed_inventory_is_self_contained_and_carries_no_api_key(setup: tuple[
     path, home = setup
     from llamactl.inventory.yamltree import parse_yaml
 
-    tree, problems = parse_yaml(path.read_text(), str(path), {"KEYS": "sk-1", "WHO": "ops"})
+    tree, problems = parse_yaml(path.read_text(), str(path), {"KEYS": "sk-1", "WHO": "ops",
+                                                              "REDIS_PW": "redis-password-0123456"})
     assert problems == []
     base = path.parent
     assert watchsvc.ssh_files(tree.data, base, home) == [home / "other_key", base / "keys/id_ed25519",
                                                         base / "known_hosts"]
     contents = {p: p.name.encode() for p in watchsvc.ssh_files(tree.data, base, home)}
-    inv = load_inventory(path, env={"KEYS": "sk-1", "WHO": "ops"})
+    inv = load_inventory(path, env={"KEYS": "sk-1", "WHO": "ops", "REDIS_PW": "redis-password-0123456"})
     files = watchsvc.watch_files(inv, tree.data, base, home, contents, "/opt/llamactl/current/bin/llamactl")
     assert {p: f.mode for p, f in files.items()} == {
         "/etc/llamactl/watch/ssh-0-other_key": 0o600, "/etc/llamactl/watch/ssh-1-id_ed25519": 0o600,
@@ -72,6 +74,7 @@ def test_placed_inventory_is_self_contained_and_carries_no_api_key(setup: tuple[
     assert doc["groups"]["g"]["hosts"]["h2"]["ssh"] == {"identity_file": "/etc/llamactl/watch/ssh-0-other_key"}
     assert doc["defaults"]["model"] == {"source": "/srv/model"} and doc["defaults"]["pip"] == {"no_index": True}
     assert "api_keys" not in doc["defaults"]["server"]
+    assert "redis" not in doc  # watch never uses Redis: no password reference to resolve on the balancer host
     # read back on the balancer host: loads without the controller's environment or files
     (path.parent / "placed.yaml").write_text(placed)
     again = load_inventory(path.parent / "placed.yaml", env={})
@@ -80,7 +83,7 @@ def test_placed_inventory_is_self_contained_and_carries_no_api_key(setup: tuple[
 
 
 def test_watch_unit(setup: tuple[Path, Path], tmp_path: Path) -> None:
-    inv = load_inventory(setup[0], env={"KEYS": "k", "WHO": "w"})
+    inv = load_inventory(setup[0], env={"KEYS": "k", "WHO": "w", "REDIS_PW": "redis-password-0123456"})
     unit = watchsvc.render_watch_unit(inv, "/opt/llamactl/current/bin/llamactl")
     text = unit.content.decode()
     assert unit.mode == 0o644
