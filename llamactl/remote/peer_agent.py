@@ -11,6 +11,8 @@ settings as JSON on stdin (the token never appears in argv, where other users co
   only once its sha256 matches. Prints one JSON result per item.
 """
 
+from __future__ import annotations  # the hosts' python3 may predate `X | None` at run time
+
 import hashlib
 import hmac
 import json
@@ -20,12 +22,13 @@ import sys
 import threading
 import time
 import urllib.request
+from typing import Any
 
 CHUNK = 1 << 20
 PART = ".llamactl-part"
 
 
-def sha256_of(path):
+def sha256_of(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(CHUNK), b""):
@@ -33,7 +36,7 @@ def sha256_of(path):
     return h.hexdigest()
 
 
-def serve(cfg):
+def serve(cfg: dict[str, Any]) -> None:
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     token = cfg["token"].encode()
@@ -41,13 +44,15 @@ def serve(cfg):
     rate = float(cfg.get("rate_bytes_s") or 0)
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
+        def do_GET(self) -> None:
             given = self.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, b"Bearer " + token):
-                return self.send_error(403)
+                self.send_error(403)
+                return
             path = files.get(self.path.lstrip("/"))
             if not path or not os.path.isfile(path):
-                return self.send_error(404)
+                self.send_error(404)
+                return
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 self.send_response(200)
@@ -64,7 +69,7 @@ def serve(cfg):
                     if ahead > 0:
                         time.sleep(ahead)
 
-        def log_message(self, *args):
+        def log_message(self, format: str, *args: Any) -> None:  # the base class names it so
             pass
 
     class Server(ThreadingHTTPServer):
@@ -87,7 +92,7 @@ def serve(cfg):
     os._exit(0)
 
 
-def _download(url, token, dest_tmp, timeout_s):
+def _download(url: str, token: str, dest_tmp: str, timeout_s: float) -> tuple[str, int]:
     req = urllib.request.Request(url, headers={"Authorization": "Bearer " + token})
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # peers: never through a proxy
     h = hashlib.sha256()
@@ -100,12 +105,12 @@ def _download(url, token, dest_tmp, timeout_s):
     return h.hexdigest(), n
 
 
-def _place(tmp, item):
+def _place(tmp: str, item: dict[str, Any]) -> None:
     os.chmod(tmp, int(item["mode"]))
     os.replace(tmp, item["dest"])
 
 
-def fetch_one(item, timeout_s, dead=None):
+def fetch_one(item: dict[str, Any], timeout_s: float, dead: set[str] | None = None) -> dict[str, Any]:
     """``dead``: peers that already failed in this run are not tried again (a firewalled or killed peer
     would otherwise cost a timeout per file)."""
     dead = set() if dead is None else dead
@@ -163,9 +168,9 @@ def fetch_one(item, timeout_s, dead=None):
     return out
 
 
-def fetch(cfg):
+def fetch(cfg: dict[str, Any]) -> None:
     timeout_s = float(cfg.get("timeout_s", 10))
-    dead = set()
+    dead: set[str] = set()
     for item in cfg["items"]:
         print(json.dumps(fetch_one(item, timeout_s, dead)), flush=True)
 
