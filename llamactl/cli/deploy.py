@@ -110,6 +110,10 @@ def _summary(console: Console, result: DeployResult) -> None:
     if result.watch_error or result.watch_changes:
         table.add_row("watch service", "[red]failed[/red]" if result.watch_error else "[green]ok[/green]",
                       str(len(result.watch_changes)), "", result.watch_error or "; ".join(result.watch_changes))
+    if result.prometheus_error or result.prometheus_changes:
+        changes = [f"{h}: {c}" for h, cs in result.prometheus_changes.items() for c in cs]
+        table.add_row("prometheus", "[red]failed[/red]" if result.prometheus_error else "[green]ok[/green]",
+                      str(len(changes)), "", result.prometheus_error or "; ".join(changes))
     console.print(table)
     console.print(f"{result.changed} change(s) in {result.duration_s:.1f}s")
 

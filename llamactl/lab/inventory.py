@@ -10,6 +10,7 @@ import yaml
 from llamactl.lab.state import LabState
 
 MODEL_SOURCE = "/srv/models/tiny"
+PROMETHEUS_PORT = 9090
 
 
 def build_inventory(state: LabState) -> dict[str, Any]:
@@ -78,12 +79,21 @@ def build_inventory(state: LabState) -> dict[str, Any]:
             "ready_timeout_s": 120,
             "canary": True,
         },
-        "health": {"interval_s": 2, "timeout_s": 2, "fall": 2, "rise": 1, "startup_grace_s": 120},
+        "health": {"interval_s": 2, "timeout_s": 2, "fall": 2, "rise": 1, "startup_grace_s": 120,
+                   "alerts": {"enabled": True}},
+        # Prometheus on the balancer host, from this machine's packages (lab hosts have no registry):
+        # scrapes every instance and nginx, with the alert rules loaded.
+        "prometheus": {"port": PROMETHEUS_PORT, "scrape_interval_s": 2, "scrape_timeout_s": 2,
+                       "evaluation_interval_s": 2, "retention_time": "1d", "install": False},
     }
 
 
 def endpoint(state: LabState) -> str:
     return f"http://{state.balancer.address}:80"
+
+
+def prometheus_url(state: LabState) -> str:
+    return f"http://{state.balancer.address}:{PROMETHEUS_PORT}"
 
 
 def hosts_file(state: LabState) -> str:

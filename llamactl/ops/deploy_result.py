@@ -38,18 +38,20 @@ class DeployResult:
     rolling_error: str | None = None
     watch_changes: list[str] = field(default_factory=list)  # health.watch: the service on the balancer host
     watch_error: str | None = None
+    prometheus_changes: dict[str, list[str]] = field(default_factory=dict)  # per balancer host (prometheus:)
+    prometheus_error: str | None = None
     drained: frozenset[str] = frozenset()  # instances a failed rolling restart left out of the balancer
     duration_s: float = 0.0
 
     @property
     def ok(self) -> bool:
         return (all(h.ok for h in self.hosts) and not self.balancer_error and not self.rolling_error
-                and not self.watch_error)
+                and not self.watch_error and not self.prometheus_error)
 
     @property
     def changed(self) -> int:
         return (sum(len(h.changes) for h in self.hosts) + (1 if self.balancer_changed else 0)
-                + len(self.watch_changes))
+                + len(self.watch_changes) + sum(len(c) for c in self.prometheus_changes.values()))
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -73,6 +75,7 @@ class DeployResult:
             "balancer": {"changed": self.balancer_changed, "error": self.balancer_error},
             "rolling_restart_error": self.rolling_error,
             "watch": {"changes": self.watch_changes, "error": self.watch_error},
+            "prometheus": {"changes": self.prometheus_changes, "error": self.prometheus_error},
             "drained": sorted(self.drained),
         }
 
@@ -93,4 +96,6 @@ def raise_for(result: DeployResult) -> None:
             parts.append(f"balancer ({result.balancer_error})")
         if result.watch_error:
             parts.append(f"watch service ({result.watch_error})")
+        if result.prometheus_error:
+            parts.append(f"prometheus ({result.prometheus_error})")
         raise OperationFailed("deploy failed: " + "; ".join(parts))
