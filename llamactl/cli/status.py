@@ -142,6 +142,13 @@ def render_table(report: HealthReport) -> Table:
     return table
 
 
+def balancer_lines(report: HealthReport) -> list[str]:
+    """One compact line per balancer whose nginx figures were read (stub_status over SSH)."""
+    return [f"balancer {b.name}: {b.active_connections} active connection(s), {b.requests_per_s:.2f} req/s "
+            "(nginx stub_status)" for b in report.balancers
+            if b.active_connections is not None and b.requests_per_s is not None]
+
+
 def _build(inventory: Path | None, limit: str | None) -> SweepPlan:
     from llamactl.cli.inventory_arg import load
     from llamactl.health.sweep import plan_from_inventory
@@ -204,8 +211,8 @@ def status(
     canary: bool = typer.Option(
         False, "--canary", help="Run a real small-image inference on every instance."
     ),
-    deep: bool = typer.Option(False, "--deep", help="Add systemd state and restart count, GPU temperature, "
-                              "power and utilisation, and the balancers' connections and req/s (over SSH)."),
+    deep: bool = typer.Option(False, "--deep", help="Add systemd state and restart count, and GPU temperature, "
+                              "power and utilisation (over SSH)."),
     limit: str | None = typer.Option(
         None, "--limit", help="Only these hosts (comma-separated names or globs)."
     ),
@@ -236,6 +243,7 @@ def status(
         timeout_s=timeout if timeout is not None else float(health.timeout_s),
         canary=canary,
         deep=deep,
+        balancer_figures=True,
         api_key=os.environ.get(api_key_env) or _inventory_key(plan),
     )
     console = _console()
@@ -249,6 +257,8 @@ def status(
                 {**json.loads(report.to_json()), "watch_service": watch_state}, indent=2))
         else:
             console.print(render_table(report))
+            for line in balancer_lines(report):
+                console.print(line, markup=False, highlight=False)
             if watch_state is not None:
                 style = "green" if watch_state == "active" else "red"
                 console.print(f"watch service on {plan.inventory.balancer.hosts[0].name}: {watch_state}",
