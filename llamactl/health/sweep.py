@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -210,7 +211,13 @@ async def balancer_figures(plan: SweepPlan, timeout_s: float) -> dict[str, Balan
 
         def read(name: str = name, future: asyncio.Future[BalancerFigures | str] = future) -> None:
             value = _figures_of(inv, name, port, timeout_s)
-            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(value))
+
+            def settle() -> None:
+                if not future.done():
+                    future.set_result(value)
+
+            with contextlib.suppress(RuntimeError):  # the loop ended: nobody waits for this read anymore
+                loop.call_soon_threadsafe(settle)
 
         threading.Thread(target=read, name=f"stub-status-{name}", daemon=True).start()
         futures.append(future)

@@ -47,9 +47,11 @@ def sync_prometheus(inv: Inventory, executors: Mapping[str, Executor], *, dry_ru
     """Every balancer host in inventory order; a host whose command fails gets the error as a problem."""
     out: dict[str, HostPlan] = {}
     for bh in inv.balancer.hosts:
+        def host_say(msg: str, name: str = bh.name) -> None:
+            say(name, msg)
+
         try:
-            out[bh.name] = sync_host(inv, executors[bh.name], bh.name, dry_run=dry_run,
-                                     say=lambda msg, name=bh.name: say(name, msg))
+            out[bh.name] = sync_host(inv, executors[bh.name], bh.name, dry_run=dry_run, say=host_say)
         except Exception as exc:  # noqa: BLE001 - reported in the result like a host's failure
             out[bh.name] = HostPlan(bh.name, problems=[str(exc) or type(exc).__name__])
     return out

@@ -91,7 +91,8 @@ def config(inv: Inventory, balancer_host: str, rules: bytes | None) -> bytes:
               "do not edit.\n")
     if rules is not None:
         header += f"# rules sha256: {hashlib.sha256(rules).hexdigest()}\n"
-    return (header + yaml.safe_dump(doc, sort_keys=False, width=120)).encode()
+    body: str = yaml.safe_dump(doc, sort_keys=False, width=120)
+    return (header + body).encode()
 
 
 def files(inv: Inventory, balancer_host: str, rules: bytes | None) -> dict[str, RenderedFile]:
