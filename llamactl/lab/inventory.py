@@ -92,10 +92,6 @@ def endpoint(state: LabState) -> str:
     return f"http://{state.balancer.address}:80"
 
 
-def prometheus_url(state: LabState) -> str:
-    return f"http://{state.balancer.address}:{PROMETHEUS_PORT}"
-
-
 def hosts_file(state: LabState) -> str:
     lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
     lines += [f"{h.address}\t{h.name}" for h in state.hosts]

@@ -100,6 +100,29 @@ def test_new_rules_reload_prometheus_and_never_restart_it(deployed_lab: Lab, tmp
     assert f"reload {UNIT} (config or rules changed)" in json.loads(back.stdout)["prometheus"]["changes"]["lab-lb"]
     assert "> 5" in _rule_expr(deployed_lab, "LlamactlTtftP95OverSLO")
     assert lab_sh(deployed_lab, "lab-lb", f"systemctl show -p MainPID --value {UNIT}").strip() == pid
+    # unchanged: nothing touched, not even a reload
+    stamp = api(deployed_lab, "/api/v1/query?query=prometheus_config_last_reload_success_timestamp_seconds")
+    same = llamactl("deploy", str(deployed_lab.inventory), "--json", timeout=600)
+    assert same.returncode == 0 and json.loads(same.stdout)["prometheus"]["changes"] == {}, same.stdout
+    assert api(deployed_lab, "/api/v1/query?query=prometheus_config_last_reload_success_timestamp_seconds")[
+        "result"][0]["value"][1] == stamp["result"][0]["value"][1]
+    assert lab_sh(deployed_lab, "lab-lb", f"systemctl show -p MainPID --value {UNIT}").strip() == pid
+
+
+def test_a_deploy_without_the_section_removes_the_service(deployed_lab: Lab, tmp_path: Path) -> None:
+    inv = write_inventory(deployed_lab, tmp_path, lambda d: d.pop("prometheus"))
+    try:
+        off = llamactl("deploy", str(inv), "--json", timeout=600)
+        assert off.returncode == 0, off.stdout + off.stderr
+        assert json.loads(off.stdout)["prometheus"]["changes"] == {"lab-lb": ["removed the Prometheus service"]}
+        gone = lab_sh(deployed_lab, "lab-lb", f"systemctl is-active {UNIT} llamactl-nginx-exporter.service; "
+                      f"test -e /etc/systemd/system/{UNIT} || echo gone", check=False).split()
+        assert gone == ["inactive", "inactive", "gone"], gone
+    finally:
+        on = llamactl("deploy", str(deployed_lab.inventory), "--json", timeout=600)
+    assert on.returncode == 0, on.stdout + on.stderr
+    assert f"start {UNIT} (not running)" in json.loads(on.stdout)["prometheus"]["changes"]["lab-lb"]
+    targets_up(deployed_lab)
 
 
 def test_plain_status_shows_the_balancers_connections_and_request_rate(deployed_lab: Lab) -> None:
