@@ -36,7 +36,9 @@ def sparkline_table(history: History, report: HealthReport, now: float, width: i
     ids = [i.id for i in report.instances]
     rate_peak = history.peak(ids, "requests_per_s")
     p95_peak = history.peak(ids, "p95_s")
-    table = Table(title=f"last {minutes:g} min, one sweep per bucket or more", title_justify="left", expand=False)
+    per_char = history.window_s / width
+    table = Table(title=f"last {minutes:g} min, {per_char:g} s per character (mean of the sweeps in it; blank: "
+                  "no reading)", title_justify="left", expand=False)
     table.add_column("instance", no_wrap=True)
     table.add_column("req/s" + _scale(rate_peak, "{:.2f}"), no_wrap=True)
     table.add_column("now", justify="right", no_wrap=True)

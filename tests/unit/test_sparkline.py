@@ -76,3 +76,24 @@ def test_lines_share_one_scale() -> None:
     assert h.line("a/0", "requests_per_s", 8.0, 8, peak) == "▃" * 8
     assert h.line("b/0", "requests_per_s", 8.0, 8, peak) == "█" * 8
     assert h.line("nobody", "requests_per_s", 8.0, 4) == GAP * 4
+
+
+def test_the_watch_table_draws_each_instance_and_the_balancer() -> None:
+    from rich.console import Console
+
+    from llamactl.cli.status_watch import sparkline_table
+
+    h = History(60.0)
+    for t in range(2, 62, 2):
+        h.record(float(t), report(instance("a/0", t / 10, 0.4, 2.0), instance("b/0", 0.0, None, 2.0),
+                                  lb_rate=1.5))
+    console = Console(width=200, record=True, color_system=None)
+    console.print(sparkline_table(h, report(instance("a/0", 6.0, 0.4, 2.0), instance("b/0", 0.0, None, 2.0)),
+                                  60.0, width=30))
+    text = console.export_text()
+    assert "last 1 min, 2 s per character" in text and "req/s (top 6.00)" in text and "p95 (top 0.40 s)" in text
+    row_a = next(line for line in text.splitlines() if "a/0" in line)
+    assert "▁" in row_a and "█" in row_a and "6.00" in row_a and "0.40 s" in row_a
+    row_b = next(line for line in text.splitlines() if "b/0" in line)
+    assert "▁" * 30 in row_b and "█" not in row_b  # idle: a flat line at the bottom, no p95
+    assert "lb (nginx)" in text and "1.50" in text
