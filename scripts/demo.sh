@@ -21,5 +21,21 @@ img.save(sys.argv[1], quality=90)
 PY
 $L infer "$LAB/photo.jpg" --endpoint "$(cat "$LAB/endpoint")" --question "What is in this picture?"
 echo
-echo "The lab is still up: try 'llamactl status $LAB/inventory.yaml --watch' (activate with: . .venv/bin/activate)."
+# Where to look: Prometheus on the balancer host (inventory `prometheus:`), its targets, rules and alerts.
+.venv/bin/python - "$LAB/inventory.yaml" <<'PY'
+import sys
+from llamactl.inventory import load_inventory
+from llamactl.plan.prometheus import url
+inv = load_inventory(sys.argv[1])
+if inv.prometheus is not None:
+    for lb in inv.balancer.hosts:
+        base = url(inv.prometheus, lb.address)
+        print(f"Prometheus on {lb.name}: {base}  (targets: {base}/targets, alerts: {base}/alerts, "
+              f"API: curl -s {base}/api/v1/targets)")
+    if inv.health.alerts.enabled:
+        print(f"Rules it loads: {inv.health.alerts.rules_path} on the balancer host; Grafana dashboard to import: "
+              f"{inv.health.alerts.dashboard_path} there (or `llamactl render` locally)")
+PY
+echo "The balancer's own figures (nginx active connections, req/s) are the 'balancer' lines of status above."
+echo "The lab is still up: try 'llamactl status $LAB/inventory.yaml --watch' (sparklines of req/s and p95) (activate with: . .venv/bin/activate)."
 echo "Tear it down with: .venv/bin/llamactl lab down --dir $LAB"

@@ -133,6 +133,10 @@ def _summary(console: Console, result: DeployResult) -> None:
         changes = result.redis.changes if result.redis else []
         table.add_row("redis", "[red]failed[/red]" if result.redis_error else "[green]ok[/green]",
                       str(len(changes)), "", result.redis_error or "; ".join(changes) or "unchanged")
+    if result.prometheus_error or result.prometheus_changes:
+        changes = [f"{h}: {c}" for h, cs in result.prometheus_changes.items() for c in cs]
+        table.add_row("prometheus", "[red]failed[/red]" if result.prometheus_error else "[green]ok[/green]",
+                      str(len(changes)), "", result.prometheus_error or "; ".join(changes))
     console.print(table)
     console.print(f"{result.changed} change(s) in {result.duration_s:.1f}s")
     if result.transfer is not None and (result.transfer.controller_bytes or result.transfer.peer_bytes):

@@ -143,6 +143,13 @@ def render_table(report: HealthReport) -> Table:
     return table
 
 
+def balancer_lines(report: HealthReport) -> list[str]:
+    """One compact line per balancer whose nginx figures were read (stub_status over SSH)."""
+    return [f"balancer {b.name}: {b.active_connections} active connection(s), {b.requests_per_s:.2f} req/s "
+            "(nginx stub_status)" for b in report.balancers
+            if b.active_connections is not None and b.requests_per_s is not None]
+
+
 def _build(inventory: Path | None, limit: str | None) -> SweepPlan:
     from llamactl.cli.inventory_arg import load
     from llamactl.health.sweep import plan_from_inventory
@@ -162,51 +169,25 @@ async def _once(plan: SweepPlan, options: SweepOptions) -> HealthReport:
     return report
 
 
-async def _watch(
-    plan: SweepPlan, options: SweepOptions, interval_s: float, console: Console, as_json: bool
-) -> HealthReport:
-    """Sweep every ``interval_s`` until Ctrl-C; rates and latency come from consecutive scrapes.
-
-    With --json, one compact JSON report per line (for piping); otherwise a live table.
-    """
-    import contextlib
-
-    from rich.live import Live
-
-    from llamactl.health.probe import InstanceProbe, make_client
-    from llamactl.health.sweep import sweep
-
-    previous: dict[str, InstanceProbe] = {}
-    report: HealthReport | None = None
-    live = contextlib.nullcontext() if as_json else Live(console=console, auto_refresh=False)
-    async with make_client(len(plan.targets) + len(plan.balancers), options.timeout_s) as client:
-        with live:
-            try:
-                while True:
-                    report, previous = await sweep(plan, options, client, previous)
-                    if isinstance(live, Live):
-                        live.update(render_table(report), refresh=True)
-                    else:
-                        typer.echo(json.dumps(report.to_dict()))
-                    await asyncio.sleep(max(0.0, interval_s - report.elapsed_s))
-            except (KeyboardInterrupt, asyncio.CancelledError):
-                pass
-    if report is None:
-        raise KeyboardInterrupt
-    return report
-
-
 def status(
     inventory: Path | None = inventory_argument(),
     watch: bool = typer.Option(
-        False, "--watch", "-w", help="Refresh live every health.interval_s until Ctrl-C."
+        False, "--watch", "-w", help="Refresh live every health.interval_s until Ctrl-C, with sparklines of "
+        "each instance's req/s and p95 over the last minutes."
+    ),
+    count: int | None = typer.Option(None, "--count", min=1, help="With --watch: stop after this many sweeps."),
+    interval: float | None = typer.Option(
+        None, "--interval", help="With --watch: seconds between sweeps (default: the inventory's health.interval_s)."
+    ),
+    history: float = typer.Option(
+        5.0, "--history", help="With --watch: minutes of req/s and p95 the sparklines show."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the machine-readable report."),
     canary: bool = typer.Option(
         False, "--canary", help="Run a real small-image inference on every instance."
     ),
-    deep: bool = typer.Option(False, "--deep", help="Add systemd state and restart count, GPU temperature, "
-                              "power and utilisation, and the balancers' connections and req/s (over SSH)."),
+    deep: bool = typer.Option(False, "--deep", help="Add systemd state and restart count, and GPU temperature, "
+                              "power and utilisation (over SSH)."),
     limit: str | None = typer.Option(
         None, "--limit", help="Only these hosts (comma-separated names or globs)."
     ),
@@ -225,13 +206,19 @@ def status(
 
     Exit code 0 only when everything is ready (and every canary passed, with --canary).
 
-    Example: llamactl status inventory.yaml --watch
+    Example: llamactl status inventory.yaml --watch --history 10
     """
     from llamactl.errors import UsageError
     from llamactl.health.sweep import SweepOptions
 
     if timeout is not None and timeout <= 0:
         raise UsageError(f"--timeout must be positive, got {timeout:g}")
+    if interval is not None and interval <= 0:
+        raise UsageError(f"--interval must be positive, got {interval:g}")
+    if history <= 0:
+        raise UsageError(f"--history must be a positive number of minutes, got {history:g}")
+    if not watch and (count is not None or interval is not None):
+        raise UsageError("--count and --interval go with --watch")
     plan = _build(inventory, limit)
     assert plan.inventory is not None
     health = plan.inventory.health
@@ -239,11 +226,15 @@ def status(
         timeout_s=timeout if timeout is not None else float(health.timeout_s),
         canary=canary,
         deep=deep,
+        balancer_figures=True,
         api_key=os.environ.get(api_key_env) or _inventory_key(plan),
     )
     console = _console()
     if watch:
-        report = asyncio.run(_watch(plan, options, float(health.interval_s), console, as_json))
+        from llamactl.cli.status_watch import watch as watch_loop
+
+        every = interval if interval is not None else float(health.interval_s)
+        report = asyncio.run(watch_loop(plan, options, every, console, as_json, count, history * 60))
     else:
         report = asyncio.run(_once(plan, options))
         watch_state = _watch_service(plan, options.timeout_s)
@@ -257,6 +248,8 @@ def status(
             if redis is not None:
                 _print_redis(console, redis, keys)
             console.print(render_table(report))
+            for line in balancer_lines(report):
+                console.print(line, markup=False, highlight=False)
             if watch_state is not None:
                 style = "green" if watch_state == "active" else "red"
                 console.print(f"watch service on {plan.inventory.balancer.hosts[0].name}: {watch_state}",

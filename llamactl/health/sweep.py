@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import threading
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from llamactl.plan.stubstatus import BalancerFigures
 
 CANARY_TIMEOUT_S = 120.0
+FIGURES_MARGIN_S = 3.0  # SSH connect + the sampler's one second between its two reads
 
 
 @dataclass
@@ -47,6 +50,7 @@ class SweepOptions:
     canary_timeout_s: float = CANARY_TIMEOUT_S
     api_key: str | None = None
     deep: bool = False
+    balancer_figures: bool = False  # nginx stub_status over SSH (always with deep; plain `status` asks too)
 
 
 def expected_config_hash(inv: Inventory, instance: Any) -> str:
@@ -166,7 +170,7 @@ async def sweep(
         probe_balancers(client, [u for _, u in plan.balancers], options.timeout_s),
         _canaries(client, plan.targets, options) if options.canary else _nothing(),
         deep_states(plan, options.timeout_s) if options.deep else _nothing(),
-        balancer_figures(plan, options.timeout_s) if options.deep else _nothing(),
+        balancer_figures(plan, options.timeout_s) if options.deep or options.balancer_figures else _nothing(),
     )
     elapsed = time.monotonic() - start
     before = previous or {}
@@ -191,17 +195,46 @@ async def sweep(
 
 async def balancer_figures(plan: SweepPlan, timeout_s: float) -> dict[str, BalancerFigures | str]:
     """nginx stub_status of every balancer host, sampled over SSH (it listens on loopback only), hosts in
-    parallel; a host that cannot be read gets the reason instead. Empty when ``stub_status_port`` is off."""
+    parallel; a host that cannot be read gets the reason instead. Empty when ``stub_status_port`` is off.
+
+    Bounded: a host whose SSH does not answer within ``timeout_s`` plus the sampling second costs no more
+    (plain ``status`` reads these too); its read goes on in a daemon thread that never holds up the exit."""
     inv = plan.inventory
     if inv is None or inv.balancer.stub_status_port is None:
         return {}
     port = inv.balancer.stub_status_port
     names = [bh.name for bh in inv.balancer.hosts]
     loop = asyncio.get_running_loop()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(names))) as pool:
-        results = await asyncio.gather(
-            *(loop.run_in_executor(pool, _figures_of, inv, name, port, timeout_s) for name in names))
-    return dict(zip(names, results))
+    futures: list[asyncio.Future[BalancerFigures | str]] = []
+    for name in names:
+        future: asyncio.Future[BalancerFigures | str] = loop.create_future()
+
+        def read(name: str = name, future: asyncio.Future[BalancerFigures | str] = future) -> None:
+            value = _figures_of(inv, name, port, timeout_s)
+
+            def settle() -> None:
+                if not future.done():
+                    future.set_result(value)
+
+            with contextlib.suppress(RuntimeError):  # the loop ended: nobody waits for this read anymore
+                loop.call_soon_threadsafe(settle)
+
+        threading.Thread(target=read, name=f"stub-status-{name}", daemon=True).start()
+        futures.append(future)
+    budget = timeout_s + FIGURES_MARGIN_S
+    done, _ = await asyncio.wait(futures, timeout=budget)
+    return {name: f.result() if f in done else f"stub_status: no answer over SSH within {budget:g} s"
+            for name, f in zip(names, futures)}
+
+
+def _connect_once(name: str, address: str, ssh: Any) -> Any:
+    """One SSH attempt, no retries: the balancer figures are a best-effort extra of a quick ``status``."""
+    import dataclasses
+
+    from llamactl.remote.ssh import connect
+    from llamactl.remote.target import SSHTarget
+
+    return connect(dataclasses.replace(SSHTarget.from_settings(name, address, ssh), retries=0))
 
 
 def _figures_of(inv: Inventory, name: str, port: int, timeout_s: float) -> BalancerFigures | str:
@@ -209,7 +242,7 @@ def _figures_of(inv: Inventory, name: str, port: int, timeout_s: float) -> Balan
     from llamactl.plan.stubstatus import StubStatusError, parse_samples, sample_command
 
     try:
-        with HostPool(inv) as pool:
+        with HostPool(inv, _connect_once) as pool:
             result = pool.executor(name).run(sample_command(port), check=False, timeout_s=timeout_s + 3)
     except Exception as exc:  # noqa: BLE001 - shown in the balancer's row; never fails the sweep
         return f"stub_status: {exc}"

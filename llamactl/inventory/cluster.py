@@ -13,6 +13,7 @@ from llamactl.inventory.model import (
     HealthSpec,
     ModelSettings,
     PipSettings,
+    PrometheusSettings,
     RateLimit,
     RolloutSpec,
     ServerSettings,
@@ -119,6 +120,7 @@ class Inventory:
     rollout: RolloutSpec
     health: HealthSpec
     redis: RedisSpec | None = None
+    prometheus: PrometheusSettings | None = None  # Prometheus on the balancer hosts
 
     def instances(self) -> list[Instance]:
         return [inst for host in self.hosts for inst in host.instances]

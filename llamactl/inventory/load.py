@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from llamactl.errors import InventoryError, Problem, UsageError
-from llamactl.inventory import checks, redis
+from llamactl.inventory import checks, prometheus, redis
 from llamactl.inventory.cluster import BalancerHost, BalancerSpec, HostSpec, Instance, Inventory
 from llamactl.inventory.merge import Merged, position
 from llamactl.inventory.model import (
@@ -90,10 +90,12 @@ def load_inventory(path: str | os.PathLike[str], *, env: Mapping[str, str] | Non
     balancer = _balancer(ctx, data, doc, file.parent)
     checks.cross_check(ctx, hosts, balancer, doc)
     redis_spec = redis.resolve(ctx, doc, hosts, balancer, file.parent, environ)
+    prometheus_cfg = prometheus.resolve(ctx, doc, hosts, balancer)
     if ctx.problems:
         raise InventoryError(_sorted_unique(ctx.problems))
     assert doc is not None and balancer is not None
-    return Inventory(file, doc.cluster, hosts, balancer, doc.rollout, doc.health, redis_spec)
+    return Inventory(file, doc.cluster, hosts, balancer, doc.rollout, doc.health, redis_spec,
+                     prometheus=prometheus_cfg)
 
 
 def _sorted_unique(problems: list[Problem]) -> list[Problem]:

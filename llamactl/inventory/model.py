@@ -355,6 +355,55 @@ class RedisSettings(_Model):
         return _absolute(value)
 
 
+_PROM_DURATION = re.compile(r"([0-9]+(ms|s|m|h|d|w|y))+\Z")
+_PROM_SIZE = re.compile(r"[0-9]+(B|KB|MB|GB|TB|PB|EB)\Z")
+
+
+class PrometheusSettings(_Model):
+    """Prometheus on every balancer host (``llamactl.plan.prometheus``): deploy installs the distribution's
+    ``prometheus`` package when missing and runs it as ``llamactl-prometheus.service``, scraping every
+    instance (the file_sd targets) and the balancer's nginx (stub_status through prometheus-nginx-exporter),
+    with the alert and recording rules of ``health.alerts`` loaded."""
+
+    port: Port = 9090
+    listen_address: str | None = None  # None: every address of the balancer host
+    scrape_interval_s: Annotated[int, Field(ge=1, le=3600)] = 15
+    scrape_timeout_s: Annotated[int, Field(ge=1, le=3600)] = 10
+    evaluation_interval_s: Annotated[int, Field(ge=1, le=3600)] = 15
+    retention_time: str = "15d"
+    retention_size: str | None = None  # e.g. "10GB": the oldest blocks go first past it
+    data_dir: str = "/var/lib/llamactl-prometheus"
+    config_path: str = "/etc/llamactl/prometheus/prometheus.yml"
+    binary: str = "/usr/bin/prometheus"
+    install: bool = True  # apt-get install the package when missing (false: preflight names the command)
+    nginx_exporter: bool = True  # the balancer's figures through prometheus-nginx-exporter on loopback
+    nginx_exporter_port: Port = 9113
+
+    @field_validator("data_dir", "config_path", "binary")
+    @classmethod
+    def _abs(cls, value: str) -> str:
+        return _absolute(value)
+
+    @field_validator("listen_address")
+    @classmethod
+    def _listen_address(cls, value: str | None) -> str | None:
+        return None if value is None else _check_address(value)
+
+    @field_validator("retention_time")
+    @classmethod
+    def _retention_time(cls, value: str) -> str:
+        if not _PROM_DURATION.match(value) or not any(c != "0" for c in re.sub(r"[a-z]", "", value)):
+            raise ValueError('a Prometheus duration such as "15d", "12h" or "2w"')
+        return value
+
+    @field_validator("retention_size")
+    @classmethod
+    def _retention_size(cls, value: str | None) -> str | None:
+        if value is not None and (not _PROM_SIZE.match(value) or int(re.sub(r"[A-Z]", "", value)) == 0):
+            raise ValueError('a size such as "512MB" or "10GB" (B, KB, MB, GB, TB, PB or EB)')
+        return value
+
+
 class Document(_Model):
     """The top level. Sections merged by hand are kept untyped here and typed per host later."""
 
@@ -366,6 +415,7 @@ class Document(_Model):
     rollout: RolloutSpec = RolloutSpec()
     health: HealthSpec = HealthSpec()
     redis: RedisSettings | None = None
+    prometheus: PrometheusSettings | None = None
 
     @field_validator("cluster")
     @classmethod

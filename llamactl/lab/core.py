@@ -20,7 +20,8 @@ from llamactl.lab.state import STATE_FILE, LabHost, LabState, load_state, plan_s
 
 Say = Callable[[str], None]
 TOOLS = ("ip", "unshare", "nsenter", "ssh-keygen", "mount")
-FILES = ("/lib/systemd/systemd", "/usr/sbin/sshd", "/usr/sbin/nginx", "/usr/bin/python3", "/usr/bin/redis-server")
+FILES = ("/lib/systemd/systemd", "/usr/sbin/sshd", "/usr/sbin/nginx", "/usr/bin/python3", "/usr/bin/redis-server",
+         "/usr/bin/prometheus", "/usr/bin/prometheus-nginx-exporter")  # the balancer's Redis and Prometheus
 # What `lab up` writes into DIR (and `lab down` removes).
 MADE = ("hosts", "init.sh", STATE_FILE, "inventory.yaml", "known_hosts", "endpoint", "id_ed25519",
         "id_ed25519.pub", "model", "wheelhouse", "redis-password")

@@ -33,6 +33,7 @@ MASKED = (
     "e2scrub_reap.service", "e2scrub_all.timer", "fstrim.timer", "apt-daily.timer",
     "apt-daily-upgrade.timer", "man-db.timer", "dpkg-db-backup.timer", "logrotate.timer",
     "postgresql.service", "prometheus.service", "prometheus-node-exporter.service",
+    "prometheus-nginx-exporter.service",
     "cron.service", "rsyslog.service", "redis-server.service",
 )
 

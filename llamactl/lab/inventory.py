@@ -13,6 +13,7 @@ from llamactl.lab.state import LabState
 
 MODEL_SOURCE = "/srv/models/tiny"
 REDIS_PASSWORD = "redis-password"  # in the lab directory, 0600, made once per lab directory
+PROMETHEUS_PORT = 9090
 
 
 def build_inventory(state: LabState) -> dict[str, Any]:
@@ -84,6 +85,12 @@ def build_inventory(state: LabState) -> dict[str, Any]:
         "health": {"interval_s": 2, "timeout_s": 2, "fall": 2, "rise": 1, "startup_grace_s": 120},
         # Redis on the balancer host (the distribution's redis-server, which every host has): shared jobs
         "redis": {"port": 6379, "maxmemory_mb": 64, "password": {"file": str(d / REDIS_PASSWORD)}},
+        "health": {"interval_s": 2, "timeout_s": 2, "fall": 2, "rise": 1, "startup_grace_s": 120,
+                   "alerts": {"enabled": True}},
+        # Prometheus on the balancer host, from this machine's packages (lab hosts have no registry):
+        # scrapes every instance and nginx, with the alert rules loaded.
+        "prometheus": {"port": PROMETHEUS_PORT, "scrape_interval_s": 2, "scrape_timeout_s": 2,
+                       "evaluation_interval_s": 2, "retention_time": "1d", "install": False},
     }
 
 

@@ -224,6 +224,7 @@ def deploy(
             _sync_redis(inv, result, pool, dry_run, progress)
             _deploy_hosts(job, parallel, result)
             _apply_balancer(inv, result, pool, dry_run, progress)
+            _sync_prometheus(inv, result, pool, dry_run, progress)
         else:
             with deploy_lock.guarded(pool.lock_host(), command_line, finished, force=force_unlock):
                 if not _sync_redis(inv, result, pool, dry_run, progress):
@@ -232,6 +233,7 @@ def deploy(
                 _deploy_hosts(job, parallel, result)
                 _rolling_restarts(inv, result, pool, progress)
                 _apply_balancer(inv, result, pool, dry_run, progress)
+                _sync_prometheus(inv, result, pool, dry_run, progress)
                 _sync_watch(job, result)
     result.duration_s = time.monotonic() - t0
     return result
@@ -297,6 +299,17 @@ def _sync_watch(job: HostJob, result: DeployResult) -> None:
         result.watch_error = "; ".join(plan.problems) or None
     except Exception as exc:  # noqa: BLE001 - reported like a host's failure; the cluster itself is deployed
         result.watch_error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, LlamactlError) else str(exc)
+
+
+def _sync_prometheus(inv: Inventory, result: DeployResult, pool: HostPool, dry_run: bool,
+                     progress: ProgressFn) -> None:
+    """Prometheus on the balancer hosts (``prometheus:``), after the targets and rules are placed."""
+    from llamactl.ops.prometheus import sync_prometheus
+
+    plans = sync_prometheus(inv, pool.balancers(), dry_run=dry_run, say=progress)
+    result.prometheus_changes = {h: p.changes for h, p in plans.items() if p.changes}
+    errors = [f"{h}: {'; '.join(p.problems)}" for h, p in plans.items() if p.problems]
+    result.prometheus_error = "; ".join(errors) or None
 
 
 def _apply_balancer(inv: Inventory, result: DeployResult, pool: HostPool, dry_run: bool,

@@ -42,6 +42,8 @@ class DeployResult:
     watch_error: str | None = None
     redis: RedisOutcome | None = None  # inventory redis: the Redis step (llamactl.ops.redis)
     redis_error: str | None = None
+    prometheus_changes: dict[str, list[str]] = field(default_factory=dict)  # per balancer host (prometheus:)
+    prometheus_error: str | None = None
     drained: frozenset[str] = frozenset()  # instances a failed rolling restart left out of the balancer
     duration_s: float = 0.0
     transfer: TransferReport | None = None  # the fan-out of bulk files (None: dry run or --no-fanout)
@@ -49,12 +51,13 @@ class DeployResult:
     @property
     def ok(self) -> bool:
         return (all(h.ok for h in self.hosts) and not self.balancer_error and not self.rolling_error
-                and not self.watch_error and not self.redis_error)
+                and not self.watch_error and not self.redis_error and not self.prometheus_error)
 
     @property
     def changed(self) -> int:
         return (sum(len(h.changes) for h in self.hosts) + (1 if self.balancer_changed else 0)
-                + len(self.watch_changes) + (len(self.redis.changes) if self.redis else 0))
+                + len(self.watch_changes) + (len(self.redis.changes) if self.redis else 0)
+                + sum(len(c) for c in self.prometheus_changes.values()))
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -78,6 +81,7 @@ class DeployResult:
             "balancer": {"changed": self.balancer_changed, "error": self.balancer_error},
             "rolling_restart_error": self.rolling_error,
             "watch": {"changes": self.watch_changes, "error": self.watch_error},
+            "prometheus": {"changes": self.prometheus_changes, "error": self.prometheus_error},
             "drained": sorted(self.drained),
             "transfer": self.transfer.to_json() if self.transfer is not None else None,
             "redis": None if self.redis is None and self.redis_error is None else {
@@ -106,4 +110,6 @@ def raise_for(result: DeployResult) -> None:
             parts.append(f"watch service ({result.watch_error})")
         if result.redis_error:
             parts.append(f"redis ({result.redis_error})")
+        if result.prometheus_error:
+            parts.append(f"prometheus ({result.prometheus_error})")
         raise OperationFailed("deploy failed: " + "; ".join(parts))

@@ -168,12 +168,18 @@ def render_redis_files(inv: Inventory) -> dict[str, RenderedFile]:
 
 
 def render_all(inv: Inventory) -> dict[str, dict[str, RenderedFile]]:
-    """Every file for every host: server hosts, then balancer hosts (each gets the same balancer files),
-    and the Redis config on the ``redis:`` host."""
+    """Every file for every host: server hosts, then balancer hosts (each gets the same balancer files, and
+    with ``prometheus:`` its Prometheus config and units), and the Redis config on the ``redis:`` host."""
     out = {host.name: render_host_files(inv, host) for host in inv.hosts}
     balancer = render_balancer_files(inv)
     for lb in inv.balancer.hosts:
         out[lb.name] = dict(balancer)
     if inv.redis is not None:
         out.setdefault(inv.redis.host, {}).update(render_redis_files(inv))
+    if inv.prometheus is not None:  # Prometheus on each balancer host (``llamactl.plan.prometheus``)
+        from llamactl.plan import prometheus
+
+        rules = balancer.get(inv.health.alerts.rules_path) if inv.health.alerts.enabled else None
+        for lb in inv.balancer.hosts:
+            out[lb.name].update(prometheus.files(inv, lb.name, rules.content if rules else None))
     return out

@@ -165,3 +165,51 @@ def test_infer_through_the_balancer(real_cluster: RealCluster, tmp_path: Path) -
                          "What is in this image?")  # fmt: skip
     assert streamed.returncode == 0, streamed.stderr
     assert "<CONCLUSION>" in streamed.stdout and "Conclusion" in streamed.stdout
+
+
+def test_status_watch_draws_sparklines_of_a_real_server_under_load(real_cluster: RealCluster) -> None:
+    """`status --watch` for a bounded number of sweeps while requests flow: the JSON lines keep every reading
+    (req/s above zero, p95 of the windows where requests finished), the live view draws both sparklines."""
+    import base64
+    import threading
+
+    import httpx
+
+    from llamactl.health.sparkline import BLOCKS
+
+    stop = threading.Event()
+    body = {"image": base64.b64encode(canary_png()).decode(), "question": "What is in this image?", "max_tokens": 8,
+            "do_sample": True}  # sampled: never a cached answer, every request runs the model
+
+    def traffic() -> None:
+        with httpx.Client(timeout=120, trust_env=False) as client:
+            while not stop.is_set():
+                codes.append(client.post(f"{real_cluster.endpoint}/infer", json=body).status_code)
+
+    codes: list[int] = []
+    workers = [threading.Thread(target=traffic, daemon=True) for _ in range(2)]
+    for w in workers:
+        w.start()
+    try:
+        streamed = _llamactl("status", str(real_cluster.inventory), "--watch", "--json", "--count", "6",
+                             "--interval", "1", timeout=120)
+        drawn = _llamactl("status", str(real_cluster.inventory), "--watch", "--count", "4", "--interval", "1",
+                          "--history", "1", timeout=120)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=130)
+    lines = [json.loads(line) for line in streamed.stdout.splitlines() if line.strip()]
+    assert len(lines) == 6, streamed.stdout + streamed.stderr
+    history = lines[-1]["history"]["box/0"]
+    rates = [v for _, v in history["requests_per_s"]]
+    assert len(rates) == 6 and rates[0] is None  # the first sweep has no window
+    assert codes and set(codes) == {200}, codes
+    assert any(r is not None and r > 0 for r in rates), (rates, len(codes))
+    assert any(v is not None and v > 0 for _, v in history["p95_s"]), history["p95_s"]
+    assert lines[-1]["instances"][0]["p95_s"] is not None  # every figure of the table is kept too
+    assert drawn.returncode in (0, 1), drawn.stderr
+    assert "last 1 min" in drawn.stdout and "box/0" in drawn.stdout, drawn.stdout
+    spark_rows = [row for row in drawn.stdout.splitlines() if row.strip().startswith("│ box/0") and
+                  any(b in row for b in BLOCKS)]
+    assert spark_rows, drawn.stdout

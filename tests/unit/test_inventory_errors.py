@@ -342,7 +342,7 @@ def test_nothing_can_be_injected_into_nginx_or_systemd(tmp_path: Path) -> None:
     assert problems(text, tmp_path) == [
         f'INV:{line(text, "server_name: ")}:16: balancer.server_name: found string "x; include /etc/passwd", '
         'expected host names separated by spaces, like "vision.example.com" or "_"',
-        f'INV:{line(text, "config_path:")}:16: balancer.config_path: found string "/etc/nginx/%i.conf", '
+        f'INV:{line(text, "config_path: /etc/nginx/%i.conf")}:16: balancer.config_path: found string "/etc/nginx/%i.conf", '
         "expected an absolute path of letters, digits and ._/@+=,~- (no spaces)",
     ]
 

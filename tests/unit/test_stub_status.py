@@ -10,6 +10,7 @@ import pytest
 from llamactl.cli.status import render_table
 from llamactl.health.probe import HttpOutcome
 from llamactl.health.report import balancer_report, health_report
+from llamactl.health import sweep as sweep_mod
 from llamactl.health.sweep import SweepPlan, balancer_figures
 from llamactl.inventory import load_inventory
 from llamactl.ops import connect as connect_mod
@@ -71,6 +72,7 @@ def test_status_deep_samples_each_balancer_over_ssh(tmp_path: Path, monkeypatch:
     inv = load_inventory(tmp_path / "inv.yaml", env={})
     lb = RecordingExecutor("lb", responses={sample_command(8089).shell(): Reply(0, SAMPLES)})
     monkeypatch.setattr(connect_mod, "connect_host", lambda name, address, ssh: {"lb": lb}[name])
+    monkeypatch.setattr(sweep_mod, "_connect_once", lambda name, address, ssh: {"lb": lb}[name])
     plan = SweepPlan([], [("lb", "http://10.9.0.100:80")], inv)
     figures = asyncio.run(balancer_figures(plan, 1.0))
     assert figures == {"lb": parse_samples(SAMPLES)}
