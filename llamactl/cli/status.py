@@ -19,6 +19,7 @@ from llamactl.cli.inventory_arg import inventory_argument
 if TYPE_CHECKING:
     from llamactl.health.report import HealthReport, InstanceReport
     from llamactl.health.sweep import SweepOptions, SweepPlan
+    from llamactl.ops.vip import VipState
 
 _STATE_STYLE = {
     "ready": "green", "loading": "yellow", "draining": "cyan", "stalled": "bold red", "gpu_fault": "bold red",
@@ -244,15 +245,22 @@ def status(
     else:
         report = asyncio.run(_once(plan, options))
         watch_state = _watch_service(plan, options.timeout_s)
+        vip = _vip_state(plan, options.timeout_s)
         if as_json:
-            typer.echo(report.to_json() if watch_state is None else json.dumps(
-                {**json.loads(report.to_json()), "watch_service": watch_state}, indent=2))
+            extra: dict[str, object] = {} if watch_state is None else {"watch_service": watch_state}
+            extra.update({} if vip is None else {"vip": vip.to_json()})
+            typer.echo(report.to_json() if not extra else json.dumps({**json.loads(report.to_json()), **extra},
+                                                                     indent=2))
         else:
             console.print(render_table(report))
             if watch_state is not None:
                 style = "green" if watch_state == "active" else "red"
                 console.print(f"watch service on {plan.inventory.balancer.hosts[0].name}: {watch_state}",
                               style=style, markup=False)
+            if vip is not None:
+                console.print(_vip_line(vip), style="green" if vip.ok else "red", markup=False)
+        if vip is not None and not vip.ok:
+            raise typer.Exit(1)
     for problem in plan.problems:
         Console(stderr=True, no_color="NO_COLOR" in os.environ or None).print(
             f"warning: {problem}", markup=False
@@ -266,6 +274,21 @@ def _watch_service(plan: SweepPlan, timeout_s: float) -> str | None:
 
     inv = plan.inventory
     return watch_service_state(inv, max(timeout_s, 5.0)) if inv is not None and inv.health.watch else None
+
+
+def _vip_state(plan: SweepPlan, timeout_s: float) -> VipState | None:
+    """With ``balancer.vip``: keepalived and the address on each balancer host (read over SSH)."""
+    from llamactl.ops.vip import vip_state
+
+    inv = plan.inventory
+    return vip_state(inv, max(timeout_s, 5.0)) if inv is not None and inv.balancer.vip is not None else None
+
+
+def _vip_line(vip: VipState) -> str:
+    held = {0: "held by NO balancer host", 1: f"held by {''.join(vip.holders)}"}.get(
+        len(vip.holders), f"held by {', '.join(vip.holders)} AT ONCE")
+    hosts = ", ".join(f"{h.host} {h.keepalived}" for h in vip.hosts)
+    return f"VIP {vip.address}: {held}; keepalived: {hosts}"
 
 
 def _inventory_key(plan: SweepPlan) -> str | None:

@@ -40,16 +40,19 @@ class DeployResult:
     watch_error: str | None = None
     drained: frozenset[str] = frozenset()  # instances a failed rolling restart left out of the balancer
     duration_s: float = 0.0
+    vip: dict[str, object] | None = None  # balancer.vip: keepalived per balancer host and who holds it
+    vip_changed: bool = False
+    vip_error: str | None = None
 
     @property
     def ok(self) -> bool:
         return (all(h.ok for h in self.hosts) and not self.balancer_error and not self.rolling_error
-                and not self.watch_error)
+                and not self.watch_error and not self.vip_error)
 
     @property
     def changed(self) -> int:
         return (sum(len(h.changes) for h in self.hosts) + (1 if self.balancer_changed else 0)
-                + len(self.watch_changes))
+                + len(self.watch_changes) + (1 if self.vip_changed else 0))
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -74,6 +77,7 @@ class DeployResult:
             "rolling_restart_error": self.rolling_error,
             "watch": {"changes": self.watch_changes, "error": self.watch_error},
             "drained": sorted(self.drained),
+            **({"vip": {**(self.vip or {}), "error": self.vip_error}} if self.vip or self.vip_error else {}),
         }
 
 
@@ -93,4 +97,6 @@ def raise_for(result: DeployResult) -> None:
             parts.append(f"balancer ({result.balancer_error})")
         if result.watch_error:
             parts.append(f"watch service ({result.watch_error})")
+        if result.vip_error:
+            parts.append(f"vip ({result.vip_error})")
         raise OperationFailed("deploy failed: " + "; ".join(parts))
