@@ -55,7 +55,7 @@ class Load:
         while not self._stop.is_set():
             t0 = time.monotonic()
             try:
-                resp = httpx.get(self.url, timeout=self.timeout_s)
+                resp = httpx.get(self.url, timeout=self.timeout_s, trust_env=False)
                 ok, detail = resp.status_code == 200, str(resp.status_code)
             except httpx.HTTPError as exc:
                 ok, detail = False, type(exc).__name__
