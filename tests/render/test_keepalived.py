@@ -129,3 +129,22 @@ def test_keepalived_accepts_the_config(tmp_path: Path, vip: str) -> None:
                           f"mount --bind {etc} /etc/keepalived && ip link add vip0 type veth peer name vip1 && "
                           f"{keepalived} -t -f /etc/keepalived/keepalived.conf"], capture_output=True, text=True)
     assert bad.returncode != 0
+
+
+def test_render_cli_writes_keepalived_files_when_the_interface_is_known(tmp_path: Path) -> None:
+    import sys
+
+    path = tmp_path / "inv.yaml"
+    path.write_text(INV + "  vip: {address: 10.0.0.100, router_id: 51, interface: ens5}\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "llamactl", "render", str(path), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for host, prio in (("lb-01", 200), ("lb-02", 190), ("lb-03", 180)):
+        conf = out / host / "etc/keepalived/keepalived.conf"
+        assert f"priority {prio}\n" in conf.read_text() and (conf.stat().st_mode & 0o777) == 0o600
+        assert (out / host / CHECK_SCRIPT.lstrip("/")).exists()
+    path.write_text(INV + "  vip: {address: 10.0.0.100, router_id: 51}\n")  # interface found at deploy time
+    proc = subprocess.run([sys.executable, "-m", "llamactl", "render", str(path), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and not (out / "lb-01/etc/keepalived/keepalived.conf").exists()
