@@ -29,7 +29,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llamactl.lab.state import LabHost, LabState, load_state  # noqa: E402
+from llamactl.lab.state import LabHost, LabState, load_state
 
 
 @dataclass
@@ -63,7 +63,7 @@ class Load:
                 self.samples.append(Sample(t0, time.monotonic(), ok, detail))
             time.sleep(self.pause_s)
 
-    def __enter__(self) -> Load:
+    def __enter__(self) -> Load:  # noqa: PYI034 - not subclassed
         for t in self._threads:
             t.start()
         return self

@@ -17,8 +17,8 @@ import typer
 
 from llamactl.cli.inventory_arg import inventory_argument, load
 from llamactl.errors import UsageError
+from llamactl.inventory.cluster import Inventory
 from llamactl.plan.render import RenderedFile, render_all
-from llamactl.inventory.cluster import Inventory  # noqa: TC001 - annotations only
 
 MANIFEST = ".llamactl-render.json"
 Manifest = dict[str, list[str]]  # host -> paths relative to DIR/<host>, sorted
