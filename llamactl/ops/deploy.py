@@ -188,6 +188,7 @@ def deploy(
         if dry_run:
             _deploy_hosts(job, parallel, result)
             _apply_balancer(inv, result, pool, dry_run, progress)
+            _vip_dry_run(inv, result, pool)
         else:
             with deploy_lock.guarded(pool.lock_host(), command_line, finished, force=force_unlock):
                 prepared = _vip_preflight(inv, pool, progress)  # before anything changes
@@ -265,6 +266,15 @@ def _vip_preflight(inv: Inventory, pool: HostPool, progress: ProgressFn) -> Prep
         return None
     progress("balancer", "checking keepalived")
     return vip_ops.preflight(inv, pool.balancers())
+
+
+def _vip_dry_run(inv: Inventory, result: DeployResult, pool: HostPool) -> None:
+    if inv.balancer.vip is None:
+        return
+    try:
+        result.balancer_diff.extend(vip_ops.dry_run_diffs(inv, pool.balancers()))
+    except LlamactlError as exc:
+        result.vip_error = str(exc)
 
 
 def _apply_vip(inv: Inventory, result: DeployResult, pool: HostPool, prepared: Prepared,

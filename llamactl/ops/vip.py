@@ -9,12 +9,14 @@ waits until exactly one host holds the address. A deploy with nothing changed on
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from llamactl.errors import LlamactlError
 from llamactl.inventory.cluster import BalancerHost, Inventory, VipSpec
+from llamactl.ops.hostplan import FileDiff
 from llamactl.plan import keepalived as plan
 from llamactl.plan.command import Command
 from llamactl.plan.render import RenderedFile
@@ -245,3 +247,23 @@ def vip_state(inv: Inventory, timeout_s: float) -> VipState:
     states = [o.value if o.ok else VipHostState(lb.name, f"unknown ({o.error})", None)  # type: ignore[union-attr]
               for lb, o in zip(inv.balancer.hosts, outcomes)]
     return VipState(vip.address, states)
+
+
+_AUTH_LINE = re.compile(rb"(auth_pass )\S+")
+
+
+def dry_run_diffs(inv: Inventory, executors: Mapping[str, Executor]) -> list[FileDiff]:
+    """``deploy --dry-run``: the keepalived files that would change, per balancer host (``HOST:PATH``), the
+    VRRP password masked. Reads only."""
+    vip = _vip(inv)
+    diffs: list[FileDiff] = []
+    for lb in inv.balancer.hosts:
+        ex = executors[lb.name]
+        files = plan.render_keepalived_files(inv, lb, _interface(ex, lb, vip))
+        for path, rendered in files.items():
+            old = ex.read_bytes(path)
+            if old != rendered.content:
+                masked_old = None if old is None else _AUTH_LINE.sub(rb"\1***", old)
+                diffs.append(FileDiff(f"{lb.name}:{path}", masked_old, _AUTH_LINE.sub(rb"\1***", rendered.content),
+                                      True))
+    return diffs

@@ -168,3 +168,17 @@ def test_interface_not_found_is_named(inv: Inventory) -> None:
         preflight(inv, exs)
     assert str(err.value) == ("lb2: no interface holds its inventory address 10.9.0.12; set "
                               "balancer.vip.interface")
+
+
+def test_dry_run_diffs_mask_the_password(tmp_path: Path) -> None:
+    from llamactl.ops.vip import dry_run_diffs
+
+    path = tmp_path / "inventory.yaml"
+    path.write_text(INVENTORY.replace("router_id: 42}", "router_id: 42, advert_interval_s: 1, auth: {env: PW}}"))
+    inv = load_inventory(path, env={"PW": "topsecr"})
+    exs = executors(Host("10.9.0.11"), Host("10.9.0.12"), files={"lb1": {CONF: b"auth_pass oldpass\n"}})
+    diffs = dry_run_diffs(inv, exs)
+    assert [d.path for d in diffs] == [f"lb1:{CONF}", f"lb1:{CHECK_SCRIPT}", f"lb2:{CONF}", f"lb2:{CHECK_SCRIPT}"]
+    assert diffs[0].old == b"auth_pass ***\n" and b"auth_pass ***\n" in diffs[0].new
+    assert all(b"topsecr" not in d.new for d in diffs)
+    assert all(ex.uploads == [] for ex in exs.values())
