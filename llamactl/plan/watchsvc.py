@@ -108,6 +108,9 @@ def watch_inventory(document: Mapping[str, Any], base: Path, home: Path, placed:
     ssh["use_ssh_config"] = False
     for section, key in (("server", "api_keys"), ("model", "upload_from"), ("pip", "wheelhouse")):
         _drop(doc, section, key)
+    vip = doc.get("balancer", {}).get("vip")
+    if isinstance(vip, dict):
+        vip.pop("auth", None)  # the VRRP password: keepalived's, not watch's
     header = "# Placed by `llamactl deploy` for `llamactl watch` (health.watch): do not edit.\n"
     text: str = yaml.safe_dump(_escape(doc), sort_keys=False)
     return (header + text).encode()
