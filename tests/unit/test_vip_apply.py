@@ -182,3 +182,9 @@ def test_dry_run_diffs_mask_the_password(tmp_path: Path) -> None:
     assert diffs[0].old == b"auth_pass ***\n" and b"auth_pass ***\n" in diffs[0].new
     assert all(b"topsecr" not in d.new for d in diffs)
     assert all(ex.uploads == [] for ex in exs.values())
+
+
+def test_logs_of_a_balancer_host_include_keepalived(inv: Inventory) -> None:
+    from llamactl.cli.logs import units_for
+
+    assert units_for(inv, "lb2", None) == ["nginx.service", "llamactl-watch.service", "keepalived.service"]
