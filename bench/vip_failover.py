@@ -203,7 +203,7 @@ def run(lab_dir: Path, clients: int = 4) -> dict[str, object]:
         "setup": {"endpoint": endpoint, "balancers": [h.name for h in state.balancers], "clients": clients,
                   "request": "GET /health through nginx to the instance, a new connection each, 1 s timeout",
                   "advert_interval_s": vip.advert_interval_s, "nopreempt": vip.nopreempt,
-                  "vrrp_version": 2 if vip.auth else 3, "check": "GET /healthz on loopback, interval 1 s, fall 2"},
+                  "vrrp_version": 2 if vip.auth else 3, "check": "GET /healthz on loopback, interval 1 s, fall 1, rise 2"},
         "scenarios": [asdict(s) | {"return_holders": sorted({",".join(h) for h in s.return_holders})}
                       for s in scenarios],
         "requests_total": total,
