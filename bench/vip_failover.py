@@ -224,6 +224,16 @@ def to_markdown(result: dict[str, object]) -> str:
         f"VRRPv{setup['vrrp_version']} adverts every {setup['advert_interval_s']} s, nopreempt "
         f"{setup['nopreempt']}, check: {setup['check']}. Load: {setup['clients']} clients, {setup['request']}.",
         "",
+        "Run by `LLAMACTL_VIP_BENCH_OUT=bench/results/vip_failover flock /tmp/llamactl-lab.lock python -m pytest "
+        "tests/e2e/test_vip_lab.py` (lab up 1 --balancers 2, deploy, then this script's `run`), or by hand on a "
+        "deployed lab: `python bench/vip_failover.py LAB_DIR --out bench/results/vip_failover`.",
+        "",
+        "VIP moved after: from the fault until the other host holds the address. Failed requests: any error or "
+        "non-200 answer (connection refused while nginx is down, or the 1 s client timeout of a connection "
+        "sent towards the address while it moves). Span: the first failed request's start to the last one's "
+        "end. Failures after the switch: from 1 s after the last failure for 5 s. Return: the host's link "
+        "(or nginx) comes back; the holder is polled every 0.1 s for 6 s.",
+        "",
         "| fault on the active host | VIP moved after | failed requests | span of the failures | first success "
         "after the fault | failures after the switch | VIP on the host's return | failures after return |",
         "|---|---|---|---|---|---|---|---|",
