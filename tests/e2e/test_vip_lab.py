@@ -78,6 +78,12 @@ def test_inference_through_the_vip(vip_lab: Lab) -> None:
                       timeout=120, trust_env=False)
     assert resp.status_code == 200, resp.text
     assert set(resp.json()["result"]) == {"summary", "caption", "reasoning", "conclusion"}
+    # the CLI finds the VIP through the inventory (Inventory.endpoint), as the demo does through lab/endpoint
+    photo = vip_lab.dir / "photo.jpg"
+    photo.write_bytes(buf.getvalue())
+    proc = llamactl("infer", str(photo), "-i", str(vip_lab.inventory), "--json", timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["result"]["conclusion"] is not None
 
 
 def test_redeploy_touches_nothing(vip_lab: Lab) -> None:
@@ -102,6 +108,22 @@ def test_status_shows_each_balancer_and_the_holder(vip_lab: Lab) -> None:
                                       "lab-lb2": {"keepalived": "active", "holds_vip": False}}
     human = llamactl("status", str(vip_lab.inventory), timeout=120, env={"COLUMNS": "250"})
     assert f"VIP {VIP}: held by lab-lb; keepalived: lab-lb active, lab-lb2 active" in human.stdout, human.stdout
+
+
+def test_missing_keepalived_fails_preflight_with_the_command(vip_lab: Lab) -> None:
+    # keepalived hidden on lab-lb2 only (a bind mount in that host's own mount namespace); the lab host has no
+    # registry, so deploy cannot install it and must stop before changing anything, naming the command.
+    lab_sh(vip_lab, "lab-lb2", "mount --bind /dev/null /usr/sbin/keepalived")
+    try:
+        proc = llamactl("deploy", str(vip_lab.inventory), timeout=600)
+    finally:
+        lab_sh(vip_lab, "lab-lb2", "umount /usr/sbin/keepalived")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert ("lab-lb2: balancer.vip needs keepalived, which is not installed and could not be installed" in proc.stderr
+            and "install it on lab-lb2 with `apt-get install -y --no-install-recommends keepalived` and deploy "
+            "again" in proc.stderr), proc.stderr
+    assert holders(vip_lab.state) == ["lab-lb"]  # nothing changed: keepalived still runs, the VIP stays
 
 
 def test_a_drain_reaches_every_balancer_host(vip_lab: Lab) -> None:
