@@ -188,3 +188,17 @@ def test_logs_of_a_balancer_host_include_keepalived(inv: Inventory) -> None:
     from llamactl.cli.logs import units_for
 
     assert units_for(inv, "lb2", None) == ["nginx.service", "llamactl-watch.service", "keepalived.service"]
+
+
+def test_status_line_and_ok() -> None:
+    from llamactl.cli.status import _vip_line
+    from llamactl.ops.vip import VipHostState, VipState
+
+    one = VipState("10.9.0.100", [VipHostState("lb1", "active", True), VipHostState("lb2", "active", False)])
+    assert one.ok and _vip_line(one) == "VIP 10.9.0.100: held by lb1; keepalived: lb1 active, lb2 active"
+    assert one.to_json()["holder"] == "lb1"
+    none = VipState("10.9.0.100", [VipHostState("lb1", "inactive", False), VipHostState("lb2", "active", False)])
+    assert not none.ok and _vip_line(none) == ("VIP 10.9.0.100: held by NO balancer host; keepalived: lb1 inactive, "
+                                               "lb2 active")
+    both = VipState("10.9.0.100", [VipHostState("lb1", "active", True), VipHostState("lb2", "active", True)])
+    assert not both.ok and "held by lb1, lb2 AT ONCE" in _vip_line(both) and both.to_json()["holder"] is None
