@@ -125,29 +125,27 @@ def apply_vip(
 
 
 def _upload(ex: Executor, host: str, files: Mapping[str, RenderedFile], conf_path: str) -> list[str]:
-    """Upload changed files; a keepalived.conf that ``keepalived -t`` refuses is replaced by the previous one."""
-    changed: list[str] = []
-    previous: bytes | None = None
+    """Upload changed files; when ``keepalived -t`` refuses the result, every changed file is put back."""
+    previous: dict[str, bytes | None] = {}
     for path, rendered in files.items():
         current = ex.read_bytes(path)
         if current == rendered.content:
             continue
-        changed.append(path)
-        if path == conf_path:
-            previous = current
+        previous[path] = current
         ex.put_bytes(rendered.content, path, rendered.mode)
-    if conf_path in changed or plan.CHECK_SCRIPT in changed:
+    if previous:
         test = ex.run(plan.config_test_command(conf_path), check=False)
         if test.exit_code != 0:
-            if previous is None:
-                ex.run(Command.of("rm", "-f", conf_path), check=False)
-            else:
-                ex.put_bytes(previous, conf_path, files[conf_path].mode)
+            for path, old in previous.items():
+                if old is None:
+                    ex.run(Command.of("rm", "-f", path), check=False)
+                else:
+                    ex.put_bytes(old, path, files[path].mode)
             detail = "\n  ".join((test.stderr + test.stdout).strip().splitlines()[-8:])
             raise VipError(f"{host}: {conf_path}: keepalived rejected the new config "
                            f"(`{plan.config_test_command(conf_path).display()}` exited {test.exit_code}); the "
-                           f"previous one was put back and keepalived was not reloaded\n  {detail}")
-    return changed
+                           f"previous files were put back and keepalived was not reloaded\n  {detail}")
+    return list(previous)
 
 
 def _run_state(ex: Executor, changed: list[str], say: Callable[[str, str], None], host: str) -> str:

@@ -146,6 +146,7 @@ def test_rejected_config_is_put_back(inv: Inventory) -> None:
     assert "Unknown keyword 'priorty'" in str(err.value)
     assert exs["lb1"].files[CONF].content == b"old\n"
     assert not any("systemctl" in c for c in exs["lb1"].commands)
+    assert f"rm -f {CHECK_SCRIPT}" in exs["lb1"].commands  # it did not exist before: removed again
 
 
 def test_no_holder_and_two_holders_are_errors(inv: Inventory) -> None:
