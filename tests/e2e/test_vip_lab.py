@@ -106,7 +106,7 @@ def test_status_shows_each_balancer_and_the_holder(vip_lab: Lab) -> None:
     assert report["vip"]["holder"] == "lab-lb" and report["vip"]["ok"] is True
     # each balancer host probed at its own address (not the first one through the VIP)
     assert {(b["name"], b["url"].removesuffix("/healthz"), b["state"]) for b in report["balancers"]} == {
-        ("lab-lb", "http://10.203.0.10:80", "ready"), ("lab-lb2", "http://10.203.0.251:80", "ready")}
+        ("lab-lb", "http://10.203.0.10", "ready"), ("lab-lb2", "http://10.203.0.251", "ready")}  # httpx drops :80
     assert report["vip"]["hosts"] == {"lab-lb": {"keepalived": "active", "holds_vip": True},
                                       "lab-lb2": {"keepalived": "active", "holds_vip": False}}
     human = llamactl("status", str(vip_lab.inventory), timeout=120, env={"COLUMNS": "250"})
