@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 need_apt=()
 for pair in sshd:openssh-server nginx:nginx promtool:prometheus ip:iproute2 unshare:util-linux openssl:openssl \
             ssh-keygen:openssh-client systemd-analyze:systemd sudo:sudo redis-server:redis-server \
-            prometheus:prometheus prometheus-nginx-exporter:prometheus-nginx-exporter; do
+            prometheus:prometheus prometheus-nginx-exporter:prometheus-nginx-exporter keepalived:keepalived; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need_apt+=("${pair#*:}")
 done
 /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)

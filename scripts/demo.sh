@@ -6,7 +6,7 @@ bash scripts/bootstrap.sh
 LAB=${LAB_DIR:-$PWD/.lab}
 L=.venv/bin/llamactl
 $L lab down --dir "$LAB" >/dev/null 2>&1 || true
-$L lab up 3 --dir "$LAB"
+$L lab up 3 --dir "$LAB" ${LAB_BALANCERS:+--balancers "$LAB_BALANCERS"}   # LAB_BALANCERS=2: two balancers, one VIP
 $L validate "$LAB/inventory.yaml"
 $L deploy "$LAB/inventory.yaml"
 $L status "$LAB/inventory.yaml"

@@ -124,6 +124,12 @@ def _summary(console: Console, result: DeployResult) -> None:
     bal = "[red]failed[/red]" if result.balancer_error else "[green]ok[/green]"
     table.add_row("balancer", bal, "1" if result.balancer_changed else "0", "",
                   result.balancer_error or ("config updated" if result.balancer_changed else "unchanged"))
+    if result.vip is not None or result.vip_error:
+        vip = result.vip or {}
+        table.add_row("vip", "[red]failed[/red]" if result.vip_error else "[green]ok[/green]",
+                      "1" if result.vip_changed else "0", "",
+                      result.vip_error or f"{vip.get('address')} held by {vip.get('holder')} (keepalived "
+                      f"{'updated' if result.vip_changed else 'unchanged'})")
     if result.rolling_error:
         table.add_row("rolling restart", "[red]failed[/red]", "", "", result.rolling_error)
     if result.watch_error or result.watch_changes:

@@ -31,14 +31,18 @@ def register(app: typer.Typer) -> None:
         model: bool = typer.Option(True, "--model/--no-model", help="Build the tiny checkpoint into DIR/model."),
         wheels: bool = typer.Option(True, "--wheelhouse/--no-wheelhouse",
                                     help="Fill DIR/wheelhouse with the server extra's wheels."),
+        balancers: int = typer.Option(1, "--balancers", min=1, max=3,
+                                      help="Balancer hosts (lab-lb, lab-lb2, ...); 2 or more share a VIP "
+                                      "(keepalived, .250 of a /24) that the inventory's endpoint uses."),
     ) -> None:
-        """Bring up N server hosts and a balancer host.
+        """Bring up N server hosts and a balancer host (or several sharing a floating address).
 
-        Example: sudo llamactl lab up 3 --dir ./lab
+        Example: sudo llamactl lab up 3 --dir ./lab --balancers 2
         """
         from llamactl.lab import core
 
-        state = core.up(count, directory, name, subnet, say=typer.echo, model=model, wheels=wheels)
+        state = core.up(count, directory, name, subnet, say=typer.echo, model=model, wheels=wheels,
+                        balancers=balancers)
         d = Path(state.dir)
         typer.echo(f"inventory: {d / 'inventory.yaml'}\nendpoint:  {(d / 'endpoint').read_text().strip()}")
         typer.echo(f"next:      llamactl deploy {d / 'inventory.yaml'}")

@@ -22,7 +22,8 @@ def units_for(inv: Inventory, host: str, instance: int | None) -> list[str]:
         if bh.name == host:
             if instance is not None:
                 raise UsageError(f"{host} is a balancer host: it runs no instance (drop --instance)")
-            return ["nginx.service", "llamactl-watch.service"]
+            vrrp = ["keepalived.service"] if inv.balancer.vip is not None else []
+            return ["nginx.service", "llamactl-watch.service", *vrrp]
     names = [h.name for h in inv.hosts]
     if host not in names:
         known = ", ".join(names + [f"{b.name} (balancer)" for b in inv.balancer.hosts])

@@ -17,6 +17,7 @@ import typer
 
 from llamactl.cli.inventory_arg import inventory_argument, load
 from llamactl.errors import UsageError
+from llamactl.inventory.cluster import Inventory
 from llamactl.plan.render import RenderedFile, render_all
 
 MANIFEST = ".llamactl-render.json"
@@ -121,6 +122,18 @@ def write_manifest(out: Path, manifest: Manifest) -> None:
     os.replace(tmp, path)
 
 
+def _add_keepalived(inv: Inventory, files: dict[str, dict[str, RenderedFile]]) -> None:
+    """With ``balancer.vip.interface`` set, each balancer host's keepalived files (without it, the interface
+    is found on each host at deploy time, so there is nothing to render offline)."""
+    from llamactl.plan.keepalived import render_keepalived_files
+
+    vip = inv.balancer.vip
+    if vip is None or vip.interface is None:
+        return
+    for lb in inv.balancer.hosts:
+        files.setdefault(lb.name, {}).update(render_keepalived_files(inv, lb, vip.interface))
+
+
 def render(
     inventory: Path | None = inventory_argument(),
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write DIR/<host>/<path> into."),
@@ -134,6 +147,7 @@ def render(
     """
     inv = load(inventory)
     files = render_all(inv)
+    _add_keepalived(inv, files)
     if host is not None:
         if host not in files:
             raise UsageError(f"--host {host}: no such host in {inv.path} (hosts: {', '.join(files)})")

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from llamactl.health.redis_state import RedisState
     from llamactl.health.report import HealthReport, InstanceReport
     from llamactl.health.sweep import SweepOptions, SweepPlan
+    from llamactl.ops.vip import VipState
 
 _STATE_STYLE = {
     "ready": "green", "loading": "yellow", "draining": "cyan", "stalled": "bold red", "gpu_fault": "bold red",
@@ -239,9 +240,11 @@ def status(
         report = asyncio.run(_once(plan, options))
         watch_state = _watch_service(plan, options.timeout_s)
         redis = _redis_state(plan, options.timeout_s, keys)
+        vip = _vip_state(plan, options.timeout_s)
         if as_json:
-            extra = {k: v for k, v in (("watch_service", watch_state),
-                                       ("redis", None if redis is None else redis.to_dict())) if v is not None}
+            extra: dict[str, object] = {k: v for k, v in (
+                ("watch_service", watch_state), ("redis", None if redis is None else redis.to_dict()),
+                ("vip", None if vip is None else vip.to_json())) if v is not None}
             typer.echo(json.dumps({**json.loads(report.to_json()), **extra}, indent=2) if extra
                        else report.to_json())
         else:
@@ -254,6 +257,10 @@ def status(
                 style = "green" if watch_state == "active" else "red"
                 console.print(f"watch service on {plan.inventory.balancer.hosts[0].name}: {watch_state}",
                               style=style, markup=False)
+            if vip is not None:
+                console.print(_vip_line(vip), style="green" if vip.ok else "red", markup=False)
+        if vip is not None and not vip.ok:
+            raise typer.Exit(1)
     for problem in plan.problems:
         Console(stderr=True, no_color="NO_COLOR" in os.environ or None).print(
             f"warning: {problem}", markup=False
@@ -293,6 +300,21 @@ def _print_redis(console: Console, redis: RedisState, keys: bool) -> None:
         table.add_row(name, str(u["requests"]), str(u["rejected"]), str(u["prompt_tokens"]),
                       str(u["completion_tokens"]))
     console.print(table)
+
+
+def _vip_state(plan: SweepPlan, timeout_s: float) -> VipState | None:
+    """With ``balancer.vip``: keepalived and the address on each balancer host (read over SSH)."""
+    from llamactl.ops.vip import vip_state
+
+    inv = plan.inventory
+    return vip_state(inv, max(timeout_s, 5.0)) if inv is not None and inv.balancer.vip is not None else None
+
+
+def _vip_line(vip: VipState) -> str:
+    held = {0: "held by NO balancer host", 1: f"held by {''.join(vip.holders)}"}.get(
+        len(vip.holders), f"held by {', '.join(vip.holders)} AT ONCE")
+    hosts = ", ".join(f"{h.host} {h.keepalived}" for h in vip.hosts)
+    return f"VIP {vip.address}: {held}; keepalived: {hosts}"
 
 
 def _inventory_key(plan: SweepPlan) -> str | None:

@@ -89,14 +89,17 @@ def plan_from_inventory(inv: Inventory, hosts: Collection[str] | None = None) ->
 
 
 def balancer_endpoints(inv: Inventory) -> list[tuple[str, str]]:
-    """Base URL of each balancer host; the first is ``inv.endpoint``, the others follow its scheme and port."""
+    """Base URL of each balancer host; the first is ``inv.endpoint`` (unless that is the VIP), the others
+    follow its scheme and port."""
     hosts = list(inv.balancer.hosts)
     if not hosts:
         return []
     endpoint = inv.endpoint.rstrip("/")
     parsed = httpx.URL(endpoint)
     urls = [(hosts[0].name, endpoint)]
-    for host in hosts[1:]:
+    if inv.balancer.vip is not None:  # the endpoint is the VIP: probe each host at its own address
+        urls = []
+    for host in hosts[len(urls):]:
         urls.append((host.name, str(parsed.copy_with(host=host.address)).rstrip("/")))
     return urls
 

@@ -69,6 +69,21 @@ class BalancerHost:
 
 
 @dataclass(frozen=True)
+class VipSpec:
+    """The floating address of ``balancer.vip``, checked against the balancer hosts (``inventory.vip``)."""
+
+    address: str
+    prefix: int
+    interface: str | None  # None: each host's interface holding its inventory address
+    router_id: int
+    advert_interval_s: float
+    nopreempt: bool
+    preempt_delay_s: int
+    auth: str | None = field(default=None, repr=False)  # the VRRP password, read from env or a file
+    config_path: str = "/etc/keepalived/keepalived.conf"
+
+
+@dataclass(frozen=True)
 class BalancerSpec:
     hosts: list[BalancerHost]
     listen: int
@@ -89,6 +104,7 @@ class BalancerSpec:
     config_path: str
     prometheus_targets_path: str
     stub_status_port: int | None = None
+    vip: VipSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -133,9 +149,11 @@ class Inventory:
 
     @property
     def endpoint(self) -> str:
-        """Base URL of the first balancer host."""
+        """Base URL of the VIP when ``balancer.vip`` is set, else of the first balancer host."""
         lb = self.balancer.hosts[0]
         addr = f"[{lb.address}]" if ":" in lb.address else lb.address
+        if self.balancer.vip is not None:
+            addr = self.balancer.vip.address
         if self.balancer.tls is not None:
             return f"https://{addr}:{self.balancer.tls.listen}"
         return f"http://{addr}:{self.balancer.listen}"

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from llamactl.errors import InventoryError, Problem, UsageError
-from llamactl.inventory import checks, prometheus, redis
+from llamactl.inventory import checks, prometheus, redis, vip
 from llamactl.inventory.cluster import BalancerHost, BalancerSpec, HostSpec, Instance, Inventory
 from llamactl.inventory.merge import Merged, position
 from llamactl.inventory.model import (
@@ -85,10 +85,12 @@ def load_inventory(path: str | os.PathLike[str], *, env: Mapping[str, str] | Non
         ctx.add((), f"found {describe(data)}, expected a mapping with cluster, groups and balancer")
         raise InventoryError(ctx.problems)
     redis.inline_password(ctx, data)
+    vip.inline_auth(ctx, data)
     doc = ctx.typed(Document, data, None)
     hosts = _hosts(ctx, data, file.parent, environ)
     balancer = _balancer(ctx, data, doc, file.parent)
     checks.cross_check(ctx, hosts, balancer, doc)
+    balancer = vip.resolve(ctx, doc, hosts, balancer, file.parent, environ)
     redis_spec = redis.resolve(ctx, doc, hosts, balancer, file.parent, environ)
     prometheus_cfg = prometheus.resolve(ctx, doc, hosts, balancer)
     if ctx.problems:
@@ -126,7 +128,7 @@ def _hosts(ctx: _Context, data: dict[str, Any], base: Path, env: Mapping[str, st
                 ctx.add(gpath + ("hosts",), f"found {describe(gdata['hosts'])}, "
                         "expected a mapping of host names to host settings", key=False)
             continue
-        settings = checks.level_keys(ctx, {k: v for k, v in gdata.items() if k != "hosts"}, gpath)
+        settings = checks.level_keys(ctx, {k: v for k, v in gdata.items() if k not in ("hosts", "vip")}, gpath)
         ctx.level(settings, gpath)
         for name, hdata in gdata["hosts"].items():
             hpath = gpath + ("hosts", name)
@@ -185,7 +187,7 @@ def _balancer(ctx: _Context, data: dict[str, Any], doc: Document | None, base: P
     if doc is None:
         return None
     cfg: BalancerConfig = doc.balancer
-    fields = {k: getattr(cfg, k) for k in BalancerConfig.model_fields if k != "hosts"}
+    fields = {k: getattr(cfg, k) for k in BalancerConfig.model_fields if k not in ("hosts", "vip")}
     if fields["next_upstream_timeout_s"] is None:
         fields["next_upstream_timeout_s"] = cfg.proxy_read_timeout_s
     return BalancerSpec(hosts=lb_hosts, **fields)

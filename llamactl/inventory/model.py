@@ -222,6 +222,53 @@ class BalancerHostConfig(_Model):
     ssh: dict[str, Any] = {}  # merged over defaults.ssh, then typed as SSHSettings
 
 
+class VipSecretRef(_Model):
+    """The VRRP password by reference (``{env: VAR}`` or ``{file: PATH}``); read by ``inventory.vip``."""
+
+    env: str | None = None
+    file: str | None = None
+
+    @field_validator("env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not ENV_NAME_RE.match(value):
+            raise ValueError("an environment variable name like LLAMACTL_VRRP_PASSWORD")
+        return value
+
+
+class VipSettings(_Model):
+    """One floating address moved between the balancer hosts by keepalived (VRRP); see ``inventory.vip``."""
+
+    address: str = Field(description="the floating IPv4 address clients use, like 10.0.0.100")
+    prefix: Annotated[int, Field(ge=1, le=32)] = 24
+    interface: str | None = None  # None: on each host, the interface holding its inventory address
+    router_id: Annotated[int, Field(ge=1, le=255)] = Field(description="the VRRP virtual router id, 1 to 255")
+    advert_interval_s: Annotated[float, Field(gt=0, le=40)] = 0.25
+    nopreempt: bool = True  # a recovered host never takes the address back
+    preempt_delay_s: Annotated[int, Field(ge=0, le=1000)] = 0  # with nopreempt: false
+    auth: VipSecretRef | None = None  # VRRPv2 PASS authentication: whole-second adverts only
+    config_path: str = "/etc/keepalived/keepalived.conf"
+
+    @field_validator("address")
+    @classmethod
+    def _ipv4(cls, value: str) -> str:
+        if not re.match(r"(\d{1,3}\.){3}\d{1,3}\Z", value) or any(int(p) > 255 for p in value.split(".")):
+            raise ValueError("an IPv4 address like 10.0.0.100")
+        return value
+
+    @field_validator("interface")
+    @classmethod
+    def _interface(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"[A-Za-z0-9_.@-]{1,15}\Z", value):
+            raise ValueError("an interface name like eth0 (at most 15 letters, digits, '.', '_', '@' or '-')")
+        return value
+
+    @field_validator("config_path")
+    @classmethod
+    def _abs(cls, value: str) -> str:
+        return _absolute(value)
+
+
 class BalancerConfig(_Model):
     hosts: dict[str, BalancerHostConfig]
     listen: Port = 80
@@ -246,6 +293,7 @@ class BalancerConfig(_Model):
     prometheus_targets_path: str = "/etc/prometheus/file_sd/llamactl.json"
     # nginx stub_status on 127.0.0.1 of each balancer host (None: off); `status` reads it over SSH.
     stub_status_port: Port | None = 8089
+    vip: VipSettings | None = None  # one floating address for two or more balancer hosts (keepalived)
 
     @field_validator("config_path", "prometheus_targets_path")
     @classmethod

@@ -22,6 +22,7 @@ Say = Callable[[str], None]
 TOOLS = ("ip", "unshare", "nsenter", "ssh-keygen", "mount")
 FILES = ("/lib/systemd/systemd", "/usr/sbin/sshd", "/usr/sbin/nginx", "/usr/bin/python3", "/usr/bin/redis-server",
          "/usr/bin/prometheus", "/usr/bin/prometheus-nginx-exporter")  # the balancer's Redis and Prometheus
+KEEPALIVED = "/usr/sbin/keepalived"  # --balancers 2: the hosts' VRRP daemon
 # What `lab up` writes into DIR (and `lab down` removes).
 MADE = ("hosts", "init.sh", STATE_FILE, "inventory.yaml", "known_hosts", "endpoint", "id_ed25519",
         "id_ed25519.pub", "model", "wheelhouse", "redis-password")
@@ -35,14 +36,17 @@ def require_root(action: str) -> None:
         )
 
 
-def check_prerequisites() -> None:
+def check_prerequisites(vip: bool = False) -> None:
     missing = [t for t in TOOLS if shutil.which(t) is None] + [f for f in FILES if not os.path.exists(f)]
+    if vip and not os.path.exists(KEEPALIVED):  # hosts see this machine's /usr: installed here, there too
+        missing.append(KEEPALIVED)
     if not list(Path("/usr/lib").glob("python3*/ensurepip/__init__.py")):
         missing.append("python3-venv (ensurepip)")  # hosts build their venvs with `python3 -m venv`
     if missing:
         raise UsageError(
             "lab hosts need these on this machine, missing: " + ", ".join(missing)
-            + " (Debian: apt-get install iproute2 util-linux openssh-server nginx systemd python3-venv redis-server)"
+            + " (Debian: apt-get install iproute2 util-linux openssh-server nginx systemd python3-venv redis-server"
+            + " prometheus prometheus-nginx-exporter" + (" keepalived" if vip else "") + ")"
         )
 
 
@@ -51,11 +55,11 @@ def _cgroup_name(state: LabState, h: LabHost) -> str:
 
 
 def up(count: int, directory: Path, name: str, subnet: str, say: Say,
-       model: bool = True, wheels: bool = True, timeout_s: float = 60.0) -> LabState:
+       model: bool = True, wheels: bool = True, timeout_s: float = 60.0, balancers: int = 1) -> LabState:
     require_root("up")
-    check_prerequisites()
+    check_prerequisites(vip=balancers > 1)
     directory = directory.resolve()
-    state = plan_state(name, subnet, directory, count)
+    state = plan_state(name, subnet, directory, count, balancers)
     _repair_or_refuse(state, say)
     directory.mkdir(parents=True, exist_ok=True)
     state.save()  # first, so a crash from here on is repaired by `lab down --dir`

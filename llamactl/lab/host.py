@@ -119,7 +119,8 @@ def prepare(host: LabHost, hosts_file: str, authorized_key: str) -> str:
     (sshd_d / "llamactl-lab.conf").write_text(SSHD_DROPIN)
 
     units = _mkdir(_mkdir(etc / "systemd") / "system")
-    masked = MASKED if host.role == "balancer" else (*MASKED, "nginx.service")
+    # keepalived runs only where a deploy configures it (balancer hosts with balancer.vip)
+    masked = MASKED if host.role == "balancer" else (*MASKED, "nginx.service", "keepalived.service")
     for unit in masked:
         _symlink("/dev/null", units / unit)
     wants = _mkdir(units / "multi-user.target.wants")

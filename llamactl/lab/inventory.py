@@ -14,11 +14,21 @@ from llamactl.lab.state import LabState
 MODEL_SOURCE = "/srv/models/tiny"
 REDIS_PASSWORD = "redis-password"  # in the lab directory, 0600, made once per lab directory
 PROMETHEUS_PORT = 9090
+VRRP_ROUTER_ID = 51
 
 
 def build_inventory(state: LabState) -> dict[str, Any]:
     """The inventory of a lab, in the format of inventory.example.yaml. Absolute paths only."""
     d = Path(state.dir)
+    inv = _inventory(state, d)
+    if state.vip is not None:  # two or more balancer hosts: one floating address (keepalived)
+        inv["balancer"]["hosts"] = {h.name: {"address": h.address} for h in state.balancers}
+        inv["balancer"]["vip"] = {"address": state.vip, "prefix": int(state.subnet.split("/")[1]),
+                                  "router_id": VRRP_ROUTER_ID}
+    return inv
+
+
+def _inventory(state: LabState, d: Path) -> dict[str, Any]:
     lb = state.balancer
     return {
         "version": 1,
@@ -95,7 +105,7 @@ def build_inventory(state: LabState) -> dict[str, Any]:
 
 
 def endpoint(state: LabState) -> str:
-    return f"http://{state.balancer.address}:80"
+    return f"http://{state.vip or state.balancer.address}:80"
 
 
 def hosts_file(state: LabState) -> str:

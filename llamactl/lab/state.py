@@ -40,10 +40,15 @@ class LabState:
     bridge: str
     bridge_address: str
     hosts: list[LabHost]
+    vip: str | None = None  # with two or more balancer hosts: the floating address keepalived moves
 
     @property
     def balancer(self) -> LabHost:
         return next(h for h in self.hosts if h.role == "balancer")
+
+    @property
+    def balancers(self) -> list[LabHost]:
+        return [h for h in self.hosts if h.role == "balancer"]
 
     @property
     def servers(self) -> list[LabHost]:
@@ -78,11 +83,20 @@ def check_name(name: str) -> str:
     return name
 
 
-def plan_state(name: str, subnet: str, directory: Path, count: int) -> LabState:
-    """Names and addresses of a lab of ``count`` servers and one balancer (pure)."""
+MAX_BALANCERS = 3
+VIP_FROM_TOP = 6  # the VIP is the 6th address from the subnet's top (.250 in a /24), lb2.. follow it
+
+
+def plan_state(name: str, subnet: str, directory: Path, count: int, balancers: int = 1) -> LabState:
+    """Names and addresses of a lab of ``count`` servers and ``balancers`` balancer hosts (pure).
+
+    The first balancer is lab-lb at .10; with two or more, lab-lb2.. sit just above a VIP near the
+    subnet's top (a /24: VIP .250, lab-lb2 .251, lab-lb3 .252), clear of the servers at .11 up."""
     check_name(name)
     if not 1 <= count <= 200:
         raise UsageError(f"N={count}: expected between 1 and 200 hosts")
+    if not 1 <= balancers <= MAX_BALANCERS:
+        raise UsageError(f"--balancers {balancers}: expected 1 to {MAX_BALANCERS} balancer hosts")
     try:
         net = ipaddress.IPv4Network(subnet, strict=True)
     except ValueError as exc:
@@ -102,6 +116,13 @@ def plan_state(name: str, subnet: str, directory: Path, count: int) -> LabState:
         )
 
     hosts = [host("lab-lb", "balancer", "lb", 10)]
+    vip = None
+    if balancers > 1:
+        top = net.num_addresses - VIP_FROM_TOP
+        if top <= 10 + count:
+            raise UsageError(f"--subnet {subnet}: too small for {count} hosts and a VIP with {balancers} balancers")
+        vip = str(net[top])
+        hosts += [host(f"lab-lb{k}", "balancer", f"lb{k}", top + k - 1) for k in range(2, balancers + 1)]
     hosts += [host(f"lab-host{i}", "server", f"host{i}", 10 + i) for i in range(1, count + 1)]
     return LabState(
         name=name,
@@ -110,4 +131,5 @@ def plan_state(name: str, subnet: str, directory: Path, count: int) -> LabState:
         bridge=f"br-{name}",
         bridge_address=f"{net[1]}/{prefix}",
         hosts=hosts,
+        vip=vip,
     )

@@ -50,6 +50,7 @@ class BalancerConfigError(LlamactlError):
         self.host = host
         self.path = path
         self.nginx_output = nginx_output
+        self.message = message
         detail = "\n  ".join(nginx_output.strip().splitlines()[-8:])
         super().__init__(f"{host}: {path}: {message}" + (f"\n  {detail}" if detail else ""))
 
@@ -70,15 +71,46 @@ def apply_balancer_config(
 
     files = render_balancer_files(inv, drained)
     control = nginx or NginxControl()
-    changes: list[HostChange] = []
+    path = inv.balancer.config_path
+    # Two phases, so every balancer host serves the same config: upload + `nginx -t` on each host, then
+    # reload each. A host that rejects it gets its previous file back, and so does every host before it.
+    staged: list[_Staged] = []
     for bh in inv.balancer.hosts:
         executor = executors_by_balancer_host[bh.name]
-        changes.append(
-            apply_files(executor, files, inv.balancer.config_path, control, sleep=sleep, clock=clock)
-        )
+        try:
+            staged.append(_stage(executor, files, path, control))
+        except BalancerConfigError as exc:
+            raise _rolled_back_everywhere(exc, staged, path) from None
+    changes = [_finish(s, path, control, sleep=sleep, clock=clock) for s in staged]
     return BalancerResult(
         changed=any(c.changed_paths for c in changes), reason=reason, drained=drained, hosts=changes
     )
+
+
+@dataclass
+class _Staged:
+    executor: Executor
+    changed: list[str]
+    nginx_new: RenderedFile | None
+    nginx_old: bytes | None
+
+
+def _rolled_back_everywhere(exc: BalancerConfigError, staged: list[_Staged], path: str) -> BalancerConfigError:
+    """Put the previous nginx config back on the hosts that had already passed the test (not reloaded)."""
+    notes = []
+    for s in staged:
+        if s.nginx_new is None:
+            continue
+        try:
+            _restore(s.executor, path, s.nginx_old, s.nginx_new.mode)
+            notes.append(f"{s.executor.host}: passed the test; its previous config was put back too")
+        except Exception as err:  # noqa: BLE001 - reported with the original problem
+            notes.append(f"{s.executor.host}: putting its previous config back FAILED ({err}); nginx was not "
+                         f"reloaded there, the previous file is at {path}{BACKUP_SUFFIX}")
+    if not notes:
+        return exc
+    return BalancerConfigError(exc.host, exc.path, exc.message + "; "
+                               + "; ".join(notes), exc.nginx_output)
 
 
 def apply_files(
@@ -91,6 +123,13 @@ def apply_files(
     clock: Callable[[], float] = time.monotonic,
 ) -> HostChange:
     """Upload the changed files to one balancer host; the nginx config goes through test + reload."""
+    return _finish(_stage(executor, files, nginx_config_path, control), nginx_config_path, control,
+                   sleep=sleep, clock=clock)
+
+
+def _stage(executor: Executor, files: Mapping[str, RenderedFile], nginx_config_path: str,
+           control: NginxControl) -> _Staged:
+    """Upload what changed; the nginx config is tested and, when rejected, put back (then raises)."""
     changed: list[str] = []
     nginx_new: RenderedFile | None = None
     nginx_old: bytes | None = None
@@ -104,7 +143,7 @@ def apply_files(
         else:  # Prometheus file_sd targets: picked up by Prometheus on its own, nothing to test
             executor.put_bytes(rendered.content, path, rendered.mode)
     if nginx_new is None:
-        return HostChange(executor.host, changed, reloaded=False)
+        return _Staged(executor, changed, None, None)
 
     if nginx_old is not None:
         executor.put_bytes(nginx_old, nginx_config_path + BACKUP_SUFFIX, nginx_new.mode)
@@ -123,8 +162,15 @@ def apply_files(
             f"nginx rejected the new config (`{control.test.display()}` exited {test.exit_code}); {restored}",
             test.stderr + test.stdout,
         )
-    _reload(executor, nginx_config_path, control, sleep=sleep, clock=clock)
-    return HostChange(executor.host, changed, reloaded=True)
+    return _Staged(executor, changed, nginx_new, nginx_old)
+
+
+def _finish(staged: _Staged, nginx_config_path: str, control: NginxControl, *,
+            sleep: Callable[[float], None], clock: Callable[[], float]) -> HostChange:
+    if staged.nginx_new is None:
+        return HostChange(staged.executor.host, staged.changed, reloaded=False)
+    _reload(staged.executor, nginx_config_path, control, sleep=sleep, clock=clock)
+    return HostChange(staged.executor.host, staged.changed, reloaded=True)
 
 
 def _restore(executor: Executor, path: str, previous: bytes | None, mode: int) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from llamactl.errors import ConnectError, LlamactlError
 from llamactl.inventory import HostSpec, Inventory
 from llamactl.ops import lock as deploy_lock
+from llamactl.ops import vip as vip_ops
 from llamactl.ops.balancer import apply_balancer_config
 from llamactl.ops.connect import Connector, HostPool
 from llamactl.ops.deploy_result import DeployResult, HostOutcome, HostsUnreachable, raise_for
@@ -225,14 +226,18 @@ def deploy(
             _deploy_hosts(job, parallel, result)
             _apply_balancer(inv, result, pool, dry_run, progress)
             _sync_prometheus(inv, result, pool, dry_run, progress)
+            _vip_dry_run(inv, result, pool)
         else:
             with deploy_lock.guarded(pool.lock_host(), command_line, finished, force=force_unlock):
+                prepared = _vip_preflight(inv, pool, progress)  # before anything changes
                 if not _sync_redis(inv, result, pool, dry_run, progress):
                     result.duration_s = time.monotonic() - t0
                     return result  # stopped before any server host: nothing there changed
                 _deploy_hosts(job, parallel, result)
                 _rolling_restarts(inv, result, pool, progress)
                 _apply_balancer(inv, result, pool, dry_run, progress)
+                if prepared is not None:
+                    _apply_vip(inv, result, pool, prepared, progress)
                 _sync_prometheus(inv, result, pool, dry_run, progress)
                 _sync_watch(job, result)
     result.duration_s = time.monotonic() - t0
@@ -329,3 +334,30 @@ def _apply_balancer(inv: Inventory, result: DeployResult, pool: HostPool, dry_ru
             result.balancer_changed = res.changed
     except LlamactlError as exc:
         result.balancer_error = str(exc)
+
+
+def _vip_preflight(inv: Inventory, pool: HostPool, progress: ProgressFn) -> vip_ops.Prepared | None:
+    """With ``balancer.vip``: keepalived on every balancer host (installed where missing) or stop here."""
+    if inv.balancer.vip is None:
+        return None
+    progress("balancer", "checking keepalived")
+    return vip_ops.preflight(inv, pool.balancers())
+
+
+def _vip_dry_run(inv: Inventory, result: DeployResult, pool: HostPool) -> None:
+    if inv.balancer.vip is None:
+        return
+    try:
+        result.balancer_diff.extend(vip_ops.dry_run_diffs(inv, pool.balancers()))
+    except LlamactlError as exc:
+        result.vip_error = str(exc)
+
+
+def _apply_vip(inv: Inventory, result: DeployResult, pool: HostPool, prepared: vip_ops.Prepared,
+               progress: ProgressFn) -> None:
+    progress("balancer", "keepalived")
+    try:
+        res = vip_ops.apply_vip(inv, pool.balancers(), prepared, say=progress)
+        result.vip, result.vip_changed = res.to_json(), res.changed
+    except LlamactlError as exc:
+        result.vip_error = str(exc)

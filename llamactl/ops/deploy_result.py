@@ -47,17 +47,21 @@ class DeployResult:
     drained: frozenset[str] = frozenset()  # instances a failed rolling restart left out of the balancer
     duration_s: float = 0.0
     transfer: TransferReport | None = None  # the fan-out of bulk files (None: dry run or --no-fanout)
+    vip: dict[str, object] | None = None  # balancer.vip: keepalived per balancer host and who holds it
+    vip_changed: bool = False
+    vip_error: str | None = None
 
     @property
     def ok(self) -> bool:
         return (all(h.ok for h in self.hosts) and not self.balancer_error and not self.rolling_error
-                and not self.watch_error and not self.redis_error and not self.prometheus_error)
+                and not self.watch_error and not self.redis_error and not self.prometheus_error
+                and not self.vip_error)
 
     @property
     def changed(self) -> int:
         return (sum(len(h.changes) for h in self.hosts) + (1 if self.balancer_changed else 0)
                 + len(self.watch_changes) + (len(self.redis.changes) if self.redis else 0)
-                + sum(len(c) for c in self.prometheus_changes.values()))
+                + sum(len(c) for c in self.prometheus_changes.values()) + (1 if self.vip_changed else 0))
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -89,6 +93,7 @@ class DeployResult:
                 "changes": self.redis.changes if self.redis else [],
                 "error": self.redis_error,
             },
+            **({"vip": {**(self.vip or {}), "error": self.vip_error}} if self.vip or self.vip_error else {}),
         }
 
 
@@ -112,4 +117,6 @@ def raise_for(result: DeployResult) -> None:
             parts.append(f"redis ({result.redis_error})")
         if result.prometheus_error:
             parts.append(f"prometheus ({result.prometheus_error})")
+        if result.vip_error:
+            parts.append(f"vip ({result.vip_error})")
         raise OperationFailed("deploy failed: " + "; ".join(parts))

@@ -109,6 +109,9 @@ def watch_inventory(document: Mapping[str, Any], base: Path, home: Path, placed:
     for section, key in (("server", "api_keys"), ("model", "upload_from"), ("pip", "wheelhouse")):
         _drop(doc, section, key)
     doc.pop("redis", None)  # watch never uses Redis; its password file stays on the controller
+    vip = doc.get("balancer", {}).get("vip")
+    if isinstance(vip, dict):
+        vip.pop("auth", None)  # the VRRP password: keepalived's, not watch's
     header = "# Placed by `llamactl deploy` for `llamactl watch` (health.watch): do not edit.\n"
     text: str = yaml.safe_dump(_escape(doc), sort_keys=False)
     return (header + text).encode()

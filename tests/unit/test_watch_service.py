@@ -132,3 +132,23 @@ def test_plan_installs_a_controller_release_and_starts_the_service() -> None:
     assert plan_host(desired, running).steps == [] and plan_host(desired, running).actions == []
     upgraded = plan_host(desired, replace(running, current="r1", releases=["r1", "r2"]))
     assert [(a.unit, a.action) for a in upgraded.actions] == [("llamactl-watch.service", "restart")]
+
+
+def test_placed_inventory_leaves_the_vrrp_password_out(tmp_path: Path) -> None:
+    from llamactl.inventory.yamltree import parse_yaml
+
+    path = tmp_path / "inventory.yaml"
+    path.write_text(INVENTORY.replace("a ${LITERAL}", "a $${LITERAL}").replace(
+        "    lb: {address: 10.9.0.100}\n", "    lb: {address: 10.9.0.100}\n"
+                                      "    lb2: {address: 10.9.0.101}\n  vip: {address: 10.9.0.50, router_id: 3, "
+                                      "advert_interval_s: 1, auth: {env: VRRP_PW}}\n"))
+    env = {"KEYS": "sk-1", "WHO": "ops", "VRRP_PW": "vrrp-pw"}
+    tree, _ = parse_yaml(path.read_text(), str(path), env)
+    inv = load_inventory(path, env=env)
+    placed = watchsvc.watch_inventory(tree.data, tmp_path, tmp_path / "home",
+                                      {p: str(p) for p in watchsvc.ssh_files(tree.data, tmp_path, tmp_path / "home")})
+    doc = yaml.safe_load(placed)
+    assert doc["balancer"]["vip"] == {"address": "10.9.0.50", "router_id": 3, "advert_interval_s": 1}
+    (tmp_path / "placed.yaml").write_text(placed.decode())
+    assert load_inventory(tmp_path / "placed.yaml", env={}).balancer.vip is not None
+    assert inv.balancer.vip is not None and inv.balancer.vip.auth == "vrrp-pw"
