@@ -34,6 +34,7 @@ def test_lab_inventory_with_a_vip_loads(tmp_path: Path) -> None:
     s = plan_state("lab", "10.203.0.0/24", tmp_path, 2, balancers=3)
     path = tmp_path / "inventory.yaml"
     path.write_text(yaml.safe_dump(inventory.build_inventory(s), sort_keys=False))
+    (tmp_path / inventory.REDIS_PASSWORD).write_text("lab-redis-password-0123456789\n")  # what `lab up` writes
     inv = load_inventory(path, env={})
     assert [(b.name, b.address) for b in inv.balancer.hosts] == [
         ("lab-lb", "10.203.0.10"), ("lab-lb2", "10.203.0.251"), ("lab-lb3", "10.203.0.252")]

@@ -142,7 +142,7 @@ def test_placed_inventory_leaves_the_vrrp_password_out(tmp_path: Path) -> None:
         "    lb: {address: 10.9.0.100}\n", "    lb: {address: 10.9.0.100}\n"
                                       "    lb2: {address: 10.9.0.101}\n  vip: {address: 10.9.0.50, router_id: 3, "
                                       "advert_interval_s: 1, auth: {env: VRRP_PW}}\n"))
-    env = {"KEYS": "sk-1", "WHO": "ops", "VRRP_PW": "vrrp-pw"}
+    env = {"KEYS": "sk-1", "WHO": "ops", "VRRP_PW": "vrrp-pw", "REDIS_PW": "redis-password-0123456789"}
     tree, _ = parse_yaml(path.read_text(), str(path), env)
     inv = load_inventory(path, env=env)
     placed = watchsvc.watch_inventory(tree.data, tmp_path, tmp_path / "home",
