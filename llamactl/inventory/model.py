@@ -222,8 +222,8 @@ class BalancerHostConfig(_Model):
     ssh: dict[str, Any] = {}  # merged over defaults.ssh, then typed as SSHSettings
 
 
-class VipSecretRef(_Model):
-    """The VRRP password by reference (``{env: VAR}`` or ``{file: PATH}``); read by ``inventory.vip``."""
+class SecretRef(_Model):
+    """A secret named by reference: an environment variable or a file on the controller (``inventory.secrets``)."""
 
     env: str | None = None
     file: str | None = None
@@ -232,7 +232,7 @@ class VipSecretRef(_Model):
     @classmethod
     def _env_name(cls, value: str | None) -> str | None:
         if value is not None and not ENV_NAME_RE.match(value):
-            raise ValueError("an environment variable name like LLAMACTL_VRRP_PASSWORD")
+            raise ValueError("an environment variable name like LLAMACTL_PASSWORD")
         return value
 
 
@@ -246,7 +246,7 @@ class VipSettings(_Model):
     advert_interval_s: Annotated[float, Field(gt=0, le=40)] = 0.25
     nopreempt: bool = True  # a recovered host never takes the address back
     preempt_delay_s: Annotated[int, Field(ge=0, le=1000)] = 0  # with nopreempt: false
-    auth: VipSecretRef | None = None  # VRRPv2 PASS authentication: whole-second adverts only
+    auth: SecretRef | None = None  # VRRPv2 PASS authentication: whole-second adverts only
     config_path: str = "/etc/keepalived/keepalived.conf"
 
     @field_validator("address")
@@ -367,20 +367,6 @@ class HealthSpec(_Model):
     startup_grace_s: Annotated[float, Field(ge=0)] = 600.0
     watch: bool = False  # deploy installs `llamactl watch` on the first balancer host as a systemd unit
     alerts: AlertSpec = AlertSpec()
-
-
-class SecretRef(_Model):
-    """A secret named by reference: an environment variable or a file on the controller."""
-
-    env: str | None = None
-    file: str | None = None
-
-    @field_validator("env")
-    @classmethod
-    def _env_name(cls, value: str | None) -> str | None:
-        if value is not None and not ENV_NAME_RE.match(value):
-            raise ValueError("an environment variable name like LLAMACTL_REDIS_PASSWORD")
-        return value
 
 
 class RedisSettings(_Model):

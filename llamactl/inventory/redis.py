@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from llamactl.inventory.cluster import BalancerSpec, HostSpec, RedisSpec
 from llamactl.inventory.model import Document
+from llamactl.inventory.secrets import REF, SecretRule, read_secret
 
 if TYPE_CHECKING:
     from llamactl.inventory.load import _Context
@@ -18,7 +19,9 @@ MIN_PASSWORD = 16
 _PASSWORD_RE = re.compile(r"[!#-&(-\[\]-~]+\Z")
 _PASSWORD_EXPECTED = (f"a password of at least {MIN_PASSWORD} printable characters without spaces, "
                       "quotes or backslashes")
-_REF = "{env: VAR} or {file: PATH}"
+_REF = REF
+_PASSWORD_RULE = SecretRule(("redis", "password"), "password", "Redis password", _PASSWORD_RE,
+                            _PASSWORD_EXPECTED, MIN_PASSWORD)
 
 
 def inline_password(ctx: _Context, data: dict[str, Any]) -> None:
@@ -78,41 +81,7 @@ def _port_free(ctx: _Context, port: int, address: str, hosts: list[HostSpec], ba
 
 def _password(ctx: _Context, var: str | None, file: str | None, base: Path,
               env: Mapping[str, str]) -> str | None:
-    path = ("redis", "password")
-    if var is not None and file is not None:
-        ctx.add(path, "found both env and file, expected exactly one source of the password")
-        return None
-    if var is None and file is None:
-        if not _inline_reported(ctx):
-            ctx.add(path, f"found neither env nor file, expected {_REF}")
-        return None
-    if var is not None:
-        if var not in env:
-            ctx.add(path + ("env",), f"found {var}, expected the environment variable {var} to be set "
-                    "(it holds the Redis password)", key=False)
-            return None
-        value, where = env[var].strip(), f"{var}"
-    else:
-        assert file is not None
-        full = Path(file).expanduser()
-        full = full if full.is_absolute() else (base / full).resolve()
-        try:
-            lines = [line.strip() for line in full.read_text().splitlines() if line.strip()]
-        except OSError as exc:
-            ctx.add(path + ("file",), f"found {full} unreadable ({exc.strerror}), expected a file holding "
-                    "the password", key=False)
-            return None
-        if len(lines) > 1:
-            ctx.add(path + ("file",), f"found {len(lines)} lines in {full}, expected the password on one line",
-                    key=False)
-            return None
-        value, where = (lines[0] if lines else ""), str(full)
-    if not _PASSWORD_RE.match(value) or len(value) < MIN_PASSWORD:
-        shown = "empty" if not value else f"holding {len(value)} characters"
-        ctx.add(path + ("env" if var is not None else "file",),
-                f"found {where} {shown}, expected {_PASSWORD_EXPECTED}", key=False)
-        return None
-    return value
+    return read_secret(ctx, _PASSWORD_RULE, var, file, base, env, report_neither=not _inline_reported(ctx))
 
 
 def _inline_reported(ctx: _Context) -> bool:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from llamactl.inventory.cluster import BalancerSpec, HostSpec, VipSpec
 from llamactl.inventory.model import Document
+from llamactl.inventory.secrets import REF, SecretRule, read_secret
 
 if TYPE_CHECKING:
     from llamactl.inventory.load import _Context
@@ -23,7 +24,8 @@ VIP = ("balancer", "vip")
 # keepalived's PASS authentication uses at most 8 characters; written unquoted into keepalived.conf.
 _AUTH_RE = re.compile(r"[!#-&(-\[\]-~]{1,8}\Z")
 _AUTH_EXPECTED = "a VRRP password of 1 to 8 printable characters without spaces, quotes or backslashes"
-_REF = "{env: VAR} or {file: PATH}"
+_REF = REF
+_AUTH_RULE = SecretRule(VIP + ("auth",), "VRRP password", "VRRP password", _AUTH_RE, _AUTH_EXPECTED)
 
 
 def inline_auth(ctx: _Context, data: dict[str, Any]) -> None:
@@ -105,37 +107,4 @@ def resolve(ctx: _Context, doc: Document | None, hosts: list[HostSpec], balancer
 
 
 def _password(ctx: _Context, var: str | None, file: str | None, base: Path, env: Mapping[str, str]) -> str | None:
-    path = VIP + ("auth",)
-    if var is not None and file is not None:
-        ctx.add(path, "found both env and file, expected exactly one source of the VRRP password")
-        return None
-    if var is None and file is None:
-        ctx.add(path, f"found neither env nor file, expected {_REF}")
-        return None
-    if var is not None:
-        if var not in env:
-            ctx.add(path + ("env",), f"found {var}, expected the environment variable {var} to be set "
-                    "(it holds the VRRP password)", key=False)
-            return None
-        value, where = env[var].strip(), var
-    else:
-        assert file is not None
-        full = Path(file).expanduser()
-        full = full if full.is_absolute() else (base / full).resolve()
-        try:
-            lines = [line.strip() for line in full.read_text().splitlines() if line.strip()]
-        except OSError as exc:
-            ctx.add(path + ("file",), f"found {full} unreadable ({exc.strerror}), expected a file holding the "
-                    "VRRP password", key=False)
-            return None
-        value, where = (lines[0] if len(lines) == 1 else ""), str(full)
-        if len(lines) > 1:
-            ctx.add(path + ("file",), f"found {len(lines)} lines in {full}, expected the password on one line",
-                    key=False)
-            return None
-    if not _AUTH_RE.match(value):
-        shown = "empty" if not value else f"holding {len(value)} characters"
-        ctx.add(path + ("env" if var is not None else "file",), f"found {where} {shown}, expected {_AUTH_EXPECTED}",
-                key=False)
-        return None
-    return value
+    return read_secret(ctx, _AUTH_RULE, var, file, base, env)
