@@ -151,6 +151,13 @@ class Health(_Shape):
         "throttle_reasons, ecc, row_remap, retired_pages, xids."
     )
     error: str | None = Field(description="Why the model failed to load (failed), stalled or faulted (gpu_fault).")
+    shared_cache: dict[str, Any] | None = Field(
+        default=None, description="With Redis configured: the cluster-wide result cache's state (up, hits, ...)."
+    )
+    quotas: dict[str, Any] | None = Field(
+        default=None, description="With API keys: where per-key limits are counted (redis, or local while Redis "
+        "is down), the key names and which of them have limits. Never a key."
+    )
 
 
 class Ready(_Shape):

@@ -93,7 +93,7 @@ for p in os.listdir('/proc'):
             a = open('/proc/%s/cmdline' % p, 'rb').read().split(b'\\0')
         except OSError:
             continue
-        if len(a) >= 4 and a[1] == b'-c' and a[-2] == b'serve' and b'def serve(cfg)' in a[2]:
+        if len(a) >= 4 and a[1] == b'-c' and a[-2] == b'serve' and b'def serve(cfg' in a[2]:
             print(p)
 """
 
@@ -114,15 +114,19 @@ def test_a_peer_killed_mid_transfer_converges_on_a_rerun(deployed_lab: Lab, tmp_
         deadline = time.monotonic() + 120
         while not killed and time.monotonic() < deadline and proc.poll() is None:
             parts = lab_sh(deployed_lab, "lab-host2", "ls /srv/models/tiny/ | grep -c llamactl-part || true").strip()
-            if parts != "0":
-                killed = lab_sh(deployed_lab, "lab-host1", "python3 -c " + shlex.quote(SERVER_PIDS)).strip()
-                assert killed, "lab-host2 is fetching but lab-host1 serves nothing"
-                lab_sh(deployed_lab, "lab-host1", f"kill -9 {killed}")
+            if parts != "0":  # lab-host2 is fetching: kill the peer server that serves it, whichever host runs it
+                for host in (h for h in HOSTS if h != "lab-host2"):
+                    pids = lab_sh(deployed_lab, host, "python3 -c " + shlex.quote(SERVER_PIDS)).split()
+                    if pids:
+                        lab_sh(deployed_lab, host, "kill -9 " + " ".join(pids))
+                        killed = f"{host}: {' '.join(pids)}"
             time.sleep(0.2)
         out, err = proc.communicate(timeout=600)
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # a failed test must not leave its deploy (and the deploy lock) to the next tests
             proc.kill()
+            proc.wait()
+            lab_sh(deployed_lab, "lab-lb", "rm -f /var/lib/llamactl/deploy.lock")
     assert killed, "never saw the transfer to kill it"
     assert "Traceback" not in err
     first = json.loads(out)
