@@ -102,15 +102,15 @@ def fp8_gemms() -> dict[str, Any]:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             x8 = x.to(torch.float8_e4m3fn)
             sx = torch.ones(m, 1, device="cuda", dtype=torch.float32)
-            bf = timed(lambda: [torch.nn.functional.linear(x, w) for _ in range(20)], main) / 20
+            bf = timed(lambda x=x, w=w: [torch.nn.functional.linear(x, w) for _ in range(20)], main) / 20
             try:
-                f8 = timed(lambda: [torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)
-                                    for _ in range(20)], main) / 20
+                f8 = timed(lambda x8=x8, w8=w8, sx=sx, sw=sw: [
+                    torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16) for _ in range(20)
+                ], main) / 20
             except RuntimeError as exc:
                 f8 = str(exc)[:120]
             out[f"{name}_m{m}"] = {"bf16_ms": round(bf, 4), "fp8_ms": f8 if isinstance(f8, str) else round(f8, 4),
                                    "bf16_TBps": round(2 * n * k / (bf / 1000) / 1e12, 2)}
-        del w, w8
     return out
 
 
@@ -128,7 +128,7 @@ def main() -> None:
     def dump() -> None:
         args.out.write_text(json.dumps(report, indent=1, default=str))
 
-    engine, model = build(False, 64, 2048)
+    engine, _model = build(False, 64, 2048)
     engine.start()
     report["engine"] = engine.describe()
     g, main_s, vision_s = engine.graphs, engine._main_stream, engine._vision_stream
@@ -171,7 +171,8 @@ def main() -> None:
             toks = torch.zeros(b, dtype=torch.long, device="cuda")
             pos = torch.zeros(b, dtype=torch.long, device="cuda")
             try:
-                report[f"profile_decode_b{b}"] = kernel_table(lambda: runner.decode(toks, pos, b, 256))
+                report[f"profile_decode_b{b}"] = kernel_table(
+                    lambda toks=toks, pos=pos, b=b: runner.decode(toks, pos, b, 256))
             except Exception as exc:  # noqa: BLE001
                 report[f"profile_decode_b{b}"] = str(exc)
             print(b, json.dumps(report[f"profile_decode_b{b}"], indent=0)[:3000], flush=True)

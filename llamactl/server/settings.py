@@ -42,6 +42,11 @@ class Settings(BaseModel):
     # small-batch decode step. Off by default: with "all" a batch-1 step went from 12.3 to 9.8 ms on an H100, but
     # the server took over 220 s to become ready (bench/results/engine_direct_run4.json, engine_bench_run2.md).
     engine_compile: Literal["off", "vision", "all"] = "off"
+    # SMs the vision tower may use while the batch decodes (continuous engine on CUDA, a green context): -1 = two
+    # thirds of the GPU's, 0 = no partition (the tower then takes every SM and the decode steps wait between its
+    # kernels). On an H100, 88 of 132 SMs ran a tower chunk beside 30 batch-32 steps in 676 ms instead of 771 ms
+    # (bench/results/engine_green_probe_run1_h100.json).
+    vision_sms: int = Field(-1, ge=-1, le=4096)
     max_batch_size: int = Field(8, ge=1, le=1024)
     max_wait_ms: float = Field(10.0, ge=0, le=60_000)
     queue_limit: int = Field(64, ge=1, le=100_000)

@@ -29,9 +29,13 @@ from ._support import ThreadServer, make_settings, png_b64, start_thread_server
 
 
 @contextlib.contextmanager
-def running_engine(tiny_checkpoint: Path, **settings: Any) -> Iterator[ContinuousEngine]:
-    """A started engine with its step loop on a thread, stopped afterwards."""
+def running_engine(tiny_checkpoint: Path, pipelined: bool | None = None, **settings: Any) -> Iterator[ContinuousEngine]:
+    """A started engine with its step loop on a thread, stopped afterwards.
+
+    ``pipelined`` True runs the GPU loop's order on the CPU: each step launched before the previous step's
+    tokens are read back, so a row that ended rides along one more step (its token dropped)."""
     eng = ContinuousEngine(make_settings(tiny_checkpoint, **settings))
+    eng.pipelined = pipelined
     eng.start()
     thread = threading.Thread(target=eng.run_forever, daemon=True)
     thread.start()
@@ -42,9 +46,11 @@ def running_engine(tiny_checkpoint: Path, **settings: Any) -> Iterator[Continuou
         thread.join(10)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint: Path) -> Iterator[ContinuousEngine]:
-    with running_engine(tiny_checkpoint, max_batch_size=8, gen_max_new_tokens=512) as eng:
+@pytest.fixture(scope="module", params=["stepwise", "pipelined"])
+def engine(tiny_checkpoint: Path, request: pytest.FixtureRequest) -> Iterator[ContinuousEngine]:
+    pipelined = request.param == "pipelined"
+    with running_engine(tiny_checkpoint, pipelined=pipelined, max_batch_size=8, gen_max_new_tokens=512) as eng:
+        assert eng.pipelined is pipelined
         yield eng
 
 
@@ -177,7 +183,7 @@ def test_a_short_request_does_not_wait_for_long_ones(engine: ContinuousEngine) -
 
 
 def test_more_requests_than_slots_wait_for_memory_and_all_finish(tiny_checkpoint: Path) -> None:
-    with running_engine(tiny_checkpoint, max_batch_size=2, gen_max_new_tokens=64) as eng:
+    with running_engine(tiny_checkpoint, pipelined=True, max_batch_size=2, gen_max_new_tokens=64) as eng:
         reqs = [GenRequest(prompt=image_prompt(eng), image=trained_image("red"), params=GenParams(max_new_tokens=12))
                 for _ in range(6)]
         seen_waiting: list[float] = []

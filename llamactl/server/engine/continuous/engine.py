@@ -28,10 +28,11 @@ from typing import Any
 import torch
 
 from llamactl.server.engine.continuous.graphs import DecodeGraphs, batch_buckets, bucket, length_buckets
+from llamactl.server.engine.continuous.green import GreenContextError, auto_sms, sm_stream
 from llamactl.server.engine.continuous.model import MllamaRunner, Newcomer
 from llamactl.server.engine.continuous.output import OutputWorker, run_all
 from llamactl.server.engine.continuous.pools import PoolShape, SlotPools, plan_slots
-from llamactl.server.engine.continuous.sampler import RowSampling, choose_tokens
+from llamactl.server.engine.continuous.sampler import RowSampling, sample_tokens
 from llamactl.server.engine.continuous.scheduler import take_chunk
 from llamactl.server.engine.continuous.sequence import Prepared, Sequence
 from llamactl.server.engine.continuous.vision import VisionEncoder, choose_backend
@@ -68,6 +69,21 @@ class _Encoding:
         return self.done is None or bool(self.done.query())
 
 
+@dataclass
+class _Step:
+    """A decode step in flight: its rows as launched and their chosen tokens on the way to the host."""
+
+    seqs: list[Sequence]
+    chosen: torch.Tensor  # [rows] on the host (pinned on GPUs), valid once ``done`` fired
+    done: Any  # torch.cuda.Event, or None on the CPU (already there)
+    launched: float
+
+    def tokens(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return [int(t) for t in self.chosen.tolist()]
+
+
 class ContinuousEngine(EngineStatus):
     name = "continuous"
 
@@ -82,9 +98,17 @@ class ContinuousEngine(EngineStatus):
         self._stopping = False
         self._admitted = 0  # requests taken from the queue whose prefill has not finished
         self._encoding: _Encoding | None = None
+        self._inflight: _Step | None = None  # the decode step launched last, its tokens not read yet
+        # Each row's next input token and position live on the device (sampled there, moved there), so a step
+        # is launched before the previous one's tokens reach the host: the GPU never waits for the step loop.
+        self._tokens_in: torch.Tensor | None = None
+        self._positions_in: torch.Tensor | None = None
+        self.pipelined: bool | None = None  # None: on GPUs only (on the CPU there is nothing to overlap)
         self._out = OutputWorker()  # detokenizing, streaming, results: off the step loop
         self._main_stream: Any = None  # CUDA streams: decode and prefill (high priority), vision (low)
         self._vision_stream: Any = None
+        self._vision_partition: Any = None  # green.SmStream: keeps the tower's green context alive
+        self.vision_sms = "-"  # what the tower may use, for /health
         self.liveness: Any = None  # llamactl.server.liveness.Liveness, set by the server
         self.metrics: Any = None  # llamactl.server.metrics.Metrics, set by the server
         self.step_hook: Callable[[], None] | None = None  # tests: runs at the top of every iteration
@@ -107,6 +131,7 @@ class ContinuousEngine(EngineStatus):
         self.on_batch_done: Callable[[float], None] | None = None  # seconds per chunk (vision + prefill)
         self.prefill_s = 0.0
         self.decode_s = 0.0
+        self._processed_at = 0.0
 
     # -- read-only surface (any thread) ------------------------------------------------------------------
 
@@ -149,6 +174,8 @@ class ContinuousEngine(EngineStatus):
             "compiled": self.settings.engine_compile if self.hf.device == "cuda" else "off",
             "prefill_chunk_images": self.chunk_images,
             "vision_overlaps_decode": self._vision_stream is not None,
+            "vision_sms": self.vision_sms,
+            "pipelined": bool(self.pipelined),
             "vision_attention": self._vision_attention(),
             "image_preprocessing_on": "cpu",  # the processor runs in request threads (prepare), off the GPU loop
             "threads": hf["threads"],
@@ -237,11 +264,18 @@ class ContinuousEngine(EngineStatus):
             self._l_buckets = length_buckets(self.max_len)
             if device == "cuda":
                 self._main_stream = torch.cuda.Stream(priority=-1)  # type: ignore[no-untyped-call]
-                self._vision_stream = torch.cuda.Stream(priority=0)  # type: ignore[no-untyped-call]
+                self._vision_stream = self._vision_stream_for(self.settings.vision_sms)
                 small = self._compiled(self.runner) if self.settings.engine_compile == "all" else None
                 self.graphs = DecodeGraphs(
                     self.runner.decode, self._b_buckets[-1], device, small=small, small_rows=_COMPILED_ROWS
                 )
+            if self.graphs is not None:
+                self._tokens_in, self._positions_in = self.graphs.tokens, self.graphs.positions
+            else:
+                self._tokens_in = torch.zeros(self.slots, dtype=torch.long, device=device)
+                self._positions_in = torch.zeros(self.slots, dtype=torch.long, device=device)
+            if self.pipelined is None:
+                self.pipelined = device == "cuda"
             self._warmup()
         log.info(
             "continuous engine: %d slots of %d tokens (%.1f GiB of pools) on %s, max batch %d",
@@ -260,6 +294,24 @@ class ContinuousEngine(EngineStatus):
             runner.decode, dynamic=True
         )
         return compiled
+
+    def _vision_stream_for(self, sms: int) -> Any:
+        """The tower's stream: on ``sms`` SMs (a green context; -1 = the automatic share) beside the decode steps,
+        or an ordinary low-priority stream (``sms`` 0, or when the driver cannot partition: said in /health)."""
+        ordinary = torch.cuda.Stream(priority=0)  # type: ignore[no-untyped-call]
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        if sms == 0:
+            self.vision_sms = f"all {total} (partition off)"
+            return ordinary
+        try:
+            part = sm_stream(sms if sms > 0 else auto_sms(total), device=torch.cuda.current_device())
+        except GreenContextError as exc:
+            log.warning("vision tower on every SM: %s", exc)
+            self.vision_sms = f"all {total} (no partition: {exc})"
+            return ordinary
+        self._vision_partition = part
+        self.vision_sms = f"{part.sms} of {part.total_sms}"
+        return part.stream
 
     def _measure_workspace(self, encoder: VisionEncoder, vision: Any) -> int:
         """Encode chunks of 1..chunk_images 4-tile images once (attention plans for every chunk shape) and
@@ -301,8 +353,8 @@ class ContinuousEngine(EngineStatus):
             self.prepare(r)
         for r in reqs:  # one at a time: a server may have a single slot
             self._prefill([r])
-            while self._running:
-                self._decode_step()
+            while self._running or self._inflight is not None:
+                self._iterate([])
         if self.graphs is not None:  # the common small shapes now, so the first requests do not capture
             for rows in self._b_buckets:
                 self.graphs.run(rows, self._l_buckets[0])
@@ -388,23 +440,31 @@ class ContinuousEngine(EngineStatus):
                     self.liveness.step_completed()
 
     def _iterate(self, newcomers: list[GenRequest]) -> None:
-        """Text newcomers prefill, ready images join, the batch decodes one token; new images start encoding
-        while that step runs on the GPU (their kernels are launched before the step's tokens are read back)."""
-        texts = [r for r in newcomers if r.image is None]
+        """One iteration: launch a decode step for every running row (its inputs are already on the device),
+        queue new images on the vision stream, then read back the PREVIOUS step's tokens while this one runs
+        (stream, end, free slots), then prefill text newcomers and join encoded images (they decode from the
+        next step). A row that ended in the previous step rides along in this one once; its token is dropped."""
+        step = self._launch_decode() if self._running else None
         images = [r for r in newcomers if r.image is not None]
+        texts = [r for r in newcomers if r.image is None]
+        if images:
+            self._start_encoding(images)
+        self._admitted = len(texts)
+        previous, self._inflight = self._inflight, step
+        if previous is not None:
+            self._process(previous)
+        if step is not None and not self.pipelined:
+            self._inflight = None
+            self._process(step)
         if texts:
             self._prefill(texts)
-        self._admitted = len(images)
+        self._admitted = 0
         encoding = self._encoding
         if encoding is not None and (encoding.ready() or not self._running):
             self._encoding = None
             self._join(encoding)
-        logits = self._launch_decode() if self._running else None
-        if images:
-            self._start_encoding(images)
-        self._admitted = 0
-        if logits is not None:
-            self._finish_decode(*logits)
+        if not self._running:
+            self._inflight = None  # every row it carried has ended
 
     def _take_newcomers(self) -> list[GenRequest]:
         encoding = self._encoding
@@ -468,9 +528,16 @@ class ContinuousEngine(EngineStatus):
         self.runner.set_cross_rows(rows)
         logits = self.runner.prefill(rows)
         self._running.extend(seqs)
-        for s in seqs:
-            s.length = len(s.prepared.input_ids)
-        self._accept(seqs, logits)
+        assert self._eos_tensor is not None
+        chosen = sample_tokens(logits, [s.sampling_next() for s in seqs], self._eos_tensor)
+        lengths = [len(s.prepared.input_ids) for s in seqs]
+        for s, n in zip(seqs, lengths):
+            s.length = n
+        first = seqs[0].slot  # newcomers take the slots after the running ones: one range
+        assert self._tokens_in is not None and self._positions_in is not None
+        self._tokens_in[first : first + len(seqs)].copy_(chosen)
+        self._positions_in[first : first + len(seqs)].copy_(torch.tensor(lengths), non_blocking=True)
+        self._accept(seqs, [int(t) for t in chosen.tolist()])  # the first tokens go out now (TTFT)
         took = time.monotonic() - t0
         self.prefill_s += took
         if self._state == "ready":  # not the warm-up
@@ -491,49 +558,56 @@ class ContinuousEngine(EngineStatus):
         return Sequence(req, req.prepared, slot, IncrementalText(self.hf.processor.tokenizer), sampling,
                         self._eos_ids)
 
-    def _decode_step(self) -> None:
-        self._finish_decode(*self._launch_decode())
+    def _launch_decode(self) -> _Step:
+        """Queue one decode step and its sampling for every running row; nothing here waits for the device.
 
-    def _launch_decode(self) -> tuple[list[Sequence], torch.Tensor, float]:
-        """Queue one decode step for every running sequence (on GPUs nothing waits for it here)."""
-        assert self.runner is not None
+        The chosen tokens become the rows' next inputs on the device and start their copy to the host."""
+        assert self.runner is not None and self._tokens_in is not None and self._positions_in is not None
+        assert self._eos_tensor is not None
         t0 = time.monotonic()
         seqs = list(self._running)
         n = len(seqs)
-        tokens = [s.next_token for s in seqs]
-        positions = [s.length for s in seqs]
-        longest = max(positions) + 1
+        longest = max(s.length for s in seqs) + 1
+        tokens_in, positions_in = self._tokens_in, self._positions_in
         if self.graphs is not None:
             rows = bucket(n, self._b_buckets)
-            length = bucket(longest, self._l_buckets)
-            pad = rows - n
-            self.graphs.tokens[:rows].copy_(torch.tensor(tokens + [0] * pad), non_blocking=True)
-            self.graphs.positions[:rows].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-            logits = self.graphs.run(rows, length)[:n]
+            if rows > n:
+                positions_in[n:rows].zero_()  # padding rows write into free slots at position 0
+            logits = self.graphs.run(rows, bucket(longest, self._l_buckets))[:n]
         else:
-            dev = self.hf.device
-            logits = self.runner.decode(
-                torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), n, longest
-            )
-        return seqs, logits, t0
-
-    def _finish_decode(self, seqs: list[Sequence], logits: torch.Tensor, t0: float) -> None:
+            logits = self.runner.decode(tokens_in[:n], positions_in[:n], n, longest)
+        chosen = sample_tokens(logits, [s.sampling_next() for s in seqs], self._eos_tensor)
+        tokens_in[:n].copy_(chosen)
+        positions_in[:n].add_(1)
         for s in seqs:
             s.length += 1
-        self._accept(seqs, logits)
-        self.steps += 1
-        self.decode_s += time.monotonic() - t0
+        if chosen.device.type == "cuda":
+            host = torch.empty(n, dtype=chosen.dtype, pin_memory=True)
+            host.copy_(chosen, non_blocking=True)
+            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            done.record()
+            return _Step(seqs, host, done, t0)
+        return _Step(seqs, chosen, None, t0)
 
-    def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Choose each row's token and decide who goes on (here); streaming, ends and metrics go to the output
-        thread as one job, so the next step can start."""
-        assert self._eos_tensor is not None
-        chosen = choose_tokens(logits, [s.sampling for s in seqs], self._eos_tensor)
+    def _process(self, step: _Step) -> None:
+        """A launched step's tokens, on the host: record, stream, end; ended rows free their slots."""
+        self._accept(step.seqs, step.tokens())
+        self.steps += 1
+        now = time.monotonic()
+        self.decode_s += now - max(step.launched, self._processed_at)  # steps overlap: count each moment once
+        self._processed_at = now
+
+    def _accept(self, seqs: list[Sequence], chosen: list[int]) -> None:
+        """Record each row's token and decide who goes on (here); streaming, ends and metrics go to the output
+        thread as one job, so the next step can start. Rows already ended (carried by a step launched before
+        their end was known) are skipped."""
         now = time.monotonic()
         batch = len(self._running)
         done: list[tuple[Sequence, FinishReason]] = []
         jobs: list[Callable[[], None]] = []
-        for s, token in zip(seqs, chosen):
+        live = [(s, token) for s, token in zip(seqs, chosen) if not s.ended]
+        seqs = [s for s, _ in live]
+        for s, token in live:
             if s.req.cancelled:
                 done.append((s, "cancelled"))
                 continue
@@ -553,6 +627,8 @@ class ContinuousEngine(EngineStatus):
         for s, reason in done:
             jobs.append(functools.partial(_finish, s, reason, tokenizer))
         self._out.submit(run_all(jobs))
+        for s, _ in done:
+            s.ended = True
         if done:
             self._release({s.slot for s, _ in done})
 
@@ -564,6 +640,9 @@ class ContinuousEngine(EngineStatus):
             if slot != last:
                 moving = self._running[last]
                 self.pools.move(last, slot, moving.length, moving.has_image)
+                assert self._tokens_in is not None and self._positions_in is not None
+                self._tokens_in[slot].copy_(self._tokens_in[last])  # its next input moves with it
+                self._positions_in[slot].copy_(self._positions_in[last])
                 moving.slot = slot
                 self._running[slot] = moving
             self._running.pop()
@@ -577,6 +656,7 @@ class ContinuousEngine(EngineStatus):
         log.exception("engine step failed; failing %d running request(s)", len(self._running))
         failure = EngineFailure(f"inference failed ({type(exc).__name__})")
         encoding, self._encoding = self._encoding, None
+        self._inflight = None
         reported = set()
         for req in [*(s.req for s in self._running), *newcomers, *(encoding.reqs if encoding is not None else [])]:
             if id(req) not in reported:

@@ -39,6 +39,14 @@ class SmStream:
     _keep: Any = None  # the green context handle: alive as long as the stream
 
 
+def auto_sms(total: int) -> int:
+    """The tower's share when none is set: two thirds of the SMs, a multiple of 8 (Hopper splits in 8s).
+
+    Measured on an H100 (132 SMs), tower chunk + 30 batch-32 decode steps: 72 SMs 696 ms, 88 SMs 676 ms,
+    104 SMs 706 ms, no partition 771 ms (bench/results/engine_green_probe_run1_h100.json)."""
+    return max(8, (total * 2 // 3) // 8 * 8)
+
+
 def _check(lib: Any, name: str, *args: Any) -> None:
     fn = getattr(lib, name, None)
     if fn is None:
@@ -65,7 +73,7 @@ def sm_stream(sms: int, device: int = 0, priority: int = 0) -> SmStream:
     """
     import torch
 
-    torch.cuda.init()  # the primary context exists before the driver calls below
+    torch.cuda.init()  # type: ignore[no-untyped-call]  # the primary context exists before the driver calls below
     try:
         lib = ctypes.CDLL("libcuda.so.1")
     except OSError as exc:
@@ -91,5 +99,5 @@ def sm_stream(sms: int, device: int = 0, priority: int = 0) -> SmStream:
     handle = ctypes.c_void_p()
     _check(lib, "cuGreenCtxStreamCreate", ctypes.byref(handle), green, ctypes.c_uint(_STREAM_NON_BLOCKING),
            ctypes.c_int(priority))
-    stream = torch.cuda.ExternalStream(handle.value, device=torch.device("cuda", device))
+    stream = torch.cuda.ExternalStream(handle.value, device=torch.device("cuda", device))  # type: ignore[no-untyped-call]
     return SmStream(stream, sm_count(part), total, _keep=green)

@@ -23,18 +23,23 @@ class RowSampling:
 
 
 def choose_tokens(logits: torch.Tensor, rows: list[RowSampling], eos_ids: torch.Tensor) -> list[int]:
-    """logits [n, vocab] float32 (device) -> one token id per row."""
+    """logits [n, vocab] float32 (device) -> one token id per row (waits for the device)."""
+    return [int(t) for t in sample_tokens(logits, rows, eos_ids).tolist()]
+
+
+def sample_tokens(logits: torch.Tensor, rows: list[RowSampling], eos_ids: torch.Tensor) -> torch.Tensor:
+    """logits [n, vocab] float32 (device) -> token ids [n] on the device, queued without waiting for it."""
     if any(r.block_eos for r in rows):
-        blocked = torch.tensor([r.block_eos for r in rows], device=logits.device)
+        blocked = torch.tensor([r.block_eos for r in rows]).to(logits.device, non_blocking=True)
         logits = logits.clone()
-        logits[blocked.nonzero(as_tuple=True)[0][:, None], eos_ids[None, :]] = float("-inf")
+        logits[:, eos_ids] = logits[:, eos_ids].masked_fill(blocked[:, None], float("-inf"))
     chosen = torch.argmax(logits, dim=-1)
     sampled = [i for i, r in enumerate(rows) if r.do_sample]
     if sampled:
         chosen = chosen.clone()
         for i in sampled:
             chosen[i] = _sample_row(logits[i], rows[i])
-    return [int(t) for t in chosen.tolist()]
+    return chosen
 
 
 def _sample_row(logits: torch.Tensor, row: RowSampling) -> torch.Tensor:

@@ -33,8 +33,9 @@ class Sequence:
     sampling: RowSampling
     eos: frozenset[int]
     started_at: float = field(default_factory=time.monotonic)
-    length: int = 0  # tokens whose K/V are in the slot
-    next_token: int = 0  # the token the next decode step feeds (sampled, not yet in the slot)
+    length: int = 0  # tokens whose K/V are in the slot or queued to it (the position the next step writes)
+    sampled: int = 0  # tokens chosen on the device, read back or not (``tokens`` lags by the step in flight)
+    ended: bool = False  # its end is decided; a step launched before that still carries the row (ignored)
     tokens: list[int] = field(default_factory=list)
     first_at: float | None = None
     last_at: float | None = None  # when its previous token came out (inter-token latency)
@@ -45,14 +46,18 @@ class Sequence:
     def has_image(self) -> bool:
         return self.prepared.cross_mask is not None
 
+    def sampling_next(self) -> RowSampling:
+        """The row's sampling for the token about to be chosen (end-of-sequence blocked below min_new_tokens)."""
+        self.sampling.block_eos = self.sampled < self.req.params.min_new_tokens
+        self.sampled += 1
+        return self.sampling
+
     def record(self, token: int, now: float, batch: int) -> FinishReason | None:
         """Record a sampled token (model thread, cheap): return why the sequence ends, or None to go on."""
         if self.first_at is None:
             self.first_at, self.batch_at_first = now, batch
         self.tokens.append(token)
-        self.next_token = token
         params = self.req.params
-        self.sampling.block_eos = len(self.tokens) < params.min_new_tokens
         if token in self.eos:
             return "stop"
         if len(self.tokens) >= params.max_new_tokens:
