@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,7 @@ class Design:
     warm: str  # "round": a round of `clients` requests before each level; "first": 1 request before the first
     weight: float  # share of the remaining time
     max_wait_ms: int | None = None  # LLAMACTL_MAX_WAIT_MS (None: the server's default)
+    env: dict[str, str] = field(default_factory=dict)  # more server settings of this design
 
 
 def designs_from(a: argparse.Namespace) -> list[Design]:
@@ -89,6 +90,10 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
                              a.rounds, a.min_requests, "round", 4.0),
         "hf": Design("hf", f"hf engine, windowed static batches of up to {a.hf_max_batch}", "hf", a.hf_max_batch,
                      small, a.rounds, a.min_requests, "round", 3.0, a.hf_max_wait_ms),
+        # the continuous engine with its vision tower on a green-context SM partition (settings.vision_sms)
+        "continuous-sm": Design("continuous-sm", "the continuous engine, vision tower on 2/3 of the SMs",
+                                "continuous", max(levels), a.sm_levels, a.rounds,
+                                a.min_requests, "round", 2.0, env={"LLAMACTL_VISION_SMS": "-1"}),
         "seed": Design("seed", "one request at a time (hf engine, max batch 1: the seed article's design)", "hf", 1,
                        a.seed_levels, 1, a.seed_min_requests, "first", 1.5, a.hf_max_wait_ms),
     }
@@ -292,6 +297,7 @@ class Bench:
                "LLAMACTL_GEN_MAX_NEW_TOKENS": "4096", "LLAMACTL_INSTANCE": f"engine-bench/{d.name}",
                "LLAMACTL_DEVICE": "cpu" if self.a.tiny else "cuda"}
         env["CUDA_VISIBLE_DEVICES"] = "" if self.a.tiny else "0"
+        env.update(d.env)
         if d.max_wait_ms is not None:
             env["LLAMACTL_MAX_WAIT_MS"] = str(d.max_wait_ms)
         else:
@@ -460,7 +466,8 @@ class Bench:
         lv["server_alive_after"] = self.proc is not None and self.proc.poll() is None
         self.rec.log(f"{d.name} c={conc}: " + json.dumps({k: lv.get(k) for k in (
             "requests", "ok", "failed", "cut", "tok_per_s", "req_per_s", "ttft_s_p50", "ttft_s_p95", "itl_s_p50",
-            "itl_s_p95", "gpu_util_mean_pct", "gpu_mem_smi_peak_gb", "of_roofline", "errors")}))
+            "itl_s_p95", "steady_tok_per_s", "steady_ttft_s_p95", "steady_requests", "gpu_util_mean_pct",
+            "gpu_mem_smi_peak_gb", "of_roofline", "errors")}))
         return lv
 
 
@@ -496,6 +503,7 @@ def main() -> None:
     ap.add_argument("--designs", type=lambda s: s.split(","), default=["continuous", "hf", "seed", "hf-big"],
                     help="in order: continuous, hf, seed, hf-big (the levels above --hf-max-batch)")
     ap.add_argument("--levels", type=ints, help="clients per level (default 1,8,32,64; tiny 1,2,4)")
+    ap.add_argument("--sm-levels", type=ints, default=[32], help="levels of the continuous-sm design")
     ap.add_argument("--seed-levels", type=ints, help="levels of the one-at-a-time design (default 1,8; tiny 1,2)")
     ap.add_argument("--hf-max-batch", type=int, help="the hf design's max batch (default 32; tiny 2)")
     ap.add_argument("--max-tokens", type=int, help="answer length (default 128; tiny 8)")

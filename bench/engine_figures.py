@@ -133,6 +133,11 @@ def acceptance(designs: dict[str, dict[str, Any]], gpu_name: str) -> list[dict[s
     row("32 clients: x the hf engine", ratio, ">= 3", None if ratio is None else ratio >= 3)
     p95 = c32.get("ttft_s_p95") if c32 else None
     row("32 clients: TTFT p95 s", p95, "<= 1.5", None if p95 is None else p95 <= 1.5)
+    # The same level without its opening burst (gpu_load.steady): every client busy, none just starting.
+    st = c32.get("steady_tok_per_s") if c32 else None
+    row("32 clients, steady window: output tok/s", st, ">= 1500", None if st is None else st >= 1500)
+    sp95 = c32.get("steady_ttft_s_p95") if c32 else None
+    row("32 clients, steady window: TTFT p95 s", sp95, "<= 1.5", None if sp95 is None else sp95 <= 1.5)
     t1 = c1["tok_per_s"] if c1 else None
     row("1 client: output tok/s", t1, ">= 100", None if t1 is None else t1 >= 100)
     p50 = c1.get("ttft_s_p50") if c1 else None

@@ -50,6 +50,9 @@ class Outcome:
     error: str = ""
     itl_s: list[float] = field(default_factory=list)  # gaps between successive content chunks
     chunks: int = 0  # content chunks received
+    started_at: float = 0.0  # time.time() when it was sent (comparable across load processes)
+    arrivals_at: list[float] = field(default_factory=list)  # time.time() of each content chunk
+    first_round: bool = False  # among its client's first requests (the burst every closed loop starts with)
 
 
 async def one_request(client: httpx.AsyncClient, url: str, image: str, max_tokens: int) -> Outcome:
@@ -63,6 +66,7 @@ async def one_request(client: httpx.AsyncClient, url: str, image: str, max_token
         "stream_options": {"include_usage": True},
     }
     t0 = time.monotonic()
+    wall0 = time.time()
     ttft: float | None = None
     tokens = 0
     upstream = ""
@@ -89,10 +93,11 @@ async def one_request(client: httpx.AsyncClient, url: str, image: str, max_token
         return Outcome(False, time.monotonic() - t0, ttft, tokens, upstream, f"{type(exc).__name__}: {exc}"[:200])
     e2e = time.monotonic() - t0
     itl = gaps(arrivals)
+    at = [wall0 + (a - t0) for a in arrivals]
     if tokens != max_tokens:
         return Outcome(False, e2e, ttft, tokens, upstream, f"{tokens} tokens instead of {max_tokens}", itl,
-                       len(arrivals))
-    return Outcome(True, e2e, ttft, tokens, upstream, "", itl, len(arrivals))
+                       len(arrivals), wall0, at)
+    return Outcome(True, e2e, ttft, tokens, upstream, "", itl, len(arrivals), wall0, at)
 
 
 def gaps(times: list[float]) -> list[float]:
@@ -126,8 +131,9 @@ async def _run(url: str, concurrency: int, requests: int, max_tokens: int, image
                 i = sent
                 sent += 1
                 running[i] = time.monotonic()
-                outcomes.append(await one_request(client, url, images[(first_image + i) % len(images)],
-                                                  max_tokens))
+                outcome = await one_request(client, url, images[(first_image + i) % len(images)], max_tokens)
+                outcome.first_round = i < concurrency
+                outcomes.append(outcome)
                 del running[i]
 
         t0 = time.monotonic()
@@ -176,6 +182,32 @@ def _run_processes(url: str, concurrency: int, requests: int, max_tokens: int, i
     return [o for outs, _ in results for o in outs], max(end for _, end in results) - start_at
 
 
+def steady(outcomes: list[Outcome]) -> dict[str, Any]:
+    """Figures of the steady part of a closed-loop run: from the moment every client has finished its first
+    request (the opening burst, when all clients sent at once, is over) to the moment the last request was sent
+    (after which clients start to run out of work). Output tokens per second within that window (content chunks
+    arriving in it, scaled by tokens per chunk) and TTFT of the requests sent within it."""
+    good = [o for o in outcomes if o.ok]
+    first = [o for o in good if o.first_round]
+    if not good or not first:
+        return {}
+    start = max(o.started_at + o.e2e_s for o in first)
+    end = max(o.started_at for o in good)
+    if end - start < 1.0:
+        return {"steady_note": "too short: rounds >= 3 give a steady window"}
+    chunks = sum(1 for o in good for t in o.arrivals_at if start <= t <= end)
+    per_chunk = sum(o.completion_tokens for o in good) / max(1, sum(o.chunks for o in good))
+    ttft = [o.ttft_s for o in good if start <= o.started_at <= end and o.ttft_s is not None]
+    return {
+        "steady_window_s": round(end - start, 2), "steady_tok_per_s": round(chunks * per_chunk / (end - start), 1),
+        "steady_requests": len(ttft), "steady_ttft_s_p50": _r(pct(ttft, 50)), "steady_ttft_s_p95": _r(pct(ttft, 95)),
+    }
+
+
+def _r(x: float | None, nd: int = 3) -> float | None:
+    return None if x is None else round(x, nd)
+
+
 def run_load(url: str, *, concurrency: int, requests: int, max_tokens: int, images: list[str],
              timeout_s: float = 900.0, processes: int = 1, deadline: float | None = None,
              grace_s: float = 0.0, first_image: int = 0) -> dict[str, Any]:
@@ -217,4 +249,5 @@ def run_load(url: str, *, concurrency: int, requests: int, max_tokens: int, imag
         "tpot_s_mean": r(statistics.fmean(tpot), 4) if tpot else None,
         "chunks_per_request_mean": r(statistics.fmean(o.chunks for o in good), 1) if good else None,
         "upstreams": dict(Counter(o.upstream for o in outcomes)),
+        **steady(outcomes),
     }

@@ -46,7 +46,7 @@ class Settings(BaseModel):
     # thirds of the GPU's, 0 = no partition (the tower then takes every SM and the decode steps wait between its
     # kernels). On an H100, 88 of 132 SMs ran a tower chunk beside 30 batch-32 steps in 676 ms instead of 771 ms
     # (bench/results/engine_green_probe_run1_h100.json).
-    vision_sms: int = Field(-1, ge=-1, le=4096)
+    vision_sms: int = Field(0, ge=-1, le=4096)
     max_batch_size: int = Field(8, ge=1, le=1024)
     max_wait_ms: float = Field(10.0, ge=0, le=60_000)
     queue_limit: int = Field(64, ge=1, le=100_000)

@@ -118,10 +118,14 @@ def test_designs_split_the_levels_above_the_hf_batch() -> None:
     import engine_bench
 
     a = argparse.Namespace(levels=[1, 8, 32, 64], hf_max_batch=32, seed_levels=[1, 8], rounds=2, min_requests=6,
-                           seed_min_requests=4, hf_max_wait_ms=200, designs=["continuous", "hf", "seed", "hf-big"])
+                           seed_min_requests=4, hf_max_wait_ms=200, designs=["continuous", "hf", "seed", "hf-big"],
+                           sm_levels=[32])
     got = {d.name: (d.engine, d.max_batch, d.levels, d.max_wait_ms) for d in engine_bench.designs_from(a)}
     assert got == {"continuous": ("continuous", 64, [1, 8, 32, 64], None), "hf": ("hf", 32, [1, 8, 32], 200),
                    "seed": ("hf", 1, [1, 8], 200), "hf-b64": ("hf", 64, [64], 200)}
+    a.designs = ["continuous-sm"]
+    [sm] = engine_bench.designs_from(a)
+    assert (sm.engine, sm.levels, sm.env) == ("continuous", [32], {"LLAMACTL_VISION_SMS": "-1"})
     a.designs = ["nope"]
     with pytest.raises(SystemExit, match="unknown design 'nope'"):
         engine_bench.designs_from(a)
@@ -224,3 +228,29 @@ def test_engine_bench_tiny_mode(tiny_checkpoint: Path, tmp_path: Path) -> None:
     md = (out / "engine_bench.md").read_text()
     assert "## continuous" in md and "## seed" in md and "Bare HF generate" in md
     assert (out / "engine_bench.log").exists() and (out / "server_logs.txt").exists()
+
+
+def test_steady_window_leaves_out_the_opening_burst_and_the_drain() -> None:
+    """2 clients, 4 requests each of 10 one-token chunks: the window runs from the end of the slowest first
+    request to the last send; its tokens per second and TTFTs come from inside it only."""
+    from gpu_load import Outcome, steady
+
+    def req(start: float, ttft: float, first: bool) -> Outcome:
+        at = [start + ttft + 0.1 * k for k in range(10)]
+        return Outcome(True, at[-1] - start, ttft, 10, "direct", "", [], 10, start, at, first)
+
+    outs = [req(0.0, 3.0, True), req(0.0, 1.0, True)]  # the burst: slow first tokens
+    t = {0: outs[0].started_at + outs[0].e2e_s, 1: outs[1].started_at + outs[1].e2e_s}
+    for _ in range(3):  # then each client sends again as soon as its previous answer ends
+        for c in (0, 1):
+            o = req(t[c], 0.2, False)
+            outs.append(o)
+            t[c] = o.started_at + o.e2e_s
+    r = steady(outs)
+    start, end = 3.9, max(o.started_at for o in outs)
+    assert r["steady_window_s"] == round(end - start, 2)
+    inside = sum(1 for o in outs for a in o.arrivals_at if start <= a <= end)
+    assert r["steady_tok_per_s"] == round(inside / (end - start), 1)
+    assert r["steady_ttft_s_p95"] == 0.2 and r["steady_requests"] == sum(
+        1 for o in outs if start <= o.started_at <= end)
+    assert steady(outs[:3]) == {"steady_note": "too short: rounds >= 3 give a steady window"}
