@@ -1,6 +1,8 @@
 """A real ``redis-server`` for tests: on a free loopback port, its data in a temporary directory.
 
 Restartable on the same port and directory, so tests can check what survives a restart (the append-only file).
+``running`` starts one for a fixture: ``redis_server`` in tests/conftest.py (one per test) and in
+tests/server/conftest.py (one per module, for the servers a module starts against it).
 """
 
 from __future__ import annotations
@@ -9,11 +11,14 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+PASSWORD = "redis-test-password-0123"  # the ``redis_server`` fixtures' password
 
 
 def need_redis_server() -> None:
@@ -95,3 +100,14 @@ class RedisServer:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+@contextmanager
+def running(tmp: Path, password: str = PASSWORD) -> Iterator[RedisServer]:
+    """A started ``RedisServer.with_password(tmp, password)``, stopped on exit."""
+    server = RedisServer.with_password(tmp, password)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -121,28 +121,10 @@ def _summary(console: Console, result: DeployResult) -> None:
     for h in result.hosts:
         table.add_row(h.host, "[green]ok[/green]" if h.ok else "[red]failed[/red]", str(len(h.changes)),
                       f"{h.duration_s:.1f}s", h.error or _brief(h))
-    bal = "[red]failed[/red]" if result.balancer_error else "[green]ok[/green]"
-    table.add_row("balancer", bal, "1" if result.balancer_changed else "0", "",
-                  result.balancer_error or ("config updated" if result.balancer_changed else "unchanged"))
-    if result.vip is not None or result.vip_error:
-        vip = result.vip or {}
-        table.add_row("vip", "[red]failed[/red]" if result.vip_error else "[green]ok[/green]",
-                      "1" if result.vip_changed else "0", "",
-                      result.vip_error or f"{vip.get('address')} held by {vip.get('holder')} (keepalived "
-                      f"{'updated' if result.vip_changed else 'unchanged'})")
-    if result.rolling_error:
-        table.add_row("rolling restart", "[red]failed[/red]", "", "", result.rolling_error)
-    if result.watch_error or result.watch_changes:
-        table.add_row("watch service", "[red]failed[/red]" if result.watch_error else "[green]ok[/green]",
-                      str(len(result.watch_changes)), "", result.watch_error or "; ".join(result.watch_changes))
-    if result.redis is not None or result.redis_error:
-        changes = result.redis.changes if result.redis else []
-        table.add_row("redis", "[red]failed[/red]" if result.redis_error else "[green]ok[/green]",
-                      str(len(changes)), "", result.redis_error or "; ".join(changes) or "unchanged")
-    if result.prometheus_error or result.prometheus_changes:
-        changes = [f"{h}: {c}" for h, cs in result.prometheus_changes.items() for c in cs]
-        table.add_row("prometheus", "[red]failed[/red]" if result.prometheus_error else "[green]ok[/green]",
-                      str(len(changes)), "", result.prometheus_error or "; ".join(changes))
+    for step in result.sections:
+        if step.shown:
+            table.add_row(step.name, "[red]failed[/red]" if step.error else "[green]ok[/green]",
+                          "" if step.changed is None else str(step.changed), "", step.error or step.detail)
     console.print(table)
     console.print(f"{result.changed} change(s) in {result.duration_s:.1f}s")
     if result.transfer is not None and (result.transfer.controller_bytes or result.transfer.peer_bytes):

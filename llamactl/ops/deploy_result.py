@@ -1,5 +1,9 @@
 """What a deploy did: per host, the balancer, the rolling restart and the watch service (``--json``), and
-the exit code it maps to."""
+the exit code it maps to.
+
+The steps after the hosts' own are read through ``DeployResult.sections``, one ``StepSection`` each: whether the
+deploy is ok, how many changes it made, the summary's rows and the failure message all iterate that list.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +33,21 @@ class HostOutcome:
         return self.plan.changes if self.plan else []
 
 
+@dataclass(frozen=True)
+class StepSection:
+    """One step after the hosts' own, as the result reports it."""
+
+    name: str  # the summary row's label, and the step's name in the failure message
+    error: str | None  # set (non-empty): the step failed, and so did the deploy
+    changed: int | None  # counted in DeployResult.changed; None: 0, and a blank "changed" cell in its row
+    detail: str  # the row's detail when the step did not fail
+    shown: bool = True  # whether the summary has a row for it
+
+
+# The order "deploy failed: ..." has always named failed steps in; a step not listed here follows these.
+_FAILURE_ORDER = ("rolling restart", "balancer", "watch service", "redis", "prometheus", "vip")
+
+
 @dataclass
 class DeployResult:
     release_id: str
@@ -52,16 +71,35 @@ class DeployResult:
     vip_error: str | None = None
 
     @property
+    def sections(self) -> list[StepSection]:
+        """The steps after the hosts', in the summary's order. A new step: its fields, a section here, and its
+        key in ``to_json`` (each step's JSON has its own shape, and the keys their order)."""
+        vip = self.vip or {}
+        redis_changes = self.redis.changes if self.redis else []
+        prometheus_changes = [f"{h}: {c}" for h, cs in self.prometheus_changes.items() for c in cs]
+        return [
+            StepSection("balancer", self.balancer_error, 1 if self.balancer_changed else 0,
+                        "config updated" if self.balancer_changed else "unchanged"),
+            StepSection("vip", self.vip_error, 1 if self.vip_changed else 0,
+                        f"{vip.get('address')} held by {vip.get('holder')} (keepalived "
+                        f"{'updated' if self.vip_changed else 'unchanged'})",
+                        shown=self.vip is not None or bool(self.vip_error)),
+            StepSection("rolling restart", self.rolling_error, None, "", shown=bool(self.rolling_error)),
+            StepSection("watch service", self.watch_error, len(self.watch_changes), "; ".join(self.watch_changes),
+                        shown=bool(self.watch_error or self.watch_changes)),
+            StepSection("redis", self.redis_error, len(redis_changes), "; ".join(redis_changes) or "unchanged",
+                        shown=self.redis is not None or bool(self.redis_error)),
+            StepSection("prometheus", self.prometheus_error, len(prometheus_changes), "; ".join(prometheus_changes),
+                        shown=bool(self.prometheus_error or self.prometheus_changes)),
+        ]
+
+    @property
     def ok(self) -> bool:
-        return (all(h.ok for h in self.hosts) and not self.balancer_error and not self.rolling_error
-                and not self.watch_error and not self.redis_error and not self.prometheus_error
-                and not self.vip_error)
+        return all(h.ok for h in self.hosts) and not any(s.error for s in self.sections)
 
     @property
     def changed(self) -> int:
-        return (sum(len(h.changes) for h in self.hosts) + (1 if self.balancer_changed else 0)
-                + len(self.watch_changes) + (len(self.redis.changes) if self.redis else 0)
-                + sum(len(c) for c in self.prometheus_changes.values()) + (1 if self.vip_changed else 0))
+        return sum(len(h.changes) for h in self.hosts) + sum(s.changed or 0 for s in self.sections)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -107,16 +145,10 @@ def raise_for(result: DeployResult) -> None:
         raise HostsUnreachable("cannot reach: " + ", ".join(h.host for h in failed))
     if not result.ok:
         parts = [f"{h.host} ({(h.error or '').splitlines()[0] if h.error else 'failed'})" for h in failed]
-        if result.rolling_error:
-            parts.append(f"rolling restart ({result.rolling_error})")
-        if result.balancer_error:
-            parts.append(f"balancer ({result.balancer_error})")
-        if result.watch_error:
-            parts.append(f"watch service ({result.watch_error})")
-        if result.redis_error:
-            parts.append(f"redis ({result.redis_error})")
-        if result.prometheus_error:
-            parts.append(f"prometheus ({result.prometheus_error})")
-        if result.vip_error:
-            parts.append(f"vip ({result.vip_error})")
+        steps = sorted((s for s in result.sections if s.error), key=_failure_rank)
+        parts += [f"{s.name} ({s.error})" for s in steps]
         raise OperationFailed("deploy failed: " + "; ".join(parts))
+
+
+def _failure_rank(section: StepSection) -> int:
+    return _FAILURE_ORDER.index(section.name) if section.name in _FAILURE_ORDER else len(_FAILURE_ORDER)

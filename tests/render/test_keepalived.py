@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from llamactl.inventory import load_inventory
 from llamactl.inventory.cluster import Inventory
 from llamactl.plan.keepalived import (
     CHECK_SCRIPT,
@@ -19,32 +18,15 @@ from llamactl.plan.keepalived import (
     parse_addresses,
     render_keepalived_files,
 )
+from tests.inventory_support import inventory_yaml, load_text
 from tests.render.tools import need
 
-INV = """\
-version: 1
-cluster: vision-prod
-defaults:
-  gpus: 0
-  model: {source: /srv/model}
-groups:
-  cpu:
-    hosts:
-      node-1: {address: 10.0.0.21}
-balancer:
-  hosts:
-    lb-01: {address: 10.0.0.11}
-    lb-02: {address: 10.0.0.12}
-    lb-03: {address: 10.0.0.13}
-  listen: 8080
-  server_name: vision.example.com
-"""
+INV = inventory_yaml({"node-1": "10.0.0.21"}, {"lb-01": "10.0.0.11", "lb-02": "10.0.0.12", "lb-03": "10.0.0.13"},
+                     cluster="vision-prod", balancer="  listen: 8080\n  server_name: vision.example.com\n")
 
 
 def load(tmp_path: Path, vip: str, env: dict[str, str] | None = None) -> Inventory:
-    path = tmp_path / "inv.yaml"
-    path.write_text(INV + vip)
-    return load_inventory(path, env=env or {})
+    return load_text(tmp_path, INV + vip, env or {})
 
 
 def conf(inv: Inventory, index: int, interface: str = "eth0") -> str:

@@ -1,4 +1,5 @@
-"""Server fixtures: the tiny real checkpoint (built once per session) and ``llamactl serve`` subprocesses.
+"""Server fixtures: the tiny real checkpoint (built once per session), ``llamactl serve`` subprocesses and a
+real redis-server per module.
 
 ``LLAMACTL_TINY_CACHE=/some/dir`` reuses a checkpoint across sessions (it is deterministic for a seed).
 """
@@ -15,6 +16,8 @@ import pytest
 # One intra-op thread: on a shared 2-core machine OpenMP's spinning worker threads make the tiny model ~10x
 # slower under load. Subprocesses inherit the variable; the in-process servers get set_num_threads below.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from tests.redis_support import RedisServer, running
 
 from ._support import ServeProcess, start_serve
 
@@ -50,3 +53,12 @@ def serve_factory(tiny_checkpoint: Path, tmp_path: Path) -> Iterator[Any]:
         if sp.proc.poll() is None:
             sp.proc.kill()
             sp.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server per module, not per test: a module's servers (module scoped, slow to start) use it.
+
+    Overrides the per-test one of tests/conftest.py; a test that stops it starts it again."""
+    with running(tmp_path_factory.mktemp("redis")) as server:
+        yield server

@@ -16,21 +16,12 @@ import pytest
 import redis
 
 from llamactl.server.openapi_docs import ErrorResponse, Job, JobAccepted
-from tests.redis_support import RedisServer
+from tests.redis_support import PASSWORD, RedisServer
 
 from ._support import ThreadServer, make_settings, png_b64, start_serve, start_thread_server
 
-PASSWORD = "server-test-password-0123"
 QUESTION = "What is in this image?"
 WAIT_S = 120.0  # generous: a shared 2-core machine
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer.with_password(tmp_path_factory.mktemp("redis"), PASSWORD)
-    server.start()
-    yield server
-    server.stop()
 
 
 def jobs_settings(model: Path, url: str, instance: str, **kw: Any) -> Any:

@@ -17,17 +17,8 @@ from tests.redis_support import RedisServer
 
 from ._support import ThreadServer, make_settings, png_b64, start_thread_server
 
-PASSWORD = "quota-server-password-0123"
 ALICE, BOB = "sk-alice-secret-1", "sk-bob-secret-2"
 KEYS = (f"name=alice key={ALICE} rpm=3", f"name=bob key={BOB}")
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer.with_password(tmp_path_factory.mktemp("redis"), PASSWORD)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

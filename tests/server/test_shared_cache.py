@@ -11,19 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.redis_support import RedisServer
+from tests.redis_support import PASSWORD, RedisServer
 
 from ._support import ThreadServer, make_settings, png_b64, start_thread_server
-
-PASSWORD = "shared-cache-password-0123"
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer.with_password(tmp_path_factory.mktemp("redis"), PASSWORD)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

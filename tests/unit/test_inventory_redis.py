@@ -10,41 +10,22 @@ from pathlib import Path
 import pytest
 
 from llamactl.cli.deploy import _masked
-from llamactl.errors import InventoryError
-from llamactl.inventory import expected_env, load_inventory
+from llamactl.inventory import expected_env
 from llamactl.plan.render import render_all
+from tests.inventory_support import inventory_yaml, load_problems, load_text
 from tests.redis_support import RedisServer
 
 PASSWORD = "s3cret-Redis-pass-0123"  # 22 characters, with '-' to exercise quoting
-BASE = """\
-version: 1
-cluster: lab
-defaults:
-  gpus: 0
-  model: {source: /srv/model}
-groups:
-  cpu:
-    hosts:
-      node-1: {address: 127.0.0.1}
-      node-2: {address: 10.0.0.12}
-balancer:
-  hosts:
-    lb-01: {address: 127.0.0.1}
-  listen: 8080
-"""
+BASE = inventory_yaml({"node-1": "127.0.0.1", "node-2": "10.0.0.12"}, {"lb-01": "127.0.0.1"},
+                      balancer="  listen: 8080\n")  # the redis: section starts on line 15
 
 
 def load(tmp_path: Path, redis: str, env: dict[str, str] | None = None) -> object:
-    path = tmp_path / "inv.yaml"
-    path.write_text(BASE + redis)
-    return load_inventory(path, env={"REDIS_PW": PASSWORD} if env is None else env)
+    return load_text(tmp_path, BASE + redis, {"REDIS_PW": PASSWORD} if env is None else env)
 
 
 def problems(tmp_path: Path, redis: str, env: dict[str, str] | None = None) -> list[str]:
-    with pytest.raises(InventoryError) as caught:
-        load(tmp_path, redis, env)
-    assert caught.value.exit_code == 2
-    return [str(p).replace(str(tmp_path / "inv.yaml"), "INV", 1) for p in caught.value.problems]
+    return load_problems(tmp_path, BASE + redis, {"REDIS_PW": PASSWORD} if env is None else env)
 
 
 def test_defaults_and_env_file(tmp_path: Path) -> None:

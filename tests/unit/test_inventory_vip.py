@@ -6,38 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from llamactl.errors import InventoryError
-from llamactl.inventory import load_inventory
 from llamactl.inventory.cluster import Inventory
+from tests.inventory_support import inventory_yaml, load_problems, load_text
 
-BASE = """\
-version: 1
-cluster: lab
-defaults:
-  gpus: 0
-  model: {source: /srv/model}
-groups:
-  cpu:
-    hosts:
-      node-1: {address: 10.0.0.21}
-balancer:
-  hosts:
-    lb-01: {address: 10.0.0.11}
-    lb-02: {address: 10.0.0.12}
-"""
+BASE = inventory_yaml({"node-1": "10.0.0.21"}, {"lb-01": "10.0.0.11", "lb-02": "10.0.0.12"})  # vip: on line 14
 
 
 def load(tmp_path: Path, extra: str, env: dict[str, str] | None = None, base: str = BASE) -> Inventory:
-    path = tmp_path / "inv.yaml"
-    path.write_text(base + extra)
-    return load_inventory(path, env={"VRRP_PW": "s3cr3t"} if env is None else env)
+    return load_text(tmp_path, base + extra, {"VRRP_PW": "s3cr3t"} if env is None else env)
 
 
 def problems(tmp_path: Path, extra: str, env: dict[str, str] | None = None, base: str = BASE) -> list[str]:
-    with pytest.raises(InventoryError) as caught:
-        load(tmp_path, extra, env, base)
-    assert caught.value.exit_code == 2
-    return [str(p).replace(str(tmp_path / "inv.yaml"), "INV", 1) for p in caught.value.problems]
+    return load_problems(tmp_path, base + extra, {"VRRP_PW": "s3cr3t"} if env is None else env)
 
 
 def test_no_vip_keeps_the_first_balancer_as_endpoint(tmp_path: Path) -> None:

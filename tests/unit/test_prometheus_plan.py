@@ -12,42 +12,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llamactl.errors import InventoryError
 from llamactl.inventory import Inventory, load_inventory
 from llamactl.plan import prometheus as prom
 from llamactl.plan.deploy import Run, Upload
+from tests.inventory_support import inventory_yaml, load_problems, load_text
 
-BASE = """\
-version: 1
-cluster: lab
-defaults:
-  gpus: 0
-  model: {source: /srv/model}
-groups:
-  cpu:
-    hosts:
-      node-1: {address: 10.0.0.11}
-      node-2: {address: 10.0.0.12, gpus: 2}
-balancer:
-  hosts:
-    lb-01: {address: 10.0.0.2}
-  listen: 8080
-health:
-  alerts: {enabled: true}
-"""
+BASE = inventory_yaml({"node-1": "10.0.0.11", "node-2": "10.0.0.12, gpus: 2"}, {"lb-01": "10.0.0.2"},
+                      balancer="  listen: 8080\n",
+                      sections="health:\n  alerts: {enabled: true}\n")  # prometheus: starts on line 17
 
 
 def load(tmp_path: Path, extra: str, base: str = BASE) -> Inventory:
-    path = tmp_path / "inv.yaml"
-    path.write_text(base + extra)
-    return load_inventory(path, env={})
+    return load_text(tmp_path, base + extra, env={})
 
 
 def problems(tmp_path: Path, extra: str, base: str = BASE) -> list[str]:
-    with pytest.raises(InventoryError) as caught:
-        load(tmp_path, extra, base)
-    assert caught.value.exit_code == 2
-    return [str(p).replace(str(tmp_path / "inv.yaml"), "INV", 1) for p in caught.value.problems]
+    return load_problems(tmp_path, base + extra, env={})
 
 
 def test_defaults(tmp_path: Path) -> None:

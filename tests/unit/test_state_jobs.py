@@ -4,7 +4,7 @@ counted per delivery, give-back on drain, a Redis restart losing nothing, and Re
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +14,9 @@ from llamactl.state.client import StateUnavailable, connect
 from llamactl.state.consumer import JobConsumer
 from llamactl.state.jobs import GROUP, STREAM, JobFailed, JobRecords
 from llamactl.state.service import SharedJobs
-from tests.redis_support import RedisServer
+from tests.redis_support import PASSWORD, RedisServer
 
-PASSWORD = "unit-test-password-0123"
 WAIT_S = 30.0  # generous: the machine is shared and slow
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer.with_password(tmp_path, PASSWORD)
-    server.start()
-    yield server
-    server.stop()
 
 
 async def until(check: Callable[[], Awaitable[bool]], what: str) -> None:

@@ -4,8 +4,6 @@ count on a real redis-server shared by two ``Quotas`` (two instances)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
@@ -15,7 +13,6 @@ from llamactl.state.keys import KeyPolicy, KeySpecError, default_name, parse_ent
 from llamactl.state.quotas import LocalWindows, Quotas
 from tests.redis_support import RedisServer
 
-PASSWORD = "quota-test-password-0123"
 SECRET = "sk-very-secret-123"
 
 
@@ -61,20 +58,12 @@ def test_local_windows_refuse_past_the_limit_and_reset_each_minute() -> None:
     assert w.admit(p) == ("tokens_per_minute", 55)
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    srv = RedisServer.with_password(tmp_path, PASSWORD)
-    srv.start()
-    yield srv
-    srv.stop()
-
-
-def test_limits_hold_across_instances_through_redis(server: RedisServer) -> None:
+def test_limits_hold_across_instances_through_redis(redis_server: RedisServer) -> None:
     policies = parse_entries(["name=alice key=sk-a rpm=5", "name=bob key=sk-b tpm=30", "sk-free"])
 
     async def go() -> None:
-        one, two = (Quotas(policies, server.url, CollectorRegistry()) for _ in range(2))
-        raw = redis.Redis.from_url(server.url, decode_responses=True)
+        one, two = (Quotas(policies, redis_server.url, CollectorRegistry()) for _ in range(2))
+        raw = redis.Redis.from_url(redis_server.url, decode_responses=True)
         minute = raw.time()[0] // 60
         results = [await (one if i % 2 else two).admit("alice") for i in range(8)]
         turned = raw.time()[0] // 60 != minute  # a new window began mid-test: it may admit up to 5 more
@@ -99,16 +88,16 @@ def test_limits_hold_across_instances_through_redis(server: RedisServer) -> None
     asyncio.run(go())
 
 
-def test_redis_down_falls_back_to_counting_per_instance(server: RedisServer) -> None:
+def test_redis_down_falls_back_to_counting_per_instance(redis_server: RedisServer) -> None:
     policies = parse_entries(["name=alice key=sk-a rpm=2"])
 
     async def go() -> None:
-        q = Quotas(policies, server.url, CollectorRegistry())
-        server.stop()
+        q = Quotas(policies, redis_server.url, CollectorRegistry())
+        redis_server.stop()
         assert await q.admit("alice") is None and await q.admit("alice") is None
         refusal = await q.admit("alice")
         assert refusal is not None and refusal.limit == "requests_per_minute"
         assert q.describe()["state"] == "local (Redis down)" and not q.shared
         await q.close()
-        server.start()
+        redis_server.start()
     asyncio.run(go())
