@@ -117,7 +117,8 @@ def main() -> None:
 
         build_tiny_checkpoint(model_dir)
     side = 112
-    ns = argparse.Namespace(tiny=True, max_tokens=a.max_tokens, load_procs=1, grace_s=30.0, work=work)
+    ns = argparse.Namespace(tiny=True, max_tokens=a.max_tokens, load_procs=1, grace_s=30.0, work=work,
+                            status_at=0)  # no `llamactl status --deep` run during a burst here
     rec = Recorder(work / "raw")
     rec.info = {"mode": "tiny-cpu", "env": environment(tiny=True), "designs": {}}
     t0 = time.monotonic()
