@@ -2,7 +2,7 @@
 
 The CI tests run the engine on the CPU; CUDA-only parts (graph replay fed from device buffers, the pipelined
 loop's pinned copies and events, the vision tower on its SM partition) run here on the tiny checkpoint in
-float32: 12 staggered requests (images of several sizes, text-only rows, different lengths) through the engine,
+float32, in both loop orders (the pipelined one with the tower on an SM partition): 12 staggered requests (images of several sizes, text-only rows, different lengths) through the engine,
 each answer compared with ``generate`` for that request alone. Exits 1 on any difference.
 
     python3 bench/engine_gpu_check.py        # on the GPU machine, ~30 s
@@ -74,8 +74,9 @@ def main() -> int:
     failures = 0
     device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
     for pipelined in (True, False):
+        # the pipelined loop with the tower on an SM partition, the step-by-step loop with an ordinary stream
         eng = ContinuousEngine(Settings(model=str(path), device=device, dtype="float32", max_batch_size=8,
-                                        gen_max_new_tokens=256))
+                                        vision_sms=-1 if pipelined else 0, gen_max_new_tokens=256))
         eng.pipelined = pipelined
         eng.start()
         thread = threading.Thread(target=eng.run_forever, daemon=True)

@@ -131,7 +131,7 @@ def main() -> None:
     engine, _model = build(False, 64, 2048)
     engine.start()
     report["engine"] = engine.describe()
-    g, main_s, vision_s = engine.graphs, engine._main_stream, engine._vision_stream
+    g, main_s, vision_s = engine.graphs, engine._main_stream, engine._lane.stream
     encoder = engine.runner.encoder
     n = 8
     pixel = torch.randn(n, 1, 4, 3, 560, 560, device="cuda", dtype=torch.bfloat16)

@@ -54,7 +54,7 @@ def probe(engine: Any, model: Any) -> dict[str, Any]:
     ar_mask = torch.ones(n, 1, 4, dtype=torch.long, device="cuda")
     run = lambda: vision(pixel_values=pixel, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask)
     g = engine.graphs
-    main_s, vision_s = engine._main_stream, engine._vision_stream
+    main_s, vision_s = engine._main_stream, engine._lane.stream
     encoder = engine.runner.encoder
     ar_cpu = torch.ones(n, 1, 4, dtype=torch.long)
     split = lambda: encoder(pixel, ar_ids, ar_mask, ar_cpu)

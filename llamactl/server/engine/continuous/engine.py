@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
+from llamactl.server.engine.continuous.encoding import Encoding, VisionLane
 from llamactl.server.engine.continuous.graphs import DecodeGraphs, batch_buckets, bucket, length_buckets
-from llamactl.server.engine.continuous.green import GreenContextError, auto_sms, sm_stream
 from llamactl.server.engine.continuous.model import MllamaRunner, Newcomer
 from llamactl.server.engine.continuous.output import OutputWorker, run_all
 from llamactl.server.engine.continuous.pools import PoolShape, SlotPools, plan_slots
@@ -54,19 +54,6 @@ log = logging.getLogger("llamactl.server.engine")
 # batch 32 its generated attention kernels were slower than eager (31 vs 17 ms; bench/results/engine_direct_run4).
 _COMPILED_ROWS = 8  # prompt tokens a slot holds beyond the longest answer the server allows
 _GIB = 2**30
-
-
-@dataclass
-class _Encoding:
-    """Image newcomers whose vision states are being computed (on the vision stream on GPUs); no slot yet."""
-
-    reqs: list[GenRequest]
-    states: torch.Tensor
-    done: Any  # torch.cuda.Event, or None when computed synchronously (CPU)
-    started: float
-
-    def ready(self) -> bool:
-        return self.done is None or bool(self.done.query())
 
 
 @dataclass
@@ -97,7 +84,8 @@ class ContinuousEngine(EngineStatus):
         self._running: list[Sequence] = []  # index == slot
         self._stopping = False
         self._admitted = 0  # requests taken from the queue whose prefill has not finished
-        self._encoding: _Encoding | None = None
+        self._encoding: Encoding | None = None
+        self._lane = VisionLane()  # where the vision tower runs (a stream of its own on GPUs)
         self._inflight: _Step | None = None  # the decode step launched last, its tokens not read yet
         # Each row's next input token and position live on the device (sampled there, moved there), so a step
         # is launched before the previous one's tokens reach the host: the GPU never waits for the step loop.
@@ -105,10 +93,7 @@ class ContinuousEngine(EngineStatus):
         self._positions_in: torch.Tensor | None = None
         self.pipelined: bool | None = None  # None: on GPUs only (on the CPU there is nothing to overlap)
         self._out = OutputWorker()  # detokenizing, streaming, results: off the step loop
-        self._main_stream: Any = None  # CUDA streams: decode and prefill (high priority), vision (low)
-        self._vision_stream: Any = None
-        self._vision_partition: Any = None  # green.SmStream: keeps the tower's green context alive
-        self.vision_sms = "-"  # what the tower may use, for /health
+        self._main_stream: Any = None  # CUDA stream of decode and prefill (high priority; the tower: self._lane)
         self.liveness: Any = None  # llamactl.server.liveness.Liveness, set by the server
         self.metrics: Any = None  # llamactl.server.metrics.Metrics, set by the server
         self.step_hook: Callable[[], None] | None = None  # tests: runs at the top of every iteration
@@ -173,8 +158,8 @@ class ContinuousEngine(EngineStatus):
             "cuda_graphs": None if self.graphs is None else self.graphs.captures,
             "compiled": self.settings.engine_compile if self.hf.device == "cuda" else "off",
             "prefill_chunk_images": self.chunk_images,
-            "vision_overlaps_decode": self._vision_stream is not None,
-            "vision_sms": self.vision_sms,
+            "vision_overlaps_decode": self._lane.stream is not None,
+            "vision_sms": self._lane.description,
             "pipelined": bool(self.pipelined),
             "vision_attention": self._vision_attention(),
             "image_preprocessing_on": "cpu",  # the processor runs in request threads (prepare), off the GPU loop
@@ -264,7 +249,7 @@ class ContinuousEngine(EngineStatus):
             self._l_buckets = length_buckets(self.max_len)
             if device == "cuda":
                 self._main_stream = torch.cuda.Stream(priority=-1)  # type: ignore[no-untyped-call]
-                self._vision_stream = self._vision_stream_for(self.settings.vision_sms)
+                self._lane = VisionLane.on_gpu(self.settings.vision_sms)
                 small = self._compiled(self.runner) if self.settings.engine_compile == "all" else None
                 self.graphs = DecodeGraphs(
                     self.runner.decode, self._b_buckets[-1], device, small=small, small_rows=_COMPILED_ROWS
@@ -294,24 +279,6 @@ class ContinuousEngine(EngineStatus):
             runner.decode, dynamic=True
         )
         return compiled
-
-    def _vision_stream_for(self, sms: int) -> Any:
-        """The tower's stream: on ``sms`` SMs (a green context; -1 = the automatic share) beside the decode steps,
-        or an ordinary low-priority stream (``sms`` 0, or when the driver cannot partition: said in /health)."""
-        ordinary = torch.cuda.Stream(priority=0)  # type: ignore[no-untyped-call]
-        total = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-        if sms == 0:
-            self.vision_sms = f"all {total} (partition off)"
-            return ordinary
-        try:
-            part = sm_stream(sms if sms > 0 else auto_sms(total), device=torch.cuda.current_device())
-        except GreenContextError as exc:
-            log.warning("vision tower on every SM: %s", exc)
-            self.vision_sms = f"all {total} (no partition: {exc})"
-            return ordinary
-        self._vision_partition = part
-        self.vision_sms = f"{part.sms} of {part.total_sms}"
-        return part.stream
 
     def _measure_workspace(self, encoder: VisionEncoder, vision: Any) -> int:
         """Encode chunks of 1..chunk_images 4-tile images once (attention plans for every chunk shape) and
@@ -487,29 +454,15 @@ class ContinuousEngine(EngineStatus):
         return ok
 
     def _start_encoding(self, reqs: list[GenRequest]) -> None:
-        """Vision tower + projector for image newcomers: on the vision stream on GPUs (returns at once)."""
+        """Vision tower + projector for image newcomers (queued on the vision lane on GPUs: returns at once)."""
         assert self.runner is not None
-        t0 = time.monotonic()
         reqs = self._prepared(reqs)
-        if not reqs:
-            return
-        rows = [_newcomer(-1, r.prepared) for r in reqs]
-        if self._vision_stream is None:
-            self._encoding = _Encoding(reqs, self.runner.vision_states(rows), None, t0)
-            return
-        with torch.cuda.stream(self._vision_stream):
-            states = self.runner.vision_states(rows)
-            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            done.record()
-        self._encoding = _Encoding(reqs, states, done, t0)
+        if reqs:
+            self._encoding = self._lane.start(self.runner.vision_states, reqs, [_newcomer(-1, r.prepared) for r in reqs])
 
-    def _join(self, encoding: _Encoding) -> None:
+    def _join(self, encoding: Encoding) -> None:
         """Encoded image newcomers take slots: their cross K/V, prompt prefill and first token."""
-        if encoding.done is not None:
-            main = torch.cuda.current_stream()
-            main.wait_event(encoding.done)
-            encoding.states.record_stream(main)  # freed on the vision stream only after the main stream used it
-        self._prefill(encoding.reqs, states=encoding.states, started=encoding.started)
+        self._prefill(encoding.reqs, states=self._lane.hand_over(encoding), started=encoding.started)
 
     def _prefill(self, reqs: list[GenRequest], states: torch.Tensor | None = None, started: float | None = None) -> None:
         """Newcomers into slots; ``states`` = their images' vision states (all have images) if already encoded."""

@@ -1,0 +1,81 @@
+"""Image newcomers through the vision tower + projector before they take a slot, beside the decoding batch.
+
+On GPUs the tower runs on a stream of its own (``VisionLane``): its kernels are queued and the step loop goes on;
+the newcomers join (cross-attention K/V, prefill) once their states are ready, handed to the main stream. The
+stream is an ordinary low-priority one, or one confined to part of the SMs (``green.py``, ``vision_sms``). On
+the CPU the tower runs at once, on the loop's thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llamactl.server.engine.continuous.green import GreenContextError, SmStream, auto_sms, sm_stream
+from llamactl.server.engine.continuous.model import Newcomer
+from llamactl.server.engine.protocol import GenRequest
+
+log = logging.getLogger("llamactl.server.engine")
+
+
+@dataclass
+class Encoding:
+    """Image newcomers whose vision states are being computed; no slot yet."""
+
+    reqs: list[GenRequest]
+    states: torch.Tensor
+    done: Any  # torch.cuda.Event, or None when computed synchronously (CPU)
+    started: float
+
+    def ready(self) -> bool:
+        return self.done is None or bool(self.done.query())
+
+
+class VisionLane:
+    """Where the tower runs: ``stream`` None = synchronously (CPU)."""
+
+    def __init__(self, stream: Any = None, description: str = "-", partition: SmStream | None = None) -> None:
+        self.stream = stream
+        self.description = description  # what the tower may use, for /health
+        self._partition = partition  # keeps the green context alive as long as its stream
+
+    @classmethod
+    def on_gpu(cls, sms: int) -> VisionLane:
+        """On ``sms`` SMs (a green context; -1 = the automatic share) beside the decode steps, or on an ordinary
+        low-priority stream (``sms`` 0, or when the driver cannot partition: the description says why)."""
+        device = torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(device).multi_processor_count
+        if sms == 0:
+            return cls(torch.cuda.Stream(priority=0), f"all {total} (partition off)")  # type: ignore[no-untyped-call]
+        try:
+            part = sm_stream(sms if sms > 0 else auto_sms(total), device=device)
+        except GreenContextError as exc:
+            log.warning("vision tower on every SM: %s", exc)
+            return cls(torch.cuda.Stream(priority=0), f"all {total} (no partition: {exc})")  # type: ignore[no-untyped-call]
+        return cls(part.stream, f"{part.sms} of {part.total_sms}", part)
+
+    def start(self, encode: Callable[[list[Newcomer]], torch.Tensor], reqs: list[GenRequest],
+              rows: list[Newcomer]) -> Encoding:
+        """Queue the tower for ``rows`` (returns at once on GPUs)."""
+        started = time.monotonic()
+        if self.stream is None:
+            return Encoding(reqs, encode(rows), None, started)
+        with torch.cuda.stream(self.stream):
+            states = encode(rows)
+            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            done.record()
+        return Encoding(reqs, states, done, started)
+
+    @staticmethod
+    def hand_over(encoding: Encoding) -> torch.Tensor:
+        """The states, usable on the current (main) stream from here on."""
+        if encoding.done is not None:
+            main = torch.cuda.current_stream()
+            main.wait_event(encoding.done)
+            encoding.states.record_stream(main)  # freed on the vision stream only after the main stream used it
+        return encoding.states
