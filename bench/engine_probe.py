@@ -77,23 +77,13 @@ def probe(engine: Any, model: Any) -> dict[str, Any]:
         # overlap): each alone, then together from one start event.
         steps = 30
         for b in (8, 32):
-            def together(b: int = b) -> dict[str, float]:
-                start = torch.cuda.Event(enable_timing=True)
-                dec_end, vis_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                with torch.cuda.stream(main_s):
-                    start.record()
-                vision_s.wait_event(start)
-                with torch.cuda.stream(vision_s):
-                    run()
-                    vis_end.record()
-                with torch.cuda.stream(main_s):
-                    for _ in range(steps):
-                        g.run(b, 256)
-                    dec_end.record()
-                torch.cuda.synchronize()
-                return {"decode_s": start.elapsed_time(dec_end) / 1000, "vision_s": start.elapsed_time(vis_end) / 1000}
-            together()
-            both = together()
+            from engine_green_probe import together
+
+            def pair(b: int = b) -> dict[str, float]:
+                ms = together(run, vision_s, lambda: [g.run(b, 256) for _ in range(steps)], main_s)
+                return {"decode_s": ms["decode_ms"] / 1000, "vision_s": ms["tower_ms"] / 1000}
+            pair()
+            both = pair()
             with torch.cuda.stream(main_s):
                 alone = timed(lambda b=b: [g.run(b, 256) for _ in range(steps)], reps=3)
             report[f"overlap_b{b}"] = {
