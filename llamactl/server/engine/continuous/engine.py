@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from llamactl.server.engine.continuous.cross_attention import CANDIDATES as CROSS_CANDIDATES
+from llamactl.server.engine.continuous.cross_attention import choose as choose_cross
 from llamactl.server.engine.continuous.encoding import Encoding, VisionLane
 from llamactl.server.engine.continuous.graphs import DecodeGraphs, batch_buckets, bucket, length_buckets
 from llamactl.server.engine.continuous.model import MllamaRunner, Newcomer
@@ -105,7 +107,8 @@ class ContinuousEngine(EngineStatus):
         self.chunk_images = 8
         self.chunk_tokens = 4096
         self.split_vision_mask = True  # vision.py: attention without transformers' dense L x L mask
-        self.vision_timings: dict[str, float] = {}  # seconds for 2 images per unmasked-attention kernel
+        self.vision_timings: dict[str, float] = {}
+        self.cross_attention = "matmul"  # the decode step's cross-attention form (timed at start on GPUs)  # seconds for 2 images per unmasked-attention kernel
         self._eos_ids: frozenset[int] = frozenset()
         self._eos_tensor: torch.Tensor | None = None
         self._b_buckets: list[int] = []
@@ -162,6 +165,7 @@ class ContinuousEngine(EngineStatus):
             "vision_sms": self._lane.description,
             "pipelined": bool(self.pipelined),
             "vision_attention": self._vision_attention(),
+            "cross_attention": self.cross_attention,
             "image_preprocessing_on": "cpu",  # the processor runs in request threads (prepare), off the GPU loop
             "threads": hf["threads"],
             "steps": self.steps,
@@ -245,6 +249,9 @@ class ContinuousEngine(EngineStatus):
                 self.slots = plan_slots(shape, self.settings.max_batch_size, None, 0)
             self.pools = SlotPools(shape, self.slots, self_ids, cross, hf.dtype, device)
             self.runner = MllamaRunner(model, self.pools, encoder)
+            if device == "cuda":
+                self._choose_cross_attention(self.runner)
+                torch.cuda.empty_cache()  # its random K/V (~0.8 GB) back before the graphs are captured
             self._b_buckets = batch_buckets(self.slots)
             self._l_buckets = length_buckets(self.max_len)
             if device == "cuda":
@@ -279,6 +286,23 @@ class ContinuousEngine(EngineStatus):
             runner.decode, dynamic=True
         )
         return compiled
+
+    def _choose_cross_attention(self, runner: MllamaRunner) -> None:
+        """Time the decode step's cross-attention forms on this GPU (cross_attention.py) at batch 1 and at the
+        largest of 32 / the slots, with this model's shapes; the decode graphs then capture the fastest."""
+        pools = runner.pools
+        rows = min(32, self.slots)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        kv_shape = (rows, pools.shape.kv_heads, pools.cross_len, pools.shape.head_dim)
+        k = torch.randn(kv_shape, device="cuda", dtype=pools.dtype, generator=gen)
+        v = torch.randn(kv_shape, device="cuda", dtype=pools.dtype, generator=gen)
+        q = torch.randn(rows, runner.nh, 1, runner.hd, device="cuda", dtype=pools.dtype, generator=gen)
+        bias = torch.zeros(rows, 1, 1, pools.cross_len, device="cuda", dtype=pools.dtype)
+        bias[::2, :, :, -runner.num_patches :] = runner.min_value  # every other row: an image with a tile less
+        best, timings = choose_cross(lambda b: (q[:b], k[:b], v[:b], bias[:b]), sorted({1, rows}), runner.scale)
+        runner.decode_cross_attend = CROSS_CANDIDATES[best]
+        self.cross_attention = best + " (" + ", ".join(
+            f"{name} {' / '.join(f'{t * 1e6:.0f}' for t in ts)} us" for name, ts in timings.items()) + ")"
 
     def _measure_workspace(self, encoder: VisionEncoder, vision: Any) -> int:
         """Encode chunks of 1..chunk_images 4-tile images once (attention plans for every chunk shape) and

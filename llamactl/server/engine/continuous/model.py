@@ -79,6 +79,8 @@ class MllamaRunner:
         self._arange = torch.arange(pools.max_len, device=pools.device)
         if cfg.hidden_act != "silu":
             raise ValueError(f"the continuous engine expects SiLU MLPs, not {cfg.hidden_act!r}")
+        # the decode step's cross-attention kernel (cross_attention.py picks one by timing on GPUs)
+        self.decode_cross_attend: Any = attend
         self.weights: list[SelfWeights | CrossWeights] = [
             cross_weights(layer) if i in self.cross_layers else self_weights(layer)
             for i, layer in enumerate(self.layers)
@@ -207,13 +209,13 @@ class MllamaRunner:
 
     def _cross_layer(
         self, w: CrossWeights, h: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, bias: torch.Tensor,
-        rowmask: torch.Tensor, has_image: torch.Tensor,
+        rowmask: torch.Tensor, has_image: torch.Tensor, attend_fn: Any = attend,
     ) -> torch.Tensor:
         """h [n, t, hidden]; ck/cv [n, kv_heads, C, head_dim]; bias [n, 1, t, C]; rowmask [n, 1, t, 1]."""
         n, t, _ = h.shape
         q = F.linear(rms(w.ln_in, h), w.q).view(n, t, self.nh, self.hd)
         q = rms(w.q_norm, q).transpose(1, 2)
-        out = attend(q, ck, cv, bias, self.scale)
+        out = attend_fn(q, ck, cv, bias, self.scale)
         attn = F.linear(out.transpose(1, 2).reshape(n, t, -1), w.o)
         h = h.addcmul_(attn, w.attn_gate * has_image)  # a text-only row (has_image 0) passes unchanged
         down = F.linear(mlp(w, rms(w.ln_post, h)), w.down)
@@ -239,7 +241,8 @@ class MllamaRunner:
         for layer_idx, w in enumerate(self.weights):
             if isinstance(w, CrossWeights):
                 c = pools.cross_index[layer_idx]
-                h = self._cross_layer(w, h, pools.ck[c][:b], pools.cv[c][:b], cross_bias, rowmask, has_image)
+                h = self._cross_layer(w, h, pools.ck[c][:b], pools.cv[c][:b], cross_bias, rowmask, has_image,
+                                      self.decode_cross_attend)
                 continue
             s = pools.self_index[layer_idx]
             qkv = F.linear(rms(w.ln_in, h), w.qkv).view(b, nh + 2 * nkv, self.hd)

@@ -1,0 +1,119 @@
+"""The decode step's cross-attention kernel, chosen by timing at start (CUDA).
+
+A decode step's cross-attention reads every row's image K/V (6,404 positions x 8 K/V heads per layer: ~210 MB a
+row over the 8 layers), so at batch 32 it is ~6.7 GB a step, and at batch 1 the grouped matmuls of ``fused.attend``
+ran at a fraction of the bandwidth (an H100 profile: 58 us for the scores of one layer, where the bytes need ~5 us).
+The same math has other forms whose speed depends on the GPU and library versions, so each is timed at start on the
+engine's own pools, inside CUDA graphs as the step runs it, and checked against ``attend``:
+- ``matmul``: ``fused.attend`` (q grouped under its K/V head, scores = q @ K^T, softmax, @ V);
+- ``keys_first``: scores^T = K @ q^T (the GEMM streams K along its contiguous rows);
+- ``sdpa_efficient`` / ``sdpa_cudnn``: PyTorch's fused attention with the additive mask, the 4 query heads of a
+  K/V head passed as 4 query rows of one head (exactly GQA for one token), so K/V are read once, not repeated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from llamactl.server.engine.continuous.fused import attend
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def keys_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """As ``attend``; q [n, heads, t, d], k/v [n, kv_heads, L, d], bias [n, 1, t, L] -> [n, heads, t, d]."""
+    n, heads, t, d = q.shape
+    kv = k.shape[1]
+    group = heads // kv
+    qg = q.reshape(n, kv, group * t, d)
+    scores = torch.matmul(k, qg.transpose(-1, -2)).transpose(-1, -2).reshape(n, kv, group, t, -1)
+    scores = torch.add(bias.unsqueeze(1), scores, alpha=scale)
+    weights = F.softmax(scores, dim=-1)
+    return torch.matmul(weights.view(n, kv, group * t, -1), v).view(n, heads, t, d)
+
+
+def fused_sdpa(backend: SDPBackend | None) -> Attend:
+    """PyTorch's fused attention on grouped queries (one decode token: ``t`` == 1), with one kernel family."""
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+        n, heads, t, d = q.shape
+        if t != 1:
+            raise ValueError("grouped fused attention is for one query token a row")
+        kv = k.shape[1]
+        qg = q.reshape(n, kv, heads // kv, d)  # a K/V head's query heads as its query rows
+        if backend is None:
+            out = F.scaled_dot_product_attention(qg, k, v, attn_mask=bias, scale=scale)
+        else:
+            with sdpa_kernel([backend]):
+                out = F.scaled_dot_product_attention(qg, k, v, attn_mask=bias, scale=scale)
+        return out.reshape(n, heads, 1, d)
+
+    return run
+
+
+CANDIDATES: dict[str, Attend] = {
+    "matmul": attend,
+    "keys_first": keys_first,
+    "sdpa_efficient": fused_sdpa(SDPBackend.EFFICIENT_ATTENTION),
+    "sdpa_cudnn": fused_sdpa(SDPBackend.CUDNN_ATTENTION),
+}
+
+
+def time_in_graph(fn: Callable[[], torch.Tensor], calls: int = 8, reps: int = 3) -> float:
+    """Seconds per call of ``fn`` replayed from a CUDA graph (no launch overhead, as in the decode step)."""
+    side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000 / calls)
+    return float(sorted(times)[len(times) // 2])
+
+
+def _bound(fn: Attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+           scale: float) -> Callable[[], torch.Tensor]:
+    return lambda: fn(q, k, v, bias, scale)
+
+
+def choose(q_at: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], batches: list[int],
+           scale: float, timer: Callable[[Callable[[], torch.Tensor]], float] = time_in_graph,
+           tolerance: float = 2e-2) -> tuple[str, dict[str, list[float]]]:
+    """The candidate with the least summed time over ``batches``; ``q_at(b)`` gives (q, k, v, bias) for b rows.
+
+    A candidate that fails (a kernel that cannot take the shapes, a capture error) or whose output is further than
+    ``tolerance`` (relative L2) from ``matmul`` is left out. Returns its name and the seconds per candidate.
+    """
+    timings: dict[str, list[float]] = {}
+    for name, fn in CANDIDATES.items():
+        try:
+            per_batch = []
+            for b in batches:
+                q, k, v, bias = q_at(b)
+                ref = attend(q, k, v, bias, scale).float()
+                got = fn(q, k, v, bias, scale).float()
+                if float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref)) > tolerance:
+                    raise ValueError(f"{name} differs from matmul")
+                per_batch.append(timer(_bound(fn, q, k, v, bias, scale)))
+            timings[name] = per_batch
+        except (RuntimeError, ValueError):
+            continue
+    best = min(timings, key=lambda n: sum(timings[n])) if timings else "matmul"
+    return best, timings
