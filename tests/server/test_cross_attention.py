@@ -3,6 +3,9 @@ and the start-time choice among them (timed on GPUs; here with a fake timer)."""
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -38,29 +41,65 @@ def test_keys_first_takes_prompts_too() -> None:
         ca.fused_sdpa(None)(q, k, v, bias, 0.3)
 
 
-def test_choice_is_the_fastest_correct_form(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_choice_is_the_fastest_correct_form_per_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """matmul fastest at batch 1, keys_first at 4 (as the matmuls and cuDNN's kernel crossed over on an H100);
+    a form that differs from attend and one that raises are left out however fast."""
+
     def wrong(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
         return attend(q, k, v, bias, scale) * 1.5
 
     def broken(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
         raise RuntimeError("No available kernel")
 
-    cost = {"matmul": 3.0, "keys_first": 2.0, "wrong": 0.5, "broken": 0.1}
-    monkeypatch.setattr(ca, "CANDIDATES", {"matmul": attend, "keys_first": ca.keys_first, "wrong": wrong,
-                                           "broken": broken})
-    calls: list[str] = []
-
-    def timer(fn: object) -> float:
-        name = calls[-1]
-        return cost[name]
+    cost = {("matmul", 1): 1.0, ("matmul", 4): 3.0, ("keys_first", 1): 2.0, ("keys_first", 4): 2.0,
+            ("wrong", 1): 0.5, ("wrong", 4): 0.5}
+    last: list[tuple[str, int]] = []
 
     def tracking(name: str, fn: ca.Attend) -> ca.Attend:
-        def run(*args: object) -> torch.Tensor:
-            calls.append(name)
-            return fn(*args)  # type: ignore[arg-type]
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+            last.append((name, q.shape[0]))
+            return fn(q, k, v, bias, scale)
         return run
 
-    monkeypatch.setattr(ca, "CANDIDATES", {n: tracking(n, f) for n, f in ca.CANDIDATES.items()})
-    best, timings = ca.choose(shapes, [1, 4], 0.25, timer=timer)
-    assert best == "keys_first"
-    assert timings == {"matmul": [3.0, 3.0], "keys_first": [2.0, 2.0]}  # wrong and broken left out
+    forms = {"matmul": attend, "keys_first": ca.keys_first, "wrong": wrong, "broken": broken}
+    monkeypatch.setattr(ca, "CANDIDATES", {n: tracking(n, f) for n, f in forms.items()})
+    choice, timings = ca.choose(shapes, [1, 4], 0.25, timer=lambda fn: cost[last[-1]])
+    assert choice == {1: "matmul", 4: "keys_first"}
+    assert timings == {"matmul": [1.0, 3.0], "keys_first": [2.0, 2.0]}
+    assert [ca.for_rows(choice, rows) for rows in (1, 2, 3, 4, 16)] == ["matmul"] * 3 + ["keys_first"] * 2
+    monkeypatch.setattr(ca, "CANDIDATES", {"broken": broken})
+    assert ca.choose(shapes, [1, 8], 0.25, timer=lambda fn: 1.0) == ({1: "matmul", 8: "matmul"}, {})
+
+
+def test_the_engine_wires_the_choice_into_its_decode_step(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the tiny model (CPU), with a choice of keys_first from batch 2 on: the runner takes
+    that choice per batch, /health names it, and greedy decoding still equals the engine's matmul answer."""
+    from llamactl.server.engine.continuous import ContinuousEngine
+    from llamactl.server.engine.protocol import GenParams, GenRequest
+    from llamactl.server.tiny import trained_image, trained_messages
+
+    from ._support import make_settings
+    from .test_continuous_engine import run_all
+
+    eng = ContinuousEngine(make_settings(tiny_checkpoint, max_batch_size=8, gen_max_new_tokens=64))
+    eng.start()
+    thread = threading.Thread(target=eng.run_forever, daemon=True)
+    thread.start()
+    try:
+        def req() -> GenRequest:
+            return GenRequest(prompt=eng.render_prompt(trained_messages()), image=trained_image("red"),
+                              params=GenParams(max_new_tokens=12))
+
+        before = run_all(eng, [req() for _ in range(3)])
+        monkeypatch.setattr("llamactl.server.engine.continuous.engine.choose_cross",
+                            lambda q_at, batches, scale: ({1: "matmul", 2: "keys_first"},
+                                                          {"matmul": [1.0, 3.0], "keys_first": [2.0, 2.0]}))
+        eng._choose_cross_attention(eng.runner)
+        assert eng.runner.cross_choice == {1: "matmul", 2: "keys_first"}
+        assert eng.describe()["cross_attention"].startswith("batch 1+: matmul, batch 2+: keys_first (")
+        after = run_all(eng, [req() for _ in range(3)])
+        assert [r.text for r in after] == [r.text for r in before]
+        assert max(r.batch_size for r in after) > 1  # steps of 2+ rows ran the keys_first form
+    finally:
+        eng.stop()
+        thread.join(10)

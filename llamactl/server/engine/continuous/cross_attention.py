@@ -94,13 +94,16 @@ def _bound(fn: Attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: 
 
 
 def choose(q_at: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], batches: list[int],
-           scale: float, timer: Callable[[Callable[[], torch.Tensor]], float] = time_in_graph,
-           tolerance: float = 2e-2) -> tuple[str, dict[str, list[float]]]:
-    """The candidate with the least summed time over ``batches``; ``q_at(b)`` gives (q, k, v, bias) for b rows.
+           scale: float, timer: Callable[[Callable[[], torch.Tensor]], float] | None = None,
+           tolerance: float = 2e-2) -> tuple[dict[int, str], dict[str, list[float]]]:
+    """The fastest candidate at each of ``batches``; ``q_at(b)`` gives (q, k, v, bias) for b rows.
 
-    A candidate that fails (a kernel that cannot take the shapes, a capture error) or whose output is further than
-    ``tolerance`` (relative L2) from ``matmul`` is left out. Returns its name and the seconds per candidate.
+    Per batch, because the forms cross over: on an H100 (bench/results/engine_bench_run9.json) the matmuls took
+    66 us at batch 1 and 479 us at batch 32, cuDNN's fused attention 135 and 302 us. A candidate that fails (a
+    kernel that cannot take the shapes, a capture error) or whose output is further than ``tolerance`` (relative
+    L2) from ``matmul`` is left out. Returns {batch: name} and the seconds per candidate (one per batch).
     """
+    timer = timer or time_in_graph
     timings: dict[str, list[float]] = {}
     for name, fn in CANDIDATES.items():
         try:
@@ -115,5 +118,14 @@ def choose(q_at: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor,
             timings[name] = per_batch
         except (RuntimeError, ValueError):
             continue
-    best = min(timings, key=lambda n: sum(timings[n])) if timings else "matmul"
-    return best, timings
+    if not timings:
+        return {b: "matmul" for b in batches}, timings
+    return {b: min(timings, key=lambda n: timings[n][i]) for i, b in enumerate(batches)}, timings
+
+
+def for_rows(choice: dict[int, str], rows: int) -> str:
+    """The form for a step of ``rows`` rows: that of the largest measured batch not above it (the smallest's
+    below it)."""
+    measured = sorted(choice)
+    below = [b for b in measured if b <= rows]
+    return choice[below[-1] if below else measured[0]]

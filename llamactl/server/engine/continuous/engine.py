@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 
-from llamactl.server.engine.continuous.cross_attention import CANDIDATES as CROSS_CANDIDATES
 from llamactl.server.engine.continuous.cross_attention import choose as choose_cross
 from llamactl.server.engine.continuous.encoding import Encoding, VisionLane
 from llamactl.server.engine.continuous.graphs import DecodeGraphs, batch_buckets, bucket, length_buckets
@@ -288,21 +287,23 @@ class ContinuousEngine(EngineStatus):
         return compiled
 
     def _choose_cross_attention(self, runner: MllamaRunner) -> None:
-        """Time the decode step's cross-attention forms on this GPU (cross_attention.py) at batch 1 and at the
-        largest of 32 / the slots, with this model's shapes; the decode graphs then capture the fastest."""
+        """Time the decode step's cross-attention forms on this GPU (cross_attention.py) at batch 1, 8 and 32 (at
+        most the slots), with this model's shapes; each decode graph then captures the fastest for its rows."""
         pools = runner.pools
         rows = min(32, self.slots)
-        gen = torch.Generator(device="cuda").manual_seed(0)
+        dev = pools.device
+        gen = torch.Generator(device=dev).manual_seed(0)
         kv_shape = (rows, pools.shape.kv_heads, pools.cross_len, pools.shape.head_dim)
-        k = torch.randn(kv_shape, device="cuda", dtype=pools.dtype, generator=gen)
-        v = torch.randn(kv_shape, device="cuda", dtype=pools.dtype, generator=gen)
-        q = torch.randn(rows, runner.nh, 1, runner.hd, device="cuda", dtype=pools.dtype, generator=gen)
-        bias = torch.zeros(rows, 1, 1, pools.cross_len, device="cuda", dtype=pools.dtype)
+        k = torch.randn(kv_shape, device=dev, dtype=pools.dtype, generator=gen)
+        v = torch.randn(kv_shape, device=dev, dtype=pools.dtype, generator=gen)
+        q = torch.randn(rows, runner.nh, 1, runner.hd, device=dev, dtype=pools.dtype, generator=gen)
+        bias = torch.zeros(rows, 1, 1, pools.cross_len, device=dev, dtype=pools.dtype)
         bias[::2, :, :, -runner.num_patches :] = runner.min_value  # every other row: an image with a tile less
-        best, timings = choose_cross(lambda b: (q[:b], k[:b], v[:b], bias[:b]), sorted({1, rows}), runner.scale)
-        runner.decode_cross_attend = CROSS_CANDIDATES[best]
-        self.cross_attention = best + " (" + ", ".join(
-            f"{name} {' / '.join(f'{t * 1e6:.0f}' for t in ts)} us" for name, ts in timings.items()) + ")"
+        batches = sorted({1, min(8, rows), rows})
+        choice, timings = choose_cross(lambda b: (q[:b], k[:b], v[:b], bias[:b]), batches, runner.scale)
+        runner.cross_choice = choice
+        self.cross_attention = ", ".join(f"batch {b}+: {name}" for b, name in sorted(choice.items())) + " (" + "; ".join(
+            f"{name} {' / '.join(f'{t * 1e6:.0f}' for t in ts)} us" for name, ts in timings.items()) + f" at {batches})"
 
     def _measure_workspace(self, encoder: VisionEncoder, vision: Any) -> int:
         """Encode chunks of 1..chunk_images 4-tile images once (attention plans for every chunk shape) and

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llamactl.server.engine.continuous.cross_attention import CANDIDATES as CROSS_FORMS
+from llamactl.server.engine.continuous.cross_attention import for_rows
 from llamactl.server.engine.continuous.fused import (
     CrossWeights,
     SelfWeights,
@@ -79,8 +81,8 @@ class MllamaRunner:
         self._arange = torch.arange(pools.max_len, device=pools.device)
         if cfg.hidden_act != "silu":
             raise ValueError(f"the continuous engine expects SiLU MLPs, not {cfg.hidden_act!r}")
-        # the decode step's cross-attention kernel (cross_attention.py picks one by timing on GPUs)
-        self.decode_cross_attend: Any = attend
+        # the decode step's cross-attention form per batch size (cross_attention.py times them on GPUs)
+        self.cross_choice: dict[int, str] = {1: "matmul"}
         self.weights: list[SelfWeights | CrossWeights] = [
             cross_weights(layer) if i in self.cross_layers else self_weights(layer)
             for i, layer in enumerate(self.layers)
@@ -238,11 +240,12 @@ class MllamaRunner:
         rowmask = pools.cross_rowmask[:b].view(b, 1, 1, 1)
         has_image = pools.has_image[:b].view(b, 1, 1)
         write_at = positions.view(b, 1, 1, 1).expand(b, nkv, 1, self.hd)
+        cross_attend = CROSS_FORMS[for_rows(self.cross_choice, b)]
         for layer_idx, w in enumerate(self.weights):
             if isinstance(w, CrossWeights):
                 c = pools.cross_index[layer_idx]
                 h = self._cross_layer(w, h, pools.ck[c][:b], pools.cv[c][:b], cross_bias, rowmask, has_image,
-                                      self.decode_cross_attend)
+                                      cross_attend)
                 continue
             s = pools.self_index[layer_idx]
             qkv = F.linear(rms(w.ln_in, h), w.qkv).view(b, nh + 2 * nkv, self.hd)
