@@ -103,3 +103,4 @@ def test_the_engine_wires_the_choice_into_its_decode_step(tiny_checkpoint: Path,
     finally:
         eng.stop()
         thread.join(10)
+
