@@ -3,12 +3,15 @@
 Each iteration of the step loop (model thread):
 1. admit: waiting requests take free slots, at most one bounded chunk (images, prompt tokens) per iteration,
    so running sequences wait for at most one chunk between two of their tokens;
-2. text-only newcomers are prefilled at once; image newcomers first go through the vision tower + projector,
-   on GPUs on a second, low-priority CUDA stream while the batch keeps decoding (the tower is compute-bound,
-   a decode step bandwidth-bound: they share the GPU instead of taking turns). Once their states are ready
-   they join: cross-attention K/V into their slots, the prompt through every layer, the first token sampled;
-3. one decode step for every running sequence (a CUDA graph replay on GPUs), per-row sampling and stopping;
-4. finished or cancelled sequences leave; their slots are reused at once (the last running one moves in).
+2. one decode step for every running sequence (a CUDA graph replay on GPUs, the fastest cross-attention form
+   for its rows), its tokens sampled per row on the device and kept there as the next step's inputs;
+3. image newcomers are queued through the vision tower + projector (on GPUs on a stream of their own,
+   ``encoding.py``) while the batch keeps decoding;
+4. the previous step's tokens come back to the host (on GPUs one step late, so the GPU never waits for this
+   loop): recorded, streamed by the output thread, ends decided; finished or cancelled sequences leave and
+   their slots are reused at once (the last running one moves in);
+5. text newcomers are prefilled and image newcomers whose states are ready join: cross-attention K/V into their
+   slots, the prompt through every layer, the first token sampled; they decode from the next step.
 A request that cannot get a slot waits (``waiting_for_memory``); admission in front turns a long wait into 429.
 """
 

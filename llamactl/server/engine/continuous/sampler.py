@@ -22,11 +22,6 @@ class RowSampling:
     block_eos: bool  # still below min_new_tokens
 
 
-def choose_tokens(logits: torch.Tensor, rows: list[RowSampling], eos_ids: torch.Tensor) -> list[int]:
-    """logits [n, vocab] float32 (device) -> one token id per row (waits for the device)."""
-    return [int(t) for t in sample_tokens(logits, rows, eos_ids).tolist()]
-
-
 def sample_tokens(logits: torch.Tensor, rows: list[RowSampling], eos_ids: torch.Tensor) -> torch.Tensor:
     """logits [n, vocab] float32 (device) -> token ids [n] on the device, queued without waiting for it."""
     if any(r.block_eos for r in rows):
