@@ -1,5 +1,6 @@
 """Operating a deployed lab (3 hosts + nginx balancer) under continuous load through the balancer:
-rolling restart, kill -9 of a server, and watch healing a stopped server all lose 0 requests."""
+rolling restart, kill -9 of a server, and watch healing a stopped server all lose 0 requests (kill -9: except a
+response the killed server was already writing, which no proxy can retry)."""
 
 from __future__ import annotations
 
@@ -62,7 +63,12 @@ def test_kill_9_under_load_loses_nothing_and_heals(deployed_lab: Lab) -> None:
     after = int(lab_sh(deployed_lab, "lab-host1", "systemctl show -p NRestarts --value llamactl@0.service"))
     assert after == restarts + 1  # systemd brought it back (Restart=on-failure)
     assert healed < 90
-    assert load.failed == [] and load.ok >= 200, load.failed[:5]
+    # nginx retries every request the dead server had not started answering. One whose response headers were
+    # already on their way when SIGKILL landed (uvicorn writes them before the body) reaches the client cut short,
+    # and no proxy can retry it: that is the only loss a kill -9 may cause, at most one response per client.
+    # Seen once in many CI runs (2026-11-28: "peer closed connection without sending complete message body").
+    cut = [f for f in load.failed if "without sending complete message body" in f]
+    assert [f for f in load.failed if f not in cut] == [] and len(cut) <= 4 and load.ok >= 200, load.failed[:5]
 
 
 def test_watch_heals_a_stopped_server(deployed_lab: Lab) -> None:
