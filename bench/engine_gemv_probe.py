@@ -27,6 +27,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from llamactl.server.engine.continuous.cross_attention import time_in_graph
+
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096),
           "cross_q": (4096, 4096), "lm_head": (4096, 128256)}
 
@@ -53,30 +58,6 @@ def forms(w: torch.Tensor, rows: int) -> dict[str, Callable[[torch.Tensor], torc
     return out
 
 
-def graph_time(fn: Callable[[], Any], calls: int = 20, reps: int = 5) -> float:
-    """Microseconds per call, replayed from a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / calls)
-    return round(sorted(times)[len(times) // 2], 1)
-
-
 def run(device: str, scale_down: int) -> dict[str, Any]:
     report: dict[str, Any] = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -93,7 +74,7 @@ def run(device: str, scale_down: int) -> dict[str, Any]:
                     err = float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref))
                     entry: dict[str, Any] = {"rel_l2": round(err, 4)}
                     if device == "cuda":
-                        us = graph_time(lambda fn=fn, x=x: fn(x))
+                        us = round(time_in_graph(lambda fn=fn, x=x: fn(x), calls=20, reps=5) * 1e6, 1)
                         entry.update(us=us, TBps=round(w.numel() * w.element_size() / (us * 1e-6) / 1e12, 2))
                     row[form] = entry
                 except RuntimeError as exc:

@@ -92,7 +92,6 @@ def _inventory(state: LabState, d: Path) -> dict[str, Any]:
             "ready_timeout_s": 120,
             "canary": True,
         },
-        "health": {"interval_s": 2, "timeout_s": 2, "fall": 2, "rise": 1, "startup_grace_s": 120},
         # Redis on the balancer host (the distribution's redis-server, which every host has): shared jobs
         "redis": {"port": 6379, "maxmemory_mb": 64, "password": {"file": str(d / REDIS_PASSWORD)}},
         "health": {"interval_s": 2, "timeout_s": 2, "fall": 2, "rise": 1, "startup_grace_s": 120,

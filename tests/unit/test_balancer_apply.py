@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from llamactl.inventory import Inventory, load_inventory
+from llamactl.inventory import Inventory
 from llamactl.ops.balancer import BACKUP_SUFFIX, BalancerConfigError, apply_balancer_config
 from llamactl.plan.nginx import NginxControl
 from llamactl.plan.command import Command
 from llamactl.plan.render import render_balancer_files
 from llamactl.remote.recording import RecordingExecutor, Reply
+from tests.inventory_support import load_text
 
 INVENTORY = """\
 version: 1
@@ -36,9 +37,7 @@ TARGETS = "/etc/prometheus/file_sd/llamactl.json"
 
 @pytest.fixture
 def inv(tmp_path: Path) -> Inventory:
-    path = tmp_path / "inventory.yaml"
-    path.write_text(INVENTORY)
-    return load_inventory(path, env={})
+    return load_text(tmp_path, INVENTORY, env={})
 
 
 class Nginx:

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,7 +18,7 @@ from llamactl.plan import redis as plan
 from llamactl.plan.deploy import Run, Upload
 from llamactl.plan.render import render_redis_files
 from llamactl.remote.local import LocalExecutor
-from tests.redis_support import RedisServer
+from tests.redis_support import running
 
 PASSWORD = "s3cret-Redis-pass-0123"
 INV = """\
@@ -157,23 +158,23 @@ def test_ping_command_against_a_real_redis(tmp_path: Path) -> None:
     """AUTH + PING with the password read from the rendered config: PONG; with a wrong one: a clear error.
     The password is never in the command line."""
     (tmp_path / "srv").mkdir()
-    server = RedisServer.with_password(tmp_path / "srv", PASSWORD)
-    server.start()
-    try:
-        inv = inventory(tmp_path, port=server.port)
-        for path, f in render_redis_files(inv).items():
-            Path(path).write_bytes(f.content)
+    with running(tmp_path / "srv", PASSWORD) as server:
+        inv = rendered(tmp_path, port=server.port)
         cmd = plan.ping_command(inv, timeout_s=2)
         assert PASSWORD not in cmd.shell()
         assert LocalExecutor().run(cmd).stdout.strip() == "PONG"
-        wrong = inventory(tmp_path, port=server.port, password="wrong-password-0123456")
-        for path, f in render_redis_files(wrong).items():
-            Path(path).write_bytes(f.content)
+        wrong = rendered(tmp_path, port=server.port, password="wrong-password-0123456")
         with pytest.raises(RemoteCommandError) as caught:
             LocalExecutor().run(plan.ping_command(wrong, timeout_s=0.5))
         assert "Redis did not answer PONG" in str(caught.value) and "WRONGPASS" in str(caught.value)
-    finally:
-        server.stop()
+
+
+def rendered(tmp_path: Path, **kw: Any) -> Inventory:
+    """``inventory(tmp_path, **kw)`` with its Redis files written where they point (the password file)."""
+    inv = inventory(tmp_path, **kw)
+    for path, f in render_redis_files(inv).items():
+        Path(path).write_bytes(f.content)
+    return inv
 
 
 def test_sync_redis_applies_the_plan_then_pings(tmp_path: Path) -> None:

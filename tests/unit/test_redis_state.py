@@ -8,20 +8,15 @@ from pathlib import Path
 import redis
 
 from llamactl.health.redis_state import parse_state, state_command
-from llamactl.plan.render import render_redis_files
 from llamactl.remote.local import LocalExecutor
-from tests.redis_support import RedisServer
-from tests.unit.test_plan_redis import PASSWORD, inventory
+from tests.redis_support import running
+from tests.unit.test_plan_redis import PASSWORD, rendered
 
 
 def test_state_of_a_real_redis(tmp_path: Path) -> None:
     (tmp_path / "srv").mkdir()
-    server = RedisServer.with_password(tmp_path / "srv", PASSWORD)
-    server.start()
-    try:
-        inv = inventory(tmp_path, port=server.port)
-        for path, f in render_redis_files(inv).items():
-            Path(path).write_bytes(f.content)
+    with running(tmp_path / "srv", PASSWORD) as server:
+        inv = rendered(tmp_path, port=server.port)
         raw = redis.Redis.from_url(server.url, decode_responses=True)
         raw.xgroup_create("llamactl:jobs", "servers", id="0", mkstream=True)
         for i in range(3):
@@ -39,8 +34,6 @@ def test_state_of_a_real_redis(tmp_path: Path) -> None:
         assert state.usage == {"alice": {"requests": 7, "rejected": 2, "prompt_tokens": 70,
                                          "completion_tokens": 35}}
         assert "jobs backlog 3 (1 claimed)" in state.line()
-    finally:
-        server.stop()
 
 
 def test_a_redis_that_does_not_answer() -> None:

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from llamactl.inventory import Inventory, load_inventory
+from llamactl.inventory import Inventory
 from llamactl.ops.vip import Prepared, VipError, apply_vip, preflight
 from llamactl.plan.command import Command
 from llamactl.plan.keepalived import CHECK_SCRIPT, render_keepalived_files
 from llamactl.remote.recording import RecordingExecutor, Reply
+from tests.inventory_support import load_text
 
 INVENTORY = """\
 version: 1
@@ -34,9 +35,7 @@ CONF = "/etc/keepalived/keepalived.conf"
 
 @pytest.fixture
 def inv(tmp_path: Path) -> Inventory:
-    path = tmp_path / "inventory.yaml"
-    path.write_text(INVENTORY)
-    return load_inventory(path, env={})
+    return load_text(tmp_path, INVENTORY, env={})
 
 
 class Host:
@@ -174,9 +173,8 @@ def test_interface_not_found_is_named(inv: Inventory) -> None:
 def test_dry_run_diffs_mask_the_password(tmp_path: Path) -> None:
     from llamactl.ops.vip import dry_run_diffs
 
-    path = tmp_path / "inventory.yaml"
-    path.write_text(INVENTORY.replace("router_id: 42}", "router_id: 42, advert_interval_s: 1, auth: {env: PW}}"))
-    inv = load_inventory(path, env={"PW": "topsecr"})
+    inv = load_text(tmp_path, INVENTORY.replace("router_id: 42}", "router_id: 42, advert_interval_s: 1, auth: {env: PW}}"),
+                    env={"PW": "topsecr"})
     exs = executors(Host("10.9.0.11"), Host("10.9.0.12"), files={"lb1": {CONF: b"auth_pass oldpass\n"}})
     diffs = dry_run_diffs(inv, exs)
     assert [d.path for d in diffs] == [f"lb1:{CONF}", f"lb1:{CHECK_SCRIPT}", f"lb2:{CONF}", f"lb2:{CHECK_SCRIPT}"]

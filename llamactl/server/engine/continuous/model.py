@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from llamactl.server.engine.continuous.cross_attention import CANDIDATES as CROSS_FORMS
-from llamactl.server.engine.continuous.cross_attention import for_rows
+from llamactl.server.engine.continuous.cross_attention import Attend, for_rows
 from llamactl.server.engine.continuous.fused import (
     CrossWeights,
     SelfWeights,
@@ -211,7 +211,7 @@ class MllamaRunner:
 
     def _cross_layer(
         self, w: CrossWeights, h: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, bias: torch.Tensor,
-        rowmask: torch.Tensor, has_image: torch.Tensor, attend_fn: Any = attend,
+        rowmask: torch.Tensor, has_image: torch.Tensor, attend_fn: Attend = attend,
     ) -> torch.Tensor:
         """h [n, t, hidden]; ck/cv [n, kv_heads, C, head_dim]; bias [n, 1, t, C]; rowmask [n, 1, t, 1]."""
         n, t, _ = h.shape
