@@ -109,8 +109,8 @@ class ContinuousEngine(EngineStatus):
         self.chunk_images = 8
         self.chunk_tokens = 4096
         self.split_vision_mask = True  # vision.py: attention without transformers' dense L x L mask
-        self.vision_timings: dict[str, float] = {}
-        self.cross_attention = "matmul"  # the decode step's cross-attention form (timed at start on GPUs)  # seconds for 2 images per unmasked-attention kernel
+        self.vision_timings: dict[str, float] = {}  # seconds for 2 images per unmasked-attention kernel
+        self.cross_attention = "matmul"  # the decode step's cross-attention forms (timed at start on GPUs)
         self._eos_ids: frozenset[int] = frozenset()
         self._eos_tensor: torch.Tensor | None = None
         self._b_buckets: list[int] = []
@@ -305,8 +305,9 @@ class ContinuousEngine(EngineStatus):
         batches = sorted({1, min(8, rows), rows})
         choice, timings = choose_cross(lambda b: (q[:b], k[:b], v[:b], bias[:b]), batches, runner.scale)
         runner.cross_choice = choice
-        self.cross_attention = ", ".join(f"batch {b}+: {name}" for b, name in sorted(choice.items())) + " (" + "; ".join(
-            f"{name} {' / '.join(f'{t * 1e6:.0f}' for t in ts)} us" for name, ts in timings.items()) + f" at {batches})"
+        chosen = ", ".join(f"batch {b}+: {name}" for b, name in sorted(choice.items()))
+        timed = "; ".join(f"{name} {' / '.join(f'{t * 1e6:.0f}' for t in ts)} us" for name, ts in timings.items())
+        self.cross_attention = f"{chosen} ({timed} at {batches})"
 
     def _measure_workspace(self, encoder: VisionEncoder, vision: Any) -> int:
         """Encode chunks of 1..chunk_images 4-tile images once (attention plans for every chunk shape) and
