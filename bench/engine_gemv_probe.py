@@ -18,6 +18,7 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections.abc import Callable
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from llamactl.server.engine.continuous import gemv
 from llamactl.server.engine.continuous.cross_attention import time_in_graph
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096),
@@ -58,29 +60,57 @@ def forms(w: torch.Tensor, rows: int) -> dict[str, Callable[[torch.Tensor], torc
     return out
 
 
+def ring(w: torch.Tensor, budget_bytes: int) -> list[torch.Tensor]:
+    """Distinct copies of ``w`` totalling at least ``budget_bytes``: successive calls read DRAM, not L2 (50 MB
+    on an H100), as a decode step does (every layer has its own weights)."""
+    copies = max(1, -(-budget_bytes // (w.numel() * w.element_size())))
+    return [w] + [torch.randn_like(w) * 0.02 for _ in range(copies - 1)]
+
+
+def timed(per_copy: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor) -> float:
+    """Seconds per call, each captured call on the next copy of the weight."""
+    it = itertools.cycle(per_copy)
+    return time_in_graph(lambda: next(it)(x), calls=max(20, len(per_copy) * 2), reps=5)
+
+
 def run(device: str, scale_down: int) -> dict[str, Any]:
     report: dict[str, Any] = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     for name, (k, n) in SHAPES.items():
         k, n = k // scale_down, n // scale_down
         w = torch.randn(n, k, device=device, dtype=dtype) * 0.02
-        for rows in (1, 8, 32):
+        weights = ring(w, 256 << 20) if device == "cuda" else [w]
+        nbytes = w.numel() * w.element_size()
+        for rows in (1, 2, 8, 32):
             x = torch.randn(rows, k, device=device, dtype=dtype)
             ref = F.linear(x, w).float()
             row: dict[str, Any] = {}
-            for form, fn in forms(w, rows).items():
+            all_forms = [forms(wi, rows) for wi in weights]
+            for form in all_forms[0]:
                 try:
-                    got = fn(x).float()
+                    got = all_forms[0][form](x).float()
                     err = float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref))
                     entry: dict[str, Any] = {"rel_l2": round(err, 4)}
                     if device == "cuda":
-                        us = round(time_in_graph(lambda fn=fn, x=x: fn(x), calls=20, reps=5) * 1e6, 1)
-                        entry.update(us=us, TBps=round(w.numel() * w.element_size() / (us * 1e-6) / 1e12, 2))
+                        us = round(timed([f[form] for f in all_forms], x) * 1e6, 1)
+                        entry.update(us=us, TBps=round(nbytes / (us * 1e-6) / 1e12, 2))
                     row[form] = entry
                 except RuntimeError as exc:
                     row[form] = str(exc)[:100]
+            if device == "cuda" and gemv.available() and rows <= gemv.MAX_ROWS:
+                for cfg in gemv.CONFIGS:
+                    res = torch.randn(rows, n, device=device, dtype=dtype)
+                    got = gemv.linear(x, w, cfg, residual=res.clone()).float()
+                    want = (res.float() + ref)
+                    err = float(torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want))
+                    plain = [lambda x, wi=wi, cfg=cfg: gemv.linear(x, wi, cfg) for wi in weights]
+                    us = round(timed(plain, x) * 1e6, 1)
+                    row[f"triton_{cfg}"] = {"rel_l2": round(err, 4), "us": us,
+                                            "TBps": round(nbytes / (us * 1e-6) / 1e12, 2)}
             report[f"{name}_m{rows}"] = row
-            print(name, rows, row, flush=True)
+            best = min((e["us"], f) for f, e in row.items() if isinstance(e, dict) and "us" in e) \
+                if device == "cuda" else None
+            print(name, rows, "best:", best, row, flush=True)
     return report
 
 

@@ -31,7 +31,10 @@ from typing import Any
 import torch
 
 from llamactl.server.engine.continuous.cross_attention import choose as choose_cross
+from llamactl.server.engine.continuous.cross_attention import time_in_graph
 from llamactl.server.engine.continuous.encoding import Encoding, VisionLane
+from llamactl.server.engine.continuous.fused import CrossWeights
+from llamactl.server.engine.continuous.gemv import choose as choose_gemv
 from llamactl.server.engine.continuous.graphs import DecodeGraphs, batch_buckets, bucket, length_buckets
 from llamactl.server.engine.continuous.model import MllamaRunner, Newcomer
 from llamactl.server.engine.continuous.output import OutputWorker, run_all
@@ -111,6 +114,7 @@ class ContinuousEngine(EngineStatus):
         self.split_vision_mask = True  # vision.py: attention without transformers' dense L x L mask
         self.vision_timings: dict[str, float] = {}  # seconds for 2 images per unmasked-attention kernel
         self.cross_attention = "matmul"  # the decode step's cross-attention forms (timed at start on GPUs)
+        self.gemv: dict[str, str] = {}  # one-row projections per weight shape: Triton or cuBLAS (timed on GPUs)
         self._eos_ids: frozenset[int] = frozenset()
         self._eos_tensor: torch.Tensor | None = None
         self._b_buckets: list[int] = []
@@ -168,6 +172,7 @@ class ContinuousEngine(EngineStatus):
             "pipelined": bool(self.pipelined),
             "vision_attention": self._vision_attention(),
             "cross_attention": self.cross_attention,
+            "one_row_projections": self.gemv or "cublas",
             "image_preprocessing_on": "cpu",  # the processor runs in request threads (prepare), off the GPU loop
             "threads": hf["threads"],
             "steps": self.steps,
@@ -253,6 +258,7 @@ class ContinuousEngine(EngineStatus):
             self.runner = MllamaRunner(model, self.pools, encoder)
             if device == "cuda":
                 self._choose_cross_attention(self.runner)
+                self._choose_gemv(self.runner)
                 torch.cuda.empty_cache()  # its random K/V (~0.8 GB) back before the graphs are captured
             self._b_buckets = batch_buckets(self.slots)
             self._l_buckets = length_buckets(self.max_len)
@@ -308,6 +314,16 @@ class ContinuousEngine(EngineStatus):
         chosen = ", ".join(f"batch {b}+: {name}" for b, name in sorted(choice.items()))
         timed = "; ".join(f"{name} {' / '.join(f'{t * 1e6:.0f}' for t in ts)} us" for name, ts in timings.items())
         self.cross_attention = f"{chosen} ({timed} at {batches})"
+
+    def _choose_gemv(self, runner: MllamaRunner) -> None:
+        """Time one-row projections, Triton against cuBLAS, on the model's own weights (gemv.py); the decode
+        graphs of batch 1 then capture the faster per weight shape."""
+        weights = [t for w in runner.weights for t in (
+            (w.q, w.o, w.gate_up, w.down) if isinstance(w, CrossWeights) else (w.qkv, w.o, w.gate_up, w.down))]
+        if getattr(runner.lm_head, "bias", None) is None:
+            weights.append(runner.lm_head.weight)
+        runner.proj = choose_gemv(weights, lambda fn: time_in_graph(fn, calls=8, reps=3))
+        self.gemv = dict(runner.proj.timings)
 
     def _measure_workspace(self, encoder: VisionEncoder, vision: Any) -> int:
         """Encode chunks of 1..chunk_images 4-tile images once (attention plans for every chunk shape) and

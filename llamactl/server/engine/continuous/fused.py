@@ -17,6 +17,7 @@ rounding order only (bench/results/engine.md states the tolerance).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,9 +109,10 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.
     return (x * cos).addcmul_(torch.roll(x, half, dims=-1), sin_signed)
 
 
-def mlp(w: SelfWeights | CrossWeights, x: torch.Tensor) -> torch.Tensor:
+def mlp(w: SelfWeights | CrossWeights, x: torch.Tensor,
+        linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear) -> torch.Tensor:
     """SiLU-gated MLP with one GEMM for gate and up; returns the pre-down activation [..., intermediate]."""
-    gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
+    gate, up = linear(x, w.gate_up).chunk(2, dim=-1)
     return F.silu(gate) * up
 
 

@@ -14,6 +14,7 @@ greedy answer equals ``generate``'s. What differs from ``generate``:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ from llamactl.server.engine.continuous.fused import (
     self_weights,
     signed_sin,
 )
+from llamactl.server.engine.continuous.gemv import Projections
 from llamactl.server.engine.continuous.pools import SlotPools
 from llamactl.server.engine.continuous.vision import VisionEncoder
 
@@ -83,6 +85,8 @@ class MllamaRunner:
             raise ValueError(f"the continuous engine expects SiLU MLPs, not {cfg.hidden_act!r}")
         # the decode step's cross-attention form per batch size (cross_attention.py times them on GPUs)
         self.cross_choice: dict[int, str] = {1: "matmul"}
+        # the decode step's one-row projections (gemv.py chooses Triton per weight shape on GPUs; cuBLAS here)
+        self.proj = Projections()
         self.weights: list[SelfWeights | CrossWeights] = [
             cross_weights(layer) if i in self.cross_layers else self_weights(layer)
             for i, layer in enumerate(self.layers)
@@ -212,15 +216,16 @@ class MllamaRunner:
     def _cross_layer(
         self, w: CrossWeights, h: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, bias: torch.Tensor,
         rowmask: torch.Tensor, has_image: torch.Tensor, attend_fn: Attend = attend,
+        linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear,
     ) -> torch.Tensor:
         """h [n, t, hidden]; ck/cv [n, kv_heads, C, head_dim]; bias [n, 1, t, C]; rowmask [n, 1, t, 1]."""
         n, t, _ = h.shape
-        q = F.linear(rms(w.ln_in, h), w.q).view(n, t, self.nh, self.hd)
+        q = linear(rms(w.ln_in, h), w.q).view(n, t, self.nh, self.hd)
         q = rms(w.q_norm, q).transpose(1, 2)
         out = attend_fn(q, ck, cv, bias, self.scale)
-        attn = F.linear(out.transpose(1, 2).reshape(n, t, -1), w.o)
+        attn = linear(out.transpose(1, 2).reshape(n, t, -1), w.o)
         h = h.addcmul_(attn, w.attn_gate * has_image)  # a text-only row (has_image 0) passes unchanged
-        down = F.linear(mlp(w, rms(w.ln_post, h)), w.down)
+        down = linear(mlp(w, rms(w.ln_post, h), linear), w.down)
         return h.addcmul_(down, rowmask[:, 0] * (w.mlp_gate * has_image))
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -241,22 +246,30 @@ class MllamaRunner:
         has_image = pools.has_image[:b].view(b, 1, 1)
         write_at = positions.view(b, 1, 1, 1).expand(b, nkv, 1, self.hd)
         cross_attend = CROSS_FORMS[for_rows(self.cross_choice, b)]
+        proj = self.proj
         for layer_idx, w in enumerate(self.weights):
             if isinstance(w, CrossWeights):
                 c = pools.cross_index[layer_idx]
                 h = self._cross_layer(w, h, pools.ck[c][:b], pools.cv[c][:b], cross_bias, rowmask, has_image,
-                                      cross_attend)
+                                      cross_attend, proj.linear)
                 continue
             s = pools.self_index[layer_idx]
-            qkv = F.linear(rms(w.ln_in, h), w.qkv).view(b, nh + 2 * nkv, self.hd)
+            qkv = proj.linear(rms(w.ln_in, h), w.qkv).view(b, nh + 2 * nkv, self.hd)
             qk = self._rope(qkv[:, : nh + nkv], cos, sin)
             k, v = qk[:, nh:].unsqueeze(2), qkv[:, nh + nkv :].unsqueeze(2)  # [b, kv_heads, 1, head_dim]
             pools.k[s][:b].scatter_(2, write_at, k)
             pools.v[s][:b].scatter_(2, write_at, v)
             out = attend(qk[:, :nh].unsqueeze(2), pools.k[s][:b, :, :lb], pools.v[s][:b, :, :lb], self_bias,
                          self.scale)
-            h = add_linear_(h, out.view(b, 1, -1), w.o)  # [b, heads, 1, d] is already [b, 1, heads * d]
-            h = add_linear_(h, mlp(w, rms(w.ln_post, h)), w.down)
-        return self.lm_head(self.norm(h[:, 0])).float()  # type: ignore[no-any-return]
+            h = proj.add_(h, out.view(b, 1, -1), w.o)  # [b, heads, 1, d] is already [b, 1, heads * d]
+            h = proj.add_(h, mlp(w, rms(w.ln_post, h), proj.linear), w.down)
+        return self.logits(self.norm(h[:, 0]))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 logits [b, vocab] of the final hidden states (a bias-free head through ``proj``)."""
+        head = self.lm_head
+        if getattr(head, "bias", None) is None:
+            return self.proj.linear(x, head.weight).float()
+        return head(x).float()  # type: ignore[no-any-return]
 
 
