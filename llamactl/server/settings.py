@@ -47,6 +47,10 @@ class Settings(BaseModel):
     # kernels). On an H100, 88 of 132 SMs ran a tower chunk beside 30 batch-32 steps in 676 ms instead of 771 ms
     # (bench/results/engine_green_probe_run1_h100.json).
     vision_sms: int = Field(0, ge=-1, le=4096)
+    # Which CUDA stream the GPU serves first when both have kernels ready (continuous engine on CUDA): "low" =
+    # the decode steps first and the tower in their gaps, "high" = the tower first (newcomers reach their first
+    # token sooner and decode in larger batches; running rows wait longer between tokens while it runs).
+    vision_priority: Literal["low", "high"] = "low"
     max_batch_size: int = Field(8, ge=1, le=1024)
     max_wait_ms: float = Field(10.0, ge=0, le=60_000)
     queue_limit: int = Field(64, ge=1, le=100_000)

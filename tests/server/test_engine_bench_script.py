@@ -119,13 +119,16 @@ def test_designs_split_the_levels_above_the_hf_batch() -> None:
 
     a = argparse.Namespace(levels=[1, 8, 32, 64], hf_max_batch=32, seed_levels=[1, 8], rounds=2, min_requests=6,
                            seed_min_requests=4, hf_max_wait_ms=200, designs=["continuous", "hf", "seed", "hf-big"],
-                           sm_levels=[32])
+                           sm_levels=[32], vp_levels=[32, 64])
     got = {d.name: (d.engine, d.max_batch, d.levels, d.max_wait_ms) for d in engine_bench.designs_from(a)}
     assert got == {"continuous": ("continuous", 64, [1, 8, 32, 64], None), "hf": ("hf", 32, [1, 8, 32], 200),
                    "seed": ("hf", 1, [1, 8], 200), "hf-b64": ("hf", 64, [64], 200)}
     a.designs = ["continuous-sm"]
     [sm] = engine_bench.designs_from(a)
     assert (sm.engine, sm.levels, sm.env) == ("continuous", [32], {"LLAMACTL_VISION_SMS": "-1"})
+    a.designs = ["continuous-vp"]
+    [vp] = engine_bench.designs_from(a)
+    assert (vp.engine, vp.levels, vp.env) == ("continuous", [32, 64], {"LLAMACTL_VISION_PRIORITY": "high"})
     a.designs = ["nope"]
     with pytest.raises(SystemExit, match="unknown design 'nope'"):
         engine_bench.designs_from(a)

@@ -2,7 +2,8 @@
 
 On GPUs the tower runs on a stream of its own (``VisionLane``): its kernels are queued and the step loop goes on;
 the newcomers join (cross-attention K/V, prefill) once their states are ready, handed to the main stream. The
-stream is an ordinary low-priority one, or one confined to part of the SMs (``green.py``, ``vision_sms``). On
+stream is an ordinary one, or one confined to part of the SMs (``green.py``, ``vision_sms``); by default the
+decode stream has the higher priority (``vision_priority`` swaps them). On
 the CPU the tower runs at once, on the loop's thread.
 """
 
@@ -45,18 +46,20 @@ class VisionLane:
         self._partition = partition  # keeps the green context alive as long as its stream
 
     @classmethod
-    def on_gpu(cls, sms: int) -> VisionLane:
+    def on_gpu(cls, sms: int, priority: int = 0) -> VisionLane:
         """On ``sms`` SMs (a green context; -1 = the automatic share) beside the decode steps, or on an ordinary
-        low-priority stream (``sms`` 0, or when the driver cannot partition: the description says why)."""
+        stream (``sms`` 0, or when the driver cannot partition: the description says why). ``priority``: CUDA's
+        stream priority (lower = served first; the decode stream's is set beside it)."""
         device = torch.cuda.current_device()
         total = torch.cuda.get_device_properties(device).multi_processor_count
         if sms == 0:
-            return cls(torch.cuda.Stream(priority=0), f"all {total} (partition off)")  # type: ignore[no-untyped-call]
+            return cls(torch.cuda.Stream(priority=priority), f"all {total} (partition off)")  # type: ignore[no-untyped-call]
         try:
-            part = sm_stream(sms if sms > 0 else auto_sms(total), device=device)
+            part = sm_stream(sms if sms > 0 else auto_sms(total), device=device, priority=priority)
         except GreenContextError as exc:
             log.warning("vision tower on every SM: %s", exc)
-            return cls(torch.cuda.Stream(priority=0), f"all {total} (no partition: {exc})")  # type: ignore[no-untyped-call]
+            return cls(torch.cuda.Stream(priority=priority),  # type: ignore[no-untyped-call]
+                       f"all {total} (no partition: {exc})")
         return cls(part.stream, f"{part.sms} of {part.total_sms}", part)
 
     def start(self, encode: Callable[[list[Newcomer]], torch.Tensor], reqs: list[GenRequest],

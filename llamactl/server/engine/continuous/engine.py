@@ -100,7 +100,7 @@ class ContinuousEngine(EngineStatus):
         self._positions_in: torch.Tensor | None = None
         self.pipelined: bool | None = None  # None: on GPUs only (on the CPU there is nothing to overlap)
         self._out = OutputWorker()  # detokenizing, streaming, results: off the step loop
-        self._main_stream: Any = None  # CUDA stream of decode and prefill (high priority; the tower: self._lane)
+        self._main_stream: Any = None  # CUDA stream of decode and prefill (the tower's: self._lane)
         self.liveness: Any = None  # llamactl.server.liveness.Liveness, set by the server
         self.metrics: Any = None  # llamactl.server.metrics.Metrics, set by the server
         self.step_hook: Callable[[], None] | None = None  # tests: runs at the top of every iteration
@@ -169,6 +169,7 @@ class ContinuousEngine(EngineStatus):
             "prefill_chunk_images": self.chunk_images,
             "vision_overlaps_decode": self._lane.stream is not None,
             "vision_sms": self._lane.description,
+            "vision_priority": self.settings.vision_priority,
             "pipelined": bool(self.pipelined),
             "vision_attention": self._vision_attention(),
             "cross_attention": self.cross_attention,
@@ -263,8 +264,10 @@ class ContinuousEngine(EngineStatus):
             self._b_buckets = batch_buckets(self.slots)
             self._l_buckets = length_buckets(self.max_len)
             if device == "cuda":
-                self._main_stream = torch.cuda.Stream(priority=-1)  # type: ignore[no-untyped-call]
-                self._lane = VisionLane.on_gpu(self.settings.vision_sms)
+                # CUDA serves the lower priority number first: the decode steps, or the tower with "high"
+                tower_first = self.settings.vision_priority == "high"
+                self._main_stream = torch.cuda.Stream(priority=0 if tower_first else -1)  # type: ignore[no-untyped-call]
+                self._lane = VisionLane.on_gpu(self.settings.vision_sms, priority=-1 if tower_first else 0)
                 small = self._compiled(self.runner) if self.settings.engine_compile == "all" else None
                 self.graphs = DecodeGraphs(
                     self.runner.decode, self._b_buckets[-1], device, small=small, small_rows=_COMPILED_ROWS
