@@ -94,6 +94,13 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
         "continuous-sm": Design("continuous-sm", "the continuous engine, vision tower on 2/3 of the SMs",
                                 "continuous", max(levels), a.sm_levels, a.rounds,
                                 a.min_requests, "round", 2.0, env={"LLAMACTL_VISION_SMS": "-1"}),
+        # the tower's images two at a time (settings.prefill_chunk_images), alone and with the tower served first
+        "continuous-c2": Design("continuous-c2", "the continuous engine, images through the tower two at a time",
+                                "continuous", max(levels), a.vp_levels, a.rounds, a.min_requests, "round", 3.0,
+                                env={"LLAMACTL_PREFILL_CHUNK_IMAGES": "2"}),
+        "continuous-c2vp": Design("continuous-c2vp", "the continuous engine, images two at a time, tower first",
+                                  "continuous", max(levels), a.vp_levels, a.rounds, a.min_requests, "round", 3.0,
+                                  env={"LLAMACTL_PREFILL_CHUNK_IMAGES": "2", "LLAMACTL_VISION_PRIORITY": "high"}),
         # the continuous engine with the tower's stream served before the decode steps (settings.vision_priority)
         "continuous-vp": Design("continuous-vp", "the continuous engine, vision tower's stream first",
                                 "continuous", max(levels), a.vp_levels, a.rounds,
@@ -508,7 +515,8 @@ def main() -> None:
                     help="in order: continuous, hf, seed, hf-big (the levels above --hf-max-batch)")
     ap.add_argument("--levels", type=ints, help="clients per level (default 1,8,32,64; tiny 1,2,4)")
     ap.add_argument("--sm-levels", type=ints, default=[32], help="levels of the continuous-sm design")
-    ap.add_argument("--vp-levels", type=ints, default=[32, 64], help="levels of the continuous-vp design")
+    ap.add_argument("--vp-levels", type=ints, default=[32, 64],
+                    help="levels of the continuous-vp, -c2 and -c2vp designs")
     ap.add_argument("--seed-levels", type=ints, help="levels of the one-at-a-time design (default 1,8; tiny 1,2)")
     ap.add_argument("--hf-max-batch", type=int, help="the hf design's max batch (default 32; tiny 2)")
     ap.add_argument("--max-tokens", type=int, help="answer length (default 128; tiny 8)")

@@ -51,6 +51,9 @@ class Settings(BaseModel):
     # the decode steps first and the tower in their gaps, "high" = the tower first (newcomers reach their first
     # token sooner and decode in larger batches; running rows wait longer between tokens while it runs).
     vision_priority: Literal["low", "high"] = "low"
+    # Images that go through the tower together and join the batch together (continuous engine); 0 = the
+    # engine's default (8 on CUDA, 4 on the CPU). Smaller: a newcomer's first token waits for fewer other images.
+    prefill_chunk_images: int = Field(0, ge=0, le=64)
     max_batch_size: int = Field(8, ge=1, le=1024)
     max_wait_ms: float = Field(10.0, ge=0, le=60_000)
     queue_limit: int = Field(64, ge=1, le=100_000)

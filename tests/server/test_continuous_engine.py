@@ -198,6 +198,24 @@ def test_more_requests_than_slots_wait_for_memory_and_all_finish(tiny_checkpoint
                                    params=GenParams(max_new_tokens=10_000)))
 
 
+@pytest.mark.parametrize("chunk", [1, 0])
+def test_prefill_chunk_images_bounds_how_many_images_join_together(tiny_checkpoint: Path, chunk: int) -> None:
+    """settings.prefill_chunk_images: images arriving together go through the tower and join in chunks of at
+    most that many (0 = the engine's default: 4 on the CPU); the answers do not change."""
+    with running_engine(tiny_checkpoint, max_batch_size=8, gen_max_new_tokens=64, prefill_chunk_images=chunk) as eng:
+        assert eng.describe()["prefill_chunk_images"] == (chunk or 4)
+        reqs = [GenRequest(prompt=image_prompt(eng), image=trained_image("red"), params=GenParams(max_new_tokens=6))
+                for _ in range(6)]
+        for r in reqs:
+            eng.prepare(r)
+        joined: list[int] = []
+        eng.on_batch = joined.append
+        results = run_all(eng, reqs)
+        assert len({r.text for r in results}) == 1
+        assert sum(joined) == 6 and max(joined) <= (chunk or 4)
+        assert len(joined) >= (6 if chunk == 1 else 2)
+
+
 def test_plan_slots_sizes_pools_from_free_memory() -> None:
     shape = PoolShape(self_layers=32, cross_layers=8, kv_heads=8, head_dim=128, max_len=3072, cross_len=6404,
                       element_bytes=2)

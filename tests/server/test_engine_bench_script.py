@@ -129,6 +129,9 @@ def test_designs_split_the_levels_above_the_hf_batch() -> None:
     a.designs = ["continuous-vp"]
     [vp] = engine_bench.designs_from(a)
     assert (vp.engine, vp.levels, vp.env) == ("continuous", [32, 64], {"LLAMACTL_VISION_PRIORITY": "high"})
+    a.designs = ["continuous-c2vp"]
+    [c2vp] = engine_bench.designs_from(a)
+    assert c2vp.env == {"LLAMACTL_PREFILL_CHUNK_IMAGES": "2", "LLAMACTL_VISION_PRIORITY": "high"}
     a.designs = ["nope"]
     with pytest.raises(SystemExit, match="unknown design 'nope'"):
         engine_bench.designs_from(a)

@@ -232,7 +232,7 @@ class ContinuousEngine(EngineStatus):
         encoder = VisionEncoder(vision, model.model.multi_modal_projector, split_mask=self.split_vision_mask)
         with torch.inference_mode():
             if device == "cuda":
-                self.chunk_images = 8
+                self.chunk_images = self.settings.prefill_chunk_images or 8
                 # Only the vision tower uses SDPA here (our text attention is plain matmuls), and its shapes
                 # repeat (chunks of 1..8 four-tile images): cuDNN's attention runs it 1.9x faster than the
                 # default kernel on an H100 (bench/results/engine_probe_run1.json: 0.52 s vs 0.99 s for 8
@@ -253,7 +253,7 @@ class ContinuousEngine(EngineStatus):
                 free, _total = torch.cuda.mem_get_info()
                 self.slots = plan_slots(shape, self.settings.max_batch_size, free, reserve)
             else:
-                self.chunk_images = 4
+                self.chunk_images = self.settings.prefill_chunk_images or 4
                 self.slots = plan_slots(shape, self.settings.max_batch_size, None, 0)
             self.pools = SlotPools(shape, self.slots, self_ids, cross, hf.dtype, device)
             self.runner = MllamaRunner(model, self.pools, encoder)
