@@ -48,11 +48,12 @@ class Settings(BaseModel):
     # (bench/results/engine_green_probe_run1_h100.json).
     vision_sms: int = Field(0, ge=-1, le=4096)
     # Which CUDA stream the GPU serves first when both have kernels ready (continuous engine on CUDA): "low" =
-    # the decode steps first and the tower in their gaps, "high" = the tower first (newcomers reach their first
-    # token sooner and decode in larger batches; running rows wait longer between tokens while it runs).
+    # the decode steps first and the tower in their gaps, "high" = the tower first. An H100 at 32 clients, high vs
+    # low: 1,091 vs 1,149 tok/s, TTFT p50 1.12 vs 0.82 s, p95 2.09 vs 2.39 s (bench/results/engine_bench_run12.md).
     vision_priority: Literal["low", "high"] = "low"
     # Images that go through the tower together and join the batch together (continuous engine); 0 = the
-    # engine's default (8 on CUDA, 4 on the CPU). Smaller: a newcomer's first token waits for fewer other images.
+    # engine's default (8 on CUDA, 4 on the CPU). Smaller: first tokens come sooner, throughput drops (an H100 at
+    # 32 clients with 2: TTFT p50 0.37 vs 0.83 s, 1,021 vs 1,164 tok/s; bench/results/engine_bench_run13.md).
     prefill_chunk_images: int = Field(0, ge=0, le=64)
     max_batch_size: int = Field(8, ge=1, le=1024)
     max_wait_ms: float = Field(10.0, ge=0, le=60_000)
