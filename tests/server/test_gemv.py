@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -94,3 +95,32 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                          check=False)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_choose_keeps_a_correct_config_only_when_it_is_enough_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The selection logic with a stand-in kernel and clock: per weight shape, the fastest config that matches
+    F.linear (with and without the residual) and beats cuBLAS by the margin; a wrong one is never chosen."""
+    fast, wrong, slow = Config(4, 64, 4, 1), Config(8, 64, 4, 1), Config(16, 64, 4, 1)
+    speed = {None: 10.0, fast: 9.0, wrong: 1.0, slow: 9.9}
+    current: list[Config | None] = [None]
+
+    def stand_in(x: torch.Tensor, w: torch.Tensor, config: Config,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        current[0] = config
+        y = F.linear(x, w) * (2.0 if config == wrong else 1.0)
+        return y if residual is None else residual.add_(y)
+
+    def clock(fn: Any) -> float:  # runs the callable, reports the speed of whatever it ran
+        current[0] = None
+        fn()
+        return speed[current[0]] * 1e-6
+
+    monkeypatch.setattr(gemv, "linear", stand_in)
+    monkeypatch.setattr(gemv, "available", lambda: True)
+    torch.manual_seed(0)
+    weights = [torch.randn(24, 16), torch.randn(24, 16), torch.randn(8, 16), torch.randn(16, 8).t()]
+    proj = choose(weights, clock, candidates=[slow, wrong, fast])
+    assert proj.chosen == {(24, 16): fast, (8, 16): fast}  # the transposed (non-contiguous) weight is left out
+    assert "wrong" in proj.timings["24x16"] and proj.timings["24x16"].startswith(str(fast))
+    speed[fast] = 9.8  # 2 % faster than cuBLAS: under the 3 % margin
+    assert choose(weights, clock, candidates=[slow, fast]).chosen == {}
