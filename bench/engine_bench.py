@@ -94,17 +94,18 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
         "continuous-sm": Design("continuous-sm", "the continuous engine, vision tower on 2/3 of the SMs",
                                 "continuous", max(levels), a.sm_levels, a.rounds,
                                 a.min_requests, "round", 2.0, env={"LLAMACTL_VISION_SMS": "-1"}),
-        # the tower's images two at a time (settings.prefill_chunk_images), alone and with the tower served first
-        "continuous-c2": Design("continuous-c2", "the continuous engine, images through the tower two at a time",
-                                "continuous", max(levels), a.vp_levels, a.rounds, a.min_requests, "round", 3.0,
-                                env={"LLAMACTL_PREFILL_CHUNK_IMAGES": "2"}),
-        "continuous-c2vp": Design("continuous-c2vp", "the continuous engine, images two at a time, tower first",
-                                  "continuous", max(levels), a.vp_levels, a.rounds, a.min_requests, "round", 3.0,
-                                  env={"LLAMACTL_PREFILL_CHUNK_IMAGES": "2", "LLAMACTL_VISION_PRIORITY": "high"}),
-        # the continuous engine with the tower's stream served before the decode steps (settings.vision_priority)
-        "continuous-vp": Design("continuous-vp", "the continuous engine, vision tower's stream first",
-                                "continuous", max(levels), a.vp_levels, a.rounds,
-                                a.min_requests, "round", 3.0, env={"LLAMACTL_VISION_PRIORITY": "high"}),
+        # scheduling variants of the continuous engine at --vp-levels: the tower's stream served before the
+        # decode steps (settings.vision_priority), images through the tower two at a time
+        # (settings.prefill_chunk_images), both
+        **{name: Design(name, f"the continuous engine, {title}", "continuous", max(levels), a.vp_levels,
+                        a.rounds, a.min_requests, "round", 3.0, env=env)
+           for name, title, env in [
+               ("continuous-vp", "vision tower's stream first", {"LLAMACTL_VISION_PRIORITY": "high"}),
+               ("continuous-c2", "images through the tower two at a time",
+                {"LLAMACTL_PREFILL_CHUNK_IMAGES": "2"}),
+               ("continuous-c2vp", "images two at a time, tower first",
+                {"LLAMACTL_PREFILL_CHUNK_IMAGES": "2", "LLAMACTL_VISION_PRIORITY": "high"}),
+           ]},
         "seed": Design("seed", "one request at a time (hf engine, max batch 1: the seed article's design)", "hf", 1,
                        a.seed_levels, 1, a.seed_min_requests, "first", 1.5, a.hf_max_wait_ms),
     }

@@ -11,6 +11,7 @@ each answer compared with ``generate`` for that request alone. Exits 1 on any di
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import time
@@ -21,7 +22,8 @@ sys.path.insert(0, str(REPO))
 
 from PIL import Image
 
-from llamactl.server.engine.continuous import ContinuousEngine
+import llamactl.server.engine.continuous.engine as engine_module
+from llamactl.server.engine.continuous import ContinuousEngine, gemv
 from llamactl.server.engine.protocol import GenParams, GenRequest, GenResult
 from llamactl.server.settings import Settings
 from llamactl.server.tiny import build_tiny_checkpoint, trained_image
@@ -74,11 +76,6 @@ def main() -> int:
         build_tiny_checkpoint(path)
     failures = 0
     device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
-    import functools
-
-    import llamactl.server.engine.continuous.engine as engine_module
-    from llamactl.server.engine.continuous import gemv
-
     measured = engine_module.choose_gemv
     for pipelined in (True, False):
         # the pipelined loop with the tower on an SM partition and the Triton one-row projections on every

@@ -33,7 +33,6 @@ import torch
 from llamactl.server.engine.continuous.cross_attention import choose as choose_cross
 from llamactl.server.engine.continuous.cross_attention import time_in_graph
 from llamactl.server.engine.continuous.encoding import Encoding, VisionLane
-from llamactl.server.engine.continuous.fused import CrossWeights
 from llamactl.server.engine.continuous.gemv import choose as choose_gemv
 from llamactl.server.engine.continuous.graphs import DecodeGraphs, batch_buckets, bucket, length_buckets
 from llamactl.server.engine.continuous.model import MllamaRunner, Newcomer
@@ -321,11 +320,7 @@ class ContinuousEngine(EngineStatus):
     def _choose_gemv(self, runner: MllamaRunner) -> None:
         """Time one-row projections, Triton against cuBLAS, on the model's own weights (gemv.py); the decode
         graphs of batch 1 then capture the faster per weight shape."""
-        weights = [t for w in runner.weights for t in (
-            (w.q, w.o, w.gate_up, w.down) if isinstance(w, CrossWeights) else (w.qkv, w.o, w.gate_up, w.down))]
-        if getattr(runner.lm_head, "bias", None) is None:
-            weights.append(runner.lm_head.weight)
-        runner.proj = choose_gemv(weights, lambda fn: time_in_graph(fn, calls=8, reps=3))
+        runner.proj = choose_gemv(runner.decode_weights(), lambda fn: time_in_graph(fn, calls=8, reps=3))
         self.gemv = dict(runner.proj.timings)
 
     def _measure_workspace(self, encoder: VisionEncoder, vision: Any) -> int:

@@ -20,10 +20,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from llamactl.server.engine.continuous.fused import add_linear_
 
 try:  # triton ships with CUDA builds of torch; CPU installs run without it
     import triton
@@ -94,9 +95,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, config: Config, residual: torch.Ten
     m_pad = 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 8
     # the 3-D accumulator grows with the padded rows: keep it at most 1..2 K floats per thread
     block_k = max(32, config.block_k // m_pad)
-    res: Any = residual if residual is not None else out
     grid = (triton.cdiv(n, config.block_n),)
-    _gemv_kernel[grid](x, w, res, out, n, x.stride(0), res.stride(0), out.stride(0),
+    _gemv_kernel[grid](x, w, out, out, n, x.stride(0), out.stride(0), out.stride(0),
                        K=k, M=m, M_PAD=m_pad, HAS_RES=residual is not None, BLOCK_N=config.block_n, BLOCK_K=block_k,
                        num_warps=config.warps, num_stages=config.stages)
     return out
@@ -124,8 +124,7 @@ class Projections:
         """h += x @ w.T in place (h is the residual stream)."""
         cfg = self._config(x, w)
         if cfg is None or not h.is_contiguous():
-            h.view(-1, h.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), w.t())
-            return h
+            return add_linear_(h, x, w)
         linear(x.reshape(1, -1).contiguous(), w, cfg, residual=h.view(1, -1))
         return h
 

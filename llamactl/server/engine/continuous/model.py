@@ -265,6 +265,15 @@ class MllamaRunner:
             h = proj.add_(h, mlp(w, rms(w.ln_post, h), proj.linear), w.down)
         return self.logits(self.norm(h[:, 0]))
 
+    def decode_weights(self) -> list[torch.Tensor]:
+        """Every weight the decode step multiplies through ``proj`` (what ``gemv.choose`` times)."""
+        out = []
+        for w in self.weights:
+            out += [w.q if isinstance(w, CrossWeights) else w.qkv, w.o, w.gate_up, w.down]
+        if getattr(self.lm_head, "bias", None) is None:
+            out.append(self.lm_head.weight)
+        return out
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """float32 logits [b, vocab] of the final hidden states (a bias-free head through ``proj``)."""
         head = self.lm_head
