@@ -2,8 +2,9 @@
 
 The CI tests run the engine on the CPU; CUDA-only parts (graph replay fed from device buffers, the pipelined
 loop's pinned copies and events, the vision tower on its SM partition) run here on the tiny checkpoint in
-float32, in both loop orders (the pipelined one with the tower on an SM partition and gemv.py's Triton
-projections forced on for batch-1 steps): 12 staggered requests (images of several sizes, text-only rows, different lengths) through the engine,
+float32, in both loop orders (the pipelined one with the tower on an SM partition and the Triton kernels forced
+on: gemv.py's projections for batch-1 steps, decode_attention.py's self- and cross-attention for every step): 12
+staggered requests (images of several sizes, text-only rows, different lengths) through the engine,
 each answer compared with ``generate`` for that request alone. Exits 1 on any difference.
 
     python3 bench/engine_gpu_check.py        # on the GPU machine, ~30 s
@@ -76,12 +77,16 @@ def main() -> int:
         build_tiny_checkpoint(path)
     failures = 0
     device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
-    measured = engine_module.choose_gemv
+    measured = engine_module.choose_gemv, engine_module.choose_cross, engine_module.choose_fastest
+    forced = (functools.partial(gemv.choose, margin=-10.0), lambda *a, **k: ({1: "triton"}, {}),
+              lambda *a, **k: ({1: "triton"}, {}))
     for pipelined in (True, False):
-        # the pipelined loop with the tower on an SM partition and the Triton one-row projections on every
-        # weight shape (a negative margin: chosen even where slower, to check their answers); the step-by-step
-        # loop with an ordinary stream and the measured choice
-        engine_module.choose_gemv = functools.partial(gemv.choose, margin=-10.0) if pipelined else measured
+        # the pipelined loop with the tower on an SM partition and every Triton kernel forced on: the one-row
+        # projections on every weight shape (a negative margin: chosen even where slower) and the self- and
+        # cross-attention kernels at every batch size, to check their answers; the step-by-step loop with an
+        # ordinary stream and the measured choices
+        engine_module.choose_gemv, engine_module.choose_cross, engine_module.choose_fastest = (
+            forced if pipelined else measured)
         eng = ContinuousEngine(Settings(model=str(path), device=device, dtype="float32", max_batch_size=8,
                                         vision_sms=-1 if pipelined else 0, gen_max_new_tokens=256))
         eng.pipelined = pipelined

@@ -55,6 +55,10 @@ class Settings(BaseModel):
     # engine's default (8 on CUDA, 4 on the CPU). Smaller: first tokens come sooner, throughput drops (an H100 at
     # 32 clients with 2: TTFT p50 0.37 vs 0.83 s, 1,021 vs 1,164 tok/s; bench/results/engine_bench_run13.md).
     prefill_chunk_images: int = Field(0, ge=0, le=64)
+    # The continuous engine's own Triton kernels on CUDA (one-row projections, decode self- and cross-attention),
+    # each still timed at start and used only where it is correct and faster. False: PyTorch's kernels only
+    # (a switch for ruling them out when a GPU misbehaves, and the benchmark's comparison).
+    triton_kernels: bool = True
     max_batch_size: int = Field(8, ge=1, le=1024)
     max_wait_ms: float = Field(10.0, ge=0, le=60_000)
     queue_limit: int = Field(64, ge=1, le=100_000)

@@ -92,7 +92,7 @@ def test_the_engine_wires_the_choice_into_its_decode_step(tiny_checkpoint: Path,
 
         before = run_all(eng, [req() for _ in range(3)])
         monkeypatch.setattr("llamactl.server.engine.continuous.engine.choose_cross",
-                            lambda q_at, batches, scale: ({1: "matmul", 2: "keys_first"},
+                            lambda q_at, batches, scale, **kw: ({1: "matmul", 2: "keys_first"},
                                                           {"matmul": [1.0, 3.0], "keys_first": [2.0, 2.0]}))
         eng._choose_cross_attention(eng.runner)
         assert eng.runner.cross_choice == {1: "matmul", 2: "keys_first"}

@@ -8,18 +8,23 @@ engine's own pools, inside CUDA graphs as the step runs it, and checked against 
 - ``matmul``: ``fused.attend`` (q grouped under its K/V head, scores = q @ K^T, softmax, @ V);
 - ``keys_first``: scores^T = K @ q^T (the GEMM streams K along its contiguous rows);
 - ``sdpa_efficient`` / ``sdpa_cudnn``: PyTorch's fused attention with the additive mask, the 4 query heads of a
-  K/V head passed as 4 query rows of one head (exactly GQA for one token), so K/V are read once, not repeated.
+  K/V head passed as 4 query rows of one head (exactly GQA for one token), so K/V are read once, not repeated;
+- ``triton`` (where Triton runs): ``decode_attention.cross_attention``, the positions split across programs.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from llamactl.server.engine.continuous import decode_attention
 from llamactl.server.engine.continuous.fused import attend
+
+log = logging.getLogger("llamactl.server.engine")
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
@@ -61,6 +66,8 @@ CANDIDATES: dict[str, Attend] = {
     "sdpa_efficient": fused_sdpa(SDPBackend.EFFICIENT_ATTENTION),
     "sdpa_cudnn": fused_sdpa(SDPBackend.CUDNN_ATTENTION),
 }
+if decode_attention.available():  # image positions split across every SM (flash-decoding)
+    CANDIDATES["triton"] = decode_attention.cross_attention
 
 
 def time_in_graph(fn: Callable[[], torch.Tensor], calls: int = 8, reps: int = 3) -> float:
@@ -88,38 +95,55 @@ def time_in_graph(fn: Callable[[], torch.Tensor], calls: int = 8, reps: int = 3)
     return float(sorted(times)[len(times) // 2])
 
 
-def _bound(fn: Attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-           scale: float) -> Callable[[], torch.Tensor]:
-    return lambda: fn(q, k, v, bias, scale)
-
-
 def choose(q_at: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], batches: list[int],
            scale: float, timer: Callable[[Callable[[], torch.Tensor]], float] | None = None,
-           tolerance: float = 2e-2) -> tuple[dict[int, str], dict[str, list[float]]]:
-    """The fastest candidate at each of ``batches``; ``q_at(b)`` gives (q, k, v, bias) for b rows.
+           tolerance: float = 2e-2, skip: tuple[str, ...] = ()) -> tuple[dict[int, str], dict[str, list[float]]]:
+    """The fastest candidate at each of ``batches`` (leaving out those named in ``skip``); ``q_at(b)`` gives
+    (q, k, v, bias) for b rows.
 
     Per batch, because the forms cross over: on an H100 (bench/results/engine_bench_run9.json) the matmuls took
     66 us at batch 1 and 479 us at batch 32, cuDNN's fused attention 135 and 302 us. A candidate that fails (a
     kernel that cannot take the shapes, a capture error) or whose output is further than ``tolerance`` (relative
     L2) from ``matmul`` is left out. Returns {batch: name} and the seconds per candidate (one per batch).
     """
-    timer = timer or time_in_graph
+
+    def form(fn: Attend) -> Callable[[int], Callable[[], torch.Tensor]]:
+        def at(b: int) -> Callable[[], torch.Tensor]:
+            q, k, v, bias = q_at(b)
+            return lambda: fn(q, k, v, bias, scale)
+
+        return at
+
+    forms = {name: form(fn) for name, fn in CANDIDATES.items() if name not in skip}
+    return choose_fastest(forms, batches, timer, tolerance,
+                          reference=form(attend), fallback="matmul")
+
+
+def choose_fastest(forms: dict[str, Callable[[int], Callable[[], torch.Tensor]]], batches: list[int],
+                   timer: Callable[[Callable[[], torch.Tensor]], float] | None = None, tolerance: float = 2e-2,
+                   reference: Callable[[int], Callable[[], torch.Tensor]] | None = None,
+                   fallback: str | None = None) -> tuple[dict[int, str], dict[str, list[float]]]:
+    """Per batch size, the fastest of ``forms`` (name -> rows -> a call) whose output is within ``tolerance``
+    (relative L2) of ``reference``'s (default: the first form); a form that raises is left out. Where none is
+    left, ``fallback`` (default: the first form's name) for every batch."""
+    first = next(iter(forms))
+    reference = reference or forms[first]
     timings: dict[str, list[float]] = {}
-    for name, fn in CANDIDATES.items():
+    for name, at in forms.items():
         try:
             per_batch = []
             for b in batches:
-                q, k, v, bias = q_at(b)
-                ref = attend(q, k, v, bias, scale).float()
-                got = fn(q, k, v, bias, scale).float()
+                ref = reference(b)().float()
+                run = at(b)
+                got = run().float()
                 if float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref)) > tolerance:
-                    raise ValueError(f"{name} differs from matmul")
-                per_batch.append(timer(_bound(fn, q, k, v, bias, scale)))
+                    raise ValueError(f"{name} differs from the reference")
+                per_batch.append((timer or time_in_graph)(run))
             timings[name] = per_batch
-        except (RuntimeError, ValueError):
-            continue
+        except Exception as exc:  # noqa: BLE001 - a kernel that cannot compile, take the shapes or be captured
+            log.info("decode attention form %s left out: %s", name, exc)
     if not timings:
-        return {b: "matmul" for b in batches}, timings
+        return {b: fallback or first for b in batches}, timings
     return {b: min(timings, key=lambda n: timings[n][i]) for i, b in enumerate(batches)}, timings
 
 

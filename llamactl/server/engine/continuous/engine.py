@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from llamactl.server.engine.continuous.cross_attention import choose as choose_cross
-from llamactl.server.engine.continuous.cross_attention import time_in_graph
+from llamactl.server.engine.continuous.cross_attention import choose_fastest, time_in_graph
+from llamactl.server.engine.continuous.decode_attention import available as decode_attention_available
 from llamactl.server.engine.continuous.encoding import Encoding, VisionLane
 from llamactl.server.engine.continuous.gemv import choose as choose_gemv
 from llamactl.server.engine.continuous.graphs import DecodeGraphs, batch_buckets, bucket, length_buckets
@@ -113,6 +114,7 @@ class ContinuousEngine(EngineStatus):
         self.split_vision_mask = True  # vision.py: attention without transformers' dense L x L mask
         self.vision_timings: dict[str, float] = {}  # seconds for 2 images per unmasked-attention kernel
         self.cross_attention = "matmul"  # the decode step's cross-attention forms (timed at start on GPUs)
+        self.self_attention = "torch"  # the decode step's self-attention: PyTorch ops or Triton (timed on GPUs)
         self.gemv: dict[str, str] = {}  # one-row projections per weight shape: Triton or cuBLAS (timed on GPUs)
         self._eos_ids: frozenset[int] = frozenset()
         self._eos_tensor: torch.Tensor | None = None
@@ -172,6 +174,7 @@ class ContinuousEngine(EngineStatus):
             "pipelined": bool(self.pipelined),
             "vision_attention": self._vision_attention(),
             "cross_attention": self.cross_attention,
+            "self_attention": self.self_attention,
             "one_row_projections": self.gemv or "cublas",
             "image_preprocessing_on": "cpu",  # the processor runs in request threads (prepare), off the GPU loop
             "threads": hf["threads"],
@@ -258,7 +261,9 @@ class ContinuousEngine(EngineStatus):
             self.runner = MllamaRunner(model, self.pools, encoder)
             if device == "cuda":
                 self._choose_cross_attention(self.runner)
-                self._choose_gemv(self.runner)
+                if self.settings.triton_kernels:
+                    self._choose_gemv(self.runner)
+                    self._choose_self_attention(self.runner)
                 torch.cuda.empty_cache()  # its random K/V (~0.8 GB) back before the graphs are captured
             self._b_buckets = batch_buckets(self.slots)
             self._l_buckets = length_buckets(self.max_len)
@@ -311,11 +316,43 @@ class ContinuousEngine(EngineStatus):
         bias = torch.zeros(rows, 1, 1, pools.cross_len, device=dev, dtype=pools.dtype)
         bias[::2, :, :, -runner.num_patches :] = runner.min_value  # every other row: an image with a tile less
         batches = sorted({1, min(8, rows), rows})
-        choice, timings = choose_cross(lambda b: (q[:b], k[:b], v[:b], bias[:b]), batches, runner.scale)
+        choice, timings = choose_cross(lambda b: (q[:b], k[:b], v[:b], bias[:b]), batches, runner.scale,
+                                       skip=() if self.settings.triton_kernels else ("triton",))
         runner.cross_choice = choice
         chosen = ", ".join(f"batch {b}+: {name}" for b, name in sorted(choice.items()))
         timed = "; ".join(f"{name} {' / '.join(f'{t * 1e6:.0f}' for t in ts)} us" for name, ts in timings.items())
         self.cross_attention = f"{chosen} ({timed} at {batches})"
+
+    def _choose_self_attention(self, runner: MllamaRunner) -> None:
+        """Time the decode step's self-attention, PyTorch ops against the Triton kernel (decode_attention.py), at
+        batch 1, 8 and 32 (at most the slots) on keys up to 256 positions; each decode graph then captures the
+        faster for its rows. Runs on the first self layer's pool before any request (its contents are scratch)."""
+        if not decode_attention_available():
+            return
+        pools = runner.pools
+        rows, lb = min(32, self.slots), min(256, self.max_len)
+        gen = torch.Generator(device=pools.device).manual_seed(0)
+        qkv = torch.randn(rows, runner.nh + 2 * runner.nkv, runner.hd, device=pools.device, dtype=pools.dtype,
+                          generator=gen)
+        positions = torch.randint(0, lb, (rows,), device=pools.device, generator=gen)
+        s = 0
+
+        def form(triton: bool) -> Callable[[int], Callable[[], torch.Tensor]]:
+            def at(b: int) -> Callable[[], torch.Tensor]:
+                step = None if triton else runner.self_step(positions[:b], b, lb)
+                return lambda: runner.self_attend(qkv[:b], positions[:b], step, s)
+
+            return at
+
+        batches = sorted({1, min(8, rows), rows})
+        choice, timings = choose_fastest({"torch": form(False), "triton": form(True)}, batches,
+                                         lambda fn: time_in_graph(fn, calls=16, reps=3))
+        pools.k[s].zero_()
+        pools.v[s].zero_()
+        runner.self_choice = choice
+        chosen = ", ".join(f"batch {b}+: {name}" for b, name in sorted(choice.items()))
+        timed = "; ".join(f"{name} {' / '.join(f'{t * 1e6:.1f}' for t in ts)} us" for name, ts in timings.items())
+        self.self_attention = f"{chosen} ({timed} at {batches})"
 
     def _choose_gemv(self, runner: MllamaRunner) -> None:
         """Time one-row projections, Triton against cuBLAS, on the model's own weights (gemv.py); the decode

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from llamactl.server.engine.continuous.cross_attention import CANDIDATES as CROSS_FORMS
 from llamactl.server.engine.continuous.cross_attention import Attend, for_rows
+from llamactl.server.engine.continuous.decode_attention import self_attention
 from llamactl.server.engine.continuous.fused import (
     CrossWeights,
     SelfWeights,
@@ -39,6 +40,17 @@ from llamactl.server.engine.continuous.fused import (
 from llamactl.server.engine.continuous.gemv import Projections
 from llamactl.server.engine.continuous.pools import SlotPools
 from llamactl.server.engine.continuous.vision import VisionEncoder
+
+
+@dataclass
+class SelfStep:
+    """Per decode step, shared by its self-attention layers (PyTorch form)."""
+
+    cos: torch.Tensor  # [b, 1, head_dim] rotary rows at the positions
+    sin: torch.Tensor
+    write_at: torch.Tensor  # [b, kv_heads, 1, head_dim] index of each row's new K/V
+    bias: torch.Tensor  # [b, 1, 1, lb] 0 for keys up to the position, dtype min beyond
+    lb: int
 
 
 @dataclass
@@ -85,6 +97,8 @@ class MllamaRunner:
             raise ValueError(f"the continuous engine expects SiLU MLPs, not {cfg.hidden_act!r}")
         # the decode step's cross-attention form per batch size (cross_attention.py times them on GPUs)
         self.cross_choice: dict[int, str] = {1: "matmul"}
+        # the decode step's self-attention per batch size: "torch" ops or the "triton" kernel (timed on GPUs)
+        self.self_choice: dict[int, str] = {1: "torch"}
         # the decode step's one-row projections (gemv.py chooses Triton per weight shape on GPUs; cuBLAS here)
         self.proj = Projections()
         self.weights: list[SelfWeights | CrossWeights] = [
@@ -237,14 +251,11 @@ class MllamaRunner:
         """tokens/positions [b] (device); returns float32 logits [b, vocab]. Static shapes for given (b, lb)."""
         pools, nh, nkv = self.pools, self.nh, self.nkv
         h = self.embed(tokens.view(b, 1))
-        cos = self.cos[positions].view(b, 1, self.hd)
-        sin = self._sin_table[positions].view(b, 1, self.hd)
-        key_ok = self._arange[:lb][None, :] <= positions[:, None]  # [b, lb]
-        self_bias = torch.where(key_ok, 0.0, self.min_value).to(self.dtype).view(b, 1, 1, lb)
+        self_form = for_rows(self.self_choice, b)
+        step = self.self_step(positions, b, lb) if self_form == "torch" else None
         cross_bias = pools.cross_bias[:b].view(b, 1, 1, -1)
         rowmask = pools.cross_rowmask[:b].view(b, 1, 1, 1)
         has_image = pools.has_image[:b].view(b, 1, 1)
-        write_at = positions.view(b, 1, 1, 1).expand(b, nkv, 1, self.hd)
         cross_attend = CROSS_FORMS[for_rows(self.cross_choice, b)]
         proj = self.proj
         for layer_idx, w in enumerate(self.weights):
@@ -253,17 +264,38 @@ class MllamaRunner:
                 h = self._cross_layer(w, h, pools.ck[c][:b], pools.cv[c][:b], cross_bias, rowmask, has_image,
                                       cross_attend, proj.linear)
                 continue
-            s = pools.self_index[layer_idx]
             qkv = proj.linear(rms(w.ln_in, h), w.qkv).view(b, nh + 2 * nkv, self.hd)
-            qk = self._rope(qkv[:, : nh + nkv], cos, sin)
-            k, v = qk[:, nh:].unsqueeze(2), qkv[:, nh + nkv :].unsqueeze(2)  # [b, kv_heads, 1, head_dim]
-            pools.k[s][:b].scatter_(2, write_at, k)
-            pools.v[s][:b].scatter_(2, write_at, v)
-            out = attend(qk[:, :nh].unsqueeze(2), pools.k[s][:b, :, :lb], pools.v[s][:b, :, :lb], self_bias,
-                         self.scale)
-            h = proj.add_(h, out.view(b, 1, -1), w.o)  # [b, heads, 1, d] is already [b, 1, heads * d]
+            out = self.self_attend(qkv, positions, step, pools.self_index[layer_idx])
+            h = proj.add_(h, out.view(b, 1, -1), w.o)  # [b, heads * d]
             h = proj.add_(h, mlp(w, rms(w.ln_post, h), proj.linear), w.down)
         return self.logits(self.norm(h[:, 0]))
+
+    def self_step(self, positions: torch.Tensor, b: int, lb: int) -> SelfStep:
+        """What every self-attention layer of a step shares (PyTorch form): rotary rows, write index, mask."""
+        key_ok = self._arange[:lb][None, :] <= positions[:, None]  # [b, lb]
+        return SelfStep(
+            cos=self.cos[positions].view(b, 1, self.hd),
+            sin=self._sin_table[positions].view(b, 1, self.hd),
+            write_at=positions.view(b, 1, 1, 1).expand(b, self.nkv, 1, self.hd),
+            bias=torch.where(key_ok, 0.0, self.min_value).to(self.dtype).view(b, 1, 1, lb),
+            lb=lb,
+        )
+
+    def self_attend(self, qkv: torch.Tensor, positions: torch.Tensor, step: SelfStep | None, s: int) -> torch.Tensor:
+        """One decode token a row through self-attention pool ``s``: rotary, the new K/V written at each row's
+        position, attention over the row's keys. qkv [b, heads + 2 kv_heads, d] -> [b, heads * d]. ``step`` None:
+        the Triton kernel (decode_attention.py), else the PyTorch ops."""
+        pools, nh, nkv = self.pools, self.nh, self.nkv
+        b = qkv.shape[0]
+        if step is None:
+            return self_attention(qkv, self.cos, self.sin, positions, pools.k[s], pools.v[s], nh, nkv, self.scale)
+        qk = self._rope(qkv[:, : nh + nkv], step.cos, step.sin)
+        k, v = qk[:, nh:].unsqueeze(2), qkv[:, nh + nkv :].unsqueeze(2)  # [b, kv_heads, 1, head_dim]
+        pools.k[s][:b].scatter_(2, step.write_at, k)
+        pools.v[s][:b].scatter_(2, step.write_at, v)
+        lb = step.lb
+        out = attend(qk[:, :nh].unsqueeze(2), pools.k[s][:b, :, :lb], pools.v[s][:b, :, :lb], step.bias, self.scale)
+        return out.view(b, -1)  # [b, heads, 1, d] is already [b, heads * d]
 
     def decode_weights(self) -> list[torch.Tensor]:
         """Every weight the decode step multiplies through ``proj`` (what ``gemv.choose`` times)."""

@@ -1,0 +1,224 @@
+"""The decode step's attention as Triton kernels (CUDA): one token a row, grouped queries, K/V read once.
+
+Why: in a decode step the attention is a handful of small kernels per layer, each a few microseconds, and at
+batch 1 the cross-attention's matmuls read the image K/V (26 MB a layer) at a fraction of the bandwidth (an H100:
+66 us a layer where the bytes need ~9 us; bench/results/engine_bench_run9.json). Here:
+- ``self_attention``: one kernel per self-attention layer does what took nine (rotary on q and the new key, the
+  new key and value written into the slot at the row's position, scores, mask, softmax, weighted sum); each
+  program owns one row and one K/V head with its query heads, and reads only the keys up to the row's position;
+- ``cross_attention``: the image K/V split across programs (flash-decoding: each program a stretch of positions,
+  then one small kernel merges the partial softmaxes), so at one row every SM streams K/V; same signature as
+  ``cross_attention.CANDIDATES`` so the start-time choice times it beside the others.
+Arithmetic: float32 inside (scores, softmax, sums), bf16 in and out; the query and new key are rounded to the
+model dtype after rotary, as the stored keys are. Checked against ``fused.attend`` at start (a form that differs is
+never chosen), by ``bench/engine_gpu_check.py`` (answers equal ``generate`` with the kernels forced on) and, where
+Triton is installed, in its interpreter (tests/server/test_decode_attention.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # triton ships with CUDA builds of torch; CPU installs run without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+
+BLOCK_L = 64  # keys per inner iteration
+_G_PAD = 16  # query heads of one K/V head, padded to the smallest tl.dot tile
+
+
+def available() -> bool:
+    return triton is not None and torch.cuda.is_available()
+
+
+def _precision(x: torch.Tensor) -> str:
+    """float32 models (the GPU check's tiny model) multiply in full precision, not TF32."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+if triton is not None:
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def _self_kernel(  # type: ignore[no-untyped-def]
+        qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, out_ptr,
+        stride_qkv, stride_table, stride_kr, stride_kh, stride_kp, stride_out, scale,
+        NH: tl.constexpr, NKV: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr,
+        BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        kvh = tl.program_id(1)
+        pos = tl.load(pos_ptr + row)
+        d = tl.arange(0, HD)
+        rot = (d + HD // 2) % HD  # rotate_half(x)[d] = -x[d + half] below half, x[d - half] above
+        cos = tl.load(cos_ptr + pos * stride_table + d).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * stride_table + d).to(tl.float32) * tl.where(d < HD // 2, -1.0, 1.0)
+        base = qkv_ptr + row * stride_qkv
+        kh = (NH + kvh) * HD
+        k_new = tl.load(base + kh + d).to(tl.float32) * cos + tl.load(base + kh + rot).to(tl.float32) * sin
+        k_new = k_new.to(k_ptr.dtype.element_ty)
+        v_new = tl.load(base + (NH + NKV + kvh) * HD + d)
+        cache = row * stride_kr + kvh * stride_kh
+        tl.store(k_ptr + cache + pos * stride_kp + d, k_new)
+        tl.store(v_ptr + cache + pos * stride_kp + d, v_new)
+        g = tl.arange(0, G_PAD)
+        g_ok = g < GROUP
+        q_at = (kvh * GROUP + g) * HD
+        q = tl.load(base + q_at[:, None] + d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+        q_rot = tl.load(base + q_at[:, None] + rot[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+        q = (q * cos[None, :] + q_rot * sin[None, :]).to(k_ptr.dtype.element_ty)
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, HD], tl.float32)
+        for start in range(0, pos + 1, BLOCK):
+            keys = start + tl.arange(0, BLOCK)
+            stored = keys < pos  # the new key and value are in registers, not read back
+            at = cache + keys[:, None] * stride_kp + d[None, :]
+            kb = tl.load(k_ptr + at, mask=stored[:, None], other=0.0)
+            vb = tl.load(v_ptr + at, mask=stored[:, None], other=0.0)
+            kb = tl.where((keys == pos)[:, None], k_new[None, :], kb)
+            vb = tl.where((keys == pos)[:, None], v_new[None, :], vb)
+            s = tl.dot(q, tl.trans(kb), input_precision=PRECISION) * scale
+            s = tl.where((keys <= pos)[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + row * stride_out + q_at[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=g_ok[:, None])
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def _cross_partial_kernel(  # type: ignore[no-untyped-def]
+        q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, m_ptr, l_ptr,
+        stride_qr, stride_qh, stride_kr, stride_kh, stride_kp, stride_br, L, per_split, scale,
+        GROUP: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr,
+        NKV: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        d = tl.arange(0, HD)
+        g = tl.arange(0, G_PAD)
+        g_ok = g < GROUP
+        q = tl.load(q_ptr + row * stride_qr + (kvh * GROUP + g)[:, None] * stride_qh + d[None, :],
+                    mask=g_ok[:, None], other=0.0)
+        cache = row * stride_kr + kvh * stride_kh
+        first = split * per_split
+        last = tl.minimum(first + per_split, L)
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, HD], tl.float32)
+        for start in range(first, last, BLOCK):
+            keys = start + tl.arange(0, BLOCK)
+            ok = keys < last
+            at = cache + keys[:, None] * stride_kp + d[None, :]
+            kb = tl.load(k_ptr + at, mask=ok[:, None], other=0.0)
+            vb = tl.load(v_ptr + at, mask=ok[:, None], other=0.0)
+            bias = tl.load(bias_ptr + row * stride_br + keys, mask=ok, other=0.0).to(tl.float32)
+            s = tl.dot(q, tl.trans(kb), input_precision=PRECISION) * scale + bias[None, :]
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
+            m_i = m_new
+        part = (row * NKV + kvh) * SPLITS + split
+        rows_at = part * G_PAD + g
+        tl.store(out_ptr + rows_at[:, None] * HD + d[None, :], acc)
+        tl.store(m_ptr + rows_at, m_i)
+        tl.store(l_ptr + rows_at, l_i)
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def _cross_merge_kernel(  # type: ignore[no-untyped-def]
+        part_ptr, m_ptr, l_ptr, out_ptr, stride_or, stride_oh,
+        GROUP: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr, SPLITS: tl.constexpr, S_PAD: tl.constexpr,
+        NKV: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        kvh = tl.program_id(1)
+        g = tl.program_id(2)  # one query head of the group
+        s = tl.arange(0, S_PAD)
+        s_ok = s < SPLITS
+        d = tl.arange(0, HD)
+        at = ((row * NKV + kvh) * SPLITS + s) * G_PAD + g
+        m = tl.load(m_ptr + at, mask=s_ok, other=float("-inf"))
+        weight = tl.exp(m - tl.max(m, 0))
+        weight = tl.where(s_ok, weight, 0.0)
+        total = tl.sum(weight * tl.load(l_ptr + at, mask=s_ok, other=0.0), 0)
+        acc = tl.load(part_ptr + at[:, None] * HD + d[None, :], mask=s_ok[:, None], other=0.0)
+        out = tl.sum(acc * weight[:, None], 0) / total
+        tl.store(out_ptr + row * stride_or + (kvh * GROUP + g) * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def self_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int,
+                   scale: float) -> torch.Tensor:
+    """One decode token a row: qkv [b, heads + 2 kv_heads, d] (before rotary); cos/sin [max_len, d] tables
+    (transformers' form: ``x * cos + rotate_half(x) * sin``); positions [b]; k/v_cache [slots, kv_heads, max_len, d]
+    (rows 0..b-1 are the batch's). Writes each row's rotated key and value at its position and returns the
+    attention over keys 0..position (reading no others): [b, heads * d]."""
+    b, _, d = qkv.shape
+    _check_head_dim(d)
+    out = torch.empty(b, heads * d, dtype=qkv.dtype, device=qkv.device)
+    _self_kernel[(b, kv_heads)](
+        qkv, cos, sin, positions, k_cache, v_cache, out,
+        qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), scale,
+        NH=heads, NKV=kv_heads, GROUP=heads // kv_heads, G_PAD=max(_G_PAD, heads // kv_heads), HD=d, BLOCK=BLOCK_L,
+        PRECISION=_precision(qkv), num_warps=4, num_stages=2,
+    )
+    return out
+
+
+def _check_head_dim(d: int) -> None:
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"the Triton decode attention takes power-of-two head dims from 16, not {d}")
+
+
+def splits_for(rows: int, kv_heads: int, length: int, sms: int) -> int:
+    """Stretches of image positions per (row, K/V head): about two programs per SM, each at least a block."""
+    want = max(1, round(2 * sms / max(1, rows * kv_heads)))
+    splits = max(1, min(want, 64, length // BLOCK_L))
+    per = -(-length // splits)
+    return -(-length // per)  # no empty stretch
+
+
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """As ``fused.attend`` for one query token a row: q [n, heads, 1, d]; k/v [n, kv_heads, L, d] (the pools'
+    slices: the position stride may exceed d); bias [n, 1, 1, L] additive -> [n, heads, 1, d]."""
+    n, heads, t, d = q.shape
+    if t != 1:
+        raise ValueError("the Triton cross-attention takes one query token a row")
+    kv_heads, length = k.shape[1], k.shape[2]
+    if k.stride() != v.stride() or k.stride(3) != 1 or q.stride(3) != 1 or bias.stride(3) != 1:
+        raise ValueError("the Triton cross-attention needs contiguous head dims and K/V of one layout")
+    _check_head_dim(d)
+    group = heads // kv_heads
+    g_pad = max(_G_PAD, group)
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+    splits = splits_for(n, kv_heads, length, sms)
+    per = -(-length // splits)
+    rows = n * kv_heads * splits * g_pad
+    part = torch.empty(rows, d, dtype=torch.float32, device=q.device)
+    m = torch.empty(rows, dtype=torch.float32, device=q.device)
+    l_sum = torch.empty(rows, dtype=torch.float32, device=q.device)
+    out = torch.empty(n, heads, 1, d, dtype=q.dtype, device=q.device)
+    _cross_partial_kernel[(n, kv_heads, splits)](
+        q, k, v, bias, part, m, l_sum,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), bias.stride(0), length, per, scale,
+        GROUP=group, G_PAD=g_pad, HD=d, BLOCK=BLOCK_L, SPLITS=splits, NKV=kv_heads,
+        PRECISION=_precision(q), num_warps=4, num_stages=2,
+    )
+    _cross_merge_kernel[(n, kv_heads, group)](
+        part, m, l_sum, out, out.stride(0), out.stride(1),
+        GROUP=group, G_PAD=g_pad, HD=d, SPLITS=splits, S_PAD=triton.next_power_of_2(splits), NKV=kv_heads,
+        num_warps=4,
+    )
+    return out
+
