@@ -1,7 +1,9 @@
 """Where the continuous engine's GPU time goes: the vision tower (cuDNN attention), graph-replayed decode steps,
-both at once on the engine's two streams, and the kernels of one batch-1 step.
+both at once on the engine's two streams, and the kernels of one decode step at batch 1 and 32 and of the tower,
+summed by kind (GEMMs, attention, the engine's Triton kernels, element-wise and the rest).
 
     python3 bench/engine_probe.py --out $OUT/engine_probe.json      # GPU only
+    python3 bench/engine_probe.py --quick --out ...                 # without the dense-mask and overlap parts
 """
 
 from __future__ import annotations
@@ -36,15 +38,52 @@ def timed(fn: Any, reps: int = 3) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--quick", action="store_true", help="skip transformers' dense-mask tower and the overlap")
     args = ap.parse_args()
     from engine_direct import build
 
     engine, model = build(False, 64, 2048)
     engine.start()  # turns cuDNN attention on for the vision tower (the engine's default on CUDA)
-    args.out.write_text(json.dumps(probe(engine, model), indent=1, default=str))
+    args.out.write_text(json.dumps(probe(engine, model, args.quick), indent=1, default=str))
 
 
-def probe(engine: Any, model: Any) -> dict[str, Any]:
+def kind(name: str) -> str:
+    """A CUDA kernel's kind, from its name."""
+    low = name.lower()
+    if "_self_kernel" in low or "_cross_partial" in low or "_cross_merge" in low:
+        return "triton attention"
+    if "_gemv_kernel" in low:
+        return "triton gemv"
+    if any(k in low for k in ("flash", "fmha", "cudnn", "attn", "sdpa")):
+        return "attention (library)"
+    if any(k in low for k in ("gemm", "cutlass", "xmma", "nvjet", "cublas", "splitk")):
+        return "gemm"
+    if "memcpy" in low or "memset" in low:
+        return "copies"
+    return "element-wise and other"
+
+
+def kernel_kinds(fn: Any) -> dict[str, Any]:
+    """Run ``fn`` once under the profiler: microseconds and kernel counts per kind, and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kinds: dict[str, dict[str, float]] = {}
+    for e in prof.key_averages():
+        if e.device_type.name != "CUDA":
+            continue
+        k = kinds.setdefault(kind(e.key), {"us": 0.0, "kernels": 0})
+        k["us"] += e.self_device_time_total
+        k["kernels"] += e.count
+    return {"by_kind": {k: {"us": round(v["us"], 1), "kernels": int(v["kernels"])} for k, v in kinds.items()},
+            "top": prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12)}
+
+
+def probe(engine: Any, model: Any, quick: bool = False) -> dict[str, Any]:
     """The measurements, on a started engine (also run by engine_direct.py --probe, on its engine)."""
     report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     vision = model.model.vision_model
@@ -59,14 +98,17 @@ def probe(engine: Any, model: Any) -> dict[str, Any]:
     ar_cpu = torch.ones(n, 1, 4, dtype=torch.long)
     split = lambda: encoder(pixel, ar_ids, ar_mask, ar_cpu)
     with torch.inference_mode():
-        report["engine_vision_attention"] = engine.describe().get("vision_attention")
-        report["vision_8_images_dense_mask_s"] = timed(run)  # transformers' path (cuDNN attention, dense mask)
+        described = engine.describe()
+        report["engine"] = {k: described.get(k) for k in ("vision_attention", "cross_attention", "self_attention",
+                                                          "one_row_projections")}
         report["vision_8_images_split_mask_s"] = timed(split)
         report["vision_8_images_cudnn_s"] = report["vision_8_images_split_mask_s"]  # what the engine runs
-        dense = model.model.multi_modal_projector(run().last_hidden_state).reshape(n, -1, 4096).float()
-        got = split().float()
-        report["vision_split_vs_dense_rel_l2"] = float(torch.linalg.vector_norm(got - dense)
-                                                       / torch.linalg.vector_norm(dense))
+        if not quick:
+            report["vision_8_images_dense_mask_s"] = timed(run)  # transformers' path (cuDNN attention, dense mask)
+            dense = model.model.multi_modal_projector(run().last_hidden_state).reshape(n, -1, 4096).float()
+            got = split().float()
+            report["vision_split_vs_dense_rel_l2"] = float(torch.linalg.vector_norm(got - dense)
+                                                           / torch.linalg.vector_norm(dense))
         print("vision 8 images", {k: v for k, v in report.items() if k.startswith("vision")}, flush=True)
         run = split
         for b in (1, 8, 32, 64):
@@ -76,7 +118,7 @@ def probe(engine: Any, model: Any) -> dict[str, Any]:
         # Vision on the low-priority stream while the high-priority stream replays decode steps (the engine's
         # overlap): each alone, then together from one start event.
         steps = 30
-        for b in (8, 32):
+        for b in () if quick else (8, 32):
             from engine_green_probe import together
 
             def pair(b: int = b) -> dict[str, float]:
@@ -93,20 +135,17 @@ def probe(engine: Any, model: Any) -> dict[str, Any]:
                 "serial_s": alone + report["vision_8_images_cudnn_s"],
             }
             print("overlap", b, report[f"overlap_b{b}"], flush=True)
-        # where a replay's time goes: profile one b=1 eager step
-        from torch.profiler import ProfilerActivity, profile
-
-        toks = torch.zeros(1, dtype=torch.long, device="cuda")
-        pos = torch.zeros(1, dtype=torch.long, device="cuda")
-        engine.runner.decode(toks, pos, 1, 256)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            engine.runner.decode(toks, pos, 1, 256)
-            torch.cuda.synchronize()
-        events = prof.key_averages()
-        report["decode_b1_kernels"] = sum(e.count for e in events if e.device_type.name == "CUDA")
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
-        report["decode_b1_profile"] = table
-        print(table, flush=True)
+        # where the time goes: one eager decode step at batch 1 and 32 (the forms the graphs capture) and the tower
+        for b in (1, 32):
+            toks = torch.zeros(b, dtype=torch.long, device="cuda")
+            pos = torch.full((b,), 200, dtype=torch.long, device="cuda")
+            report[f"decode_b{b}_kernels"] = kernel_kinds(lambda b=b, toks=toks, pos=pos:
+                                                          engine.runner.decode(toks, pos, b, 256))
+            print(f"decode b={b}", json.dumps(report[f"decode_b{b}_kernels"]["by_kind"]), flush=True)
+            print(report[f"decode_b{b}_kernels"]["top"], flush=True)
+        report["vision_8_images_kernels"] = kernel_kinds(split)
+        print("vision 8 images", json.dumps(report["vision_8_images_kernels"]["by_kind"]), flush=True)
+        print(report["vision_8_images_kernels"]["top"], flush=True)
     return report
 
 
