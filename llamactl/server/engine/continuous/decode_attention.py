@@ -17,6 +17,8 @@ Triton is installed, in its interpreter (tests/server/test_decode_attention.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 try:  # triton ships with CUDA builds of torch; CPU installs run without it
@@ -28,6 +30,19 @@ except ImportError:  # pragma: no cover - depends on the install
 
 BLOCK_L = 64  # keys per inner iteration
 _G_PAD = 16  # query heads of one K/V head, padded to the smallest tl.dot tile
+
+
+@dataclass(frozen=True)
+class CrossConfig:
+    """How ``cross_attention`` splits its work: programs per SM it aims at, keys per iteration, warps, stages."""
+
+    per_sm: int = 2
+    block: int = BLOCK_L
+    warps: int = 4
+    stages: int = 2
+
+
+CROSS_CONFIG = CrossConfig()
 
 
 def available() -> bool:
@@ -180,16 +195,16 @@ def _check_head_dim(d: int) -> None:
         raise ValueError(f"the Triton decode attention takes power-of-two head dims from 16, not {d}")
 
 
-def splits_for(rows: int, kv_heads: int, length: int, sms: int) -> int:
-    """Stretches of image positions per (row, K/V head): about two programs per SM, each at least a block."""
-    want = max(1, round(2 * sms / max(1, rows * kv_heads)))
-    splits = max(1, min(want, 64, length // BLOCK_L))
+def splits_for(rows: int, kv_heads: int, length: int, sms: int, per_sm: int = 2, block: int = BLOCK_L) -> int:
+    """Stretches of image positions per (row, K/V head): about ``per_sm`` programs per SM, each at least a block."""
+    want = max(1, round(per_sm * sms / max(1, rows * kv_heads)))
+    splits = max(1, min(want, 64, length // block))
     per = -(-length // splits)
     return -(-length // per)  # no empty stretch
 
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                    scale: float) -> torch.Tensor:
+                    scale: float, config: CrossConfig | None = None) -> torch.Tensor:
     """As ``fused.attend`` for one query token a row: q [n, heads, 1, d]; k/v [n, kv_heads, L, d] (the pools'
     slices: the position stride may exceed d); bias [n, 1, 1, L] additive -> [n, heads, 1, d]."""
     n, heads, t, d = q.shape
@@ -202,7 +217,8 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     group = heads // kv_heads
     g_pad = max(_G_PAD, group)
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
-    splits = splits_for(n, kv_heads, length, sms)
+    cfg = config or CROSS_CONFIG
+    splits = splits_for(n, kv_heads, length, sms, cfg.per_sm, cfg.block)
     per = -(-length // splits)
     rows = n * kv_heads * splits * g_pad
     part = torch.empty(rows, d, dtype=torch.float32, device=q.device)
@@ -212,8 +228,8 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     _cross_partial_kernel[(n, kv_heads, splits)](
         q, k, v, bias, part, m, l_sum,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), bias.stride(0), length, per, scale,
-        GROUP=group, G_PAD=g_pad, HD=d, BLOCK=BLOCK_L, SPLITS=splits, NKV=kv_heads,
-        PRECISION=_precision(q), num_warps=4, num_stages=2,
+        GROUP=group, G_PAD=g_pad, HD=d, BLOCK=cfg.block, SPLITS=splits, NKV=kv_heads,
+        PRECISION=_precision(q), num_warps=cfg.warps, num_stages=cfg.stages,
     )
     _cross_merge_kernel[(n, kv_heads, group)](
         part, m, l_sum, out, out.stride(0), out.stride(1),
