@@ -49,8 +49,9 @@ def test_splits_cover_every_position_once() -> None:
         per = -(-length // splits)
         assert 1 <= splits <= 64
         assert (splits - 1) * per < length <= splits * per  # no stretch is empty, none is missing
-    assert da.splits_for(1, 8, 6404, 132) == 33  # ~2 programs per SM at one row
-    assert da.splits_for(32, 8, 6404, 132) == 1
+    assert da.splits_for(1, 8, 6404, 132) == 64  # at most 64 stretches (4 programs per SM would be 66)
+    assert da.splits_for(32, 8, 6404, 132) == 2
+    assert da.splits_for(1, 8, 6404, 132, per_sm=2) == 33
 
 
 INTERPRETER_CHECK = """

@@ -34,9 +34,13 @@ _G_PAD = 16  # query heads of one K/V head, padded to the smallest tl.dot tile
 
 @dataclass(frozen=True)
 class CrossConfig:
-    """How ``cross_attention`` splits its work: programs per SM it aims at, keys per iteration, warps, stages."""
+    """How ``cross_attention`` splits its work: programs per SM it aims at, keys per iteration, warps, stages.
 
-    per_sm: int = 2
+    The default was the fastest of 48 on an H200 at 8 and 32 rows and within 0.5 us of the best at one row
+    (bench/results/engine_cross_probe_run1_h200.json: 12.3 / 57.8 / 197.3 us a layer at 1 / 8 / 32 rows, where
+    two programs per SM gave 13.9 / 69.8 / 247.1 and cuDNN's fused attention is slower from one row to 32)."""
+
+    per_sm: int = 4
     block: int = BLOCK_L
     warps: int = 4
     stages: int = 2
@@ -195,7 +199,7 @@ def _check_head_dim(d: int) -> None:
         raise ValueError(f"the Triton decode attention takes power-of-two head dims from 16, not {d}")
 
 
-def splits_for(rows: int, kv_heads: int, length: int, sms: int, per_sm: int = 2, block: int = BLOCK_L) -> int:
+def splits_for(rows: int, kv_heads: int, length: int, sms: int, per_sm: int = 4, block: int = BLOCK_L) -> int:
     """Stretches of image positions per (row, K/V head): about ``per_sm`` programs per SM, each at least a block."""
     want = max(1, round(per_sm * sms / max(1, rows * kv_heads)))
     splits = max(1, min(want, 64, length // block))
