@@ -63,6 +63,26 @@ _COMPILED_ROWS = 8  # prompt tokens a slot holds beyond the longest answer the s
 _GIB = 2**30
 
 
+class HostTime:
+    """Seconds the step loop's thread spends per phase, since start (``/health`` ``engine.host_s``): where a GPU
+    that idles between steps waits on Python. ``wait`` is time blocked on the GPU (a step's tokens, a prefill's
+    first tokens), also counted in the phase it happens in (``process``, ``prefill``, ``join``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def snapshot(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in sorted(self.seconds.items())}
+
+
 @dataclass
 class _Step:
     """A decode step in flight: its rows as launched and their chosen tokens on the way to the host."""
@@ -72,9 +92,10 @@ class _Step:
     done: Any  # torch.cuda.Event, or None on the CPU (already there)
     launched: float
 
-    def tokens(self) -> list[int]:
+    def tokens(self, clock: HostTime) -> list[int]:
         if self.done is not None:
-            self.done.synchronize()
+            with clock.phase("wait"):
+                self.done.synchronize()
         return [int(t) for t in self.chosen.tolist()]
 
 
@@ -126,6 +147,7 @@ class ContinuousEngine(EngineStatus):
         self.on_batch_done: Callable[[float], None] | None = None  # seconds per chunk (vision + prefill)
         self.prefill_s = 0.0
         self.decode_s = 0.0
+        self.host = HostTime()
         self._processed_at = 0.0
 
     # -- read-only surface (any thread) ------------------------------------------------------------------
@@ -181,6 +203,7 @@ class ContinuousEngine(EngineStatus):
             "steps": self.steps,
             "prefill_s_total": round(self.prefill_s, 3),
             "decode_s_total": round(self.decode_s, 3),
+            "host_s": self.host.snapshot(),
         }
 
     def _vision_attention(self) -> str:
@@ -474,7 +497,8 @@ class ContinuousEngine(EngineStatus):
                         self._cv.wait()
                     if self._stopping and not self._running and self._encoding is None:
                         return
-                    newcomers = self._take_newcomers()
+                    with self.host.phase("admit"):
+                        newcomers = self._take_newcomers()
                     self._admitted = len(newcomers)
                 if self.step_hook is not None:
                     self.step_hook()
@@ -491,25 +515,31 @@ class ContinuousEngine(EngineStatus):
         queue new images on the vision stream, then read back the PREVIOUS step's tokens while this one runs
         (stream, end, free slots), then prefill text newcomers and join encoded images (they decode from the
         next step). A row that ended in the previous step rides along in this one once; its token is dropped."""
-        step = self._launch_decode() if self._running else None
+        clock = self.host
+        with clock.phase("launch"):
+            step = self._launch_decode() if self._running else None
         images = [r for r in newcomers if r.image is not None]
         texts = [r for r in newcomers if r.image is None]
         if images:
-            self._start_encoding(images)
+            with clock.phase("encode"):
+                self._start_encoding(images)
         self._admitted = len(texts)
         previous, self._inflight = self._inflight, step
-        if previous is not None:
-            self._process(previous)
-        if step is not None and not self.pipelined:
-            self._inflight = None
-            self._process(step)
+        with clock.phase("process"):
+            if previous is not None:
+                self._process(previous)
+            if step is not None and not self.pipelined:
+                self._inflight = None
+                self._process(step)
         if texts:
-            self._prefill(texts)
+            with clock.phase("prefill"):
+                self._prefill(texts)
         self._admitted = 0
         encoding = self._encoding
         if encoding is not None and (encoding.ready() or not self._running):
             self._encoding = None
-            self._join(encoding)
+            with clock.phase("join"):
+                self._join(encoding)
         if not self._running:
             self._inflight = None  # every row it carried has ended
 
@@ -570,7 +600,9 @@ class ContinuousEngine(EngineStatus):
         assert self._tokens_in is not None and self._positions_in is not None
         self._tokens_in[first : first + len(seqs)].copy_(chosen)
         self._positions_in[first : first + len(seqs)].copy_(torch.tensor(lengths), non_blocking=True)
-        self._accept(seqs, [int(t) for t in chosen.tolist()])  # the first tokens go out now (TTFT)
+        with self.host.phase("wait"):
+            first_tokens = chosen.tolist()
+        self._accept(seqs, [int(t) for t in first_tokens])  # the first tokens go out now (TTFT)
         took = time.monotonic() - t0
         self.prefill_s += took
         if self._state == "ready":  # not the warm-up
@@ -624,7 +656,7 @@ class ContinuousEngine(EngineStatus):
 
     def _process(self, step: _Step) -> None:
         """A launched step's tokens, on the host: record, stream, end; ended rows free their slots."""
-        self._accept(step.seqs, step.tokens())
+        self._accept(step.seqs, step.tokens(self.host))
         self.steps += 1
         now = time.monotonic()
         self.decode_s += now - max(step.launched, self._processed_at)  # steps overlap: count each moment once
