@@ -106,7 +106,6 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
                ("continuous-c2vp", "images two at a time, tower first",
                 {"LLAMACTL_PREFILL_CHUNK_IMAGES": "2", "LLAMACTL_VISION_PRIORITY": "high"}),
                ("continuous-pt", "PyTorch's kernels only (its Triton kernels off)", {"LLAMACTL_TRITON_KERNELS": "0"}),
-               ("continuous-si", "the interpreter's switch interval at 0.5 ms", {"LLAMACTL_SWITCH_INTERVAL_MS": "0.5"}),
            ]},
         "seed": Design("seed", "one request at a time (hf engine, max batch 1: the seed article's design)", "hf", 1,
                        a.seed_levels, 1, a.seed_min_requests, "first", 1.5, a.hf_max_wait_ms),
@@ -519,7 +518,7 @@ def main() -> None:
     ap.add_argument("--levels", type=ints, help="clients per level (default 1,8,32,64; tiny 1,2,4)")
     ap.add_argument("--sm-levels", type=ints, default=[32], help="levels of the continuous-sm design")
     ap.add_argument("--vp-levels", type=ints, default=[32, 64],
-                    help="levels of the continuous-vp, -c2, -c2vp, -pt and -si designs")
+                    help="levels of the continuous-vp, -c2, -c2vp and -pt designs")
     ap.add_argument("--seed-levels", type=ints, help="levels of the one-at-a-time design (default 1,8; tiny 1,2)")
     ap.add_argument("--hf-max-batch", type=int, help="the hf design's max batch (default 32; tiny 2)")
     ap.add_argument("--max-tokens", type=int, help="answer length (default 128; tiny 8)")

@@ -46,7 +46,6 @@ def serve(
     """Serve Llama 3.2 Vision over HTTP: /infer, /v1/chat/completions, /health, /ready, /metrics."""
     import logging
     import os
-    import sys
 
     from llamactl.server.settings import Settings, SettingsError
 
@@ -83,10 +82,6 @@ def serve(
     # Before torch loads (OpenMP sizes its pool once) and before any thread exists (threads inherit affinity).
     cpu = apply_budget(slot=settings.host_slot, threads=settings.cpu_threads, pin=settings.cpu_pinning)
     logging.getLogger("llamactl.server").info("cpu budget: %s", cpu.describe())
-    if settings.switch_interval_ms:
-        # how soon a thread waiting for the interpreter lock asks for it (Python's default: 5 ms); the model
-        # thread gives the lock up in every CUDA call and competes with the HTTP and streaming threads for it
-        sys.setswitchinterval(settings.switch_interval_ms / 1000)
     run_server(create_app(settings, cpu=cpu), settings.host, settings.port, log_level=log_level)
 
 

@@ -59,8 +59,6 @@ class Settings(BaseModel):
     # each still timed at start and used only where it is correct and faster. False: PyTorch's kernels only
     # (a switch for ruling them out when a GPU misbehaves, and the benchmark's comparison).
     triton_kernels: bool = True
-    # The interpreter's switch interval in ms for `llamactl serve` (sys.setswitchinterval; 0 = Python's 5 ms).
-    switch_interval_ms: float = Field(0.0, ge=0, le=1000)
     max_batch_size: int = Field(8, ge=1, le=1024)
     max_wait_ms: float = Field(10.0, ge=0, le=60_000)
     queue_limit: int = Field(64, ge=1, le=100_000)
