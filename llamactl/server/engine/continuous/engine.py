@@ -133,7 +133,7 @@ class ContinuousEngine(EngineStatus):
         self.chunk_images = 8
         self.chunk_tokens = 4096
         self.split_vision_mask = True  # vision.py: attention without transformers' dense L x L mask
-        self.vision_timings: dict[str, float] = {}  # tower seconds for 2 images per attention form (vision.py)
+        self.vision_timings: dict[str, float] = {}  # seconds for 2 images per unmasked-attention kernel
         self.cross_attention = "matmul"  # the decode step's cross-attention forms (timed at start on GPUs)
         self.self_attention = "torch"  # the decode step's self-attention: PyTorch ops or Triton (timed on GPUs)
         self.gemv: dict[str, str] = {}  # one-row projections per weight shape: Triton or cuBLAS (timed on GPUs)
@@ -214,10 +214,8 @@ class ContinuousEngine(EngineStatus):
             return "dense mask (transformers)"
         if not self.vision_timings:
             return "split mask"
-        kernels = {k: v for k, v in self.vision_timings.items() if not k.startswith("pad ")}
-        best = min(kernels, key=kernels.__getitem__) if kernels else "-"
-        timed = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.vision_timings.items())
-        return f"split mask, {best}, padding rows by {encoder.pad_form} ({timed})"
+        best = min(self.vision_timings, key=self.vision_timings.__getitem__)
+        return f"split mask, {best} (" + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.vision_timings.items()) + ")"
 
     def render_prompt(self, messages: list[dict[str, Any]]) -> str:
         return self.hf.render_prompt(messages)

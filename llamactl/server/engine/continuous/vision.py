@@ -23,8 +23,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from llamactl.server.engine.continuous.fused import attend
-
 ATTENTION_NAME = "llamactl_vision_split_mask"
 
 
@@ -37,7 +35,6 @@ class PaddingRows:
         self.rows: torch.Tensor | None = None
         self.key_bias: torch.Tensor | None = None  # [n, 1, 1, L]: 0 for real keys, dtype min for padding keys
         self.backends: list[SDPBackend] | None = None  # the unmasked attention's kernels (None: torch's choice)
-        self.pad_form = "sdpa"  # the padding rows' attention: "sdpa" (torch's choice of kernel) or "matmul"
 
 
 _CURRENT = PaddingRows()
@@ -76,11 +73,8 @@ def split_mask_attention(
     if rows.shape[1]:
         n, heads, _, d = query.shape
         index = rows[:, None, :, None].expand(n, heads, rows.shape[1], d)
-        few = torch.gather(query, 2, index)
-        if _CURRENT.pad_form == "matmul":  # a few rows: plain GEMMs over the keys, no fused kernel's setup
-            pad = attend(few, key, value, key_bias, scaling if scaling is not None else d**-0.5)
-        else:
-            pad = F.scaled_dot_product_attention(few, key, value, attn_mask=key_bias, scale=scaling)
+        pad = F.scaled_dot_product_attention(torch.gather(query, 2, index), key, value, attn_mask=key_bias,
+                                             scale=scaling)
         out.scatter_(2, index, pad)
     return out.transpose(1, 2).contiguous(), None
 
@@ -97,7 +91,6 @@ class VisionEncoder:
         self.padded = self.patches + (8 - self.patches % 8) % 8
         self.split_mask = split_mask
         self.backends: list[SDPBackend] | None = None
-        self.pad_form = "sdpa"
         if split_mask:
             vision.config._attn_implementation = ATTENTION_NAME
 
@@ -108,12 +101,10 @@ class VisionEncoder:
         if self.split_mask:
             self._set_rows(ar_mask_cpu.reshape(ar_mask_cpu.shape[0], -1), pixel.device, pixel.dtype)
             _CURRENT.backends = self.backends
-            _CURRENT.pad_form = self.pad_form
         try:
             states = self.vision(pixel_values=pixel, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask)
         finally:
             _CURRENT.rows = _CURRENT.key_bias = _CURRENT.backends = None
-            _CURRENT.pad_form = "sdpa"
         states = states.last_hidden_state  # [n, 1, tiles, patches, dim]
         n, _, tiles, patches, _ = states.shape
         return self.projector(states).reshape(n, tiles * patches, -1)  # type: ignore[no-any-return]
@@ -139,9 +130,7 @@ CANDIDATE_BACKENDS = {
 
 
 def choose_backend(encoder: VisionEncoder, images: int, tiles: int, size: int, dtype: torch.dtype) -> dict[str, float]:
-    """Time the tower on ``images`` 4-tile images with each unmasked-attention kernel and keep the fastest, then
-    with the padding rows' attention as plain matmuls instead of a fused kernel (``pad matmul``), kept if faster
-    (CUDA).
+    """Time the tower on ``images`` 4-tile images with each unmasked-attention kernel; keep the fastest (CUDA).
 
     Returns seconds per candidate (a kernel that cannot take these shapes is left out). The kernels differ by GPU
     and library version, so this is measured at start rather than assumed.
@@ -150,35 +139,20 @@ def choose_backend(encoder: VisionEncoder, images: int, tiles: int, size: int, d
     ar_ids = torch.ones(images, 1, dtype=torch.long, device="cuda")
     ar_cpu = torch.ones(images, 1, tiles, dtype=torch.long)
     ar_mask = ar_cpu.to("cuda")
-
-    def tower_s() -> float:
-        encoder(pixel, ar_ids, ar_mask, ar_cpu)  # first call: kernel selection and plans
-        torch.cuda.synchronize()
-        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        start.record()
-        encoder(pixel, ar_ids, ar_mask, ar_cpu)
-        end.record()
-        torch.cuda.synchronize()
-        return float(start.elapsed_time(end) / 1000)
-
     timings: dict[str, float] = {}
     for name, backends in CANDIDATE_BACKENDS.items():
         encoder.backends = backends
         try:
-            timings[name] = tower_s()
+            encoder(pixel, ar_ids, ar_mask, ar_cpu)  # first call: kernel selection and plans
+            torch.cuda.synchronize()
+            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            start.record()
+            encoder(pixel, ar_ids, ar_mask, ar_cpu)
+            end.record()
+            torch.cuda.synchronize()
+            timings[name] = start.elapsed_time(end) / 1000
         except RuntimeError:
             continue
-    if not timings:
-        encoder.backends = None
-        return timings
-    best = min(timings, key=timings.__getitem__)
-    encoder.backends = CANDIDATE_BACKENDS[best]
-    encoder.pad_form = "matmul"
-    try:
-        timings["pad matmul"] = tower_s()
-    except RuntimeError:
-        timings["pad matmul"] = float("inf")
-    if timings["pad matmul"] >= timings[best]:
-        encoder.pad_form = "sdpa"
+    encoder.backends = CANDIDATE_BACKENDS[min(timings, key=timings.__getitem__)] if timings else None
     return timings
