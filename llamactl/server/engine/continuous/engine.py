@@ -3,8 +3,8 @@
 Each iteration of the step loop (model thread):
 1. admit: waiting requests take free slots, at most one bounded chunk (images, prompt tokens) per iteration,
    so running sequences wait for at most one chunk between two of their tokens;
-2. one decode step for every running sequence (a CUDA graph replay on GPUs, the fastest cross-attention form
-   for its rows), its tokens sampled per row on the device and kept there as the next step's inputs;
+2. one decode step for every running sequence (a CUDA graph replay on GPUs, the fastest self- and cross-attention
+   forms for its rows), its tokens sampled per row on the device and kept there as the next step's inputs;
 3. image newcomers are queued through the vision tower + projector (on GPUs on a stream of their own,
    ``encoding.py``) while the batch keeps decoding;
 4. the previous step's tokens come back to the host (on GPUs one step late, so the GPU never waits for this
@@ -80,7 +80,8 @@ class HostTime:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
     def snapshot(self) -> dict[str, float]:
-        return {k: round(v, 3) for k, v in sorted(self.seconds.items())}
+        seconds = dict(self.seconds)  # one copy under the interpreter lock: the loop may add a phase meanwhile
+        return {k: round(v, 3) for k, v in sorted(seconds.items())}
 
 
 @dataclass
