@@ -10,25 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 import torch.nn.functional as F
+from engine_probe import timed
 from torch.nn.attention import SDPBackend, sdpa_kernel
-
-
-def timed(fn, reps: int = 5) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -65,7 +55,7 @@ def main() -> None:
                     if ref is None:
                         ref = out
                     err = float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
-                    t = timed(run)
+                    t = timed(run, reps=5)
                     report["runs"][key] = {"s": t, "rel_l2_vs_first": err,  # type: ignore[index]
                                            "tflops_useful": flops / t / 1e12}
                     print(key, f"{t * 1000:.2f} ms, {flops / t / 1e12:.0f} TFLOP/s useful, rel L2 {err:.1e}",
