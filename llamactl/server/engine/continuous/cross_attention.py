@@ -136,7 +136,7 @@ def choose_fastest(forms: dict[str, Callable[[int], Callable[[], torch.Tensor]]]
                 ref = reference(b)().float()
                 run = at(b)
                 got = run().float()
-                if float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref)) > tolerance:
+                if relative_l2(got, ref) > tolerance:
                     raise ValueError(f"{name} differs from the reference")
                 per_batch.append((timer or time_in_graph)(run))
             timings[name] = per_batch
@@ -145,6 +145,19 @@ def choose_fastest(forms: dict[str, Callable[[int], Callable[[], torch.Tensor]]]
     if not timings:
         return {b: fallback or first for b in batches}, timings
     return {b: min(timings, key=lambda n: timings[n][i]) for i, b in enumerate(batches)}, timings
+
+
+def relative_l2(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want||: how far a candidate kernel's output is from the reference's."""
+    return float(torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want).clamp(min=1e-30))
+
+
+def describe_choice(choice: dict[int, str], timings: dict[str, list[float]], batches: list[int],
+                    digits: int = 0) -> str:
+    """A per-batch choice and its timings for /health: "batch 1+: a, batch 8+: b (a 12 / 30 us; b ... at [1, 8])"."""
+    chosen = ", ".join(f"batch {b}+: {name}" for b, name in sorted(choice.items()))
+    timed = "; ".join(f"{name} {' / '.join(f'{t * 1e6:.{digits}f}' for t in ts)} us" for name, ts in timings.items())
+    return f"{chosen} ({timed} at {batches})"
 
 
 def for_rows(choice: dict[int, str], rows: int) -> str:

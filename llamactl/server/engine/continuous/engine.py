@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from llamactl.server.engine.continuous.cross_attention import choose as choose_cross
-from llamactl.server.engine.continuous.cross_attention import choose_fastest, time_in_graph
+from llamactl.server.engine.continuous.cross_attention import choose_fastest, describe_choice, time_in_graph
 from llamactl.server.engine.continuous.decode_attention import available as decode_attention_available
 from llamactl.server.engine.continuous.encoding import Encoding, VisionLane
 from llamactl.server.engine.continuous.gemv import choose as choose_gemv
@@ -343,9 +343,7 @@ class ContinuousEngine(EngineStatus):
         choice, timings = choose_cross(lambda b: (q[:b], k[:b], v[:b], bias[:b]), batches, runner.scale,
                                        skip=() if self.settings.triton_kernels else ("triton",))
         runner.cross_choice = choice
-        chosen = ", ".join(f"batch {b}+: {name}" for b, name in sorted(choice.items()))
-        timed = "; ".join(f"{name} {' / '.join(f'{t * 1e6:.0f}' for t in ts)} us" for name, ts in timings.items())
-        self.cross_attention = f"{chosen} ({timed} at {batches})"
+        self.cross_attention = describe_choice(choice, timings, batches)
 
     def _choose_self_attention(self, runner: MllamaRunner) -> None:
         """Time the decode step's self-attention, PyTorch ops against the Triton kernel (decode_attention.py), at
@@ -374,9 +372,7 @@ class ContinuousEngine(EngineStatus):
         pools.k[s].zero_()
         pools.v[s].zero_()
         runner.self_choice = choice
-        chosen = ", ".join(f"batch {b}+: {name}" for b, name in sorted(choice.items()))
-        timed = "; ".join(f"{name} {' / '.join(f'{t * 1e6:.1f}' for t in ts)} us" for name, ts in timings.items())
-        self.self_attention = f"{chosen} ({timed} at {batches})"
+        self.self_attention = describe_choice(choice, timings, batches, digits=1)
 
     def _choose_gemv(self, runner: MllamaRunner) -> None:
         """Time one-row projections, Triton against cuBLAS, on the model's own weights (gemv.py); the decode

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from llamactl.server.engine.continuous.cross_attention import relative_l2
 from llamactl.server.engine.continuous.fused import add_linear_
 
 try:  # triton ships with CUDA builds of torch; CPU installs run without it
@@ -166,7 +167,7 @@ def _choose_for(ws: list[torch.Tensor], time_fn: Callable[[Callable[[], torch.Te
     for cfg in candidates:
         plain = linear(x, ws[0], cfg).float()
         added = linear(x, ws[0], cfg, residual=residual.clone()).float()
-        if _distance(plain, ref) > 1e-2 or _distance(added, residual.float() + ref) > 1e-2:
+        if relative_l2(plain, ref) > 1e-2 or relative_l2(added, residual.float() + ref) > 1e-2:
             times.append(f"{cfg} wrong")
             continue
 
@@ -179,6 +180,3 @@ def _choose_for(ws: list[torch.Tensor], time_fn: Callable[[Callable[[], torch.Te
             best_time, best = t, cfg
     return best, ", ".join(times)
 
-
-def _distance(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want).clamp(min=1e-30))
