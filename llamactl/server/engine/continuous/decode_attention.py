@@ -61,6 +61,17 @@ def _precision(x: torch.Tensor) -> str:
 if triton is not None:
 
     @triton.jit  # type: ignore[untyped-decorator]
+    def _softmax_update(s, vb, m_i, l_i, acc, PRECISION: tl.constexpr):  # type: ignore[no-untyped-def]
+        """One block of keys into a running softmax: scores s [G, BLOCK], values vb [BLOCK, HD]; the running
+        max m_i, sum l_i and weighted values acc are rescaled to the new max (flash-attention's online form)."""
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
+        return m_new, l_i, acc
+
+    @triton.jit  # type: ignore[untyped-decorator]
     def _self_kernel(  # type: ignore[no-untyped-def]
         qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, out_ptr,
         stride_qkv, stride_table, stride_kr, stride_kh, stride_kp, stride_out, scale,
@@ -101,12 +112,7 @@ if triton is not None:
             vb = tl.where((keys == pos)[:, None], v_new[None, :], vb)
             s = tl.dot(q, tl.trans(kb), input_precision=PRECISION) * scale
             s = tl.where((keys <= pos)[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _softmax_update(s, vb, m_i, l_i, acc, PRECISION)
         out = acc / l_i[:, None]
         tl.store(out_ptr + row * stride_out + q_at[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=g_ok[:, None])
@@ -141,12 +147,7 @@ if triton is not None:
             bias = tl.load(bias_ptr + row * stride_br + keys, mask=ok, other=0.0).to(tl.float32)
             s = tl.dot(q, tl.trans(kb), input_precision=PRECISION) * scale + bias[None, :]
             s = tl.where(ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _softmax_update(s, vb, m_i, l_i, acc, PRECISION)
         part = (row * NKV + kvh) * SPLITS + split
         rows_at = part * G_PAD + g
         tl.store(out_ptr + rows_at[:, None] * HD + d[None, :], acc)
