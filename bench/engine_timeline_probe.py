@@ -99,6 +99,20 @@ class Window:
             self.done.set()
 
 
+def _union(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(intervals):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def _length(intervals: list[tuple[int, int]]) -> int:
+    return sum(e - s for s, e in intervals)
+
+
 def analyse(events: list[Any]) -> dict[str, Any]:
     """Busy fraction, gaps and their host phases, blocking calls per phase, from kineto events."""
     kernels: list[tuple[int, int, int]] = []  # (start, end, stream) in ns
@@ -121,6 +135,7 @@ def analyse(events: list[Any]) -> dict[str, Any]:
     per_stream: dict[str, float] = {}
     for s, e, stream in kernels:
         per_stream[str(stream)] = per_stream.get(str(stream), 0.0) + (e - s) / 1e9
+    active = {stream: _union([(s, e) for s, e, st in kernels if st == stream]) for stream in {k[2] for k in kernels}}
     busy, gaps = 0, []
     cur_s, cur_e = kernels[0][0], kernels[0][1]
     for s, e, _ in kernels[1:]:
@@ -179,6 +194,10 @@ def analyse(events: list[Any]) -> dict[str, Any]:
         "busy_s": round(busy / 1e9, 3),
         "busy_fraction": round(busy / span, 4),
         "kernel_s_per_stream": {k: round(v, 3) for k, v in per_stream.items()},
+        "kernels_per_stream": {str(st): sum(1 for k in kernels if k[2] == st) for st in active},
+        # how long each stream had a kernel running, and how long two or more streams did at once
+        "stream_active_s": {str(st): round(_length(iv) / 1e9, 3) for st, iv in active.items()},
+        "streams_together_s": round((sum(_length(iv) for iv in active.values()) - busy) / 1e9, 3),
         "gap_s_by_size": {k: round(v, 4) for k, v in sizes.items()},
         "gap_count_by_size": counts,
         "gap_s_by_phase": top(by_phase),
@@ -189,36 +208,12 @@ def analyse(events: list[Any]) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--logits", action="store_true", help="engine_direct's teacher-forced logit check first")
-    ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--requests", type=int, default=160)
-    ap.add_argument("--settle-s", type=float, default=6.0, help="load before the recording starts")
-    ap.add_argument("--window-s", type=float, default=3.0)
-    ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--side", type=int, default=1120)
-    args = ap.parse_args()
-    from engine_direct import build, load_level, logits_check
+def measure(engine: Any, args: argparse.Namespace, new: int) -> dict[str, Any]:
+    """A warm level, then the measured one with a profiled window inside its steady state."""
+    from engine_direct import load_level
 
-    report: dict[str, Any] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                              "torch": torch.__version__, "args": vars(args) | {"out": str(args.out)}}
-    engine, model = build(args.tiny, 64, 2048)
-    engine.start()
-    model = engine.hf.model
-    report["engine"] = engine.describe()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    dump = lambda: args.out.write_text(json.dumps(report, indent=1, default=str))
-    if args.logits:
-        report["logits"] = logits_check(engine, model, args.side, 16)
-        dump()
-    instrument(engine)
     window = Window(args.window_s)
     engine.step_hook = window.hook  # the profiler runs in the step loop's thread: its ranges are that thread's
-    threading.Thread(target=engine.run_forever, daemon=True).start()
-    new = args.new if not args.tiny else 16
     load_level(engine, args.clients, args.clients, args.side, new, 1)  # warm: this level's graphs
     result: dict[str, Any] = {}
     runner = threading.Thread(target=lambda: result.update(
@@ -233,13 +228,57 @@ def main() -> None:
     window.done.wait()
     steps1, host1 = engine.steps, engine.host.snapshot()
     runner.join()
-    report["level"] = result
-    report["window"] = {"steps": steps1 - steps0,
-                        "host_s": {k: round(host1.get(k, 0.0) - host0.get(k, 0.0), 3) for k in host1}}
-    # kineto's thread ids are the OS's (native) ids; keep the loop's marks only (the load threads have none)
-    report["timeline"] = analyse(window.events)
-    dump()
-    print(json.dumps({k: report[k] for k in ("level", "window", "timeline")}, indent=1))
+    engine.step_hook = None
+    return {
+        "level": result,
+        "window": {"steps": steps1 - steps0,
+                   "host_s": {k: round(host1.get(k, 0.0) - host0.get(k, 0.0), 3) for k in host1}},
+        "timeline": analyse(window.events),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--logits", action="store_true", help="engine_direct's teacher-forced logit check first")
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=160)
+    ap.add_argument("--settle-s", type=float, default=6.0, help="load before the recording starts")
+    ap.add_argument("--window-s", type=float, default=3.0)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--side", type=int, default=1120)
+    ap.add_argument("--variants", default="default", help="default (the tower on its own stream), serial")
+    args = ap.parse_args()
+    from engine_direct import build, logits_check
+
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                              "torch": torch.__version__, "args": vars(args) | {"out": str(args.out)}}
+    engine, model = build(args.tiny, 64, 2048)
+    engine.start()
+    model = engine.hf.model
+    report["engine"] = engine.describe()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    dump = lambda: args.out.write_text(json.dumps(report, indent=1, default=str))
+    if args.logits:
+        report["logits"] = logits_check(engine, model, args.side, 16)
+        dump()
+    instrument(engine)
+    threading.Thread(target=engine.run_forever, daemon=True).start()
+    new = args.new if not args.tiny else 16
+    report["variants"] = {}
+    default_lane = engine._lane
+    for name in args.variants.split(","):
+        if name == "serial":  # the tower's kernels queued on the decode stream: one after the other, never beside
+            from llamactl.server.engine.continuous.encoding import VisionLane
+
+            engine._lane = VisionLane(engine._main_stream, "the decode stream (serial)")
+        elif name != "default":
+            raise SystemExit(f"unknown variant {name!r}: default or serial")
+        report["variants"][name] = measure(engine, args, new)
+        engine._lane = default_lane
+        dump()
+        print(name, json.dumps(report["variants"][name], indent=1), flush=True)
     engine.stop()
 
 

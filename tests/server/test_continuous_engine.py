@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from llamactl.server.engine.continuous import ContinuousEngine
+from llamactl.server.engine.continuous.encoding import Encoding, VisionLane
 from llamactl.server.engine.continuous.pools import PoolShape, plan_slots
 from llamactl.server.engine.protocol import GenParams, GenRequest, GenResult
 from llamactl.server.tiny import trained_image, trained_messages
@@ -214,6 +215,64 @@ def test_prefill_chunk_images_bounds_how_many_images_join_together(tiny_checkpoi
         assert len({r.text for r in results}) == 1
         assert sum(joined) == 6 and max(joined) <= (chunk or 4)
         assert len(joined) >= (6 if chunk == 1 else 2)
+
+
+class _LaterEvent:
+    """Stands in for the CUDA event of a tower queued on its own stream: ready after a few polls."""
+
+    def __init__(self, polls: int) -> None:
+        self.polls = polls
+
+    def query(self) -> bool:
+        self.polls -= 1
+        return self.polls < 0
+
+
+class _LaterLane(VisionLane):
+    """The GPU's vision lane on the CPU: each chunk's states are computed at once but reported ready only a few
+    loop iterations later, as a tower still running on its stream would be. Records the queue's depth."""
+
+    def __init__(self) -> None:
+        super().__init__(stream="a stand-in stream", description="test")
+        self.depths: list[int] = []
+        self.order: list[list[GenRequest]] = []
+
+    def start(self, encode: Any, reqs: list[GenRequest], rows: list[Any]) -> Encoding:
+        self.order.append(reqs)
+        return Encoding(reqs, encode(rows), _LaterEvent(3), time.monotonic())
+
+    @staticmethod
+    def hand_over(encoding: Encoding) -> torch.Tensor:
+        return encoding.states
+
+
+@pytest.mark.parametrize("queue", [2, 1])
+def test_image_chunks_queue_in_the_tower_and_join_in_order(tiny_checkpoint: Path, queue: int) -> None:
+    """settings.vision_queue: the next chunk of images enters the tower while the previous one is still there (up
+    to ``queue`` chunks); they join in arrival order and every answer stays equal to generate's."""
+    with running_engine(tiny_checkpoint, max_batch_size=8, gen_max_new_tokens=64, prefill_chunk_images=1,
+                        vision_queue=queue) as eng:
+        lane = _LaterLane()
+        eng._lane = lane
+        eng.step_hook = lambda: lane.depths.append(len(eng._encodings))
+        colours = ["red", "blue", (30, 200, 60), "red", (200, 30, 60)]
+        reqs = [GenRequest(prompt=image_prompt(eng), image=trained_image(c) if isinstance(c, str)
+                           else Image.new("RGB", (64, 64), c), params=GenParams(max_new_tokens=8 + 2 * i))
+                for i, c in enumerate(colours)]
+        for r in reqs:
+            eng.prepare(r)
+        joined: list[int] = []
+        eng.on_batch = joined.append
+        results = run_all(eng, reqs)
+        eng.step_hook = None
+        assert max(lane.depths) == queue and not eng._encodings
+        assert [r for chunk in lane.order for r in chunk] == reqs and joined == [1] * 5
+        firsts = [r.first_token_at for r in results]
+        assert firsts == sorted(firsts)  # joined in the order they entered the tower
+        tok = eng.hf.processor.tokenizer
+        for req, result in zip(reqs, results):
+            ref = reference_ids(eng, GenRequest(prompt=req.prompt, image=req.image, params=req.params))
+            assert result.text == tok.decode(ref, skip_special_tokens=True)
 
 
 def test_plan_slots_sizes_pools_from_free_memory() -> None:

@@ -6,7 +6,8 @@ Each iteration of the step loop (model thread):
 2. one decode step for every running sequence (a CUDA graph replay on GPUs, the fastest self- and cross-attention
    forms for its rows), its tokens sampled per row on the device and kept there as the next step's inputs;
 3. image newcomers are queued through the vision tower + projector (on GPUs on a stream of their own,
-   ``encoding.py``) while the batch keeps decoding;
+   ``encoding.py``) while the batch keeps decoding; up to ``vision_queue`` chunks wait there in order, so the
+   tower goes from one chunk to the next without waiting for the previous chunk's join;
 4. the previous step's tokens come back to the host (on GPUs one step late, so the GPU never waits for this
    loop): recorded, streamed by the output thread, ends decided; finished or cancelled sequences leave and
    their slots are reused at once (the last running one moves in);
@@ -113,7 +114,7 @@ class ContinuousEngine(EngineStatus):
         self._running: list[Sequence] = []  # index == slot
         self._stopping = False
         self._admitted = 0  # requests taken from the queue whose prefill has not finished
-        self._encoding: Encoding | None = None
+        self._encodings: deque[Encoding] = deque()  # image chunks in the tower, in order (at most vision_queue)
         self._lane = VisionLane()  # where the vision tower runs (a stream of its own on GPUs)
         self._inflight: _Step | None = None  # the decode step launched last, its tokens not read yet
         # Each row's next input token and position live on the device (sampled there, moved there), so a step
@@ -160,8 +161,10 @@ class ContinuousEngine(EngineStatus):
     @property
     def running(self) -> int:
         # taken from the queue and being encoded or prefilled count as running
-        encoding = self._encoding
-        return len(self._running) + self._admitted + (len(encoding.reqs) if encoding is not None else 0)
+        return len(self._running) + self._admitted + self._encoding_reqs()
+
+    def _encoding_reqs(self) -> int:
+        return sum(len(e.reqs) for e in list(self._encodings))
 
     @property
     def waiting_for_memory(self) -> float:
@@ -194,6 +197,7 @@ class ContinuousEngine(EngineStatus):
             "vision_overlaps_decode": self._lane.stream is not None,
             "vision_sms": self._lane.description,
             "vision_priority": self.settings.vision_priority,
+            "vision_queue": self.settings.vision_queue if self._lane.stream is not None else 1,
             "pipelined": bool(self.pipelined),
             "vision_attention": self._vision_attention(),
             "cross_attention": self.cross_attention,
@@ -275,7 +279,10 @@ class ContinuousEngine(EngineStatus):
                 # stream) are reserved separately. One reserve of the tower's peak ran out of memory on an 80 GB
                 # H100 at 32 clients (bench/results/engine_bench_run3_h100_oom.md); the prefill's own peak (long
                 # text prompts: attention scores of a 4,096-token chunk) is bounded by the 3 GiB beside it.
-                reserve = 2 * self._measure_workspace(encoder, vision) + 3 * _GIB
+                # each chunk queued behind the one in the tower holds its finished states until it joins
+                queued_states = (self.settings.vision_queue - 1) * self.chunk_images * shape.cross_len * (
+                    text_cfg.hidden_size * shape.element_bytes)
+                reserve = 2 * self._measure_workspace(encoder, vision) + queued_states + 3 * _GIB
                 free, _total = torch.cuda.mem_get_info()
                 self.slots = plan_slots(shape, self.settings.max_batch_size, free, reserve)
             else:
@@ -490,9 +497,9 @@ class ContinuousEngine(EngineStatus):
         with torch.inference_mode(), stream:
             while True:
                 with self._cv:
-                    while not self._waiting and not self._running and self._encoding is None and not self._stopping:
+                    while not self._waiting and not self._running and not self._encodings and not self._stopping:
                         self._cv.wait()
-                    if self._stopping and not self._running and self._encoding is None:
+                    if self._stopping and not self._running and not self._encodings:
                         return
                     with self.host.phase("admit"):
                         newcomers = self._take_newcomers()
@@ -532,20 +539,22 @@ class ContinuousEngine(EngineStatus):
             with clock.phase("prefill"):
                 self._prefill(texts)
         self._admitted = 0
-        encoding = self._encoding
-        if encoding is not None and (encoding.ready() or not self._running):
-            self._encoding = None
+        # one chunk joins per iteration (the running rows wait for one join at most); with nothing running, wait
+        encodings = self._encodings
+        if encodings and (encodings[0].ready() or not self._running):
+            encoding = encodings.popleft()
             with clock.phase("join"):
                 self._join(encoding)
         if not self._running:
             self._inflight = None  # every row it carried has ended
 
     def _take_newcomers(self) -> list[GenRequest]:
-        encoding = self._encoding
-        pending = len(encoding.reqs) if encoding is not None else 0
+        # on the CPU the tower runs at once and its chunk joins in the same iteration: one chunk at a time
+        queue = self.settings.vision_queue if self._lane.stream is not None else 1
         return take_chunk(
-            self._waiting, self.slots - len(self._running) - pending, self.chunk_images, self.chunk_tokens,
-            images_busy=encoding is not None, on_cancelled=lambda req: _report(req, _cancelled_result(req)),
+            self._waiting, self.slots - len(self._running) - self._encoding_reqs(), self.chunk_images,
+            self.chunk_tokens, images_busy=len(self._encodings) >= queue,
+            on_cancelled=lambda req: _report(req, _cancelled_result(req)),
         )
 
     def _prepared(self, reqs: list[GenRequest]) -> list[GenRequest]:
@@ -565,7 +574,9 @@ class ContinuousEngine(EngineStatus):
         assert self.runner is not None
         reqs = self._prepared(reqs)
         if reqs:
-            self._encoding = self._lane.start(self.runner.vision_states, reqs, [_newcomer(-1, r.prepared) for r in reqs])
+            self._encodings.append(
+                self._lane.start(self.runner.vision_states, reqs, [_newcomer(-1, r.prepared) for r in reqs])
+            )
 
     def _join(self, encoding: Encoding) -> None:
         """Encoded image newcomers take slots: their cross K/V, prompt prefill and first token."""
@@ -717,10 +728,11 @@ class ContinuousEngine(EngineStatus):
             raise exc
         log.exception("engine step failed; failing %d running request(s)", len(self._running))
         failure = EngineFailure(f"inference failed ({type(exc).__name__})")
-        encoding, self._encoding = self._encoding, None
+        encodings = list(self._encodings)
+        self._encodings.clear()
         self._inflight = None
         reported = set()
-        for req in [*(s.req for s in self._running), *newcomers, *(encoding.reqs if encoding is not None else [])]:
+        for req in [*(s.req for s in self._running), *newcomers, *(r for e in encodings for r in e.reqs)]:
             if id(req) not in reported:
                 reported.add(id(req))
                 self._out.submit(functools.partial(_report, req, failure))  # after the text already queued

@@ -2,8 +2,8 @@
 
 A chunk holds at most ``chunk_images`` images and ``chunk_tokens`` prompt tokens (at least one request), so the
 running sequences wait for at most one chunk's prefill between two of their tokens. Requests take free slots
-only. Image requests wait while an earlier chunk of images is still in the vision tower (``images_busy``); the
-queue keeps its order, so a text request behind a waiting image waits too. Cancelled requests found at the head
+only. Image requests wait while the vision tower's queue of chunks is full (``images_busy``); the queue keeps
+its order, so a text request behind a waiting image waits too. Cancelled requests found at the head
 leave the queue and are reported.
 """
 
