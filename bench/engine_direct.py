@@ -194,15 +194,19 @@ def hf_generate(model: Any, engine: Any, batch: int, side: int, new: int) -> dic
     return {"batch": batch, "tokens": batch * new, "seconds": round(took, 3), "tok_s": round(batch * new / took, 1)}
 
 
-def load_level(engine: Any, concurrency: int, requests: int, side: int, new: int, seed: int) -> dict[str, Any]:
+def load_level(engine: Any, concurrency: int, requests: int, side: int, new: int, seed: int,
+               prepare_at_arrival: bool = False) -> dict[str, Any]:
+    """Closed loop: ``concurrency`` clients, ``requests`` in all. Prompts and images are prepared before the level,
+    or (``prepare_at_arrival``) each in a thread of its own when sent, as the server does, so TTFT includes it."""
     from llamactl.server.engine.protocol import GenParams, GenRequest
 
     prompt = engine.render_prompt([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "w1 w2 describe"}]}])
     ims = images(min(requests, 64), side, seed)
     reqs = [GenRequest(prompt=prompt, image=ims[i % len(ims)], params=GenParams(max_new_tokens=new, min_new_tokens=new))
             for i in range(requests)]
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(engine.prepare, reqs))
+    if not prepare_at_arrival:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(engine.prepare, reqs))
     lock = threading.Lock()
     done = threading.Event()
     records: list[dict[str, Any]] = []
@@ -220,7 +224,10 @@ def load_level(engine: Any, concurrency: int, requests: int, side: int, new: int
         r.on_text = lambda piece, t=times: t.append(time.monotonic())
         r.on_finish = lambda res, r=r, t=times: finish(r, res, t)
         r.enqueued_at = time.monotonic()
-        engine.add(r)
+        if prepare_at_arrival:
+            threading.Thread(target=lambda: (engine.prepare(r), engine.add(r))).start()
+        else:
+            engine.add(r)
 
     def finish(r: Any, res: Any, times: list[float]) -> None:
         with lock:

@@ -208,8 +208,9 @@ def analyse(events: list[Any]) -> dict[str, Any]:
     }
 
 
-def measure(engine: Any, args: argparse.Namespace, new: int) -> dict[str, Any]:
-    """A warm level, then the measured one with a profiled window inside its steady state."""
+def measure(engine: Any, args: argparse.Namespace, new: int, arrival: bool = False) -> dict[str, Any]:
+    """A warm level, then the measured one with a profiled window inside its steady state (``arrival``: each
+    request's image processed when it is sent, in a thread of its own, as in the server)."""
     from engine_direct import load_level
 
     window = Window(args.window_s)
@@ -217,7 +218,7 @@ def measure(engine: Any, args: argparse.Namespace, new: int) -> dict[str, Any]:
     load_level(engine, args.clients, args.clients, args.side, new, 1)  # warm: this level's graphs
     result: dict[str, Any] = {}
     runner = threading.Thread(target=lambda: result.update(
-        load_level(engine, args.clients, args.requests, args.side, new, 2)))
+        load_level(engine, args.clients, args.requests, args.side, new, 2, prepare_at_arrival=arrival)))
     steps_before = engine.steps
     runner.start()
     while engine.steps == steps_before and runner.is_alive():  # its requests are prepared first (processor)
@@ -248,7 +249,8 @@ def main() -> None:
     ap.add_argument("--window-s", type=float, default=3.0)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--side", type=int, default=1120)
-    ap.add_argument("--variants", default="default", help="default (the tower on its own stream), serial")
+    ap.add_argument("--variants", default="default", help="default (the tower on its own stream), serial (the tower on the decode stream), arrival (images "
+                         "processed as requests are sent)")
     args = ap.parse_args()
     from engine_direct import build, logits_check
 
@@ -273,9 +275,9 @@ def main() -> None:
             from llamactl.server.engine.continuous.encoding import VisionLane
 
             engine._lane = VisionLane(engine._main_stream, "the decode stream (serial)")
-        elif name != "default":
-            raise SystemExit(f"unknown variant {name!r}: default or serial")
-        report["variants"][name] = measure(engine, args, new)
+        elif name not in ("default", "arrival"):
+            raise SystemExit(f"unknown variant {name!r}: default, serial or arrival")
+        report["variants"][name] = measure(engine, args, new, arrival=name == "arrival")
         engine._lane = default_lane
         dump()
         print(name, json.dumps(report["variants"][name], indent=1), flush=True)

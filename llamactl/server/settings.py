@@ -55,9 +55,9 @@ class Settings(BaseModel):
     # engine's default (8 on CUDA, 4 on the CPU). Smaller: first tokens come sooner, throughput drops (an H100 at
     # 32 clients with 2: TTFT p50 0.37 vs 0.83 s, 1,021 vs 1,164 tok/s; bench/results/engine_bench_run13.md).
     prefill_chunk_images: int = Field(0, ge=0, le=64)
-    # Image chunks that may be queued in the vision tower at once (continuous engine on CUDA): the next chunk's
-    # tower starts as soon as the previous one ends, not after it joined the batch. 1 = one chunk at a time
-    # (towers and joins alternate: a burst of images arriving one by one went through in many small chunks).
+    # Image chunks that may be in the vision tower at once (continuous engine on CUDA): behind the chunk there, a
+    # FULL chunk (a burst) may queue and starts as soon as the tower is free, not after the previous chunk joined
+    # the batch. 1 = one chunk at a time (towers and joins alternate).
     vision_queue: int = Field(2, ge=1, le=16)
     # The continuous engine's own Triton kernels on CUDA (one-row projections, decode self- and cross-attention),
     # each still timed at start and used only where it is correct and faster. False: PyTorch's kernels only

@@ -275,6 +275,27 @@ def test_image_chunks_queue_in_the_tower_and_join_in_order(tiny_checkpoint: Path
             assert result.text == tok.decode(ref, skip_special_tokens=True)
 
 
+def test_only_a_full_chunk_queues_behind_one_in_the_tower(tiny_checkpoint: Path) -> None:
+    """Behind a chunk in the tower a partial chunk waits (queueing it would only delay the next arrivals by a
+    chunk); a full one (a burst) queues, up to vision_queue chunks; nothing is queued on the CPU's own lane."""
+    eng = ContinuousEngine(make_settings(tiny_checkpoint, vision_queue=2))
+    eng.chunk_images = 2
+    image_req = lambda: GenRequest(prompt="p", image=trained_image("red"), params=GenParams(max_new_tokens=4))
+    in_tower = Encoding([image_req()], torch.zeros(1), _LaterEvent(100), 0.0)
+    assert not eng._tower_busy()  # nothing in the tower
+    eng._encodings.append(in_tower)
+    eng._waiting.append(image_req())
+    assert eng._tower_busy()  # CPU lane: one chunk at a time
+    eng._lane = _LaterLane()
+    assert eng._tower_busy()  # one image waiting: a partial chunk
+    eng._waiting.append(GenRequest(prompt="p", image=None, params=GenParams(max_new_tokens=4)))
+    assert eng._tower_busy()  # text requests do not fill an image chunk
+    eng._waiting.append(image_req())
+    assert not eng._tower_busy()  # a full chunk of two may queue
+    eng._encodings.append(in_tower)
+    assert eng._tower_busy()  # vision_queue reached
+
+
 def test_plan_slots_sizes_pools_from_free_memory() -> None:
     shape = PoolShape(self_layers=32, cross_layers=8, kv_heads=8, head_dim=128, max_len=3072, cross_len=6404,
                       element_bytes=2)

@@ -549,13 +549,24 @@ class ContinuousEngine(EngineStatus):
             self._inflight = None  # every row it carried has ended
 
     def _take_newcomers(self) -> list[GenRequest]:
-        # on the CPU the tower runs at once and its chunk joins in the same iteration: one chunk at a time
-        queue = self.settings.vision_queue if self._lane.stream is not None else 1
         return take_chunk(
             self._waiting, self.slots - len(self._running) - self._encoding_reqs(), self.chunk_images,
-            self.chunk_tokens, images_busy=len(self._encodings) >= queue,
+            self.chunk_tokens, images_busy=self._tower_busy(),
             on_cancelled=lambda req: _report(req, _cancelled_result(req)),
         )
+
+    def _tower_busy(self) -> bool:
+        """Whether image newcomers must wait before entering the vision tower. Behind a chunk already there, only
+        a full chunk may queue (a burst): a partial one would only make the next arrivals wait a chunk longer
+        (measured: TTFT p50 at 32 clients 1.13 s queueing any chunk vs 0.66 s one at a time; run 19)."""
+        queued = len(self._encodings)
+        if not queued:
+            return False
+        # on the CPU the tower runs at once and its chunk joins in the same iteration: one chunk at a time
+        queue = self.settings.vision_queue if self._lane.stream is not None else 1
+        if queued >= queue:
+            return True
+        return sum(1 for r in list(self._waiting) if r.image is not None) < self.chunk_images
 
     def _prepared(self, reqs: list[GenRequest]) -> list[GenRequest]:
         """The requests whose inputs are ready (prepared here if they came without ``prepare``: benches, tests)."""
