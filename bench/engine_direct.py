@@ -70,7 +70,7 @@ def build(tiny: bool, slots: int, max_new: int, compile_: str = "off") -> tuple[
             layer.cross_attn_mlp_gate.data.fill_(0.5)
     processor, _ = make_processor()
     settings = Settings(model="in-memory-11b", device="cuda", max_batch_size=slots, gen_max_new_tokens=max_new,
-                        engine_compile=compile_, image_workers=0)  # no processor on disk for worker processes
+                        engine_compile=compile_)
     engine = ContinuousEngine(settings)
     hf = engine.hf
 

@@ -208,22 +208,6 @@ def analyse(events: list[Any]) -> dict[str, Any]:
     }
 
 
-def image_workers(engine: Any) -> Any:
-    """The server's image worker processes for this in-memory model: its processor saved where they load it."""
-    import tempfile
-
-    from PIL import Image
-
-    from llamactl.server.engine.continuous.image_workers import ImageWorkers, auto_workers
-
-    folder = tempfile.mkdtemp(prefix="llamactl-processor-")
-    engine.hf.processor.save_pretrained(folder)
-    workers = ImageWorkers(auto_workers("cuda"), folder, None)
-    prompt = engine.render_prompt([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}])
-    workers.warm(Image.new("RGB", (64, 64)), prompt, str(engine.hf.dtype).removeprefix("torch."))
-    return workers
-
-
 def measure(engine: Any, args: argparse.Namespace, new: int, arrival: bool = False) -> dict[str, Any]:
     """A warm level, then the measured one with a profiled window inside its steady state (``arrival``: each
     request's image processed when it is sent, in a thread of its own, as in the server)."""
@@ -266,7 +250,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--side", type=int, default=1120)
     ap.add_argument("--variants", default="default", help="default (the tower on its own stream), serial (the tower on the decode stream), arrival (images "
-                         "processed as requests are sent, in their threads), arrival-workers (in worker processes)")
+                         "processed as requests are sent, in their threads)")
     args = ap.parse_args()
     from engine_direct import build, logits_check
 
@@ -291,15 +275,9 @@ def main() -> None:
             from llamactl.server.engine.continuous.encoding import VisionLane
 
             engine._lane = VisionLane(engine._main_stream, "the decode stream (serial)")
-        elif name == "arrival-workers":  # as the server now does: the processor in worker processes
-            engine.image_workers = image_workers(engine)
         elif name not in ("default", "arrival"):
-            raise SystemExit(f"unknown variant {name!r}: default, serial, arrival or arrival-workers")
-        report["variants"][name] = measure(engine, args, new, arrival=name.startswith("arrival"))
-        if engine.image_workers is not None:
-            report["variants"][name]["image_workers"] = engine.image_workers.workers
-            engine.image_workers.close()
-            engine.image_workers = None
+            raise SystemExit(f"unknown variant {name!r}: default, serial or arrival")
+        report["variants"][name] = measure(engine, args, new, arrival=name == "arrival")
         engine._lane = default_lane
         dump()
         print(name, json.dumps(report["variants"][name], indent=1), flush=True)

@@ -61,11 +61,6 @@ class Settings(BaseModel):
     # engine_bench_run20_h200.md): 32 clients 1,362 vs 1,390 tok/s, TTFT p50 0.84 vs 0.78 s, p95 2.10 vs 2.20 s,
     # ITL p95 68 vs 86 ms; 64 clients TTFT p50 1.31 vs 0.68 s. Not a clear gain: the default stays 1.
     vision_queue: int = Field(1, ge=1, le=16)
-    # Processes that run the processor for image requests (continuous engine), off the serving process's
-    # interpreter lock; -1 = on GPUs half the CPUs (at most 8), on the CPU 0; 0 = in each request's thread. An
-    # H200 at 32 clients, images processed in-process as requests arrived vs beforehand: 1,159 vs 1,301 tok/s,
-    # TTFT p95 2.26 vs 1.34 s (bench/results/engine_timeline_run3_h200.json).
-    image_workers: int = Field(-1, ge=-1, le=64)
     # The continuous engine's own Triton kernels on CUDA (one-row projections, decode self- and cross-attention),
     # each still timed at start and used only where it is correct and faster. False: PyTorch's kernels only
     # (a switch for ruling them out when a GPU misbehaves, and the benchmark's comparison).

@@ -296,58 +296,6 @@ def test_only_a_full_chunk_queues_behind_one_in_the_tower(tiny_checkpoint: Path)
     assert eng._tower_busy()  # vision_queue reached
 
 
-def test_images_processed_in_worker_processes_give_the_same_answers(tiny_checkpoint: Path) -> None:
-    """settings.image_workers: the processor's image work runs in spawned worker processes; what comes back is
-    exactly what the request's own thread computes, and the answers equal generate's."""
-    with running_engine(tiny_checkpoint, max_batch_size=4, gen_max_new_tokens=64, image_workers=2) as eng:
-        assert eng.image_workers is not None and eng.image_workers.workers == 2
-        assert eng.describe()["image_preprocessing_on"] == "cpu, 2 worker processes"
-        reqs = [GenRequest(prompt=image_prompt(eng, q), image=trained_image(c).resize(size),
-                           params=GenParams(max_new_tokens=12))
-                for q, c, size in [(None, "red", (64, 64)), ("What colour is it?", "blue", (120, 40))]]
-        text = GenRequest(prompt=eng.render_prompt([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]),
-                          image=None, params=GenParams(max_new_tokens=6))
-        workers = eng.image_workers
-        for r in reqs:
-            eng.prepare(r)
-            eng.image_workers = None  # the same request again, in this thread
-            alone = GenRequest(prompt=r.prompt, image=r.image, params=r.params)
-            eng.prepare(alone)
-            eng.image_workers = workers
-            assert alone.prepared is not None and r.prepared is not None
-            assert alone.prepared.input_ids == r.prepared.input_ids
-            for field in ("cross_mask", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
-                assert torch.equal(getattr(alone.prepared, field), getattr(r.prepared, field)), field
-        results = run_all(eng, [*reqs, text])
-        tok = eng.hf.processor.tokenizer
-        for req, result in zip([*reqs, text], results):
-            ref = reference_ids(eng, GenRequest(prompt=req.prompt, image=req.image, params=req.params))
-            assert result.text == tok.decode(ref, skip_special_tokens=True)
-        with pytest.raises(ValueError, match="longer than this server's context"):  # still a 400, not a 500
-            eng.prepare(GenRequest(prompt=image_prompt(eng), image=trained_image("red"),
-                                   params=GenParams(max_new_tokens=10_000)))
-    eng.close()  # as the server does when it exits
-    assert eng.image_workers is None
-
-
-def test_image_workers_that_cannot_start_leave_images_to_request_threads(tiny_checkpoint: Path,
-                                                                         tmp_path: Path) -> None:
-    """A model directory without a processor the workers can load: the engine starts anyway and processes images
-    in request threads (/health says so)."""
-    from llamactl.server.engine.continuous.image_workers import ImageWorkers
-
-    workers = ImageWorkers(1, str(tmp_path / "nothing-here"), None)
-    with pytest.raises(Exception):  # noqa: B017 - whatever the worker's loading raised
-        workers.warm(trained_image("red"), "<|image|>hi", "float32")
-    workers.close()
-    eng = ContinuousEngine(make_settings(tiny_checkpoint, image_workers=1))
-    eng.hf.load()
-    object.__setattr__(eng.settings, "model", str(tmp_path / "nothing-here"))  # where the workers will look
-    eng._start_image_workers("cpu")
-    assert eng.image_workers is None and eng.describe()["image_preprocessing_on"] == "cpu, request threads"
-    eng.close()
-
-
 def test_plan_slots_sizes_pools_from_free_memory() -> None:
     shape = PoolShape(self_layers=32, cross_layers=8, kv_heads=8, head_dim=128, max_len=3072, cross_len=6404,
                       element_bytes=2)

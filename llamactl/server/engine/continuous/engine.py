@@ -26,7 +26,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +37,6 @@ from llamactl.server.engine.continuous.decode_attention import available as deco
 from llamactl.server.engine.continuous.encoding import Encoding, VisionLane
 from llamactl.server.engine.continuous.gemv import choose as choose_gemv
 from llamactl.server.engine.continuous.graphs import DecodeGraphs, batch_buckets, bucket, length_buckets
-from llamactl.server.engine.continuous.image_workers import ImageWorkers, auto_workers
 from llamactl.server.engine.continuous.model import MllamaRunner, Newcomer
 from llamactl.server.engine.continuous.output import OutputWorker, run_all
 from llamactl.server.engine.continuous.pools import PoolShape, SlotPools, plan_slots
@@ -130,7 +128,6 @@ class ContinuousEngine(EngineStatus):
         self.metrics: Any = None  # llamactl.server.metrics.Metrics, set by the server
         self.step_hook: Callable[[], None] | None = None  # tests: runs at the top of every iteration
         self.runner: MllamaRunner | None = None
-        self.image_workers: ImageWorkers | None = None  # processor processes for image requests (image_workers.py)
         self.pools: SlotPools | None = None
         self.graphs: DecodeGraphs | None = None
         self.max_len = 0
@@ -206,9 +203,7 @@ class ContinuousEngine(EngineStatus):
             "cross_attention": self.cross_attention,
             "self_attention": self.self_attention,
             "one_row_projections": self.gemv or "cublas",
-            # the processor runs on the CPU, off the GPU loop: in worker processes, or in request threads (prepare)
-            "image_preprocessing_on": "cpu, request threads" if self.image_workers is None
-            else f"cpu, {self.image_workers.workers} worker processes",
+            "image_preprocessing_on": "cpu",  # the processor runs in request threads (prepare), off the GPU loop
             "threads": hf["threads"],
             "steps": self.steps,
             "prefill_s_total": round(self.prefill_s, 3),
@@ -236,9 +231,6 @@ class ContinuousEngine(EngineStatus):
     def close(self) -> None:
         self._out.drain(10)
         self._out.close()
-        if self.image_workers is not None:
-            self.image_workers.close()
-            self.image_workers = None
         self.graphs = None
         self.pools = None
         self.runner = None
@@ -250,7 +242,6 @@ class ContinuousEngine(EngineStatus):
         hf = self.hf
         hf.load()
         model, device = hf.model, hf.device
-        self._start_image_workers(device)
         text_cfg = model.model.language_model.config
         cross = list(text_cfg.cross_attention_layers)
         self_ids = [i for i in range(text_cfg.num_hidden_layers) if i not in cross]
@@ -329,28 +320,6 @@ class ContinuousEngine(EngineStatus):
             self.slots, self.max_len, self.pools.bytes / _GIB, device, self.settings.max_batch_size,
         )
         self._state = "ready"
-
-    def _start_image_workers(self, device: str) -> None:
-        """The processor's image work in worker processes (``image_workers``; image_workers.py says why), checked
-        on one image each; if they cannot start (e.g. a model without a processor on disk), in request threads."""
-        from PIL import Image
-
-        n = self.settings.image_workers
-        n = auto_workers(device) if n < 0 else n
-        if n == 0:
-            return
-        workers = ImageWorkers(n, self.settings.model, self.settings.revision)
-        prompt = self.hf.render_prompt(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
-        )
-        try:
-            workers.warm(Image.new("RGB", (64, 64), (120, 130, 140)), prompt, _dtype_name(self.hf.dtype))
-        except Exception as exc:  # noqa: BLE001 - any failure to start: the in-process path still works
-            log.warning("image worker processes did not start (%s: %s); images are processed in request threads",
-                        type(exc).__name__, exc)
-            workers.close()
-            return
-        self.image_workers = workers
 
     def _compiled(self, runner: MllamaRunner) -> Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]:
         """torch.compile the decode step (batch and length symbolic) for small batches.
@@ -473,17 +442,13 @@ class ContinuousEngine(EngineStatus):
         hf = self.hf
         if hf.processor is None:
             raise ValueError("the model is not loaded yet")
-        image = self._processed_in_worker(req) if req.image is not None else None
-        if image is not None:
-            ids = image[0]
-        else:
-            out = hf.processor(
-                images=[[req.image]] if req.image is not None else None,
-                text=[req.prompt],
-                add_special_tokens=False,  # the chat template already starts with <|begin_of_text|>
-                return_tensors="pt",
-            )
-            ids = [int(t) for t in out["input_ids"][0].tolist()]
+        out = hf.processor(
+            images=[[req.image]] if req.image is not None else None,
+            text=[req.prompt],
+            add_special_tokens=False,  # the chat template already starts with <|begin_of_text|>
+            return_tensors="pt",
+        )
+        ids = [int(t) for t in out["input_ids"][0].tolist()]
         limit = self.max_len or (self.settings.gen_max_new_tokens + PROMPT_ALLOWANCE)
         if len(ids) + req.params.max_new_tokens > limit:
             raise ValueError(
@@ -493,29 +458,11 @@ class ContinuousEngine(EngineStatus):
         if req.image is None:
             req.prepared = Prepared(ids, None, None, None, None)
             return
-        if image is not None:
-            _, cross, pixel, ar_ids, ar_mask = image
-        else:
-            cross = out["cross_attention_mask"][0, :, 0, :]  # [tokens, tiles]: one image per request
-            pixel = out["pixel_values"].to(hf.dtype)  # here, in the request's thread, not on the model thread
-            ar_ids, ar_mask = out["aspect_ratio_ids"], out["aspect_ratio_mask"]
+        cross = out["cross_attention_mask"][0, :, 0, :]  # [tokens, tiles]: one image per request
+        pixel = out["pixel_values"].to(hf.dtype)  # here, in the request's thread, not on the model thread
         if hf.device == "cuda":
             pixel = pixel.pin_memory()  # the copy to the GPU then does not block the model thread
-        req.prepared = Prepared(ids, cross, pixel, ar_ids, ar_mask)
-
-    def _processed_in_worker(self, req: GenRequest) -> tuple[list[int], Any, Any, Any, Any] | None:
-        """The processor's outputs for an image request from a worker process, or None: no workers (or they
-        broke: then this and later requests are processed in their own threads, as without workers)."""
-        workers = self.image_workers
-        if workers is None:
-            return None
-        try:
-            return workers.process(req.image, req.prompt, _dtype_name(self.hf.dtype))
-        except BrokenProcessPool:
-            log.error("image worker processes died; processing images in request threads from now on")
-            self.image_workers = None
-            workers.close()
-            return None
+        req.prepared = Prepared(ids, cross, pixel, out["aspect_ratio_ids"], out["aspect_ratio_mask"])
 
     def add(self, req: GenRequest) -> None:
         with self._cv:
@@ -801,10 +748,6 @@ class ContinuousEngine(EngineStatus):
                 reported.add(id(req))
                 self._out.submit(functools.partial(_report, req, failure))  # after the text already queued
         self._running.clear()
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _compile_vision(vision: Any) -> None:
