@@ -6,8 +6,8 @@ Each iteration of the step loop (model thread):
 2. one decode step for every running sequence (a CUDA graph replay on GPUs, the fastest self- and cross-attention
    forms for its rows), its tokens sampled per row on the device and kept there as the next step's inputs;
 3. image newcomers are queued through the vision tower + projector (on GPUs on a stream of their own,
-   ``encoding.py``) while the batch keeps decoding; up to ``vision_queue`` chunks wait there in order, so the
-   tower goes from one chunk to the next without waiting for the previous chunk's join;
+   ``encoding.py``) while the batch keeps decoding; with ``vision_queue`` > 1 a full chunk may wait behind the
+   one in the tower (chunks join in order), so in a burst the tower goes on without waiting for a join;
 4. the previous step's tokens come back to the host (on GPUs one step late, so the GPU never waits for this
    loop): recorded, streamed by the output thread, ends decided; finished or cancelled sequences leave and
    their slots are reused at once (the last running one moves in);
