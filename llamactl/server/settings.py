@@ -61,10 +61,6 @@ class Settings(BaseModel):
     # engine_bench_run20_h200.md): 32 clients 1,362 vs 1,390 tok/s, TTFT p50 0.84 vs 0.78 s, p95 2.10 vs 2.20 s,
     # ITL p95 68 vs 86 ms; 64 clients TTFT p50 1.31 vs 0.68 s. Not a clear gain: the default stays 1.
     vision_queue: int = Field(1, ge=1, le=16)
-    # Image requests' inputs (tiles, pixel values, masks) computed by llamactl's own path (continuous engine), used
-    # only where a check at start shows it gives the processor's values exactly; False: transformers' processor.
-    # Less CPU per image in the request thread (image_inputs.py says why that matters under load).
-    fast_image_inputs: bool = True
     # The continuous engine's own Triton kernels on CUDA (one-row projections, decode self- and cross-attention),
     # each still timed at start and used only where it is correct and faster. False: PyTorch's kernels only
     # (a switch for ruling them out when a GPU misbehaves, and the benchmark's comparison).

@@ -132,4 +132,4 @@ def test_served_process_takes_its_host_slot_cpu_share(serve_factory: Any) -> Non
     allowed = next(line.split(":", 1)[1].strip() for line in status.splitlines()
                    if line.startswith("Cpus_allowed_list"))
     assert allowed == format_cpus(plan.cpus)
-    assert health["engine"]["image_preprocessing_on"].startswith("cpu") and health["engine"]["threads"] == 1
+    assert health["engine"]["image_preprocessing_on"] == "cpu" and health["engine"]["threads"] == 1

@@ -37,7 +37,6 @@ from llamactl.server.engine.continuous.decode_attention import available as deco
 from llamactl.server.engine.continuous.encoding import Encoding, VisionLane
 from llamactl.server.engine.continuous.gemv import choose as choose_gemv
 from llamactl.server.engine.continuous.graphs import DecodeGraphs, batch_buckets, bucket, length_buckets
-from llamactl.server.engine.continuous.image_inputs import ImageInputs
 from llamactl.server.engine.continuous.model import MllamaRunner, Newcomer
 from llamactl.server.engine.continuous.output import OutputWorker, run_all
 from llamactl.server.engine.continuous.pools import PoolShape, SlotPools, plan_slots
@@ -129,7 +128,6 @@ class ContinuousEngine(EngineStatus):
         self.metrics: Any = None  # llamactl.server.metrics.Metrics, set by the server
         self.step_hook: Callable[[], None] | None = None  # tests: runs at the top of every iteration
         self.runner: MllamaRunner | None = None
-        self.image_inputs: ImageInputs | None = None  # the processor's image work, faster (image_inputs.py)
         self.pools: SlotPools | None = None
         self.graphs: DecodeGraphs | None = None
         self.max_len = 0
@@ -205,9 +203,7 @@ class ContinuousEngine(EngineStatus):
             "cross_attention": self.cross_attention,
             "self_attention": self.self_attention,
             "one_row_projections": self.gemv or "cublas",
-            # in request threads (prepare), off the GPU loop: llamactl's Mllama inputs or transformers' processor
-            "image_preprocessing_on": "cpu, request threads, "
-            + ("llamactl's fast path" if self.image_inputs is not None else "transformers' processor"),
+            "image_preprocessing_on": "cpu",  # the processor runs in request threads (prepare), off the GPU loop
             "threads": hf["threads"],
             "steps": self.steps,
             "prefill_s_total": round(self.prefill_s, 3),
@@ -246,8 +242,6 @@ class ContinuousEngine(EngineStatus):
         hf = self.hf
         hf.load()
         model, device = hf.model, hf.device
-        # image requests' inputs without the processor's float64 passes, where they give its values (image_inputs.py)
-        self.image_inputs = ImageInputs.for_processor(hf.processor) if self.settings.fast_image_inputs else None
         text_cfg = model.model.language_model.config
         cross = list(text_cfg.cross_attention_layers)
         self_ids = [i for i in range(text_cfg.num_hidden_layers) if i not in cross]
@@ -448,16 +442,12 @@ class ContinuousEngine(EngineStatus):
         hf = self.hf
         if hf.processor is None:
             raise ValueError("the model is not loaded yet")
-        pin = hf.device == "cuda"  # the copy to the GPU then does not block the model thread
-        if req.image is not None and self.image_inputs is not None:
-            out = self.image_inputs(req.image, req.prompt, dtype=hf.dtype, pin=pin)
-        else:
-            out = hf.processor(
-                images=[[req.image]] if req.image is not None else None,
-                text=[req.prompt],
-                add_special_tokens=False,  # the chat template already starts with <|begin_of_text|>
-                return_tensors="pt",
-            )
+        out = hf.processor(
+            images=[[req.image]] if req.image is not None else None,
+            text=[req.prompt],
+            add_special_tokens=False,  # the chat template already starts with <|begin_of_text|>
+            return_tensors="pt",
+        )
         ids = [int(t) for t in out["input_ids"][0].tolist()]
         limit = self.max_len or (self.settings.gen_max_new_tokens + PROMPT_ALLOWANCE)
         if len(ids) + req.params.max_new_tokens > limit:
@@ -470,8 +460,8 @@ class ContinuousEngine(EngineStatus):
             return
         cross = out["cross_attention_mask"][0, :, 0, :]  # [tokens, tiles]: one image per request
         pixel = out["pixel_values"].to(hf.dtype)  # here, in the request's thread, not on the model thread
-        if pin and not pixel.is_pinned():
-            pixel = pixel.pin_memory()
+        if hf.device == "cuda":
+            pixel = pixel.pin_memory()  # the copy to the GPU then does not block the model thread
         req.prepared = Prepared(ids, cross, pixel, out["aspect_ratio_ids"], out["aspect_ratio_mask"])
 
     def add(self, req: GenRequest) -> None:
