@@ -87,6 +87,9 @@ PEAK_SERIES = ("llamactl_kv_pool_usage_ratio", "llamactl_cross_pool_usage_ratio"
                "llamactl_requests_waiting_for_memory", "llamactl_num_requests_running",
                "llamactl_num_requests_waiting", "llamactl_engine_stalled")
 COUNTERS = ("llamactl_engine_steps_total", "llamactl_generation_tokens_total")
+# Histograms of a request's time before its first token: their mean over a level (from _sum and _count).
+BEFORE_FIRST_TOKEN = ("llamactl_image_decode_seconds", "llamactl_request_processor_seconds",
+                      "llamactl_request_queue_seconds", "llamactl_time_to_first_token_seconds")
 
 
 def engine_window(first: dict[str, float], last: dict[str, float], peaks: dict[str, float],
@@ -98,6 +101,11 @@ def engine_window(first: dict[str, float], last: dict[str, float], peaks: dict[s
     if steps > 0 and wall_s > 0:
         out["engine_steps_per_s"] = round(steps / wall_s, 1)
         out["tokens_per_step"] = round(tokens / steps, 2)
+    for name in BEFORE_FIRST_TOKEN:
+        count = last.get(name + "_count", 0.0) - first.get(name + "_count", 0.0)
+        if count > 0:
+            total = last.get(name + "_sum", 0.0) - first.get(name + "_sum", 0.0)
+            out[name.removeprefix("llamactl_").removesuffix("_seconds") + "_mean_s"] = round(total / count, 4)
     return out
 
 
@@ -219,14 +227,19 @@ def markdown(info: dict[str, Any]) -> str:
         em = [(lv["concurrency"], lv["engine_metrics"]) for lv in d.get("levels", []) if lv.get("engine_metrics")]
         if em:
             out += ["", ("From the server's /metrics during each level (peaks of the gauges; steps and tokens per "
-                    "step from its counters):"), "",
+                    "step from its counters; before the first token, means of its histograms: image decode, "
+                    "processor, wait in the engine's queue, and the server-side TTFT they are part of):"), "",
                     ("| clients | engine steps/s | tokens per step | KV pool peak | cross-attention pool peak | "
-                    "waiting for memory peak | running peak | waiting peak |"), "|---|---|---|---|---|---|---|---|"]
+                    "waiting for memory peak | running peak | waiting peak | decode / processor / queue / TTFT "
+                    "mean s |"), "|---|---|---|---|---|---|---|---|---|"]
             for conc, m in em:
+                before = " / ".join(_f(m.get(k), 3) for k in ("image_decode_mean_s", "request_processor_mean_s",
+                                                              "request_queue_mean_s", "time_to_first_token_mean_s"))
                 out.append(f"| {conc} | {_f(m.get('engine_steps_per_s'))} | {_f(m.get('tokens_per_step'), 2)} | "
                            f"{_f(m.get('kv_pool_usage_ratio_peak'), 2)} | {_f(m.get('cross_pool_usage_ratio_peak'), 2)} "
                            f"| {_f(m.get('requests_waiting_for_memory_peak'), 0)} | "
-                           f"{_f(m.get('num_requests_running_peak'), 0)} | {_f(m.get('num_requests_waiting_peak'), 0)} |")
+                           f"{_f(m.get('num_requests_running_peak'), 0)} | {_f(m.get('num_requests_waiting_peak'), 0)} "
+                           f"| {before} |")
         cut = [str(lv["concurrency"]) for lv in d.get("levels", []) if lv.get("cut")]
         if cut:
             out.append(f"\nCut: at {', '.join(cut)} clients the level's time ran out with requests still running "

@@ -129,11 +129,14 @@ class Inference:
         limits = ImageLimits(
             max_bytes=int(self.settings.max_image_mb * 1024 * 1024), max_pixels=self.settings.max_image_pixels
         )
+        t0 = time.monotonic()
         try:
-            return await asyncio.to_thread(decode_base64_image, data, limits)
+            image = await asyncio.to_thread(decode_base64_image, data, limits)
         except ImageError as exc:
             self.error("invalid_image")
             raise ApiError(exc.status, exc.message, "invalid_image") from None
+        self.metrics.image_decode.observe(time.monotonic() - t0)
+        return image
 
     def render(self, messages: list[dict[str, Any]]) -> str:
         try:
@@ -176,15 +179,17 @@ class Inference:
         )
         self.check_capacity()  # refuse now, before the (slow) preparation; admission says 503 once stopping
         waiter = await self._admit(req)
-        return self._finish(waiter, started, cache_key)
+        return self._finish(req, waiter, started, cache_key)
 
     async def _admit(self, req: GenRequest) -> Awaitable[GenResult]:
         """Prepare ``req`` in a worker thread (tokens, image tensors), then hand it to admission."""
+        t0 = time.monotonic()
         try:
             await asyncio.to_thread(self.engine.prepare, req)
         except ValueError as exc:
             self.error("invalid_request")
             raise ApiError(400, str(exc), "invalid_request") from None
+        self.metrics.processor.observe(time.monotonic() - t0)
         try:
             return self.batcher.enqueue(req)
         except QueueFull as exc:
@@ -194,7 +199,8 @@ class Inference:
             self.error("draining")
             raise ApiError(503, str(exc), "unavailable") from None
 
-    async def _finish(self, waiter: Awaitable[GenResult], started: float, cache_key: str | None) -> Outcome:
+    async def _finish(self, req: GenRequest, waiter: Awaitable[GenResult], started: float,
+                      cache_key: str | None) -> Outcome:
         try:
             result = await waiter
         except DeadlineExceeded:
@@ -221,6 +227,8 @@ class Inference:
             )
         m = self.metrics
         m.e2e_latency.observe(time.monotonic() - started)
+        if req.queued_at is not None and req.taken_at is not None:
+            m.queue_time.observe(max(0.0, req.taken_at - req.queued_at))
         if result.first_token_at is not None:
             m.ttft.observe(max(0.0, result.first_token_at - started))
             if result.finished_at is not None and result.completion_tokens > 1:

@@ -316,6 +316,41 @@ def test_body_limit_413_without_reading_everything(srv: ThreadServer) -> None:
     assert httpx.get(srv.url + "/ready").status_code == 200
 
 
+def test_metrics_say_where_a_request_waited_before_its_first_token(srv: ThreadServer) -> None:
+    """Image decode, the processor and the wait in the engine's queue: one observation each per image request,
+    each part of the request's time to its first token."""
+    _check_before_first_token(srv)
+
+
+def test_the_hf_engine_reports_its_queue_wait_too(tiny_checkpoint: Path) -> None:
+    """The static-batching hf engine: the queue wait ends when the request joins a batch."""
+    hf = start_thread_server(make_settings(tiny_checkpoint, engine="hf", max_batch_size=2))
+    try:
+        assert httpx.get(hf.url + "/health").json()["engine"]["name"] == "hf"
+        _check_before_first_token(hf)
+    finally:
+        hf.stop()
+
+
+def _check_before_first_token(srv: ThreadServer) -> None:
+    names = ("llamactl_image_decode_seconds", "llamactl_request_processor_seconds",
+             "llamactl_request_queue_seconds", "llamactl_time_to_first_token_seconds")
+
+    def scrape() -> dict[str, tuple[float, float]]:
+        text = httpx.get(srv.url + "/metrics").text
+        return {n: (metric(text, n + "_count"), metric(text, n + "_sum")) for n in names}
+
+    before = scrape()
+    r = post(srv, "/infer", {"image": png_b64("blue", (48, 40)), "question": "What colour?", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    after = scrape()
+    counts = {n: after[n][0] - before[n][0] for n in names}
+    seconds = {n: after[n][1] - before[n][1] for n in names}
+    assert all(c == 1 for c in counts.values()), counts
+    assert all(0 <= s < 60 for s in seconds.values()), seconds
+    assert seconds["llamactl_request_queue_seconds"] <= seconds["llamactl_time_to_first_token_seconds"]
+
+
 def test_metrics_names_and_promtool(srv: ThreadServer, tmp_path: Path) -> None:
     r = httpx.get(srv.url + "/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")

@@ -64,6 +64,12 @@ def test_metrics_parsing_and_the_engine_window() -> None:
     w = ef.engine_window(first, last, {"llamactl_kv_pool_usage_ratio": 0.5}, 10.0)
     assert w == {"kv_pool_usage_ratio_peak": 0.5, "engine_steps_per_s": 50.0, "tokens_per_step": 32.0}
     assert ef.engine_window({}, {}, {}, 0.0) == {}
+    # a request's time before its first token: the level's mean of each histogram (its _sum over its _count)
+    first = {"llamactl_request_queue_seconds_count": 10.0, "llamactl_request_queue_seconds_sum": 4.0,
+             "llamactl_image_decode_seconds_count": 10.0, "llamactl_image_decode_seconds_sum": 0.2}
+    last = {"llamactl_request_queue_seconds_count": 14.0, "llamactl_request_queue_seconds_sum": 6.0,
+            "llamactl_image_decode_seconds_count": 10.0, "llamactl_image_decode_seconds_sum": 0.2}
+    assert ef.engine_window(first, last, {}, 1.0) == {"request_queue_mean_s": 0.5}  # no new images: no mean
 
 
 def _design(levels: dict[int, dict[str, Any]], engine: str = "continuous") -> dict[str, Any]:
@@ -105,11 +111,13 @@ def test_markdown_of_a_partial_run() -> None:
                  "itl_s_p50": 0.009, "itl_s_p95": 0.012},
                 {"concurrency": 8, "skipped": "needs ~40s"},
                 {"concurrency": 32, "ok": 64, "failed": 0, "tok_per_s": 1600.0, "req_per_s": 12.5,
-                 "engine_metrics": {"engine_steps_per_s": 50.0, "tokens_per_step": 31.5}}], "error": "boom"}}}
+                 "engine_metrics": {"engine_steps_per_s": 50.0, "tokens_per_step": 31.5,
+                                    "request_queue_mean_s": 0.25, "time_to_first_token_mean_s": 0.9}}],
+                "error": "boom"}}}
     info["acceptance"] = ef.acceptance(info["designs"], "NVIDIA H100 80GB HBM3")
     md = ef.markdown(info)
     assert "partial: x" in md and "needs ~40s" in md and "boom" in md and "9.0 / 12.0" in md
-    assert "| 32 | 50.0 | 31.50 |" in md
+    assert "| 32 | 50.0 | 31.50 |" in md and "| - / - / 0.250 / 0.900 |" in md
     text = ef.summary(info)
     assert "continuous        8  needs ~40s" in text and "acceptance: 32 clients: output tok/s: 1600.00" in text
 

@@ -76,6 +76,8 @@ class GenRequest:
     deadline: float | None = None  # time.monotonic() value
     cancel_event: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.monotonic)
+    queued_at: float | None = None  # time.monotonic() when handed to the engine (``add``: after its preparation)
+    taken_at: float | None = None  # when the engine took it from its queue (into the vision tower, a prefill, a batch)
     # Engine-specific preprocessed inputs (token ids, pixel tensors), filled by ``ServingEngine.prepare``.
     prepared: Any = None
 

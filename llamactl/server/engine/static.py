@@ -109,6 +109,7 @@ class StaticBatches:
                 raise Stopped("the server is shutting down")
             if self.liveness is not None:
                 self.liveness.work_arrived(was_idle=not self._queue and self._running == 0)
+            req.queued_at = time.monotonic()
             self._queue.append(req)
             self._cv.notify_all()
 
@@ -199,6 +200,9 @@ class StaticBatches:
                         batch.append(r)
                 if batch:
                     self._running = len(batch)
+                    taken = time.monotonic()
+                    for r in batch:
+                        r.taken_at = taken
                     return batch
 
     def _admitting(self) -> int:

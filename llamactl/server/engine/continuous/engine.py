@@ -470,6 +470,7 @@ class ContinuousEngine(EngineStatus):
                 raise Stopped("the server is shutting down")
             if self.liveness is not None:
                 self.liveness.work_arrived(was_idle=not self._waiting and not self._running)
+            req.queued_at = time.monotonic()
             self._waiting.append(req)
             self._cv.notify_all()
 
@@ -549,11 +550,15 @@ class ContinuousEngine(EngineStatus):
             self._inflight = None  # every row it carried has ended
 
     def _take_newcomers(self) -> list[GenRequest]:
-        return take_chunk(
+        taken = take_chunk(
             self._waiting, self.slots - len(self._running) - self._encoding_reqs(), self.chunk_images,
             self.chunk_tokens, images_busy=self._tower_busy(),
             on_cancelled=lambda req: _report(req, _cancelled_result(req)),
         )
+        now = time.monotonic()
+        for req in taken:
+            req.taken_at = now
+        return taken
 
     def _tower_busy(self) -> bool:
         """Whether image newcomers must wait before entering the vision tower. Behind a chunk already there, only
