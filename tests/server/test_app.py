@@ -318,7 +318,7 @@ def test_body_limit_413_without_reading_everything(srv: ThreadServer) -> None:
 
 def test_metrics_say_where_a_request_waited_before_its_first_token(srv: ThreadServer) -> None:
     """Image decode, the processor and the wait in the engine's queue: one observation each per image request,
-    each part of the request's time to its first token."""
+    what comes before its first token."""
     _check_before_first_token(srv)
 
 
