@@ -159,7 +159,7 @@ class Metrics:
         # Where a request's time goes before its first token: its image decoded (before the TTFT above starts),
         # its preparation (the continuous engine's processor run), then its wait in the engine's queue.
         self.image_decode = _histogram(r, "llamactl_image_decode_seconds", "Per image request: time to decode and check its image (before the TTFT's start).", _TTFT_BUCKETS)
-        self.processor = _histogram(r, "llamactl_request_processor_seconds", "Per request: its preparation before it is queued (the continuous engine runs the processor here: prompt tokens, its image's tiles and pixel values; the hf engine only checks its length).", _TTFT_BUCKETS)
+        self.processor = _histogram(r, "llamactl_request_processor_seconds", "Per request: its preparation before it is queued (the processor: prompt tokens, its image's tiles and pixel values; an engine that processes its batches itself only checks the length here).", _TTFT_BUCKETS)
         self.queue_time = _histogram(r, "llamactl_request_queue_seconds", "Per request: time from being queued for the engine until the engine took it (into the vision tower, a prefill or a batch).", _TTFT_BUCKETS)
         self.batch_size = _histogram(r, "llamactl_batch_size", "Number of sequences per generate call.", _BATCH_BUCKETS)
         self.batch_duration = _histogram(r, "llamactl_batch_duration_seconds", "Wall time of one batched generate call (preprocessing, prefill and every decode step).", _LATENCY_BUCKETS)
