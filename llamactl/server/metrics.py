@@ -66,6 +66,11 @@ class _ReadAtScrape:
         return self._families(float(self._steps()), self._engine())
 
 
+# Why an inference request failed (``llamactl_request_errors_total{reason}``), as the server reports them.
+ERROR_REASONS = ("invalid_request", "invalid_image", "queue_full", "timeout", "engine_error", "draining",
+                 "not_ready", "client_disconnect", "too_many_jobs", "jobs_unavailable")
+
+
 def _histogram(registry: CollectorRegistry, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
     return Histogram(name, doc, buckets=buckets, registry=registry)
 
@@ -170,6 +175,8 @@ class Metrics:
         self.request_errors = Counter(
             "llamactl_request_errors", "Failed inference requests by reason.", ["reason"], registry=r
         )
+        for reason in ERROR_REASONS:  # every series exists from the start: rate() and alerts see 0, not nothing
+            self.request_errors.labels(reason=reason)
         self.requests = Counter(
             "llamactl_requests",
             "HTTP requests by endpoint and status code.",

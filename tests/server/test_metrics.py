@@ -106,6 +106,21 @@ def test_the_callables_are_not_read_while_the_registry_is_built() -> None:
     assert sample(m.render().decode(), "llamactl_engine_steps_total") == 7.0
 
 
+def test_every_error_reason_is_exposed_at_zero_from_the_start() -> None:
+    """Each reason the server reports has its series before the first failure (rate() and alerts see 0), and
+    the list covers every reason the server's code passes (read from its source)."""
+    from pathlib import Path
+
+    from llamactl.server import metrics as metrics_module
+
+    text = basic().render().decode()
+    for reason in metrics_module.ERROR_REASONS:
+        assert sample(text, f'llamactl_request_errors_total{{reason="{reason}"}}') == 0.0, reason
+    source = Path(metrics_module.__file__).parent
+    used = {m for f in source.glob("*.py") for m in re.findall(r'\berror\("([a-z_]+)"\)', f.read_text())}
+    assert used and used <= set(metrics_module.ERROR_REASONS), used - set(metrics_module.ERROR_REASONS)
+
+
 def test_token_histograms_observe_seconds() -> None:
     m = basic()
     for gap in (0.008, 0.009, 0.04):
