@@ -24,6 +24,7 @@ import torch
 from llamactl.server.engine.continuous import cross_attention as ca
 from llamactl.server.engine.continuous import decode_attention as da
 from llamactl.server.engine.continuous.fused import attend
+from llamactl.server.engine.continuous.kernel_choice import time_in_graph
 
 
 def main() -> None:
@@ -46,7 +47,7 @@ def main() -> None:
             ref = attend(q, kk, vv, bias, d**-0.5).float()
             out: dict[str, float] = {}
             cudnn = ca.CANDIDATES["sdpa_cudnn"]
-            out["sdpa_cudnn"] = ca.time_in_graph(partial(cudnn, q, kk, vv, bias, d**-0.5), calls=16, reps=5) * 1e6
+            out["sdpa_cudnn"] = time_in_graph(partial(cudnn, q, kk, vv, bias, d**-0.5), calls=16, reps=5) * 1e6
             for cfg in configs:
                 name = f"p{cfg.per_sm}b{cfg.block}w{cfg.warps}s{cfg.stages}"
                 try:
@@ -55,7 +56,7 @@ def main() -> None:
                         out[name] = -1.0
                         continue
                     run = partial(da.cross_attention, q, kk, vv, bias, d**-0.5, cfg)
-                    out[name] = ca.time_in_graph(run, calls=16, reps=5) * 1e6
+                    out[name] = time_in_graph(run, calls=16, reps=5) * 1e6
                 except Exception as exc:  # noqa: BLE001 - a config that cannot compile is reported, not fatal
                     out[name] = -2.0
                     print(name, "failed:", str(exc)[:200], flush=True)

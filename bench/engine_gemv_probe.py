@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from llamactl.server.engine.continuous import gemv
-from llamactl.server.engine.continuous.cross_attention import time_in_graph
+from llamactl.server.engine.continuous.kernel_choice import time_in_graph
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096),
           "cross_q": (4096, 4096), "lm_head": (4096, 128256)}

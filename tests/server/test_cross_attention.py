@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from llamactl.server.engine.continuous import cross_attention as ca
+from llamactl.server.engine.continuous import kernel_choice as kc
 from llamactl.server.engine.continuous.fused import attend
 
 
@@ -66,7 +67,7 @@ def test_choice_is_the_fastest_correct_form_per_batch(monkeypatch: pytest.Monkey
     choice, timings = ca.choose(shapes, [1, 4], 0.25, timer=lambda fn: cost[last[-1]])
     assert choice == {1: "matmul", 4: "keys_first"}
     assert timings == {"matmul": [1.0, 3.0], "keys_first": [2.0, 2.0]}
-    assert [ca.for_rows(choice, rows) for rows in (1, 2, 3, 4, 16)] == ["matmul"] * 3 + ["keys_first"] * 2
+    assert [kc.for_rows(choice, rows) for rows in (1, 2, 3, 4, 16)] == ["matmul"] * 3 + ["keys_first"] * 2
     monkeypatch.setattr(ca, "CANDIDATES", {"broken": broken})
     assert ca.choose(shapes, [1, 8], 0.25, timer=lambda fn: 1.0) == ({1: "matmul", 8: "matmul"}, {})
 

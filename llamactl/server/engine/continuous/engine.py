@@ -32,11 +32,11 @@ from typing import Any
 import torch
 
 from llamactl.server.engine.continuous.cross_attention import choose as choose_cross
-from llamactl.server.engine.continuous.cross_attention import choose_fastest, describe_choice, time_in_graph
 from llamactl.server.engine.continuous.decode_attention import available as decode_attention_available
 from llamactl.server.engine.continuous.encoding import Encoding, VisionLane
 from llamactl.server.engine.continuous.gemv import choose as choose_gemv
 from llamactl.server.engine.continuous.graphs import DecodeGraphs, batch_buckets, bucket, length_buckets
+from llamactl.server.engine.continuous.kernel_choice import choose_fastest, describe_choice, time_in_graph
 from llamactl.server.engine.continuous.model import MllamaRunner, Newcomer
 from llamactl.server.engine.continuous.output import OutputWorker, run_all
 from llamactl.server.engine.continuous.pools import PoolShape, SlotPools, plan_slots
@@ -197,7 +197,7 @@ class ContinuousEngine(EngineStatus):
             "vision_overlaps_decode": self._lane.stream is not None,
             "vision_sms": self._lane.description,
             "vision_priority": self.settings.vision_priority,
-            "vision_queue": self.settings.vision_queue if self._lane.stream is not None else 1,
+            "vision_queue": self._vision_queue,
             "pipelined": bool(self.pipelined),
             "vision_attention": self._vision_attention(),
             "cross_attention": self.cross_attention,
@@ -560,6 +560,12 @@ class ContinuousEngine(EngineStatus):
             req.taken_at = now
         return taken
 
+    @property
+    def _vision_queue(self) -> int:
+        """Image chunks the tower may hold: ``vision_queue`` on GPUs; one on the CPU, where the tower runs at once
+        and its chunk joins in the same iteration."""
+        return self.settings.vision_queue if self._lane.stream is not None else 1
+
     def _tower_busy(self) -> bool:
         """Whether image newcomers must wait before entering the vision tower. Behind a chunk already there, only
         a full chunk may queue (a burst): a partial one would only make the next arrivals wait a chunk longer
@@ -567,9 +573,7 @@ class ContinuousEngine(EngineStatus):
         queued = len(self._encodings)
         if not queued:
             return False
-        # on the CPU the tower runs at once and its chunk joins in the same iteration: one chunk at a time
-        queue = self.settings.vision_queue if self._lane.stream is not None else 1
-        if queued >= queue:
+        if queued >= self._vision_queue:
             return True
         return sum(1 for r in list(self._waiting) if r.image is not None) < self.chunk_images
 

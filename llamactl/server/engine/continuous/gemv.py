@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from llamactl.server.engine.continuous.cross_attention import relative_l2
 from llamactl.server.engine.continuous.fused import add_linear_
+from llamactl.server.engine.continuous.kernel_choice import relative_l2
 
 try:  # triton ships with CUDA builds of torch; CPU installs run without it
     import triton

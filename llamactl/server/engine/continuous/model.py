@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from llamactl.server.engine.continuous.cross_attention import CANDIDATES as CROSS_FORMS
-from llamactl.server.engine.continuous.cross_attention import Attend, for_rows
+from llamactl.server.engine.continuous.cross_attention import Attend
 from llamactl.server.engine.continuous.decode_attention import self_attention
 from llamactl.server.engine.continuous.fused import (
     CrossWeights,
@@ -38,6 +38,7 @@ from llamactl.server.engine.continuous.fused import (
     signed_sin,
 )
 from llamactl.server.engine.continuous.gemv import Projections
+from llamactl.server.engine.continuous.kernel_choice import for_rows
 from llamactl.server.engine.continuous.pools import SlotPools
 from llamactl.server.engine.continuous.vision import VisionEncoder
 
