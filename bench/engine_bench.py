@@ -108,6 +108,8 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
                 {"LLAMACTL_PREFILL_CHUNK_IMAGES": "2", "LLAMACTL_VISION_PRIORITY": "high"}),
                ("continuous-pt", "PyTorch's kernels only (its Triton kernels off)", {"LLAMACTL_TRITON_KERNELS": "0"}),
                ("continuous-q2", "a full image chunk may queue behind one in the tower", {"LLAMACTL_VISION_QUEUE": "2"}),
+               *[(f"continuous-late{int(s * 10)}", f"image chunks waiting >= {s} s through the tower first",
+                  {"LLAMACTL_VISION_LATE_S": str(s)}) for s in (0.3, 0.5, 0.8)],
            ]},
         "seed": Design("seed", "one request at a time (hf engine, max batch 1: the seed article's design)", "hf", 1,
                        a.seed_levels, 1, a.seed_min_requests, "first", 1.5, a.hf_max_wait_ms),
@@ -481,8 +483,9 @@ class Bench:
         lv["server_alive_after"] = self.proc is not None and self.proc.poll() is None
         self.rec.log(f"{d.name} c={conc}: " + json.dumps({k: lv.get(k) for k in (
             "requests", "ok", "failed", "cut", "tok_per_s", "req_per_s", "ttft_s_p50", "ttft_s_p95", "itl_s_p50",
-            "itl_s_p95", "steady_tok_per_s", "steady_ttft_s_p95", "steady_requests", "gpu_util_mean_pct",
-            "gpu_mem_smi_peak_gb", "of_roofline", "errors")}))
+            "itl_s_p95", "steady_tok_per_s", "steady_ttft_s_p95", "steady_requests", "burst_ttft_s_p95",
+            "after_burst_ttft_s_p95", "slowest_ttft", "gpu_util_mean_pct", "gpu_mem_smi_peak_gb", "of_roofline",
+            "errors")}))
         return lv
 
 

@@ -250,4 +250,23 @@ def run_load(url: str, *, concurrency: int, requests: int, max_tokens: int, imag
         "chunks_per_request_mean": r(statistics.fmean(o.chunks for o in good), 1) if good else None,
         "upstreams": dict(Counter(o.upstream for o in outcomes)),
         **steady(outcomes),
+        **ttft_split(outcomes),
+    }
+
+
+def ttft_split(outcomes: list[Outcome]) -> dict[str, Any]:
+    """TTFT of the opening burst (each client's first request) apart from the rest, and the slowest first tokens
+    with when they were sent (seconds after the first send): where a whole-run TTFT tail comes from."""
+    good = [o for o in outcomes if o.ok and o.ttft_s is not None]
+    if not good:
+        return {}
+    t0 = min(o.started_at for o in good)
+    first = [o.ttft_s for o in good if o.first_round]
+    rest = [o.ttft_s for o in good if not o.first_round]
+    slowest = sorted(good, key=lambda o: -(o.ttft_s or 0.0))[:8]
+    return {
+        "burst_ttft_s_p50": _r(pct(first, 50)), "burst_ttft_s_p95": _r(pct(first, 95)),
+        "burst_ttft_s_max": _r(max(first, default=None)),
+        "after_burst_ttft_s_p50": _r(pct(rest, 50)), "after_burst_ttft_s_p95": _r(pct(rest, 95)),
+        "slowest_ttft": [[_r(o.started_at - t0, 2), _r(o.ttft_s), o.first_round] for o in slowest],
     }

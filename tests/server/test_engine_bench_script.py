@@ -268,3 +268,20 @@ def test_steady_window_leaves_out_the_opening_burst_and_the_drain() -> None:
     assert r["steady_ttft_s_p95"] == 0.2 and r["steady_requests"] == sum(
         1 for o in outs if start <= o.started_at <= end)
     assert steady(outs[:3]) == {"steady_note": "too short: rounds >= 3 give a steady window"}
+
+
+def test_ttft_split_names_the_burst_and_the_slowest_first_tokens() -> None:
+    """The opening burst's TTFTs apart from the rest; the slowest first tokens with their send time."""
+    from gpu_load import Outcome, ttft_split
+
+    def req(start: float, ttft: float, first: bool, ok: bool = True) -> Outcome:
+        return Outcome(ok, ttft + 1.0, ttft, 10, "direct", "", [], 10, 100.0 + start, [], first)
+
+    outs = [req(0.0, 0.5 + 0.1 * i, True) for i in range(4)] + [req(2.0 + i, 0.2, False) for i in range(6)]
+    outs.append(req(9.0, 9.0, False, ok=False))  # a failed request counts nowhere
+    r = ttft_split(outs)
+    assert r["burst_ttft_s_max"] == 0.8 and r["burst_ttft_s_p50"] == 0.6  # nearest rank
+    assert r["after_burst_ttft_s_p50"] == r["after_burst_ttft_s_p95"] == 0.2
+    assert r["slowest_ttft"][0] == [0.0, 0.8, True] and len(r["slowest_ttft"]) == 8
+    assert r["slowest_ttft"][4] == [2.0, 0.2, False]
+    assert ttft_split([]) == {}
