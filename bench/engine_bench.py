@@ -110,6 +110,8 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
                ("continuous-q2", "a full image chunk may queue behind one in the tower", {"LLAMACTL_VISION_QUEUE": "2"}),
                *[(f"continuous-late{int(s * 10)}", f"image chunks waiting >= {s} s through the tower first",
                   {"LLAMACTL_VISION_LATE_S": str(s)}) for s in (0.3, 0.5, 0.8)],
+               *[(f"continuous-it{n}", f"request images decoded and processed on {n} threads",
+                  {"LLAMACTL_IMAGE_THREADS": str(n)}) for n in (1, 2, 4)],
            ]},
         "seed": Design("seed", "one request at a time (hf engine, max batch 1: the seed article's design)", "hf", 1,
                        a.seed_levels, 1, a.seed_min_requests, "first", 1.5, a.hf_max_wait_ms),

@@ -66,6 +66,10 @@ class Settings(BaseModel):
     # steps and the joins, and may queue behind the chunk already in the tower. 0 = off. What a burst needs (all
     # clients at once: the last images of the burst wait for every tower before theirs, beside a growing batch).
     vision_late_s: float = Field(0.0, ge=0, le=3600, allow_inf_nan=False)
+    # Threads that decode request images and run the processor (tiles, pixel values); 0 = asyncio's default
+    # pool (up to 32). Fewer threads contend less with the engine's step loop for the interpreter lock when many
+    # images arrive at once.
+    image_threads: int = Field(0, ge=0, le=256)
     # The continuous engine's own Triton kernels on CUDA (one-row projections, decode self- and cross-attention),
     # each still timed at start and used only where it is correct and faster. False: PyTorch's kernels only
     # (a switch for ruling them out when a GPU misbehaves, and the benchmark's comparison).
