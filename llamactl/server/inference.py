@@ -6,10 +6,8 @@ Routes translate HTTP to these calls; failures surface as ``ApiError`` with the 
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -66,16 +64,6 @@ class Inference:
         )
         self._status = status
         self.shared_cache: SharedCache | None = None  # the cluster-wide cache (Redis), set by ServerState
-        # image decoding and the processor: on a few threads of their own (settings.image_threads) or asyncio's
-        # default pool; few threads leave the interpreter lock to the engine's step loop more often
-        self._image_pool = (ThreadPoolExecutor(settings.image_threads, thread_name_prefix="llamactl-image")
-                            if settings.image_threads else None)
-
-    async def _off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)`` on an image thread, the event loop free meanwhile."""
-        if self._image_pool is None:
-            return await asyncio.to_thread(fn, *args)
-        return await asyncio.get_running_loop().run_in_executor(self._image_pool, functools.partial(fn, *args))
 
     def error(self, reason: str) -> None:
         self.metrics.request_errors.labels(reason=reason).inc()
@@ -143,7 +131,7 @@ class Inference:
         )
         t0 = time.monotonic()
         try:
-            image = await self._off_loop(decode_base64_image, data, limits)
+            image = await asyncio.to_thread(decode_base64_image, data, limits)
         except ImageError as exc:
             self.error("invalid_image")
             raise ApiError(exc.status, exc.message, "invalid_image") from None
@@ -197,7 +185,7 @@ class Inference:
         """Prepare ``req`` in a worker thread (tokens, image tensors), then hand it to admission."""
         t0 = time.monotonic()
         try:
-            await self._off_loop(self.engine.prepare, req)
+            await asyncio.to_thread(self.engine.prepare, req)
         except ValueError as exc:
             self.error("invalid_request")
             raise ApiError(400, str(exc), "invalid_request") from None

@@ -61,15 +61,6 @@ class Settings(BaseModel):
     # engine_bench_run20_h200.md): 32 clients 1,362 vs 1,390 tok/s, TTFT p50 0.84 vs 0.78 s, p95 2.10 vs 2.20 s,
     # ITL p95 68 vs 86 ms; 64 clients TTFT p50 1.31 vs 0.68 s. Not a clear gain: the default stays 1.
     vision_queue: int = Field(1, ge=1, le=16)
-    # Late images first (continuous engine on CUDA): a chunk of images whose oldest request reached the server
-    # this many seconds ago or more goes through the tower on a third stream that the GPU serves before the decode
-    # steps and the joins, and may queue behind the chunk already in the tower. 0 = off. What a burst needs (all
-    # clients at once: the last images of the burst wait for every tower before theirs, beside a growing batch).
-    vision_late_s: float = Field(0.0, ge=0, le=3600, allow_inf_nan=False)
-    # Threads that decode request images and run the processor (tiles, pixel values); 0 = asyncio's default
-    # pool (up to 32). Fewer threads contend less with the engine's step loop for the interpreter lock when many
-    # images arrive at once.
-    image_threads: int = Field(0, ge=0, le=256)
     # The continuous engine's own Triton kernels on CUDA (one-row projections, decode self- and cross-attention),
     # each still timed at start and used only where it is correct and faster. False: PyTorch's kernels only
     # (a switch for ruling them out when a GPU misbehaves, and the benchmark's comparison).

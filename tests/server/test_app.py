@@ -332,25 +332,6 @@ def test_the_hf_engine_reports_its_queue_wait_too(tiny_checkpoint: Path) -> None
         hf.stop()
 
 
-def test_image_work_on_its_own_threads(tiny_checkpoint: Path) -> None:
-    """settings.image_threads: image decoding and the processor run on that many threads of their own (named
-    llamactl-image); answers and bad-image errors are the same as on asyncio's pool."""
-    import threading
-
-    one = start_thread_server(make_settings(tiny_checkpoint, image_threads=1, max_batch_size=4))
-    try:
-        body = {"image": png_b64("red", (40, 48)), "question": "What colour?", "max_tokens": 4}
-        r = post(one, "/infer", body)
-        assert r.status_code == 200, r.text
-        names = [t.name for t in threading.enumerate() if t.name.startswith("llamactl-image")]
-        assert len(names) == 1, names
-        bad = post(one, "/infer", {"image": "bm90IGFuIGltYWdl", "question": "?", "max_tokens": 4})
-        assert bad.status_code == 415 and "image" in bad.text.lower()  # not an image format we read
-        _check_before_first_token(one)
-    finally:
-        one.stop()
-
-
 def _check_before_first_token(srv: ThreadServer) -> None:
     names = ("llamactl_image_decode_seconds", "llamactl_request_processor_seconds",
              "llamactl_request_queue_seconds", "llamactl_time_to_first_token_seconds")

@@ -232,16 +232,13 @@ class _LaterLane(VisionLane):
     """The GPU's vision lane on the CPU: each chunk's states are computed at once but reported ready only a few
     loop iterations later, as a tower still running on its stream would be. Records the queue's depth."""
 
-    def __init__(self, late: bool = False) -> None:
-        super().__init__(stream="a stand-in stream", description="test",
-                         late="a stand-in late stream" if late else None)
+    def __init__(self) -> None:
+        super().__init__(stream="a stand-in stream", description="test")
         self.depths: list[int] = []
         self.order: list[list[GenRequest]] = []
-        self.lates: list[bool] = []
 
-    def start(self, encode: Any, reqs: list[GenRequest], rows: list[Any], late: bool = False) -> Encoding:
+    def start(self, encode: Any, reqs: list[GenRequest], rows: list[Any]) -> Encoding:
         self.order.append(reqs)
-        self.lates.append(late)
         return Encoding(reqs, encode(rows), _LaterEvent(3), time.monotonic())
 
     @staticmethod
@@ -297,61 +294,6 @@ def test_only_a_full_chunk_queues_behind_one_in_the_tower(tiny_checkpoint: Path)
     assert not eng._tower_busy()  # a full chunk of two may queue
     eng._encodings.append(in_tower)
     assert eng._tower_busy()  # vision_queue reached
-
-
-def test_late_images_take_the_late_stream_and_queue_behind_the_tower(tiny_checkpoint: Path) -> None:
-    """settings.vision_late_s: a chunk holding an image request that reached the engine's service that long ago
-    goes through the tower on the late stream and may queue behind the chunk in the tower even when partial; fresh
-    ones take the ordinary stream and wait; answers stay equal to generate's; /health counts the late chunks."""
-    with running_engine(tiny_checkpoint, max_batch_size=8, gen_max_new_tokens=64, prefill_chunk_images=2,
-                        vision_late_s=30.0) as eng:
-        lane = _LaterLane(late=True)
-        eng._lane = lane
-        eng.step_hook = lambda: lane.depths.append(len(eng._encodings))
-        colours = ["red", "blue", (30, 200, 60), "red", (200, 30, 60)]
-        reqs = [GenRequest(prompt=image_prompt(eng), image=trained_image(c) if isinstance(c, str)
-                           else Image.new("RGB", (64, 64), c), params=GenParams(max_new_tokens=6 + 2 * i))
-                for i, c in enumerate(colours)]
-        for r in reqs:
-            eng.prepare(r)
-        for r in reqs[2:]:
-            r.enqueued_at -= 60.0  # these three have waited a minute: late
-        results = run_all(eng, reqs)
-        eng.step_hook = None
-        flat = [r for chunk in lane.order for r in chunk]
-        assert sorted(map(id, flat)) == sorted(map(id, reqs)) and not eng._encodings
-        for chunk, late in zip(lane.order, lane.lates):
-            assert late == any(r is x for r in chunk for x in reqs[2:])
-        assert any(lane.lates) and not all(lane.lates)
-        assert max(lane.depths) == 2  # a late chunk queued behind one in the tower (vision_queue is 1)
-        assert eng.describe()["late_chunks"] == sum(lane.lates) and eng.describe()["vision_late_s"] == 30.0
-        tok = eng.hf.processor.tokenizer
-        for req, result in zip(reqs, results):
-            ref = reference_ids(eng, GenRequest(prompt=req.prompt, image=req.image, params=req.params))
-            assert result.text == tok.decode(ref, skip_special_tokens=True)
-
-
-def test_only_a_late_partial_chunk_queues_behind_one_in_the_tower(tiny_checkpoint: Path) -> None:
-    """With vision_late_s and one chunk in the tower: a fresh partial chunk waits, a late one (even a single image)
-    may queue, never deeper than two chunks; without a late stream (CPU, or the setting off) nothing changes."""
-    eng = ContinuousEngine(make_settings(tiny_checkpoint, vision_late_s=1.0))
-    eng.chunk_images = 2
-    image_req = lambda: GenRequest(prompt="p", image=trained_image("red"), params=GenParams(max_new_tokens=4))
-    in_tower = Encoding([image_req()], torch.zeros(1), _LaterEvent(100), 0.0)
-    eng._encodings.append(in_tower)
-    fresh = image_req()
-    eng._waiting.append(fresh)
-    assert eng._tower_busy()  # CPU lane: no late stream
-    eng._lane = _LaterLane(late=True)
-    assert eng._tower_busy()  # fresh and partial: waits
-    fresh.enqueued_at -= 5.0
-    assert not eng._tower_busy()  # late: may queue
-    assert eng._is_late([fresh]) and not eng._is_late([image_req()])
-    eng._encodings.append(in_tower)
-    assert eng._tower_busy()  # two chunks there: no deeper
-    eng._encodings.pop()
-    eng._lane = _LaterLane(late=False)
-    assert eng._tower_busy()  # the setting's stream absent: the old rule
 
 
 def test_plan_slots_sizes_pools_from_free_memory() -> None:

@@ -3,9 +3,8 @@
 On GPUs the tower runs on a stream of its own (``VisionLane``): its kernels are queued and the step loop goes on;
 the newcomers join (cross-attention K/V, prefill) once their states are ready, handed to the main stream. The
 stream is an ordinary one, or one confined to part of the SMs (``green.py``, ``vision_sms``); by default the
-decode stream has the higher priority (``vision_priority`` swaps them). With ``vision_late_s`` the lane has a second
-stream, of the highest priority, for chunks of images that have waited long (``late``). On the CPU the tower runs
-at once, on the loop's thread.
+decode stream has the higher priority (``vision_priority`` swaps them). On
+the CPU the tower runs at once, on the loop's thread.
 """
 
 from __future__ import annotations
@@ -41,42 +40,35 @@ class Encoding:
 class VisionLane:
     """Where the tower runs: ``stream`` None = synchronously (CPU)."""
 
-    def __init__(self, stream: Any = None, description: str = "-", partition: SmStream | None = None,
-                 late: Any = None) -> None:
+    def __init__(self, stream: Any = None, description: str = "-", partition: SmStream | None = None) -> None:
         self.stream = stream
-        self.late = late  # the stream of late chunks (None: they take ``stream`` too)
         self.description = description  # what the tower may use, for /health
         self._partition = partition  # keeps the green context alive as long as its stream
 
     @classmethod
-    def on_gpu(cls, sms: int, priority: int = 0, late_priority: int | None = None) -> VisionLane:
+    def on_gpu(cls, sms: int, priority: int = 0) -> VisionLane:
         """On ``sms`` SMs (a green context; -1 = the automatic share) beside the decode steps, or on an ordinary
         stream (``sms`` 0, or when the driver cannot partition: the description says why). ``priority``: CUDA's
-        stream priority (lower = served first; the decode stream's is set beside it); ``late_priority``: that of
-        the late chunks' stream (every SM), None = no such stream."""
+        stream priority (lower = served first; the decode stream's is set beside it)."""
         device = torch.cuda.current_device()
         total = torch.cuda.get_device_properties(device).multi_processor_count
-        late = None if late_priority is None else torch.cuda.Stream(priority=late_priority)  # type: ignore[no-untyped-call]
         if sms == 0:
-            return cls(torch.cuda.Stream(priority=priority), f"all {total} (partition off)", late=late)  # type: ignore[no-untyped-call]
+            return cls(torch.cuda.Stream(priority=priority), f"all {total} (partition off)")  # type: ignore[no-untyped-call]
         try:
             part = sm_stream(sms if sms > 0 else auto_sms(total), device=device, priority=priority)
         except GreenContextError as exc:
             log.warning("vision tower on every SM: %s", exc)
             return cls(torch.cuda.Stream(priority=priority),  # type: ignore[no-untyped-call]
-                       f"all {total} (no partition: {exc})", late=late)
-        return cls(part.stream, f"{part.sms} of {part.total_sms}", part, late=late)
+                       f"all {total} (no partition: {exc})")
+        return cls(part.stream, f"{part.sms} of {part.total_sms}", part)
 
     def start(self, encode: Callable[[list[Newcomer]], torch.Tensor], reqs: list[GenRequest],
-              rows: list[Newcomer], late: bool = False) -> Encoding:
-        """Queue the tower for ``rows`` (returns at once on GPUs); ``late``: on the late chunks' stream."""
+              rows: list[Newcomer]) -> Encoding:
+        """Queue the tower for ``rows`` (returns at once on GPUs)."""
         started = time.monotonic()
         if self.stream is None:
             return Encoding(reqs, encode(rows), None, started)
-        stream = self.stream
-        if late and self.late is not None:
-            stream = self.late
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(self.stream):
             states = encode(rows)
             done = torch.cuda.Event()  # type: ignore[no-untyped-call]
             done.record()

@@ -115,7 +115,6 @@ class ContinuousEngine(EngineStatus):
         self._stopping = False
         self._admitted = 0  # requests taken from the queue whose prefill has not finished
         self._encodings: deque[Encoding] = deque()  # image chunks in the tower, in order (at most vision_queue)
-        self.late_chunks = 0  # image chunks sent through the late stream (settings.vision_late_s)
         self._lane = VisionLane()  # where the vision tower runs (a stream of its own on GPUs)
         self._inflight: _Step | None = None  # the decode step launched last, its tokens not read yet
         # Each row's next input token and position live on the device (sampled there, moved there), so a step
@@ -199,8 +198,6 @@ class ContinuousEngine(EngineStatus):
             "vision_sms": self._lane.description,
             "vision_priority": self.settings.vision_priority,
             "vision_queue": self._vision_queue,
-            "vision_late_s": self.settings.vision_late_s if self._lane.late is not None else None,
-            "late_chunks": self.late_chunks,
             "pipelined": bool(self.pipelined),
             "vision_attention": self._vision_attention(),
             "cross_attention": self.cross_attention,
@@ -283,12 +280,9 @@ class ContinuousEngine(EngineStatus):
                 # H100 at 32 clients (bench/results/engine_bench_run3_h100_oom.md); the prefill's own peak (long
                 # text prompts: attention scores of a 4,096-token chunk) is bounded by the 3 GiB beside it.
                 # each chunk queued behind the one in the tower holds its finished states until it joins
-                # (a late chunk may queue too); late chunks have a stream, so a workspace, of their own
-                late = self.settings.vision_late_s > 0
-                queued = max(self.settings.vision_queue, 2 if late else 1) - 1
-                queued_states = queued * self.chunk_images * shape.cross_len * (
+                queued_states = (self.settings.vision_queue - 1) * self.chunk_images * shape.cross_len * (
                     text_cfg.hidden_size * shape.element_bytes)
-                reserve = (3 if late else 2) * self._measure_workspace(encoder, vision) + queued_states + 3 * _GIB
+                reserve = 2 * self._measure_workspace(encoder, vision) + queued_states + 3 * _GIB
                 free, _total = torch.cuda.mem_get_info()
                 self.slots = plan_slots(shape, self.settings.max_batch_size, free, reserve)
             else:
@@ -305,12 +299,10 @@ class ContinuousEngine(EngineStatus):
             self._b_buckets = batch_buckets(self.slots)
             self._l_buckets = length_buckets(self.max_len)
             if device == "cuda":
-                # CUDA serves the lower priority number first: the decode steps, or the tower with "high"; late
-                # image chunks before both
+                # CUDA serves the lower priority number first: the decode steps, or the tower with "high"
                 tower_first = self.settings.vision_priority == "high"
                 self._main_stream = torch.cuda.Stream(priority=0 if tower_first else -1)  # type: ignore[no-untyped-call]
-                self._lane = VisionLane.on_gpu(self.settings.vision_sms, priority=-1 if tower_first else 0,
-                                               late_priority=-2 if self.settings.vision_late_s > 0 else None)
+                self._lane = VisionLane.on_gpu(self.settings.vision_sms, priority=-1 if tower_first else 0)
                 small = self._compiled(self.runner) if self.settings.engine_compile == "all" else None
                 self.graphs = DecodeGraphs(
                     self.runner.decode, self._b_buckets[-1], device, small=small, small_rows=_COMPILED_ROWS
@@ -581,19 +573,9 @@ class ContinuousEngine(EngineStatus):
         queued = len(self._encodings)
         if not queued:
             return False
-        if queued == 1 and self._lane.late is not None:
-            head = next((r for r in list(self._waiting) if r.image is not None), None)
-            if head is not None and self._is_late([head]):
-                return False  # a late chunk queues (on its own stream, served first)
         if queued >= self._vision_queue:
             return True
         return sum(1 for r in list(self._waiting) if r.image is not None) < self.chunk_images
-
-    def _is_late(self, reqs: list[GenRequest]) -> bool:
-        """Whether any of these image requests reached the server ``vision_late_s`` ago or more."""
-        limit = self.settings.vision_late_s
-        now = time.monotonic()
-        return limit > 0 and any(now - r.enqueued_at >= limit for r in reqs)
 
     def _prepared(self, reqs: list[GenRequest]) -> list[GenRequest]:
         """The requests whose inputs are ready (prepared here if they came without ``prepare``: benches, tests)."""
@@ -612,10 +594,8 @@ class ContinuousEngine(EngineStatus):
         assert self.runner is not None
         reqs = self._prepared(reqs)
         if reqs:
-            late = self._lane.late is not None and self._is_late(reqs)
-            self.late_chunks += late
             self._encodings.append(
-                self._lane.start(self.runner.vision_states, reqs, [_newcomer(-1, r.prepared) for r in reqs], late)
+                self._lane.start(self.runner.vision_states, reqs, [_newcomer(-1, r.prepared) for r in reqs])
             )
 
     def _join(self, encoding: Encoding) -> None:
