@@ -80,7 +80,8 @@ def _design(levels: dict[int, dict[str, Any]], engine: str = "continuous") -> di
 def test_acceptance_rows() -> None:
     designs = {
         "continuous": _design({1: {"tok_per_s": 120.0, "ttft_s_p50": 0.15},
-                               32: {"tok_per_s": 1600.0, "ttft_s_p95": 1.2},
+                               32: {"tok_per_s": 1600.0, "ttft_s_p95": 1.2, "burst_ttft_s_p95": 1.6,
+                                    "after_burst_ttft_s_p95": 0.8},
                                64: {"tok_per_s": 1500.0, "server_alive_after": True}}),
         "hf": _design({32: {"tok_per_s": 500.0}}, engine="hf"),
     }
@@ -88,6 +89,8 @@ def test_acceptance_rows() -> None:
     assert rows["32 clients: output tok/s"]["pass"] is True
     assert rows["32 clients: x the hf engine"]["measured"] == 3.2
     assert rows["32 clients: TTFT p95 s"]["pass"] is True
+    assert rows["32 clients, the opening burst: TTFT p95 s"]["pass"] is False  # 1.6 > 1.5
+    assert rows["32 clients, after the burst: TTFT p95 s"]["measured"] == 0.8
     assert rows["1 client: output tok/s"]["pass"] is True
     assert rows["1 client: TTFT p50 s"]["pass"] is True
     assert rows["64 clients: failed requests (no OOM)"]["pass"] is True
