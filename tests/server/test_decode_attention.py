@@ -89,6 +89,11 @@ for b, pos in ((1, [5]), (3, [130, 0, 64])):
     bias[0, :, :, 250:] = torch.finfo(torch.float32).min  # an image with fewer tiles
     got = da.cross_attention(q, ck, cv, bias, d ** -0.5)
     assert torch.allclose(got, attend(q, ck, cv, bias, d ** -0.5), atol=1e-5, rtol=1e-5), b
+    # rows marked off (the pools' has_image 0) read nothing and get zeros; the others are unchanged
+    on = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])[:b] if b > 1 else torch.tensor([0.0, 1.0])
+    some = da.cross_attention(q, ck, cv, bias, d ** -0.5, rows_on=on)
+    for r in range(b):
+        assert torch.equal(some[r], got[r]) if on[r] else not some[r].any(), (b, r)
 print("ok")
 """
 
@@ -162,6 +167,57 @@ def test_the_engine_chooses_and_dispatches_self_attention_per_batch(tiny_checkpo
         with eng._cv, torch.inference_mode():
             eng._choose_self_attention(eng.runner)
         assert eng.runner.self_choice == {1: "torch", 8: "torch"}
+    finally:
+        eng.stop()
+        thread.join(10)
+
+
+def test_cross_attention_kernel_skips_rows_without_an_image(tiny_checkpoint: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the Triton cross-attention chosen, each decode step hands it the pools' has_image as ``rows_on``: 0
+    for a text-only row and for a slot left empty by a finished row (a bucket padding over it reads no image K/V).
+    A PyTorch stand-in with the kernel's contract (rows marked off get zeros) leaves every answer unchanged."""
+    from llamactl.server.engine.continuous import ContinuousEngine
+    from llamactl.server.engine.continuous import model as model_module
+    from llamactl.server.engine.protocol import GenParams, GenRequest
+    from llamactl.server.tiny import trained_image, trained_messages
+
+    from ._support import make_settings
+    from .test_continuous_engine import run_all
+
+    eng = ContinuousEngine(make_settings(tiny_checkpoint, max_batch_size=8, gen_max_new_tokens=64))
+    eng.start()
+    thread = threading.Thread(target=eng.run_forever, daemon=True)
+    thread.start()
+    try:
+        def reqs() -> list[GenRequest]:
+            image = [GenRequest(prompt=eng.render_prompt(trained_messages()), image=trained_image(c),
+                                params=GenParams(max_new_tokens=6 + 5 * i)) for i, c in enumerate(["red", "blue"])]
+            text = GenRequest(prompt=eng.render_prompt([{"role": "user", "content": "Say something."}]),
+                              image=None, params=GenParams(max_new_tokens=12))
+            return [image[0], text, image[1]]
+
+        before = run_all(eng, reqs())
+        seen: list[list[float]] = []
+
+        def stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+                     rows_on: torch.Tensor | None = None) -> torch.Tensor:
+            assert rows_on is not None
+            on = rows_on[: q.shape[0]]
+            seen.append(on.tolist())
+            return attend(q, k, v, bias, scale) * (on != 0).view(-1, 1, 1, 1).to(q.dtype)
+
+        while eng._running:
+            time.sleep(0.01)
+        monkeypatch.setitem(model_module.CROSS_FORMS, "triton", stand_in)
+        assert eng.runner is not None
+        eng.runner.cross_choice = {1: "triton"}
+        after = run_all(eng, reqs())
+        assert [r.text for r in after] == [r.text for r in before]
+        assert any(0.0 in flags and 1.0 in flags for flags in seen)  # the text-only row beside image rows
+        while eng._running:
+            time.sleep(0.01)
+        assert eng.pools is not None and not eng.pools.has_image.any()  # every slot left empty is marked off
     finally:
         eng.stop()
         thread.join(10)

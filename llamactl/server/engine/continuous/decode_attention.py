@@ -119,10 +119,10 @@ if triton is not None:
 
     @triton.jit  # type: ignore[untyped-decorator]
     def _cross_partial_kernel(  # type: ignore[no-untyped-def]
-        q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, m_ptr, l_ptr,
+        q_ptr, k_ptr, v_ptr, bias_ptr, on_ptr, out_ptr, m_ptr, l_ptr,
         stride_qr, stride_qh, stride_kr, stride_kh, stride_kp, stride_br, L, per_split, scale,
         GROUP: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr,
-        NKV: tl.constexpr, PRECISION: tl.constexpr,
+        NKV: tl.constexpr, PRECISION: tl.constexpr, HAS_ON: tl.constexpr,
     ):
         row = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -135,6 +135,8 @@ if triton is not None:
         cache = row * stride_kr + kvh * stride_kh
         first = split * per_split
         last = tl.minimum(first + per_split, L)
+        if HAS_ON:  # a row marked off (no image, or a slot nobody holds) reads none of its K/V
+            last = tl.where(tl.load(on_ptr + row) != 0, last, first)
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, HD], tl.float32)
@@ -168,11 +170,13 @@ if triton is not None:
         d = tl.arange(0, HD)
         at = ((row * NKV + kvh) * SPLITS + s) * G_PAD + g
         m = tl.load(m_ptr + at, mask=s_ok, other=float("-inf"))
-        weight = tl.exp(m - tl.max(m, 0))
+        top = tl.max(m, 0)
+        top = tl.where(top == float("-inf"), 0.0, top)  # a row marked off: no stretch saw a key
+        weight = tl.exp(m - top)
         weight = tl.where(s_ok, weight, 0.0)
         total = tl.sum(weight * tl.load(l_ptr + at, mask=s_ok, other=0.0), 0)
         acc = tl.load(part_ptr + at[:, None] * HD + d[None, :], mask=s_ok[:, None], other=0.0)
-        out = tl.sum(acc * weight[:, None], 0) / total
+        out = tl.sum(acc * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)  # off: zeros
         tl.store(out_ptr + row * stride_or + (kvh * GROUP + g) * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
@@ -209,9 +213,14 @@ def splits_for(rows: int, kv_heads: int, length: int, sms: int, per_sm: int = 4,
 
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                    scale: float, config: CrossConfig | None = None) -> torch.Tensor:
+                    scale: float, config: CrossConfig | None = None,
+                    rows_on: torch.Tensor | None = None) -> torch.Tensor:
     """As ``fused.attend`` for one query token a row: q [n, heads, 1, d]; k/v [n, kv_heads, L, d] (the pools'
-    slices: the position stride may exceed d); bias [n, 1, 1, L] additive -> [n, heads, 1, d]."""
+    slices: the position stride may exceed d); bias [n, 1, 1, L] additive -> [n, heads, 1, d].
+
+    ``rows_on`` [>= n] (device, any dtype; the pools' ``has_image``): a row with 0 reads none of its K/V and gets
+    zeros. Its output is multiplied by 0 downstream (a text-only row, or a slot a batch bucket pads with), so
+    its ~210 MB of image K/V a step need not be read."""
     n, heads, t, d = q.shape
     if t != 1:
         raise ValueError("the Triton cross-attention takes one query token a row")
@@ -231,10 +240,10 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     l_sum = torch.empty(rows, dtype=torch.float32, device=q.device)
     out = torch.empty(n, heads, 1, d, dtype=q.dtype, device=q.device)
     _cross_partial_kernel[(n, kv_heads, splits)](
-        q, k, v, bias, part, m, l_sum,
+        q, k, v, bias, bias if rows_on is None else rows_on, part, m, l_sum,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), bias.stride(0), length, per, scale,
         GROUP=group, G_PAD=g_pad, HD=d, BLOCK=cfg.block, SPLITS=splits, NKV=kv_heads,
-        PRECISION=_precision(q), num_warps=cfg.warps, num_stages=cfg.stages,
+        PRECISION=_precision(q), HAS_ON=rows_on is not None, num_warps=cfg.warps, num_stages=cfg.stages,
     )
     _cross_merge_kernel[(n, kv_heads, group)](
         part, m, l_sum, out, out.stride(0), out.stride(1),

@@ -14,6 +14,7 @@ greedy answer equals ``generate``'s. What differs from ``generate``:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -257,7 +258,10 @@ class MllamaRunner:
         cross_bias = pools.cross_bias[:b].view(b, 1, 1, -1)
         rowmask = pools.cross_rowmask[:b].view(b, 1, 1, 1)
         has_image = pools.has_image[:b].view(b, 1, 1)
-        cross_attend = CROSS_FORMS[for_rows(self.cross_choice, b)]
+        cross_name = for_rows(self.cross_choice, b)
+        cross_attend = CROSS_FORMS[cross_name]
+        if cross_name == "triton":  # rows without an image (text-only, or slots the bucket pads with) read no K/V
+            cross_attend = functools.partial(cross_attend, rows_on=pools.has_image[:b])
         proj = self.proj
         for layer_idx, w in enumerate(self.weights):
             if isinstance(w, CrossWeights):
