@@ -139,11 +139,17 @@ def test_bad_limit_and_timeout_are_usage_errors(
     assert code == 2 and "missing.yaml" in err and "Traceback" not in err
 
 
+# ``python -m llamactl`` with Ctrl-C as in a terminal: a test run started in the background (``cmd &`` in a script,
+# nohup) has SIGINT ignored, children inherit an ignored signal, and the CLI would never see it.
+CLI_WITH_CTRL_C = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                   "runpy.run_module('llamactl', run_name='__main__', alter_sys=True)")
+
+
 def test_watch_json_streams_reports_with_rates_until_ctrl_c(cluster: Cluster) -> None:
     env = {**os.environ, "NO_COLOR": "1"}
     with running(cluster.all()):
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llamactl", "status", str(cluster.inventory), "--watch", "--json"],
+            [sys.executable, "-c", CLI_WITH_CTRL_C, "status", str(cluster.inventory), "--watch", "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )  # fmt: skip
         assert proc.stdout is not None
