@@ -92,6 +92,11 @@ BEFORE_FIRST_TOKEN = ("llamactl_image_decode_seconds", "llamactl_request_process
                       "llamactl_request_queue_seconds", "llamactl_time_to_first_token_seconds")
 
 
+def _mean_key(histogram: str) -> str:
+    """llamactl_image_decode_seconds -> image_decode_mean_s"""
+    return histogram.removeprefix("llamactl_").removesuffix("_seconds") + "_mean_s"
+
+
 def engine_window(first: dict[str, float], last: dict[str, float], peaks: dict[str, float],
                   wall_s: float) -> dict[str, Any]:
     """What the server's /metrics say about a level: peaks of its gauges, steps/s and tokens per step."""
@@ -105,7 +110,7 @@ def engine_window(first: dict[str, float], last: dict[str, float], peaks: dict[s
         count = last.get(name + "_count", 0.0) - first.get(name + "_count", 0.0)
         if count > 0:
             total = last.get(name + "_sum", 0.0) - first.get(name + "_sum", 0.0)
-            out[name.removeprefix("llamactl_").removesuffix("_seconds") + "_mean_s"] = round(total / count, 4)
+            out[_mean_key(name)] = round(total / count, 4)
     return out
 
 
@@ -238,8 +243,7 @@ def markdown(info: dict[str, Any]) -> str:
                     "waiting for memory peak | running peak | waiting peak | decode / processor / queue / TTFT "
                     "mean s |"), "|---|---|---|---|---|---|---|---|---|"]
             for conc, m in em:
-                before = " / ".join(_f(m.get(k), 3) for k in ("image_decode_mean_s", "request_processor_mean_s",
-                                                              "request_queue_mean_s", "time_to_first_token_mean_s"))
+                before = " / ".join(_f(m.get(_mean_key(k)), 3) for k in BEFORE_FIRST_TOKEN)
                 out.append(f"| {conc} | {_f(m.get('engine_steps_per_s'))} | {_f(m.get('tokens_per_step'), 2)} | "
                            f"{_f(m.get('kv_pool_usage_ratio_peak'), 2)} | {_f(m.get('cross_pool_usage_ratio_peak'), 2)} "
                            f"| {_f(m.get('requests_waiting_for_memory_peak'), 0)} | "

@@ -263,7 +263,7 @@ def ttft_split(outcomes: list[Outcome]) -> dict[str, Any]:
     t0 = min(o.started_at for o in good)
     first = [o.ttft_s for o in good if o.first_round]
     rest = [o.ttft_s for o in good if not o.first_round]
-    slowest = sorted(good, key=lambda o: -(o.ttft_s or 0.0))[:8]
+    slowest = sorted(good, key=lambda o: o.ttft_s or 0.0, reverse=True)[:8]
     return {
         "burst_ttft_s_p50": _r(pct(first, 50)), "burst_ttft_s_p95": _r(pct(first, 95)),
         "burst_ttft_s_max": _r(max(first, default=None)),

@@ -739,8 +739,7 @@ class ContinuousEngine(EngineStatus):
                 moving.slot = slot
                 self._running[slot] = moving
             self._running.pop()
-            # the slot left empty is no image row any more: a batch bucket that pads over it skips its image K/V
-            self.pools.has_image[last] = 0
+            self.pools.vacate(last)
 
     def _fail_running(self, exc: Exception, newcomers: list[GenRequest]) -> None:
         """A step failed: fail the requests it touched (a fatal CUDA error propagates: the process must end)."""

@@ -93,3 +93,7 @@ class SlotPools:
         self.cross_bias[dst] = self.cross_bias[src]
         self.cross_rowmask[dst] = self.cross_rowmask[src]
         self.has_image[dst] = self.has_image[src]
+
+    def vacate(self, slot: int) -> None:
+        """Mark ``slot`` as holding no sequence: a batch bucket that pads over it reads none of its image K/V."""
+        self.has_image[slot] = 0
