@@ -1,0 +1,243 @@
+"""FP8 weights for the decode step (``quantization: fp8``): e4m3 copies of the text model's projections, one
+scale per output feature, multiplied by the bf16 rows in a Triton kernel (weight-only: nothing is quantized per
+step, so a step gains no extra kernels).
+
+Why: a decode step of the 11B shape at 32 rows reads ~20 GB of bf16 weights and ~7 GB of image K/V and is bound by
+those reads (bench/results/engine.md: its GEMMs 5.0 of 8.3 ms on an H200). e4m3 weights halve the larger part.
+cuBLAS' FP8 GEMM (``torch._scaled_mm``) needs FP8 rows as well; quantizing them costs more kernels per projection
+than the halved reads save below ~28k output features (bench/results/engine_gemv_probe_run1_h100.json).
+
+Arithmetic: ``y = (x @ q.T) * scale`` with ``q = round_e4m3(w / scale)``, ``scale = amax(|w| per row) / 448``; the
+products accumulate in float32. Where the kernel cannot run (the CPU, no Triton) ``reference`` computes the same in
+float32. Only the decode step reads these copies: prompts (prefill) and the vision tower keep the checkpoint's
+weights, which stay loaded (the copies add ~1 byte per text parameter: ~10 GB for the 11B shape).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from llamactl.server.engine.continuous.kernel_choice import relative_l2
+
+try:  # triton ships with CUDA builds of torch; CPU installs run without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+
+E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class Config:
+    block_n: int  # output features a program owns (the MMA's M side: rows of the weight)
+    block_k: int
+    warps: int
+    stages: int
+
+    def __str__(self) -> str:
+        return f"n{self.block_n}k{self.block_k}w{self.warps}s{self.stages}"
+
+
+# timed at start per weight shape and row bucket (``choose``); every one divides the 11B shape's reductions
+CONFIGS = [Config(n, k, w, s) for n, k, w, s in [
+    (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 512, 4, 3), (64, 256, 4, 4), (64, 128, 4, 5),
+    (64, 256, 8, 4), (128, 128, 8, 4),
+]]
+DEFAULT = Config(32, 256, 4, 4)
+
+
+def available() -> bool:
+    """The kernel needs Triton and a GPU with e4m3 conversions (compute capability 8.9: Ada, Hopper and later)."""
+    return triton is not None and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@dataclass
+class QuantWeight:
+    q: torch.Tensor  # [n, k] float8_e4m3fn
+    scale: torch.Tensor  # [n] float32
+
+
+def quantize(w: torch.Tensor, rows_at_once: int = 8192) -> QuantWeight:
+    """Per output feature (row): scale = amax / 448, q = round(w / scale) in e4m3 (a zero row keeps a tiny scale)."""
+    n = w.shape[0]
+    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
+    scale = torch.empty(n, dtype=torch.float32, device=w.device)
+    for start in range(0, n, rows_at_once):  # float32 temporaries of a slice, not of lm_head's 128k rows
+        part = w[start : start + rows_at_once].float()
+        s = (part.abs().amax(dim=1) / E4M3_MAX).clamp(min=1e-12)
+        q[start : start + rows_at_once] = (part / s[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        scale[start : start + rows_at_once] = s
+    return QuantWeight(q, scale)
+
+
+def dequantized(qw: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The weight the FP8 copy stands for, in ``dtype`` (tests, and a reference model for the CPU check)."""
+    return (qw.q.float() * qw.scale[:, None]).to(dtype)
+
+
+def reference(x: torch.Tensor, qw: QuantWeight, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [m, k] -> x @ (q * scale).T in float32, cast to x's dtype; with ``residual`` [m, n] added into it."""
+    y = (x.float() @ qw.q.float().t()) * qw.scale
+    if residual is None:
+        return y.to(x.dtype)
+    residual.copy_((residual.float() + y).to(residual.dtype))
+    return residual
+
+
+if triton is not None:
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def _w8_kernel(  # type: ignore[no-untyped-def]
+        x_ptr, q_ptr, s_ptr, r_ptr, y_ptr, M, N, stride_x, stride_r, stride_y,
+        K: tl.constexpr, HAS_RES: tl.constexpr, VIA_F32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # y^T tile [BLOCK_N, BLOCK_M] = q tile [BLOCK_N, K] @ x^T [K, BLOCK_M]: the weight's rows take the MMA's
+        # wide side, the few batch rows its narrow one (the smallest tl.dot tile is 16)
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        n_ok = offs_n < N
+        m_ok = offs_m < M
+        q_ptrs = q_ptr + offs_n[:, None] * K + offs_k[None, :]
+        x_ptrs = x_ptr + offs_m[None, :] * stride_x + offs_k[:, None]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for _ in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K (``linear`` checks)
+            w = tl.load(q_ptrs, mask=n_ok[:, None], other=0.0)
+            x = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)
+            if VIA_F32:  # float32 models, and Triton's interpreter (no direct e4m3 -> bf16 there)
+                acc = tl.dot(w.to(tl.float32), x.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w.to(x.dtype), x, acc)
+            q_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        y = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
+        out_mask = n_ok[:, None] & m_ok[None, :]
+        if HAS_RES:
+            r = tl.load(r_ptr + offs_m[None, :] * stride_r + offs_n[:, None], mask=out_mask, other=0.0)
+            y += r.to(tl.float32)
+        tl.store(y_ptr + offs_m[None, :] * stride_y + offs_n[:, None], y.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+def block_m(rows: int) -> int:
+    """The batch rows one program covers: 16 (the smallest tl.dot tile) up to 16 rows, then 32, then 64."""
+    return 16 if rows <= 16 else 32 if rows <= 32 else 64
+
+
+def linear(x: torch.Tensor, qw: QuantWeight, config: Config, residual: torch.Tensor | None = None,
+           via_f32: bool | None = None) -> torch.Tensor:
+    """x [m, k] (contiguous rows) @ dequantized(qw).T through the kernel; with ``residual`` [m, n] the sum is
+    written into it (returned)."""
+    m, k = x.shape
+    n = qw.q.shape[0]
+    if k % config.block_k:
+        raise ValueError(f"reduction {k} is not a multiple of block_k {config.block_k}")
+    out = residual if residual is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
+    bm = block_m(m)
+    grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, bm))
+    if via_f32 is None:
+        via_f32 = x.dtype == torch.float32
+    _w8_kernel[grid](x, qw.q, qw.scale, out, out, m, n, x.stride(0), out.stride(0), out.stride(0),
+                     K=k, HAS_RES=residual is not None, VIA_F32=via_f32, BLOCK_M=bm, BLOCK_N=config.block_n,
+                     BLOCK_K=config.block_k, num_warps=config.warps, num_stages=config.stages)
+    return out
+
+
+@dataclass
+class Fp8Projections:
+    """The decode step's ``proj`` (model.py) with FP8 copies: each weight it multiplies by has one (keyed by the
+    checkpoint tensor's storage and shape), run through the kernel with the config chosen for its shape and row
+    bucket, or ``reference`` where the kernel cannot run."""
+
+    weights: dict[tuple[int, int, int], QuantWeight] = field(default_factory=dict)
+    chosen: dict[tuple[int, int, int], Config] = field(default_factory=dict)  # (n, k, block_m) -> config
+    use_kernel: bool = False
+    timings: dict[str, str] = field(default_factory=dict)  # per shape, for /health
+
+    @classmethod
+    def of(cls, weights: Iterable[torch.Tensor], use_kernel: bool) -> Fp8Projections:
+        out = cls(use_kernel=use_kernel)
+        for w in weights:
+            out.weights[_key(w)] = quantize(w.detach())
+        return out
+
+    @property
+    def bytes(self) -> int:
+        return sum(qw.q.numel() + qw.scale.numel() * 4 for qw in self.weights.values())
+
+    def _quant(self, w: torch.Tensor) -> QuantWeight:
+        try:
+            return self.weights[_key(w)]
+        except KeyError:
+            raise KeyError(f"no FP8 copy of a weight of shape {tuple(w.shape)}") from None
+
+    def _run(self, x2: torch.Tensor, qw: QuantWeight, residual: torch.Tensor | None) -> torch.Tensor:
+        if not self.use_kernel:
+            return reference(x2, qw, residual)
+        n, k = qw.q.shape
+        config = self.chosen.get((n, k, block_m(x2.shape[0])), DEFAULT)
+        return linear(x2, qw, config, residual=residual)
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        qw = self._quant(w)
+        y = self._run(x.reshape(-1, x.shape[-1]).contiguous(), qw, None)
+        return y.view(*x.shape[:-1], qw.q.shape[0])
+
+    def add_(self, h: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """h += x @ w.T in place (h is the residual stream, contiguous)."""
+        qw = self._quant(w)
+        self._run(x.reshape(-1, x.shape[-1]).contiguous(), qw, h.view(-1, h.shape[-1]))
+        return h
+
+
+def _key(w: torch.Tensor) -> tuple[int, int, int]:
+    return (w.data_ptr(), int(w.shape[0]), int(w.shape[1]))
+
+
+def choose(proj: Fp8Projections, rows: Iterable[int], time_fn: Callable[[Callable[[], torch.Tensor]], float],
+           candidates: list[Config] | None = None) -> None:
+    """Per weight shape and row bucket: time each config (cycling over every weight of that shape, so the reads
+    come from memory, not L2) and keep the fastest whose output matches ``reference`` (relative L2 <= 1e-2)."""
+    by_shape: dict[tuple[int, int], list[QuantWeight]] = {}
+    for qw in proj.weights.values():
+        by_shape.setdefault((int(qw.q.shape[0]), int(qw.q.shape[1])), []).append(qw)
+    buckets = sorted({block_m(r) for r in rows})
+    for (n, k), qws in by_shape.items():
+        for bm in buckets:
+            config, times = _choose_for(qws, bm, time_fn, candidates or CONFIGS)
+            proj.chosen[(n, k, bm)] = config
+            proj.timings[f"{n}x{k} rows<={bm}"] = f"{config} ({times} us)"
+
+
+def _choose_for(qws: list[QuantWeight], rows: int, time_fn: Callable[[Callable[[], torch.Tensor]], float],
+                candidates: list[Config]) -> tuple[Config, str]:
+    dev = qws[0].q.device
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(rows, qws[0].q.shape[1], device=dev, dtype=torch.bfloat16, generator=gen)
+    ref = reference(x, qws[0]).float()
+    best, best_time, times = DEFAULT, float("inf"), []
+    for cfg in candidates:
+        if qws[0].q.shape[1] % cfg.block_k:
+            continue
+        try:
+            got = linear(x, qws[0], cfg).float()
+        except Exception as exc:  # noqa: BLE001 - a config this GPU's compiler cannot build (shared memory)
+            times.append(f"{cfg} failed ({type(exc).__name__})")
+            continue
+        if relative_l2(got, ref) > 1e-2:
+            times.append(f"{cfg} wrong")
+            continue
+        it = itertools.cycle(qws)
+        t = time_fn(lambda cfg=cfg: linear(x, next(it), cfg))
+        times.append(f"{cfg} {t * 1e6:.1f}")
+        if t < best_time:
+            best, best_time = cfg, t
+    return best, ", ".join(times)
