@@ -61,7 +61,7 @@ def main() -> None:
             bf16 = F.linear(x, w0).float()
             ref8 = fp8.reference(x, qws[0]).float()
             calls = max(16, 2 * len(ws))
-            t_bf16 = timed([lambda w=w: F.linear(x, w) for w in ws], calls)
+            t_bf16 = timed([lambda w=w, x=x: F.linear(x, w) for w in ws], calls)
             row: dict[str, Any] = {"bf16_us": round(t_bf16 * 1e6, 1),
                                    "bf16_TBps": round(w0.numel() * 2 / t_bf16 / 1e12, 2),
                                    "fp8_vs_bf16_rel_l2": round(relative_l2(ref8, bf16), 4)}
@@ -70,7 +70,7 @@ def main() -> None:
                 try:
                     got = fp8.linear(x, qws[0], cfg).float()
                     err = relative_l2(got, ref8)
-                    t = timed([lambda q=q, cfg=cfg: fp8.linear(x, q, cfg) for q in qws], calls)
+                    t = timed([lambda q=q, cfg=cfg, x=x: fp8.linear(x, q, cfg) for q in qws], calls)
                 except Exception as exc:  # noqa: BLE001 - report a config this GPU cannot build
                     row[str(cfg)] = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
                     continue

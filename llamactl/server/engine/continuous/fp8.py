@@ -236,7 +236,7 @@ def _choose_for(qws: list[QuantWeight], rows: int, time_fn: Callable[[Callable[[
             times.append(f"{cfg} wrong")
             continue
         it = itertools.cycle(qws)
-        t = time_fn(lambda cfg=cfg: linear(x, next(it), cfg))
+        t = time_fn(lambda cfg=cfg, it=it: linear(x, next(it), cfg))
         times.append(f"{cfg} {t * 1e6:.1f}")
         if t < best_time:
             best, best_time = cfg, t
