@@ -95,7 +95,7 @@ if triton is not None:
     @triton.jit  # type: ignore[untyped-decorator]
     def _w8_kernel(  # type: ignore[no-untyped-def]
         x_ptr, q_ptr, s_ptr, r_ptr, y_ptr, M, N, stride_x, stride_r, stride_y,
-        K: tl.constexpr, HAS_RES: tl.constexpr, VIA_F32: tl.constexpr,
+        K: tl.constexpr, HAS_RES: tl.constexpr, VIA_F32: tl.constexpr, DOT_F16: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # y^T tile [BLOCK_N, BLOCK_M] = q tile [BLOCK_N, K] @ x^T [K, BLOCK_M]: the weight's rows take the MMA's
@@ -115,6 +115,8 @@ if triton is not None:
             x = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)
             if VIA_F32:  # float32 models, and Triton's interpreter (no direct e4m3 -> bf16 there)
                 acc = tl.dot(w.to(tl.float32), x.to(tl.float32), acc, input_precision="ieee")
+            elif DOT_F16:  # e4m3 -> f16 is one instruction on sm_89+ (bf16 goes through f32)
+                acc = tl.dot(w.to(tl.float16), x.to(tl.float16), acc)
             else:
                 acc = tl.dot(w.to(x.dtype), x, acc)
             q_ptrs += BLOCK_K
@@ -133,7 +135,7 @@ def block_m(rows: int) -> int:
 
 
 def linear(x: torch.Tensor, qw: QuantWeight, config: Config, residual: torch.Tensor | None = None,
-           via_f32: bool | None = None) -> torch.Tensor:
+           via_f32: bool | None = None, dot_f16: bool = False) -> torch.Tensor:
     """x [m, k] (contiguous rows) @ dequantized(qw).T through the kernel; with ``residual`` [m, n] the sum is
     written into it (returned)."""
     m, k = x.shape
@@ -146,7 +148,7 @@ def linear(x: torch.Tensor, qw: QuantWeight, config: Config, residual: torch.Ten
     if via_f32 is None:
         via_f32 = x.dtype == torch.float32
     _w8_kernel[grid](x, qw.q, qw.scale, out, out, m, n, x.stride(0), out.stride(0), out.stride(0),
-                     K=k, HAS_RES=residual is not None, VIA_F32=via_f32, BLOCK_M=bm, BLOCK_N=config.block_n,
+                     K=k, HAS_RES=residual is not None, VIA_F32=via_f32, DOT_F16=dot_f16, BLOCK_M=bm, BLOCK_N=config.block_n,
                      BLOCK_K=config.block_k, num_warps=config.warps, num_stages=config.stages)
     return out
 
