@@ -21,7 +21,7 @@ def serve(
     port: int | None = typer.Option(None, "--port", help="Port to bind (default 8000)."),
     device: str | None = typer.Option(None, "--device", help="cuda, cpu or auto."),
     dtype: str | None = typer.Option(None, "--dtype", help="auto, bfloat16, float16 or float32."),
-    quantization: str | None = typer.Option(None, "--quantization", help="none, nf4 or int8 (bitsandbytes)."),
+    quantization: str | None = typer.Option(None, "--quantization", help="none, nf4 or int8 (bitsandbytes), or fp8 (the continuous engine's, on Ada/Hopper GPUs)."),
     engine: str | None = typer.Option(
         None, "--engine", help="auto (continuous batching; the default), continuous or hf."
     ),

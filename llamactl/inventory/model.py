@@ -64,7 +64,7 @@ class ModelSettings(_Model):
     upload_from: str | None = None  # a local directory copied to `source`
     revision: str = "main"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
-    quantization: Literal["none", "nf4", "int8"] = "none"
+    quantization: Literal["none", "nf4", "int8", "fp8"] = "none"
     generation: GenerationSettings = GenerationSettings()
 
 

@@ -81,7 +81,7 @@ class HFEngine(EngineStatus):
         if s.revision:
             kwargs["revision"] = s.revision
         has_accelerate = importlib.util.find_spec("accelerate") is not None
-        if s.quantization != "none":
+        if s.quantization in ("nf4", "int8"):  # fp8 is the continuous engine's own, over the loaded weights
             # bitsandbytes needs accelerate, and its models cannot be moved with .to() after loading.
             if not has_accelerate:
                 raise RuntimeError(f"quantization {s.quantization} needs the accelerate package installed")

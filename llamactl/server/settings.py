@@ -35,7 +35,9 @@ class Settings(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     device: Literal["cuda", "cpu", "auto"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    quantization: Literal["none", "nf4", "int8"] = "none"
+    # nf4/int8: bitsandbytes (the hf engine). fp8: e4m3 copies of the text layers, read by the continuous
+    # engine's own kernel (CUDA: compute capability 8.9+, Triton; the CPU runs the same arithmetic slowly).
+    quantization: Literal["none", "nf4", "int8", "fp8"] = "none"
     # "auto" is the continuous-batching engine (or hf where it cannot run, e.g. nf4/int8; /health says which).
     engine: Literal["auto", "continuous", "hf"] = "auto"
     # torch.compile on CUDA (continuous engine): "vision" compiles the vision encoder layers, "all" also the

@@ -38,13 +38,16 @@ def choose_engine(settings: Settings, threads: int | None) -> tuple[ServingEngin
     """The serving engine the settings ask for, and why another one runs instead (None when it is the one asked).
 
     ``auto`` and ``continuous`` run the continuous engine; bitsandbytes quantization (nf4/int8) runs on ``hf``,
-    whose transformers layers handle the quantized weights.
+    whose transformers layers handle the quantized weights; fp8 runs on the continuous engine (its own kernel).
     """
     from llamactl.server.hf_engine import HFEngine
 
     wanted = settings.engine
     reason: str | None = None
-    if wanted in ("auto", "continuous") and settings.quantization != "none":
+    if wanted == "hf" and settings.quantization == "fp8":
+        reason = "quantization fp8 runs on the continuous engine (its FP8 kernel; the hf engine has none)"
+        wanted = "continuous"
+    if wanted in ("auto", "continuous") and settings.quantization in ("nf4", "int8"):
         reason = (
             f"quantization {settings.quantization} runs on the hf engine (the continuous engine takes "
             "bf16/fp16/fp32 weights)"

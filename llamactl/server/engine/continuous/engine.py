@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from llamactl.server.engine.continuous import fp8
 from llamactl.server.engine.continuous.cross_attention import choose as choose_cross
 from llamactl.server.engine.continuous.decode_attention import available as decode_attention_available
 from llamactl.server.engine.continuous.encoding import Encoding, VisionLane
@@ -139,6 +140,8 @@ class ContinuousEngine(EngineStatus):
         self.cross_attention = "matmul"  # the decode step's cross-attention forms (timed at start on GPUs)
         self.self_attention = "torch"  # the decode step's self-attention: PyTorch ops or Triton (timed on GPUs)
         self.gemv: dict[str, str] = {}  # one-row projections per weight shape: Triton or cuBLAS (timed on GPUs)
+        self.fp8_gib: float | None = None  # the FP8 copies' size (quantization fp8)
+        self.keep_checkpoint_weights = False  # fp8: keep the bf16 text weights too (benches comparing to them)
         self._eos_ids: frozenset[int] = frozenset()
         self._eos_tensor: torch.Tensor | None = None
         self._b_buckets: list[int] = []
@@ -202,7 +205,9 @@ class ContinuousEngine(EngineStatus):
             "vision_attention": self._vision_attention(),
             "cross_attention": self.cross_attention,
             "self_attention": self.self_attention,
-            "one_row_projections": self.gemv or "cublas",
+            "quantization": self.settings.quantization if self.fp8_gib is None else
+            f"fp8 (text layers and LM head, {self.fp8_gib} GiB; vision tower and image K/V projections bf16)",
+            "one_row_projections" if self.fp8_gib is None else "fp8_projections": self.gemv or "cublas",
             "image_preprocessing_on": "cpu",  # the processor runs in request threads (prepare), off the GPU loop
             "threads": hf["threads"],
             "steps": self.steps,
@@ -261,6 +266,7 @@ class ContinuousEngine(EngineStatus):
         self._eos_tensor = torch.tensor(sorted(self._eos_ids), device=device)
         encoder = VisionEncoder(vision, model.model.multi_modal_projector, split_mask=self.split_vision_mask)
         with torch.inference_mode():
+            copies = self._quantize(model, device)  # before the pools are sized: the freed bytes count
             if device == "cuda":
                 self.chunk_images = self.settings.prefill_chunk_images or 8
                 # Only the vision tower uses SDPA here (our text attention is plain matmuls), and its shapes
@@ -289,9 +295,12 @@ class ContinuousEngine(EngineStatus):
                 self.chunk_images = self.settings.prefill_chunk_images or 4
                 self.slots = plan_slots(shape, self.settings.max_batch_size, None, 0)
             self.pools = SlotPools(shape, self.slots, self_ids, cross, hf.dtype, device)
-            self.runner = MllamaRunner(model, self.pools, encoder)
+            self.runner = MllamaRunner(model, self.pools, encoder, fp8_copies=copies)
+            del copies
             if device == "cuda":
                 self._choose_cross_attention(self.runner)
+                if isinstance(self.runner.proj, fp8.Fp8Projections):
+                    self._choose_fp8(self.runner.proj)
                 if self.settings.triton_kernels:
                     self._choose_gemv(self.runner)
                     self._choose_self_attention(self.runner)
@@ -383,9 +392,35 @@ class ContinuousEngine(EngineStatus):
 
     def _choose_gemv(self, runner: MllamaRunner) -> None:
         """Time one-row projections, Triton against cuBLAS, on the model's own weights (gemv.py); the decode
-        graphs of batch 1 then capture the faster per weight shape."""
+        graphs of batch 1 then capture the faster per weight shape. (FP8 weights have their own kernel.)"""
+        if isinstance(runner.proj, fp8.Fp8Projections):
+            return
         runner.proj = choose_gemv(runner.decode_weights(), lambda fn: time_in_graph(fn, calls=8, reps=3))
         self.gemv = dict(runner.proj.timings)
+
+    def _quantize(self, model: Any, device: str) -> fp8.TextCopies | None:
+        """``quantization: fp8``: FP8 copies of the text layers (fp8.py), the checkpoint's text weights freed
+        unless ``keep_checkpoint_weights`` (a bench comparing against transformers on the same model)."""
+        if self.settings.quantization != "fp8":
+            return None
+        if device == "cuda" and not fp8.available():
+            raise RuntimeError(
+                "quantization fp8 needs Triton and a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                "use quantization none on this GPU"
+            )
+        copies = fp8.quantize_text(model, free=not self.keep_checkpoint_weights)
+        self.fp8_gib = round(copies.bytes / _GIB, 2)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        return copies
+
+    def _choose_fp8(self, proj: fp8.Fp8Projections) -> None:
+        """Time the FP8 kernel's configs per weight shape and row bucket (decode batches up to the slots, and
+        prefill chunks in the largest bucket), on the model's own FP8 weights."""
+        assert self.runner is not None
+        fp8.choose(proj, self.runner.decode_weights(), sorted({1, min(32, self.slots), 64}),
+                   lambda fn: time_in_graph(fn, calls=8, reps=3), dtype=self.hf.dtype)
+        self.gemv = dict(proj.timings)
 
     def _measure_workspace(self, encoder: VisionEncoder, vision: Any) -> int:
         """Encode chunks of 1..chunk_images 4-tile images once (attention plans for every chunk shape) and

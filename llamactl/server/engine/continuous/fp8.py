@@ -1,16 +1,19 @@
-"""FP8 weights for the decode step (``quantization: fp8``): e4m3 copies of the text model's projections, one
-scale per output feature, multiplied by the bf16 rows in a Triton kernel (weight-only: nothing is quantized per
-step, so a step gains no extra kernels).
+"""FP8 weights for the text layers (``quantization: fp8``): e4m3 copies of every text projection and the LM head,
+one scale per output feature, multiplied by the 16-bit rows in a Triton kernel (weight-only: nothing is quantized
+per step, so a step gains no kernels). The checkpoint's bf16 text weights are freed once copied (about half their
+bytes come back); the vision tower and the cross-attention K/V projections (once per image) stay bf16.
 
 Why: a decode step of the 11B shape at 32 rows reads ~20 GB of bf16 weights and ~7 GB of image K/V and is bound by
-those reads (bench/results/engine.md: its GEMMs 5.0 of 8.3 ms on an H200). e4m3 weights halve the larger part.
-cuBLAS' FP8 GEMM (``torch._scaled_mm``) needs FP8 rows as well; quantizing them costs more kernels per projection
-than the halved reads save below ~28k output features (bench/results/engine_gemv_probe_run1_h100.json).
+those reads (bench/results/engine.md: its GEMMs 5.0 of 8.3 ms on an H200). cuBLAS' FP8 GEMM (``torch._scaled_mm``)
+needs FP8 rows too; quantizing them per step cost more than the halved reads saved below ~28k output features
+(bench/results/engine_gemv_probe_run1_h100.json).
 
-Arithmetic: ``y = (x @ q.T) * scale`` with ``q = round_e4m3(w / scale)``, ``scale = amax(|w| per row) / 448``; the
-products accumulate in float32. Where the kernel cannot run (the CPU, no Triton) ``reference`` computes the same in
-float32. Only the decode step reads these copies: prompts (prefill) and the vision tower keep the checkpoint's
-weights, which stay loaded (the copies add ~1 byte per text parameter: ~10 GB for the 11B shape).
+Arithmetic: ``y = (x @ q.T) * scale`` with ``q = round_e4m3(w / scale)``, ``scale = amax(|w| of the row) / 448``.
+In the kernel each program owns ``block_n`` weight rows and up to ``block_m`` batch rows and walks the reduction;
+the e4m3 tile becomes fp16 (one instruction a pair on sm_89+; e4m3 -> bf16 goes through float32 and made the
+kernel ~1.4x slower than bf16 cuBLAS on an H200, bench/results/engine_fp8_probe_run2_h200.json) and the rows fp16
+(clamped to its range); products accumulate in float32. Where the kernel cannot run (the CPU, no Triton, an older
+GPU) ``reference`` computes the same in float32: slower than bf16, for tests.
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from llamactl.server.engine.continuous.fused import CrossWeights, SelfWeights, add_linear_
 from llamactl.server.engine.continuous.kernel_choice import relative_l2
 
 try:  # triton ships with CUDA builds of torch; CPU installs run without it
@@ -44,10 +50,10 @@ class Config:
         return f"n{self.block_n}k{self.block_k}w{self.warps}s{self.stages}"
 
 
-# timed at start per weight shape and row bucket (``choose``); every one divides the 11B shape's reductions
+# timed at start per weight shape and row bucket (``choose``): the fastest of 17 on an H200 for some 11B shape and
+# row count (bench/results/engine_fp8_probe_run2_h200.json); every one divides the 11B shape's reductions
 CONFIGS = [Config(n, k, w, s) for n, k, w, s in [
-    (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 512, 4, 3), (64, 256, 4, 4), (64, 128, 4, 5),
-    (64, 256, 8, 4), (128, 128, 8, 4),
+    (32, 256, 4, 4), (128, 128, 4, 4), (32, 1024, 4, 2), (64, 128, 4, 8), (16, 1024, 4, 2),
 ]]
 DEFAULT = Config(32, 256, 4, 4)
 
@@ -115,8 +121,9 @@ if triton is not None:
             x = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)
             if VIA_F32:  # float32 models, and Triton's interpreter (no direct e4m3 -> bf16 there)
                 acc = tl.dot(w.to(tl.float32), x.to(tl.float32), acc, input_precision="ieee")
-            elif DOT_F16:  # e4m3 -> f16 is one instruction on sm_89+ (bf16 goes through f32)
-                acc = tl.dot(w.to(tl.float16), x.to(tl.float16), acc)
+            elif DOT_F16:  # e4m3 -> f16 is one instruction on sm_89+ (-> bf16 goes through f32: 1.4x slower)
+                x16 = tl.clamp(x.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+                acc = tl.dot(w.to(tl.float16), x16, acc)
             else:
                 acc = tl.dot(w.to(x.dtype), x, acc)
             q_ptrs += BLOCK_K
@@ -135,7 +142,7 @@ def block_m(rows: int) -> int:
 
 
 def linear(x: torch.Tensor, qw: QuantWeight, config: Config, residual: torch.Tensor | None = None,
-           via_f32: bool | None = None, dot_f16: bool = False) -> torch.Tensor:
+           via_f32: bool | None = None, dot_f16: bool = True) -> torch.Tensor:
     """x [m, k] (contiguous rows) @ dequantized(qw).T through the kernel; with ``residual`` [m, n] the sum is
     written into it (returned)."""
     m, k = x.shape
@@ -153,33 +160,83 @@ def linear(x: torch.Tensor, qw: QuantWeight, config: Config, residual: torch.Ten
     return out
 
 
+def cat(parts: list[QuantWeight]) -> QuantWeight:
+    """Several projections of one input as one (q/k/v, gate/up): the scales are per row, so quantizing each and
+    concatenating equals quantizing the concatenation."""
+    return QuantWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
+
+
 @dataclass
-class Fp8Projections:
-    """The decode step's ``proj`` (model.py) with FP8 copies: each weight it multiplies by has one (keyed by the
-    checkpoint tensor's storage and shape), run through the kernel with the config chosen for its shape and row
-    bucket, or ``reference`` where the kernel cannot run."""
+class TextCopies:
+    """The FP8 text layers: per layer the fused weights of ``fused.SelfWeights``/``CrossWeights`` as QuantWeights
+    (norms and gates stay the modules' own), and the LM head's (None when it has a bias: it stays a module)."""
 
-    weights: dict[tuple[int, int, int], QuantWeight] = field(default_factory=dict)
-    chosen: dict[tuple[int, int, int], Config] = field(default_factory=dict)  # (n, k, block_m) -> config
-    use_kernel: bool = False
-    timings: dict[str, str] = field(default_factory=dict)  # per shape, for /health
-
-    @classmethod
-    def of(cls, weights: Iterable[torch.Tensor], use_kernel: bool) -> Fp8Projections:
-        out = cls(use_kernel=use_kernel)
-        for w in weights:
-            out.weights[_key(w)] = quantize(w.detach())
-        return out
+    layers: list[SelfWeights | CrossWeights]
+    head: QuantWeight | None
 
     @property
     def bytes(self) -> int:
-        return sum(qw.q.numel() + qw.scale.numel() * 4 for qw in self.weights.values())
+        weights = [qw for w in self.layers for qw in (w.q if isinstance(w, CrossWeights) else w.qkv, w.o,
+                                                      w.gate_up, w.down)]
+        weights += [self.head] if self.head is not None else []
+        return sum(qw.q.numel() + 4 * qw.scale.numel() for qw in weights)  # type: ignore[union-attr]
 
-    def _quant(self, w: torch.Tensor) -> QuantWeight:
-        try:
-            return self.weights[_key(w)]
-        except KeyError:
-            raise KeyError(f"no FP8 copy of a weight of shape {tuple(w.shape)}") from None
+
+def quantize_text(model: Any, free: bool) -> TextCopies:
+    """FP8 copies of every text projection but the cross-attention K/V ones (they project image states once per
+    image, in bf16) and of a bias-free LM head, layer by layer, q/k/v and gate/up concatenated as the engine
+    multiplies by them. ``free``: each module's own weight is replaced by an empty tensor once copied, so the
+    checkpoint's bytes go back to the allocator as the copies are made (the modules are then containers of their
+    norms and gates; nothing may call them)."""
+    text = model.model.language_model
+    cross = set(text.config.cross_attention_layers)
+
+    tied = model.lm_head.weight.data_ptr() == text.embed_tokens.weight.data_ptr()  # one tensor: never freed
+
+    def copy(*mods: Any) -> QuantWeight:
+        parts = []
+        for mod in mods:
+            if getattr(mod, "bias", None) is not None:
+                raise ValueError("fp8 projections expect bias-free linear layers")
+            parts.append(quantize(mod.weight.data))
+            if free and not (tied and mod is model.lm_head):
+                mod.weight.data = torch.empty(0, dtype=mod.weight.dtype, device=mod.weight.device)
+        return parts[0] if len(parts) == 1 else cat(parts)
+
+    layers: list[SelfWeights | CrossWeights] = []
+    for i, layer in enumerate(text.layers):
+        mlp = layer.mlp
+        gate_up, down = copy(mlp.gate_proj, mlp.up_proj), copy(mlp.down_proj)
+        norms = {"ln_in": layer.input_layernorm, "ln_post": layer.post_attention_layernorm}
+        if i in cross:
+            ca = layer.cross_attn
+            layers.append(CrossWeights(
+                q=copy(ca.q_proj), o=copy(ca.o_proj), gate_up=gate_up, down=down, q_norm=ca.q_norm,  # type: ignore[arg-type]
+                attn_gate=layer.cross_attn_attn_gate.detach().tanh(),
+                mlp_gate=layer.cross_attn_mlp_gate.detach().tanh(), **norms,
+            ))
+        else:
+            a = layer.self_attn
+            layers.append(SelfWeights(
+                qkv=copy(a.q_proj, a.k_proj, a.v_proj), o=copy(a.o_proj), gate_up=gate_up, down=down,  # type: ignore[arg-type]
+                **norms,
+            ))
+    head = None if getattr(model.lm_head, "bias", None) is not None else copy(model.lm_head)
+    return TextCopies(layers, head)
+
+
+Weight = torch.Tensor | QuantWeight
+
+
+@dataclass
+class Fp8Projections:
+    """The runner's ``proj`` (model.py) when its weights are FP8 copies: a ``QuantWeight`` goes through the kernel
+    with the config chosen for its shape and row bucket (``reference`` where the kernel cannot run); a plain tensor
+    (none in the text layers once quantized) through cuBLAS as before."""
+
+    chosen: dict[tuple[int, int, int], Config] = field(default_factory=dict)  # (n, k, block_m) -> config
+    use_kernel: bool = False
+    timings: dict[str, str] = field(default_factory=dict)  # per shape, for /health
 
     def _run(self, x2: torch.Tensor, qw: QuantWeight, residual: torch.Tensor | None) -> torch.Tensor:
         if not self.use_kernel:
@@ -188,42 +245,43 @@ class Fp8Projections:
         config = self.chosen.get((n, k, block_m(x2.shape[0])), DEFAULT)
         return linear(x2, qw, config, residual=residual)
 
-    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        qw = self._quant(w)
-        y = self._run(x.reshape(-1, x.shape[-1]).contiguous(), qw, None)
-        return y.view(*x.shape[:-1], qw.q.shape[0])
+    def linear(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
+        if not isinstance(w, QuantWeight):
+            return F.linear(x, w)
+        y = self._run(x.reshape(-1, x.shape[-1]).contiguous(), w, None)
+        return y.view(*x.shape[:-1], w.q.shape[0])
 
-    def add_(self, h: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def add_(self, h: torch.Tensor, x: torch.Tensor, w: Weight) -> torch.Tensor:
         """h += x @ w.T in place (h is the residual stream, contiguous)."""
-        qw = self._quant(w)
-        self._run(x.reshape(-1, x.shape[-1]).contiguous(), qw, h.view(-1, h.shape[-1]))
+        if not isinstance(w, QuantWeight):
+            return add_linear_(h, x, w)
+        self._run(x.reshape(-1, x.shape[-1]).contiguous(), w, h.view(-1, h.shape[-1]))
         return h
 
 
-def _key(w: torch.Tensor) -> tuple[int, int, int]:
-    return (w.data_ptr(), int(w.shape[0]), int(w.shape[1]))
-
-
-def choose(proj: Fp8Projections, rows: Iterable[int], time_fn: Callable[[Callable[[], torch.Tensor]], float],
+def choose(proj: Fp8Projections, weights: Iterable[Weight], rows: Iterable[int],
+           time_fn: Callable[[Callable[[], torch.Tensor]], float], dtype: torch.dtype = torch.bfloat16,
            candidates: list[Config] | None = None) -> None:
     """Per weight shape and row bucket: time each config (cycling over every weight of that shape, so the reads
     come from memory, not L2) and keep the fastest whose output matches ``reference`` (relative L2 <= 1e-2)."""
     by_shape: dict[tuple[int, int], list[QuantWeight]] = {}
-    for qw in proj.weights.values():
+    for qw in weights:
+        if not isinstance(qw, QuantWeight):
+            continue
         by_shape.setdefault((int(qw.q.shape[0]), int(qw.q.shape[1])), []).append(qw)
     buckets = sorted({block_m(r) for r in rows})
     for (n, k), qws in by_shape.items():
         for bm in buckets:
-            config, times = _choose_for(qws, bm, time_fn, candidates or CONFIGS)
+            config, times = _choose_for(qws, bm, time_fn, candidates or CONFIGS, dtype)
             proj.chosen[(n, k, bm)] = config
             proj.timings[f"{n}x{k} rows<={bm}"] = f"{config} ({times} us)"
 
 
 def _choose_for(qws: list[QuantWeight], rows: int, time_fn: Callable[[Callable[[], torch.Tensor]], float],
-                candidates: list[Config]) -> tuple[Config, str]:
+                candidates: list[Config], dtype: torch.dtype) -> tuple[Config, str]:
     dev = qws[0].q.device
     gen = torch.Generator(device=dev).manual_seed(0)
-    x = torch.randn(rows, qws[0].q.shape[1], device=dev, dtype=torch.bfloat16, generator=gen)
+    x = torch.randn(rows, qws[0].q.shape[1], device=dev, dtype=dtype, generator=gen)  # the model's: compiled now
     ref = reference(x, qws[0]).float()
     best, best_time, times = DEFAULT, float("inf"), []
     for cfg in candidates:
@@ -231,10 +289,12 @@ def _choose_for(qws: list[QuantWeight], rows: int, time_fn: Callable[[Callable[[
             continue
         try:
             got = linear(x, qws[0], cfg).float()
+            residual = torch.randn(rows, qws[0].q.shape[0], device=dev, dtype=x.dtype, generator=gen)
+            added = linear(x, qws[0], cfg, residual=residual.clone()).float()  # compiled now, not in a capture
         except Exception as exc:  # noqa: BLE001 - a config this GPU's compiler cannot build (shared memory)
             times.append(f"{cfg} failed ({type(exc).__name__})")
             continue
-        if relative_l2(got, ref) > 1e-2:
+        if relative_l2(got, ref) > 1e-2 or relative_l2(added, residual.float() + ref) > 1e-2:
             times.append(f"{cfg} wrong")
             continue
         it = itertools.cycle(qws)

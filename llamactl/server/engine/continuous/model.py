@@ -22,13 +22,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llamactl.server.engine.continuous import fp8
 from llamactl.server.engine.continuous.cross_attention import CANDIDATES as CROSS_FORMS
 from llamactl.server.engine.continuous.cross_attention import Attend
 from llamactl.server.engine.continuous.decode_attention import self_attention
 from llamactl.server.engine.continuous.fused import (
     CrossWeights,
     SelfWeights,
-    add_linear_,
     attend,
     cross_weights,
     mlp,
@@ -68,7 +68,10 @@ class Newcomer:
 
 
 class MllamaRunner:
-    def __init__(self, model: Any, pools: SlotPools, encoder: VisionEncoder) -> None:
+    def __init__(self, model: Any, pools: SlotPools, encoder: VisionEncoder,
+                 fp8_copies: fp8.TextCopies | None = None) -> None:
+        """``fp8_copies`` (``fp8.quantize_text``): the text layers and the LM head multiply by these FP8 copies, in
+        the decode step and the prefill alike."""
         inner = model.model
         text = inner.language_model
         self.encoder = encoder
@@ -101,12 +104,22 @@ class MllamaRunner:
         self.cross_choice: dict[int, str] = {1: "matmul"}
         # the decode step's self-attention per batch size: "torch" ops or the "triton" kernel (timed on GPUs)
         self.self_choice: dict[int, str] = {1: "torch"}
-        # the decode step's one-row projections (gemv.py chooses Triton per weight shape on GPUs; cuBLAS here)
-        self.proj = Projections()
-        self.weights: list[SelfWeights | CrossWeights] = [
-            cross_weights(layer) if i in self.cross_layers else self_weights(layer)
-            for i, layer in enumerate(self.layers)
-        ]
+        # the projections: with bf16 weights, one-row ones through Triton where gemv.py chose it on GPUs, the rest
+        # cuBLAS; with FP8 copies, fp8.py's kernel (or its float32 reference off the GPU)
+        self.proj: Projections | fp8.Fp8Projections
+        self.head: torch.Tensor | fp8.QuantWeight | None = None  # a bias-free LM head's weight (else the module)
+        if fp8_copies is None:
+            self.proj = Projections()
+            self.weights: list[SelfWeights | CrossWeights] = [
+                cross_weights(layer) if i in self.cross_layers else self_weights(layer)
+                for i, layer in enumerate(self.layers)
+            ]
+            if getattr(self.lm_head, "bias", None) is None:
+                self.head = self.lm_head.weight
+        else:
+            self.proj = fp8.Fp8Projections(use_kernel=fp8.available())
+            self.weights = fp8_copies.layers
+            self.head = fp8_copies.head
 
     # -- vision: once per image --------------------------------------------------------------------------
 
@@ -191,12 +204,13 @@ class MllamaRunner:
             if isinstance(w, CrossWeights):
                 c = pools.cross_index[layer_idx]
                 h = self._cross_layer(
-                    w, h, pools.ck[c][slots], pools.cv[c][slots], cross_bias, cross_rowmask, has_image.view(n, 1, 1)
+                    w, h, pools.ck[c][slots], pools.cv[c][slots], cross_bias, cross_rowmask, has_image.view(n, 1, 1),
+                    linear=self.proj.linear,
                 )
             else:
                 h = self._self_layer_prefill(w, h, cos, sin, self_bias, slots, t, pools.self_index[layer_idx])
         last = h[torch.arange(n, device=dev), len_t - 1]  # [n, hidden]
-        return self.lm_head(self.norm(last)).float()  # type: ignore[no-any-return]
+        return self.logits(self.norm(last))
 
     def _prefill_cross_masks(self, rows: list[Newcomer], t: int) -> tuple[torch.Tensor, torch.Tensor]:
         pools = self.pools
@@ -218,16 +232,16 @@ class MllamaRunner:
         self, w: SelfWeights, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
         slots: torch.Tensor, t: int, s: int,
     ) -> torch.Tensor:
-        n, nh, nkv = h.shape[0], self.nh, self.nkv
-        qkv = F.linear(rms(w.ln_in, h), w.qkv).view(n, t, nh + 2 * nkv, self.hd)
+        n, nh, nkv, proj = h.shape[0], self.nh, self.nkv, self.proj
+        qkv = proj.linear(rms(w.ln_in, h), w.qkv).view(n, t, nh + 2 * nkv, self.hd)
         qk = self._rope(qkv[:, :, : nh + nkv], cos, sin)  # cos/sin [1, t, 1, head_dim]
         q, k = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2)
         v = qkv[:, :, nh + nkv :].transpose(1, 2)
         self.pools.k[s][slots, :, :t] = k
         self.pools.v[s][slots, :, :t] = v
         out = attend(q, k, v, bias, self.scale)
-        h = add_linear_(h, out.transpose(1, 2).reshape(n, t, -1), w.o)
-        return add_linear_(h, mlp(w, rms(w.ln_post, h)), w.down)
+        h = proj.add_(h, out.transpose(1, 2).reshape(n, t, -1), w.o)
+        return proj.add_(h, mlp(w, rms(w.ln_post, h), proj.linear), w.down)
 
     def _cross_layer(
         self, w: CrossWeights, h: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, bias: torch.Tensor,
@@ -302,20 +316,19 @@ class MllamaRunner:
         out = attend(qk[:, :nh].unsqueeze(2), pools.k[s][:b, :, :lb], pools.v[s][:b, :, :lb], step.bias, self.scale)
         return out.view(b, -1)  # [b, heads, 1, d] is already [b, heads * d]
 
-    def decode_weights(self) -> list[torch.Tensor]:
+    def decode_weights(self) -> list[torch.Tensor | fp8.QuantWeight]:
         """Every weight the decode step multiplies through ``proj`` (what ``gemv.choose`` times)."""
         out = []
         for w in self.weights:
             out += [w.q if isinstance(w, CrossWeights) else w.qkv, w.o, w.gate_up, w.down]
-        if getattr(self.lm_head, "bias", None) is None:
-            out.append(self.lm_head.weight)
+        if self.head is not None:
+            out.append(self.head)
         return out
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """float32 logits [b, vocab] of the final hidden states (a bias-free head through ``proj``)."""
-        head = self.lm_head
-        if getattr(head, "bias", None) is None:
-            return self.proj.linear(x, head.weight).float()
-        return head(x).float()  # type: ignore[no-any-return]
+        if self.head is not None:
+            return self.proj.linear(x, self.head).float()  # type: ignore[arg-type]
+        return self.lm_head(x).float()  # type: ignore[no-any-return]
 
 
