@@ -88,6 +88,10 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
         # CUDA graph capture); hf-b64 last and least (run 1: its batches of 64 ran near the memory limit, slowly)
         "continuous": Design("continuous", "the continuous-batching engine", "continuous", max(levels), levels,
                              a.rounds, a.min_requests, "round", 4.0),
+        # the continuous engine with quantization fp8 (e4m3 text layers, fp8.py), at every level like it
+        "continuous-fp8": Design("continuous-fp8", "the continuous engine, FP8 text layers (quantization fp8)",
+                                 "continuous", max(levels), levels, a.rounds, a.min_requests, "round", 4.0,
+                                 env={"LLAMACTL_QUANTIZATION": "fp8"}),
         "hf": Design("hf", f"hf engine, windowed static batches of up to {a.hf_max_batch}", "hf", a.hf_max_batch,
                      small, a.rounds, a.min_requests, "round", 3.0, a.hf_max_wait_ms),
         # the continuous engine with its vision tower on a green-context SM partition (settings.vision_sms)

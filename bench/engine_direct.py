@@ -42,7 +42,7 @@ def pct(values: list[float], q: float) -> float | None:
     return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
 
 
-def build(tiny: bool, slots: int, max_new: int, compile_: str = "off") -> tuple[Any, Any]:
+def build(tiny: bool, slots: int, max_new: int, compile_: str = "off", quantization: str = "none") -> tuple[Any, Any]:
     from llamactl.server.engine.continuous import ContinuousEngine
     from llamactl.server.settings import Settings
 
@@ -52,8 +52,10 @@ def build(tiny: bool, slots: int, max_new: int, compile_: str = "off") -> tuple[
         path = Path("/tmp/engine-direct-tiny")
         if not (path / "config.json").exists():
             build_tiny_checkpoint(path)
-        settings = Settings(model=str(path), device="cpu", max_batch_size=slots, gen_max_new_tokens=max_new)
+        settings = Settings(model=str(path), device="cpu", max_batch_size=slots, gen_max_new_tokens=max_new,
+                            quantization=quantization)
         engine = ContinuousEngine(settings)
+        engine.keep_checkpoint_weights = True
         return engine, None
     from gpu_smoke import make_processor
     from transformers import MllamaConfig, MllamaForConditionalGeneration
@@ -70,8 +72,9 @@ def build(tiny: bool, slots: int, max_new: int, compile_: str = "off") -> tuple[
             layer.cross_attn_mlp_gate.data.fill_(0.5)
     processor, _ = make_processor()
     settings = Settings(model="in-memory-11b", device="cuda", max_batch_size=slots, gen_max_new_tokens=max_new,
-                        engine_compile=compile_)
+                        engine_compile=compile_, quantization=quantization)
     engine = ContinuousEngine(settings)
+    engine.keep_checkpoint_weights = True  # fp8: the logit check compares against transformers on these weights
     hf = engine.hf
 
     def load() -> None:  # the checkpoint lives in memory: skip from_pretrained, keep everything else
@@ -266,6 +269,8 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--probe", action="store_true", help="engine_probe.py's measurements on this engine first")
     ap.add_argument("--compile", default="off", choices=["off", "vision", "all"], help="engine_compile")
+    ap.add_argument("--quantization", default="none", choices=["none", "fp8"],
+                    help="fp8: the engine's FP8 text layers, their logits against transformers' bf16 forward")
     args = ap.parse_args()
     report: dict[str, Any] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                               "torch": torch.__version__}
@@ -273,7 +278,7 @@ def main() -> None:
 
     report["transformers"] = transformers.__version__
     t0 = time.monotonic()
-    engine, model = build(args.tiny, args.slots, 2048, compile_=args.compile)
+    engine, model = build(args.tiny, args.slots, 2048, compile_=args.compile, quantization=args.quantization)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if not args.tiny and not args.skip_hf:  # before the engine's pools take the memory HF generate needs
         engine.hf.load()
