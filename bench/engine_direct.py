@@ -90,23 +90,6 @@ def build(tiny: bool, slots: int, max_new: int, compile_: str = "off", quantizat
     return engine, model
 
 
-def dequantize_text(model: Any) -> None:
-    """Each text projection (not the cross-attention K/V ones) and the LM head of ``model`` replaced by the values
-    of its FP8 copy (fp8.quantize is deterministic: the engine's copies hold the same), in the model's dtype."""
-    from llamactl.server.engine.continuous import fp8
-
-    text = model.model.language_model
-    cross = set(text.config.cross_attention_layers)
-    mods = [model.lm_head]
-    for i, layer in enumerate(text.layers):
-        attn = [layer.cross_attn.q_proj, layer.cross_attn.o_proj] if i in cross else [
-            layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj]
-        mods += [*attn, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
-    with torch.no_grad():
-        for mod in mods:
-            mod.weight.data = fp8.dequantized(fp8.quantize(mod.weight.data), mod.weight.dtype)
-
-
 def images(n: int, side: int, seed: int) -> list[Any]:
     import numpy as np
     from PIL import Image
@@ -321,7 +304,9 @@ def main() -> None:
     report["logits"] = logits_check(engine, model, args.side, 16)
     dump()
     if args.quantization == "fp8":  # again against transformers on the FP8 copies' own values: the kernel's part
-        dequantize_text(model)
+        from llamactl.server.engine.continuous.fp8 import dequantize_in_place
+
+        dequantize_in_place(model)
         report["logits_vs_dequantized"] = logits_check(engine, model, args.side, 16)
         dump()
     thread = threading.Thread(target=engine.run_forever, daemon=True)

@@ -92,16 +92,7 @@ def _dequantized_reference_model(tiny_checkpoint: Path) -> torch.nn.Module:
     from transformers import MllamaForConditionalGeneration
 
     model = MllamaForConditionalGeneration.from_pretrained(str(tiny_checkpoint), dtype=torch.float32).eval()
-    text = model.model.language_model
-    cross = set(text.config.cross_attention_layers)
-    mods = [model.lm_head]
-    for i, layer in enumerate(text.layers):
-        attn = [layer.cross_attn.q_proj, layer.cross_attn.o_proj] if i in cross else [
-            layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj]
-        mods += [*attn, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
-    with torch.no_grad():
-        for mod in mods:
-            mod.weight.data = fp8.dequantized(fp8.quantize(mod.weight.data), torch.float32)
+    fp8.dequantize_in_place(model)
     return model
 
 

@@ -14,6 +14,9 @@ the e4m3 tile becomes fp16 (one instruction a pair on sm_89+; e4m3 -> bf16 goes 
 kernel ~1.4x slower than bf16 cuBLAS on an H200, bench/results/engine_fp8_probe_run2_h200.json) and the rows fp16
 (clamped to its range); products accumulate in float32. Where the kernel cannot run (the CPU, no Triton, an older
 GPU) ``reference`` computes the same in float32: slower than bf16, for tests.
+
+Measured (bench/results/engine.md, Session 8, an H200): +20 % output at one client, -3 % at 32 and -10 % at 64
+clients against bf16; the logits at the bf16 floor against transformers on the copies' own values.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from llamactl.server.engine.continuous.fused import CrossWeights, SelfWeights, add_linear_
+from llamactl.server.engine.continuous.gemv import Config  # the same launch parameters
 from llamactl.server.engine.continuous.kernel_choice import relative_l2
 
 try:  # triton ships with CUDA builds of torch; CPU installs run without it
@@ -39,19 +43,9 @@ except ImportError:  # pragma: no cover - depends on the install
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
-@dataclass(frozen=True)
-class Config:
-    block_n: int  # output features a program owns (the MMA's M side: rows of the weight)
-    block_k: int
-    warps: int
-    stages: int
-
-    def __str__(self) -> str:
-        return f"n{self.block_n}k{self.block_k}w{self.warps}s{self.stages}"
-
-
-# timed at start per weight shape and row bucket (``choose``): the fastest of 17 on an H200 for some 11B shape and
-# row count (bench/results/engine_fp8_probe_run2_h200.json); every one divides the 11B shape's reductions
+# timed at start per weight shape and row bucket (``choose``): of the 9 configs tried with the fp16 product on an
+# H200 (bench/results/engine_fp8_probe_run2_h200.json), those fastest for some 11B shape and row count; each
+# divides the 11B shape's reductions
 CONFIGS = [Config(n, k, w, s) for n, k, w, s in [
     (32, 256, 4, 4), (128, 128, 4, 4), (32, 1024, 4, 2), (64, 128, 4, 8), (16, 1024, 4, 2),
 ]]
@@ -180,6 +174,28 @@ class TextCopies:
                                                       w.gate_up, w.down)]
         weights += [self.head] if self.head is not None else []
         return sum(qw.q.numel() + 4 * qw.scale.numel() for qw in weights)  # type: ignore[union-attr]
+
+
+def quantized_modules(model: Any) -> list[Any]:
+    """The linear modules ``quantize_text`` copies (benches and tests build a dequantized reference from them)."""
+    text = model.model.language_model
+    cross = set(text.config.cross_attention_layers)
+    mods = []
+    for i, layer in enumerate(text.layers):
+        attn = [layer.cross_attn.q_proj, layer.cross_attn.o_proj] if i in cross else [
+            layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj]
+        mods += [*attn, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
+    if getattr(model.lm_head, "bias", None) is None:
+        mods.append(model.lm_head)
+    return mods
+
+
+def dequantize_in_place(model: Any) -> None:
+    """Each module of ``quantized_modules`` given the values of its FP8 copy, in its own dtype (``quantize`` is
+    deterministic, so these are the values the engine multiplies by): the reference for the engine's logits."""
+    with torch.no_grad():
+        for mod in quantized_modules(model):
+            mod.weight.data = dequantized(quantize(mod.weight.data), mod.weight.dtype)
 
 
 def quantize_text(model: Any, free: bool) -> TextCopies:
