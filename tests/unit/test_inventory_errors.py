@@ -71,7 +71,7 @@ MUTATIONS = [
         "'float32'",
         id="literal_choice"),
     pytest.param("      quantization: nf4", "      quantization: fp4", "fp4", 21,
-        'groups.l4.model.quantization: found string "fp4", expected one of \'none\', \'nf4\' or \'int8\'',
+        'groups.l4.model.quantization: found string "fp4", expected one of \'none\', \'nf4\', \'int8\' or \'fp8\'',
         id="error_in_a_group_level_setting"),
     pytest.param("gpus: [0, 1, 2, 3]", "gpus: [0, 1, 1]", "[0, 1, 1]", 15,
         "groups.h100.hosts.gpu-02.gpus: found a list, expected a GPU count from 0 to 64 or a list of "
