@@ -92,6 +92,10 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
         "continuous-fp8": Design("continuous-fp8", "the continuous engine, FP8 text layers (quantization fp8)",
                                  "continuous", max(levels), levels, a.rounds, a.min_requests, "round", 4.0,
                                  env={"LLAMACTL_QUANTIZATION": "fp8"}),
+        # the same with the bf16 weights kept, the faster of cuBLAS and the FP8 kernel per shape and batch
+        "continuous-fp8k": Design("continuous-fp8k", "the continuous engine, FP8 copies beside the bf16 weights",
+                                  "continuous", max(levels), levels, a.rounds, a.min_requests, "round", 4.0,
+                                  env={"LLAMACTL_QUANTIZATION": "fp8", "LLAMACTL_FP8_KEEP_BF16": "1"}),
         "hf": Design("hf", f"hf engine, windowed static batches of up to {a.hf_max_batch}", "hf", a.hf_max_batch,
                      small, a.rounds, a.min_requests, "round", 3.0, a.hf_max_wait_ms),
         # the continuous engine with its vision tower on a green-context SM partition (settings.vision_sms)

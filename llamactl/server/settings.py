@@ -38,6 +38,9 @@ class Settings(BaseModel):
     # nf4/int8: bitsandbytes (the hf engine). fp8: e4m3 copies of the text layers, read by the continuous
     # engine's own kernel (CUDA: compute capability 8.9+, Triton; the CPU runs the same arithmetic slowly).
     quantization: Literal["none", "nf4", "int8", "fp8"] = "none"
+    # fp8 only: keep the bf16 text weights beside the FP8 copies (+~17 GiB for the 11B shape instead of -8.5) and
+    # use, per weight shape and batch size, whichever was faster at start: cuBLAS on bf16 or the FP8 kernel.
+    fp8_keep_bf16: bool = False
     # "auto" is the continuous-batching engine (or hf where it cannot run, e.g. nf4/int8; /health says which).
     engine: Literal["auto", "continuous", "hf"] = "auto"
     # torch.compile on CUDA (continuous engine): "vision" compiles the vision encoder layers, "all" also the

@@ -62,6 +62,25 @@ def test_projections_multiply_by_the_dequantized_weight_and_add_in_place() -> No
     assert torch.equal(proj.linear(x, w), F.linear(x, w))  # a plain weight goes through cuBLAS/ATen as before
 
 
+def test_kept_checkpoint_weights_serve_where_chosen_and_for_prefill_chunks() -> None:
+    """fp8_keep_bf16: a bucket whose fastest form was cuBLAS (chosen None) and any call past the largest bucket use
+    the kept weight, exactly F.linear's result (no kernel runs on this path)."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(24, 32, generator=g)
+    qw = fp8.quantize(w)
+    qw.dense = w
+    proj = fp8.Fp8Projections(use_kernel=True, chosen={(24, 32, 16): None, (24, 32, 64): None})
+    for rows in (3, 16, 50, fp8.MAX_BUCKET + 1, 200):
+        x = torch.randn(rows, 32, generator=g)
+        assert torch.equal(proj.linear(x, qw), F.linear(x, w)), rows
+        h = torch.randn(rows, 24, generator=g)
+        want = h + F.linear(x, w)
+        assert torch.allclose(proj.add_(h, x, qw), want, atol=1e-5)
+    assert proj._dense(torch.zeros(20, 32), qw) is w  # bucket 32 never timed: the kept weight...
+    proj.chosen[(24, 32, 32)] = fp8.DEFAULT
+    assert proj._dense(torch.zeros(20, 32), qw) is None  # ...the kernel where a config won
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU install)")
 def test_the_kernel_equals_its_reference_in_tritons_interpreter() -> None:
     code = textwrap.dedent("""
@@ -172,6 +191,24 @@ def test_fp8_engine_logits_equal_the_dequantized_model_and_differ_from_the_check
             assert dist < 1e-4 and quant > 1e-3, (i, dist, quant)
     finally:
         eng.close()
+
+
+def test_fp8_with_kept_weights_on_the_cpu_answers_as_the_checkpoint(tiny_checkpoint: Path) -> None:
+    """Off the GPU the kept weights are always the faster form: the answers are the checkpoint's own."""
+    with running_engine(tiny_checkpoint, quantization="fp8", fp8_keep_bf16=True, max_batch_size=4,
+                        gen_max_new_tokens=64) as eng:
+        text = eng.hf.model.model.language_model
+        assert text.layers[0].self_attn.q_proj.weight.numel() > 0  # kept (a view of the fused q/k/v)
+        assert "bf16 text weights kept" in eng.describe()["quantization"]
+        req = GenRequest(prompt=image_prompt(eng), image=trained_image("red"), params=GenParams(max_new_tokens=24))
+        [result] = run_all(eng, [req])
+        inputs = eng.hf.processor(images=[[req.image]], text=[req.prompt], add_special_tokens=False,
+                                  return_tensors="pt")
+        with torch.inference_mode():
+            out = eng.hf.model.generate(**inputs, max_new_tokens=24, do_sample=False, pad_token_id=eng.hf._pad_id,
+                                        temperature=1.0, top_p=1.0, top_k=50)
+        ids = [t for t in out[0, inputs["input_ids"].shape[1]:].tolist() if t not in eng.hf._eos_ids]
+        assert result.text == eng.hf.processor.tokenizer.decode(ids, skip_special_tokens=True) and result.text
 
 
 def test_fp8_runs_on_the_continuous_engine_and_health_says_so(tiny_checkpoint: Path) -> None:

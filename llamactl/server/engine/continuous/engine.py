@@ -206,7 +206,8 @@ class ContinuousEngine(EngineStatus):
             "cross_attention": self.cross_attention,
             "self_attention": self.self_attention,
             "quantization": self.settings.quantization if self.fp8_gib is None else
-            f"fp8 (text layers and LM head, {self.fp8_gib} GiB; vision tower and image K/V projections bf16)",
+            f"fp8 (text layers and LM head, {self.fp8_gib} GiB; vision tower and image K/V projections bf16"
+            + ("; bf16 text weights kept, the faster used per shape and batch)" if self.settings.fp8_keep_bf16 else ")"),
             "one_row_projections" if self.fp8_gib is None else "fp8_projections": self.gemv or "cublas",
             "image_preprocessing_on": "cpu",  # the processor runs in request threads (prepare), off the GPU loop
             "threads": hf["threads"],
@@ -408,7 +409,8 @@ class ContinuousEngine(EngineStatus):
                 "quantization fp8 needs Triton and a GPU of compute capability 8.9 or newer (Ada, Hopper); "
                 "use quantization none on this GPU"
             )
-        copies = fp8.quantize_text(model, free=not self.keep_checkpoint_weights)
+        keep = self.settings.fp8_keep_bf16
+        copies = fp8.quantize_text(model, free=not (keep or self.keep_checkpoint_weights), dense=keep)
         self.fp8_gib = round(copies.bytes / _GIB, 2)
         if device == "cuda":
             torch.cuda.empty_cache()

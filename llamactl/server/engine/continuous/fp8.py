@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llamactl.server.engine.continuous.fused import CrossWeights, SelfWeights, add_linear_
+from llamactl.server.engine.continuous.fused import CrossWeights, SelfWeights, add_linear_, concat_into_views
 from llamactl.server.engine.continuous.gemv import Config  # the same launch parameters
 from llamactl.server.engine.continuous.kernel_choice import relative_l2
 
@@ -61,6 +61,7 @@ def available() -> bool:
 class QuantWeight:
     q: torch.Tensor  # [n, k] float8_e4m3fn
     scale: torch.Tensor  # [n] float32
+    dense: torch.Tensor | None = None  # the checkpoint's weight, where kept (``fp8_keep_bf16``)
 
 
 def quantize(w: torch.Tensor, rows_at_once: int = 8192) -> QuantWeight:
@@ -128,6 +129,9 @@ if triton is not None:
             r = tl.load(r_ptr + offs_m[None, :] * stride_r + offs_n[:, None], mask=out_mask, other=0.0)
             y += r.to(tl.float32)
         tl.store(y_ptr + offs_m[None, :] * stride_y + offs_n[:, None], y.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+MAX_BUCKET = 64  # the largest row bucket timed at start (``choose``); more rows are a prefill chunk
 
 
 def block_m(rows: int) -> int:
@@ -198,12 +202,15 @@ def dequantize_in_place(model: Any) -> None:
             mod.weight.data = dequantized(quantize(mod.weight.data), mod.weight.dtype)
 
 
-def quantize_text(model: Any, free: bool) -> TextCopies:
+def quantize_text(model: Any, free: bool, dense: bool = False) -> TextCopies:
     """FP8 copies of every text projection but the cross-attention K/V ones (they project image states once per
     image, in bf16) and of a bias-free LM head, layer by layer, q/k/v and gate/up concatenated as the engine
     multiplies by them. ``free``: each module's own weight is replaced by an empty tensor once copied, so the
     checkpoint's bytes go back to the allocator as the copies are made (the modules are then containers of their
-    norms and gates; nothing may call them)."""
+    norms and gates; nothing may call them). ``dense`` (not with ``free``): each copy keeps the checkpoint's weight
+    beside it (q/k/v and gate/up concatenated as in ``fused``, the modules' weights views of them)."""
+    if free and dense:
+        raise ValueError("a weight cannot be both freed and kept")
     text = model.model.language_model
     cross = set(text.config.cross_attention_layers)
 
@@ -217,7 +224,10 @@ def quantize_text(model: Any, free: bool) -> TextCopies:
             parts.append(quantize(mod.weight.data))
             if free and not (tied and mod is model.lm_head):
                 mod.weight.data = torch.empty(0, dtype=mod.weight.dtype, device=mod.weight.device)
-        return parts[0] if len(parts) == 1 else cat(parts)
+        out = parts[0] if len(parts) == 1 else cat(parts)
+        if dense:
+            out.dense = mods[0].weight if len(mods) == 1 else concat_into_views(list(mods))
+        return out
 
     layers: list[SelfWeights | CrossWeights] = []
     for i, layer in enumerate(text.layers):
@@ -247,31 +257,49 @@ Weight = torch.Tensor | QuantWeight
 @dataclass
 class Fp8Projections:
     """The runner's ``proj`` (model.py) when its weights are FP8 copies: a ``QuantWeight`` goes through the kernel
-    with the config chosen for its shape and row bucket (``reference`` where the kernel cannot run); a plain tensor
-    (none in the text layers once quantized) through cuBLAS as before."""
+    with the config chosen for its shape and row bucket (``reference`` where the kernel cannot run), or, where it
+    kept its checkpoint weight (``dense``), through cuBLAS on that weight when that was faster for the bucket
+    (chosen None) or the rows exceed the largest bucket (prefill); a plain tensor through cuBLAS as before."""
 
-    chosen: dict[tuple[int, int, int], Config] = field(default_factory=dict)  # (n, k, block_m) -> config
+    chosen: dict[tuple[int, int, int], Config | None] = field(default_factory=dict)  # (n, k, block_m) -> config
     use_kernel: bool = False
     timings: dict[str, str] = field(default_factory=dict)  # per shape, for /health
+
+    def _dense(self, x2: torch.Tensor, qw: QuantWeight) -> torch.Tensor | None:
+        """The kept checkpoint weight if this call should use it, else None."""
+        if qw.dense is None:
+            return None
+        if not self.use_kernel or x2.shape[0] > MAX_BUCKET:
+            return qw.dense
+        n, k = qw.q.shape  # a bucket not timed (or timed fastest on cuBLAS) takes the kept weight
+        return qw.dense if self.chosen.get((n, k, block_m(x2.shape[0]))) is None else None
 
     def _run(self, x2: torch.Tensor, qw: QuantWeight, residual: torch.Tensor | None) -> torch.Tensor:
         if not self.use_kernel:
             return reference(x2, qw, residual)
         n, k = qw.q.shape
-        config = self.chosen.get((n, k, block_m(x2.shape[0])), DEFAULT)
+        config = self.chosen.get((n, k, block_m(x2.shape[0])), DEFAULT) or DEFAULT
         return linear(x2, qw, config, residual=residual)
 
     def linear(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
         if not isinstance(w, QuantWeight):
             return F.linear(x, w)
-        y = self._run(x.reshape(-1, x.shape[-1]).contiguous(), w, None)
+        x2 = x.reshape(-1, x.shape[-1])
+        dense = self._dense(x2, w)
+        if dense is not None:
+            return F.linear(x, dense)
+        y = self._run(x2.contiguous(), w, None)
         return y.view(*x.shape[:-1], w.q.shape[0])
 
     def add_(self, h: torch.Tensor, x: torch.Tensor, w: Weight) -> torch.Tensor:
         """h += x @ w.T in place (h is the residual stream, contiguous)."""
         if not isinstance(w, QuantWeight):
             return add_linear_(h, x, w)
-        self._run(x.reshape(-1, x.shape[-1]).contiguous(), w, h.view(-1, h.shape[-1]))
+        x2 = x.reshape(-1, x.shape[-1])
+        dense = self._dense(x2, w)
+        if dense is not None:
+            return add_linear_(h, x, dense)
+        self._run(x2.contiguous(), w, h.view(-1, h.shape[-1]))
         return h
 
 
@@ -279,7 +307,8 @@ def choose(proj: Fp8Projections, weights: Iterable[Weight], rows: Iterable[int],
            time_fn: Callable[[Callable[[], torch.Tensor]], float], dtype: torch.dtype = torch.bfloat16,
            candidates: list[Config] | None = None) -> None:
     """Per weight shape and row bucket: time each config (cycling over every weight of that shape, so the reads
-    come from memory, not L2) and keep the fastest whose output matches ``reference`` (relative L2 <= 1e-2)."""
+    come from memory, not L2) and keep the fastest whose output matches ``reference`` (relative L2 <= 1e-2); where
+    the weights kept their checkpoint copies, cuBLAS on those too (chosen None when it is the fastest)."""
     by_shape: dict[tuple[int, int], list[QuantWeight]] = {}
     for qw in weights:
         if not isinstance(qw, QuantWeight):
@@ -294,12 +323,17 @@ def choose(proj: Fp8Projections, weights: Iterable[Weight], rows: Iterable[int],
 
 
 def _choose_for(qws: list[QuantWeight], rows: int, time_fn: Callable[[Callable[[], torch.Tensor]], float],
-                candidates: list[Config], dtype: torch.dtype) -> tuple[Config, str]:
+                candidates: list[Config], dtype: torch.dtype) -> tuple[Config | None, str]:
     dev = qws[0].q.device
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(rows, qws[0].q.shape[1], device=dev, dtype=dtype, generator=gen)  # the model's: compiled now
     ref = reference(x, qws[0]).float()
-    best, best_time, times = DEFAULT, float("inf"), []
+    best: Config | None = DEFAULT
+    best_time, times = float("inf"), []
+    if qws[0].dense is not None:
+        dense = itertools.cycle([qw.dense for qw in qws])
+        best, best_time = None, time_fn(lambda: F.linear(x, next(dense)))  # type: ignore[arg-type]
+        times.append(f"cublas-bf16 {best_time * 1e6:.1f}")
     for cfg in candidates:
         if qws[0].q.shape[1] % cfg.block_k:
             continue
