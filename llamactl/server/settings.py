@@ -38,8 +38,10 @@ class Settings(BaseModel):
     # nf4/int8: bitsandbytes (the hf engine). fp8: e4m3 copies of the text layers, read by the continuous
     # engine's own kernel (CUDA: compute capability 8.9+, Triton; the CPU runs the same arithmetic slowly).
     quantization: Literal["none", "nf4", "int8", "fp8"] = "none"
-    # fp8 only: keep the bf16 text weights beside the FP8 copies (+~17 GiB for the 11B shape instead of -8.5) and
-    # use, per weight shape and batch size, whichever was faster at start: cuBLAS on bf16 or the FP8 kernel.
+    # fp8 only: keep the bf16 text weights beside the FP8 copies (+8.6 GiB for the 11B shape instead of -8.5) and
+    # use, per weight shape and batch size, whichever was faster at start: cuBLAS on bf16 or the FP8 kernel. An
+    # H200 vs bf16, same call (bench/results/engine_bench_run28_h200.md): 170.0 vs 145.1 tok/s at 1 client, 788.6 vs
+    # 718.2 at 8, 1,383.5 vs 1,368.0 at 32, 1,528.6 vs 1,532.4 at 64 (fp8 alone: 172.3, 774.8, 1,228.8, 1,407.6).
     fp8_keep_bf16: bool = False
     # "auto" is the continuous-batching engine (or hf where it cannot run, e.g. nf4/int8; /health says which).
     engine: Literal["auto", "continuous", "hf"] = "auto"

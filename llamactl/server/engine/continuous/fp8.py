@@ -15,8 +15,10 @@ kernel ~1.4x slower than bf16 cuBLAS on an H200, bench/results/engine_fp8_probe_
 (clamped to its range); products accumulate in float32. Where the kernel cannot run (the CPU, no Triton, an older
 GPU) ``reference`` computes the same in float32: slower than bf16, for tests.
 
-Measured (bench/results/engine.md, Session 8, an H200): +20 % output at one client, -3 % at 32 and -10 % at 64
-clients against bf16; the logits at the bf16 floor against transformers on the copies' own values.
+Measured (bench/results/engine.md, Session 8, an H200, against bf16 in the same call): +19 % output at one client,
++8 % at 8, -10 % at 32 and -8 % at 64 clients (run 28); the logits at the bf16 floor against transformers on the
+copies' own values. With ``fp8_keep_bf16`` (the bf16 weights kept, the faster form per shape and row bucket):
++17 % / +10 % / +1 % / -0.3 % at 1 / 8 / 32 / 64 clients, for ~9 GB more memory instead of ~9 GB less.
 """
 
 from __future__ import annotations
@@ -319,7 +321,7 @@ def choose(proj: Fp8Projections, weights: Iterable[Weight], rows: Iterable[int],
         for bm in buckets:
             config, times = _choose_for(qws, bm, time_fn, candidates or CONFIGS, dtype)
             proj.chosen[(n, k, bm)] = config
-            proj.timings[f"{n}x{k} rows<={bm}"] = f"{config} ({times} us)"
+            proj.timings[f"{n}x{k} rows<={bm}"] = f"{config or 'cublas-bf16'} ({times} us)"
 
 
 def _choose_for(qws: list[QuantWeight], rows: int, time_fn: Callable[[Callable[[], torch.Tensor]], float],
