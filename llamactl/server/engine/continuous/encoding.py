@@ -3,8 +3,8 @@
 On GPUs the tower runs on a stream of its own (``VisionLane``): its kernels are queued and the step loop goes on;
 the newcomers join (cross-attention K/V, prefill) once their states are ready, handed to the main stream. The
 stream is an ordinary one, or one confined to part of the SMs (``green.py``, ``vision_sms``); by default the
-decode stream has the higher priority (``vision_priority`` swaps them). On
-the CPU the tower runs at once, on the loop's thread.
+decode stream has the higher priority (``vision_priority`` swaps them). On the CPU the tower runs at once, on the
+loop's thread.
 """
 
 from __future__ import annotations

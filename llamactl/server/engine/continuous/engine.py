@@ -205,9 +205,7 @@ class ContinuousEngine(EngineStatus):
             "vision_attention": self._vision_attention(),
             "cross_attention": self.cross_attention,
             "self_attention": self.self_attention,
-            "quantization": self.settings.quantization if self.fp8_gib is None else
-            f"fp8 (text layers and LM head, {self.fp8_gib} GiB; vision tower and image K/V projections bf16"
-            + ("; bf16 text weights kept, the faster used per shape and batch)" if self.settings.fp8_keep_bf16 else ")"),
+            "quantization": self._quantization(),
             "one_row_projections" if self.fp8_gib is None else "fp8_projections": self.gemv or "cublas",
             "image_preprocessing_on": "cpu",  # the processor runs in request threads (prepare), off the GPU loop
             "threads": hf["threads"],
@@ -216,6 +214,12 @@ class ContinuousEngine(EngineStatus):
             "decode_s_total": round(self.decode_s, 3),
             "host_s": self.host.snapshot(),
         }
+
+    def _quantization(self) -> str:
+        if self.fp8_gib is None:
+            return self.settings.quantization
+        kept = "; bf16 text weights kept, the faster used per shape and batch" if self.settings.fp8_keep_bf16 else ""
+        return f"fp8 (text layers and LM head, {self.fp8_gib} GiB; vision tower and image K/V projections bf16{kept})"
 
     def _vision_attention(self) -> str:
         if self.runner is None:
@@ -300,10 +304,12 @@ class ContinuousEngine(EngineStatus):
             del copies
             if device == "cuda":
                 self._choose_cross_attention(self.runner)
-                if isinstance(self.runner.proj, fp8.Fp8Projections):
-                    self._choose_fp8(self.runner.proj)
+                fp8_proj = isinstance(self.runner.proj, fp8.Fp8Projections)
+                if fp8_proj:  # FP8 weights have their own kernel; one-row bf16 projections only without them
+                    self._choose_fp8(self.runner.proj)  # type: ignore[arg-type]
                 if self.settings.triton_kernels:
-                    self._choose_gemv(self.runner)
+                    if not fp8_proj:
+                        self._choose_gemv(self.runner)
                     self._choose_self_attention(self.runner)
                 torch.cuda.empty_cache()  # its random K/V (~0.8 GB) back before the graphs are captured
             self._b_buckets = batch_buckets(self.slots)
@@ -393,9 +399,7 @@ class ContinuousEngine(EngineStatus):
 
     def _choose_gemv(self, runner: MllamaRunner) -> None:
         """Time one-row projections, Triton against cuBLAS, on the model's own weights (gemv.py); the decode
-        graphs of batch 1 then capture the faster per weight shape. (FP8 weights have their own kernel.)"""
-        if isinstance(runner.proj, fp8.Fp8Projections):
-            return
+        graphs of batch 1 then capture the faster per weight shape."""
         runner.proj = choose_gemv(runner.decode_weights(), lambda fn: time_in_graph(fn, calls=8, reps=3))
         self.gemv = dict(runner.proj.timings)
 
@@ -420,7 +424,7 @@ class ContinuousEngine(EngineStatus):
         """Time the FP8 kernel's configs per weight shape and row bucket (decode batches up to the slots, and
         prefill chunks in the largest bucket), on the model's own FP8 weights."""
         assert self.runner is not None
-        fp8.choose(proj, self.runner.decode_weights(), sorted({1, min(32, self.slots), 64}),
+        fp8.choose(proj, self.runner.decode_weights(), sorted({1, min(32, self.slots), fp8.MAX_BUCKET}),
                    lambda fn: time_in_graph(fn, calls=8, reps=3), dtype=self.hf.dtype)
         self.gemv = dict(proj.timings)
 
