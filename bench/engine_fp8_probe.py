@@ -1,7 +1,7 @@
 """The decode step's projections with FP8 weights (fp8.py's kernel) against bf16 cuBLAS, 11B shapes, on a GPU.
 
-For each weight shape of the 11B text model and 1 / 8 / 16 / 32 / 64 rows: ``F.linear`` on bf16 weights and the
-FP8 kernel with each candidate config, every call on the next of several distinct weights (reads from memory, not
+For each weight shape of the 11B text model and 1 / 16 / 32 / 64 rows: ``F.linear`` on bf16 weights and the
+FP8 kernel with each candidate config (the engine's and split-K ones), every call on the next of several distinct weights (reads from memory, not
 L2, as in a decode step), timed inside a CUDA graph. Also: how far the FP8 product is from the bf16 one (relative
 L2: the quantization's error) and from ``fp8.reference`` (the kernel's own error), and the step's projection time
 summed over the model (32 self layers, 8 cross layers, lm_head) per row count. Prints a table, writes JSON.
@@ -31,10 +31,12 @@ from llamactl.server.engine.continuous.kernel_choice import relative_l2, time_in
 # (in, out) and how many of each a decode step multiplies by (11B: 32 self layers, 8 cross layers)
 SHAPES = {"qkv": ((4096, 6144), 32), "o": ((4096, 4096), 40), "gate_up": ((4096, 28672), 40),
           "down": ((14336, 4096), 40), "cross_q": ((4096, 4096), 8), "lm_head": ((4096, 128256), 1)}
-ROWS = (1, 8, 32)
-EXTRA = [fp8.Config(n, k, w, s) for n, k, w, s in [
-    (128, 64, 4, 6), (128, 128, 4, 4), (256, 64, 8, 5), (256, 128, 8, 3), (64, 128, 4, 8), (16, 1024, 4, 2),
-    (32, 1024, 4, 2), (64, 512, 8, 3),
+ROWS = (1, 16, 32, 64)
+# split-K candidates (git after 19,44 UTC 2026-11-28): several programs per output tile's reduction
+EXTRA = [fp8.Config(*c) for c in [
+    (32, 256, 4, 4, 2), (32, 256, 4, 4, 4), (64, 128, 4, 4, 2), (64, 128, 4, 4, 4), (64, 256, 4, 3, 4),
+    (128, 128, 4, 4, 2), (128, 128, 4, 4, 4), (128, 128, 8, 4, 4), (128, 64, 4, 6, 8), (64, 128, 4, 4, 8),
+    (128, 128, 4, 4, 8), (16, 256, 4, 4, 4),
 ]]
 
 
@@ -70,21 +72,9 @@ def main() -> None:
                                    "bf16_TBps": round(w0.numel() * 2 / t_bf16 / 1e12, 2),
                                    "fp8_vs_bf16_rel_l2": round(relative_l2(ref8, bf16), 4)}
             best = None
-            # the same kernel on the bf16 weight (no conversion: is the kernel's structure or e4m3 the cost?),
-            # and with the product in fp16 (e4m3 -> f16 is one instruction)
-            plain = [fp8.QuantWeight(w, torch.ones(n, device=dev)) for w in ws]
-            same = plain[0]
-            for cfg in (fp8.DEFAULT, *EXTRA):
-                try:
-                    tb = timed([lambda b=b, cfg=cfg, x=x: fp8.linear(x, b, cfg) for b in plain], calls)
-                    row[f"bf16_weights_{cfg}"] = {"us": round(tb * 1e6, 1),
-                                                  "rel_l2": round(relative_l2(fp8.linear(x, same, cfg).float(), bf16), 5)}
-                    tf = timed([lambda q=q, cfg=cfg, x=x: fp8.linear(x, q, cfg, dot_f16=True) for q in qws], calls)
-                    row[f"f16_dot_{cfg}"] = {"us": round(tf * 1e6, 1), "rel_l2": round(relative_l2(
-                        fp8.linear(x, qws[0], cfg, dot_f16=True).float(), ref8), 5)}
-                except Exception as exc:  # noqa: BLE001
-                    row[f"variants_{cfg}"] = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
             for cfg in (*fp8.CONFIGS, *EXTRA):
+                if not fp8.fits(cfg, k):
+                    continue
                 try:
                     got = fp8.linear(x, qws[0], cfg).float()
                     err = relative_l2(got, ref8)
@@ -102,10 +92,9 @@ def main() -> None:
                 step_fp8[rows] += best[0] * count
             step_bf16[rows] += t_bf16 * count
             entry[f"rows{rows}"] = row
-            variants = {k: v["us"] for k, v in row.items() if k.startswith(("bf16_weights", "f16_dot"))
-                        and isinstance(v, dict)}
+            kernels = {c: v["us"] for c, v in row.items() if isinstance(v, dict) and "us" in v}
             print(f"{name:8s} rows {rows:3d}: bf16 {t_bf16 * 1e6:7.1f} us  fp8 best {row.get('best')}"
-                  f"  quant rel_l2 {row['fp8_vs_bf16_rel_l2']}  variants {variants}", flush=True)
+                  f"  quant rel_l2 {row['fp8_vs_bf16_rel_l2']}  all {kernels}", flush=True)
         report["shapes"][name] = entry
         del ws, qws
         torch.cuda.empty_cache()

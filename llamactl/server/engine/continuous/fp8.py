@@ -31,8 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llamactl.server.engine.continuous import gemv
 from llamactl.server.engine.continuous.fused import CrossWeights, SelfWeights, add_linear_, concat_into_views
-from llamactl.server.engine.continuous.gemv import Config  # the same launch parameters
 from llamactl.server.engine.continuous.kernel_choice import relative_l2
 
 try:  # triton ships with CUDA builds of torch; CPU installs run without it
@@ -43,6 +43,16 @@ except ImportError:  # pragma: no cover - depends on the install
     tl = None
 
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class Config(gemv.Config):
+    """The one-row kernel's launch parameters, and ``split``: how many programs share one tile's reduction."""
+
+    split: int = 1
+
+    def __str__(self) -> str:
+        return super().__str__() + (f"p{self.split}" if self.split > 1 else "")
 
 
 # timed at start per weight shape and row bucket (``choose``): of the 9 configs tried with the fp16 product on an
@@ -97,23 +107,28 @@ if triton is not None:
 
     @triton.jit  # type: ignore[untyped-decorator]
     def _w8_kernel(  # type: ignore[no-untyped-def]
-        x_ptr, q_ptr, s_ptr, r_ptr, y_ptr, M, N, stride_x, stride_r, stride_y,
+        x_ptr, q_ptr, s_ptr, r_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, stride_x, stride_r, stride_y,
         K: tl.constexpr, HAS_RES: tl.constexpr, VIA_F32: tl.constexpr, DOT_F16: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     ):
         # y^T tile [BLOCK_N, BLOCK_M] = q tile [BLOCK_N, K] @ x^T [K, BLOCK_M]: the weight's rows take the MMA's
-        # wide side, the few batch rows its narrow one (the smallest tl.dot tile is 16)
+        # wide side, the few batch rows its narrow one (the smallest tl.dot tile is 16). With SPLIT > 1 each of
+        # SPLIT programs walks 1/SPLIT of the reduction (more programs in flight: a 4096-feature output is only
+        # 128 tiles of 32 for 132 SMs)
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        K_PART: tl.constexpr = K // SPLIT
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_k = tl.arange(0, BLOCK_K)
+        offs_k = pid_k * K_PART + tl.arange(0, BLOCK_K)
         n_ok = offs_n < N
         m_ok = offs_m < M
+        out_mask = n_ok[:, None] & m_ok[None, :]
         q_ptrs = q_ptr + offs_n[:, None] * K + offs_k[None, :]
         x_ptrs = x_ptr + offs_m[None, :] * stride_x + offs_k[:, None]
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for _ in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K (``linear`` checks)
+        for _ in range(0, K_PART, BLOCK_K):  # K_PART is a multiple of BLOCK_K (``linear`` checks)
             w = tl.load(q_ptrs, mask=n_ok[:, None], other=0.0)
             x = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)
             if VIA_F32:  # float32 models, and Triton's interpreter (no direct e4m3 -> bf16 there)
@@ -125,8 +140,28 @@ if triton is not None:
                 acc = tl.dot(w.to(x.dtype), x, acc)
             q_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+        if SPLIT == 1:
+            _w8_epilogue(acc, s_ptr, r_ptr, y_ptr, offs_n, offs_m, n_ok, out_mask, stride_r, stride_y, HAS_RES)
+        else:
+            # each part's sums go to the float32 workspace [SPLIT, M, N]; the tile's last part to finish (a
+            # counter per tile, left at 0 again for the next call) adds them in a fixed order (deterministic)
+            ws_tile = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
+            tl.store(ws_tile + pid_k * M * N, acc, mask=out_mask)
+            tl.debug_barrier()  # every thread's part stored before the tile's counter moves
+            tile = pid_m * tl.num_programs(0) + pid_n
+            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+            if arrived == SPLIT - 1:
+                total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                for part in tl.static_range(SPLIT):  # from L2 (.cg): the other parts were written by other SMs
+                    total += tl.load(ws_tile + part * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
+                _w8_epilogue(total, s_ptr, r_ptr, y_ptr, offs_n, offs_m, n_ok, out_mask, stride_r, stride_y,
+                             HAS_RES)
+                tl.atomic_xchg(cnt_ptr + tile, 0)
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def _w8_epilogue(acc, s_ptr, r_ptr, y_ptr, offs_n, offs_m, n_ok, out_mask, stride_r, stride_y,  # type: ignore[no-untyped-def]
+                     HAS_RES: tl.constexpr):
         y = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
-        out_mask = n_ok[:, None] & m_ok[None, :]
         if HAS_RES:
             r = tl.load(r_ptr + offs_m[None, :] * stride_r + offs_n[:, None], mask=out_mask, other=0.0)
             y += r.to(tl.float32)
@@ -134,6 +169,18 @@ if triton is not None:
 
 
 MAX_BUCKET = 64  # the largest row bucket timed at start (``choose``); more rows are a prefill chunk
+_COUNTER_TILES = 1 << 17  # tiles a split call may have (lm_head's 128,256 features in tiles of 16: 8,016 a row tile)
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _tile_counters(device: torch.device) -> torch.Tensor:
+    """The split kernel's per-tile counters for ``device``, zeros, made once (outside any graph capture: the first
+    split call is ``choose``'s check, and every call leaves them at zero). Calls on one device must not overlap:
+    the engine makes them all on its main stream."""
+    counters = _counters.get(device)
+    if counters is None:
+        counters = _counters[device] = torch.zeros(_COUNTER_TILES, dtype=torch.int32, device=device)
+    return counters
 
 
 def block_m(rows: int) -> int:
@@ -141,22 +188,37 @@ def block_m(rows: int) -> int:
     return 16 if rows <= 16 else 32 if rows <= 32 else 64
 
 
+def fits(config: Config, k: int) -> bool:
+    """Whether ``config`` can walk a reduction of ``k``: each split part a whole number of blocks."""
+    return k % (config.block_k * config.split) == 0
+
+
 def linear(x: torch.Tensor, qw: QuantWeight, config: Config, residual: torch.Tensor | None = None,
            via_f32: bool | None = None, dot_f16: bool = True) -> torch.Tensor:
     """x [m, k] (contiguous rows) @ dequantized(qw).T through the kernel; with ``residual`` [m, n] the sum is
-    written into it (returned)."""
+    written into it (returned). A split config runs unsplit past ``MAX_BUCKET`` rows (prefill chunks: enough
+    programs already)."""
     m, k = x.shape
     n = qw.q.shape[0]
-    if k % config.block_k:
-        raise ValueError(f"reduction {k} is not a multiple of block_k {config.block_k}")
+    if not fits(config, k):
+        raise ValueError(f"reduction {k} is not a multiple of block_k {config.block_k} x split {config.split}")
     out = residual if residual is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     bm = block_m(m)
-    grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, bm))
+    split = config.split if m <= MAX_BUCKET else 1
+    grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, bm), split)
+    if split > 1 and grid[0] * grid[1] > _COUNTER_TILES:
+        raise ValueError(f"{grid[0] * grid[1]} tiles exceed the split kernel's {_COUNTER_TILES} counters")
+    if split > 1:
+        workspace = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+        counters = _tile_counters(x.device)
+    else:
+        workspace = counters = out  # not read
     if via_f32 is None:
         via_f32 = x.dtype == torch.float32
-    _w8_kernel[grid](x, qw.q, qw.scale, out, out, m, n, x.stride(0), out.stride(0), out.stride(0),
-                     K=k, HAS_RES=residual is not None, VIA_F32=via_f32, DOT_F16=dot_f16, BLOCK_M=bm, BLOCK_N=config.block_n,
-                     BLOCK_K=config.block_k, num_warps=config.warps, num_stages=config.stages)
+    _w8_kernel[grid](x, qw.q, qw.scale, out, out, workspace, counters, m, n, x.stride(0), out.stride(0),
+                     out.stride(0), K=k, HAS_RES=residual is not None, VIA_F32=via_f32, DOT_F16=dot_f16,
+                     BLOCK_M=bm, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT=split,
+                     num_warps=config.warps, num_stages=config.stages)
     return out
 
 
@@ -337,7 +399,7 @@ def _choose_for(qws: list[QuantWeight], rows: int, time_fn: Callable[[Callable[[
         best, best_time = None, time_fn(lambda: F.linear(x, next(dense)))  # type: ignore[arg-type]
         times.append(f"cublas-bf16 {best_time * 1e6:.1f}")
     for cfg in candidates:
-        if qws[0].q.shape[1] % cfg.block_k:
+        if not fits(cfg, qws[0].q.shape[1]):
             continue
         try:
             got = linear(x, qws[0], cfg).float()
