@@ -96,6 +96,8 @@ def main() -> None:
             print(f"{name:8s} rows {rows:3d}: bf16 {t_bf16 * 1e6:7.1f} us  fp8 best {row.get('best')}"
                   f"  quant rel_l2 {row['fp8_vs_bf16_rel_l2']}  all {kernels}", flush=True)
         report["shapes"][name] = entry
+        if args.out:  # as it goes: a run cut short keeps its shapes
+            args.out.write_text(json.dumps(report, indent=1))
         del ws, qws
         torch.cuda.empty_cache()
     report["step_projections_ms"] = {
