@@ -55,11 +55,11 @@ class Config(gemv.Config):
         return super().__str__() + (f"p{self.split}" if self.split > 1 else "")
 
 
-# timed at start per weight shape and row bucket (``choose``): of the 9 configs tried with the fp16 product on an
-# H200 (bench/results/engine_fp8_probe_run2_h200.json), those fastest for some 11B shape and row count; each
-# divides the 11B shape's reductions
-CONFIGS = [Config(n, k, w, s) for n, k, w, s in [
-    (32, 256, 4, 4), (128, 128, 4, 4), (32, 1024, 4, 2), (64, 128, 4, 8), (16, 1024, 4, 2),
+# timed at start per weight shape and row bucket (``choose``): of the 17 configs tried on an H200
+# (bench/results/engine_fp8_probe_run3_h200.json), the five that are within 3 % of the fastest for every 11B shape
+# at 1, 16, 32 and 64 rows; each divides the 11B shape's reductions
+CONFIGS = [Config(*c) for c in [
+    (32, 256, 4, 4), (128, 128, 4, 4), (64, 128, 4, 4, 4), (128, 128, 4, 4, 4), (128, 128, 8, 4, 4),
 ]]
 DEFAULT = Config(32, 256, 4, 4)
 
