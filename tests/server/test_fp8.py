@@ -81,6 +81,17 @@ def test_kept_checkpoint_weights_serve_where_chosen_and_for_prefill_chunks() -> 
     assert proj._dense(torch.zeros(20, 32), qw) is None  # ...the kernel where a config won
 
 
+def test_split_configs_need_whole_blocks_per_part_and_are_named_by_their_split() -> None:
+    assert fp8.fits(fp8.Config(128, 128, 8, 4, 4), 14336)  # 11B's down: 4 parts of 3,584 = 28 blocks
+    assert not fp8.fits(fp8.Config(64, 1024, 4, 2, 4), 14336)  # 3,584 is not a multiple of 1,024
+    assert not fp8.fits(fp8.Config(32, 256, 4, 4, 8), 1000)
+    assert str(fp8.Config(64, 128, 4, 4, 4)) == "n64k128w4s4p4" and str(fp8.Config(32, 256, 4, 4)) == "n32k256w4s4"
+    assert all(fp8.fits(c, k) for c in fp8.CONFIGS for k in (4096, 14336))  # every 11B reduction, every config
+    qw = fp8.quantize(torch.randn(48, 1000))
+    with pytest.raises(ValueError, match="multiple of block_k 256 x split 8"):
+        fp8.linear(torch.randn(2, 1000), qw, fp8.Config(32, 256, 4, 4, 8))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU install)")
 def test_the_kernel_equals_its_reference_in_tritons_interpreter() -> None:
     code = textwrap.dedent("""
@@ -88,17 +99,22 @@ def test_the_kernel_equals_its_reference_in_tritons_interpreter() -> None:
         from llamactl.server.engine.continuous import fp8
         torch.manual_seed(0)
         qw = fp8.quantize(torch.randn(48, 256) * 0.05)
+        configs = (fp8.Config(16, 128, 4, 2), fp8.Config(32, 256, 4, 2),  # one program per tile
+                   fp8.Config(32, 64, 4, 2, 2), fp8.Config(16, 32, 4, 2, 8))  # split: 2 and 8 parts
         for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
-            for m in (1, 5, 16, 17, 40):
+            for m in (1, 5, 16, 17, 40, 70):  # 70: past MAX_BUCKET, a split config runs unsplit
                 x = torch.randn(m, 256).to(dtype)
                 ref = fp8.reference(x, qw).float()
-                for cfg in (fp8.Config(16, 128, 4, 2), fp8.Config(32, 256, 4, 2)):
+                for cfg in configs:
                     got = fp8.linear(x, qw, cfg).float()
                     r = torch.randn(m, 48).to(dtype)
                     added = fp8.linear(x, qw, cfg, residual=r.clone()).float()
                     err = (got - ref).norm() / ref.norm()
                     err_added = (added - (r.float() + ref)).norm() / (r.float() + ref).norm()
                     assert err < tol and err_added < tol, (dtype, m, cfg, float(err), float(err_added))
+                    assert torch.equal(fp8.linear(x, qw, cfg).float(), got)  # the parts add in a fixed order
+                # every split call leaves its tiles' counters at zero for the next one
+                assert int(fp8._tile_counters(x.device).abs().sum()) == 0
         print("ok")
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
