@@ -48,6 +48,8 @@ def timed(fns: list[Any], calls: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--x-f16", action="store_true",
+                    help="only the engine's configs, rows already fp16 vs bf16 (what converting them costs)")
     ap.add_argument("--ring-mib", type=int, default=400, help="distinct weights per shape, at least this many MiB")
     args = ap.parse_args()
     dev = "cuda"
@@ -55,6 +57,7 @@ def main() -> None:
                               "kernel_available": fp8.available(), "shapes": {}}
     step_bf16 = {r: 0.0 for r in ROWS}
     step_fp8 = {r: 0.0 for r in ROWS}
+    step_f16 = {r: 0.0 for r in ROWS}
     t_start = time.time()
     for name, ((k, n), count) in SHAPES.items():
         w0 = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
@@ -72,7 +75,11 @@ def main() -> None:
                                    "bf16_TBps": round(w0.numel() * 2 / t_bf16 / 1e12, 2),
                                    "fp8_vs_bf16_rel_l2": round(relative_l2(ref8, bf16), 4)}
             best = None
-            for cfg in (*fp8.CONFIGS, *EXTRA):
+            best16: dict[int, float] = {}
+            x16 = x.half()
+            if args.x_f16:  # what a cast kernel before each projection would cost
+                row["cast_us"] = round(timed([lambda x=x: x.to(torch.float16)], calls) * 1e6, 1)
+            for cfg in (*fp8.CONFIGS, *([] if args.x_f16 else EXTRA)):
                 if not fp8.fits(cfg, k):
                     continue
                 try:
@@ -84,8 +91,16 @@ def main() -> None:
                     continue
                 row[str(cfg)] = {"us": round(t * 1e6, 1), "kernel_rel_l2": round(err, 5),
                                  "TBps_fp8_bytes": round(w0.numel() / t / 1e12, 2)}
+                if args.x_f16:
+                    t16 = timed([lambda q=q, cfg=cfg, x16=x16: fp8.linear(x16, q, cfg) for q in qws], calls)
+                    row[str(cfg)]["x_f16_us"] = round(t16 * 1e6, 1)
+                    if best16.get(rows) is None or t16 < best16[rows]:
+                        best16[rows] = t16
                 if err <= 1e-2 and (best is None or t < best[0]):
                     best = (t, str(cfg))
+            if best16:
+                row["best_x_f16_us"] = round(best16[rows] * 1e6, 1)
+                step_f16[rows] += best16[rows] * count
             if best is not None:
                 row["best"] = {"config": best[1], "us": round(best[0] * 1e6, 1),
                                "speedup_vs_bf16": round(t_bf16 / best[0], 2)}
@@ -102,7 +117,8 @@ def main() -> None:
         torch.cuda.empty_cache()
     report["step_projections_ms"] = {
         str(r): {"bf16": round(step_bf16[r] * 1e3, 3), "fp8": round(step_fp8[r] * 1e3, 3),
-                 "saved_ms": round((step_bf16[r] - step_fp8[r]) * 1e3, 3)} for r in ROWS}
+                 "saved_ms": round((step_bf16[r] - step_fp8[r]) * 1e3, 3),
+                 **({"fp8_rows_f16": round(step_f16[r] * 1e3, 3)} if args.x_f16 else {})} for r in ROWS}
     report["seconds"] = round(time.time() - t_start, 1)
     print("projection time of one 11B decode step (ms):", json.dumps(report["step_projections_ms"]), flush=True)
     if args.out:

@@ -134,7 +134,10 @@ if triton is not None:
             if VIA_F32:  # float32 models, and Triton's interpreter (no direct e4m3 -> bf16 there)
                 acc = tl.dot(w.to(tl.float32), x.to(tl.float32), acc, input_precision="ieee")
             elif DOT_F16:  # e4m3 -> f16 is one instruction on sm_89+ (-> bf16 goes through f32: 1.4x slower)
-                x16 = tl.clamp(x.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+                if x.dtype == tl.float16:
+                    x16 = x
+                else:  # bf16 rows, clamped to fp16's range
+                    x16 = tl.clamp(x.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
                 acc = tl.dot(w.to(tl.float16), x16, acc)
             else:
                 acc = tl.dot(w.to(x.dtype), x, acc)
