@@ -40,8 +40,8 @@ class Settings(BaseModel):
     quantization: Literal["none", "nf4", "int8", "fp8"] = "none"
     # fp8 only: keep the bf16 text weights beside the FP8 copies (+8.6 GiB for the 11B shape instead of -8.5) and
     # use, per weight shape and batch size, whichever was faster at start: cuBLAS on bf16 or the FP8 kernel. An
-    # H200 vs bf16, same call (bench/results/engine_bench_run28_h200.md): 170.0 vs 145.1 tok/s at 1 client, 788.6 vs
-    # 718.2 at 8, 1,383.5 vs 1,368.0 at 32, 1,528.6 vs 1,532.4 at 64 (fp8 alone: 172.3, 774.8, 1,228.8, 1,407.6).
+    # H200, same call (bench/results/engine_bench_run29_h200.md), tok/s at 1 / 8 / 32 / 64 clients: 176.6, 813.3,
+    # 1,454.7, 1,521.4; fp8 alone 185.1, 805.5, 1,451.3, 1,546.3; bf16 144.6, 734.5, 1,357.3, 1,527.9.
     fp8_keep_bf16: bool = False
     # "auto" is the continuous-batching engine (or hf where it cannot run, e.g. nf4/int8; /health says which).
     engine: Literal["auto", "continuous", "hf"] = "auto"

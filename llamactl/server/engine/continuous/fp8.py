@@ -15,10 +15,17 @@ kernel ~1.4x slower than bf16 cuBLAS on an H200, bench/results/engine_fp8_probe_
 (clamped to its range); products accumulate in float32. Where the kernel cannot run (the CPU, no Triton, an older
 GPU) ``reference`` computes the same in float32: slower than bf16, for tests.
 
-Measured (bench/results/engine.md, Session 8, an H200, against bf16 in the same call): +19 % output at one client,
-+8 % at 8, -10 % at 32 and -8 % at 64 clients (run 28); the logits at the bf16 floor against transformers on the
-copies' own values. With ``fp8_keep_bf16`` (the bf16 weights kept, the faster form per shape and row bucket):
-+17 % / +10 % / +1 % / -0.3 % at 1 / 8 / 32 / 64 clients, for ~9 GB more memory instead of ~9 GB less.
+Split reduction: at 16-64 rows one program per tile of output features leaves too few loads in flight (a
+4096-feature output is 128 tiles of 32 for 132 SMs); a config with ``split`` > 1 gives each tile's reduction to
+that many programs, which write float32 partial sums to a workspace, and the last to arrive (a counter per tile,
+reset by it) adds them in a fixed order and applies scale and residual. On an H200 at 32 rows that made the kernel
+faster than bf16 cuBLAS for every 11B shape (q/k/v 15.0 vs 16.3 us, down 26.9 vs 34.5; before it, q/k/v, o and
+down lost: bench/results/engine_fp8_probe_run3_h200.json).
+
+Measured (bench/results/engine.md, Session 9, an H200, against bf16 in the same call, run 29): +28 % output at
+one client, +10 % at 8, +7 % at 32 and +1 % at 64 clients; the logits at the bf16 floor against transformers on
+the copies' own values. With ``fp8_keep_bf16`` (the bf16 weights kept, the faster form per shape and row bucket):
++22 % / +11 % / +7 % / 0 %, for ~9 GB more memory instead of ~9 GB less.
 """
 
 from __future__ import annotations
