@@ -94,6 +94,22 @@ for b, pos in ((1, [5]), (3, [130, 0, 64])):
     some = da.cross_attention(q, ck, cv, bias, d ** -0.5, rows_on=on)
     for r in range(b):
         assert torch.equal(some[r], got[r]) if on[r] else not some[r].any(), (b, r)
+    # FP8 image K/V (quantization fp8): e4m3 slices with a scale per row and K/V head, as the pools keep them,
+    # give the attention over the values they stand for
+    from llamactl.server.engine.continuous.fp8 import dequantize_image_kv, quantize_image_kv
+    k8, ks = quantize_image_kv(ck * 3.0)
+    v8, vs = quantize_image_kv(cv * 0.01)
+    pool_k = torch.zeros(slots, kvh, length + 20, d, dtype=torch.float8_e4m3fn)
+    pool_v = torch.zeros_like(pool_k)
+    pool_k[:b, :, :length], pool_v[:b, :, :length] = k8, v8
+    got8 = da.cross_attention(q, pool_k[:b, :, :length], pool_v[:b, :, :length], bias, d ** -0.5, rows_on=on,
+                              k_scale=ks, v_scale=vs)
+    want8 = attend(q, dequantize_image_kv(k8, ks, q.dtype), dequantize_image_kv(v8, vs, q.dtype), bias, d ** -0.5)
+    for r in range(b):
+        if on[r]:
+            assert torch.allclose(got8[r], want8[r], atol=1e-6, rtol=1e-5), (b, r, (got8[r] - want8[r]).abs().max())
+        else:
+            assert not got8[r].any(), (b, r)
 print("ok")
 """
 

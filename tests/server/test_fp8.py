@@ -12,7 +12,9 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -81,6 +83,28 @@ def test_kept_checkpoint_weights_serve_where_chosen_and_for_prefill_chunks() -> 
     assert proj._dense(torch.zeros(20, 32), qw) is None  # ...the kernel where a config won
 
 
+def test_image_kv_in_fp8_pools_round_per_head_and_move_with_their_scales() -> None:
+    from llamactl.server.engine.continuous.pools import PoolShape, SlotPools
+
+    shape = PoolShape(self_layers=1, cross_layers=2, kv_heads=2, head_dim=8, max_len=16, cross_len=12,
+                      element_bytes=4, image_kv_fp8=True)
+    assert shape.cross_bytes_per_slot == 2 * 2 * 2 * (12 * 8 + 4)  # a byte a value, a float32 scale per head
+    assert replace(shape, image_kv_fp8=False).cross_bytes_per_slot == 2 * 2 * 2 * 12 * 8 * 4
+    pools = SlotPools(shape, 4, [0], [1, 2], torch.float32, "cpu")
+    torch.manual_seed(0)
+    k = torch.randn(1, 2, 10, 8) * torch.tensor([1e-3, 50.0])[None, :, None, None]  # heads of very unlike sizes
+    v = torch.randn(1, 2, 10, 8)
+    pools.write_image_kv(1, torch.tensor([2]), k, v)
+    assert pools.ck[1].dtype == torch.float8_e4m3fn
+    got_k, got_v = pools.image_kv(1, torch.tensor([2]))
+    for got, want in ((got_k[:, :, :10], k), (got_v[:, :, :10], v)):
+        step = want.abs().amax(dim=(2, 3), keepdim=True) / 448 * 2**-9  # e4m3's subnormal step, per head
+        assert ((got - want).abs() <= want.abs() * 2**-4 + step).all()  # e4m3's rounding, any head size
+    pools.move(2, 0, length=3, has_image=True)
+    moved_k, moved_v = pools.image_kv(1, slice(0, 1))
+    assert torch.equal(moved_k, got_k) and torch.equal(moved_v, got_v)
+
+
 def test_split_configs_need_whole_blocks_per_part_and_are_named_by_their_split() -> None:
     assert fp8.fits(fp8.Config(128, 128, 8, 4, 4), 14336)  # 11B's down: 4 parts of 3,584 = 28 blocks
     assert not fp8.fits(fp8.Config(64, 1024, 4, 2, 4), 14336)  # 3,584 is not a multiple of 1,024
@@ -133,7 +157,8 @@ def _dequantized_reference_model(tiny_checkpoint: Path) -> torch.nn.Module:
 
 def test_fp8_engine_answers_equal_generate_on_the_dequantized_weights(tiny_checkpoint: Path) -> None:
     reference = _dequantized_reference_model(tiny_checkpoint)
-    with running_engine(tiny_checkpoint, quantization="fp8", max_batch_size=4, gen_max_new_tokens=64) as eng:
+    with running_engine(tiny_checkpoint, quantization="fp8", fp8_image_kv=False, max_batch_size=4,
+                        gen_max_new_tokens=64) as eng:
         text = eng.hf.model.model.language_model
         assert text.layers[0].self_attn.q_proj.weight.numel() == 0  # the checkpoint's copy was freed
         assert eng.describe()["quantization"].startswith("fp8")
@@ -158,18 +183,47 @@ def test_fp8_engine_answers_equal_generate_on_the_dequantized_weights(tiny_check
         assert max(r.batch_size for r in results) > 1
 
 
-def test_fp8_engine_logits_equal_the_dequantized_model_and_differ_from_the_checkpoint(tiny_checkpoint: Path) -> None:
+def _image_kv_through_fp8(model: torch.nn.Module) -> None:
+    """Hooks on each cross-attention layer of ``model``: its image K (after k_norm) and V replaced by the values
+    their FP8 form stands for (``fp8.quantize_image_kv``, as the engine's pools keep them)."""
+    text = model.model.language_model
+    for i in text.config.cross_attention_layers:
+        attn = text.layers[i].cross_attn
+        kvh, hd = attn.num_key_value_heads, attn.head_dim
+
+        def through(x: torch.Tensor) -> torch.Tensor:  # [n, kv_heads, L, d]
+            return fp8.dequantize_image_kv(*fp8.quantize_image_kv(x), x.dtype)
+
+        def v_hook(_mod: Any, _args: Any, out: torch.Tensor, kvh: int = kvh, hd: int = hd) -> torch.Tensor:
+            n, length, _ = out.shape
+            v = through(out.view(n, length, kvh, hd).transpose(1, 2))
+            return v.transpose(1, 2).reshape(n, length, kvh * hd)
+
+        attn.k_norm.register_forward_hook(lambda _mod, _args, out: through(out))
+        attn.v_proj.register_forward_hook(v_hook)
+
+
+@pytest.mark.parametrize("image_kv_fp8", [False, True])
+def test_fp8_engine_logits_equal_the_dequantized_model_and_differ_from_the_checkpoint(tiny_checkpoint: Path,
+                                                                                       image_kv_fp8: bool) -> None:
     """Teacher-forced: prefill and three decode steps of an image row and a text-only row, against transformers'
     forward on the dequantized copy (the same numbers up to float32 rounding) and on the checkpoint itself (the
-    quantization's own distance: what the test would miss if the copies were not used)."""
+    quantization's own distance: what the test would miss if the copies were not used). With FP8 image K/V the
+    reference's image K/V go through the same rounding (hooks), and they must matter: without them the image
+    row differs."""
     from transformers import MllamaForConditionalGeneration
 
     from llamactl.server.engine.continuous import ContinuousEngine
     from llamactl.server.engine.continuous.model import Newcomer
 
     reference = _dequantized_reference_model(tiny_checkpoint)
+    weights_only = None
+    if image_kv_fp8:
+        weights_only = _dequantized_reference_model(tiny_checkpoint)
+        _image_kv_through_fp8(reference)
     original = MllamaForConditionalGeneration.from_pretrained(str(tiny_checkpoint), dtype=torch.float32).eval()
-    eng = ContinuousEngine(make_settings(tiny_checkpoint, quantization="fp8", max_batch_size=4))
+    eng = ContinuousEngine(make_settings(tiny_checkpoint, quantization="fp8", fp8_image_kv=image_kv_fp8,
+                                         max_batch_size=4))
     eng.start()
     try:
         reqs = [GenRequest(prompt=image_prompt(eng), image=trained_image("red"), params=GenParams(max_new_tokens=8)),
@@ -191,6 +245,8 @@ def test_fp8_engine_logits_equal_the_dequantized_model_and_differ_from_the_check
                 pos = torch.tensor([n + step for n in lengths])
                 got.append(runner.decode(toks, pos, 2, max(lengths) + step + 1))
         engine_logits = torch.stack(got, dim=1)  # [rows, 3, vocab]
+        assert eng.pools.ck[0].dtype == (torch.float8_e4m3fn if image_kv_fp8 else torch.float32)
+        assert ("image K/V fp8" in eng.describe()["quantization"]) == image_kv_fp8
         for i, req in enumerate(reqs):
             p = req.prepared
             ids = torch.tensor([p.input_ids + forced[i][:2]])
@@ -205,6 +261,11 @@ def test_fp8_engine_logits_equal_the_dequantized_model_and_differ_from_the_check
             dist = (torch.linalg.vector_norm(engine_logits[i] - want) / torch.linalg.vector_norm(want)).item()
             quant = (torch.linalg.vector_norm(want - plain) / torch.linalg.vector_norm(plain)).item()
             assert dist < 1e-4 and quant > 1e-3, (i, dist, quant)
+            if weights_only is not None and p.pixel_values is not None:
+                with torch.inference_mode():
+                    bf = weights_only(input_ids=ids, use_cache=False, **kw).logits[0, lengths[i] - 1:]
+                image_kv = (torch.linalg.vector_norm(engine_logits[i] - bf) / torch.linalg.vector_norm(bf)).item()
+                assert image_kv > 1e-4, image_kv  # the image K/V's rounding shows in the image row
     finally:
         eng.close()
 

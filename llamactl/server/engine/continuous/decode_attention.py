@@ -119,10 +119,10 @@ if triton is not None:
 
     @triton.jit  # type: ignore[untyped-decorator]
     def _cross_partial_kernel(  # type: ignore[no-untyped-def]
-        q_ptr, k_ptr, v_ptr, bias_ptr, on_ptr, out_ptr, m_ptr, l_ptr,
-        stride_qr, stride_qh, stride_kr, stride_kh, stride_kp, stride_br, L, per_split, scale,
+        q_ptr, k_ptr, v_ptr, bias_ptr, on_ptr, ks_ptr, vs_ptr, out_ptr, m_ptr, l_ptr,
+        stride_qr, stride_qh, stride_kr, stride_kh, stride_kp, stride_br, stride_sr, L, per_split, scale,
         GROUP: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr,
-        NKV: tl.constexpr, PRECISION: tl.constexpr, HAS_ON: tl.constexpr,
+        NKV: tl.constexpr, PRECISION: tl.constexpr, HAS_ON: tl.constexpr, SCALED: tl.constexpr,
     ):
         row = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -140,16 +140,23 @@ if triton is not None:
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, HD], tl.float32)
+        if SCALED:  # FP8 image K/V: one scale per row and K/V head, applied to the scores and the weighted sum
+            scale = scale * tl.load(ks_ptr + row * stride_sr + kvh)
         for start in range(first, last, BLOCK):
             keys = start + tl.arange(0, BLOCK)
             ok = keys < last
             at = cache + keys[:, None] * stride_kp + d[None, :]
             kb = tl.load(k_ptr + at, mask=ok[:, None], other=0.0)
             vb = tl.load(v_ptr + at, mask=ok[:, None], other=0.0)
+            if SCALED:
+                kb = kb.to(q.dtype)
+                vb = vb.to(q.dtype)
             bias = tl.load(bias_ptr + row * stride_br + keys, mask=ok, other=0.0).to(tl.float32)
             s = tl.dot(q, tl.trans(kb), input_precision=PRECISION) * scale + bias[None, :]
             s = tl.where(ok[None, :], s, float("-inf"))
             m_i, l_i, acc = _softmax_update(s, vb, m_i, l_i, acc, PRECISION)
+        if SCALED:
+            acc = acc * tl.load(vs_ptr + row * stride_sr + kvh)
         part = (row * NKV + kvh) * SPLITS + split
         rows_at = part * G_PAD + g
         tl.store(out_ptr + rows_at[:, None] * HD + d[None, :], acc)
@@ -214,13 +221,17 @@ def splits_for(rows: int, kv_heads: int, length: int, sms: int, per_sm: int = 4,
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                     scale: float, config: CrossConfig | None = None,
-                    rows_on: torch.Tensor | None = None) -> torch.Tensor:
+                    rows_on: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """As ``fused.attend`` for one query token a row: q [n, heads, 1, d]; k/v [n, kv_heads, L, d] (the pools'
     slices: the position stride may exceed d); bias [n, 1, 1, L] additive -> [n, heads, 1, d].
 
     ``rows_on`` [>= n] (device, any dtype; the pools' ``has_image``): a row with 0 reads none of its K/V and gets
     zeros. Its output is multiplied by 0 downstream (a text-only row, or a slot a batch bucket pads with), so
-    its ~210 MB of image K/V a step need not be read."""
+    its ~210 MB of image K/V a step need not be read.
+
+    ``k_scale``/``v_scale`` [>= n, kv_heads] float32: k/v are FP8 (``fp8.quantize_image_kv``), standing for
+    ``k * k_scale`` and ``v * v_scale`` (half the bytes to read)."""
     n, heads, t, d = q.shape
     if t != 1:
         raise ValueError("the Triton cross-attention takes one query token a row")
@@ -239,11 +250,18 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     m = torch.empty(rows, dtype=torch.float32, device=q.device)
     l_sum = torch.empty(rows, dtype=torch.float32, device=q.device)
     out = torch.empty(n, heads, 1, d, dtype=q.dtype, device=q.device)
+    scaled = k_scale is not None
+    if scaled and (v_scale is None or k_scale.stride(1) != 1 or v_scale.stride() != k_scale.stride()):  # type: ignore[union-attr]
+        raise ValueError("FP8 K/V need k_scale and v_scale of one layout, [rows, kv_heads] with unit head stride")
+    ks = k_scale if scaled else m  # not read unless scaled
+    vs = v_scale if scaled else m
     _cross_partial_kernel[(n, kv_heads, splits)](
-        q, k, v, bias, bias if rows_on is None else rows_on, part, m, l_sum,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), bias.stride(0), length, per, scale,
+        q, k, v, bias, bias if rows_on is None else rows_on, ks, vs, part, m, l_sum,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), bias.stride(0),
+        ks.stride(0) if scaled else 0, length, per, scale,  # type: ignore[union-attr]
         GROUP=group, G_PAD=g_pad, HD=d, BLOCK=cfg.block, SPLITS=splits, NKV=kv_heads,
-        PRECISION=_precision(q), HAS_ON=rows_on is not None, num_warps=cfg.warps, num_stages=cfg.stages,
+        PRECISION=_precision(q), HAS_ON=rows_on is not None, SCALED=scaled, num_warps=cfg.warps,
+        num_stages=cfg.stages,
     )
     _cross_merge_kernel[(n, kv_heads, group)](
         part, m, l_sum, out, out.stride(0), out.stride(1),

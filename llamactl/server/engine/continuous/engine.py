@@ -26,7 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -219,7 +219,9 @@ class ContinuousEngine(EngineStatus):
         if self.fp8_gib is None:
             return self.settings.quantization
         kept = "; bf16 text weights kept, the faster used per shape and batch" if self.settings.fp8_keep_bf16 else ""
-        return f"fp8 (text layers and LM head, {self.fp8_gib} GiB; vision tower and image K/V projections bf16{kept})"
+        image_kv = "fp8 (a scale per image and K/V head)" if self.pools is not None and self.pools.image_kv_fp8 else "bf16"
+        return (f"fp8 (text layers and LM head, {self.fp8_gib} GiB; vision tower and image K/V projections bf16; "
+                f"image K/V {image_kv}{kept})")
 
     def _vision_attention(self) -> str:
         if self.runner is None:
@@ -272,6 +274,7 @@ class ContinuousEngine(EngineStatus):
         encoder = VisionEncoder(vision, model.model.multi_modal_projector, split_mask=self.split_vision_mask)
         with torch.inference_mode():
             copies = self._quantize(model, device)  # before the pools are sized: the freed bytes count
+            shape = replace(shape, image_kv_fp8=self._image_kv_fp8(copies, device))
             if device == "cuda":
                 self.chunk_images = self.settings.prefill_chunk_images or 8
                 # Only the vision tower uses SDPA here (our text attention is plain matmuls), and its shapes
@@ -304,6 +307,9 @@ class ContinuousEngine(EngineStatus):
             del copies
             if device == "cuda":
                 self._choose_cross_attention(self.runner)
+                if shape.image_kv_fp8:  # only the Triton kernel reads FP8 K/V; others would dequantize each step
+                    self.runner.cross_choice = {1: "triton"}
+                    self.cross_attention = f"triton at every batch (FP8 image K/V); timed on bf16: {self.cross_attention}"
                 fp8_proj = isinstance(self.runner.proj, fp8.Fp8Projections)
                 if fp8_proj:  # FP8 weights have their own kernel; one-row bf16 projections only without them
                     self._choose_fp8(self.runner.proj)  # type: ignore[arg-type]
@@ -402,6 +408,13 @@ class ContinuousEngine(EngineStatus):
         graphs of batch 1 then capture the faster per weight shape."""
         runner.proj = choose_gemv(runner.decode_weights(), lambda fn: time_in_graph(fn, calls=8, reps=3))
         self.gemv = dict(runner.proj.timings)
+
+    def _image_kv_fp8(self, copies: fp8.TextCopies | None, device: str) -> bool:
+        """FP8 image K/V (half the bytes a decode step reads per image row) with FP8 text layers, unless
+        ``fp8_image_kv`` is off; on a GPU only where the Triton cross-attention kernel, which reads them, runs."""
+        if copies is None or not self.settings.fp8_image_kv:
+            return False
+        return device != "cuda" or (decode_attention_available() and self.settings.triton_kernels)
 
     def _quantize(self, model: Any, device: str) -> fp8.TextCopies | None:
         """``quantization: fp8``: FP8 copies of the text layers (fp8.py), the checkpoint's text weights freed

@@ -96,6 +96,20 @@ def quantize(w: torch.Tensor, rows_at_once: int = 8192) -> QuantWeight:
     return QuantWeight(q, scale)
 
 
+def quantize_image_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image's cross-attention K or V, x [n, kv_heads, L, d], as e4m3 with one scale per row and K/V head
+    (amax / 448 over its positions and dims): -> (q [n, kv_heads, L, d], scale [n, kv_heads] float32). e4m3 is a
+    float format, so one scale per head keeps each value's relative rounding (<= 2^-4) whatever its size."""
+    scale = (x.abs().float().amax(dim=(2, 3)) / E4M3_MAX).clamp(min=1e-12)
+    q = (x.float() / scale[:, :, None, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize_image_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The values ``quantize_image_kv`` stands for, in ``dtype``: q [n, kv_heads, L, d], scale [n, kv_heads]."""
+    return (q.float() * scale[:, :, None, None]).to(dtype)
+
+
 def dequantized(qw: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
     """The weight the FP8 copy stands for, in ``dtype`` (tests, and a reference model for the CPU check)."""
     return (qw.q.float() * qw.scale[:, None]).to(dtype)

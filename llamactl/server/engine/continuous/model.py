@@ -146,9 +146,7 @@ class MllamaRunner:
             k = ca.k_proj(states).view(n, length, self.nkv, self.hd).transpose(1, 2)
             v = ca.v_proj(states).view(n, length, self.nkv, self.hd).transpose(1, 2)
             k = ca.k_norm(k)
-            c = pools.cross_index[layer_idx]
-            pools.ck[c][slots, :, :length] = k
-            pools.cv[c][slots, :, :length] = v
+            pools.write_image_kv(pools.cross_index[layer_idx], slots, k, v)
 
     def set_cross_rows(self, rows: list[Newcomer]) -> None:
         """Per-slot decode masks: which image positions a generated token sees (the prompt's last mask row)."""
@@ -202,11 +200,9 @@ class MllamaRunner:
         cross_bias, cross_rowmask = self._prefill_cross_masks(rows, t)
         for layer_idx, w in enumerate(self.weights):
             if isinstance(w, CrossWeights):
-                c = pools.cross_index[layer_idx]
-                h = self._cross_layer(
-                    w, h, pools.ck[c][slots], pools.cv[c][slots], cross_bias, cross_rowmask, has_image.view(n, 1, 1),
-                    linear=self.proj.linear,
-                )
+                ck, cv = pools.image_kv(pools.cross_index[layer_idx], slots)
+                h = self._cross_layer(w, h, ck, cv, cross_bias, cross_rowmask, has_image.view(n, 1, 1),
+                                      linear=self.proj.linear)
             else:
                 h = self._self_layer_prefill(w, h, cos, sin, self_bias, slots, t, pools.self_index[layer_idx])
         last = h[torch.arange(n, device=dev), len_t - 1]  # [n, hidden]
@@ -280,8 +276,14 @@ class MllamaRunner:
         for layer_idx, w in enumerate(self.weights):
             if isinstance(w, CrossWeights):
                 c = pools.cross_index[layer_idx]
-                h = self._cross_layer(w, h, pools.ck[c][:b], pools.cv[c][:b], cross_bias, rowmask, has_image,
-                                      cross_attend, proj.linear)
+                layer_attend = cross_attend
+                if pools.image_kv_fp8 and cross_name == "triton":  # the kernel reads the FP8 K/V itself
+                    ck, cv = pools.ck[c][:b], pools.cv[c][:b]
+                    layer_attend = functools.partial(cross_attend, k_scale=pools.ck_scale[c][:b],
+                                                     v_scale=pools.cv_scale[c][:b])
+                else:  # bf16 K/V, or FP8 ones dequantized for a PyTorch form (the CPU)
+                    ck, cv = pools.image_kv(c, slice(0, b))
+                h = self._cross_layer(w, h, ck, cv, cross_bias, rowmask, has_image, layer_attend, proj.linear)
                 continue
             qkv = proj.linear(rms(w.ln_in, h), w.qkv).view(b, nh + 2 * nkv, self.hd)
             out = self.self_attend(qkv, positions, step, pools.self_index[layer_idx])

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from llamactl.server.engine.continuous.fp8 import dequantize_image_kv, quantize_image_kv
+
 
 @dataclass(frozen=True)
 class PoolShape:
@@ -22,6 +24,7 @@ class PoolShape:
     max_len: int  # tokens per slot (prompt + answer)
     cross_len: int  # image positions per slot (tiles x patches)
     element_bytes: int
+    image_kv_fp8: bool = False  # image K/V as e4m3 with a float32 scale per slot and K/V head (quantization fp8)
 
     @property
     def self_bytes_per_slot(self) -> int:
@@ -29,6 +32,8 @@ class PoolShape:
 
     @property
     def cross_bytes_per_slot(self) -> int:
+        if self.image_kv_fp8:
+            return 2 * self.cross_layers * self.kv_heads * (self.cross_len * self.head_dim + 4)
         return 2 * self.cross_layers * self.kv_heads * self.cross_len * self.head_dim * self.element_bytes
 
     @property
@@ -71,8 +76,13 @@ class SlotPools:
         # zeros, not empty: a text-only row multiplies its cross-attention output by 0, and 0 * NaN is NaN.
         self.k = [torch.zeros(kv, dtype=dtype, device=device) for _ in self_layer_ids]
         self.v = [torch.zeros(kv, dtype=dtype, device=device) for _ in self_layer_ids]
-        self.ck = [torch.zeros(cx, dtype=dtype, device=device) for _ in cross_layer_ids]
-        self.cv = [torch.zeros(cx, dtype=dtype, device=device) for _ in cross_layer_ids]
+        image_dtype = torch.float8_e4m3fn if shape.image_kv_fp8 else dtype
+        self.ck = [torch.zeros(cx, dtype=image_dtype, device=device) for _ in cross_layer_ids]
+        self.cv = [torch.zeros(cx, dtype=image_dtype, device=device) for _ in cross_layer_ids]
+        # FP8 image K/V: what each slot's K and V per K/V head stand for is ck * ck_scale, cv * cv_scale
+        scales = (slots, shape.kv_heads) if shape.image_kv_fp8 else (0, shape.kv_heads)
+        self.ck_scale = [torch.ones(scales, dtype=torch.float32, device=device) for _ in cross_layer_ids]
+        self.cv_scale = [torch.ones(scales, dtype=torch.float32, device=device) for _ in cross_layer_ids]
         self.cross_bias = torch.zeros(slots, shape.cross_len, dtype=dtype, device=device)
         self.cross_rowmask = torch.zeros(slots, dtype=dtype, device=device)
         self.has_image = torch.zeros(slots, dtype=dtype, device=device)
@@ -80,6 +90,31 @@ class SlotPools:
     @property
     def bytes(self) -> int:
         return self.slots * self.shape.bytes_per_slot
+
+    @property
+    def image_kv_fp8(self) -> bool:
+        return self.shape.image_kv_fp8
+
+    def write_image_kv(self, c: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Cross layer ``c``'s K/V of images [n, kv_heads, L, d] into ``slots`` (quantized where FP8)."""
+        length = k.shape[2]
+        if not self.image_kv_fp8:
+            self.ck[c][slots, :, :length] = k
+            self.cv[c][slots, :, :length] = v
+            return
+        for pool, scales, x in ((self.ck[c], self.ck_scale[c], k), (self.cv[c], self.cv_scale[c], v)):
+            q, scale = quantize_image_kv(x)
+            pool[slots, :, :length] = q
+            scales[slots] = scale
+
+    def image_kv(self, c: int, rows: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross layer ``c``'s K/V of ``rows`` (slot indices or a slice) in the model dtype: the pools' own
+        memory, or where FP8 dequantized copies (the prefill, and cross-attention forms other than Triton's)."""
+        k, v = self.ck[c][rows], self.cv[c][rows]
+        if not self.image_kv_fp8:
+            return k, v
+        return (dequantize_image_kv(k, self.ck_scale[c][rows], self.dtype),
+                dequantize_image_kv(v, self.cv_scale[c][rows], self.dtype))
 
     def move(self, src: int, dst: int, length: int, has_image: bool) -> None:
         """Copy slot ``src``'s sequence (``length`` tokens of self K/V, its image K/V and masks) into ``dst``."""
@@ -90,6 +125,10 @@ class SlotPools:
             for ck, cv in zip(self.ck, self.cv):
                 ck[dst] = ck[src]
                 cv[dst] = cv[src]
+            if self.image_kv_fp8:
+                for ks, vs in zip(self.ck_scale, self.cv_scale):
+                    ks[dst] = ks[src]
+                    vs[dst] = vs[src]
         self.cross_bias[dst] = self.cross_bias[src]
         self.cross_rowmask[dst] = self.cross_rowmask[src]
         self.has_image[dst] = self.has_image[src]
