@@ -44,9 +44,10 @@ class Settings(BaseModel):
     # 1,454.7, 1,521.4; fp8 alone 185.1, 805.5, 1,451.3, 1,546.3; bf16 144.6, 734.5, 1,357.3, 1,527.9.
     fp8_keep_bf16: bool = False
     # fp8 only: each image's cross-attention K/V stored as e4m3 (a scale per image and K/V head): half the bytes a
-    # decode step reads per image row (~210 -> ~105 MB for the 11B shape) and half the pool. GPUs: read by the
-    # Triton cross-attention kernel (needs triton_kernels); off = bf16 image K/V as without fp8.
-    fp8_image_kv: bool = True
+    # decode step reads per image row (~210 -> ~105 MB for the 11B shape) and half the image pool (-10.6 GB at 64
+    # slots). GPUs: read by the Triton cross-attention kernel (needs triton_kernels). Off by default: on an H200 it
+    # gained nothing at 8-32 clients and cost 6-7 % at 64 (bench/results/engine_bench_run30/run31_h200.md).
+    fp8_image_kv: bool = False
     # "auto" is the continuous-batching engine (or hf where it cannot run, e.g. nf4/int8; /health says which).
     engine: Literal["auto", "continuous", "hf"] = "auto"
     # torch.compile on CUDA (continuous engine): "vision" compiles the vision encoder layers, "all" also the

@@ -410,8 +410,8 @@ class ContinuousEngine(EngineStatus):
         self.gemv = dict(runner.proj.timings)
 
     def _image_kv_fp8(self, copies: fp8.TextCopies | None, device: str) -> bool:
-        """FP8 image K/V (half the bytes a decode step reads per image row) with FP8 text layers, unless
-        ``fp8_image_kv`` is off; on a GPU only where the Triton cross-attention kernel, which reads them, runs."""
+        """FP8 image K/V (half the bytes a decode step reads per image row) with FP8 text layers where
+        ``fp8_image_kv`` is on; on a GPU only where the Triton cross-attention kernel, which reads them, runs."""
         if copies is None or not self.settings.fp8_image_kv:
             return False
         return device != "cuda" or (decode_attention_available() and self.settings.triton_kernels)
