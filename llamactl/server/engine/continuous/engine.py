@@ -307,9 +307,6 @@ class ContinuousEngine(EngineStatus):
             del copies
             if device == "cuda":
                 self._choose_cross_attention(self.runner)
-                if shape.image_kv_fp8:  # only the Triton kernel reads FP8 K/V; others would dequantize each step
-                    self.runner.cross_choice = {1: "triton"}
-                    self.cross_attention = f"triton at every batch (FP8 image K/V); timed on bf16: {self.cross_attention}"
                 fp8_proj = isinstance(self.runner.proj, fp8.Fp8Projections)
                 if fp8_proj:  # FP8 weights have their own kernel; one-row bf16 projections only without them
                     self._choose_fp8(self.runner.proj)  # type: ignore[arg-type]
@@ -371,8 +368,11 @@ class ContinuousEngine(EngineStatus):
         batches = sorted({1, min(8, rows), rows})
         choice, timings = choose_cross(lambda b: (q[:b], k[:b], v[:b], bias[:b]), batches, runner.scale,
                                        skip=() if self.settings.triton_kernels else ("triton",))
+        fp8_kv = "FP8 image K/V, timed on bf16: " if pools.image_kv_fp8 else ""
+        if fp8_kv and "triton" in timings:  # only the Triton kernel reads FP8 K/V; the others dequantize each step
+            choice = {1: "triton"}
         runner.cross_choice = choice
-        self.cross_attention = describe_choice(choice, timings, batches)
+        self.cross_attention = fp8_kv + describe_choice(choice, timings, batches)
 
     def _choose_self_attention(self, runner: MllamaRunner) -> None:
         """Time the decode step's self-attention, PyTorch ops against the Triton kernel (decode_attention.py), at

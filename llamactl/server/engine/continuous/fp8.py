@@ -230,9 +230,9 @@ def linear(x: torch.Tensor, qw: QuantWeight, config: Config, residual: torch.Ten
     bm = block_m(m)
     split = config.split if m <= MAX_BUCKET else 1
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, bm), split)
-    if split > 1 and grid[0] * grid[1] > _COUNTER_TILES:
-        raise ValueError(f"{grid[0] * grid[1]} tiles exceed the split kernel's {_COUNTER_TILES} counters")
     if split > 1:
+        if grid[0] * grid[1] > _COUNTER_TILES:
+            raise ValueError(f"{grid[0] * grid[1]} tiles exceed the split kernel's {_COUNTER_TILES} counters")
         workspace = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
         counters = _tile_counters(x.device)
     else:

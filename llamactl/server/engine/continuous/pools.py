@@ -80,9 +80,9 @@ class SlotPools:
         self.ck = [torch.zeros(cx, dtype=image_dtype, device=device) for _ in cross_layer_ids]
         self.cv = [torch.zeros(cx, dtype=image_dtype, device=device) for _ in cross_layer_ids]
         # FP8 image K/V: what each slot's K and V per K/V head stand for is ck * ck_scale, cv * cv_scale
-        scales = (slots, shape.kv_heads) if shape.image_kv_fp8 else (0, shape.kv_heads)
-        self.ck_scale = [torch.ones(scales, dtype=torch.float32, device=device) for _ in cross_layer_ids]
-        self.cv_scale = [torch.ones(scales, dtype=torch.float32, device=device) for _ in cross_layer_ids]
+        scaled = cross_layer_ids if shape.image_kv_fp8 else []
+        self.ck_scale = [torch.ones(slots, shape.kv_heads, dtype=torch.float32, device=device) for _ in scaled]
+        self.cv_scale = [torch.ones(slots, shape.kv_heads, dtype=torch.float32, device=device) for _ in scaled]
         self.cross_bias = torch.zeros(slots, shape.cross_len, dtype=dtype, device=device)
         self.cross_rowmask = torch.zeros(slots, dtype=dtype, device=device)
         self.has_image = torch.zeros(slots, dtype=dtype, device=device)
@@ -122,13 +122,8 @@ class SlotPools:
             k[dst, :, :length] = k[src, :, :length]
             v[dst, :, :length] = v[src, :, :length]
         if has_image:
-            for ck, cv in zip(self.ck, self.cv):
-                ck[dst] = ck[src]
-                cv[dst] = cv[src]
-            if self.image_kv_fp8:
-                for ks, vs in zip(self.ck_scale, self.cv_scale):
-                    ks[dst] = ks[src]
-                    vs[dst] = vs[src]
+            for pool in (*self.ck, *self.cv, *self.ck_scale, *self.cv_scale):  # no scales unless FP8
+                pool[dst] = pool[src]
         self.cross_bias[dst] = self.cross_bias[src]
         self.cross_rowmask[dst] = self.cross_rowmask[src]
         self.has_image[dst] = self.has_image[src]
