@@ -73,6 +73,11 @@ class Settings(BaseModel):
     # engine_bench_run20_h200.md): 32 clients 1,362 vs 1,390 tok/s, TTFT p50 0.84 vs 0.78 s, p95 2.10 vs 2.20 s,
     # ITL p95 68 vs 86 ms; 64 clients TTFT p50 1.31 vs 0.68 s. Not a clear gain: the default stays 1.
     vision_queue: int = Field(1, ge=1, le=16)
+    # The vision tower's encoder layers (continuous engine): "fused" = q/k/v as one GEMM, GELU inside the fc1 GEMM
+    # on GPUs (its tanh form, < 5e-4 from the erf form), residual + layer norm in one pass (engine/continuous/
+    # tower.py); "transformers" = its modules as written; "auto" = on GPUs the faster of the two at start (the
+    # fused one only if within 2e-2 of the other), elsewhere fused (float32: the same arithmetic).
+    vision_layers: Literal["auto", "fused", "transformers"] = "auto"
     # The continuous engine's own Triton kernels on CUDA (one-row projections, decode self- and cross-attention),
     # each still timed at start and used only where it is correct and faster. False: PyTorch's kernels only
     # (a switch for ruling them out when a GPU misbehaves, and the benchmark's comparison).

@@ -112,6 +112,20 @@ def test_one_greedy_request_equals_generate(engine: ContinuousEngine) -> None:
     assert result.finish_reason in ("stop", "length") and result.first_token_at is not None
 
 
+@pytest.mark.parametrize("layers", ["fused", "transformers"])
+def test_vision_layers_setting_picks_the_towers_layers_and_both_equal_generate(tiny_checkpoint: Path,
+                                                                               layers: str) -> None:
+    """settings.vision_layers: tower.py's regrouped encoder layers or transformers' own; /health names the one
+    running, and greedy tokens equal generate's either way (float32: the same arithmetic)."""
+    with running_engine(tiny_checkpoint, vision_layers=layers) as eng:
+        assert eng.describe()["vision_layers"] == layers
+        assert eng.runner is not None and eng.runner.encoder.fused == (layers == "fused")
+        req = GenRequest(prompt=image_prompt(eng), image=trained_image("blue"), params=GenParams(max_new_tokens=24))
+        [result] = run_all(eng, [req])
+        ref = reference_ids(eng, GenRequest(prompt=req.prompt, image=req.image, params=req.params))
+        assert result.text == eng.hf.processor.tokenizer.decode(ref, skip_special_tokens=True) and result.text
+
+
 def test_sixteen_staggered_requests_mixed_with_sampling_equal_generate(engine: ContinuousEngine) -> None:
     """Different images (colours, sizes, tile counts), prompts, lengths; text-only rows; sampled rows between."""
     sizes = [(56, 56), (120, 40), (40, 130), (200, 200), (90, 60)]

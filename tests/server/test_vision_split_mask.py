@@ -1,4 +1,5 @@
-"""The continuous engine's vision attention without the dense mask equals transformers' (tiny checkpoint, float32)."""
+"""The continuous engine's vision tower (attention without the dense mask, tower.py's regrouped layers) equals
+transformers' (tiny checkpoint, float32)."""
 
 from __future__ import annotations
 
@@ -39,12 +40,16 @@ def test_split_mask_vision_states_equal_transformers_for_images_of_different_til
         n, _, tiles, patches, _ = ref.shape
         ref = projector(ref).reshape(n, tiles * patches, -1)
         encoder = VisionEncoder(vision, projector, split_mask=True)
+        assert encoder.fused  # tower.py's encoder layers by default
         got = encoder(inputs["pixel_values"], inputs["aspect_ratio_ids"], ar_mask, ar_mask)
+        encoder.fused = False  # transformers' layers with the split-mask attention
+        unfused = encoder(inputs["pixel_values"], inputs["aspect_ratio_ids"], ar_mask, ar_mask)
         plain = VisionEncoder(vision, projector, split_mask=False)
         # the dense-mask path (any caller that sets no padding rows) is transformers' own
         again = plain(inputs["pixel_values"], inputs["aspect_ratio_ids"], ar_mask, ar_mask)
     assert got.shape == ref.shape
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4), float((got - ref).abs().max())
+    assert torch.allclose(unfused, ref, atol=1e-5, rtol=1e-4), float((unfused - ref).abs().max())
     assert torch.allclose(again, ref, atol=1e-5, rtol=1e-4)
     # the padding rows' recompute matters: leave out the unused tiles' rows and the states differ
     encoder = VisionEncoder(vision, projector, split_mask=True)

@@ -44,7 +44,7 @@ from llamactl.server.engine.continuous.pools import PoolShape, SlotPools, plan_s
 from llamactl.server.engine.continuous.sampler import RowSampling, sample_tokens
 from llamactl.server.engine.continuous.scheduler import take_chunk
 from llamactl.server.engine.continuous.sequence import Prepared, Sequence
-from llamactl.server.engine.continuous.vision import VisionEncoder, choose_backend
+from llamactl.server.engine.continuous.vision import VisionEncoder, choose_backend, choose_layers
 from llamactl.server.engine.detok import IncrementalText
 from llamactl.server.engine.protocol import (
     EngineFailure,
@@ -137,6 +137,7 @@ class ContinuousEngine(EngineStatus):
         self.chunk_tokens = 4096
         self.split_vision_mask = True  # vision.py: attention without transformers' dense L x L mask
         self.vision_timings: dict[str, float] = {}  # seconds for 2 images per unmasked-attention kernel
+        self.vision_layer_timings: dict[str, float] = {}  # seconds for 2 images per encoder-layer form, distance
         self.cross_attention = "matmul"  # the decode step's cross-attention forms (timed at start on GPUs)
         self.self_attention = "torch"  # the decode step's self-attention: PyTorch ops or Triton (timed on GPUs)
         self.gemv: dict[str, str] = {}  # one-row projections per weight shape: Triton or cuBLAS (timed on GPUs)
@@ -203,6 +204,7 @@ class ContinuousEngine(EngineStatus):
             "vision_queue": self._vision_queue,
             "pipelined": bool(self.pipelined),
             "vision_attention": self._vision_attention(),
+            "vision_layers": self._vision_layers(),
             "cross_attention": self.cross_attention,
             "self_attention": self.self_attention,
             "quantization": self._quantization(),
@@ -233,6 +235,18 @@ class ContinuousEngine(EngineStatus):
             return "split mask"
         best = min(self.vision_timings, key=self.vision_timings.__getitem__)
         return f"split mask, {best} (" + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.vision_timings.items()) + ")"
+
+    def _vision_layers(self) -> str:
+        """Which encoder layers the tower runs (tower.py's fused ones or transformers'), and the start's timing."""
+        if self.runner is None:
+            return "-"
+        name = "fused" if self.runner.encoder.fused else "transformers"
+        t = self.vision_layer_timings
+        if not t:
+            return name
+        timed = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in t.items() if k != "rel_l2")
+        distance = f", rel. L2 {t['rel_l2']:.1e}" if "rel_l2" in t else ""
+        return f"{name} ({timed} for 2 images{distance})"
 
     def render_prompt(self, messages: list[dict[str, Any]]) -> str:
         return self.hf.render_prompt(messages)
@@ -272,6 +286,8 @@ class ContinuousEngine(EngineStatus):
         self._eos_ids = hf._eos_ids
         self._eos_tensor = torch.tensor(sorted(self._eos_ids), device=device)
         encoder = VisionEncoder(vision, model.model.multi_modal_projector, split_mask=self.split_vision_mask)
+        if self.settings.vision_layers == "transformers" or self.settings.engine_compile in ("vision", "all"):
+            encoder.fused = False  # compiling compiles transformers' layers
         with torch.inference_mode():
             copies = self._quantize(model, device)  # before the pools are sized: the freed bytes count
             shape = replace(shape, image_kv_fp8=self._image_kv_fp8(copies, device))
@@ -285,9 +301,10 @@ class ContinuousEngine(EngineStatus):
                 if self.settings.engine_compile in ("vision", "all"):
                     _compile_vision(vision)
                 if encoder.split_mask:
-                    self.vision_timings = choose_backend(
-                        encoder, 2, int(vision.max_num_tiles), int(vision.image_size), hf.dtype
-                    )
+                    tower_shape = (2, int(vision.max_num_tiles), int(vision.image_size), hf.dtype)
+                    self.vision_timings = choose_backend(encoder, *tower_shape)
+                    if encoder.fused and self.settings.vision_layers == "auto":
+                        self.vision_layer_timings = choose_layers(encoder, *tower_shape)
                 # Two streams, two workspaces: PyTorch's caching allocator gives a block freed on one stream only
                 # to that stream, so the vision tower's activations (vision stream) and the prefill's (main
                 # stream) are reserved separately. One reserve of the tower's peak ran out of memory on an 80 GB

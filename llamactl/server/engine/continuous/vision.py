@@ -23,6 +23,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from llamactl.server.engine.continuous.kernel_choice import relative_l2
+from llamactl.server.engine.continuous.tower import FusedTower
+
 ATTENTION_NAME = "llamactl_vision_split_mask"
 
 
@@ -91,8 +94,13 @@ class VisionEncoder:
         self.padded = self.patches + (8 - self.patches % 8) % 8
         self.split_mask = split_mask
         self.backends: list[SDPBackend] | None = None
+        # tower.py's encoder layers (needs the split mask's padding rows); ``fused`` says whether they run
+        self.tower: FusedTower | None = None
+        self.fused = False
         if split_mask:
             vision.config._attn_implementation = ATTENTION_NAME
+            self.tower = FusedTower(vision, split_mask_attention)
+            self.fused = True
 
     def __call__(self, pixel: torch.Tensor, ar_ids: torch.Tensor, ar_mask: torch.Tensor,
                  ar_mask_cpu: torch.Tensor) -> torch.Tensor:
@@ -102,6 +110,12 @@ class VisionEncoder:
             self._set_rows(ar_mask_cpu.reshape(ar_mask_cpu.shape[0], -1), pixel.device, pixel.dtype)
             _CURRENT.backends = self.backends
         try:
+            if self.tower is not None and self.fused:
+                padded, patches = self.tower(pixel, ar_ids)  # [n, media, tiles, padded rows, dim]
+                n, media, tiles, rows, width = padded.shape
+                # the projector on contiguous rows (padding ones too), which are then dropped from its output
+                out = self.projector(padded.view(-1, width)).view(n, media * tiles, rows, -1)[:, :, :patches]
+                return out.reshape(n, media * tiles * patches, -1)  # type: ignore[no-any-return]
             states = self.vision(pixel_values=pixel, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask)
         finally:
             _CURRENT.rows = _CURRENT.key_bias = _CURRENT.backends = None
@@ -129,30 +143,61 @@ CANDIDATE_BACKENDS = {
 }
 
 
+def _random_images(images: int, tiles: int, size: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    pixel = torch.randn(images, 1, tiles, 3, size, size, device="cuda", dtype=dtype)
+    ar_ids = torch.ones(images, 1, dtype=torch.long, device="cuda")
+    ar_cpu = torch.ones(images, 1, tiles, dtype=torch.long)
+    return pixel, ar_ids, ar_cpu.to("cuda"), ar_cpu
+
+
+def _timed(encoder: VisionEncoder, inputs: tuple[torch.Tensor, ...]) -> tuple[float, torch.Tensor]:
+    """Seconds of one tower call after a first (kernel selection, attention plans), and its output."""
+    encoder(*inputs)
+    torch.cuda.synchronize()
+    start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    start.record()
+    out = encoder(*inputs)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000, out
+
+
 def choose_backend(encoder: VisionEncoder, images: int, tiles: int, size: int, dtype: torch.dtype) -> dict[str, float]:
     """Time the tower on ``images`` 4-tile images with each unmasked-attention kernel; keep the fastest (CUDA).
 
     Returns seconds per candidate (a kernel that cannot take these shapes is left out). The kernels differ by GPU
     and library version, so this is measured at start rather than assumed.
     """
-    pixel = torch.randn(images, 1, tiles, 3, size, size, device="cuda", dtype=dtype)
-    ar_ids = torch.ones(images, 1, dtype=torch.long, device="cuda")
-    ar_cpu = torch.ones(images, 1, tiles, dtype=torch.long)
-    ar_mask = ar_cpu.to("cuda")
+    inputs = _random_images(images, tiles, size, dtype)
     timings: dict[str, float] = {}
     for name, backends in CANDIDATE_BACKENDS.items():
         encoder.backends = backends
         try:
-            encoder(pixel, ar_ids, ar_mask, ar_cpu)  # first call: kernel selection and plans
-            torch.cuda.synchronize()
-            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-            start.record()
-            encoder(pixel, ar_ids, ar_mask, ar_cpu)
-            end.record()
-            torch.cuda.synchronize()
-            timings[name] = start.elapsed_time(end) / 1000
+            timings[name] = _timed(encoder, inputs)[0]
         except RuntimeError:
             continue
     encoder.backends = CANDIDATE_BACKENDS[min(timings, key=timings.__getitem__)] if timings else None
     return timings
+
+
+LAYERS_TOLERANCE = 2e-2  # relative L2 of the fused layers' states against transformers' (bf16: ~1e-2 between kernels)
+
+
+def choose_layers(encoder: VisionEncoder, images: int, tiles: int, size: int, dtype: torch.dtype) -> dict[str, float]:
+    """Time the tower on ``images`` 4-tile images with transformers' encoder layers and with tower.py's (CUDA);
+    keep the fused ones if faster and within ``LAYERS_TOLERANCE``. Returns seconds per form and the distance."""
+    if encoder.tower is None:
+        return {}
+    inputs = _random_images(images, tiles, size, dtype)
+    encoder.fused = False
+    plain_s, plain = _timed(encoder, inputs)
+    encoder.fused = True
+    try:
+        fused_s, fused = _timed(encoder, inputs)
+    except RuntimeError:  # e.g. a Triton kernel that does not compile here
+        encoder.fused = False
+        return {"transformers": plain_s}
+    distance = relative_l2(fused.float(), plain.float())
+    encoder.fused = fused_s < plain_s and distance <= LAYERS_TOLERANCE
+    return {"transformers": plain_s, "fused": fused_s, "rel_l2": distance}
