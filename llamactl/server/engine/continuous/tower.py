@@ -159,11 +159,17 @@ class FusedTower:
         vision = self.vision
         n, media, tiles, channels, height, width = pixel.shape
         images = n * media
-        weight = vision.patch_embedding.weight
-        pixel = pixel.reshape(images * tiles, channels, height, width).to(weight.device, weight.dtype)
+        weight = vision.patch_embedding.weight  # [dim, channels, p, p], stride p, no padding, no bias
+        dim, p = weight.shape[0], weight.shape[-1]
+        rows, cols = height // p, width // p
+        pixel = pixel.reshape(images * tiles, channels, height, width)[:, :, : rows * p, : cols * p]
+        # the convolution as one GEMM over the patches laid out row by row (cuDNN's implicit-GEMM convolution and
+        # the transposing copy after it took 4 + 4.4 ms for 8 images on an H200)
+        patch_rows = (pixel.reshape(images * tiles, channels, rows, p, cols, p).permute(0, 2, 4, 1, 3, 5)
+                      .reshape(images * tiles, rows * cols, channels * p * p).to(weight.device, weight.dtype))
+        h = F.linear(patch_rows, weight.reshape(dim, -1))
         ar_ids = ar_ids.reshape(images, -1)
-        h = vision.patch_embedding(pixel).flatten(2).transpose(1, 2)
-        _, patches, dim = h.shape
+        patches = rows * cols
         h = vision.pre_tile_positional_embedding(h.reshape(images, tiles, -1, dim), ar_ids)
         h = vision.apply_class_embedding(h.reshape(images * tiles, patches, dim))
         patches += 1

@@ -38,9 +38,6 @@ class PaddingRows:
         self.rows: torch.Tensor | None = None
         self.key_bias: torch.Tensor | None = None  # [n, 1, 1, L]: 0 for real keys, dtype min for padding keys
         self.backends: list[SDPBackend] | None = None  # the unmasked attention's kernels (None: torch's choice)
-        # the padding rows' pass: "sdpa" (the attention kernel, with a key mask) or "matmul" (scores, softmax and
-        # the weighted sum as three GEMM/element-wise kernels: few rows against every key)
-        self.pad_form = "sdpa"
 
 
 _CURRENT = PaddingRows()
@@ -79,19 +76,12 @@ def split_mask_attention(
     if rows.shape[1]:
         n, heads, _, d = query.shape
         index = rows[:, None, :, None].expand(n, heads, rows.shape[1], d)
-        pad = padding_rows_attention(torch.gather(query, 2, index), key, value, key_bias, scaling, _CURRENT.pad_form)
+        # cuDNN's kernel takes this pass in 0.2 ms a layer for 8 images on an H200; as plain matmuls (scores,
+        # softmax, weighted sum) 1.2 ms (bench/results/engine_tower_probe_run2_h200.json)
+        pad = F.scaled_dot_product_attention(torch.gather(query, 2, index), key, value, attn_mask=key_bias,
+                                             scale=scaling)
         out.scatter_(2, index, pad)
     return out.transpose(1, 2).contiguous(), None
-
-
-def padding_rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_bias: torch.Tensor,
-                           scaling: float | None, form: str) -> torch.Tensor:
-    """The padding rows' queries [n, heads, P, d] against every key, padding keys masked by ``key_bias``."""
-    if form == "matmul":
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        scores = torch.matmul(query, key.transpose(-1, -2)).float().mul_(scale).add_(key_bias)
-        return torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=key_bias, scale=scaling)
 
 
 AttentionInterface.register(ATTENTION_NAME, split_mask_attention)
@@ -106,7 +96,6 @@ class VisionEncoder:
         self.padded = self.patches + (8 - self.patches % 8) % 8
         self.split_mask = split_mask
         self.backends: list[SDPBackend] | None = None
-        self.pad_form = "sdpa"  # PaddingRows.pad_form
         # tower.py's encoder layers (needs the split mask's padding rows); ``fused`` says whether they run
         self.tower: FusedTower | None = None
         self.fused = False
@@ -122,7 +111,6 @@ class VisionEncoder:
         if self.split_mask:
             self._set_rows(ar_mask_cpu.reshape(ar_mask_cpu.shape[0], -1), pixel.device, pixel.dtype)
             _CURRENT.backends = self.backends
-            _CURRENT.pad_form = self.pad_form
         try:
             if self.tower is not None and self.fused:
                 padded, patches = self.tower(pixel, ar_ids)  # [n, media, tiles, padded rows, dim]
