@@ -17,14 +17,8 @@ ref = F.scaled_dot_product_attention(q, k, v)
 print("rel", float(torch.linalg.vector_norm(got.float() - ref.float()) / torch.linalg.vector_norm(ref.float())))
 """
 cases = [
-    (1, 1, 128, 64, 64, 64, 4, 1, True),
-    (1, 1, 128, 80, 64, 64, 4, 1, True),
     (1, 1, 100, 80, 64, 64, 4, 1, True),
-    (1, 1, 128, 80, 64, 64, 4, 3, True),
-    (1, 1, 128, 80, 128, 64, 8, 3, True),
     (2, 16, 6432, 80, 128, 64, 8, 3, False),
-    (2, 16, 6400, 80, 128, 64, 8, 3, False),
-    (2, 16, 6432, 64, 128, 64, 8, 3, False),
     (2, 16, 6432, 80, 128, 64, 8, 1, False),
     (2, 16, 6432, 80, 64, 64, 4, 1, False),
 ]

@@ -67,14 +67,15 @@ print("ok")
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU install)")
 def test_vision_attention_kernel_in_triton_interpreter() -> None:
-    """vision_attention.py: the head dim as 64 + 16 (80) and as one part (32), q/k/v as strided views of one q/k/v
-    tensor, lengths with and without a partial last key block, against PyTorch's attention."""
+    """vision_attention.py: the head dim as 64 + 16 (80, the 16 padded to 32) and as one part (32), q/k/v as strided
+    views of one q/k/v tensor, lengths with and without a partial last key block, against PyTorch's attention."""
     code = """
 import torch
 import torch.nn.functional as F
 from llamactl.server.engine.continuous import vision_attention as va
 torch.manual_seed(0)
-assert va.head_split(80) == (64, 16) and va.head_split(32) == (32, 0) and va.head_split(72) is None
+assert va.head_split(80) == (64, 32) and va.head_split(32) == (32, 0) and va.head_split(160) == (128, 32)
+assert va.head_split(112) is None and va.head_split(40) is None and va.head_split(8) is None
 for d, heads in ((80, 2), (32, 3)):
     for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 3e-3)):
         for length in (37, 64):

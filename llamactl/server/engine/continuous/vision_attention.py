@@ -3,8 +3,9 @@
 Why: the tower's attention is over half its time (8 four-tile images: ~175 ms of ~350 on an H200, cuDNN at ~390
 TFLOP/s; bench/results/engine_tower_probe_run2_h200.json). Library kernels are tuned for head dims 64 and 128;
 zero-padding 80 to 96 or 128 was slower (engine_vision_attn_probe_run1_h200.json). Triton's block shapes must be
-powers of two, so here the head dim is split into two parts (80 = 64 + 16): the scores are the sum of two dot
-products and the output is kept as two accumulators, with no padded columns computed. Flash-attention order: one
+powers of two, so here the head dim is split into two parts (80 = 64 + 16, the 16 loaded as 32 columns with the
+upper half masked to zero): the scores are the sum of two dot products and the output is kept as two
+accumulators (96 columns computed instead of 128). Flash-attention order: one
 program per block of query rows of one (image, head), keys and values streamed in blocks, an online softmax in
 float32 (base 2, the scale folded in). vision.py times it at start against the library kernels and keeps it only
 where it is faster and matches them.
@@ -45,12 +46,14 @@ def available() -> bool:
 
 
 def head_split(d: int) -> tuple[int, int] | None:
-    """The head dim as a power of two plus a smaller power of two (or 0), each >= 16; None where it is not."""
-    for high in (256, 128, 64, 32, 16):
-        low = d - high
-        if low == 0 or (16 <= low < high and low & (low - 1) == 0):
-            return high, low
-    return None
+    """The head dim as a power of two plus a remainder, the remainder's columns padded to a power of two >= 32
+    (dots of 16 columns came out wrong or faulted on an H200 with Triton 3.6: bench/results/engine.md, Session 10):
+    (high, padded low) with high + low >= d, or None where the padding would be wider than the high part."""
+    high = 1 << (d.bit_length() - 1)
+    if high == d:
+        return (d, 0) if d >= 16 else None
+    low = max(32, 1 << (d - high - 1).bit_length())
+    return (high, low) if low < high else None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -60,7 +63,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     n, heads, length, d = q.shape
     split = head_split(d)
     if split is None:
-        raise ValueError(f"head dim {d} is not a power of two plus a smaller one")
+        raise ValueError(f"head dim {d}: no split into a power of two and a narrower padded part")
     if min(q.stride(-1), k.stride(-1), v.stride(-1)) != 1:
         raise ValueError("q/k/v need a contiguous last dim")
     out = torch.empty(n, length, heads, d, device=q.device, dtype=q.dtype).transpose(1, 2)
@@ -71,7 +74,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         q, k, v, out, heads, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        LENGTH=length, D_HIGH=split[0], D_LOW=split[1], BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        LENGTH=length, HEAD_DIM=d, D_HIGH=split[0], D_LOW=split[1], BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         num_warps=config.warps, num_stages=config.stages,
     )
     return out
@@ -82,8 +85,8 @@ if triton is not None:
     @triton.jit  # type: ignore[untyped-decorator]
     def _key_block(  # type: ignore[no-untyped-def]
         q_h, q_l, acc_h, acc_l, m_i, l_i, k_base, v_base, start_n, skl, svl, qk_scale,
-        LENGTH: tl.constexpr, D_HIGH: tl.constexpr, D_LOW: tl.constexpr, BLOCK_N: tl.constexpr,
-        MASKED: tl.constexpr,
+        LENGTH: tl.constexpr, HEAD_DIM: tl.constexpr, D_HIGH: tl.constexpr, D_LOW: tl.constexpr,
+        BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     ):
         """One block of keys into the running softmax and accumulators (the head dim in two parts)."""
         key = start_n + tl.arange(0, BLOCK_N)
@@ -96,10 +99,9 @@ if triton is not None:
         s = tl.dot(q_h, k_h)
         if D_LOW > 0:
             cols_l = D_HIGH + tl.arange(0, D_LOW)
-            if MASKED:
-                k_l = tl.load(k_base + key[None, :] * skl + cols_l[:, None], mask=key_ok[None, :], other=0.0)
-            else:
-                k_l = tl.load(k_base + key[None, :] * skl + cols_l[:, None])
+            col_ok = cols_l < HEAD_DIM
+            k_l = tl.load(k_base + key[None, :] * skl + cols_l[:, None], mask=key_ok[None, :] & col_ok[:, None],
+                          other=0.0)
             s = tl.dot(q_l, k_l, s)
         s = s * qk_scale
         if MASKED:
@@ -115,10 +117,8 @@ if triton is not None:
             v_h = tl.load(v_base + key[:, None] * svl + cols_h[None, :])
         acc_h = tl.dot(p, v_h, acc_h * alpha[:, None])
         if D_LOW > 0:
-            if MASKED:
-                v_l = tl.load(v_base + key[:, None] * svl + cols_l[None, :], mask=key_ok[:, None], other=0.0)
-            else:
-                v_l = tl.load(v_base + key[:, None] * svl + cols_l[None, :])
+            v_l = tl.load(v_base + key[:, None] * svl + cols_l[None, :], mask=key_ok[:, None] & col_ok[None, :],
+                          other=0.0)
             acc_l = tl.dot(p, v_l, acc_l * alpha[:, None])
         return acc_h, acc_l, m_new, l_i
 
@@ -126,8 +126,8 @@ if triton is not None:
     def _attention_kernel(  # type: ignore[no-untyped-def]
         q_ptr, k_ptr, v_ptr, o_ptr, heads, qk_scale,
         sqn, sqh, sql, skn, skh, skl, svn, svh, svl, son, soh, sol,
-        LENGTH: tl.constexpr, D_HIGH: tl.constexpr, D_LOW: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
+        LENGTH: tl.constexpr, HEAD_DIM: tl.constexpr, D_HIGH: tl.constexpr, D_LOW: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         start_m = tl.program_id(0) * BLOCK_M
         image = tl.program_id(1) // heads
@@ -143,8 +143,10 @@ if triton is not None:
         acc_h = tl.zeros([BLOCK_M, D_HIGH], tl.float32)
         # D_LOW == 0: a one-column placeholder the helper never reads
         cols_l = D_HIGH + tl.arange(0, D_LOW if D_LOW > 0 else 1)
+        col_ok = cols_l < HEAD_DIM
         if D_LOW > 0:
-            q_l = tl.load(q_base + rows[:, None] * sql + cols_l[None, :], mask=row_ok[:, None], other=0.0)
+            q_l = tl.load(q_base + rows[:, None] * sql + cols_l[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                          other=0.0)
         else:
             q_l = tl.zeros([BLOCK_M, 1], q_ptr.dtype.element_ty)
         acc_l = tl.zeros([BLOCK_M, D_LOW if D_LOW > 0 else 1], tl.float32)
@@ -153,13 +155,13 @@ if triton is not None:
         FULL: tl.constexpr = (LENGTH // BLOCK_N) * BLOCK_N
         for start_n in range(0, FULL, BLOCK_N):
             acc_h, acc_l, m_i, l_i = _key_block(q_h, q_l, acc_h, acc_l, m_i, l_i, k_base, v_base, start_n, skl,
-                                                svl, qk_scale, LENGTH, D_HIGH, D_LOW, BLOCK_N, False)
+                                                svl, qk_scale, LENGTH, HEAD_DIM, D_HIGH, D_LOW, BLOCK_N, False)
         if FULL < LENGTH:
             acc_h, acc_l, m_i, l_i = _key_block(q_h, q_l, acc_h, acc_l, m_i, l_i, k_base, v_base, FULL, skl, svl,
-                                                qk_scale, LENGTH, D_HIGH, D_LOW, BLOCK_N, True)
+                                                qk_scale, LENGTH, HEAD_DIM, D_HIGH, D_LOW, BLOCK_N, True)
         inv = 1.0 / l_i
         tl.store(o_base + rows[:, None] * sol + cols_h[None, :], (acc_h * inv[:, None]).to(o_ptr.dtype.element_ty),
                  mask=row_ok[:, None])
         if D_LOW > 0:
             tl.store(o_base + rows[:, None] * sol + cols_l[None, :],
-                     (acc_l * inv[:, None]).to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+                     (acc_l * inv[:, None]).to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
