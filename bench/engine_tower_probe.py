@@ -103,44 +103,7 @@ def main() -> None:
             report["attn_pad_pass_s"] = timed(
                 lambda: F.scaled_dot_product_attention(qp, k, v, attn_mask=key_bias), reps=5)
         vision_mod._CURRENT.rows = vision_mod._CURRENT.key_bias = None
-        # vision_attention.py's Triton kernel (head dim as 64 + 16) per config, against cuDNN's output
-        from llamactl.server.engine.continuous import vision_attention as va
-
-        flops = 4 * 8 * 16 * (4 * 1608) ** 2 * 80
-        with torch.nn.attention.sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            want = F.scaled_dot_product_attention(q, k, v)
-        report["attn_cudnn_tflops"] = flops / report["attn_full_pass_s"] / 1e12
-        triton_runs = {}
-        for cfg in va.CONFIGS:
-            try:
-                got = va.attention(q, k, v, config=cfg)
-                triton_runs[str(cfg)] = {"s": timed(lambda cfg=cfg: va.attention(q, k, v, config=cfg), reps=5),
-                                         "rel_l2_vs_cudnn": rel_l2(got, want)}
-                triton_runs[str(cfg)]["tflops"] = flops / triton_runs[str(cfg)]["s"] / 1e12
-            except Exception as exc:  # noqa: BLE001 - a config that does not compile or fit
-                triton_runs[str(cfg)] = {"error": str(exc)[:300]}
-            print("triton", cfg, triton_runs[str(cfg)], flush=True)
-        report["attn_triton"] = triton_runs
-        timed_ok = {c: r for c, r in triton_runs.items() if "s" in r and r["rel_l2_vs_cudnn"] < 2e-2}
-        if timed_ok:
-            best = min(timed_ok, key=lambda c: timed_ok[c]["s"])
-            va.CONFIGS.sort(key=lambda c: str(c) != best)  # the best first: what attention() uses by default
-            x = inputs(8, torch.bfloat16)
-            encoder.fused = True
-            for name, backends in (("cudnn", [SDPBackend.CUDNN_ATTENTION]), ("triton", vision_mod.TRITON)):
-                encoder.backends = backends
-                report[f"fused_8_images_{name}_attention_s"] = timed(lambda x=x: encoder(*x), reps=5)
-                if name == "triton":
-                    report["fused_8_images_triton_attention_kernels"] = kernel_kinds(lambda x=x: encoder(*x))
-            x2 = inputs(2, torch.bfloat16)
-            outs = {}
-            for name, backends in (("cudnn", [SDPBackend.CUDNN_ATTENTION]), ("triton", vision_mod.TRITON)):
-                encoder.backends = backends
-                outs[name] = encoder(*x2)
-            report["tower_triton_vs_cudnn_rel_l2"] = rel_l2(outs["triton"], outs["cudnn"])
-            encoder.backends = [SDPBackend.CUDNN_ATTENTION]
-        print({k: v for k, v in report.items() if k.startswith(("attn_full", "attn_pad", "attn_cudnn", "fused_8_images_",
-                                                                "tower_triton")) and "kernels" not in k}, flush=True)
+        print({k: v for k, v in report.items() if k.startswith("attn")}, flush=True)
         # the residual + layer norm pass alone, at 8 images' rows
         rows, hidden = 8 * 4 * 1608, 1280
         norm = vision.transformer.layers[0].post_attention_layernorm

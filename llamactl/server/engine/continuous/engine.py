@@ -302,8 +302,7 @@ class ContinuousEngine(EngineStatus):
                     _compile_vision(vision)
                 if encoder.split_mask:
                     tower_shape = (2, int(vision.max_num_tiles), int(vision.image_size), hf.dtype)
-                    self.vision_timings = choose_backend(encoder, *tower_shape,
-                                                         triton=self.settings.triton_kernels)
+                    self.vision_timings = choose_backend(encoder, *tower_shape)
                     if encoder.fused and self.settings.vision_layers == "auto":
                         self.vision_layer_timings = choose_layers(encoder, *tower_shape)
                 # Two streams, two workspaces: PyTorch's caching allocator gives a block freed on one stream only

@@ -15,7 +15,6 @@ only this engine's vision config uses; without rows set (any other caller) it fa
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -24,13 +23,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from llamactl.server.engine.continuous import vision_attention
 from llamactl.server.engine.continuous.kernel_choice import relative_l2
 from llamactl.server.engine.continuous.tower import FusedTower
 
 ATTENTION_NAME = "llamactl_vision_split_mask"
-TRITON = "triton"  # VisionEncoder.backends: the unmasked pass by vision_attention.py's kernel
-log = logging.getLogger("llamactl.server.engine")
 
 
 class PaddingRows:
@@ -41,8 +37,7 @@ class PaddingRows:
         # key mask that masks nothing gives the same values)
         self.rows: torch.Tensor | None = None
         self.key_bias: torch.Tensor | None = None  # [n, 1, 1, L]: 0 for real keys, dtype min for padding keys
-        # the unmasked attention's kernels (None: torch's choice; TRITON: vision_attention.py's kernel)
-        self.backends: list[SDPBackend] | str | None = None
+        self.backends: list[SDPBackend] | None = None  # the unmasked attention's kernels (None: torch's choice)
 
 
 _CURRENT = PaddingRows()
@@ -73,9 +68,7 @@ def split_mask_attention(
     if rows is None or key_bias is None or rows.shape[0] != query.shape[0]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if _CURRENT.backends == TRITON:
-        out = vision_attention.attention(query, key, value, scaling)
-    elif _CURRENT.backends is None or isinstance(_CURRENT.backends, str):
+    if _CURRENT.backends is None:
         out = F.scaled_dot_product_attention(query, key, value, scale=scaling)
     else:
         with sdpa_kernel(_CURRENT.backends):
@@ -102,7 +95,7 @@ class VisionEncoder:
         self.patches = int(vision.num_patches)  # per tile, with the class token
         self.padded = self.patches + (8 - self.patches % 8) % 8
         self.split_mask = split_mask
-        self.backends: list[SDPBackend] | str | None = None
+        self.backends: list[SDPBackend] | None = None
         # tower.py's encoder layers (needs the split mask's padding rows); ``fused`` says whether they run
         self.tower: FusedTower | None = None
         self.fused = False
@@ -145,15 +138,11 @@ class VisionEncoder:
         _CURRENT.key_bias = (bias.pin_memory() if pin else bias).to(device, non_blocking=True)
 
 
-CANDIDATE_BACKENDS: dict[str, list[SDPBackend] | str] = {
-    "cudnn": [SDPBackend.CUDNN_ATTENTION],
+CANDIDATE_BACKENDS = {
     "flash": [SDPBackend.FLASH_ATTENTION],
+    "cudnn": [SDPBackend.CUDNN_ATTENTION],
     "efficient": [SDPBackend.EFFICIENT_ATTENTION],
-    "triton": TRITON,
 }
-
-
-LAYERS_TOLERANCE = 2e-2  # relative L2 of the tower's states between forms (bf16: ~1e-2 between kernels)
 
 
 def _random_images(images: int, tiles: int, size: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -176,34 +165,25 @@ def _timed(encoder: VisionEncoder, inputs: tuple[torch.Tensor, ...]) -> tuple[fl
     return start.elapsed_time(end) / 1000, out
 
 
-def choose_backend(encoder: VisionEncoder, images: int, tiles: int, size: int, dtype: torch.dtype,
-                   triton: bool = True) -> dict[str, float]:
+def choose_backend(encoder: VisionEncoder, images: int, tiles: int, size: int, dtype: torch.dtype) -> dict[str, float]:
     """Time the tower on ``images`` 4-tile images with each unmasked-attention kernel; keep the fastest (CUDA).
 
-    Returns seconds per candidate (a kernel that cannot take these shapes is left out, and the Triton kernel
-    unless ``triton`` and its tower output is within ``LAYERS_TOLERANCE`` of the first library kernel's). The
-    kernels differ by GPU and library version, so this is measured at start rather than assumed.
+    Returns seconds per candidate (a kernel that cannot take these shapes is left out). The kernels differ by GPU
+    and library version, so this is measured at start rather than assumed.
     """
     inputs = _random_images(images, tiles, size, dtype)
     timings: dict[str, float] = {}
-    reference: torch.Tensor | None = None
     for name, backends in CANDIDATE_BACKENDS.items():
-        if backends == TRITON and not (triton and vision_attention.available()):
-            continue
         encoder.backends = backends
         try:
-            seconds, out = _timed(encoder, inputs)
-        except Exception as exc:  # noqa: BLE001 - a kernel that cannot take these shapes or does not compile
-            log.info("vision attention %s left out: %s", name, exc)
+            timings[name] = _timed(encoder, inputs)[0]
+        except RuntimeError:
             continue
-        if reference is None:
-            reference = out.float()
-        elif backends == TRITON and relative_l2(out.float(), reference) > LAYERS_TOLERANCE:
-            log.warning("vision attention triton left out: differs from the library kernels")
-            continue
-        timings[name] = seconds
     encoder.backends = CANDIDATE_BACKENDS[min(timings, key=timings.__getitem__)] if timings else None
     return timings
+
+
+LAYERS_TOLERANCE = 2e-2  # relative L2 of the fused layers' states against transformers' (bf16: ~1e-2 between kernels)
 
 
 def choose_layers(encoder: VisionEncoder, images: int, tiles: int, size: int, dtype: torch.dtype) -> dict[str, float]:
