@@ -19,6 +19,16 @@ import httpx
 REPO = Path(__file__).resolve().parents[2]
 
 
+def run_in_triton_interpreter(code: str, *args: str) -> None:
+    """Run ``code`` (a script printing "ok" last) in a fresh interpreter with TRITON_INTERPRET=1 (the flag is
+    read at import) and this checkout on its path; fail with its stderr otherwise."""
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
 def png_b64(colour: str = "red", size: tuple[int, int] | None = None) -> str:
     from llamactl.server.tiny import trained_image
 

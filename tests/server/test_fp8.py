@@ -8,9 +8,6 @@ The kernel itself runs in Triton's interpreter where Triton is installed (not in
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +22,7 @@ from llamactl.server.engine.continuous import fp8
 from llamactl.server.engine.protocol import GenParams, GenRequest
 from llamactl.server.tiny import trained_image
 
-from ._support import make_settings, png_b64, start_thread_server
+from ._support import make_settings, png_b64, run_in_triton_interpreter, start_thread_server
 from .test_continuous_engine import image_prompt, run_all, running_engine
 
 
@@ -141,9 +138,7 @@ def test_the_kernel_equals_its_reference_in_tritons_interpreter() -> None:
                 assert int(fp8._tile_counters(x.device).abs().sum()) == 0
         print("ok")
     """)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    run_in_triton_interpreter(code)
 
 
 def _dequantized_reference_model(tiny_checkpoint: Path) -> torch.nn.Module:

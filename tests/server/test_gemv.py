@@ -10,10 +10,6 @@ Triton's interpreter.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +19,7 @@ import torch.nn.functional as F
 from llamactl.server.engine.continuous import gemv
 from llamactl.server.engine.continuous.gemv import Config, Projections, choose
 
-REPO = Path(__file__).resolve().parents[2]
+from ._support import run_in_triton_interpreter
 
 
 def test_without_a_choice_projections_are_cublas_exactly() -> None:
@@ -90,11 +86,7 @@ for rows in (1, 2, 3, 8):
             assert torch.allclose(gemv.linear(x, w, cfg, residual=r.clone()), r + ref, atol=1e-4, rtol=1e-4)
 print("ok")
 """
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                         check=False)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    run_in_triton_interpreter(code)
 
 
 def test_choose_keeps_a_correct_config_only_when_it_is_enough_faster(monkeypatch: pytest.MonkeyPatch) -> None:

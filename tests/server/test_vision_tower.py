@@ -4,10 +4,6 @@ Triton is installed; not in CI's CPU install). The whole tower against transform
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +11,7 @@ import torch.nn.functional as F
 
 from llamactl.server.engine.continuous.tower import residual_norm_
 
-REPO = Path(__file__).resolve().parents[2]
+from ._support import run_in_triton_interpreter
 
 
 def test_residual_norm_updates_the_stream_in_place_and_returns_the_next_norm() -> None:
@@ -57,8 +53,4 @@ for hidden in (48, 1280):
                 assert torch.allclose(got.float(), want, atol=tol, rtol=tol), (hidden, dtype, rows, gate)
 print("ok")
 """
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                         check=False)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    run_in_triton_interpreter(code)
