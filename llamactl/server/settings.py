@@ -78,7 +78,8 @@ class Settings(BaseModel):
     # tower.py); "transformers" = its modules as written; "auto" = on GPUs the faster of the two at start (the
     # fused one only if within 2e-2 of the other), elsewhere fused (float32: the same arithmetic).
     vision_layers: Literal["auto", "fused", "transformers"] = "auto"
-    # The continuous engine's own Triton kernels on CUDA (one-row projections, decode self- and cross-attention),
+    # The continuous engine's own Triton kernels on CUDA (one-row projections, decode self- and cross-attention,
+    # the vision tower's residual + layer norm),
     # each still timed at start and used only where it is correct and faster. False: PyTorch's kernels only
     # (a switch for ruling them out when a GPU misbehaves, and the benchmark's comparison).
     triton_kernels: bool = True

@@ -288,6 +288,8 @@ class ContinuousEngine(EngineStatus):
         encoder = VisionEncoder(vision, model.model.multi_modal_projector, split_mask=self.split_vision_mask)
         if self.settings.vision_layers == "transformers" or self.settings.engine_compile in ("vision", "all"):
             encoder.fused = False  # compiling compiles transformers' layers
+        if encoder.tower is not None:
+            encoder.tower.triton = self.settings.triton_kernels
         with torch.inference_mode():
             copies = self._quantize(model, device)  # before the pools are sized: the freed bytes count
             shape = replace(shape, image_kv_fp8=self._image_kv_fp8(copies, device))

@@ -1,8 +1,8 @@
 """The vision tower's encoder layers in fewer passes over memory: transformers' arithmetic, regrouped.
 
 Why: on an H200 the tower's 8 four-tile images took 363 ms of kernels, 46 ms of them element-wise (GELU 15, layer
-norms 13, residual additions 7, the final concatenation 4.5; bench/results/engine.md, Session 6). Each of those
-reads and writes activations of 51,456 rows x 1,280 (or 5,120 for GELU) once more. Here, per encoder layer:
+norms 13, residual additions 7, a concatenation 4.5; bench/results/engine.md, Session 6). Each of those reads
+and writes activations of 51,456 rows x 1,280 (or 5,120 for GELU) once more. Here, per encoder layer:
 - q/k/v as one GEMM (the modules' weights become views of one tensor, as fused.py does for the text layers);
 - fc1's bias and GELU inside the GEMM on GPUs (cuBLASLt's GELU epilogue, ``torch._addmm_activation``). That
   epilogue is the tanh form of GELU; the checkpoint's is the erf form. The two differ by < 5e-4 (absolute,
@@ -12,7 +12,9 @@ reads and writes activations of 51,456 rows x 1,280 (or 5,120 for GELU) once mor
   (``residual_norm_``: a Triton kernel on GPUs, PyTorch ops elsewhere), the residual stream updated in place;
 - the five kept intermediate states stacked once, without transformers' extra copy that drops the padding rows
   (the projector runs on them too, 0.4 % of the rows, and they are dropped from its 4,096-wide output).
-The embeddings before the encoder and the attention (vision.py's split mask) are transformers' own modules.
+Before the encoder, the patch convolution runs as one GEMM over row-major patches; the other embeddings and the
+attention (vision.py's split mask) are transformers' own modules. Measured (bench/results/engine.md, Session 10;
+H200, 8 four-tile images): 378 -> 350 ms a tower, element-wise kernels 45 -> 19 ms.
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ class FusedTower:
         function signature (vision.py's split mask)."""
         self.vision = vision
         self.attention = attention
+        self.triton = True  # the residual + norm pass by the Triton kernel on GPUs (settings.triton_kernels)
         self.local = [tower_layer(layer) for layer in vision.transformer.layers]
         self.global_ = [tower_layer(layer) for layer in vision.global_transformer.layers]
         self.kept = [int(i) for i in vision.intermediate_layers_indices]
@@ -114,7 +117,7 @@ class FusedTower:
     def __call__(self, pixel: torch.Tensor, ar_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         vision = self.vision
         fast = pixel.is_cuda and vision.patch_embedding.weight.dtype in (torch.float16, torch.bfloat16)
-        kernel = fast and kernel_available()
+        kernel = fast and self.triton and kernel_available()
         n, media, tiles = pixel.shape[:3]
         h, patches, padded = self._embed(pixel, ar_ids)  # [n * media, tiles * padded, dim]
         images, length, dim = h.shape
@@ -163,8 +166,8 @@ class FusedTower:
         dim, p = weight.shape[0], weight.shape[-1]
         rows, cols = height // p, width // p
         pixel = pixel.reshape(images * tiles, channels, height, width)[:, :, : rows * p, : cols * p]
-        # the convolution as one GEMM over the patches laid out row by row (cuDNN's implicit-GEMM convolution and
-        # the transposing copy after it took 4 + 4.4 ms for 8 images on an H200)
+        # the convolution as one GEMM over the patches laid out row by row (cuDNN's implicit-GEMM convolution took
+        # 4 ms for 8 images on an H200, this GEMM 0.5 ms)
         patch_rows = (pixel.reshape(images * tiles, channels, rows, p, cols, p).permute(0, 2, 4, 1, 3, 5)
                       .reshape(images * tiles, rows * cols, channels * p * p).to(weight.device, weight.dtype))
         h = F.linear(patch_rows, weight.reshape(dim, -1))

@@ -15,6 +15,7 @@ only this engine's vision config uses; without rows set (any other caller) it fa
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from llamactl.server.engine.continuous.kernel_choice import relative_l2
 from llamactl.server.engine.continuous.tower import FusedTower
 
 ATTENTION_NAME = "llamactl_vision_split_mask"
+log = logging.getLogger("llamactl.server.engine")
 
 
 class PaddingRows:
@@ -197,7 +199,8 @@ def choose_layers(encoder: VisionEncoder, images: int, tiles: int, size: int, dt
     encoder.fused = True
     try:
         fused_s, fused = _timed(encoder, inputs)
-    except RuntimeError:  # e.g. a Triton kernel that does not compile here
+    except Exception as exc:  # noqa: BLE001 - e.g. a Triton kernel that does not compile here
+        log.warning("vision tower: tower.py's layers left out: %s", exc)
         encoder.fused = False
         return {"transformers": plain_s}
     distance = relative_l2(fused.float(), plain.float())
