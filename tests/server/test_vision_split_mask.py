@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -56,3 +57,32 @@ def test_split_mask_vision_states_equal_transformers_for_images_of_different_til
     with torch.inference_mode():
         wrong = encoder(inputs["pixel_values"], inputs["aspect_ratio_ids"], ar_mask, torch.ones_like(ar_mask))
     assert not torch.allclose(wrong, ref, atol=1e-3)
+
+
+def test_choose_layers_keeps_the_fused_layers_only_when_faster_and_working(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The start-time choice with the real tiny tower on the CPU and a stand-in clock: the faster form wins; a
+    fused form that raises is left out."""
+    from llamactl.server.engine.continuous import vision as vision_mod
+
+    hf = HFEngine(make_settings(tiny_checkpoint))
+    hf.load()
+    vision, projector = hf.model.model.vision_model, hf.model.model.multi_modal_projector
+    image = Image.new("RGB", (112, 112), (200, 40, 40))
+    inputs = hf.processor(images=[[image]], text=["<|image|>What is this?"], return_tensors="pt")
+    ar_mask = inputs["aspect_ratio_mask"]
+    monkeypatch.setattr(vision_mod, "_random_images",
+                        lambda *a: (inputs["pixel_values"], inputs["aspect_ratio_ids"], ar_mask, ar_mask))
+    encoder = VisionEncoder(vision, projector, split_mask=True)
+    for fused_s, want in ((0.5, True), (2.0, False)):
+        monkeypatch.setattr(vision_mod, "_seconds", lambda call, s=fused_s: (call(), s if encoder.fused else 1.0)[1])
+        with torch.inference_mode():
+            timings = vision_mod.choose_layers(encoder, 1, 4, 112, torch.float32)
+        assert encoder.fused is want and timings == {"transformers": 1.0, "fused": fused_s}
+    assert encoder.tower is not None
+    monkeypatch.setattr(encoder.tower, "_embed", lambda *a: (_ for _ in ()).throw(RuntimeError("no kernel")))
+    monkeypatch.setattr(vision_mod, "_seconds", lambda call: (call(), 0.1)[1])
+    with torch.inference_mode():
+        timings = vision_mod.choose_layers(encoder, 1, 4, 112, torch.float32)
+    assert encoder.fused is False and timings == {"transformers": 0.1}

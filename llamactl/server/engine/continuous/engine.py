@@ -137,7 +137,7 @@ class ContinuousEngine(EngineStatus):
         self.chunk_tokens = 4096
         self.split_vision_mask = True  # vision.py: attention without transformers' dense L x L mask
         self.vision_timings: dict[str, float] = {}  # seconds for 2 images per unmasked-attention kernel
-        self.vision_layer_timings: dict[str, float] = {}  # seconds for 2 images per encoder-layer form, distance
+        self.vision_layer_timings: dict[str, float] = {}  # seconds for 2 images per encoder-layer form
         self.cross_attention = "matmul"  # the decode step's cross-attention forms (timed at start on GPUs)
         self.self_attention = "torch"  # the decode step's self-attention: PyTorch ops or Triton (timed on GPUs)
         self.gemv: dict[str, str] = {}  # one-row projections per weight shape: Triton or cuBLAS (timed on GPUs)
@@ -244,9 +244,7 @@ class ContinuousEngine(EngineStatus):
         t = self.vision_layer_timings
         if not t:
             return name
-        timed = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in t.items() if k != "rel_l2")
-        distance = f", rel. L2 {t['rel_l2']:.1e}" if "rel_l2" in t else ""
-        return f"{name} ({timed} for 2 images{distance})"
+        return f"{name} (" + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in t.items()) + " for 2 images)"
 
     def render_prompt(self, messages: list[dict[str, Any]]) -> str:
         return self.hf.render_prompt(messages)

@@ -15,7 +15,7 @@ only this engine's vision config uses; without rows set (any other caller) it fa
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,11 +24,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from llamactl.server.engine.continuous.kernel_choice import relative_l2
+from llamactl.server.engine.continuous.kernel_choice import choose_fastest
 from llamactl.server.engine.continuous.tower import FusedTower
 
 ATTENTION_NAME = "llamactl_vision_split_mask"
-log = logging.getLogger("llamactl.server.engine")
 
 
 class PaddingRows:
@@ -154,17 +153,17 @@ def _random_images(images: int, tiles: int, size: int, dtype: torch.dtype) -> tu
     return pixel, ar_ids, ar_cpu.to("cuda"), ar_cpu
 
 
-def _timed(encoder: VisionEncoder, inputs: tuple[torch.Tensor, ...]) -> tuple[float, torch.Tensor]:
-    """Seconds of one tower call after a first (kernel selection, attention plans), and its output."""
-    encoder(*inputs)
+def _seconds(call: Callable[[], torch.Tensor]) -> float:
+    """Seconds of one tower call after a first (kernel selection, attention plans)."""
+    call()
     torch.cuda.synchronize()
     start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
     end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
     start.record()
-    out = encoder(*inputs)
+    call()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1000, out
+    return float(start.elapsed_time(end)) / 1000
 
 
 def choose_backend(encoder: VisionEncoder, images: int, tiles: int, size: int, dtype: torch.dtype) -> dict[str, float]:
@@ -178,7 +177,7 @@ def choose_backend(encoder: VisionEncoder, images: int, tiles: int, size: int, d
     for name, backends in CANDIDATE_BACKENDS.items():
         encoder.backends = backends
         try:
-            timings[name] = _timed(encoder, inputs)[0]
+            timings[name] = _seconds(lambda: encoder(*inputs))
         except RuntimeError:
             continue
     encoder.backends = CANDIDATE_BACKENDS[min(timings, key=timings.__getitem__)] if timings else None
@@ -190,19 +189,20 @@ LAYERS_TOLERANCE = 2e-2  # relative L2 of the fused layers' states against trans
 
 def choose_layers(encoder: VisionEncoder, images: int, tiles: int, size: int, dtype: torch.dtype) -> dict[str, float]:
     """Time the tower on ``images`` 4-tile images with transformers' encoder layers and with tower.py's (CUDA);
-    keep the fused ones if faster and within ``LAYERS_TOLERANCE``. Returns seconds per form and the distance."""
+    keep the fused ones if faster and within ``LAYERS_TOLERANCE`` of the others (kernel_choice.choose_fastest: a
+    form that raises, e.g. a Triton kernel that does not compile here, is left out). Returns seconds per form."""
     if encoder.tower is None:
         return {}
     inputs = _random_images(images, tiles, size, dtype)
-    encoder.fused = False
-    plain_s, plain = _timed(encoder, inputs)
-    encoder.fused = True
-    try:
-        fused_s, fused = _timed(encoder, inputs)
-    except Exception as exc:  # noqa: BLE001 - e.g. a Triton kernel that does not compile here
-        log.warning("vision tower: tower.py's layers left out: %s", exc)
-        encoder.fused = False
-        return {"transformers": plain_s}
-    distance = relative_l2(fused.float(), plain.float())
-    encoder.fused = fused_s < plain_s and distance <= LAYERS_TOLERANCE
-    return {"transformers": plain_s, "fused": fused_s, "rel_l2": distance}
+
+    def form(fused: bool) -> Callable[[int], Callable[[], torch.Tensor]]:
+        def call() -> torch.Tensor:
+            encoder.fused = fused
+            return encoder(*inputs)
+
+        return lambda _images: call
+
+    choice, timings = choose_fastest({"transformers": form(False), "fused": form(True)}, [images], timer=_seconds,
+                                     tolerance=LAYERS_TOLERANCE)
+    encoder.fused = choice[images] == "fused"
+    return {name: seconds for name, [seconds] in timings.items()}
