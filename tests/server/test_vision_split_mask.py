@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from llamactl.server.engine.continuous.tower import FusedTower
 from llamactl.server.engine.continuous.vision import VisionEncoder, padding_rows
 from llamactl.server.hf_engine import HFEngine
 
@@ -23,7 +24,7 @@ def test_padding_rows_are_each_tiles_tail_and_every_row_of_an_unused_tile() -> N
 
 
 def test_split_mask_vision_states_equal_transformers_for_images_of_different_tile_counts(
-    tiny_checkpoint: Path,
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     hf = HFEngine(make_settings(tiny_checkpoint))
     hf.load()
@@ -35,14 +36,25 @@ def test_split_mask_vision_states_equal_transformers_for_images_of_different_til
     ar_mask = inputs["aspect_ratio_mask"]
     assert sorted(int(m.sum()) for m in ar_mask) == [1, 4, 4]  # a square, a wide (4 x 1) and a one-tile image
     vision, projector = model.model.vision_model, model.model.multi_modal_projector
+    towers: list[tuple[torch.Tensor, int]] = []  # what the fused tower hands the projector
+    tower_call = FusedTower.__call__
+    monkeypatch.setattr(FusedTower, "__call__", lambda self, *a: towers.append(tower_call(self, *a)) or towers[-1])
     with torch.inference_mode():
-        ref = vision(pixel_values=inputs["pixel_values"], aspect_ratio_ids=inputs["aspect_ratio_ids"],
-                     aspect_ratio_mask=ar_mask).last_hidden_state
-        n, _, tiles, patches, _ = ref.shape
-        ref = projector(ref).reshape(n, tiles * patches, -1)
+        states = vision(pixel_values=inputs["pixel_values"], aspect_ratio_ids=inputs["aspect_ratio_ids"],
+                        aspect_ratio_mask=ar_mask).last_hidden_state
+        n, _, tiles, patches, _ = states.shape
+        ref = projector(states).reshape(n, tiles * patches, -1)
         encoder = VisionEncoder(vision, projector, split_mask=True)
         assert encoder.fused  # tower.py's encoder layers by default
         got = encoder(inputs["pixel_values"], inputs["aspect_ratio_ids"], ar_mask, ar_mask)
+    # the tower's own output: transformers' states with the kept layers' columns in blocks (column_order)
+    assert encoder.tower is not None and len(towers) == 1
+    blocked, real = towers[0]
+    assert real == patches
+    want = states[..., encoder.tower.column_order()]
+    assert torch.allclose(blocked[:, :, :, :patches], want, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(blocked[:, :, :, :patches], states, atol=1e-3)  # the order is not transformers'
+    with torch.inference_mode():
         encoder.fused = False  # transformers' layers with the split-mask attention
         unfused = encoder(inputs["pixel_values"], inputs["aspect_ratio_ids"], ar_mask, ar_mask)
         plain = VisionEncoder(vision, projector, split_mask=False)

@@ -10,8 +10,10 @@ and writes activations of 51,456 rows x 1,280 (or 5,120 for GELU) once more. Her
   dtypes: float32 (the CPU, CI) keeps the erf form and equals transformers;
 - the residual addition (with the global layers' tanh gate) and the next layer norm as one pass
   (``residual_norm_``: a Triton kernel on GPUs, PyTorch ops elsewhere), the residual stream updated in place;
-- the five kept intermediate states stacked once, without transformers' extra copy that drops the padding rows
-  (the projector runs on them too, 0.4 % of the rows, and they are dropped from its 4,096-wide output).
+- the five kept intermediate states copied into column blocks of the output as they are reached, where
+  transformers interleaves them column by column (a strided copy) and copies them again to drop the padding
+  rows; the projector's weight columns are reordered once to match (``column_order``), and it runs on the padding
+  rows too (0.4 % of the rows, dropped from its 4,096-wide output).
 Before the encoder, the patch convolution runs as one GEMM over row-major patches; the other embeddings and the
 attention (vision.py's split mask) are transformers' own modules. Measured (bench/results/engine.md, Session 10;
 H200, 8 four-tile images): 378 -> 350 ms a tower, element-wise kernels 45 -> 19 ms.
@@ -102,7 +104,8 @@ def mlp_up(fc1: Any, x: torch.Tensor, epilogue: bool) -> torch.Tensor:
 class FusedTower:
     """transformers' ``MllamaVisionModel.forward`` with the encoder layers above: pixel values -> the states its
     ``last_hidden_state`` holds [n, media, tiles, patches, hidden * (1 + kept layers)], here with each tile's
-    padding rows still in (``padded`` rows a tile), and ``patches``."""
+    padding rows still in (``padded`` rows a tile) and the columns in the order ``column_order`` gives, and
+    ``patches``."""
 
     def __init__(self, vision: Any, attention: Any) -> None:
         """``attention(module, q, k, v, mask, scaling=...)`` -> ([n, L, heads, d], None), transformers' attention
@@ -122,13 +125,14 @@ class FusedTower:
         h, patches, padded = self._embed(pixel, ar_ids)  # [n * media, tiles * padded, dim]
         images, length, dim = h.shape
         h = h.reshape(images * length, dim).contiguous()
-        kept: list[torch.Tensor] = []
+        # the output in blocks of ``dim`` columns: the final stream, then each kept state as it is reached
+        out = h.new_empty(images * length, dim * (1 + len(self.kept)))
         normed = layer_norm(self.local[0].ln_in, h)
         for i, layer in enumerate(self.local):
             after = self.local[i + 1].ln_in if i + 1 < len(self.local) else vision.layernorm_post
             normed = self._layer(layer, h, normed, after, images, fast, kernel)
-            if i in self.kept:
-                kept.append(h.clone())
+            for block in (1 + k for k, j in enumerate(self.kept) if j == i):
+                out[:, block * dim : (block + 1) * dim].copy_(h)
         # layernorm_post's output replaces the stream; the tile embeddings go on top of it
         h = vision.post_tile_positional_embedding(normed.view(images, tiles, padded, dim), ar_ids.reshape(images, -1))
         h = h.reshape(images * length, dim).contiguous()
@@ -136,8 +140,19 @@ class FusedTower:
         for i, layer in enumerate(self.global_):
             after = self.global_[i + 1].ln_in if i + 1 < len(self.global_) else None
             normed = self._layer(layer, h, normed, after, images, fast, kernel)
-        stacked = torch.stack(kept, dim=-1).view(images * length, -1)
-        return torch.cat([h, stacked], dim=-1).view(n, media, tiles, padded, -1), patches
+        out[:, :dim].copy_(h)
+        return out.view(n, media, tiles, padded, -1), patches
+
+    def column_order(self) -> torch.Tensor:
+        """For each column of this tower's output, the column of transformers' ``last_hidden_state`` that holds
+        the same value. transformers interleaves the kept states (``torch.stack(..., dim=-1)``: column
+        ``dim + d * kept + k``), which costs a strided copy of every kept state (4.5 ms of a 350 ms tower for 8
+        images on an H200); this tower writes them in blocks, and the projector's weight columns are reordered
+        once to match (``weight[:, column_order()]``)."""
+        dim = self.local[0].o.shape[0]
+        kept = len(self.kept)
+        blocks = [torch.arange(dim)] + [dim + torch.arange(dim) * kept + k for k in range(kept)]
+        return torch.cat(blocks)
 
     def _layer(self, w: TowerLayer, h: torch.Tensor, normed: torch.Tensor, after: Any, images: int, fast: bool,
                kernel: bool) -> torch.Tensor:

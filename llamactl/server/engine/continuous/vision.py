@@ -100,6 +100,8 @@ class VisionEncoder:
         # tower.py's encoder layers (needs the split mask's padding rows); ``fused`` says whether they run
         self.tower: FusedTower | None = None
         self.fused = False
+        self._projector_weight: torch.Tensor | None = None  # its columns in the fused tower's order
+        self._projector_source = 0  # data_ptr of the weight it was made from
         if split_mask:
             vision.config._attn_implementation = ATTENTION_NAME
             self.tower = FusedTower(vision, split_mask_attention)
@@ -117,7 +119,8 @@ class VisionEncoder:
                 padded, patches = self.tower(pixel, ar_ids)  # [n, media, tiles, padded rows, dim]
                 n, media, tiles, rows, width = padded.shape
                 # the projector on contiguous rows (padding ones too), which are then dropped from its output
-                out = self.projector(padded.view(-1, width)).view(n, media * tiles, rows, -1)[:, :, :patches]
+                out = F.linear(padded.view(-1, width), self._fused_projector_weight(), self.projector.bias)
+                out = out.view(n, media * tiles, rows, -1)[:, :, :patches]
                 return out.reshape(n, media * tiles * patches, -1)  # type: ignore[no-any-return]
             states = self.vision(pixel_values=pixel, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask)
         finally:
@@ -125,6 +128,17 @@ class VisionEncoder:
         states = states.last_hidden_state  # [n, 1, tiles, patches, dim]
         n, _, tiles, patches, _ = states.shape
         return self.projector(states).reshape(n, tiles * patches, -1)  # type: ignore[no-any-return]
+
+    def _fused_projector_weight(self) -> torch.Tensor:
+        """The projector's weight with its columns in the fused tower's order (made once; made again if the
+        module's weight moved to other memory)."""
+        weight = self.projector.weight
+        if self._projector_weight is None or self._projector_source != weight.data_ptr():
+            assert self.tower is not None
+            order = self.tower.column_order().to(weight.device)
+            self._projector_weight = weight.detach()[:, order].contiguous()
+            self._projector_source = weight.data_ptr()
+        return self._projector_weight
 
     def _set_rows(self, ar_mask: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
         per_image = padding_rows(ar_mask, self.patches, self.padded)
