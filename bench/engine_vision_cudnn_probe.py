@@ -9,6 +9,11 @@ Inputs are random normal (scores ~N(0, 1) after the 1/sqrt(80) scale); q/k/v are
 buffer, as tower.py's q/k/v GEMM lays them out.
 
     python3 bench/engine_vision_cudnn_probe.py --out $OUT/engine_vision_cudnn_probe.json    # GPU only, ~1 min
+
+The wheel (1.8 MB; 1.14.1 needs no other package, later ones pull in CUTLASS's DSL) goes beside the others that
+bench/engine_wheels.sh fetches: `python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12
+--implementation cp --platform manylinux_2_28_x86_64 -d .whl nvidia-cudnn-frontend==1.14.1`.
+Measured (H200, run 1): bf16 plans 4.31 ms at best (the one PyTorch runs), FP8 3.53 ms at 6.0e-2 from bf16.
 """
 
 from __future__ import annotations
