@@ -20,13 +20,20 @@ import torch.nn.functional as F
 from engine_probe import timed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+HEADS, LENGTH, HEAD_DIM = 16, 6432, 80  # one tower attention layer of a four-tile image (4 x 1,608 positions)
 
-def main() -> None:
+
+def probe_args() -> argparse.Namespace:
+    """--out (the JSON report) and --images (8: a chunk of the engine's tower), for the tower attention probes."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--images", type=int, default=8)
-    args = ap.parse_args()
-    n, heads, length, d = args.images, 16, 6432, 80
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = probe_args()
+    n, heads, length, d = args.images, HEADS, LENGTH, HEAD_DIM
     gen = torch.Generator(device="cuda").manual_seed(0)
     # the layout the tower hands over: [n, L, heads, d] viewed as [n, heads, L, d]
     q, k, v = (torch.randn(n, length, heads, d, device="cuda", dtype=torch.bfloat16, generator=gen).transpose(1, 2)

@@ -18,7 +18,6 @@ Measured (H200, run 1): bf16 plans 4.31 ms at best (the one PyTorch runs), FP8 3
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 import torch.nn.functional as F
 from engine_probe import timed
+from engine_vision_attn_probe import HEAD_DIM, HEADS, LENGTH, probe_args
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 E4M3_MAX = 448.0
@@ -72,13 +72,10 @@ def build(cudnn: Any, graph: Any) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--images", type=int, default=8)
-    args = ap.parse_args()
+    args = probe_args()
     import cudnn
 
-    n, heads, length, d = args.images, 16, 6432, 80
+    n, heads, length, d = args.images, HEADS, LENGTH, HEAD_DIM
     scale = d**-0.5
     flops = 4 * n * heads * length * length * d
     gen = torch.Generator(device="cuda").manual_seed(0)
