@@ -77,6 +77,7 @@ class Design:
     weight: float  # share of the remaining time
     max_wait_ms: int | None = None  # LLAMACTL_MAX_WAIT_MS (None: the server's default)
     env: dict[str, str] = field(default_factory=dict)  # more server settings of this design
+    cwd: Path | None = None  # where its server starts (None: this checkout; `python -m` imports from there first)
 
 
 def designs_from(a: argparse.Namespace) -> list[Design]:
@@ -127,6 +128,14 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
         "seed": Design("seed", "one request at a time (hf engine, max batch 1: the seed article's design)", "hf", 1,
                        a.seed_levels, 1, a.seed_min_requests, "first", 1.5, a.hf_max_wait_ms),
     }
+    if a.prev:
+        # the continuous engine of another version of the package (--prev: a folder holding its llamactl/), at
+        # --vp-levels: an earlier commit against this one in the same call, with no setting added for it
+        table["continuous-prev"] = Design(
+            "continuous-prev", f"the continuous engine of the llamactl package in {a.prev}", "continuous",
+            max(levels), a.vp_levels, a.rounds, a.min_requests, "round", 3.0,
+            env={"PYTHONPATH": os.pathsep.join(p for p in (str(a.prev.resolve()), os.environ.get("PYTHONPATH", ""))
+                                               if p)}, cwd=a.prev.resolve())
     if big:
         table[f"hf-b{max(big)}"] = Design(f"hf-b{max(big)}", f"hf engine, static batches of up to {max(big)}",
                                           "hf", max(big), big, a.rounds, a.min_requests, "round", 1.0,
@@ -348,7 +357,7 @@ class Bench:
         self.rec.log(f"== design {d.name}: {out['env_summary']}, levels {d.levels}, "
                      f"{deadline - time.monotonic():.0f}s")
         with log.open("wb") as fh:
-            self.proc = proc = subprocess.Popen(argv, env=self.server_env(d), cwd=REPO, stdout=fh,
+            self.proc = proc = subprocess.Popen(argv, env=self.server_env(d), cwd=d.cwd or REPO, stdout=fh,
                                                 stderr=subprocess.STDOUT)
         try:
             out["ready_s"] = round(wait_ready(url, proc, log, max(10.0, deadline - time.monotonic())), 1)
@@ -554,7 +563,11 @@ def main() -> None:
     ap.add_argument("--status-at", type=int, default=32, help="clients of the level during which `llamactl "
                     "status --deep` runs against the continuous server (0: never)")
     ap.add_argument("--grace-s", type=float, default=20, help="how long past its time share a level may run")
+    ap.add_argument("--prev", type=Path, help="a folder holding another version's llamactl/ package (e.g. `git "
+                    "archive <commit> llamactl | tar -x -C .prev`): adds the design continuous-prev, served from it")
     a = ap.parse_args()
+    if a.prev and not (a.prev / "llamactl" / "__init__.py").is_file():
+        ap.error(f"--prev {a.prev}: no llamactl/__init__.py there")
     tiny = a.tiny
     for key, gpu, cpu in (("budget_s", 540.0, 240.0), ("prep_s", 200.0, 90.0), ("levels", [1, 8, 32, 64], [1, 2, 4]),
                           ("seed_levels", [1, 8], [1, 2]), ("hf_max_batch", 32, 2), ("max_tokens", 128, 8),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -130,7 +131,7 @@ def test_designs_split_the_levels_above_the_hf_batch() -> None:
 
     a = argparse.Namespace(levels=[1, 8, 32, 64], hf_max_batch=32, seed_levels=[1, 8], rounds=2, min_requests=6,
                            seed_min_requests=4, hf_max_wait_ms=200, designs=["continuous", "hf", "seed", "hf-big"],
-                           sm_levels=[32], vp_levels=[32, 64])
+                           sm_levels=[32], vp_levels=[32, 64], prev=None)
     got = {d.name: (d.engine, d.max_batch, d.levels, d.max_wait_ms) for d in engine_bench.designs_from(a)}
     assert got == {"continuous": ("continuous", 64, [1, 8, 32, 64], None), "hf": ("hf", 32, [1, 8, 32], 200),
                    "seed": ("hf", 1, [1, 8], 200), "hf-b64": ("hf", 64, [64], 200)}
@@ -146,6 +147,29 @@ def test_designs_split_the_levels_above_the_hf_batch() -> None:
     a.designs = ["nope"]
     with pytest.raises(SystemExit, match="unknown design 'nope'"):
         engine_bench.designs_from(a)
+    a.designs = ["continuous-prev"]  # only with --prev
+    with pytest.raises(SystemExit, match="unknown design 'continuous-prev'"):
+        engine_bench.designs_from(a)
+
+
+def test_the_prev_design_serves_the_other_package(tmp_path: Path) -> None:
+    """--prev: the continuous-prev design's server (`python -m llamactl` with its env and cwd) imports the
+    llamactl package in that folder, not this checkout's."""
+    import engine_bench
+
+    (tmp_path / "llamactl").mkdir()
+    (tmp_path / "llamactl" / "__init__.py").write_text("")
+    (tmp_path / "llamactl" / "__main__.py").write_text("import llamactl; print('prev package at', llamactl.__file__)")
+    a = argparse.Namespace(levels=[1, 8, 32, 64], hf_max_batch=32, seed_levels=[1, 8], rounds=2, min_requests=6,
+                           seed_min_requests=4, hf_max_wait_ms=200, designs=["continuous-prev"], sm_levels=[32],
+                           vp_levels=[32, 64], prev=tmp_path)
+    [prev] = engine_bench.designs_from(a)
+    assert (prev.engine, prev.levels, prev.cwd) == ("continuous", [32, 64], tmp_path.resolve())
+    env = {**os.environ, "PYTHONPATH": str(REPO), **prev.env}  # as server_env: this checkout, then the design's
+    out = subprocess.run([sys.executable, "-m", "llamactl"], env=env, cwd=prev.cwd, capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"prev package at {tmp_path.resolve() / 'llamactl' / '__init__.py'}"
 
 
 def test_cpu_figure_ratios_per_repeat() -> None:
