@@ -62,7 +62,7 @@ def instrument(engine: Any) -> None:
         setattr(owner, attr, marked)
 
     runner = engine.runner
-    for attr in ("write_cross", "prefill", "set_cross_rows", "vision_states", "image_kv"):
+    for attr in ("write_cross", "prefill", "set_cross_rows", "vision_states"):
         wrap(runner, attr, attr)
     for attr in ("_accept", "_release", "_take_newcomers"):
         wrap(engine, attr, attr.lstrip("_"))

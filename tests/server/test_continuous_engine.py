@@ -22,7 +22,6 @@ from PIL import Image
 
 from llamactl.server.engine.continuous import ContinuousEngine
 from llamactl.server.engine.continuous.encoding import Encoding, VisionLane
-from llamactl.server.engine.continuous.model import ImageKV
 from llamactl.server.engine.continuous.pools import PoolShape, plan_slots
 from llamactl.server.engine.protocol import GenParams, GenRequest, GenResult
 from llamactl.server.tiny import trained_image, trained_messages
@@ -244,7 +243,7 @@ class _LaterEvent:
 
 
 class _LaterLane(VisionLane):
-    """The GPU's vision lane on the CPU: each chunk's K/V are computed at once but reported ready only a few
+    """The GPU's vision lane on the CPU: each chunk's states are computed at once but reported ready only a few
     loop iterations later, as a tower still running on its stream would be. Records the queue's depth."""
 
     def __init__(self) -> None:
@@ -257,8 +256,8 @@ class _LaterLane(VisionLane):
         return Encoding(reqs, encode(rows), _LaterEvent(3), time.monotonic())
 
     @staticmethod
-    def hand_over(encoding: Encoding) -> ImageKV:
-        return encoding.kv
+    def hand_over(encoding: Encoding) -> torch.Tensor:
+        return encoding.states
 
 
 @pytest.mark.parametrize("queue", [2, 1])
@@ -296,7 +295,7 @@ def test_only_a_full_chunk_queues_behind_one_in_the_tower(tiny_checkpoint: Path)
     eng = ContinuousEngine(make_settings(tiny_checkpoint, vision_queue=2))
     eng.chunk_images = 2
     image_req = lambda: GenRequest(prompt="p", image=trained_image("red"), params=GenParams(max_new_tokens=4))
-    in_tower = Encoding([image_req()], ImageKV([], []), _LaterEvent(100), 0.0)
+    in_tower = Encoding([image_req()], torch.zeros(1), _LaterEvent(100), 0.0)
     assert not eng._tower_busy()  # nothing in the tower
     eng._encodings.append(in_tower)
     eng._waiting.append(image_req())

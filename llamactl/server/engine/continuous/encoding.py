@@ -1,8 +1,7 @@
 """Image newcomers through the vision tower + projector before they take a slot, beside the decoding batch.
 
-On GPUs the tower and the images' cross-attention K/V run on a stream of its own (``VisionLane``): its kernels
-are queued and the step loop goes on; the newcomers join (their K/V copied into slots, prefill) once the K/V are
-ready, handed to the main stream. The
+On GPUs the tower runs on a stream of its own (``VisionLane``): its kernels are queued and the step loop goes on;
+the newcomers join (cross-attention K/V, prefill) once their states are ready, handed to the main stream. The
 stream is an ordinary one, or one confined to part of the SMs (``green.py``, ``vision_sms``); by default the
 decode stream has the higher priority (``vision_priority`` swaps them). On the CPU the tower runs at once, on the
 loop's thread.
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 
 from llamactl.server.engine.continuous.green import GreenContextError, SmStream, auto_sms, sm_stream
-from llamactl.server.engine.continuous.model import ImageKV, Newcomer
+from llamactl.server.engine.continuous.model import Newcomer
 from llamactl.server.engine.protocol import GenRequest
 
 log = logging.getLogger("llamactl.server.engine")
@@ -27,10 +26,10 @@ log = logging.getLogger("llamactl.server.engine")
 
 @dataclass
 class Encoding:
-    """Image newcomers whose vision states and cross-attention K/V are being computed; no slot yet."""
+    """Image newcomers whose vision states are being computed; no slot yet."""
 
     reqs: list[GenRequest]
-    kv: ImageKV
+    states: torch.Tensor
     done: Any  # torch.cuda.Event, or None when computed synchronously (CPU)
     started: float
 
@@ -63,24 +62,23 @@ class VisionLane:
                        f"all {total} (no partition: {exc})")
         return cls(part.stream, f"{part.sms} of {part.total_sms}", part)
 
-    def start(self, encode: Callable[[list[Newcomer]], ImageKV], reqs: list[GenRequest],
+    def start(self, encode: Callable[[list[Newcomer]], torch.Tensor], reqs: list[GenRequest],
               rows: list[Newcomer]) -> Encoding:
-        """Queue the tower and the K/V for ``rows`` (returns at once on GPUs)."""
+        """Queue the tower for ``rows`` (returns at once on GPUs)."""
         started = time.monotonic()
         if self.stream is None:
             return Encoding(reqs, encode(rows), None, started)
         with torch.cuda.stream(self.stream):
-            kv = encode(rows)
+            states = encode(rows)
             done = torch.cuda.Event()  # type: ignore[no-untyped-call]
             done.record()
-        return Encoding(reqs, kv, done, started)
+        return Encoding(reqs, states, done, started)
 
     @staticmethod
-    def hand_over(encoding: Encoding) -> ImageKV:
-        """The K/V, usable on the current (main) stream from here on."""
+    def hand_over(encoding: Encoding) -> torch.Tensor:
+        """The states, usable on the current (main) stream from here on."""
         if encoding.done is not None:
             main = torch.cuda.current_stream()
             main.wait_event(encoding.done)
-            for t in encoding.kv.tensors():
-                t.record_stream(main)  # freed on the vision stream only after the main stream used it
-        return encoding.kv
+            encoding.states.record_stream(main)  # freed on the vision stream only after the main stream used it
+        return encoding.states

@@ -38,7 +38,7 @@ from llamactl.server.engine.continuous.encoding import Encoding, VisionLane
 from llamactl.server.engine.continuous.gemv import choose as choose_gemv
 from llamactl.server.engine.continuous.graphs import DecodeGraphs, batch_buckets, bucket, length_buckets
 from llamactl.server.engine.continuous.kernel_choice import choose_fastest, describe_choice, time_in_graph
-from llamactl.server.engine.continuous.model import ImageKV, MllamaRunner, Newcomer
+from llamactl.server.engine.continuous.model import MllamaRunner, Newcomer
 from llamactl.server.engine.continuous.output import OutputWorker, run_all
 from llamactl.server.engine.continuous.pools import PoolShape, SlotPools, plan_slots
 from llamactl.server.engine.continuous.sampler import RowSampling, sample_tokens
@@ -310,12 +310,10 @@ class ContinuousEngine(EngineStatus):
                 # stream) are reserved separately. One reserve of the tower's peak ran out of memory on an 80 GB
                 # H100 at 32 clients (bench/results/engine_bench_run3_h100_oom.md); the prefill's own peak (long
                 # text prompts: attention scores of a 4,096-token chunk) is bounded by the 3 GiB beside it.
-                # each chunk in the tower (vision_queue of them) holds its images' cross-attention K/V from the
-                # end of the tower until it joins (in the model dtype: FP8 pools are filled at the join)
-                chunk_kv = self.chunk_images * 2 * shape.cross_layers * shape.kv_heads * shape.cross_len * (
-                    shape.head_dim * shape.element_bytes)
-                reserve = 2 * self._measure_workspace(encoder, vision) + self.settings.vision_queue * chunk_kv \
-                    + 3 * _GIB
+                # each chunk queued behind the one in the tower holds its finished states until it joins
+                queued_states = (self.settings.vision_queue - 1) * self.chunk_images * shape.cross_len * (
+                    text_cfg.hidden_size * shape.element_bytes)
+                reserve = 2 * self._measure_workspace(encoder, vision) + queued_states + 3 * _GIB
                 free, _total = torch.cuda.mem_get_info()
                 self.slots = plan_slots(shape, self.settings.max_batch_size, free, reserve)
             else:
@@ -668,23 +666,23 @@ class ContinuousEngine(EngineStatus):
         reqs = self._prepared(reqs)
         if reqs:
             self._encodings.append(
-                self._lane.start(self.runner.image_kv, reqs, [_newcomer(-1, r.prepared) for r in reqs])
+                self._lane.start(self.runner.vision_states, reqs, [_newcomer(-1, r.prepared) for r in reqs])
             )
 
     def _join(self, encoding: Encoding) -> None:
-        """Encoded image newcomers take slots: their cross K/V copied in, prompt prefill and first token."""
-        self._prefill(encoding.reqs, kv=self._lane.hand_over(encoding), started=encoding.started)
+        """Encoded image newcomers take slots: their cross K/V, prompt prefill and first token."""
+        self._prefill(encoding.reqs, states=self._lane.hand_over(encoding), started=encoding.started)
 
-    def _prefill(self, reqs: list[GenRequest], kv: ImageKV | None = None, started: float | None = None) -> None:
-        """Newcomers into slots; ``kv`` = their images' cross-attention K/V (all have images) if already encoded."""
+    def _prefill(self, reqs: list[GenRequest], states: torch.Tensor | None = None, started: float | None = None) -> None:
+        """Newcomers into slots; ``states`` = their images' vision states (all have images) if already encoded."""
         assert self.runner is not None
         t0 = time.monotonic() if started is None else started
         seqs = [self._new_sequence(req, slot=len(self._running) + i) for i, req in enumerate(self._prepared(reqs))]
         if not seqs:
             return
         rows = [_newcomer(s.slot, s.prepared) for s in seqs]
-        if kv is not None:
-            self.runner.write_cross(rows, kv)
+        if states is not None:
+            self.runner.write_cross(rows, states)
         else:
             with_image = [r for r in rows if r.pixel_values is not None]
             if with_image:

@@ -5,8 +5,7 @@ Only the orchestration and the grouping of kernels are ours: which rows, which m
 norms and rotary, residuals inside the GEMMs), with the same arithmetic as transformers' modules, so a float32
 greedy answer equals ``generate``'s. What differs from ``generate``:
 - self-attention K/V live in pre-allocated per-slot memory (``pools.SlotPools``) and are written in place;
-- cross-attention K/V are computed once per image (``image_kv``, with the vision tower: on GPUs on the tower's
-  own stream, so a join only copies them into the slots) and kept in the slot while it decodes;
+- cross-attention K/V are computed once per image (``encode_images``) and kept in the slot while it decodes;
 - a decode step covers slots ``0..B-1`` (the scheduler keeps running sequences packed at the front) and reads
   self-attention K/V only up to a length bucket, so its shapes are static and CUDA graphs can replay it;
 - rows without an image pass the cross-attention layers unchanged (a per-row 0/1 factor on both residual
@@ -68,18 +67,6 @@ class Newcomer:
     aspect_ratio_mask: torch.Tensor | None
 
 
-@dataclass
-class ImageKV:
-    """Each cross layer's K and V of a chunk's images, in cross-layer order ([n, kv_heads, positions, head_dim]
-    each), made before the images have slots."""
-
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [*self.k, *self.v]
-
-
 class MllamaRunner:
     def __init__(self, model: Any, pools: SlotPools, encoder: VisionEncoder,
                  fp8_copies: fp8.TextCopies | None = None) -> None:
@@ -138,7 +125,7 @@ class MllamaRunner:
 
     def encode_images(self, rows: list[Newcomer]) -> None:
         """Vision tower + projector for the rows' images, then each cross layer's K/V into the rows' slots."""
-        self.write_cross(rows, self.image_kv(rows))
+        self.write_cross(rows, self.vision_states(rows))
 
     def vision_states(self, rows: list[Newcomer]) -> torch.Tensor:
         """Vision tower + projector for the rows' images -> [n, tiles * patches, hidden] (no slot touched, so it
@@ -149,26 +136,17 @@ class MllamaRunner:
         ar_ids = torch.cat([r.aspect_ratio_ids for r in rows]).to(dev)  # type: ignore[misc]
         return self.encoder(pixel, ar_ids, ar_mask.to(dev), ar_mask)
 
-    def image_kv(self, rows: list[Newcomer]) -> ImageKV:
-        """The rows' vision states, then each cross layer's K/V of them (no slot touched either). Done with the
-        tower, on its stream, these GEMMs (~1.2 ms an image on an H200, ~10 ms for a chunk of 8) overlap the
-        decode steps instead of stalling them at the join, which only copies the K/V in (``write_cross``)."""
-        states = self.vision_states(rows)
+    def write_cross(self, rows: list[Newcomer], states: torch.Tensor) -> None:
+        """Each cross layer's K/V of the rows' image states into the rows' slots."""
+        pools = self.pools
         n, length, _ = states.shape
-        ks, vs = [], []
+        slots = torch.tensor([r.slot for r in rows], device=pools.device)
         for layer_idx in sorted(self.cross_layers):
             ca = self.layers[layer_idx].cross_attn
             k = ca.k_proj(states).view(n, length, self.nkv, self.hd).transpose(1, 2)
-            ks.append(ca.k_norm(k))
-            vs.append(ca.v_proj(states).view(n, length, self.nkv, self.hd).transpose(1, 2))
-        return ImageKV(ks, vs)
-
-    def write_cross(self, rows: list[Newcomer], kv: ImageKV) -> None:
-        """The rows' image K/V into their slots (quantized there where the pools hold FP8)."""
-        pools = self.pools
-        slots = torch.tensor([r.slot for r in rows], device=pools.device)
-        for i, layer_idx in enumerate(sorted(self.cross_layers)):
-            pools.write_image_kv(pools.cross_index[layer_idx], slots, kv.k[i], kv.v[i])
+            v = ca.v_proj(states).view(n, length, self.nkv, self.hd).transpose(1, 2)
+            k = ca.k_norm(k)
+            pools.write_image_kv(pools.cross_index[layer_idx], slots, k, v)
 
     def set_cross_rows(self, rows: list[Newcomer]) -> None:
         """Per-slot decode masks: which image positions a generated token sees (the prompt's last mask row)."""
