@@ -563,8 +563,9 @@ def main() -> None:
     ap.add_argument("--status-at", type=int, default=32, help="clients of the level during which `llamactl "
                     "status --deep` runs against the continuous server (0: never)")
     ap.add_argument("--grace-s", type=float, default=20, help="how long past its time share a level may run")
-    ap.add_argument("--prev", type=Path, help="a folder holding another version's llamactl/ package (e.g. `git "
-                    "archive <commit> llamactl | tar -x -C .prev`): adds the design continuous-prev, served from it")
+    ap.add_argument("--prev", type=Path, help="a folder holding another version's llamactl/ package (e.g. `mkdir "
+                    ".prev-C && git archive C llamactl | tar -x -C .prev-C`; .gitignore keeps .prev-*/ out of git, "
+                    "carry it to the GPU machine): adds the design continuous-prev, served from it")
     a = ap.parse_args()
     if a.prev and not (a.prev / "llamactl" / "__init__.py").is_file():
         ap.error(f"--prev {a.prev}: no llamactl/__init__.py there")
