@@ -39,7 +39,7 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
-def time_plans(cudnn: Any, graph: Any, pack: dict[Any, torch.Tensor], handle: Any, check: Any) -> list[dict[str, Any]]:
+def time_plans(graph: Any, pack: dict[Any, torch.Tensor], handle: Any, check: Any) -> list[dict[str, Any]]:
     """Each built plan: its name, seconds per call and ``check()`` after running it (or the error)."""
     out = []
     for i in range(int(graph.get_execution_plan_count())):
@@ -106,7 +106,7 @@ def main() -> None:
         try:
             build(cudnn, graph)
             pack = {tq: q, tk: k, tv: v, o: out}
-            report["bf16_plans"] = time_plans(cudnn, graph, pack, handle,
+            report["bf16_plans"] = time_plans(graph, pack, handle,
                                               lambda: {"rel_l2_vs_torch": rel_l2(out, ref),
                                                        "rel_l2_vs_float32": rel_l2(out, exact)})
         except Exception as exc:  # noqa: BLE001
@@ -159,7 +159,7 @@ def main() -> None:
                 return {"rel_l2_vs_torch_bf16": rel_l2(deq, ref), "rel_l2_vs_float32": rel_l2(deq, exact),
                         "amax_o": float(amax_o_t), "amax_s": float(amax_s_t)}
 
-            report["fp8_plans"] = time_plans(cudnn, graph8, pack8, handle, check8)
+            report["fp8_plans"] = time_plans(graph8, pack8, handle, check8)
         except Exception as exc:  # noqa: BLE001
             report["fp8_error"] = str(exc)[:500]
             print("fp8 graph:", exc, flush=True)

@@ -101,7 +101,6 @@ class VisionEncoder:
         self.tower: FusedTower | None = None
         self.fused = False
         self._projector_weight: torch.Tensor | None = None  # its columns in the fused tower's order
-        self._projector_source = 0  # data_ptr of the weight it was made from
         if split_mask:
             vision.config._attn_implementation = ATTENTION_NAME
             self.tower = FusedTower(vision, split_mask_attention)
@@ -130,14 +129,12 @@ class VisionEncoder:
         return self.projector(states).reshape(n, tiles * patches, -1)  # type: ignore[no-any-return]
 
     def _fused_projector_weight(self) -> torch.Tensor:
-        """The projector's weight with its columns in the fused tower's order (made once; made again if the
-        module's weight moved to other memory)."""
-        weight = self.projector.weight
-        if self._projector_weight is None or self._projector_source != weight.data_ptr():
+        """The projector's weight with its columns in the fused tower's order (made at the first fused call, so a
+        tower left on transformers' layers holds no copy)."""
+        if self._projector_weight is None:
             assert self.tower is not None
-            order = self.tower.column_order().to(weight.device)
-            self._projector_weight = weight.detach()[:, order].contiguous()
-            self._projector_source = weight.data_ptr()
+            weight = self.projector.weight
+            self._projector_weight = weight.detach()[:, self.tower.column_order().to(weight.device)].contiguous()
         return self._projector_weight
 
     def _set_rows(self, ar_mask: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
