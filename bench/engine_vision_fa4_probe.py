@@ -1,0 +1,178 @@
+"""The vision tower's attention through FlashAttention 4's CuTe DSL kernels (the `flash-attn-4` wheel and CUTLASS's
+Python DSL, carried; not dependencies of llamactl), against what the engine runs (PyTorch's SDPA on cuDNN):
+- one layer's unmasked pass for 8 four-tile images (16 heads x 6,432 positions, head dim 80), q/k/v as views of
+  tower.py's [n, L, 3, heads, d] q/k/v GEMM output: cuDNN (with the [n, heads, L, d] -> [n, L, heads, d] copy of its
+  output the tower needs) against FA4 (which reads and writes [n, L, heads, d] as they are) at its own tile choice
+  and at a few others; the first call's compile time; relative L2 of each from a float32 reference (1 image);
+- the whole fused tower (8 and 2 images) with each attention, and each tower's distance from the float32 tower.
+
+    python3 bench/engine_vision_fa4_probe.py --out $OUT/engine_vision_fa4_probe.json    # GPU only
+
+The packages (FA4 4.0.0b36 and CUTLASS DSL 4.8.1 with its CUDA 13 libraries, ~250 MB installed) are too large for
+one call's carry; bench/engine_fa4_wheels.sh packs them in two parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+import torch.nn.functional as F
+from engine_probe import kernel_kinds, timed
+from engine_tower_probe import inputs, rel_l2
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+HEADS, LENGTH, HEAD_DIM = 16, 6432, 80
+
+
+def fa4_split_mask(fwd: Any) -> Any:
+    """vision.py's split-mask attention with the unmasked pass by ``fwd(q, k, v, scale)`` on [n, L, heads, d]."""
+    from llamactl.server.engine.continuous import vision as vision_mod
+
+    def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any,
+                  dropout: float = 0.0, scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        rows, key_bias = vision_mod._CURRENT.rows, vision_mod._CURRENT.key_bias
+        assert rows is not None and key_bias is not None
+        out = fwd(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scaling)  # [n, L, heads, d]
+        if rows.shape[1]:
+            n, heads, _, d = query.shape
+            index = rows[:, None, :, None].expand(n, heads, rows.shape[1], d)
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                pad = F.scaled_dot_product_attention(torch.gather(query, 2, index), key, value, attn_mask=key_bias,
+                                                     scale=scaling)
+            out.transpose(1, 2).scatter_(2, index, pad)
+        return out, None
+
+    return attention
+
+
+def layer_probe(fa4_fwd: Any, tiles: list[str]) -> dict[str, Any]:
+    """One tower attention layer's unmasked pass for 8 images: cuDNN and FA4 at each tile."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(8, LENGTH, 3, HEADS, HEAD_DIM, device="cuda", generator=gen, dtype=torch.bfloat16)
+    q, k, v = (qkv[:, :, j] for j in range(3))  # [n, L, heads, d] views
+    scale = HEAD_DIM ** -0.5
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [n, heads, L, d], as the tower hands them over
+    ref = F.scaled_dot_product_attention(qt[:1].float(), kt[:1].float(), vt[:1].float(), scale=scale)
+    ref = ref.transpose(1, 2)
+
+    def cudnn() -> torch.Tensor:
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
+        return out.transpose(1, 2).contiguous()
+
+    flops = 4 * 8 * HEADS * LENGTH * LENGTH * HEAD_DIM
+    layer: dict[str, Any] = {}
+    got = cudnn()
+    layer["cudnn"] = {"s": timed(cudnn, reps=10), "rel_l2_fp32": rel_l2(got[:1], ref)}
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        layer["cudnn"]["s_without_copy"] = timed(lambda: F.scaled_dot_product_attention(qt, kt, vt, scale=scale),
+                                                 reps=10)
+    for tile in tiles:
+        entry: dict[str, Any] = {}
+        try:
+            fwd = fa4_fwd(tile)
+            t0 = time.perf_counter()
+            got = fwd(q, k, v, scale)
+            torch.cuda.synchronize()
+            entry["first_call_s"] = time.perf_counter() - t0
+            entry["s"] = timed(lambda fwd=fwd: fwd(q, k, v, scale), reps=10)
+            entry["rel_l2_fp32"] = rel_l2(got[:1], ref)
+            entry["rel_l2_cudnn"] = rel_l2(got, cudnn())
+            entry["shape"], entry["stride"] = list(got.shape), list(got.stride())
+        except Exception as exc:  # noqa: BLE001 - a tile may not compile for head dim 80
+            entry["error"] = f"{type(exc).__name__}: {exc}"[:400]
+        layer[f"fa4_{tile}"] = entry
+        print(tile, entry, flush=True)
+    for entry in layer.values():
+        if "s" in entry:
+            entry["tflops"] = flops / entry["s"] / 1e12
+    return layer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tiles", default="default,128x128,192x128,128x176")
+    args = ap.parse_args()
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+
+    def save() -> None:
+        args.out.write_text(json.dumps(report, indent=1, default=str))
+
+    start = time.perf_counter()
+    from flash_attn.cute import interface as fa4
+
+    report["import_s"] = time.perf_counter() - start
+    torch.backends.cuda.enable_cudnn_sdp(True)
+
+    def fa4_fwd(tile: str) -> Any:
+        def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+            kw: dict[str, Any] = {"softmax_scale": scale}
+            if tile != "default":
+                kw["tile_mn"] = tuple(int(x) for x in tile.split("x"))
+            return fa4._flash_attn_fwd(q, k, v, **kw)[0]
+        return fwd
+
+    with torch.inference_mode():
+        layer = layer_probe(fa4_fwd, args.tiles.split(","))
+        report["layer_8_images"] = layer
+        save()
+        best = min((t for t in layer if t.startswith("fa4_") and "s" in layer[t]), key=lambda t: layer[t]["s"])
+        report["best_tile"] = best
+        torch.cuda.empty_cache()
+
+        # the whole tower, each attention
+        from transformers import MllamaConfig
+        from transformers.models.mllama.modeling_mllama import MllamaVisionModel
+
+        from llamactl.server.engine.continuous import vision as vision_mod
+        from llamactl.server.engine.continuous.vision import VisionEncoder
+
+        cfg = MllamaConfig()
+        cfg.vision_config.image_size = 560
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            vision32 = MllamaVisionModel._from_config(cfg.vision_config, dtype=torch.float32).eval()
+            projector32 = torch.nn.Linear(cfg.vision_config.vision_output_dim, cfg.text_config.hidden_size)
+        vision = copy.deepcopy(vision32).to(torch.bfloat16)
+        projector = copy.deepcopy(projector32).to(torch.bfloat16)
+        ref_encoder = VisionEncoder(vision32, projector32, split_mask=True)
+        ref_encoder.fused = False
+        encoder = VisionEncoder(vision, projector, split_mask=True)
+        encoder.backends = [SDPBackend.CUDNN_ATTENTION]
+        assert encoder.tower is not None
+        x2 = inputs(2, torch.bfloat16)
+        want = ref_encoder(x2[0].float(), *x2[1:])
+        del ref_encoder, vision32, projector32
+        torch.cuda.empty_cache()
+        attentions = {"cudnn": vision_mod.split_mask_attention,
+                      "fa4": fa4_split_mask(fa4_fwd(best.removeprefix("fa4_")))}
+        towers: dict[str, Any] = {}
+        for name, attention in attentions.items():
+            encoder.tower.attention = attention
+            towers[name] = {"rel_l2_fp32_2_images": rel_l2(encoder(*x2), want)}
+        for n in (8, 2, 8):  # 8 twice: the first and last timings show the spread within the call
+            x = inputs(n, torch.bfloat16)
+            for name, attention in attentions.items():
+                encoder.tower.attention = attention
+                towers[name].setdefault(f"{n}_images_s", []).append(timed(lambda x=x: encoder(*x), reps=5))
+                print(name, n, towers[name][f"{n}_images_s"], flush=True)
+        x = inputs(8, torch.bfloat16)
+        for name, attention in attentions.items():
+            encoder.tower.attention = attention
+            towers[name]["8_images_kernels"] = kernel_kinds(lambda x=x: encoder(*x))
+        report["tower"] = towers
+        save()
+
+
+if __name__ == "__main__":
+    main()
