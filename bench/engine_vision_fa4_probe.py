@@ -98,6 +98,37 @@ def layer_probe(fa4_fwd: Any, tiles: list[str]) -> dict[str, Any]:
     return layer
 
 
+def stream_check(fwd: Any) -> dict[str, Any]:
+    """Does the kernel run on PyTorch's current stream? On a side stream, q/k/v are written only after ~50 ms of
+    GEMMs and then attended over; a kernel launched on another stream would read them before they are there.
+    Also: the first call's seconds at image counts not compiled for yet (does a new count compile again?)."""
+    out: dict[str, Any] = {}
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    src = torch.randn(3, LENGTH, 3, HEADS, HEAD_DIM, device="cuda", generator=gen, dtype=torch.bfloat16)
+    want = fwd(*(src[:, :, j] for j in range(3)), HEAD_DIM ** -0.5)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        qkv = torch.zeros_like(src)
+        for _ in range(60):
+            a = torch.tanh(a @ a.T * 1e-2)  # bounded: a[0, 0] * 0 below is exactly 0
+        qkv.copy_(src + a[0, 0] * 0)
+        got = fwd(*(qkv[:, :, j] for j in range(3)), HEAD_DIM ** -0.5)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    out["side_stream_equal"] = bool(torch.equal(got, want))
+    out["side_stream_rel_l2"] = rel_l2(got, want)
+    for n in (1, 3, 5, 8):
+        x = torch.randn(n, LENGTH, 3, HEADS, HEAD_DIM, device="cuda", generator=gen, dtype=torch.bfloat16)
+        t0 = time.perf_counter()
+        fwd(*(x[:, :, j] for j in range(3)), HEAD_DIM ** -0.5)
+        torch.cuda.synchronize()
+        out[f"first_call_{n}_images_s"] = time.perf_counter() - t0
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -123,6 +154,8 @@ def main() -> None:
         return fwd
 
     with torch.inference_mode():
+        report["stream"] = stream_check(fa4_fwd("default"))
+        print(report["stream"], flush=True)
         layer = layer_probe(fa4_fwd, args.tiles.split(","))
         report["layer_8_images"] = layer
         save()

@@ -98,3 +98,68 @@ def test_choose_layers_keeps_the_fused_layers_only_when_faster_and_working(
     with torch.inference_mode():
         timings = vision_mod.choose_layers(encoder, 1, 4, 112, torch.float32)
     assert encoder.fused is False and timings == {"transformers": 0.1}
+
+
+def test_choose_backend_takes_flash_attention_4_only_where_installed_faster_and_equal(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The start-time choice of the unmasked pass's kernel with the real tiny tower on the CPU and a stand-in
+    clock. FlashAttention 4 itself needs a Hopper GPU (bench/engine_vision_fa4_probe.py checks it there); here a
+    stand-in with its contract (q/k/v and output [n, L, heads, d]) shows that the tower hands it that layout and
+    uses what it returns, and that it is taken only when installed, faster, and equal to the reference."""
+    import torch.nn.functional as F
+
+    from llamactl.server.engine.continuous import flash4
+    from llamactl.server.engine.continuous import vision as vision_mod
+
+    hf = HFEngine(make_settings(tiny_checkpoint))
+    hf.load()
+    vision, projector = hf.model.model.vision_model, hf.model.model.multi_modal_projector
+    image = Image.new("RGB", (224, 56), (30, 160, 90))
+    inputs = hf.processor(images=[[image]], text=["<|image|>What is this?"], return_tensors="pt")
+    ar_mask = inputs["aspect_ratio_mask"]
+    x = (inputs["pixel_values"], inputs["aspect_ratio_ids"], ar_mask, ar_mask)
+    monkeypatch.setattr(vision_mod, "_random_images", lambda *a: x)
+    encoder = VisionEncoder(vision, projector, split_mask=True)
+    with torch.inference_mode():
+        ref = encoder(*x)
+    calls: list[tuple[int, ...]] = []
+
+    def stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+        calls.append(tuple(q.shape))
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              scale=scale).transpose(1, 2).contiguous()
+
+    monkeypatch.setattr(vision_mod, "_seconds", lambda call: (call(), 0.5 if encoder.flash4 else 1.0)[1])
+    monkeypatch.setattr(flash4, "attention", stand_in)
+    monkeypatch.setattr(flash4, "available", lambda device: False)
+    with torch.inference_mode():
+        timings = vision_mod.choose_backend(encoder, 1, 4, 112, torch.float32)
+    assert vision_mod.FLASH4 not in timings and not encoder.flash4 and not calls
+
+    monkeypatch.setattr(flash4, "available", lambda device: True)
+    with torch.inference_mode():
+        timings = vision_mod.choose_backend(encoder, 1, 4, 112, torch.float32)
+        got = encoder(*x)
+    assert encoder.flash4 and timings[vision_mod.FLASH4] == 0.5 and min(timings.values()) == 0.5
+    heads, length = vision.transformer.layers[0].self_attn.num_heads, ar_mask.shape[-1] * encoder.padded
+    assert calls and set(calls) == {(1, length, heads, vision.config.hidden_size // heads)}
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4)
+
+    # a kernel whose states differ from the reference, or that fails (e.g. does not compile here), is left out
+    for broken in (lambda q, k, v, scale: v.flip(1) * 10,  # other rows' values, scaled
+                   lambda q, k, v, scale: (_ for _ in ()).throw(RuntimeError("no sm90 here"))):
+        monkeypatch.setattr(flash4, "attention", broken)
+        with torch.inference_mode():
+            timings = vision_mod.choose_backend(encoder, 1, 4, 112, torch.float32)
+        assert vision_mod.FLASH4 not in timings and not encoder.flash4 and timings
+
+
+def test_flash_attention_4_is_not_offered_off_cuda_or_without_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from llamactl.server.engine.continuous import flash4
+
+    assert not flash4.available("cpu")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert not flash4.available("cuda")

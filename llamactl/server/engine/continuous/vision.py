@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from llamactl.server.engine.continuous import flash4
 from llamactl.server.engine.continuous.kernel_choice import choose_fastest
 from llamactl.server.engine.continuous.tower import FusedTower
 
@@ -39,6 +40,7 @@ class PaddingRows:
         self.rows: torch.Tensor | None = None
         self.key_bias: torch.Tensor | None = None  # [n, 1, 1, L]: 0 for real keys, dtype min for padding keys
         self.backends: list[SDPBackend] | None = None  # the unmasked attention's kernels (None: torch's choice)
+        self.flash4 = False  # the unmasked pass by FlashAttention 4 instead (flash4.py), where installed and faster
 
 
 _CURRENT = PaddingRows()
@@ -69,7 +71,10 @@ def split_mask_attention(
     if rows is None or key_bias is None or rows.shape[0] != query.shape[0]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if _CURRENT.backends is None:
+    if _CURRENT.flash4:  # [n, L, heads, d] as the q/k/v GEMM lays them out, and out in the layout o reads
+        out = flash4.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scaling)
+        out = out.transpose(1, 2)
+    elif _CURRENT.backends is None:
         out = F.scaled_dot_product_attention(query, key, value, scale=scaling)
     else:
         with sdpa_kernel(_CURRENT.backends):
@@ -82,7 +87,7 @@ def split_mask_attention(
         pad = F.scaled_dot_product_attention(torch.gather(query, 2, index), key, value, attn_mask=key_bias,
                                              scale=scaling)
         out.scatter_(2, index, pad)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous(), None  # no copy after FlashAttention 4
 
 
 AttentionInterface.register(ATTENTION_NAME, split_mask_attention)
@@ -97,6 +102,7 @@ class VisionEncoder:
         self.padded = self.patches + (8 - self.patches % 8) % 8
         self.split_mask = split_mask
         self.backends: list[SDPBackend] | None = None
+        self.flash4 = False
         # tower.py's encoder layers (needs the split mask's padding rows); ``fused`` says whether they run
         self.tower: FusedTower | None = None
         self.fused = False
@@ -112,7 +118,7 @@ class VisionEncoder:
         on the CPU (the padding rows are computed from it without waiting for the GPU)."""
         if self.split_mask:
             self._set_rows(ar_mask_cpu.reshape(ar_mask_cpu.shape[0], -1), pixel.device, pixel.dtype)
-            _CURRENT.backends = self.backends
+            _CURRENT.backends, _CURRENT.flash4 = self.backends, self.flash4
         try:
             if self.tower is not None and self.fused:
                 padded, patches = self.tower(pixel, ar_ids)  # [n, media, tiles, padded rows, dim]
@@ -124,6 +130,7 @@ class VisionEncoder:
             states = self.vision(pixel_values=pixel, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask)
         finally:
             _CURRENT.rows = _CURRENT.key_bias = _CURRENT.backends = None
+            _CURRENT.flash4 = False
         states = states.last_hidden_state  # [n, 1, tiles, patches, dim]
         n, _, tiles, patches, _ = states.shape
         return self.projector(states).reshape(n, tiles * patches, -1)  # type: ignore[no-any-return]
@@ -150,6 +157,7 @@ class VisionEncoder:
         _CURRENT.key_bias = (bias.pin_memory() if pin else bias).to(device, non_blocking=True)
 
 
+FLASH4 = "flash-attn-4"
 CANDIDATE_BACKENDS = {
     "flash": [SDPBackend.FLASH_ATTENTION],
     "cudnn": [SDPBackend.CUDNN_ATTENTION],
@@ -178,21 +186,30 @@ def _seconds(call: Callable[[], torch.Tensor]) -> float:
 
 
 def choose_backend(encoder: VisionEncoder, images: int, tiles: int, size: int, dtype: torch.dtype) -> dict[str, float]:
-    """Time the tower on ``images`` 4-tile images with each unmasked-attention kernel; keep the fastest (CUDA).
+    """Time the tower on ``images`` 4-tile images with each unmasked-attention kernel; keep the fastest (CUDA) of
+    those whose image states are within ``LAYERS_TOLERANCE`` of the tower's with torch's own SDPA choice.
 
-    Returns seconds per candidate (a kernel that cannot take these shapes is left out). The kernels differ by GPU
-    and library version, so this is measured at start rather than assumed.
+    Candidates: PyTorch's SDPA kernels and, where the optional package is installed, FlashAttention 4 (flash4.py).
+    Returns seconds per candidate (a kernel that cannot take these shapes or compile here is left out). The
+    kernels differ by GPU and library version, so this is measured at start rather than assumed.
     """
     inputs = _random_images(images, tiles, size, dtype)
-    timings: dict[str, float] = {}
-    for name, backends in CANDIDATE_BACKENDS.items():
-        encoder.backends = backends
-        try:
-            timings[name] = _seconds(lambda: encoder(*inputs))
-        except RuntimeError:
-            continue
-    encoder.backends = CANDIDATE_BACKENDS[min(timings, key=timings.__getitem__)] if timings else None
-    return timings
+    candidates: dict[str, tuple[list[SDPBackend] | None, bool]] = {
+        name: (backends, False) for name, backends in CANDIDATE_BACKENDS.items()}
+    if flash4.available(inputs[0].device):
+        candidates[FLASH4] = (None, True)
+
+    def form(backends: list[SDPBackend] | None, use_flash4: bool) -> Callable[[int], Callable[[], torch.Tensor]]:
+        def call() -> torch.Tensor:
+            encoder.backends, encoder.flash4 = backends, use_flash4
+            return encoder(*inputs)
+
+        return lambda _images: call
+
+    choice, timings = choose_fastest({name: form(*c) for name, c in candidates.items()}, [images], timer=_seconds,
+                                     tolerance=LAYERS_TOLERANCE, reference=form(None, False))
+    encoder.backends, encoder.flash4 = candidates[choice[images]] if timings else (None, False)
+    return {name: seconds for name, [seconds] in timings.items()}
 
 
 LAYERS_TOLERANCE = 2e-2  # relative L2 of the fused layers' states against transformers' (bf16: ~1e-2 between kernels)
