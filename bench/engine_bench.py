@@ -111,7 +111,7 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
         # variants of the continuous engine at --vp-levels: the tower's stream served before the decode steps
         # (settings.vision_priority), images through the tower two at a time (settings.prefill_chunk_images),
         # both; without its Triton kernels (settings.triton_kernels); two image chunks in the tower
-        # (settings.vision_queue); transformers' vision encoder layers (settings.vision_layers)
+        # (settings.vision_queue), also with the tower first; transformers' vision encoder layers (settings.vision_layers)
         **{name: Design(name, f"the continuous engine, {title}", "continuous", max(levels), a.vp_levels,
                         a.rounds, a.min_requests, "round", 3.0, env=env)
            for name, title, env in [
@@ -122,6 +122,8 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
                 {"LLAMACTL_PREFILL_CHUNK_IMAGES": "2", "LLAMACTL_VISION_PRIORITY": "high"}),
                ("continuous-pt", "PyTorch's kernels only (its Triton kernels off)", {"LLAMACTL_TRITON_KERNELS": "0"}),
                ("continuous-q2", "a full image chunk may queue behind one in the tower", {"LLAMACTL_VISION_QUEUE": "2"}),
+               ("continuous-q2vp", "a full image chunk may queue behind one, tower first",
+                {"LLAMACTL_VISION_QUEUE": "2", "LLAMACTL_VISION_PRIORITY": "high"}),
                ("continuous-tl", "transformers' vision encoder layers (not tower.py's)",
                 {"LLAMACTL_VISION_LAYERS": "transformers"}),
            ]},
@@ -545,7 +547,7 @@ def main() -> None:
     ap.add_argument("--levels", type=ints, help="clients per level (default 1,8,32,64; tiny 1,2,4)")
     ap.add_argument("--sm-levels", type=ints, default=[32], help="levels of the continuous-sm design")
     ap.add_argument("--vp-levels", type=ints, default=[32, 64],
-                    help="levels of the continuous-vp, -c2, -c2vp and -pt designs")
+                    help="levels of the continuous-vp, -c2, -c2vp, -pt, -q2, -q2vp and -tl designs")
     ap.add_argument("--seed-levels", type=ints, help="levels of the one-at-a-time design (default 1,8; tiny 1,2)")
     ap.add_argument("--hf-max-batch", type=int, help="the hf design's max batch (default 32; tiny 2)")
     ap.add_argument("--max-tokens", type=int, help="answer length (default 128; tiny 8)")
