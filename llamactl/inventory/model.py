@@ -145,12 +145,26 @@ class ServerSettings(_Model):
         return value
 
 
+# llamactl's optional extras a server host may install beside ``server`` (pyproject.toml)
+SERVER_EXTRAS = ("flash4",)
+
+
 class PipSettings(_Model):
     index_url: str | None = None
     extra_index_urls: list[str] = []
     find_links: list[str] = []
     no_index: bool = False
     wheelhouse: str | None = None  # a local directory of wheels uploaded to air-gapped hosts
+    extras: list[str] = []  # more of llamactl's extras for the release venv (flash4: FlashAttention 4's kernels)
+
+    @field_validator("extras")
+    @classmethod
+    def _extras(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in SERVER_EXTRAS]
+        if unknown:
+            raise ValueError(f"a list of llamactl's optional extras ({', '.join(SERVER_EXTRAS)}); not "
+                             f"{', '.join(unknown)}")
+        return sorted(set(value))
 
 
 class HostConfig(_Model):

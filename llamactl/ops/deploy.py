@@ -45,19 +45,27 @@ __all__ = ["DeployResult", "FileDiff", "HostJob", "HostOutcome", "HostsUnreachab
            "deploy_host", "prepare", "raise_for", "start_instances"]
 
 
+ReleaseKey = tuple[str | None, tuple[str, ...]]  # (pip.wheelhouse, pip.extras)
+
+
+def release_key(spec: HostSpec) -> ReleaseKey:
+    return (str(spec.pip.wheelhouse) if spec.pip.wheelhouse else None, tuple(spec.pip.extras))
+
+
 @dataclass(frozen=True)
 class Shipment:
-    """What the controller ships: its release (one per wheelhouse) and the model uploads, built once."""
+    """What the controller ships: its release (one per wheelhouse and set of extras) and the model uploads, built
+    once."""
 
-    releases: dict[str | None, Release]
+    releases: dict[ReleaseKey, Release]
     models: dict[str, ModelUpload]
 
     @property
     def release_id(self) -> str:
-        return self.releases[None].release_id
+        return self.releases[(None, ())].release_id
 
     def release_for(self, spec: HostSpec) -> Release:
-        return self.releases[str(spec.pip.wheelhouse) if spec.pip.wheelhouse else None]
+        return self.releases[release_key(spec)]
 
     def model_for(self, spec: HostSpec) -> ModelUpload | None:
         return self.models.get(str(spec.model.upload_from)) if spec.model.upload_from else None
@@ -66,11 +74,13 @@ class Shipment:
 def prepare(inv: Inventory, wheel: Path | None = None) -> Shipment:
     """Build (or reuse) the wheel, hash the wheelhouses and model directories the inventory names."""
     base = make_release(build_wheel(wheel), None)
-    releases: dict[str | None, Release] = {None: base}
+    releases: dict[ReleaseKey, Release] = {(None, ()): base}
     models: dict[str, ModelUpload] = {}
     for spec in inv.hosts:
-        if spec.pip.wheelhouse and str(spec.pip.wheelhouse) not in releases:
-            releases[str(spec.pip.wheelhouse)] = make_release(base.wheel.local_path, Path(spec.pip.wheelhouse))
+        key = release_key(spec)
+        if key not in releases:
+            house, extras = key
+            releases[key] = make_release(base.wheel.local_path, Path(house) if house else None, extras)
         if spec.model.upload_from and str(spec.model.upload_from) not in models:
             models[str(spec.model.upload_from)] = model_upload(Path(spec.model.upload_from))
     return Shipment(releases, models)

@@ -73,7 +73,9 @@ def build_wheel(explicit: Path | None = None) -> Path:
     return built[0]
 
 
-def make_release(wheel: Path, wheelhouse: Path | None) -> Release:
+def make_release(wheel: Path, wheelhouse: Path | None, extras: tuple[str, ...] = ()) -> Release:
+    """The release of ``wheel`` (with a wheelhouse's wheels); ``extras`` (pip.extras) name a release venv of
+    their own: its id ends in them, so adding or dropping one builds a new venv rather than reusing the last."""
     digest = sha256_file(wheel)
     art = Artifact(wheel, wheel.name, digest, wheel.stat().st_size)
     house: tuple[Artifact, ...] = ()
@@ -84,7 +86,8 @@ def make_release(wheel: Path, wheelhouse: Path | None) -> Release:
                   if p.is_file() and p.suffix in (".whl", ".gz", ".zip") and not p.name.startswith("llamactl-")]
         digests = cached_sha256(wheels)  # hosts fetch wheels from peers and check them by digest
         house = tuple(Artifact(p, p.name, digests[p], p.stat().st_size) for p in wheels)
-    return Release(f"{__version__}-{digest[:10]}", art, house, tested_constraints())
+    tag = "".join(f"+{name}" for name in extras)
+    return Release(f"{__version__}-{digest[:10]}{tag}", art, house, tested_constraints())
 
 
 def tested_constraints() -> bytes | None:

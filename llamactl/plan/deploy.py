@@ -72,7 +72,7 @@ class DesiredHost:
     model_path: str | None = None  # the model directory on the host, when model.source is a path
     model_upload: ModelUpload | None = None  # what to copy there (model.upload_from)
     service_user: str = "root"
-    extra: str = "server"  # the wheel's extra installed into the release venv ("" = the controller only)
+    extra: str = "server"  # the wheel's extras installed into the release venv ("" = the controller only)
     services: tuple[str, ...] = ()  # other units of ours on the host: enabled, (re)started when anything changed
 
     @property
@@ -123,6 +123,7 @@ def desired_host(inv: Inventory, spec: HostSpec, release: Release, model_upload:
         model_path=spec.model.source if spec.model.source.startswith("/") else None,
         model_upload=model_upload,
         service_user=spec.server.user,
+        extra=",".join(("server", *spec.pip.extras)),
     )
 
 

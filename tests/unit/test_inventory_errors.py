@@ -50,6 +50,9 @@ MUTATIONS = [
         "balancer.stub_status_port: found 80, expected a port other than the balancer's listen ports "
         "(stub_status listens on 127.0.0.1 of the same host)",
         id="stub_status_on_the_public_port"),
+    pytest.param("    extras: []  ", "    extras: [flash4, flash5]  ", "flash5", 13,
+        "defaults.pip.extras: found a list, expected a list of llamactl's optional extras (flash4); not flash5",
+        id="unknown_pip_extra"),
     pytest.param("  max_fails: 2\n", "  max_fails: yes\n", "max_fails: yes", 14,
         "balancer.max_fails: found boolean true, expected an integer of at least 0",
         id="boolean_is_not_an_integer"),
