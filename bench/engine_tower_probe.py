@@ -39,25 +39,29 @@ def inputs(n: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ...
     return pixel, ar_ids, ar_cpu.to("cuda"), ar_cpu
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, required=True)
-    args = ap.parse_args()
+def vision_models() -> tuple[Any, Any, Any, Any]:
+    """The 11B-shape vision model and projector with random weights: float32 (the reference) and a bf16 copy."""
     from transformers import MllamaConfig
     from transformers.models.mllama.modeling_mllama import MllamaVisionModel
 
-    from llamactl.server.engine.continuous import tower
-    from llamactl.server.engine.continuous.vision import VisionEncoder
-
-    torch.backends.cuda.enable_cudnn_sdp(True)
     cfg = MllamaConfig()
     cfg.vision_config.image_size = 560
     torch.manual_seed(0)
     with torch.device("cuda"):
         vision32 = MllamaVisionModel._from_config(cfg.vision_config, dtype=torch.float32).eval()
         projector32 = torch.nn.Linear(cfg.vision_config.vision_output_dim, cfg.text_config.hidden_size)
-    vision = copy.deepcopy(vision32).to(torch.bfloat16)
-    projector = copy.deepcopy(projector32).to(torch.bfloat16)
+    return vision32, projector32, copy.deepcopy(vision32).to(torch.bfloat16), copy.deepcopy(projector32).to(torch.bfloat16)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    from llamactl.server.engine.continuous import tower
+    from llamactl.server.engine.continuous.vision import VisionEncoder
+
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    vision32, projector32, vision, projector = vision_models()
     report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                               "gates_tanh": [round(tower.tower_layer(layer).gate_attn, 4)
                                              for layer in vision.global_transformer.layers[:2]]}

@@ -15,7 +15,6 @@ one call's carry; bench/engine_fa4_wheels.sh packs them in two parts.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 import torch.nn.functional as F
 from engine_probe import kernel_kinds, timed
-from engine_tower_probe import inputs, rel_l2
+from engine_tower_probe import inputs, rel_l2, vision_models
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 HEADS, LENGTH, HEAD_DIM = 16, 6432, 80
@@ -164,20 +163,10 @@ def main() -> None:
         torch.cuda.empty_cache()
 
         # the whole tower, each attention
-        from transformers import MllamaConfig
-        from transformers.models.mllama.modeling_mllama import MllamaVisionModel
-
         from llamactl.server.engine.continuous import vision as vision_mod
         from llamactl.server.engine.continuous.vision import VisionEncoder
 
-        cfg = MllamaConfig()
-        cfg.vision_config.image_size = 560
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            vision32 = MllamaVisionModel._from_config(cfg.vision_config, dtype=torch.float32).eval()
-            projector32 = torch.nn.Linear(cfg.vision_config.vision_output_dim, cfg.text_config.hidden_size)
-        vision = copy.deepcopy(vision32).to(torch.bfloat16)
-        projector = copy.deepcopy(projector32).to(torch.bfloat16)
+        vision32, projector32, vision, projector = vision_models()
         ref_encoder = VisionEncoder(vision32, projector32, split_mask=True)
         ref_encoder.fused = False
         encoder = VisionEncoder(vision, projector, split_mask=True)

@@ -71,6 +71,22 @@ def test_split_mask_vision_states_equal_transformers_for_images_of_different_til
     assert not torch.allclose(wrong, ref, atol=1e-3)
 
 
+def timed_tower(checkpoint: Path, image: Image.Image,
+                monkeypatch: pytest.MonkeyPatch) -> tuple[VisionEncoder, tuple[torch.Tensor, ...]]:
+    """The tiny checkpoint's tower (split mask) and ``image``'s inputs, which the start-time choices time on
+    (in place of random GPU images)."""
+    from llamactl.server.engine.continuous import vision as vision_mod
+
+    hf = HFEngine(make_settings(checkpoint))
+    hf.load()
+    inputs = hf.processor(images=[[image]], text=["<|image|>What is this?"], return_tensors="pt")
+    ar_mask = inputs["aspect_ratio_mask"]
+    x = (inputs["pixel_values"], inputs["aspect_ratio_ids"], ar_mask, ar_mask)
+    monkeypatch.setattr(vision_mod, "_random_images", lambda *a: x)
+    encoder = VisionEncoder(hf.model.model.vision_model, hf.model.model.multi_modal_projector, split_mask=True)
+    return encoder, x
+
+
 def test_choose_layers_keeps_the_fused_layers_only_when_faster_and_working(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -78,15 +94,7 @@ def test_choose_layers_keeps_the_fused_layers_only_when_faster_and_working(
     fused form that raises is left out."""
     from llamactl.server.engine.continuous import vision as vision_mod
 
-    hf = HFEngine(make_settings(tiny_checkpoint))
-    hf.load()
-    vision, projector = hf.model.model.vision_model, hf.model.model.multi_modal_projector
-    image = Image.new("RGB", (112, 112), (200, 40, 40))
-    inputs = hf.processor(images=[[image]], text=["<|image|>What is this?"], return_tensors="pt")
-    ar_mask = inputs["aspect_ratio_mask"]
-    monkeypatch.setattr(vision_mod, "_random_images",
-                        lambda *a: (inputs["pixel_values"], inputs["aspect_ratio_ids"], ar_mask, ar_mask))
-    encoder = VisionEncoder(vision, projector, split_mask=True)
+    encoder, _ = timed_tower(tiny_checkpoint, Image.new("RGB", (112, 112), (200, 40, 40)), monkeypatch)
     for fused_s, want in ((0.5, True), (2.0, False)):
         monkeypatch.setattr(vision_mod, "_seconds", lambda call, s=fused_s: (call(), s if encoder.fused else 1.0)[1])
         with torch.inference_mode():
@@ -112,15 +120,8 @@ def test_choose_backend_takes_flash_attention_4_only_where_installed_faster_and_
     from llamactl.server.engine.continuous import flash4
     from llamactl.server.engine.continuous import vision as vision_mod
 
-    hf = HFEngine(make_settings(tiny_checkpoint))
-    hf.load()
-    vision, projector = hf.model.model.vision_model, hf.model.model.multi_modal_projector
-    image = Image.new("RGB", (224, 56), (30, 160, 90))
-    inputs = hf.processor(images=[[image]], text=["<|image|>What is this?"], return_tensors="pt")
-    ar_mask = inputs["aspect_ratio_mask"]
-    x = (inputs["pixel_values"], inputs["aspect_ratio_ids"], ar_mask, ar_mask)
-    monkeypatch.setattr(vision_mod, "_random_images", lambda *a: x)
-    encoder = VisionEncoder(vision, projector, split_mask=True)
+    encoder, x = timed_tower(tiny_checkpoint, Image.new("RGB", (224, 56), (30, 160, 90)), monkeypatch)
+    vision, ar_mask = encoder.vision, x[2]
     with torch.inference_mode():
         ref = encoder(*x)
     calls: list[tuple[int, ...]] = []
