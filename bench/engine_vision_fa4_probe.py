@@ -4,7 +4,9 @@ Python DSL, carried; not dependencies of llamactl), against what the engine runs
   tower.py's [n, L, 3, heads, d] q/k/v GEMM output: cuDNN (with the [n, heads, L, d] -> [n, L, heads, d] copy of its
   output the tower needs) against FA4 (which reads and writes [n, L, heads, d] as they are) at its own tile choice
   and at a few others; the first call's compile time; relative L2 of each from a float32 reference (1 image);
-- the whole fused tower (8 and 2 images) with each attention, and each tower's distance from the float32 tower.
+- the whole fused tower (8 and 2 images) with each attention, and each tower's distance from the float32 tower,
+  switched as the engine switches it (`VisionEncoder.backends` / `.flash4`; runs 1-2 ran the probe's own copy of
+  that path, with FA4 at the fastest tile: its own).
 
     python3 bench/engine_vision_fa4_probe.py --out $OUT/engine_vision_fa4_probe.json    # GPU only
 
@@ -30,27 +32,6 @@ from engine_tower_probe import inputs, rel_l2, vision_models
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 HEADS, LENGTH, HEAD_DIM = 16, 6432, 80
-
-
-def fa4_split_mask(fwd: Any) -> Any:
-    """vision.py's split-mask attention with the unmasked pass by ``fwd(q, k, v, scale)`` on [n, L, heads, d]."""
-    from llamactl.server.engine.continuous import vision as vision_mod
-
-    def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any,
-                  dropout: float = 0.0, scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        rows, key_bias = vision_mod._CURRENT.rows, vision_mod._CURRENT.key_bias
-        assert rows is not None and key_bias is not None
-        out = fwd(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scaling)  # [n, L, heads, d]
-        if rows.shape[1]:
-            n, heads, _, d = query.shape
-            index = rows[:, None, :, None].expand(n, heads, rows.shape[1], d)
-            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                pad = F.scaled_dot_product_attention(torch.gather(query, 2, index), key, value, attn_mask=key_bias,
-                                                     scale=scaling)
-            out.transpose(1, 2).scatter_(2, index, pad)
-        return out, None
-
-    return attention
 
 
 def layer_probe(fa4_fwd: Any, tiles: list[str]) -> dict[str, Any]:
@@ -158,12 +139,11 @@ def main() -> None:
         layer = layer_probe(fa4_fwd, args.tiles.split(","))
         report["layer_8_images"] = layer
         save()
-        best = min((t for t in layer if t.startswith("fa4_") and "s" in layer[t]), key=lambda t: layer[t]["s"])
-        report["best_tile"] = best
+        report["best_tile"] = min((t for t in layer if t.startswith("fa4_") and "s" in layer[t]),
+                                  key=lambda t: layer[t]["s"])
         torch.cuda.empty_cache()
 
         # the whole tower, each attention
-        from llamactl.server.engine.continuous import vision as vision_mod
         from llamactl.server.engine.continuous.vision import VisionEncoder
 
         vision32, projector32, vision, projector = vision_models()
@@ -171,26 +151,22 @@ def main() -> None:
         ref_encoder.fused = False
         encoder = VisionEncoder(vision, projector, split_mask=True)
         encoder.backends = [SDPBackend.CUDNN_ATTENTION]
-        assert encoder.tower is not None
         x2 = inputs(2, torch.bfloat16)
         want = ref_encoder(x2[0].float(), *x2[1:])
         del ref_encoder, vision32, projector32
         torch.cuda.empty_cache()
-        attentions = {"cudnn": vision_mod.split_mask_attention,
-                      "fa4": fa4_split_mask(fa4_fwd(best.removeprefix("fa4_")))}
+        # the engine's own switch (vision.py): cuDNN, or FA4 at its own tile (the fastest in runs 1-2)
+        attentions = {"cudnn": ([SDPBackend.CUDNN_ATTENTION], False), "fa4": (None, True)}
         towers: dict[str, Any] = {}
-        for name, attention in attentions.items():
-            encoder.tower.attention = attention
+        for name, (encoder.backends, encoder.flash4) in attentions.items():
             towers[name] = {"rel_l2_fp32_2_images": rel_l2(encoder(*x2), want)}
         for n in (8, 2, 8):  # 8 twice: the first and last timings show the spread within the call
             x = inputs(n, torch.bfloat16)
-            for name, attention in attentions.items():
-                encoder.tower.attention = attention
+            for name, (encoder.backends, encoder.flash4) in attentions.items():
                 towers[name].setdefault(f"{n}_images_s", []).append(timed(lambda x=x: encoder(*x), reps=5))
                 print(name, n, towers[name][f"{n}_images_s"], flush=True)
         x = inputs(8, torch.bfloat16)
-        for name, attention in attentions.items():
-            encoder.tower.attention = attention
+        for name, (encoder.backends, encoder.flash4) in attentions.items():
             towers[name]["8_images_kernels"] = kernel_kinds(lambda x=x: encoder(*x))
         report["tower"] = towers
         save()
