@@ -53,6 +53,7 @@ class Outcome:
     started_at: float = 0.0  # time.time() when it was sent (comparable across load processes)
     arrivals_at: list[float] = field(default_factory=list)  # time.time() of each content chunk
     first_round: bool = False  # among its client's first requests (the burst every closed loop starts with)
+    image: int = -1  # the index of the image it carried
 
 
 async def one_request(client: httpx.AsyncClient, url: str, image: str, max_tokens: int) -> Outcome:
@@ -133,6 +134,7 @@ async def _run(url: str, concurrency: int, requests: int, max_tokens: int, image
                 running[i] = time.monotonic()
                 outcome = await one_request(client, url, images[(first_image + i) % len(images)], max_tokens)
                 outcome.first_round = i < concurrency
+                outcome.image = (first_image + i) % len(images)
                 outcomes.append(outcome)
                 del running[i]
 
