@@ -75,6 +75,7 @@ def create_app(
             state.batcher.stop()
             state.gpu.stop()
             await state.jobs.cancel_all()
+            state.inference.image_pool.shutdown(wait=False, cancel_futures=True)
             await asyncio.to_thread(state.thread.join, 30)
             if not state.thread.is_alive():
                 state.engine.close()

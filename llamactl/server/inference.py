@@ -6,10 +6,13 @@ Routes translate HTTP to these calls; failures surface as ``ApiError`` with the 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import os
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.types import Receive
 
@@ -24,6 +27,16 @@ if TYPE_CHECKING:
     from llamactl.server.cache import ResultCache
     from llamactl.server.metrics import Metrics
     from llamactl.state.cache import SharedCache
+
+T = TypeVar("T")
+
+
+def image_thread_count(setting: int, cpu_threads: int | None) -> int:
+    """``settings.image_threads``, or for 0 half the server's CPU threads (all the machine's without a budget),
+    at least 2 and at most 8."""
+    if setting > 0:
+        return setting
+    return max(2, min(8, (cpu_threads or os.cpu_count() or 2) // 2))
 
 
 class ApiError(Exception):
@@ -54,6 +67,7 @@ class Inference:
         metrics: Metrics,
         cache: ResultCache | None,
         status: Callable[[], str],
+        image_threads: int = 2,
     ) -> None:
         self.settings, self.engine, self.batcher, self.metrics, self.cache = (
             settings,
@@ -64,6 +78,14 @@ class Inference:
         )
         self._status = status
         self.shared_cache: SharedCache | None = None  # the cluster-wide cache (Redis), set by ServerState
+        # image decoding and preparation (CPU work outside the GIL for the most part), first come first served
+        self.image_threads = image_threads
+        self.image_pool = ThreadPoolExecutor(image_threads, thread_name_prefix="llamactl-image")
+
+    async def _in_image_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the image threads (the caller's context variables with it, as asyncio.to_thread)."""
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self.image_pool, context.run, fn, *args)
 
     def error(self, reason: str) -> None:
         self.metrics.request_errors.labels(reason=reason).inc()
@@ -123,7 +145,7 @@ class Inference:
         )
 
     async def decode_image(self, data: str) -> Image:
-        """Base64 (or data: URL) -> RGB image, in a worker thread (decoding can take a while)."""
+        """Base64 (or data: URL) -> RGB image, in an image thread (decoding can take a while)."""
         from llamactl.server.images import ImageError, ImageLimits, decode_base64_image
 
         limits = ImageLimits(
@@ -131,7 +153,7 @@ class Inference:
         )
         t0 = time.monotonic()
         try:
-            image = await asyncio.to_thread(decode_base64_image, data, limits)
+            image = await self._in_image_pool(decode_base64_image, data, limits)
         except ImageError as exc:
             self.error("invalid_image")
             raise ApiError(exc.status, exc.message, "invalid_image") from None
@@ -182,10 +204,10 @@ class Inference:
         return self._finish(req, waiter, started, cache_key)
 
     async def _admit(self, req: GenRequest) -> Awaitable[GenResult]:
-        """Prepare ``req`` in a worker thread (tokens, image tensors), then hand it to admission."""
+        """Prepare ``req`` in an image thread (tokens, image tensors), then hand it to admission."""
         t0 = time.monotonic()
         try:
-            await asyncio.to_thread(self.engine.prepare, req)
+            await self._in_image_pool(self.engine.prepare, req)
         except ValueError as exc:
             self.error("invalid_request")
             raise ApiError(400, str(exc), "invalid_request") from None

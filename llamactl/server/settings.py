@@ -105,6 +105,10 @@ class Settings(BaseModel):
     instance: str = ""
     # CPU budget (llamactl.server.cpus): 0 threads = this instance's share of the host's physical cores.
     cpu_threads: int = Field(0, ge=0, le=4096)
+    # Threads that decode request images and compute their pixel values, apart from the event loop, the model
+    # thread and asyncio's default pool; 0 = half the server's CPU threads, 2 to 8. Few threads finish a burst's
+    # first images first (FIFO) instead of all of them late, and leave the model thread its cores and the GIL.
+    image_threads: int = Field(0, ge=0, le=256)
     cpu_pinning: bool = False
     host_slot: str = Field("0/1", pattern=r"^\d+/\d+$")
     # Jobs API retention (not in the env contract's list, but read the same way).

@@ -22,7 +22,7 @@ from llamactl.server.admission import Admission
 from llamactl.server.cpus import CpuBudget
 from llamactl.server.engine.protocol import Engine, ServingEngine
 from llamactl.server.gpu_health import GpuHealth, device_selector, open_gpu_health
-from llamactl.server.inference import Inference
+from llamactl.server.inference import Inference, image_thread_count
 from llamactl.server.jobs import JobStore
 from llamactl.server.liveness import Liveness, exit_for_restart, is_fatal_cuda_error
 from llamactl.server.metrics import Metrics
@@ -129,7 +129,8 @@ class ServerState:
             settings, lambda: self.status == "ready", lambda: self.batcher.queued < self.batcher.queue_limit
         )
         self.inference = Inference(
-            settings, self.engine, self.batcher, self.metrics, self.cache, lambda: self.status
+            settings, self.engine, self.batcher, self.metrics, self.cache, lambda: self.status,
+            image_threads=image_thread_count(settings.image_threads, cpu.threads if cpu is not None else None),
         )
         self.inference.shared_cache = _shared_cache(settings, self.metrics)
         self.quotas = _quotas(settings, self.metrics)  # None without API keys
@@ -234,6 +235,7 @@ class ServerState:
             "gpu_memory": None if mem is None else {"used_bytes": mem[0], "total_bytes": mem[1]},
             "uptime_s": round(time.monotonic() - self.started, 3),
             "cpu": None if self.cpu is None else self.cpu.describe(),
+            "image_threads": self.inference.image_threads,
             "engine": engine,
             "gpu": self.gpu.describe(),
             "error": error,

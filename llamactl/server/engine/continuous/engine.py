@@ -40,6 +40,7 @@ from llamactl.server.engine.continuous.graphs import DecodeGraphs, batch_buckets
 from llamactl.server.engine.continuous.kernel_choice import choose_fastest, describe_choice, time_in_graph
 from llamactl.server.engine.continuous.model import MllamaRunner, Newcomer
 from llamactl.server.engine.continuous.output import OutputWorker, run_all
+from llamactl.server.engine.continuous.pixels import FastPixels, image_token_mask, prompt_ids
 from llamactl.server.engine.continuous.pools import PoolShape, SlotPools, plan_slots
 from llamactl.server.engine.continuous.sampler import RowSampling, sample_tokens
 from llamactl.server.engine.continuous.scheduler import take_chunk
@@ -115,6 +116,8 @@ class ContinuousEngine(EngineStatus):
         self._running: list[Sequence] = []  # index == slot
         self._stopping = False
         self._admitted = 0  # requests taken from the queue whose prefill has not finished
+        self._pixels: FastPixels | None = None  # ``_fast_pixels``, once looked at
+        self._pixels_checked = False
         self._encodings: deque[Encoding] = deque()  # image chunks in the tower, in order (at most vision_queue)
         self._lane = VisionLane()  # where the vision tower runs (a stream of its own on GPUs)
         self._inflight: _Step | None = None  # the decode step launched last, its tokens not read yet
@@ -210,6 +213,7 @@ class ContinuousEngine(EngineStatus):
             "quantization": self._quantization(),
             "one_row_projections" if self.fp8_gib is None else "fp8_projections": self.gemv or "cublas",
             "image_preprocessing_on": "cpu",  # the processor runs in request threads (prepare), off the GPU loop
+            "image_pixels": self._pixels_name(),
             "threads": hf["threads"],
             "steps": self.steps,
             "prefill_s_total": round(self.prefill_s, 3),
@@ -513,13 +517,18 @@ class ContinuousEngine(EngineStatus):
         hf = self.hf
         if hf.processor is None:
             raise ValueError("the model is not loaded yet")
-        out = hf.processor(
-            images=[[req.image]] if req.image is not None else None,
-            text=[req.prompt],
-            add_special_tokens=False,  # the chat template already starts with <|begin_of_text|>
-            return_tensors="pt",
-        )
-        ids = [int(t) for t in out["input_ids"][0].tolist()]
+        fast = self._fast_pixels() if req.image is not None and req.image.mode == "RGB" else None
+        out: Any = None
+        if fast is not None:
+            ids = prompt_ids(hf.processor, req.prompt)
+        else:
+            out = hf.processor(
+                images=[[req.image]] if req.image is not None else None,
+                text=[req.prompt],
+                add_special_tokens=False,  # the chat template already starts with <|begin_of_text|>
+                return_tensors="pt",
+            )
+            ids = [int(t) for t in out["input_ids"][0].tolist()]
         limit = self.max_len or (self.settings.gen_max_new_tokens + PROMPT_ALLOWANCE)
         if len(ids) + req.params.max_new_tokens > limit:
             raise ValueError(
@@ -529,11 +538,29 @@ class ContinuousEngine(EngineStatus):
         if req.image is None:
             req.prepared = Prepared(ids, None, None, None, None)
             return
+        pin = hf.device == "cuda"  # the copy to the GPU then does not block the model thread
+        if fast is not None:
+            pixel, ar_ids, ar_mask, tiles = fast(req.image, pin=pin)
+            cross = image_token_mask(ids, hf.processor.image_token_id, tiles, fast.max_tiles)
+            req.prepared = Prepared(ids, cross, pixel, ar_ids, ar_mask)
+            return
         cross = out["cross_attention_mask"][0, :, 0, :]  # [tokens, tiles]: one image per request
         pixel = out["pixel_values"].to(hf.dtype)  # here, in the request's thread, not on the model thread
-        if hf.device == "cuda":
-            pixel = pixel.pin_memory()  # the copy to the GPU then does not block the model thread
+        if pin:
+            pixel = pixel.pin_memory()
         req.prepared = Prepared(ids, cross, pixel, out["aspect_ratio_ids"], out["aspect_ratio_mask"])
+
+    def _pixels_name(self) -> str:
+        if self.hf.processor is None:
+            return "-"
+        return "the processor" if self._fast_pixels() is None else "a table of the processor's values (pixels.py)"
+
+    def _fast_pixels(self) -> FastPixels | None:
+        """The processor's pixel values by pixels.py where it reproduces this processor (made at first use)."""
+        if not self._pixels_checked:
+            self._pixels = FastPixels.for_processor(self.hf.processor.image_processor, self.hf.dtype)
+            self._pixels_checked = True
+        return self._pixels
 
     def add(self, req: GenRequest) -> None:
         with self._cv:

@@ -1,0 +1,115 @@
+"""The Mllama image processor's pixel values, in fewer passes over the image and mostly outside the GIL.
+
+transformers' PIL-backend processor (the one a machine without torchvision gets) turns each image into float64,
+then float32, pads, rescales, normalizes, splits into tiles and stacks, each a full pass in NumPy: ~25 ms of CPU
+for a 1120x1120 image on a quiet core, and much of it holding the GIL. In a burst of 32 requests on a 16-core GPU
+host that work ran ~0.3 s before the first image reached the vision tower, and the model thread, starved of the
+GIL, launched the first tower chunk 5x slower than alone (bench/results/engine_burst_probe_run1_h200.json).
+
+Here the same values come from the same resize (Pillow, on the uint8 image, as transformers does) and one table
+lookup per pixel: rescale and normalize map each of a channel's 256 byte values to one number, so the processor's
+own ``rescale`` and ``normalize`` are applied once to the 256 values at start and the table is indexed in torch
+(which releases the GIL), straight into the model's dtype and the tile layout. Equal to the processor's output by
+construction; tests compare them bit for bit. Only the processor this reproduces is served: any other processor
+class or setting (or a non-RGB image) takes the processor itself (``FastPixels.for_processor`` returns None).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+_REPRODUCED = "MllamaImageProcessorPil"
+
+
+class FastPixels:
+    """``__call__(image)`` -> (pixel_values [1, 1, max_tiles, 3, tile, tile], aspect_ratio_ids [1, 1],
+    aspect_ratio_mask [1, 1, max_tiles], tiles), as ``MllamaImageProcessorPil`` makes them, pixel values cast to
+    ``dtype`` (the processor's float32 values, rounded once)."""
+
+    def __init__(self, processor: Any, dtype: torch.dtype) -> None:
+        from transformers.models.mllama import image_processing_pil_mllama as pil_mllama
+
+        self._fit = pil_mllama.get_image_size_fit_to_canvas
+        self._canvas = pil_mllama.get_optimal_tiled_canvas
+        self.tile = int(processor.size["height"])
+        self.max_tiles = int(processor.max_image_tiles)
+        self.resample = Image.Resampling(int(processor.resample))
+        self.supported = list(pil_mllama.get_all_supported_aspect_ratios(self.max_tiles))
+        self.dtype = dtype
+        # every byte value of every channel through the processor's own rescale and normalize: [3, 256]
+        values = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 1, 256)).copy()
+        table = processor.normalize(processor.rescale(values, processor.rescale_factor),
+                                    processor.image_mean, processor.image_std)
+        self.table = torch.from_numpy(np.ascontiguousarray(table.reshape(3, 256), dtype=np.float32)).to(dtype)
+
+    @classmethod
+    def for_processor(cls, processor: Any, dtype: torch.dtype) -> FastPixels | None:
+        """A fast path equal to ``processor``, or None where this module does not reproduce it."""
+        if type(processor).__name__ != _REPRODUCED:
+            return None
+        if not (processor.do_resize and processor.do_pad and processor.do_rescale and processor.do_normalize
+                and processor.do_convert_rgb):
+            return None
+        if processor.size.get("height") != processor.size.get("width"):
+            return None
+        return cls(processor, dtype)
+
+    def tiling(self, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(tiles down, tiles across) and the resized (height, width), as the processor chooses them."""
+        canvas_h, canvas_w = self._canvas(height, width, self.max_tiles, self.tile)
+        new_h, new_w = self._fit(height, width, canvas_h, canvas_w, self.tile)
+        return (int(canvas_h) // self.tile, int(canvas_w) // self.tile), (int(new_h), int(new_w))
+
+    def __call__(self, image: Image.Image, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        if image.mode != "RGB":
+            raise ValueError(f"FastPixels takes RGB images, not {image.mode}")
+        (down, across), (new_h, new_w) = self.tiling(image.height, image.width)
+        if (new_w, new_h) != image.size:
+            image = image.resize((new_w, new_h), resample=self.resample)
+        t = self.tile
+        tiles = down * across
+        height, width = down * t, across * t
+        pixels = torch.from_numpy(np.array(image))  # [h, w, 3] uint8 (a writable copy)
+        # the canvas, channels first; its padding is byte value 0 (the processor pads before it rescales)
+        canvas = torch.empty((3, height, width), dtype=self.dtype)
+        if (new_h, new_w) != (height, width):
+            canvas.copy_(self.table[:, :1].reshape(3, 1, 1).expand(3, height, width))
+        for c in range(3):  # one channel's bytes as rows of its table (index_select: int32, outside the GIL)
+            rows = self.table[c].index_select(0, pixels[..., c].reshape(-1).to(torch.int32))
+            canvas[c, :new_h, :new_w] = rows.view(new_h, new_w)
+        out = torch.zeros((1, 1, self.max_tiles, 3, t, t), dtype=self.dtype, pin_memory=pin)
+        # tiles in row-major order: [3, down, t, across, t] -> [down, across, 3, t, t]
+        out[0, 0, :tiles].view(down, across, 3, t, t).copy_(
+            canvas.view(3, down, t, across, t).permute(1, 3, 0, 2, 4))
+        ids = torch.tensor([[self.supported.index((down, across)) + 1]], dtype=torch.int64)
+        mask = torch.zeros((1, 1, self.max_tiles), dtype=torch.int64)
+        mask[0, 0, :tiles] = 1
+        mask[0, 0, 0] = 1
+        return out, ids, mask, tiles
+
+
+def image_token_mask(input_ids: list[int], image_token_id: int, tiles: int, max_tiles: int) -> torch.Tensor:
+    """[tokens, max_tiles]: which of the image's tiles each token attends to (one image), as the processor's
+    ``cross_attention_mask[0, :, 0, :]``, by transformers' own functions."""
+    from transformers.models.mllama.processing_mllama import (
+        convert_sparse_cross_attention_mask_to_dense,
+        get_cross_attention_token_mask,
+    )
+
+    sparse = [get_cross_attention_token_mask(input_ids, image_token_id)]
+    dense = convert_sparse_cross_attention_mask_to_dense(sparse, num_tiles=[[tiles]], max_num_tiles=max_tiles,
+                                                         length=len(input_ids))
+    return torch.from_numpy(dense)[0, :, 0, :]
+
+
+def prompt_ids(processor: Any, prompt: str) -> list[int]:
+    """The processor's input ids for one prompt with one image, without its image work: its own text
+    normalization (a BOS after leading image tokens), then its tokenizer without special tokens."""
+    from transformers.models.mllama.processing_mllama import build_string_from_input
+
+    text = build_string_from_input(prompt, processor.bos_token, processor.image_token)
+    return [int(t) for t in processor.tokenizer(text, add_special_tokens=False)["input_ids"]]
