@@ -45,6 +45,10 @@ class FastPixels:
         table = processor.normalize(processor.rescale(values, processor.rescale_factor),
                                     processor.image_mean, processor.image_std)
         self.table = torch.from_numpy(np.ascontiguousarray(table.reshape(3, 256), dtype=np.float32)).to(dtype)
+        # the same values as raw bits, for NumPy (no bfloat16 there): lookups and copies single-threaded and
+        # outside the GIL, never in torch's intra-op pool (its threads would compete with the model thread's)
+        self._bits_type = {2: torch.int16, 4: torch.int32, 8: torch.int64}[self.table.element_size()]
+        self.bits = self.table.view(self._bits_type).numpy()
 
     @classmethod
     def for_processor(cls, processor: Any, dtype: torch.dtype) -> FastPixels | None:
@@ -73,18 +77,19 @@ class FastPixels:
         t = self.tile
         tiles = down * across
         height, width = down * t, across * t
-        pixels = torch.from_numpy(np.array(image))  # [h, w, 3] uint8 (a writable copy)
+        pixels = np.asarray(image)  # [h, w, 3] uint8
         # the canvas, channels first; its padding is byte value 0 (the processor pads before it rescales)
-        canvas = torch.empty((3, height, width), dtype=self.dtype)
+        canvas = np.empty((3, height, width), dtype=self.bits.dtype)
         if (new_h, new_w) != (height, width):
-            canvas.copy_(self.table[:, :1].reshape(3, 1, 1).expand(3, height, width))
-        for c in range(3):  # one channel's bytes as rows of its table (index_select: int32, outside the GIL)
-            rows = self.table[c].index_select(0, pixels[..., c].reshape(-1).to(torch.int32))
-            canvas[c, :new_h, :new_w] = rows.view(new_h, new_w)
-        out = torch.zeros((1, 1, self.max_tiles, 3, t, t), dtype=self.dtype, pin_memory=pin)
+            canvas[...] = self.bits[:, :1, None]
+        for c in range(3):  # each byte through its channel's table
+            np.take(self.bits[c], pixels[..., c], out=canvas[c, :new_h, :new_w], mode="wrap")
+        out = torch.empty((1, 1, self.max_tiles, 3, t, t), dtype=self.dtype, pin_memory=pin)
+        bits = out.view(self._bits_type).numpy()
+        bits[0, 0, tiles:] = 0
         # tiles in row-major order: [3, down, t, across, t] -> [down, across, 3, t, t]
-        out[0, 0, :tiles].view(down, across, 3, t, t).copy_(
-            canvas.view(3, down, t, across, t).permute(1, 3, 0, 2, 4))
+        bits[0, 0, :tiles].reshape(down, across, 3, t, t)[...] = (
+            canvas.reshape(3, down, t, across, t).transpose(1, 3, 0, 2, 4))
         ids = torch.tensor([[self.supported.index((down, across)) + 1]], dtype=torch.int64)
         mask = torch.zeros((1, 1, self.max_tiles), dtype=torch.int64)
         mask[0, 0, :tiles] = 1
