@@ -144,7 +144,8 @@ class Health(_Shape):
     gpu_memory: GpuMemory | None
     uptime_s: float
     cpu: dict[str, Any] | None = Field(description="Threads and CPUs this process uses; null in-process.")
-    image_threads: int = Field(description="Threads that decode request images and compute their pixel values.")
+    image_threads: int | None = Field(None, description="Threads that decode request images and compute their "
+                                      "pixel values.")
     engine: dict[str, Any] | None = Field(description="What the engine reports about itself.")
     gpu: dict[str, Any] = Field(
         description="This instance's GPU from NVML: status unavailable (no NVML, CPU instance; with a reason), "

@@ -1,17 +1,20 @@
-"""The Mllama image processor's pixel values, in fewer passes over the image and mostly outside the GIL.
+"""The Mllama image processor's pixel values, in fewer passes over the image.
 
 transformers' PIL-backend processor (the one a machine without torchvision gets) turns each image into float64,
-then float32, pads, rescales, normalizes, splits into tiles and stacks, each a full pass in NumPy: ~25 ms of CPU
-for a 1120x1120 image on a quiet core, and much of it holding the GIL. In a burst of 32 requests on a 16-core GPU
-host that work ran ~0.3 s before the first image reached the vision tower, and the model thread, starved of the
-GIL, launched the first tower chunk 5x slower than alone (bench/results/engine_burst_probe_run1_h200.json).
+then float32, pads, rescales, normalizes, splits into tiles and stacks, each a full pass over a new array:
+12.4 ms for a 1120x1120 image on one core of the dev box, and with the JPEG decode 57.5 ms a request on the
+H200 machine (bench/results/engine_burst_prep_probe_run2_h200.json). This makes the same values in 3.5 ms there
+(dev box), moving a fraction of the bytes; in a burst of 32 requests the images are ready sooner. (It did not
+shorten the burst's TTFT: see bench/results/engine.md, Session 13.)
 
 Here the same values come from the same resize (Pillow, on the uint8 image, as transformers does) and one table
-lookup per pixel: rescale and normalize map each of a channel's 256 byte values to one number, so the processor's
-own ``rescale`` and ``normalize`` are applied once to the 256 values at start and the table is indexed in torch
-(which releases the GIL), straight into the model's dtype and the tile layout. Equal to the processor's output by
-construction; tests compare them bit for bit. Only the processor this reproduces is served: any other processor
-class or setting (or a non-RGB image) takes the processor itself (``FastPixels.for_processor`` returns None).
+lookup per byte: rescale and normalize map each of a channel's 256 byte values to one number, so the processor's
+own ``rescale`` and ``normalize`` are applied once to the 256 values at start, and each byte is looked up as the
+model dtype's bits straight into the (pinned) tile layout, in NumPy: single-threaded and outside the GIL (torch's
+intra-op pool, called from every image thread, would compete with the model thread for the cores). Equal to the
+processor's output by construction; tests compare them bit for bit. Only the processor this reproduces is
+served: any other processor class or setting takes the processor itself (``FastPixels.for_processor`` returns
+None), and so does a non-RGB image (the engine's ``prepare`` checks).
 """
 
 from __future__ import annotations
