@@ -3,8 +3,8 @@
 transformers' PIL-backend processor (the one a machine without torchvision gets) turns each image into float64,
 then float32, pads, rescales, normalizes, splits into tiles and stacks, each a full pass over a new array:
 12.4 ms for a 1120x1120 image on one core of the dev box, and with the JPEG decode 57.5 ms a request on the
-H200 machine (bench/results/engine_burst_prep_probe_run2_h200.json). This makes the same values in 3.5 ms there
-(dev box), moving a fraction of the bytes; in a burst of 32 requests the images are ready sooner. (It did not
+H200 machine (bench/results/engine_burst_prep_probe_run2_h200.json). This makes the same values in 3.5 ms on the
+dev box core, moving a fraction of the bytes; in a burst of 32 requests the images are ready sooner. (It did not
 shorten the burst's TTFT: see bench/results/engine.md, Session 13.)
 
 Here the same values come from the same resize (Pillow, on the uint8 image, as transformers does) and one table
