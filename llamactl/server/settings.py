@@ -106,8 +106,9 @@ class Settings(BaseModel):
     # CPU budget (llamactl.server.cpus): 0 threads = this instance's share of the host's physical cores.
     cpu_threads: int = Field(0, ge=0, le=4096)
     # Threads that decode request images and compute their pixel values, apart from the event loop, the model
-    # thread and asyncio's default pool; 0 = half the server's CPU threads, 2 to 8. Few threads finish a burst's
-    # first images first (FIFO) instead of all of them late, and leave the model thread its cores and the GIL.
+    # thread and asyncio's default pool; 0 = half the server's CPU threads, 2 to 8. Fewer threads finish a burst's
+    # first images sooner (an H200 machine, 32 requests: the first 8 ready after 0.09 s with 4 threads, 0.12 s with
+    # 8, 0.19 s with 16; bench/results/engine_burst_prep_probe_run2_h200.json, table pixels).
     image_threads: int = Field(0, ge=0, le=256)
     cpu_pinning: bool = False
     host_slot: str = Field("0/1", pattern=r"^\d+/\d+$")
