@@ -211,3 +211,40 @@ def test_bomb_warning_raised_as_error_is_413(pillow_globals: None) -> None:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         err = _refused(corpus.png_claiming(40, 40), ImageLimits(max_bytes=10_000, max_pixels=10_000))
     assert err.status == 413
+
+
+def _big_png() -> tuple[bytes, str]:
+    """A PNG whose base64 spans several of the decoder's 64 Ki-character pieces."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, "PNG")
+    data = buf.getvalue()
+    text = base64.b64encode(data).decode()
+    assert len(text) > 3 * 65536
+    return data, text
+
+
+@pytest.mark.parametrize("form", ["plain", "mime", "unit separators", "no padding"])
+def test_large_base64_decodes_as_in_one_piece(form: str) -> None:
+    _, text = _big_png()
+    if form == "mime":
+        text = "\r\n".join(text[i : i + 76] for i in range(0, len(text), 76))
+    elif form == "unit separators":  # str's whitespace beyond the usual (the regex removes it too)
+        text = "\x1f".join(text[i : i + 1000] for i in range(0, len(text), 1000))
+    elif form == "no padding":
+        text = text.rstrip("=")
+    assert decode_base64_image(text, ImageLimits(max_bytes=10**7, max_pixels=10**6)).size == (300, 300)
+
+
+def test_large_base64_with_padding_inside_is_refused() -> None:
+    _, text = _big_png()
+    cut = 65536  # a piece boundary: each piece alone would be valid
+    broken = text[: cut - 4] + "QQ==" + text[cut:]
+    with pytest.raises(ImageError) as info:
+        decode_base64_image(broken, ImageLimits(max_bytes=10**7, max_pixels=10**6))
+    assert info.value.status == 400 and "base64" in info.value.message

@@ -80,7 +80,8 @@ class FastPixels:
         t = self.tile
         tiles = down * across
         height, width = down * t, across * t
-        pixels = np.asarray(image)  # [h, w, 3] uint8
+        # [h, w, 3] uint8; tobytes holds the GIL for ~0.5 ms where np.asarray(image) held it for ~3.4 ms (dev box)
+        pixels = np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(new_h, new_w, 3)
         # the canvas, channels first; its padding is byte value 0 (the processor pads before it rescales)
         canvas = np.empty((3, height, width), dtype=self.bits.dtype)
         if (new_h, new_w) != (height, width):
