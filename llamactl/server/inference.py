@@ -32,11 +32,11 @@ T = TypeVar("T")
 
 
 def image_thread_count(setting: int, cpu_threads: int | None) -> int:
-    """``settings.image_threads``, or for 0 half the server's CPU threads (all the machine's without a budget),
-    at least 2 and at most 8."""
+    """``settings.image_threads``, or for 0 a quarter of the server's CPU threads (all the machine's without a
+    budget), at least 2 and at most 4."""
     if setting > 0:
         return setting
-    return max(2, min(8, (cpu_threads or os.cpu_count() or 2) // 2))
+    return max(2, min(4, (cpu_threads or os.cpu_count() or 2) // 4))
 
 
 class ApiError(Exception):

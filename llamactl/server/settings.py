@@ -106,9 +106,11 @@ class Settings(BaseModel):
     # CPU budget (llamactl.server.cpus): 0 threads = this instance's share of the host's physical cores.
     cpu_threads: int = Field(0, ge=0, le=4096)
     # Threads that decode request images and compute their pixel values, apart from the event loop, the model
-    # thread and asyncio's default pool; 0 = half the server's CPU threads, 2 to 8. Fewer threads finish a burst's
-    # first images sooner (an H200 machine, 32 requests: the first 8 ready after 0.09 s with 4 threads, 0.12 s with
-    # 8, 0.19 s with 16; bench/results/engine_burst_prep_probe_run2_h200.json, table pixels).
+    # thread and asyncio's default pool; 0 = a quarter of the server's CPU threads, 2 to 4. Fewer threads finish a
+    # burst's first images sooner and contend less with the model thread for the GIL (an H200 machine, 32
+    # requests: the first 8 ready after 0.09 s with 4 threads, 0.12 s with 8, 0.19 s with 16, engine_burst_prep_
+    # probe_run2_h200.json; burst TTFT p95 with 4 vs 8 threads 1.72 vs 1.84 s and 1.79 vs 1.86 s in two calls,
+    # engine_burst_probe_run2/run3_h200.json).
     image_threads: int = Field(0, ge=0, le=256)
     cpu_pinning: bool = False
     host_slot: str = Field("0/1", pattern=r"^\d+/\d+$")

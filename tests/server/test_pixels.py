@@ -120,10 +120,9 @@ def test_the_engine_prepares_the_same_inputs_with_the_table_or_the_processor(tin
 
 def test_image_thread_count() -> None:
     assert image_thread_count(5, 64) == 5  # as set
-    assert image_thread_count(0, 16) == 8  # half the server's threads ...
-    assert image_thread_count(0, 64) == 8  # ... at most 8
-    assert image_thread_count(0, 2) == 2  # ... at least 2
-    assert image_thread_count(0, 6) == 3
+    assert image_thread_count(0, 12) == 3  # a quarter of the server's threads ...
+    assert image_thread_count(0, 64) == 4  # ... at most 4
+    assert image_thread_count(0, 4) == 2  # ... at least 2
 
 
 def test_image_decoding_and_preparation_run_in_the_image_threads(tiny_checkpoint: Path,
