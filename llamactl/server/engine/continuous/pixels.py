@@ -10,9 +10,9 @@ shorten the burst's TTFT: see bench/results/engine.md, Session 13.)
 Here the same values come from the same resize (Pillow, on the uint8 image, as transformers does) and one table
 lookup per byte: rescale and normalize map each of a channel's 256 byte values to one number, so the processor's
 own ``rescale`` and ``normalize`` are applied once to the 256 values at start, and each byte is looked up as the
-model dtype's bits straight into the (pinned) tile layout, in NumPy: single-threaded and outside the GIL (torch's
-intra-op pool, called from every image thread, would compete with the model thread for the cores). Equal to the
-processor's output by construction; tests compare them bit for bit. Only the processor this reproduces is
+model dtype's bits straight into the (pinned) tile layout, in NumPy: single-threaded and mostly outside the GIL
+(torch's intra-op pool, called from every image thread, would compete with the model thread for the cores).
+Equal to the processor's output by construction; tests compare them bit for bit. Only the processor this reproduces is
 served: any other processor class or setting takes the processor itself (``FastPixels.for_processor`` returns
 None), and so does a non-RGB image (the engine's ``prepare`` checks).
 """
@@ -49,7 +49,7 @@ class FastPixels:
                                     processor.image_mean, processor.image_std)
         self.table = torch.from_numpy(np.ascontiguousarray(table.reshape(3, 256), dtype=np.float32)).to(dtype)
         # the same values as raw bits, for NumPy (no bfloat16 there): lookups and copies single-threaded and
-        # outside the GIL, never in torch's intra-op pool (its threads would compete with the model thread's)
+        # mostly outside the GIL, never in torch's intra-op pool (its threads would compete with the model thread's)
         self._bits_type = {2: torch.int16, 4: torch.int32, 8: torch.int64}[self.table.element_size()]
         self.bits = self.table.view(self._bits_type).numpy()
 
