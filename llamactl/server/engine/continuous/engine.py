@@ -116,8 +116,6 @@ class ContinuousEngine(EngineStatus):
         self._running: list[Sequence] = []  # index == slot
         self._stopping = False
         self._admitted = 0  # requests taken from the queue whose prefill has not finished
-        self._pixels: FastPixels | None = None  # ``_fast_pixels``, once looked at
-        self._pixels_checked = False
         self._encodings: deque[Encoding] = deque()  # image chunks in the tower, in order (at most vision_queue)
         self._lane = VisionLane()  # where the vision tower runs (a stream of its own on GPUs)
         self._inflight: _Step | None = None  # the decode step launched last, its tokens not read yet
@@ -517,7 +515,7 @@ class ContinuousEngine(EngineStatus):
         hf = self.hf
         if hf.processor is None:
             raise ValueError("the model is not loaded yet")
-        fast = self._fast_pixels() if req.image is not None and req.image.mode == "RGB" else None
+        fast = self._pixels if req.image is not None and req.image.mode == "RGB" else None
         out: Any = None
         if fast is not None:
             ids = prompt_ids(hf.processor, req.prompt)
@@ -553,14 +551,13 @@ class ContinuousEngine(EngineStatus):
     def _pixels_name(self) -> str:
         if self.hf.processor is None:
             return "-"
-        return "the processor" if self._fast_pixels() is None else "a table of the processor's values (pixels.py)"
+        return "the processor" if self._pixels is None else "a table of the processor's values (pixels.py)"
 
-    def _fast_pixels(self) -> FastPixels | None:
-        """The processor's pixel values by pixels.py where it reproduces this processor (made at first use)."""
-        if not self._pixels_checked:
-            self._pixels = FastPixels.for_processor(self.hf.processor.image_processor, self.hf.dtype)
-            self._pixels_checked = True
-        return self._pixels
+    @functools.cached_property
+    def _pixels(self) -> FastPixels | None:
+        """The processor's pixel values by pixels.py where it reproduces this processor (made at first use, once
+        the processor is loaded)."""
+        return FastPixels.for_processor(self.hf.processor.image_processor, self.hf.dtype)
 
     def add(self, req: GenRequest) -> None:
         with self._cv:

@@ -47,11 +47,11 @@ class FastPixels:
         values = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 1, 256)).copy()
         table = processor.normalize(processor.rescale(values, processor.rescale_factor),
                                     processor.image_mean, processor.image_std)
-        self.table = torch.from_numpy(np.ascontiguousarray(table.reshape(3, 256), dtype=np.float32)).to(dtype)
+        scaled = torch.from_numpy(np.ascontiguousarray(table.reshape(3, 256), dtype=np.float32)).to(dtype)
         # the same values as raw bits, for NumPy (no bfloat16 there): lookups and copies single-threaded and
         # mostly outside the GIL, never in torch's intra-op pool (its threads would compete with the model thread's)
-        self._bits_type = {2: torch.int16, 4: torch.int32, 8: torch.int64}[self.table.element_size()]
-        self.bits = self.table.view(self._bits_type).numpy()
+        self._bits_type = {2: torch.int16, 4: torch.int32, 8: torch.int64}[scaled.element_size()]
+        self.bits = scaled.view(self._bits_type).numpy()
 
     @classmethod
     def for_processor(cls, processor: Any, dtype: torch.dtype) -> FastPixels | None:
