@@ -94,19 +94,15 @@ def main() -> None:
                     report[f"{name}_8_images_kernels"] = kernel_kinds(lambda x=x: encoder(*x))
         # the split-mask attention's two passes at one layer's shapes for 8 images, q/k/v as the fused q/k/v GEMM
         # lays them out (run 2 also timed the padding rows' pass as plain matmuls: 1.16 vs 0.20 ms)
-        from llamactl.server.engine.continuous import vision as vision_mod
-
         qkv = torch.randn(8, 4 * 1608, 3, 16, 80, device="cuda", dtype=torch.bfloat16)
         q, k, v = (qkv[:, :, j].transpose(1, 2) for j in range(3))
-        encoder._set_rows(torch.ones(8, 4, dtype=torch.long), torch.device("cuda"), torch.bfloat16)
-        rows, key_bias = vision_mod._CURRENT.rows, vision_mod._CURRENT.key_bias
+        rows, key_bias = (x.cuda() for x in encoder.host_rows(torch.ones(8, 4, dtype=torch.long), torch.bfloat16))
         index = rows[:, None, :, None].expand(8, 16, rows.shape[1], 80)
         qp = torch.gather(q, 2, index)
         with torch.nn.attention.sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
             report["attn_full_pass_s"] = timed(lambda: F.scaled_dot_product_attention(q, k, v), reps=5)
             report["attn_pad_pass_s"] = timed(
                 lambda: F.scaled_dot_product_attention(qp, k, v, attn_mask=key_bias), reps=5)
-        vision_mod._CURRENT.rows = vision_mod._CURRENT.key_bias = None
         print({k: v for k, v in report.items() if k.startswith("attn")}, flush=True)
         # the residual + layer norm pass alone, at 8 images' rows
         rows, hidden = 8 * 4 * 1608, 1280

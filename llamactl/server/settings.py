@@ -78,6 +78,11 @@ class Settings(BaseModel):
     # tower.py); "transformers" = its modules as written; "auto" = on GPUs the faster of the two at start (the
     # fused one only if within 2e-2 of the other), elsewhere fused (float32: the same arithmetic).
     vision_layers: Literal["auto", "fused", "transformers"] = "auto"
+    # The vision tower + projector as CUDA graphs (continuous engine on CUDA; engine/continuous/tower_graphs.py):
+    # one per chunk size and padding width, captured at start and kept only if a replay equals the eager tower.
+    # A replay is one launch, so the tower runs at the GPU's pace while request threads hold the GIL (a burst's
+    # first chunk of one image took 196-534 ms eagerly vs ~40 ms alone on an H200, bench/results/engine.md).
+    vision_graphs: bool = True
     # The continuous engine's own Triton kernels on CUDA (one-row projections, decode self- and cross-attention,
     # the vision tower's residual + layer norm),
     # each still timed at start and used only where it is correct and faster. False: PyTorch's kernels only

@@ -45,6 +45,7 @@ from llamactl.server.engine.continuous.pools import PoolShape, SlotPools, plan_s
 from llamactl.server.engine.continuous.sampler import RowSampling, sample_tokens
 from llamactl.server.engine.continuous.scheduler import take_chunk
 from llamactl.server.engine.continuous.sequence import Prepared, Sequence
+from llamactl.server.engine.continuous.tower_graphs import TowerGraphs, cuda_capture, relative_error
 from llamactl.server.engine.continuous.vision import VisionEncoder, choose_backend, choose_layers
 from llamactl.server.engine.detok import IncrementalText
 from llamactl.server.engine.protocol import (
@@ -64,6 +65,9 @@ log = logging.getLogger("llamactl.server.engine")
 # batch 32 its generated attention kernels were slower than eager (31 vs 17 ms; bench/results/engine_direct_run4).
 _COMPILED_ROWS = 8  # prompt tokens a slot holds beyond the longest answer the server allows
 _GIB = 2**30
+# a tower replay's largest distance from the eager tower (relative L2) before the graphs are turned down: the same
+# kernels on the same inputs, so anything beyond rounding means a capture went wrong
+GRAPH_TOLERANCE = 1e-3
 
 
 class HostTime:
@@ -139,6 +143,7 @@ class ContinuousEngine(EngineStatus):
         self.split_vision_mask = True  # vision.py: attention without transformers' dense L x L mask
         self.vision_timings: dict[str, float] = {}  # seconds for 2 images per unmasked-attention kernel
         self.vision_layer_timings: dict[str, float] = {}  # seconds for 2 images per encoder-layer form
+        self.vision_graphs = "off (CPU)"  # the tower as CUDA graphs, or why not (/health)
         self.cross_attention = "matmul"  # the decode step's cross-attention forms (timed at start on GPUs)
         self.self_attention = "torch"  # the decode step's self-attention: PyTorch ops or Triton (timed on GPUs)
         self.gemv: dict[str, str] = {}  # one-row projections per weight shape: Triton or cuBLAS (timed on GPUs)
@@ -206,6 +211,7 @@ class ContinuousEngine(EngineStatus):
             "pipelined": bool(self.pipelined),
             "vision_attention": self._vision_attention(),
             "vision_layers": self._vision_layers(),
+            "vision_graphs": self.vision_graphs,
             "cross_attention": self.cross_attention,
             "self_attention": self.self_attention,
             "quantization": self._quantization(),
@@ -341,6 +347,7 @@ class ContinuousEngine(EngineStatus):
                 tower_first = self.settings.vision_priority == "high"
                 self._main_stream = torch.cuda.Stream(priority=0 if tower_first else -1)  # type: ignore[no-untyped-call]
                 self._lane = VisionLane.on_gpu(self.settings.vision_sms, priority=-1 if tower_first else 0)
+                self._capture_tower(self.runner, vision)
                 small = self._compiled(self.runner) if self.settings.engine_compile == "all" else None
                 self.graphs = DecodeGraphs(
                     self.runner.decode, self._b_buckets[-1], device, small=small, small_rows=_COMPILED_ROWS
@@ -459,6 +466,41 @@ class ContinuousEngine(EngineStatus):
         fp8.choose(proj, self.runner.decode_weights(), sorted({1, min(32, self.slots), fp8.MAX_BUCKET}),
                    lambda fn: time_in_graph(fn, calls=8, reps=3), dtype=self.hf.dtype)
         self.gemv = dict(proj.timings)
+
+    def _capture_tower(self, runner: MllamaRunner, vision: Any) -> None:
+        """The tower as CUDA graphs (tower_graphs.py) for chunks of 1..chunk_images images, kept only if a replay
+        of a mixed chunk (a four-tile and a one-tile image) equals the eager tower; otherwise the eager tower, and
+        /health says why."""
+        if not self.settings.vision_graphs:
+            self.vision_graphs = "off (settings)"
+            return
+        size, tiles, dtype = int(vision.image_size), int(vision.max_num_tiles), self.hf.dtype
+        graphs = TowerGraphs(runner.encoder, self.chunk_images, tiles, size, dtype, "cuda", cuda_capture())
+        try:
+            graphs.capture_all()
+            n = min(2, self.chunk_images)
+            pixel = torch.randn(n, 1, tiles, 3, size, size, dtype=dtype).pin_memory()
+            ar_ids = torch.ones(n, 1, dtype=torch.long)
+            ar_mask = torch.ones(n, 1, tiles, dtype=torch.long)
+            ar_mask[-1, 0, 1:] = 0
+            eager = runner.encoder(pixel.to("cuda"), ar_ids.to("cuda"), ar_mask.to("cuda"), ar_mask)
+            replayed = graphs.encode([pixel[i : i + 1] for i in range(n)], [ar_ids[i : i + 1] for i in range(n)],
+                                     [ar_mask[i : i + 1] for i in range(n)])
+            if replayed is None:
+                raise RuntimeError("no graph for a chunk of two images")
+            error = relative_error(replayed, eager)
+        except Exception as exc:  # noqa: BLE001 - a kernel that cannot be captured (the eager tower still works)
+            log.warning("vision tower without CUDA graphs: %s", exc)
+            self.vision_graphs = f"off ({type(exc).__name__}: {exc})"[:300]
+            return
+        finally:
+            torch.cuda.empty_cache()  # the warm-ups' blocks cached on their side streams
+        if error > GRAPH_TOLERANCE:
+            self.vision_graphs = f"off (a replay is {error:.1e} from the eager tower)"
+            return
+        runner.tower_graphs = graphs
+        self.vision_graphs = (f"{graphs.count} ({self.chunk_images} chunk sizes x {len(graphs.widths)} padding "
+                              f"widths), captured in {graphs.capture_s:.1f} s; replay vs eager {error:.1e}")
 
     def _measure_workspace(self, encoder: VisionEncoder, vision: Any) -> int:
         """Encode chunks of 1..chunk_images 4-tile images once (attention plans for every chunk shape) and

@@ -41,6 +41,7 @@ from llamactl.server.engine.continuous.fused import (
 from llamactl.server.engine.continuous.gemv import Projections
 from llamactl.server.engine.continuous.kernel_choice import for_rows
 from llamactl.server.engine.continuous.pools import SlotPools
+from llamactl.server.engine.continuous.tower_graphs import TowerGraphs
 from llamactl.server.engine.continuous.vision import VisionEncoder
 
 
@@ -75,6 +76,7 @@ class MllamaRunner:
         inner = model.model
         text = inner.language_model
         self.encoder = encoder
+        self.tower_graphs: TowerGraphs | None = None  # the tower as CUDA graphs (set by the engine on GPUs)
         self.embed = text.embed_tokens
         self.layers = text.layers
         self.norm = text.norm
@@ -130,6 +132,11 @@ class MllamaRunner:
     def vision_states(self, rows: list[Newcomer]) -> torch.Tensor:
         """Vision tower + projector for the rows' images -> [n, tiles * patches, hidden] (no slot touched, so it
         may run on another CUDA stream while the running batch decodes)."""
+        if self.tower_graphs is not None:
+            states = self.tower_graphs.encode([r.pixel_values for r in rows], [r.aspect_ratio_ids for r in rows],  # type: ignore[misc]
+                                              [r.aspect_ratio_mask for r in rows])  # type: ignore[misc]
+            if states is not None:
+                return states
         dev = self.pools.device
         pixel = torch.cat([r.pixel_values.to(dev, self.dtype, non_blocking=True) for r in rows])  # type: ignore[union-attr]
         ar_mask = torch.cat([r.aspect_ratio_mask for r in rows])  # type: ignore[misc]

@@ -116,17 +116,27 @@ class VisionEncoder:
                  ar_mask_cpu: torch.Tensor) -> torch.Tensor:
         """pixel [n, 1, tiles, 3, px, px] and ar_ids/ar_mask on the device; ar_mask_cpu [n, 1, tiles] the same mask
         on the CPU (the padding rows are computed from it without waiting for the GPU)."""
+        rows = key_bias = None
         if self.split_mask:
-            self._set_rows(ar_mask_cpu.reshape(ar_mask_cpu.shape[0], -1), pixel.device, pixel.dtype)
+            host_rows, host_bias = self.host_rows(ar_mask_cpu.reshape(ar_mask_cpu.shape[0], -1), pixel.dtype)
+            rows, key_bias = to_device(host_rows, pixel.device), to_device(host_bias, pixel.device)
+        return self.forward(pixel, ar_ids, ar_mask, rows, key_bias)
+
+    def forward(self, pixel: torch.Tensor, ar_ids: torch.Tensor, ar_mask: torch.Tensor, rows: torch.Tensor | None,
+                key_bias: torch.Tensor | None) -> torch.Tensor:
+        """The tower's device work alone, from inputs already on the device (what tower_graphs.py captures):
+        ``rows``/``key_bias`` from ``host_rows`` (None without the split mask)."""
+        if rows is not None:
+            _CURRENT.rows, _CURRENT.key_bias = rows, key_bias
             _CURRENT.backends, _CURRENT.flash4 = self.backends, self.flash4
         try:
             if self.tower is not None and self.fused:
                 padded, patches = self.tower(pixel, ar_ids)  # [n, media, tiles, padded rows, dim]
-                n, media, tiles, rows, width = padded.shape
+                n, media, tiles, height, width = padded.shape
                 # the projector on contiguous rows (padding ones too), which are then dropped from its output
                 out = F.linear(padded.view(-1, width), self._fused_projector_weight(), self.projector.bias)
-                out = out.view(n, media * tiles, rows, -1)[:, :, :patches]
-                return out.reshape(n, media * tiles * patches, -1)  # type: ignore[no-any-return]
+                out = out.view(n, media * tiles, height, -1)[:, :, :patches]
+                return out.reshape(n, media * tiles * patches, -1)
             states = self.vision(pixel_values=pixel, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask)
         finally:
             _CURRENT.rows = _CURRENT.key_bias = _CURRENT.backends = None
@@ -134,6 +144,31 @@ class VisionEncoder:
         states = states.last_hidden_state  # [n, 1, tiles, patches, dim]
         n, _, tiles, patches, _ = states.shape
         return self.projector(states).reshape(n, tiles * patches, -1)  # type: ignore[no-any-return]
+
+    def padding_width(self, ar_mask: torch.Tensor) -> int:
+        """The most padding rows of any image in ar_mask [n, tiles] (CPU, 0/1)."""
+        tiles = ar_mask.shape[1]
+        return max(self._padding_count(tiles, int(used)) for used in ar_mask.sum(dim=1).tolist())
+
+    def row_widths(self, tiles: int) -> list[int]:
+        """Every ``padding_width`` an image of up to ``tiles`` tiles can have (one per count of used tiles)."""
+        return sorted({self._padding_count(tiles, used) for used in range(1, tiles + 1)})
+
+    def _padding_count(self, tiles: int, used: int) -> int:
+        return used * (self.padded - self.patches) + (tiles - used) * self.padded
+
+    def host_rows(self, ar_mask: torch.Tensor, dtype: torch.dtype,
+                  width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split mask's inputs on the CPU from ar_mask [n, tiles]: each image's padding rows [n, width] (``width``
+        at least ``padding_width``, default that; a shorter list repeats its last row, or row 0) and the key bias
+        [n, 1, 1, tiles * padded] (0 for real keys, dtype min for padding keys)."""
+        per_image = padding_rows(ar_mask, self.patches, self.padded)
+        width = max(len(r) for r in per_image) if width is None else width
+        rows = torch.tensor([r + [r[-1] if r else 0] * (width - len(r)) for r in per_image], dtype=torch.long)
+        bias = torch.zeros(len(per_image), 1, 1, ar_mask.shape[1] * self.padded, dtype=dtype)
+        for i, r in enumerate(per_image):
+            bias[i, 0, 0, r] = torch.finfo(dtype).min
+        return rows, bias
 
     def _fused_projector_weight(self) -> torch.Tensor:
         """The projector's weight with its columns in the fused tower's order (made at the first fused call, so a
@@ -144,17 +179,13 @@ class VisionEncoder:
             self._projector_weight = weight.detach()[:, self.tower.column_order().to(weight.device)].contiguous()
         return self._projector_weight
 
-    def _set_rows(self, ar_mask: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
-        per_image = padding_rows(ar_mask, self.patches, self.padded)
-        width = max(len(r) for r in per_image)
-        rows = torch.tensor([r + [r[-1] if r else 0] * (width - len(r)) for r in per_image], dtype=torch.long)
-        length = ar_mask.shape[1] * self.padded
-        bias = torch.zeros(len(per_image), 1, 1, length, dtype=dtype)
-        for i, r in enumerate(per_image):
-            bias[i, 0, 0, r] = torch.finfo(dtype).min
-        pin = device.type == "cuda"
-        _CURRENT.rows = (rows.pin_memory() if pin else rows).to(device, non_blocking=True)
-        _CURRENT.key_bias = (bias.pin_memory() if pin else bias).to(device, non_blocking=True)
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor onto ``device``, pinned first on CUDA: the copy is queued without the host waiting for the
+    stream (a copy from pageable memory waits for the stream's earlier work, e.g. a tower still running)."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 FLASH4 = "flash-attn-4"
