@@ -43,7 +43,12 @@ STAGES = ("upload", "decode", "prepare_wait", "prepare", "queue", "tower", "join
 
 def _child(trace: Path, images: list[str]) -> None:
     """Wrap the server's functions, then run the CLI's serve (argv after ``--``)."""
+    import faulthandler
+
     import torch
+
+    if os.environ.get("BURST_PROBE_STACKS_S"):  # every thread's stack into the serve log now and then (hangs)
+        faulthandler.dump_traceback_later(float(os.environ["BURST_PROBE_STACKS_S"]), repeat=True)
 
     from llamactl.server import images as images_mod
     from llamactl.server.engine.continuous import encoding as encoding_mod

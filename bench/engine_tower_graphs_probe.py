@@ -1,0 +1,141 @@
+"""The vision tower as CUDA graphs (engine/continuous/tower_graphs.py) on a GPU: 11B-shape tower with random bf16
+weights, the engine's split-mask attention with the kernel the start picks (FlashAttention 4 where installed).
+
+Measures: capture (seconds per graph, all chunk sizes x padding widths); a replay's distance from the eager tower
+(mixed chunks); for chunks of 1, 2 and 8 images the device time and the host's wall time from the call to the
+result, eager vs replay, alone and beside threads that hold the GIL (pure-Python loops, as a server's request
+threads do while a burst's images are decoded). Stacks of all threads go to the log every minute (a hang shows).
+
+    python3 bench/engine_tower_graphs_probe.py --out $OUT/engine_tower_graphs_probe.json   # GPU only, ~2 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from engine_tower_probe import vision_models
+
+
+def python_load(stop: threading.Event) -> None:
+    while not stop.is_set():
+        sum(i * i for i in range(2000))
+
+
+def wall_and_device(call: Any, reps: int = 5) -> tuple[float, float]:
+    """Median wall seconds from the call to the synchronized result, and median device seconds (CUDA events)."""
+    walls, devices = [], []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        call()
+        end.record()
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t0)
+        devices.append(start.elapsed_time(end) / 1000)
+    return sorted(walls)[reps // 2], sorted(devices)[reps // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--load-threads", type=int, default=4)
+    args = ap.parse_args()
+    log = args.out.with_suffix(".log").open("w", buffering=1)
+    faulthandler.dump_traceback_later(60, repeat=True, file=log)
+
+    from llamactl.server.engine.continuous.tower_graphs import TowerGraphs, cuda_capture, relative_error
+    from llamactl.server.engine.continuous.vision import VisionEncoder, choose_backend
+
+    def say(*parts: Any) -> None:
+        print(*parts, flush=True)
+        print(*parts, file=log, flush=True)
+
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    _, _, vision, projector = vision_models()
+    dtype = torch.bfloat16
+    encoder = VisionEncoder(vision, projector, split_mask=True)
+    with torch.inference_mode():
+        report["attention_timings_2_images_s"] = choose_backend(encoder, 2, 4, 560, dtype)
+        report["attention"] = "flash-attn-4" if encoder.flash4 else str(encoder.backends)
+        say("attention", report["attention"], report["attention_timings_2_images_s"])
+        base = cuda_capture()
+        per_graph: list[float] = []
+
+        def capture(body: Any) -> Any:
+            t0 = time.perf_counter()
+            replay = base(body)
+            per_graph.append(time.perf_counter() - t0)
+            say(f"captured graph {len(per_graph)} in {per_graph[-1]:.2f} s")
+            return replay
+
+        graphs = TowerGraphs(encoder, 8, 4, 560, dtype, "cuda", capture)
+        graphs.capture_all()
+        torch.cuda.empty_cache()
+        report["graphs"] = graphs.count
+        report["widths"] = graphs.widths
+        report["capture_s"] = round(graphs.capture_s, 2)
+        report["capture_per_graph_s"] = [round(s, 3) for s in per_graph]
+        report["graph_pool_gib"] = round(torch.cuda.memory_reserved() / 2**30, 2)
+        say("capture", report["capture_s"], "s for", graphs.count)
+
+        def chunk(n: int, used: list[int], seed: int) -> tuple[list[torch.Tensor], ...]:
+            gen = torch.Generator().manual_seed(seed)
+            pixels = [torch.randn(1, 1, 4, 3, 560, 560, generator=gen).to(dtype).pin_memory() for _ in range(n)]
+            ids = [torch.ones(1, 1, dtype=torch.long) for _ in range(n)]
+            masks = [torch.tensor([[[1] * u + [0] * (4 - u)]]) for u in used]
+            return pixels, ids, masks
+
+        def eager(c: tuple[list[torch.Tensor], ...]) -> torch.Tensor:
+            pixels, ids, masks = c
+            pixel = torch.cat([p.to("cuda", non_blocking=True) for p in pixels])
+            mask = torch.cat(masks)
+            return encoder(pixel, torch.cat(ids).to("cuda"), mask.to("cuda"), mask)
+
+        distances = {}
+        for n, used in ((1, [4]), (2, [4, 1]), (3, [2, 3, 4]), (8, [4] * 8), (8, [1, 2, 3, 4, 4, 4, 4, 4])):
+            c = chunk(n, used, n)
+            got = graphs.encode(*c)
+            assert got is not None
+            distances[f"{n} images, tiles {used}"] = relative_error(got, eager(c))
+        report["replay_vs_eager_rel_l2"] = distances
+        say("distances", distances)
+
+        timings: dict[str, Any] = {}
+        for load in (0, args.load_threads):
+            stop = threading.Event()
+            threads = [threading.Thread(target=python_load, args=(stop,), daemon=True) for _ in range(load)]
+            for t in threads:
+                t.start()
+            try:
+                for n in (1, 2, 8):
+                    c = chunk(n, [4] * n, 100 + n)
+                    for form, call in (("eager", lambda c=c: eager(c)), ("replay", lambda c=c: graphs.encode(*c))):
+                        wall, device = wall_and_device(call)
+                        timings[f"{n} images, {form}, {load} GIL threads"] = {"wall_s": round(wall, 4),
+                                                                             "device_s": round(device, 4)}
+                        say(n, form, load, f"wall {wall * 1000:.1f} ms device {device * 1000:.1f} ms")
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join()
+        report["timings"] = timings
+    faulthandler.cancel_dump_traceback_later()
+    args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
