@@ -2,11 +2,16 @@
 weights, the engine's split-mask attention with the kernel the start picks (FlashAttention 4 where installed).
 
 Measures: capture (seconds per graph, all chunk sizes x padding widths); a replay's distance from the eager tower
-(mixed chunks); for chunks of 1, 2 and 8 images the device time and the host's wall time from the call to the
-result, eager vs replay, alone and beside threads that hold the GIL (pure-Python loops, as a server's request
-threads do while a burst's images are decoded). Stacks of all threads go to the log every minute (a hang shows).
+(mixed chunks); for chunks of 1 and 8 images the device time and the host's wall time from the call to the
+result, eager vs replay, alone and beside 1 or 2 threads that hold the GIL (pure-Python loops, as a server's
+request threads do while a burst's images are decoded); then tower replays (8 images, vision stream) beside
+replays of a decode-like graph (cuBLAS GEMMs of one-row shapes, captured on torch.cuda.graph's default stream as the
+engine's decode graphs are, replayed on a high-priority stream): first with the tower captured on its own stream
+(the engine's way), then, with --shared-stream, on that default stream (Session 14's first version, which hung
+in the server): a step not done within 30 s counts as hung and the probe exits. Stacks of all threads go to the
+log every minute. The JSON is written after each part.
 
-    python3 bench/engine_tower_graphs_probe.py --out $OUT/engine_tower_graphs_probe.json   # GPU only, ~2 min
+    python3 bench/engine_tower_graphs_probe.py --out $OUT/engine_tower_graphs_probe.json [--shared-stream]
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
+import os
 import sys
 import threading
 import time
@@ -32,10 +38,13 @@ def python_load(stop: threading.Event) -> None:
         sum(i * i for i in range(2000))
 
 
-def wall_and_device(call: Any, reps: int = 5) -> tuple[float, float]:
-    """Median wall seconds from the call to the synchronized result, and median device seconds (CUDA events)."""
+def wall_and_device(call: Any, reps: int = 3, cap_s: float = 20.0) -> tuple[float, float]:
+    """Median wall seconds from the call to the synchronized result, and median device seconds (CUDA events);
+    fewer calls once one took ``cap_s``."""
     walls, devices = [], []
     for _ in range(reps):
+        if walls and max(walls) > cap_s:
+            break
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
@@ -45,13 +54,42 @@ def wall_and_device(call: Any, reps: int = 5) -> tuple[float, float]:
         torch.cuda.synchronize()
         walls.append(time.perf_counter() - t0)
         devices.append(start.elapsed_time(end) / 1000)
-    return sorted(walls)[reps // 2], sorted(devices)[reps // 2]
+    return sorted(walls)[len(walls) // 2], sorted(devices)[len(devices) // 2]
+
+
+def decode_like_graph() -> Any:
+    """A graph of one-row GEMMs at the text model's shapes (q/k/v, o, MLP, x 8 layers), captured on
+    torch.cuda.graph's default capture stream as the engine's decode graphs are."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) / 64
+               for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))]
+
+    def step() -> torch.Tensor:
+        h = x
+        for _ in range(8):
+            qkv = h @ weights[0].t()
+            h = h + (qkv[:, :4096] @ weights[1].t())
+            up = h @ weights[2].t()
+            h = h + (up[:, :14336] * torch.sigmoid(up[:, 14336:])) @ weights[3].t()
+        return h
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--load-threads", type=int, default=4)
+    ap.add_argument("--shared-stream", action="store_true",
+                    help="last: the tower captured on torch.cuda.graph's default stream beside the decode-like graph")
     args = ap.parse_args()
     log = args.out.with_suffix(".log").open("w", buffering=1)
     faulthandler.dump_traceback_later(60, repeat=True, file=log)
@@ -82,6 +120,7 @@ def main() -> None:
             say(f"captured graph {len(per_graph)} in {per_graph[-1]:.2f} s")
             return replay
 
+        decode_graph = decode_like_graph()  # first, as in the engine: it makes torch.cuda.graph's default stream
         graphs = TowerGraphs(encoder, 8, 4, 560, dtype, "cuda", capture)
         graphs.capture_all()
         torch.cuda.empty_cache()
@@ -113,15 +152,16 @@ def main() -> None:
             distances[f"{n} images, tiles {used}"] = relative_error(got, eager(c))
         report["replay_vs_eager_rel_l2"] = distances
         say("distances", distances)
+        args.out.write_text(json.dumps(report, indent=1))
 
         timings: dict[str, Any] = {}
-        for load in (0, args.load_threads):
+        for load in (0, 1, 2):
             stop = threading.Event()
             threads = [threading.Thread(target=python_load, args=(stop,), daemon=True) for _ in range(load)]
             for t in threads:
                 t.start()
             try:
-                for n in (1, 2, 8):
+                for n in (1, 8):
                     c = chunk(n, [4] * n, 100 + n)
                     for form, call in (("eager", lambda c=c: eager(c)), ("replay", lambda c=c: graphs.encode(*c))):
                         wall, device = wall_and_device(call)
@@ -133,6 +173,47 @@ def main() -> None:
                 for t in threads:
                     t.join()
         report["timings"] = timings
+        args.out.write_text(json.dumps(report, indent=1))
+
+        def concurrent(tower: TowerGraphs, label: str) -> None:
+            """8-image tower replays on a low-priority stream, decode-like replays on a high-priority one."""
+            vision = torch.cuda.Stream(priority=0)
+            main = torch.cuda.Stream(priority=-1)
+            c = chunk(8, [4] * 8, 7)
+            steps, towers = 0, 0
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < 10:
+                with torch.cuda.stream(vision):
+                    tower.encode(*c)
+                    tower_done = torch.cuda.Event()
+                    tower_done.record()
+                towers += 1
+                while not tower_done.query():
+                    with torch.cuda.stream(main):
+                        decode_graph.replay()
+                        done = torch.cuda.Event()
+                        done.record()
+                    deadline = time.perf_counter() + 30
+                    while not done.query():
+                        if time.perf_counter() > deadline:
+                            report[f"concurrent_{label}"] = {"hung_after_steps": steps, "towers": towers}
+                            args.out.write_text(json.dumps(report, indent=1))
+                            say("HUNG", label, steps, towers)
+                            log.flush()
+                            os._exit(3)  # the GPU does not come back; leave without waiting for it
+                        time.sleep(0.0005)
+                    steps += 1
+            torch.cuda.synchronize()
+            report[f"concurrent_{label}"] = {"steps": steps, "towers": towers, "seconds": 10}
+            say("concurrent", label, steps, towers)
+            args.out.write_text(json.dumps(report, indent=1))
+
+        concurrent(graphs, "own_capture_stream")
+        if args.shared_stream:
+            shared = TowerGraphs(encoder, 8, 4, 560, dtype, "cuda",
+                                 cuda_capture(stream=torch.cuda.graph.default_capture_stream))
+            shared._replays[(8, shared.widths[0])] = shared._capture(shared._body(8, shared.widths[0]))
+            concurrent(shared, "shared_capture_stream")
     faulthandler.cancel_dump_traceback_later()
     args.out.write_text(json.dumps(report, indent=1))
 

@@ -80,9 +80,13 @@ class Settings(BaseModel):
     vision_layers: Literal["auto", "fused", "transformers"] = "auto"
     # The vision tower + projector as CUDA graphs (continuous engine on CUDA; engine/continuous/tower_graphs.py):
     # one per chunk size and padding width, captured at start and kept only if a replay equals the eager tower.
-    # A replay is one launch, so the tower runs at the GPU's pace while request threads hold the GIL (a burst's
-    # first chunk of one image took 196-534 ms eagerly vs ~40 ms alone on an H200, bench/results/engine.md).
-    vision_graphs: bool = True
+    # A replay is one launch, so the tower would run at the GPU's pace while request threads hold the GIL (a
+    # burst's first chunk of one image took 196-534 ms eagerly vs ~40 ms alone on an H200). Off by default, not
+    # yet proven in a server: on an H200 replays equal the eager tower exactly and run as fast, but the first
+    # version stopped the server at the first decode step beside a tower replay (its graphs shared cuBLAS's
+    # workspace with the decode graphs; now captured on a stream of their own, not re-measured yet;
+    # bench/results/engine.md, Session 14).
+    vision_graphs: bool = False
     # The continuous engine's own Triton kernels on CUDA (one-row projections, decode self- and cross-attention,
     # the vision tower's residual + layer norm),
     # each still timed at start and used only where it is correct and faster. False: PyTorch's kernels only

@@ -45,6 +45,11 @@ class VisionLane:
         self.description = description  # what the tower may use, for /health
         self._partition = partition  # keeps the green context alive as long as its stream
 
+    @property
+    def partitioned(self) -> bool:
+        """Whether the tower's stream is confined to part of the SMs (a green context)."""
+        return self._partition is not None
+
     @classmethod
     def on_gpu(cls, sms: int, priority: int = 0) -> VisionLane:
         """On ``sms`` SMs (a green context; -1 = the automatic share) beside the decode steps, or on an ordinary

@@ -474,6 +474,9 @@ class ContinuousEngine(EngineStatus):
         if not self.settings.vision_graphs:
             self.vision_graphs = "off (settings)"
             return
+        if self._lane.partitioned:  # a green context is a context of its own; the graphs belong to the primary one
+            self.vision_graphs = "off (the tower runs on part of the SMs: vision_sms)"
+            return
         size, tiles, dtype = int(vision.image_size), int(vision.max_num_tiles), self.hf.dtype
         graphs = TowerGraphs(runner.encoder, self.chunk_images, tiles, size, dtype, "cuda", cuda_capture())
         try:

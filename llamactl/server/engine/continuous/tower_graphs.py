@@ -104,20 +104,38 @@ def put(buffer: torch.Tensor, host: torch.Tensor) -> None:
     buffer.copy_(host.pin_memory() if buffer.is_cuda else host, non_blocking=True)
 
 
-def cuda_capture(pool: Any = None) -> Capture:
-    """Captures into one memory pool (``pool``, or a new one): a warm-up run on a side stream first (attention
-    plans and kernel compilation for this shape happen outside the capture), then the capture."""
+def own_stream() -> Any:
+    """A CUDA stream no other code uses: not one of PyTorch's pooled streams, which come round again after 32."""
+    cudart: Any = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+    handle = torch.zeros(1, dtype=torch.int64)
+    error = cudart.cudaStreamCreate(handle.data_ptr())
+    if error != cudart.cudaError.success:
+        raise RuntimeError(f"cudaStreamCreate: {cudart.cudaGetErrorString(error)}")
+    return torch.cuda.ExternalStream(int(handle.item()))  # type: ignore[no-untyped-call]
+
+
+def cuda_capture(pool: Any = None, stream: Any = None) -> Capture:
+    """Captures into one memory pool (``pool``, or a new one) on one capture stream (``stream``, or one of its own):
+    a warm-up run first (attention plans, kernel compilation and cuBLAS's workspace for this shape happen outside
+    the capture), then the capture.
+
+    Why a capture stream of its own: PyTorch keys cuBLAS's workspace by stream, and a captured GEMM keeps the
+    workspace of the stream it was captured on. Graphs captured on torch.cuda.graph's default stream (the decode
+    graphs) share one workspace; a tower graph among them, replayed on the vision stream while a decode graph
+    replays on the main stream, would have two GEMMs use one workspace at once (pytorch/pytorch#193402 describes
+    that sharing). A first version did so and the server stopped at the first decode step beside a tower replay
+    (bench/results/engine.md, Session 14)."""
     pool = torch.cuda.graph_pool_handle() if pool is None else pool
+    stream = own_stream() if stream is None else stream
 
     def capture(body: Body) -> Body:
-        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
             body()
-        torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
             body()
+        torch.cuda.current_stream().wait_stream(stream)
         return graph.replay
 
     return capture
