@@ -3,13 +3,13 @@ weights, the engine's split-mask attention with the kernel the start picks (Flas
 
 Measures: capture (seconds per graph, all chunk sizes x padding widths); a replay's distance from the eager tower
 (mixed chunks); for chunks of 1 and 8 images the device time and the host's wall time from the call to the
-result, eager vs replay, alone and beside 1 or 2 threads that hold the GIL (pure-Python loops, as a server's
-request threads do while a burst's images are decoded); then tower replays (8 images, vision stream) beside
-replays of a decode-like graph (cuBLAS GEMMs of one-row shapes, captured on torch.cuda.graph's default stream as the
-engine's decode graphs are, replayed on a high-priority stream): first with the tower captured on its own stream
-(the engine's way), then, with --shared-stream, on that default stream (Session 14's first version, which hung
-in the server): a step not done within 30 s counts as hung and the probe exits. Stacks of all threads go to the
-log every minute. The JSON is written after each part.
+result, eager vs replay, and for 1 image beside 1 or 2 threads that hold the GIL (pure-Python loops: an extreme
+of what a server's request threads do while a burst's images are decoded); then tower replays (8 images, vision
+stream) beside replays of a decode-like graph (cuBLAS GEMMs of one-row shapes, captured on torch.cuda.graph's
+default stream as the engine's decode graphs are, replayed on a high-priority stream): first with the tower
+captured on its own stream (the engine's way), then, with --shared-stream, on that default stream (Session 14's
+first version, which hung in the server): a step not done within 30 s counts as hung and the probe exits.
+Stacks of all threads go to the log every minute. The JSON is written after each part.
 
     python3 bench/engine_tower_graphs_probe.py --out $OUT/engine_tower_graphs_probe.json [--shared-stream]
 """
@@ -161,10 +161,10 @@ def main() -> None:
             for t in threads:
                 t.start()
             try:
-                for n in (1, 8):
+                for n in (1, 8) if load == 0 else (1,):  # under load: the burst's first chunk
                     c = chunk(n, [4] * n, 100 + n)
                     for form, call in (("eager", lambda c=c: eager(c)), ("replay", lambda c=c: graphs.encode(*c))):
-                        wall, device = wall_and_device(call)
+                        wall, device = wall_and_device(call, cap_s=5.0)
                         timings[f"{n} images, {form}, {load} GIL threads"] = {"wall_s": round(wall, 4),
                                                                              "device_s": round(device, 4)}
                         say(n, form, load, f"wall {wall * 1000:.1f} ms device {device * 1000:.1f} ms")

@@ -497,7 +497,7 @@ class ContinuousEngine(EngineStatus):
             self.vision_graphs = f"off ({type(exc).__name__}: {exc})"[:300]
             return
         finally:
-            torch.cuda.empty_cache()  # the warm-ups' blocks cached on their side streams
+            torch.cuda.empty_cache()  # the warm-ups' blocks, cached for the capture stream
         if error > GRAPH_TOLERANCE:
             self.vision_graphs = f"off (a replay is {error:.1e} from the eager tower)"
             return
