@@ -57,15 +57,17 @@ def wall_and_device(call: Any, reps: int = 3, cap_s: float = 20.0) -> tuple[floa
     return sorted(walls)[len(walls) // 2], sorted(devices)[len(devices) // 2]
 
 
-def decode_like_graph() -> Any:
-    """A graph of one-row GEMMs at the text model's shapes (q/k/v, o, MLP, x 8 layers), captured on
-    torch.cuda.graph's default capture stream as the engine's decode graphs are."""
+def decode_like_graphs() -> Any:
+    """One-row GEMMs at the text model's shapes (q/k/v, o, MLP, x 8 layers) as the engine's DecodeGraphs (the same
+    capture code: torch.cuda.graph's default stream), captured now; ``.run(1, 128)`` replays."""
+    from llamactl.server.engine.continuous.graphs import DecodeGraphs
+
     gen = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) / 64
                for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))]
 
-    def step() -> torch.Tensor:
+    def step(tokens: torch.Tensor, positions: torch.Tensor, rows: int, length: int) -> torch.Tensor:
         h = x
         for _ in range(8):
             qkv = h @ weights[0].t()
@@ -74,15 +76,9 @@ def decode_like_graph() -> Any:
             h = h + (up[:, :14336] * torch.sigmoid(up[:, 14336:])) @ weights[3].t()
         return h
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
+    graphs = DecodeGraphs(step, 1, "cuda")
+    graphs.run(1, 128)
+    return graphs
 
 
 def main() -> None:
@@ -120,7 +116,7 @@ def main() -> None:
             say(f"captured graph {len(per_graph)} in {per_graph[-1]:.2f} s")
             return replay
 
-        decode_graph = decode_like_graph()  # first, as in the engine: it makes torch.cuda.graph's default stream
+        decode_graphs = decode_like_graphs()  # first: it makes torch.cuda.graph's default stream
         graphs = TowerGraphs(encoder, 8, 4, 560, dtype, "cuda", capture)
         graphs.capture_all()
         torch.cuda.empty_cache()
@@ -190,7 +186,7 @@ def main() -> None:
                 towers += 1
                 while not tower_done.query():
                     with torch.cuda.stream(main):
-                        decode_graph.replay()
+                        decode_graphs.run(1, 128)
                         done = torch.cuda.Event()
                         done.record()
                     deadline = time.perf_counter() + 30
