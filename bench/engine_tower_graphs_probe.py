@@ -124,7 +124,7 @@ def main() -> None:
         report["widths"] = graphs.widths
         report["capture_s"] = round(graphs.capture_s, 2)
         report["capture_per_graph_s"] = [round(s, 3) for s in per_graph]
-        report["graph_pool_gib"] = round(torch.cuda.memory_reserved() / 2**30, 2)
+        report["reserved_gib_after_capture"] = round(torch.cuda.memory_reserved() / 2**30, 2)  # tower + graphs
         say("capture", report["capture_s"], "s for", graphs.count)
 
         def chunk(n: int, used: list[int], seed: int) -> tuple[list[torch.Tensor], ...]:
