@@ -1,8 +1,8 @@
 """The vision tower as CUDA graphs (tower_graphs.py): which graph a chunk takes, and that everything the tower reads
 travels through the static buffers a graph is captured on.
 
-CUDA graphs need a GPU (bench/engine_burst_probe.py and the engine's start check, which keeps the graphs only if a
-replay equals the eager tower, run them there). Here the real tiny tower runs on the CPU with a stand-in capture
+CUDA graphs need a GPU (bench/engine_tower_graphs_probe.py, bench/engine_burst_probe.py and the engine's start
+check, which keeps the graphs only if a replay equals the eager tower, run them there). Here the real tiny tower runs on the CPU with a stand-in capture
 whose "replay" runs the captured body again, eagerly, from the static buffers: if any input stayed outside them (a
 tensor of the first call kept by the body, a padding width too narrow), the states differ from the eager tower's.
 """
