@@ -255,9 +255,13 @@ def run_variant(a: argparse.Namespace, name: str, env_extra: dict[str, str], ima
         first = 0
         for b in range(a.warm + a.bursts):
             seen = sum(1 for _ in trace.open()) if trace.exists() else 0
-            outcomes, wall = _run_processes(url, a.clients, a.clients, a.max_tokens, images, 900.0,
+            outcomes, wall = _run_processes(url, a.clients, a.clients, a.max_tokens, images, a.request_timeout_s,
                                             a.load_procs, first_image=first)
             first += a.clients
+            if not any(o.ok for o in outcomes):  # e.g. a server that stopped on the GPU: the next variant runs
+                out["hung"] = f"burst {b + 1}: none of {len(outcomes)} requests answered in {a.request_timeout_s} s"
+                print(name, out["hung"], flush=True)
+                break
             time.sleep(a.pause_s)
             proc.send_signal(signal.SIGUSR1)
             time.sleep(0.3)
@@ -302,6 +306,8 @@ def main() -> None:
     ap.add_argument("--pause-s", type=float, default=1.0)
     ap.add_argument("--load-procs", type=int, default=4)
     ap.add_argument("--ready-timeout-s", type=float, default=300)
+    ap.add_argument("--request-timeout-s", type=float, default=900,
+                    help="a request's limit; a burst with no answer ends the variant (its server is stopped)")
     ap.add_argument("--variants", default="default",
                     help="';'-separated name[:KEY=VALUE,...] (server env), e.g. 'default;q2:LLAMACTL_VISION_QUEUE=2'")
     a = ap.parse_args()
