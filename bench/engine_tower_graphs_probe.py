@@ -90,7 +90,8 @@ def main() -> None:
     log = args.out.with_suffix(".log").open("w", buffering=1)
     faulthandler.dump_traceback_later(60, repeat=True, file=log)
 
-    from llamactl.server.engine.continuous.tower_graphs import TowerGraphs, cuda_capture, relative_error
+    from llamactl.server.engine.continuous.kernel_choice import relative_l2
+    from llamactl.server.engine.continuous.tower_graphs import TowerGraphs, cuda_capture
     from llamactl.server.engine.continuous.vision import VisionEncoder, choose_backend
 
     def say(*parts: Any) -> None:
@@ -145,7 +146,7 @@ def main() -> None:
             c = chunk(n, used, n)
             got = graphs.encode(*c)
             assert got is not None
-            distances[f"{n} images, tiles {used}"] = relative_error(got, eager(c))
+            distances[f"{n} images, tiles {used}"] = relative_l2(got.float(), eager(c).float())
         report["replay_vs_eager_rel_l2"] = distances
         say("distances", distances)
         args.out.write_text(json.dumps(report, indent=1))

@@ -37,7 +37,12 @@ from llamactl.server.engine.continuous.decode_attention import available as deco
 from llamactl.server.engine.continuous.encoding import Encoding, VisionLane
 from llamactl.server.engine.continuous.gemv import choose as choose_gemv
 from llamactl.server.engine.continuous.graphs import DecodeGraphs, batch_buckets, bucket, length_buckets
-from llamactl.server.engine.continuous.kernel_choice import choose_fastest, describe_choice, time_in_graph
+from llamactl.server.engine.continuous.kernel_choice import (
+    choose_fastest,
+    describe_choice,
+    relative_l2,
+    time_in_graph,
+)
 from llamactl.server.engine.continuous.model import MllamaRunner, Newcomer
 from llamactl.server.engine.continuous.output import OutputWorker, run_all
 from llamactl.server.engine.continuous.pixels import FastPixels, image_token_mask, prompt_ids
@@ -45,7 +50,7 @@ from llamactl.server.engine.continuous.pools import PoolShape, SlotPools, plan_s
 from llamactl.server.engine.continuous.sampler import RowSampling, sample_tokens
 from llamactl.server.engine.continuous.scheduler import take_chunk
 from llamactl.server.engine.continuous.sequence import Prepared, Sequence
-from llamactl.server.engine.continuous.tower_graphs import TowerGraphs, cuda_capture, relative_error
+from llamactl.server.engine.continuous.tower_graphs import TowerGraphs, cuda_capture
 from llamactl.server.engine.continuous.vision import VisionEncoder, choose_backend, choose_layers
 from llamactl.server.engine.detok import IncrementalText
 from llamactl.server.engine.protocol import (
@@ -491,7 +496,7 @@ class ContinuousEngine(EngineStatus):
                                      [ar_mask[i : i + 1] for i in range(n)])
             if replayed is None:
                 raise RuntimeError("no graph for a chunk of two images")
-            error = relative_error(replayed, eager)
+            error = relative_l2(replayed.float(), eager.float())
         except Exception as exc:  # noqa: BLE001 - a kernel that cannot be captured (the eager tower still works)
             log.warning("vision tower without CUDA graphs: %s", exc)
             self.vision_graphs = f"off ({type(exc).__name__}: {exc})"[:300]

@@ -67,12 +67,13 @@ class TowerGraphs:
         3, px, px], aspect-ratio ids [1, 1] and mask [1, 1, tiles] (CPU); None where no graph has this shape
         (more images, or another tile count), for the caller's eager tower. On the current stream."""
         n = len(pixels)
-        mask = torch.cat(list(ar_masks))
+        mask = torch.cat(list(ar_masks))  # [n, 1, tiles]
         if n > self.max_images or mask.shape[-1] != self.tiles:
             return None
+        per_image = mask.reshape(n, -1)
         width = 0
         if self.encoder.split_mask:
-            need = self.encoder.padding_width(mask.reshape(n, -1))
+            need = self.encoder.padding_width(per_image)
             width = min((w for w in self.widths if w >= need), default=-1)
         replay = self._replays.get((n, width))
         if replay is None:
@@ -82,7 +83,7 @@ class TowerGraphs:
         put(self.ar_ids[:n], torch.cat(list(ar_ids)))
         put(self.ar_mask[:n], mask)
         if self.encoder.split_mask:
-            rows, key_bias = self.encoder.host_rows(mask.reshape(n, -1), self.key_bias.dtype, width)
+            rows, key_bias = self.encoder.host_rows(per_image, self.key_bias.dtype, width)
             put(self.rows[: n * width], rows.reshape(-1))
             put(self.key_bias[: n * self._length], key_bias.reshape(-1))
         replay()
@@ -139,9 +140,3 @@ def cuda_capture(pool: Any = None, stream: Any = None) -> Capture:
         return graph.replay
 
     return capture
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """Relative L2 distance, in float32."""
-    diff = (got.float() - want.float()).norm()
-    return float(diff / want.float().norm().clamp_min(1e-12))
