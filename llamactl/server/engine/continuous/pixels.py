@@ -96,8 +96,7 @@ class FastPixels:
             canvas.reshape(3, down, t, across, t).transpose(1, 3, 0, 2, 4))
         ids = torch.tensor([[self.supported.index((down, across)) + 1]], dtype=torch.int64)
         mask = torch.zeros((1, 1, self.max_tiles), dtype=torch.int64)
-        mask[0, 0, :tiles] = 1
-        mask[0, 0, 0] = 1
+        mask[0, 0, :tiles] = 1  # tiles >= 1
         return out, ids, mask, tiles
 
 
