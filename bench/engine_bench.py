@@ -112,7 +112,7 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
         # (settings.vision_priority), images through the tower two at a time (settings.prefill_chunk_images),
         # both; without its Triton kernels (settings.triton_kernels); two image chunks in the tower
         # (settings.vision_queue), also with the tower first; transformers' vision encoder layers (settings.vision_layers);
-        # the tower as CUDA graphs (settings.vision_graphs)
+        # the tower as CUDA graphs (settings.vision_graphs), also with two image chunks in the tower
         **{name: Design(name, f"the continuous engine, {title}", "continuous", max(levels), a.vp_levels,
                         a.rounds, a.min_requests, "round", 3.0, env=env)
            for name, title, env in [
@@ -128,6 +128,8 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
                ("continuous-tl", "transformers' vision encoder layers (not tower.py's)",
                 {"LLAMACTL_VISION_LAYERS": "transformers"}),
                ("continuous-vg", "the vision tower as CUDA graphs", {"LLAMACTL_VISION_GRAPHS": "1"}),
+               ("continuous-vgq2", "the tower as CUDA graphs, a full image chunk may queue behind one",
+                {"LLAMACTL_VISION_GRAPHS": "1", "LLAMACTL_VISION_QUEUE": "2"}),
            ]},
         "seed": Design("seed", "one request at a time (hf engine, max batch 1: the seed article's design)", "hf", 1,
                        a.seed_levels, 1, a.seed_min_requests, "first", 1.5, a.hf_max_wait_ms),
