@@ -112,7 +112,7 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
         # (settings.vision_priority), images through the tower two at a time (settings.prefill_chunk_images),
         # both; without its Triton kernels (settings.triton_kernels); two image chunks in the tower
         # (settings.vision_queue), also with the tower first; transformers' vision encoder layers (settings.vision_layers);
-        # the tower as CUDA graphs (settings.vision_graphs), also with two image chunks in the tower
+        # the tower as CUDA graphs (settings.vision_graphs) with one or two image chunks in the tower; the eager tower
         **{name: Design(name, f"the continuous engine, {title}", "continuous", max(levels), a.vp_levels,
                         a.rounds, a.min_requests, "round", 3.0, env=env)
            for name, title, env in [
@@ -122,14 +122,20 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
                ("continuous-c2vp", "images two at a time, tower first",
                 {"LLAMACTL_PREFILL_CHUNK_IMAGES": "2", "LLAMACTL_VISION_PRIORITY": "high"}),
                ("continuous-pt", "PyTorch's kernels only (its Triton kernels off)", {"LLAMACTL_TRITON_KERNELS": "0"}),
-               ("continuous-q2", "a full image chunk may queue behind one in the tower", {"LLAMACTL_VISION_QUEUE": "2"}),
-               ("continuous-q2vp", "a full image chunk may queue behind one, tower first",
-                {"LLAMACTL_VISION_QUEUE": "2", "LLAMACTL_VISION_PRIORITY": "high"}),
+               # q2, q2vp and vg keep the meaning of their recorded runs (before Session 15 the tower was eager
+               # and one chunk at a time by default; now it is graphs with two chunks): their settings in full
+               ("continuous-q2", "a full image chunk may queue behind one in the tower (eager tower)",
+                {"LLAMACTL_VISION_QUEUE": "2", "LLAMACTL_VISION_GRAPHS": "0"}),
+               ("continuous-q2vp", "a full image chunk may queue behind one, tower first (eager tower)",
+                {"LLAMACTL_VISION_QUEUE": "2", "LLAMACTL_VISION_PRIORITY": "high", "LLAMACTL_VISION_GRAPHS": "0"}),
                ("continuous-tl", "transformers' vision encoder layers (not tower.py's)",
                 {"LLAMACTL_VISION_LAYERS": "transformers"}),
-               ("continuous-vg", "the vision tower as CUDA graphs", {"LLAMACTL_VISION_GRAPHS": "1"}),
-               ("continuous-vgq2", "the tower as CUDA graphs, a full image chunk may queue behind one",
+               ("continuous-vg", "the vision tower as CUDA graphs, one image chunk at a time",
+                {"LLAMACTL_VISION_GRAPHS": "1", "LLAMACTL_VISION_QUEUE": "1"}),
+               ("continuous-vgq2", "the tower as CUDA graphs, a full image chunk may queue behind one (the default)",
                 {"LLAMACTL_VISION_GRAPHS": "1", "LLAMACTL_VISION_QUEUE": "2"}),
+               ("continuous-eager", "the eager tower, one image chunk at a time (the default before Session 15)",
+                {"LLAMACTL_VISION_GRAPHS": "0", "LLAMACTL_VISION_QUEUE": "1"}),
            ]},
         "seed": Design("seed", "one request at a time (hf engine, max batch 1: the seed article's design)", "hf", 1,
                        a.seed_levels, 1, a.seed_min_requests, "first", 1.5, a.hf_max_wait_ms),

@@ -69,24 +69,27 @@ class Settings(BaseModel):
     prefill_chunk_images: int = Field(0, ge=0, le=64)
     # Image chunks that may be in the vision tower at once (continuous engine on CUDA): behind the chunk there, a
     # FULL chunk (a burst) may queue and starts as soon as the tower is free, not after the previous chunk joined
-    # the batch. 1 = one chunk at a time (towers and joins alternate). An H200, 2 vs 1, same call (bench/results/
-    # engine_bench_run20_h200.md): 32 clients 1,362 vs 1,390 tok/s, TTFT p50 0.84 vs 0.78 s, p95 2.10 vs 2.20 s,
-    # ITL p95 68 vs 86 ms; 64 clients TTFT p50 1.31 vs 0.68 s. Not a clear gain: the default stays 1.
-    vision_queue: int = Field(1, ge=1, le=16)
+    # the batch. 1 = one chunk at a time (towers and joins alternate); 0 = the engine's choice: 2 when the tower
+    # runs as CUDA graphs (vision_graphs), else 1. With graphs a replay is one launch, so the tower runs on while
+    # the model thread launches the previous chunk's join; eagerly the one thread launches both and 2 gained
+    # nothing clear (an H200, bench/results/engine_bench_run20_h200.md: 32 clients 1,362 vs 1,390 tok/s, TTFT p95
+    # 2.10 vs 2.20 s). Graphs and 2 vs the eager tower and 1, an H200, two calls (bench/results/engine.md,
+    # Session 15): 32 clients 1,583 / 1,546 vs 1,523 / 1,503 tok/s, TTFT p95 1.38 / 1.73 vs 1.79 / 1.84 s, ITL
+    # p95 24 / 19 vs 60 / 55 ms; the cost, TTFT p50 0.95 / 0.96 vs 0.60 / 0.64 s (the mean over a whole call's
+    # requests 1.11 / 1.10 vs 1.04 / 1.08 s); 64 clients 1,957 / 1,947 vs 1,859 / 1,728 tok/s.
+    vision_queue: int = Field(0, ge=0, le=16)
     # The vision tower's encoder layers (continuous engine): "fused" = q/k/v as one GEMM, GELU inside the fc1 GEMM
     # on GPUs (its tanh form, < 5e-4 from the erf form), residual + layer norm in one pass (engine/continuous/
     # tower.py); "transformers" = its modules as written; "auto" = on GPUs the faster of the two at start (the
     # fused one only if within 2e-2 of the other), elsewhere fused (float32: the same arithmetic).
     vision_layers: Literal["auto", "fused", "transformers"] = "auto"
     # The vision tower + projector as CUDA graphs (continuous engine on CUDA; engine/continuous/tower_graphs.py):
-    # one per chunk size and padding width, captured at start and kept only if a replay equals the eager tower.
-    # A replay is one launch, so the tower would run at the GPU's pace while request threads hold the GIL (a
-    # burst's first chunk of one image took 196-534 ms eagerly vs ~40 ms alone on an H200). Off by default, not
-    # yet proven in a server: on an H200 replays equal the eager tower exactly and run as fast, but the first
-    # version stopped the server at the first decode step beside a tower replay (its graphs shared cuBLAS's
-    # workspace with the decode graphs; now captured on a stream of their own, not re-measured yet;
-    # bench/results/engine.md, Session 14).
-    vision_graphs: bool = False
+    # one per chunk size and padding width, captured at start (~10 s on an H200) and kept only if a replay equals
+    # the eager tower; otherwise the eager tower, and /health engine.vision_graphs says why. A replay is one
+    # launch, so the tower runs at the GPU's pace while request threads hold the GIL: a burst's first chunk of one
+    # image took 196-534 ms eagerly and 45-62 ms replayed on an H200 (bench/results/engine.md, Sessions 13-15).
+    # Off on a vision_sms partition (a green context is a context of its own).
+    vision_graphs: bool = True
     # The continuous engine's own Triton kernels on CUDA (one-row projections, decode self- and cross-attention,
     # the vision tower's residual + layer norm),
     # each still timed at start and used only where it is correct and faster. False: PyTorch's kernels only

@@ -6,7 +6,7 @@ from collections import deque
 from types import SimpleNamespace
 from typing import Any
 
-from llamactl.server.engine.continuous.scheduler import take_chunk
+from llamactl.server.engine.continuous.scheduler import take_chunk, vision_queue_depth
 
 
 def req(tokens: int, image: bool = False, cancelled: bool = False) -> Any:
@@ -53,3 +53,20 @@ def test_cancelled_requests_at_the_head_are_reported_and_dropped() -> None:
     queue = deque([gone, kept])
     assert take_chunk(queue, 4, 2, 100, images_busy=False, on_cancelled=reported.append) == [kept]
     assert reported == [gone]
+
+
+def test_vision_queue_depth_is_two_only_for_a_graphed_tower_on_a_gpu_unless_set() -> None:
+    assert vision_queue_depth(0, on_gpu=True, tower_graphs=True) == 2
+    assert vision_queue_depth(0, on_gpu=True, tower_graphs=False) == 1
+    assert vision_queue_depth(3, on_gpu=True, tower_graphs=False) == 3
+    assert vision_queue_depth(1, on_gpu=True, tower_graphs=True) == 1
+    # the CPU's tower runs at once and its chunk joins in the same iteration: nothing to queue behind
+    assert vision_queue_depth(0, on_gpu=False, tower_graphs=True) == 1
+    assert vision_queue_depth(4, on_gpu=False, tower_graphs=False) == 1
+
+
+def test_the_tower_runs_as_graphs_with_the_queue_chosen_by_default() -> None:
+    from llamactl.server.settings import Settings
+
+    fields = Settings.model_fields
+    assert fields["vision_graphs"].default is True and fields["vision_queue"].default == 0

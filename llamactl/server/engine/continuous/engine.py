@@ -48,7 +48,7 @@ from llamactl.server.engine.continuous.output import OutputWorker, run_all
 from llamactl.server.engine.continuous.pixels import FastPixels, image_token_mask, prompt_ids
 from llamactl.server.engine.continuous.pools import PoolShape, SlotPools, plan_slots
 from llamactl.server.engine.continuous.sampler import RowSampling, sample_tokens
-from llamactl.server.engine.continuous.scheduler import take_chunk
+from llamactl.server.engine.continuous.scheduler import take_chunk, vision_queue_depth
 from llamactl.server.engine.continuous.sequence import Prepared, Sequence
 from llamactl.server.engine.continuous.tower_graphs import TowerGraphs, cuda_capture
 from llamactl.server.engine.continuous.vision import VisionEncoder, choose_backend, choose_layers
@@ -324,7 +324,8 @@ class ContinuousEngine(EngineStatus):
                 # H100 at 32 clients (bench/results/engine_bench_run3_h100_oom.md); the prefill's own peak (long
                 # text prompts: attention scores of a 4,096-token chunk) is bounded by the 3 GiB beside it.
                 # each chunk queued behind the one in the tower holds its finished states until it joins
-                queued_states = (self.settings.vision_queue - 1) * self.chunk_images * shape.cross_len * (
+                planned_queue = vision_queue_depth(self.settings.vision_queue, True, self.settings.vision_graphs)
+                queued_states = (planned_queue - 1) * self.chunk_images * shape.cross_len * (
                     text_cfg.hidden_size * shape.element_bytes)
                 reserve = 2 * self._measure_workspace(encoder, vision) + queued_states + 3 * _GIB
                 free, _total = torch.cuda.mem_get_info()
@@ -707,9 +708,9 @@ class ContinuousEngine(EngineStatus):
 
     @property
     def _vision_queue(self) -> int:
-        """Image chunks the tower may hold: ``vision_queue`` on GPUs; one on the CPU, where the tower runs at once
-        and its chunk joins in the same iteration."""
-        return self.settings.vision_queue if self._lane.stream is not None else 1
+        """Image chunks the tower may hold (scheduler.vision_queue_depth)."""
+        graphs = self.runner is not None and self.runner.tower_graphs is not None
+        return vision_queue_depth(self.settings.vision_queue, self._lane.stream is not None, graphs)
 
     def _tower_busy(self) -> bool:
         """Whether image newcomers must wait before entering the vision tower. Behind a chunk already there, only

@@ -38,3 +38,14 @@ def take_chunk(
         images += has_image
         tokens += n_tokens
     return taken
+
+
+def vision_queue_depth(setting: int, on_gpu: bool, tower_graphs: bool) -> int:
+    """Image chunks the vision tower may hold (settings.vision_queue). One on the CPU, where the tower runs at
+    once and its chunk joins in the same iteration; on GPUs the setting, or with 0 two when the tower runs as
+    CUDA graphs (a replay runs on while the model thread launches the previous chunk's join), else one."""
+    if not on_gpu:
+        return 1
+    if setting:
+        return setting
+    return 2 if tower_graphs else 1
