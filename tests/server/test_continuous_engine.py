@@ -310,6 +310,24 @@ def test_only_a_full_chunk_queues_behind_one_in_the_tower(tiny_checkpoint: Path)
     assert eng._tower_busy()  # vision_queue reached
 
 
+def test_by_default_a_second_chunk_queues_only_behind_a_tower_of_graphs(tiny_checkpoint: Path) -> None:
+    """settings.vision_queue 0 (the default): on a GPU lane one chunk at a time with the eager tower, two when the
+    tower replays CUDA graphs (scheduler.vision_queue_depth, tested alone in tests/unit)."""
+    from types import SimpleNamespace
+
+    eng = ContinuousEngine(make_settings(tiny_checkpoint))
+    assert eng.settings.vision_queue == 0
+    eng.chunk_images = 1
+    eng._lane = _LaterLane()
+    eng._encodings.append(Encoding([], torch.zeros(1), _LaterEvent(100), 0.0))
+    eng._waiting.append(GenRequest(prompt="p", image=trained_image("red"), params=GenParams(max_new_tokens=4)))
+    assert eng._tower_busy()  # a full chunk waits: the eager tower holds one
+    eng.runner = SimpleNamespace(tower_graphs=object())  # type: ignore[assignment]
+    assert not eng._tower_busy()  # the graphed tower takes a second
+    eng._encodings.append(Encoding([], torch.zeros(1), _LaterEvent(100), 0.0))
+    assert eng._tower_busy()
+
+
 def test_plan_slots_sizes_pools_from_free_memory() -> None:
     shape = PoolShape(self_layers=32, cross_layers=8, kv_heads=8, head_dim=128, max_len=3072, cross_len=6404,
                       element_bytes=2)
