@@ -311,4 +311,6 @@ def test_ttft_split_names_the_burst_and_the_slowest_first_tokens() -> None:
     assert r["after_burst_ttft_s_p50"] == r["after_burst_ttft_s_p95"] == 0.2
     assert r["slowest_ttft"][0] == [0.0, 0.8, True] and len(r["slowest_ttft"]) == 8
     assert r["slowest_ttft"][4] == [2.0, 0.2, False]
+    assert len(r["ttft_timeline"]) == 10 and r["ttft_timeline"][3] == [0.0, 0.8, 1.8]
+    assert [t[0] for t in r["ttft_timeline"][4:]] == [2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
     assert ttft_split([]) == {}
