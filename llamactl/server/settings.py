@@ -75,8 +75,8 @@ class Settings(BaseModel):
     # nothing clear (an H200, bench/results/engine_bench_run20_h200.md: 32 clients 1,362 vs 1,390 tok/s, TTFT p95
     # 2.10 vs 2.20 s). Graphs and 2 vs the eager tower and 1, an H200, two calls (bench/results/engine.md,
     # Session 15): 32 clients 1,583 / 1,546 vs 1,523 / 1,503 tok/s, TTFT p95 1.38 / 1.73 vs 1.79 / 1.84 s, ITL
-    # p95 24 / 19 vs 60 / 55 ms; the cost, TTFT p50 0.95 / 0.96 vs 0.60 / 0.64 s (the mean over a whole call's
-    # requests 1.11 / 1.10 vs 1.04 / 1.08 s); 64 clients 1,957 / 1,947 vs 1,859 / 1,728 tok/s.
+    # p95 24 / 19 vs 60 / 55 ms; 64 clients 1,957 / 1,947 vs 1,859 / 1,728 tok/s. The cost: at 32 clients TTFT
+    # p50 0.95 / 0.96 vs 0.60 / 0.64 s, the server's mean TTFT 0.85 / 0.90 vs 0.71 / 0.73 s (why: not measured).
     vision_queue: int = Field(0, ge=0, le=16)
     # The vision tower's encoder layers (continuous engine): "fused" = q/k/v as one GEMM, GELU inside the fc1 GEMM
     # on GPUs (its tanh form, < 5e-4 from the erf form), residual + layer norm in one pass (engine/continuous/
