@@ -14,8 +14,14 @@ Per burst: the requests sorted by client TTFT, each stage's seconds; the chunks 
 the step loop's iterations during the burst. Summary: per stage, the median over bursts of the p95 request's
 and of the mean request's seconds. Variants (``--variants``) serve with other settings in the same call.
 
+``--rounds R`` makes each "burst" engine_bench's closed loop instead: every client sends R requests one after
+another (the first round is the burst), and the summary adds the mean request of the later rounds
+(``mean_request_after_burst``): where the steady state's first-token time goes (Session 15: the tower's CUDA
+graphs raised the mean TTFT at 32 clients by 0.1-0.2 s, not explained by its device time).
+
     python3 bench/engine_burst_probe.py --out $OUT/engine_burst_probe.json            # GPU, ~2.5 min a variant
     python3 bench/engine_burst_probe.py --tiny --out /tmp/burst.json                  # CPU: the path only
+    python3 bench/engine_burst_probe.py --rounds 4 --bursts 2 --out $OUT/loop.json   # GPU: closed loops
 """
 
 from __future__ import annotations
@@ -179,7 +185,7 @@ def lineup(outcomes: list[Any], records: list[dict[str, Any]]) -> dict[str, Any]
         tower_end = c["started"] + (c["tower_ms"] or 0.0) / 1e3
         first_chunk = o.started_at + o.ttft_s
         rows.append({
-            "image": i, "sent": round(o.started_at - t0, 4), "ttft": round(o.ttft_s, 4),
+            "image": i, "sent": round(o.started_at - t0, 4), "ttft": round(o.ttft_s, 4), "first_round": o.first_round,
             "upload": d["start"] - o.started_at,  # send -> the route decodes (upload, JSON, validation)
             "decode": d["end"] - d["start"],
             "prepare_wait": p["start"] - d["end"],  # the worker thread hop (and any queue for a thread)
@@ -204,20 +210,28 @@ def lineup(outcomes: list[Any], records: list[dict[str, Any]]) -> dict[str, Any]
 
 def summarize(bursts: list[dict[str, Any]]) -> dict[str, Any]:
     """Per stage: median over bursts of the p95 request's seconds (nearest rank by client TTFT) and of the mean."""
-    p95_rows, means = [], {k: [] for k in STAGES}
+    p95_rows: list[dict[str, Any]] = []
+    means: dict[str, list[float]] = {k: [] for k in (*STAGES, "ttft")}
+    later: dict[str, list[float]] = {k: [] for k in (*STAGES, "ttft")}
     for b in bursts:
         rows = [r for r in b["requests"] if not r.get("missing")]
         if not rows:
             continue
         p95_rows.append(rows[max(0, -(-95 * len(rows) // 100) - 1)])
-        for k in STAGES:
-            means[k].append(statistics.fmean(r[k] for r in rows))
-    return {
+        after = [r for r in rows if r.get("first_round") is False]  # closed loops (--rounds): the later rounds
+        for k, values in means.items():
+            values.append(statistics.fmean(r[k] for r in rows))
+            if after:
+                later[k].append(statistics.fmean(r[k] for r in after))
+    out = {
         "p95_request": {k: round(statistics.median(r[k] for r in p95_rows), 4) for k in (*STAGES, "ttft")}
         if p95_rows else {},
         "mean_request": {k: round(statistics.median(v), 4) for k, v in means.items() if v},
         "ttft_p95": [r["ttft"] for r in p95_rows],
     }
+    if any(later.values()):
+        out["mean_request_after_burst"] = {k: round(statistics.median(v), 4) for k, v in later.items() if v}
+    return out
 
 
 def run_variant(a: argparse.Namespace, name: str, env_extra: dict[str, str], images: list[str],
@@ -255,9 +269,10 @@ def run_variant(a: argparse.Namespace, name: str, env_extra: dict[str, str], ima
         first = 0
         for b in range(a.warm + a.bursts):
             seen = sum(1 for _ in trace.open()) if trace.exists() else 0
-            outcomes, wall = _run_processes(url, a.clients, a.clients, a.max_tokens, images, a.request_timeout_s,
+            requests = a.clients * a.rounds
+            outcomes, wall = _run_processes(url, a.clients, requests, a.max_tokens, images, a.request_timeout_s,
                                             a.load_procs, first_image=first)
-            first += a.clients
+            first += requests
             if not any(o.ok for o in outcomes):  # e.g. a server that stopped on the GPU: the next variant runs
                 out["hung"] = f"burst {b + 1}: none of {len(outcomes)} requests answered in {a.request_timeout_s} s"
                 print(name, out["hung"], flush=True)
@@ -272,13 +287,15 @@ def run_variant(a: argparse.Namespace, name: str, env_extra: dict[str, str], ima
             burst = lineup(outcomes, records)
             t0 = min(o.started_at for o in outcomes)
             burst["iterations"] = [[round(r[0] - t0, 4), *r[1:]] for rec in records if rec["kind"] == "iterations"
-                                   for r in rec["rows"] if t0 <= r[0] <= t0 + 3.0]
+                                   for r in rec["rows"] if t0 <= r[0] <= t0 + (3.0 if a.rounds == 1 else wall)]
             burst["failed"] = sum(1 for o in outcomes if not o.ok)
             burst["wall_s"] = round(wall, 2)
             out["bursts"].append(burst)
-            print(f"{name} burst {len(out['bursts'])}: ttft p95 "
-                  f"{summarize([burst])['ttft_p95']}, chunks {[(c['size'], c['tower_ms']) for c in burst['chunks']]}",
-                  flush=True)
+            one = summarize([burst])
+            chunks = [(c["size"], c["tower_ms"]) for c in burst["chunks"]]
+            print(f"{name} burst {len(out['bursts'])}: ttft p95 {one['ttft_p95']}, "
+                  + (f"chunks {chunks}" if a.rounds == 1 else
+                     f"{len(chunks)} chunks, later rounds' mean {one.get('mean_request_after_burst')}"), flush=True)
         out["summary"] = summarize(out["bursts"])
     except Exception as exc:  # noqa: BLE001 - recorded; the next variant still runs
         out["error"] = f"{type(exc).__name__}: {exc}"[:1500]
@@ -302,6 +319,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, help="default 32 (tiny 4)")
     ap.add_argument("--max-tokens", type=int, help="default 128 (tiny 8)")
     ap.add_argument("--bursts", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="requests per client in each burst, one after another (>1: engine_bench's closed loop)")
     ap.add_argument("--warm", type=int, default=1, help="bursts before the recorded ones")
     ap.add_argument("--pause-s", type=float, default=1.0)
     ap.add_argument("--load-procs", type=int, default=4)
@@ -322,8 +341,8 @@ def main() -> None:
                            p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)})
     from gpu_load import noise_jpeg
 
-    images = [noise_jpeg(seed, 1120) for seed in range((a.warm + a.bursts) * a.clients)]
-    result: dict[str, Any] = {"git": os.environ.get("GIT_REV", ""), "clients": a.clients,
+    images = [noise_jpeg(seed, 1120) for seed in range((a.warm + a.bursts) * a.clients * a.rounds)]
+    result: dict[str, Any] = {"git": os.environ.get("GIT_REV", ""), "clients": a.clients, "rounds": a.rounds,
                               "max_tokens": a.max_tokens, "variants": {}}
     try:
         import torch

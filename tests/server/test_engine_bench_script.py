@@ -314,3 +314,21 @@ def test_ttft_split_names_the_burst_and_the_slowest_first_tokens() -> None:
     assert len(r["ttft_timeline"]) == 10 and r["ttft_timeline"][3] == [0.0, 0.8, 1.8]
     assert [t[0] for t in r["ttft_timeline"][4:]] == [2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
     assert ttft_split([]) == {}
+
+
+def test_burst_probe_summary_parts_the_closed_loops_later_rounds_from_the_burst() -> None:
+    """engine_burst_probe.summarize: the p95 request by client TTFT, the mean request, and with --rounds the mean
+    request of the later rounds alone (a plain burst has none)."""
+    from engine_burst_probe import STAGES, summarize
+
+    def row(ttft: float, queue: float, first: bool) -> dict[str, Any]:
+        return {**dict.fromkeys(STAGES, 0.0), "queue": queue, "ttft": ttft, "first_round": first}
+
+    burst = [row(1.0 + i / 10, 0.5, True) for i in range(4)]
+    later = [row(0.4, 0.1, False), row(0.6, 0.3, False)]
+    rows = sorted(burst + later, key=lambda r: r["ttft"])
+    got = summarize([{"requests": [*rows, {"image": 9, "ttft": None, "missing": True}]}])
+    assert got["ttft_p95"] == [1.3] and got["p95_request"]["queue"] == 0.5
+    assert got["mean_request"]["queue"] == round((4 * 0.5 + 0.4) / 6, 4)
+    assert got["mean_request_after_burst"]["queue"] == 0.2 and got["mean_request_after_burst"]["ttft"] == 0.5
+    assert "mean_request_after_burst" not in summarize([{"requests": sorted(burst, key=lambda r: r["ttft"])}])
