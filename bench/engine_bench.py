@@ -108,8 +108,8 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
         "continuous-sm": Design("continuous-sm", "the continuous engine, vision tower on 2/3 of the SMs",
                                 "continuous", max(levels), a.sm_levels, a.rounds,
                                 a.min_requests, "round", 2.0, env={"LLAMACTL_VISION_SMS": "-1"}),
-        # variants of the continuous engine at --vp-levels: the tower's stream served before the decode steps
-        # (settings.vision_priority), images through the tower two at a time (settings.prefill_chunk_images),
+        # variants of the continuous engine at --vp-levels: the tower's stream served before the decode steps, or after
+        # them (settings.vision_priority), images through the tower two at a time (settings.prefill_chunk_images),
         # both; without its Triton kernels (settings.triton_kernels); two image chunks in the tower
         # (settings.vision_queue), also with the tower first; transformers' vision encoder layers (settings.vision_layers);
         # the tower as CUDA graphs (settings.vision_graphs) with one or two image chunks in the tower; the eager tower
@@ -117,6 +117,8 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
                         a.rounds, a.min_requests, "round", 3.0, env=env)
            for name, title, env in [
                ("continuous-vp", "vision tower's stream first", {"LLAMACTL_VISION_PRIORITY": "high"}),
+               ("continuous-vl", "the decode steps (their graphs too) before the tower",
+                {"LLAMACTL_VISION_PRIORITY": "low"}),
                ("continuous-c2", "images through the tower two at a time",
                 {"LLAMACTL_PREFILL_CHUNK_IMAGES": "2"}),
                ("continuous-c2vp", "images two at a time, tower first",

@@ -59,10 +59,14 @@ class Settings(BaseModel):
     # kernels). On an H100, 88 of 132 SMs ran a tower chunk beside 30 batch-32 steps in 676 ms instead of 771 ms
     # (bench/results/engine_green_probe_run1_h100.json).
     vision_sms: int = Field(0, ge=-1, le=4096)
-    # Which CUDA stream the GPU serves first when both have kernels ready (continuous engine on CUDA): "low" =
-    # the decode steps first and the tower in their gaps, "high" = the tower first. An H100 at 32 clients, high vs
-    # low: 1,091 vs 1,149 tok/s, TTFT p50 1.12 vs 0.82 s, p95 2.09 vs 2.39 s (bench/results/engine_bench_run12.md).
-    vision_priority: Literal["low", "high"] = "low"
+    # Which work the GPU serves first when both have kernels ready (continuous engine on CUDA;
+    # encoding.stream_priorities): "equal" = the decode steps and the vision tower alike, the joins (cross K/V,
+    # prefill) before both; "low" = the tower after everything else, in the decode steps' gaps; "high" = the
+    # tower first. Until Session 15 the setting said "low" but did "equal": a CUDA graph's kernels keep the
+    # priority of the stream they were captured on, and the decode graphs were captured at the tower's; every
+    # figure recorded as "low" before is "equal". An H100 at 32 clients, high vs equal: 1,091 vs 1,149 tok/s,
+    # TTFT p50 1.12 vs 0.82 s, p95 2.09 vs 2.39 s (bench/results/engine_bench_run12.md). "low" is not measured.
+    vision_priority: Literal["equal", "low", "high"] = "equal"
     # Images that go through the tower together and join the batch together (continuous engine); 0 = the
     # engine's default (8 on CUDA, 4 on the CPU). Smaller: first tokens come sooner, throughput drops (an H100 at
     # 32 clients with 2: TTFT p50 0.37 vs 0.83 s, 1,021 vs 1,164 tok/s; bench/results/engine_bench_run13.md).

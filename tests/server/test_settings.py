@@ -107,6 +107,11 @@ def test_api_keys_file(tmp_path: Path) -> None:
             "LLAMACTL_GEN_TOP_P: Input should be greater",
         ),
         (
+            {"LLAMACTL_MODEL": "m", "LLAMACTL_VISION_PRIORITY": "first"},
+            {},
+            "LLAMACTL_VISION_PRIORITY: Input should be 'equal', 'low' or 'high'",
+        ),
+        (
             {"LLAMACTL_MODEL": "m", "LLAMACTL_API_KEYS_FILE": "/nonexistent/keys"},
             {},
             "cannot read /nonexistent/keys",

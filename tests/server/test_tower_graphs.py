@@ -129,6 +129,7 @@ def test_the_engine_encodes_its_image_chunks_by_replay_and_answers_as_generate(t
 
     with running_engine(tiny_checkpoint) as eng:
         assert eng.describe()["vision_graphs"] == "off (CPU)" and eng.runner is not None
+        assert eng.describe()["stream_priorities"] is None  # no CUDA streams on the CPU
         vision = eng.runner.encoder.vision
         graphs = Counting(eng.runner.encoder, eng.chunk_images, int(vision.max_num_tiles), int(vision.image_size),
                           torch.float32, "cpu", lambda body: body)

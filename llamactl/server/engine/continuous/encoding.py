@@ -2,9 +2,9 @@
 
 On GPUs the tower runs on a stream of its own (``VisionLane``): its kernels are queued and the step loop goes on;
 the newcomers join (cross-attention K/V, prefill) once their states are ready, handed to the main stream. The
-stream is an ordinary one, or one confined to part of the SMs (``green.py``, ``vision_sms``); by default the
-decode stream has the higher priority (``vision_priority`` swaps them). On the CPU the tower runs at once, on the
-loop's thread.
+stream is an ordinary one, or one confined to part of the SMs (``green.py``, ``vision_sms``); which of the
+tower and the decode steps the GPU serves first is ``vision_priority`` (``stream_priorities``). On the CPU the
+tower runs at once, on the loop's thread.
 """
 
 from __future__ import annotations
@@ -35,6 +35,33 @@ class Encoding:
 
     def ready(self) -> bool:
         return self.done is None or bool(self.done.query())
+
+
+@dataclass(frozen=True)
+class StreamPriorities:
+    """CUDA stream priorities (lower = served first: -1 high, 0 low) of the engine's GPU work, from
+    settings.vision_priority. A CUDA graph's kernels keep the priority of the stream they were CAPTURED on, not of
+    the one they are replayed on (PyTorch instantiates graphs with cudaGraphInstantiateFlagUseNodePriority, and
+    stream capture copies the stream's priority into each kernel node), so each graph family's capture stream
+    carries its own. None: torch.cuda.graph's default capture stream (priority 0), as before these settings."""
+
+    main: int  # eager work of the main stream: joins (cross K/V, prefill), steps outside the decode graphs
+    lane: int  # the vision tower's stream (the eager tower, the graphs' input copies)
+    decode_graphs: int | None  # the decode steps' graphs, which run most of the time
+    tower_graphs: int  # the tower's graphs
+
+
+def stream_priorities(setting: str) -> StreamPriorities:
+    """The priorities for a vision_priority: "equal", the decode steps' graphs and the tower at one priority, the
+    joins first (what every run before Session 15 measured as "low": its decode graphs were captured at priority
+    0, the tower's); "low", the tower below everything, the decode graphs included; "high", the tower first."""
+    if setting == "high":
+        return StreamPriorities(main=0, lane=-1, decode_graphs=None, tower_graphs=-1)
+    if setting == "low":
+        return StreamPriorities(main=-1, lane=0, decode_graphs=-1, tower_graphs=0)
+    if setting == "equal":
+        return StreamPriorities(main=-1, lane=0, decode_graphs=None, tower_graphs=0)
+    raise ValueError(f"vision_priority {setting!r}: expected equal, low or high")
 
 
 class VisionLane:

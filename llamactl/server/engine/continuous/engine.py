@@ -34,7 +34,7 @@ import torch
 from llamactl.server.engine.continuous import fp8
 from llamactl.server.engine.continuous.cross_attention import choose as choose_cross
 from llamactl.server.engine.continuous.decode_attention import available as decode_attention_available
-from llamactl.server.engine.continuous.encoding import Encoding, VisionLane
+from llamactl.server.engine.continuous.encoding import Encoding, VisionLane, stream_priorities
 from llamactl.server.engine.continuous.gemv import choose as choose_gemv
 from llamactl.server.engine.continuous.graphs import DecodeGraphs, batch_buckets, bucket, length_buckets
 from llamactl.server.engine.continuous.kernel_choice import (
@@ -50,7 +50,7 @@ from llamactl.server.engine.continuous.pools import PoolShape, SlotPools, plan_s
 from llamactl.server.engine.continuous.sampler import RowSampling, sample_tokens
 from llamactl.server.engine.continuous.scheduler import take_chunk, vision_queue_depth
 from llamactl.server.engine.continuous.sequence import Prepared, Sequence
-from llamactl.server.engine.continuous.tower_graphs import TowerGraphs, cuda_capture
+from llamactl.server.engine.continuous.tower_graphs import TowerGraphs, cuda_capture, own_stream
 from llamactl.server.engine.continuous.vision import VisionEncoder, choose_backend, choose_layers
 from llamactl.server.engine.detok import IncrementalText
 from llamactl.server.engine.protocol import (
@@ -149,6 +149,7 @@ class ContinuousEngine(EngineStatus):
         self.vision_timings: dict[str, float] = {}  # seconds for 2 images per unmasked-attention kernel
         self.vision_layer_timings: dict[str, float] = {}  # seconds for 2 images per encoder-layer form
         self.vision_graphs = "off (CPU)"  # the tower as CUDA graphs, or why not (/health)
+        self.stream_priorities: dict[str, int] | None = None  # CUDA priority per kind of work (GPUs; /health)
         self.cross_attention = "matmul"  # the decode step's cross-attention forms (timed at start on GPUs)
         self.self_attention = "torch"  # the decode step's self-attention: PyTorch ops or Triton (timed on GPUs)
         self.gemv: dict[str, str] = {}  # one-row projections per weight shape: Triton or cuBLAS (timed on GPUs)
@@ -212,6 +213,7 @@ class ContinuousEngine(EngineStatus):
             "vision_overlaps_decode": self._lane.stream is not None,
             "vision_sms": self._lane.description,
             "vision_priority": self.settings.vision_priority,
+            "stream_priorities": self.stream_priorities,
             "vision_queue": self._vision_queue,
             "pipelined": bool(self.pipelined),
             "vision_attention": self._vision_attention(),
@@ -349,15 +351,19 @@ class ContinuousEngine(EngineStatus):
             self._b_buckets = batch_buckets(self.slots)
             self._l_buckets = length_buckets(self.max_len)
             if device == "cuda":
-                # CUDA serves the lower priority number first: the decode steps, or the tower with "high"
-                tower_first = self.settings.vision_priority == "high"
-                self._main_stream = torch.cuda.Stream(priority=0 if tower_first else -1)  # type: ignore[no-untyped-call]
-                self._lane = VisionLane.on_gpu(self.settings.vision_sms, priority=-1 if tower_first else 0)
-                self._capture_tower(self.runner, vision)
+                # CUDA serves the lower priority number first; graphs keep their capture stream's (encoding.py)
+                prio = stream_priorities(self.settings.vision_priority)
+                self._main_stream = torch.cuda.Stream(priority=prio.main)  # type: ignore[no-untyped-call]
+                self._lane = VisionLane.on_gpu(self.settings.vision_sms, priority=prio.lane)
+                self._capture_tower(self.runner, vision, prio.tower_graphs)
                 small = self._compiled(self.runner) if self.settings.engine_compile == "all" else None
                 self.graphs = DecodeGraphs(
-                    self.runner.decode, self._b_buckets[-1], device, small=small, small_rows=_COMPILED_ROWS
+                    self.runner.decode, self._b_buckets[-1], device, small=small, small_rows=_COMPILED_ROWS,
+                    capture_stream=None if prio.decode_graphs is None else own_stream(prio.decode_graphs),
                 )
+                self.stream_priorities = {"main": prio.main, "vision_lane": prio.lane,
+                                          "decode_graphs": prio.decode_graphs or 0,
+                                          "vision_graphs": prio.tower_graphs}
             if self.graphs is not None:
                 self._tokens_in, self._positions_in = self.graphs.tokens, self.graphs.positions
             else:
@@ -473,7 +479,7 @@ class ContinuousEngine(EngineStatus):
                    lambda fn: time_in_graph(fn, calls=8, reps=3), dtype=self.hf.dtype)
         self.gemv = dict(proj.timings)
 
-    def _capture_tower(self, runner: MllamaRunner, vision: Any) -> None:
+    def _capture_tower(self, runner: MllamaRunner, vision: Any, priority: int = 0) -> None:
         """The tower as CUDA graphs (tower_graphs.py) for chunks of 1..chunk_images images, kept only if a replay
         of a mixed chunk (a four-tile and a one-tile image) equals the eager tower; otherwise the eager tower, and
         /health says why."""
@@ -484,8 +490,9 @@ class ContinuousEngine(EngineStatus):
             self.vision_graphs = "off (the tower runs on part of the SMs: vision_sms)"
             return
         size, tiles, dtype = int(vision.image_size), int(vision.max_num_tiles), self.hf.dtype
-        graphs = TowerGraphs(runner.encoder, self.chunk_images, tiles, size, dtype, "cuda", cuda_capture())
         try:
+            graphs = TowerGraphs(runner.encoder, self.chunk_images, tiles, size, dtype, "cuda",
+                                 cuda_capture(stream=own_stream(priority)))
             graphs.capture_all()
             n = min(2, self.chunk_images)
             pixel = torch.randn(n, 1, tiles, 3, size, size, dtype=dtype).pin_memory()

@@ -40,10 +40,14 @@ def bucket(value: int, buckets: list[int]) -> int:
 
 class DecodeGraphs:
     def __init__(
-        self, decode: DecodeFn, max_rows: int, device: str, small: DecodeFn | None = None, small_rows: int = 0
+        self, decode: DecodeFn, max_rows: int, device: str, small: DecodeFn | None = None, small_rows: int = 0,
+        capture_stream: torch.cuda.Stream | None = None,
     ) -> None:
-        """``small`` (if given) replaces ``decode`` for batches of at most ``small_rows`` rows."""
+        """``small`` (if given) replaces ``decode`` for batches of at most ``small_rows`` rows. ``capture_stream``:
+        where the graphs are captured, whose priority their kernels keep wherever they are replayed (None:
+        torch.cuda.graph's default capture stream, priority 0)."""
         self.decode = decode
+        self.capture_stream = capture_stream
         self.small, self.small_rows = small, small_rows
         self.tokens = torch.zeros(max_rows, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_rows, dtype=torch.long, device=device)
@@ -71,7 +75,7 @@ class DecodeGraphs:
                 decode(self.tokens[:rows], self.positions[:rows], rows, length)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, stream=self.capture_stream):
             out = decode(self.tokens[:rows], self.positions[:rows], rows, length)
         self.captures += 1
         return graph, out
