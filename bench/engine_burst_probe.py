@@ -43,6 +43,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 STAGES = ("upload", "decode", "prepare_wait", "prepare", "queue", "tower", "join_wait", "join",
           "delivery")
+COLUMNS = (*STAGES, "ttft")  # a request's stages and its client TTFT
 
 
 # -- the child: `llamactl serve` with stamps --------------------------------------------------------------------
@@ -211,8 +212,8 @@ def lineup(outcomes: list[Any], records: list[dict[str, Any]]) -> dict[str, Any]
 def summarize(bursts: list[dict[str, Any]]) -> dict[str, Any]:
     """Per stage: median over bursts of the p95 request's seconds (nearest rank by client TTFT) and of the mean."""
     p95_rows: list[dict[str, Any]] = []
-    means: dict[str, list[float]] = {k: [] for k in (*STAGES, "ttft")}
-    later: dict[str, list[float]] = {k: [] for k in (*STAGES, "ttft")}
+    means: dict[str, list[float]] = {k: [] for k in COLUMNS}
+    later: dict[str, list[float]] = {k: [] for k in COLUMNS}
     for b in bursts:
         rows = [r for r in b["requests"] if not r.get("missing")]
         if not rows:
@@ -224,7 +225,7 @@ def summarize(bursts: list[dict[str, Any]]) -> dict[str, Any]:
             if after:
                 later[k].append(statistics.fmean(r[k] for r in after))
     out = {
-        "p95_request": {k: round(statistics.median(r[k] for r in p95_rows), 4) for k in (*STAGES, "ttft")}
+        "p95_request": {k: round(statistics.median(r[k] for r in p95_rows), 4) for k in COLUMNS}
         if p95_rows else {},
         "mean_request": {k: round(statistics.median(v), 4) for k, v in means.items() if v},
         "ttft_p95": [r["ttft"] for r in p95_rows],

@@ -62,6 +62,24 @@ def _check(lib: Any, name: str, *args: Any) -> None:
         raise GreenContextError(f"{name} failed: {reason}")
 
 
+def _driver() -> Any:
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError as exc:
+        raise GreenContextError(f"cannot load the CUDA driver: {exc}") from exc
+
+
+def priority_stream(priority: int) -> Any:
+    """An ordinary stream (flags as cudaStreamCreate's) of CUDA ``priority`` on the current device, not one of
+    PyTorch's pooled streams: PyTorch's cudart binding creates streams without a priority."""
+    import torch
+
+    torch.cuda.current_stream().synchronize()  # the primary context is current on this thread (the call needs it)
+    handle = ctypes.c_void_p()
+    _check(_driver(), "cuStreamCreateWithPriority", ctypes.byref(handle), ctypes.c_uint(0), ctypes.c_int(priority))
+    return torch.cuda.ExternalStream(handle.value)  # type: ignore[no-untyped-call]
+
+
 def sm_count(resource: ctypes.Array[ctypes.c_char]) -> int:
     return int(ctypes.c_uint.from_buffer(resource, _SM_COUNT_OFFSET).value)
 
@@ -74,10 +92,7 @@ def sm_stream(sms: int, device: int = 0, priority: int = 0) -> SmStream:
     import torch
 
     torch.cuda.init()  # type: ignore[no-untyped-call]  # the primary context exists before the driver calls below
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-    except OSError as exc:
-        raise GreenContextError(f"cannot load the CUDA driver: {exc}") from exc
+    lib = _driver()
     dev = ctypes.c_int()
     _check(lib, "cuDeviceGet", ctypes.byref(dev), ctypes.c_int(device))
     whole = ctypes.create_string_buffer(_RESOURCE_BYTES)

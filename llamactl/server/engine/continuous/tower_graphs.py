@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from llamactl.server.engine.continuous.green import priority_stream
 from llamactl.server.engine.continuous.vision import VisionEncoder
 
 Body = Callable[[], None]
@@ -107,30 +108,16 @@ def put(buffer: torch.Tensor, host: torch.Tensor) -> None:
 
 def own_stream(priority: int = 0) -> Any:
     """A CUDA stream no other code uses: not one of PyTorch's pooled streams, which come round again after 32.
-    ``priority`` other than 0 (lower = served first) takes the driver's cuStreamCreateWithPriority (PyTorch's
-    cudart binding has no such call); a graph captured on the stream keeps it (encoding.StreamPriorities)."""
+    ``priority`` other than 0 (lower = served first) takes the driver (green.priority_stream); a graph captured
+    on the stream keeps it (encoding.StreamPriorities)."""
     if priority:
-        return _driver_stream(priority)
+        return priority_stream(priority)
     cudart: Any = torch.cuda.cudart()  # type: ignore[no-untyped-call]
     handle = torch.zeros(1, dtype=torch.int64)
     error = cudart.cudaStreamCreate(handle.data_ptr())
     if error != cudart.cudaError.success:
         raise RuntimeError(f"cudaStreamCreate: {cudart.cudaGetErrorString(error)}")
     return torch.cuda.ExternalStream(int(handle.item()))  # type: ignore[no-untyped-call]
-
-
-def _driver_stream(priority: int) -> Any:
-    import ctypes
-
-    torch.cuda.current_stream().synchronize()  # the primary context is current on this thread (the call needs it)
-    lib = ctypes.CDLL("libcuda.so.1")
-    fn = lib.cuStreamCreateWithPriority
-    fn.restype = ctypes.c_int
-    handle = ctypes.c_void_p()
-    status = fn(ctypes.byref(handle), ctypes.c_uint(0), ctypes.c_int(priority))  # flags 0: as cudaStreamCreate
-    if status != 0:
-        raise RuntimeError(f"cuStreamCreateWithPriority: CUresult {status}")
-    return torch.cuda.ExternalStream(handle.value)  # type: ignore[no-untyped-call]
 
 
 def cuda_capture(pool: Any = None, stream: Any = None) -> Capture:
