@@ -124,8 +124,8 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
                ("continuous-c2vp", "images two at a time, tower first",
                 {"LLAMACTL_PREFILL_CHUNK_IMAGES": "2", "LLAMACTL_VISION_PRIORITY": "high"}),
                ("continuous-pt", "PyTorch's kernels only (its Triton kernels off)", {"LLAMACTL_TRITON_KERNELS": "0"}),
-               # q2, q2vp and vg keep the meaning of their recorded runs (before Session 15 the tower was eager
-               # and one chunk at a time by default; now it is graphs with two chunks): their settings in full
+               # q2, q2vp and vg keep the meaning of their recorded runs (the default is the eager tower, one chunk
+               # at a time, except in Session 15: graphs with two chunks): their settings in full
                ("continuous-q2", "a full image chunk may queue behind one in the tower (eager tower)",
                 {"LLAMACTL_VISION_QUEUE": "2", "LLAMACTL_VISION_GRAPHS": "0"}),
                ("continuous-q2vp", "a full image chunk may queue behind one, tower first (eager tower)",
@@ -134,9 +134,9 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
                 {"LLAMACTL_VISION_LAYERS": "transformers"}),
                ("continuous-vg", "the vision tower as CUDA graphs, one image chunk at a time",
                 {"LLAMACTL_VISION_GRAPHS": "1", "LLAMACTL_VISION_QUEUE": "1"}),
-               ("continuous-vgq2", "the tower as CUDA graphs, a full image chunk may queue behind one (the default)",
+               ("continuous-vgq2", "the tower as CUDA graphs, a full chunk may queue behind one (Session 15's default)",
                 {"LLAMACTL_VISION_GRAPHS": "1", "LLAMACTL_VISION_QUEUE": "2"}),
-               ("continuous-eager", "the eager tower, one image chunk at a time (the default before Session 15)",
+               ("continuous-eager", "the eager tower, one image chunk at a time (the default, but in Session 15)",
                 {"LLAMACTL_VISION_GRAPHS": "0", "LLAMACTL_VISION_QUEUE": "1"}),
            ]},
         "seed": Design("seed", "one request at a time (hf engine, max batch 1: the seed article's design)", "hf", 1,
@@ -514,14 +514,15 @@ class Bench:
             g = self.sampler.mean_util_since_mark().get("0", {})
             lv["gpu_util_mean_pct"] = g.get("util_pct")
             lv["gpu_mem_smi_peak_gb"] = round(g["mem_used_mib_max"] * 2**20 / 1e9, 2) if g else None
+            lv["gpu_sm_clock_mhz_mean"], lv["gpu_power_w_mean"] = g.get("sm_clock_mhz_mean"), g.get("power_w_mean")
         lv["roofline_tok_s"] = round(roofline_tok_s(conc, self.bw)) if self.bw else None
         lv["of_roofline"] = of_roofline(lv.get("tok_per_s"), conc, self.bw)
         lv["server_alive_after"] = self.proc is not None and self.proc.poll() is None
         self.rec.log(f"{d.name} c={conc}: " + json.dumps({k: lv.get(k) for k in (
             "requests", "ok", "failed", "cut", "tok_per_s", "req_per_s", "ttft_s_p50", "ttft_s_p95", "itl_s_p50",
             "itl_s_p95", "steady_tok_per_s", "steady_ttft_s_p95", "steady_requests", "burst_ttft_s_p95",
-            "after_burst_ttft_s_p95", "slowest_ttft", "gpu_util_mean_pct", "gpu_mem_smi_peak_gb", "of_roofline",
-            "errors")}))
+            "after_burst_ttft_s_p95", "slowest_ttft", "gpu_util_mean_pct", "gpu_mem_smi_peak_gb", "gpu_sm_clock_mhz_mean",
+            "gpu_power_w_mean", "of_roofline", "errors")}))
         return lv
 
 

@@ -175,7 +175,10 @@ def gpu_pinning(procs: list[subprocess.Popen[bytes]], tiny: bool) -> dict[str, A
 
 
 class GpuSampler:
-    """nvidia-smi every 500 ms into a CSV; mean utilisation per GPU over a marked window."""
+    """nvidia-smi every 500 ms into a CSV; per GPU over a marked window: mean utilisation, peak memory, and the mean
+    SM clock and power draw (a sustained run may slow down at the power cap where a short one does not)."""
+
+    QUERY = "timestamp,index,utilization.gpu,memory.used,clocks.sm,power.draw"
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -185,14 +188,15 @@ class GpuSampler:
     def start(self) -> None:
         fh = self.path.open("wb")
         self.proc = subprocess.Popen(
-            ["nvidia-smi", "--query-gpu=timestamp,index,utilization.gpu,memory.used",
-             "--format=csv,noheader,nounits", "-lms", "500"], stdout=fh, stderr=subprocess.DEVNULL)
+            ["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits", "-lms", "500"],
+            stdout=fh, stderr=subprocess.DEVNULL)
 
     def _rows(self) -> list[list[str]]:
         if not self.path.exists():
             return []
+        columns = self.QUERY.count(",")
         return [[c.strip() for c in line.split(",")] for line in self.path.read_text().splitlines()
-                if line.count(",") == 3]
+                if line.count(",") == columns]
 
     def mark(self) -> None:
         self._mark = len(self._rows())
@@ -200,13 +204,26 @@ class GpuSampler:
     def mean_util_since_mark(self) -> dict[str, Any]:
         by_gpu: dict[str, list[float]] = {}
         mem: dict[str, float] = {}
+        clocks: dict[str, list[float]] = {}
+        power: dict[str, list[float]] = {}
         for row in self._rows()[self._mark:]:
             try:
-                by_gpu.setdefault(row[1], []).append(float(row[2]))
-                mem[row[1]] = max(mem.get(row[1], 0.0), float(row[3]))
+                util, used = float(row[2]), float(row[3])
             except ValueError:
                 continue
-        return {g: {"util_pct": round(sum(v) / len(v), 1), "mem_used_mib_max": mem[g], "samples": len(v)}
+            by_gpu.setdefault(row[1], []).append(util)
+            mem[row[1]] = max(mem.get(row[1], 0.0), used)
+            for into, cell in ((clocks, row[4]), (power, row[5])):
+                try:
+                    into.setdefault(row[1], []).append(float(cell))
+                except ValueError:  # "[N/A]" where the GPU does not report it
+                    pass
+
+        def mean(values: list[float] | None) -> float | None:
+            return round(sum(values) / len(values), 1) if values else None
+
+        return {g: {"util_pct": mean(v), "mem_used_mib_max": mem[g], "samples": len(v),
+                    "sm_clock_mhz_mean": mean(clocks.get(g)), "power_w_mean": mean(power.get(g))}
                 for g, v in sorted(by_gpu.items())}
 
     def tail(self) -> list[str]:

@@ -77,10 +77,8 @@ class Settings(BaseModel):
     # runs as CUDA graphs (vision_graphs), else 1. With graphs a replay is one launch, so the tower runs on while
     # the model thread launches the previous chunk's join; eagerly the one thread launches both and 2 gained
     # nothing clear (an H200, bench/results/engine_bench_run20_h200.md: 32 clients 1,362 vs 1,390 tok/s, TTFT p95
-    # 2.10 vs 2.20 s). Graphs and 2 vs the eager tower and 1, an H200, two calls (bench/results/engine.md,
-    # Session 15): 32 clients 1,583 / 1,546 vs 1,523 / 1,503 tok/s, TTFT p95 1.38 / 1.73 vs 1.79 / 1.84 s, ITL
-    # p95 24 / 19 vs 60 / 55 ms; 64 clients 1,957 / 1,947 vs 1,859 / 1,728 tok/s. The cost: at 32 clients TTFT
-    # p50 0.95 / 0.96 vs 0.60 / 0.64 s, the server's mean TTFT 0.85 / 0.90 vs 0.71 / 0.73 s (why: not measured).
+    # 2.10 vs 2.20 s). The price of 2 with graphs: a chunk joins while the next one's tower holds the GPU (an
+    # H200, closed loops at 32 clients: the join 0.12 instead of 0.06 s; bench/results/engine.md, Session 16).
     vision_queue: int = Field(0, ge=0, le=16)
     # The vision tower's encoder layers (continuous engine): "fused" = q/k/v as one GEMM, GELU inside the fc1 GEMM
     # on GPUs (its tanh form, < 5e-4 from the erf form), residual + layer norm in one pass (engine/continuous/
@@ -90,10 +88,17 @@ class Settings(BaseModel):
     # The vision tower + projector as CUDA graphs (continuous engine on CUDA; engine/continuous/tower_graphs.py):
     # one per chunk size and padding width, captured at start (~10 s on an H200) and kept only if a replay equals
     # the eager tower; otherwise the eager tower, and /health engine.vision_graphs says why. A replay is one
-    # launch, so the tower runs at the GPU's pace while request threads hold the GIL: a burst's first chunk of one
-    # image took 196-534 ms eagerly and 45-62 ms replayed on an H200 (bench/results/engine.md, Sessions 13-15).
+    # launch, so the tower runs at the GPU's pace while request threads hold the GIL (a burst's first chunk of one
+    # image: 196-534 ms eagerly, 45-74 ms replayed on an H200) and the decode steps run beside it. Off by default
+    # since Session 16: the same GPU work in another order. An H200 at 32 clients, 12 closed-loop rounds, same
+    # call (bench/results/engine_bench_run50_h200.md), graphs (with 2 chunks) vs the eager tower: 1,406 vs
+    # 1,413 tok/s, end-to-end p50 2.85 s both, but TTFT p50 1.05 vs 0.60 s and p95 1.57 vs 1.33 s, against
+    # ITL p95 54 vs 98 ms and the opening burst's TTFT p95 1.97 vs 2.09 s: the eager tower's launches hold the
+    # decode steps back, so the tower finishes sooner. Short runs (4 rounds, Session 15) favoured the graphs
+    # (TTFT p95 1.38-1.73 vs 1.79-1.84 s, 64 clients +5-13 % tok/s): there the opening burst is a quarter of the
+    # requests. True suits a service that values smooth streams, bursts or many clients over the first token.
     # Off on a vision_sms partition (a green context is a context of its own).
-    vision_graphs: bool = True
+    vision_graphs: bool = False
     # The continuous engine's own Triton kernels on CUDA (one-row projections, decode self- and cross-attention,
     # the vision tower's residual + layer norm),
     # each still timed at start and used only where it is correct and faster. False: PyTorch's kernels only

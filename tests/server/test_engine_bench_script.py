@@ -332,3 +332,18 @@ def test_burst_probe_summary_parts_the_closed_loops_later_rounds_from_the_burst(
     assert got["mean_request"]["queue"] == round((4 * 0.5 + 0.4) / 6, 4)
     assert got["mean_request_after_burst"]["queue"] == 0.2 and got["mean_request_after_burst"]["ttft"] == 0.5
     assert "mean_request_after_burst" not in summarize([{"requests": sorted(burst, key=lambda r: r["ttft"])}])
+
+
+def test_gpu_sampler_means_sm_clock_and_power_over_the_marked_window(tmp_path: Path) -> None:
+    from gpu_stack import GpuSampler
+
+    csv = tmp_path / "gpu_samples.csv"
+    sampler = GpuSampler(csv)
+    csv.write_text("2026/11/29 10:00:00.000, 0, 10, 1000, 1980, 300.0\n")
+    sampler.mark()  # the rows before the mark are another window's
+    csv.write_text(csv.read_text() + "2026/11/29 10:00:00.500, 0, 90, 5000, 1755, 690.5\n"
+                   "2026/11/29 10:00:01.000, 0, 100, 6000, 1545, [N/A]\n"
+                   "2026/11/29 10:00:01.500, 0, 50\n")  # a cut line is not a sample
+    assert sampler.mean_util_since_mark() == {"0": {
+        "util_pct": 95.0, "mem_used_mib_max": 6000.0, "samples": 2, "sm_clock_mhz_mean": 1650.0,
+        "power_w_mean": 690.5}}

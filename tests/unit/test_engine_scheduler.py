@@ -65,8 +65,9 @@ def test_vision_queue_depth_is_two_only_for_a_graphed_tower_on_a_gpu_unless_set(
     assert vision_queue_depth(4, on_gpu=False, tower_graphs=False) == 1
 
 
-def test_the_tower_runs_as_graphs_with_the_queue_chosen_by_default() -> None:
+def test_the_tower_runs_eagerly_with_the_queue_chosen_by_default() -> None:
     from llamactl.server.settings import Settings
 
     fields = Settings.model_fields
-    assert fields["vision_graphs"].default is True and fields["vision_queue"].default == 0
+    assert fields["vision_graphs"].default is False and fields["vision_queue"].default == 0
+    assert vision_queue_depth(fields["vision_queue"].default, on_gpu=True, tower_graphs=False) == 1
