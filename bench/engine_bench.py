@@ -80,6 +80,33 @@ class Design:
     cwd: Path | None = None  # where its server starts (None: this checkout; `python -m` imports from there first)
 
 
+# the least time a design needs on a GPU: its server's start (the continuous engine: 31-52 s on an H200 in runs
+# 47-50, the hf engine 19-25 s in runs 38 and 41), a warm-up round and a few measured requests
+MIN_GPU_DESIGN_S = {"continuous": 75.0, "hf": 35.0}
+
+
+def design_shares(budget_s: float, prep_s: float, designs: list[Design]) -> list[float]:
+    """Each design's seconds if the prep stage takes ``prep_s`` and every design uses its whole share (the run
+    loop gives a design's unused time to the later ones; the last 15 s are kept for stopping and writing)."""
+    total = sum(d.weight for d in designs)
+    return [max(0.0, budget_s - 15 - prep_s) * d.weight / total for d in designs]
+
+
+def budget_problem(budget_s: float, prep_s: float, designs: list[Design]) -> str | None:
+    """Why ``budget_s`` cannot run these designs on a GPU (None: it can). --budget-s is the whole run's; a design
+    given less than its server's start records nothing (Session 16 lost 227 device-seconds that way)."""
+    shares = design_shares(budget_s, prep_s, designs)
+    short = [(d, s) for d, s in zip(designs, shares) if s < MIN_GPU_DESIGN_S.get(d.engine, 75.0)]
+    if not short:
+        return None
+    total = sum(d.weight for d in designs)
+    need = 15 + prep_s + max(MIN_GPU_DESIGN_S.get(d.engine, 75.0) * total / d.weight for d, _ in short)
+    names = ", ".join(f"{d.name} ~{s:.0f} s" for d, s in short)
+    return (f"--budget-s {budget_s:.0f} is the whole run's (prep ~{prep_s:.0f} s and every design): it leaves "
+            f"{names}, less than a server's start and a level take; give --budget-s {need:.0f} or more, or fewer "
+            f"designs")
+
+
 def designs_from(a: argparse.Namespace) -> list[Design]:
     levels = a.levels
     small = [c for c in levels if c <= a.hf_max_batch]
@@ -564,8 +591,10 @@ def main() -> None:
     ap.add_argument("--seed-levels", type=ints, help="levels of the one-at-a-time design (default 1,8; tiny 1,2)")
     ap.add_argument("--hf-max-batch", type=int, help="the hf design's max batch (default 32; tiny 2)")
     ap.add_argument("--max-tokens", type=int, help="answer length (default 128; tiny 8)")
-    ap.add_argument("--rounds", type=int, default=2, help="measured requests = rounds x clients (at least "
-                    "--min-requests), fewer when the level's time share is short")
+    ap.add_argument("--rounds", type=int, default=8, help="measured requests = rounds x clients (at least "
+                    "--min-requests), fewer when the level's time share is short. 8 since Session 16 (was 2): in "
+                    "short runs the opening burst, every client at once, is a quarter to half of the requests and "
+                    "sets TTFT p95, and two settings compared over 4 and 12 rounds came out in opposite orders")
     ap.add_argument("--min-requests", type=int, default=6)
     ap.add_argument("--seed-min-requests", type=int, default=4)
     ap.add_argument("--hf-max-wait-ms", type=int, default=200, help="LLAMACTL_MAX_WAIT_MS of the hf designs "
@@ -591,6 +620,12 @@ def main() -> None:
         if getattr(a, key) is None:
             setattr(a, key, cpu if tiny else gpu)
     a.side = 112 if tiny else 1120
+    if not tiny:
+        # the prep stage's time: the checkpoint's build (38-47 s on an H200) unless it is there, bare generate
+        built = (a.model_dir or Path("/dev/shm/llamactl-11b")).joinpath("config.json").exists()
+        prep = (0.0 if built else 50.0) + (60.0 if a.baseline_batches else 0.0)
+        if problem := budget_problem(a.budget_s, prep, designs_from(a)):
+            ap.error(problem)
     t0 = time.monotonic()
     end = t0 + a.budget_s - 15  # kept for stopping the last server and writing the files
     a.work = a.work or Path(tempfile.mkdtemp(prefix="engine-bench-"))

@@ -250,7 +250,7 @@ def test_engine_bench_tiny_mode(tiny_checkpoint: Path, tmp_path: Path) -> None:
         [sys.executable, str(REPO / "bench/engine_bench.py"), "--tiny", "--model-dir", str(tiny_checkpoint),
          "--out", str(out), "--work", str(tmp_path / "work"), "--designs", "continuous,seed", "--levels", "1,2",
          "--seed-levels", "2", "--baseline-batches", "1,2", "--min-requests", "2", "--seed-min-requests", "2",
-         "--budget-s", "150"],
+         "--budget-s", "150", "--rounds", "2"],
         capture_output=True, text=True, timeout=300, check=False, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "engine_bench.json").read_text())
@@ -347,3 +347,33 @@ def test_gpu_sampler_means_sm_clock_and_power_over_the_marked_window(tmp_path: P
     assert sampler.mean_util_since_mark() == {"0": {
         "util_pct": 95.0, "mem_used_mib_max": 6000.0, "samples": 2, "sm_clock_mhz_mean": 1650.0,
         "power_w_mean": 690.5}}
+
+
+def test_a_budget_too_small_for_the_designs_is_refused_before_anything_starts() -> None:
+    import engine_bench as eb
+
+    def args(designs: list[str], levels: list[int]) -> argparse.Namespace:
+        return argparse.Namespace(levels=levels, hf_max_batch=32, rounds=4, min_requests=6, sm_levels=[32],
+                                  vp_levels=levels, seed_levels=[1, 8], seed_min_requests=4, hf_max_wait_ms=200, prev=None,
+                                  designs=designs)
+
+    three = eb.designs_from(args(["continuous", "continuous-vl", "continuous-vp"], [32, 64]))
+    # Session 16's first call: 240 s for three designs and the checkpoint's build
+    problem = eb.budget_problem(240, 50, three)
+    assert problem is not None and "continuous-vl ~52 s" in problem and "give --budget-s 315 or more" in problem
+    assert eb.budget_problem(315, 50, three) is None  # what it asks for is enough
+    assert eb.budget_problem(500, 0, three) is None  # the second call, the checkpoint built
+    # the default run: the hf designs start sooner, so their smaller shares are enough
+    default = eb.designs_from(args(["continuous", "hf", "seed", "hf-big"], [1, 8, 32, 64]))
+    assert [d.name for d in default] == ["continuous", "hf", "seed", "hf-b64"]
+    assert eb.budget_problem(540, 110, default) is None
+
+
+def test_the_bench_refuses_a_short_budget_with_a_usage_error(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, str(REPO / "bench/engine_bench.py"), "--budget-s", "240", "--designs",
+                          "continuous,continuous-vl,continuous-vp", "--levels", "32,64", "--baseline-batches", "",
+                          "--model-dir", str(tmp_path / "none"), "--out", str(tmp_path / "out")],
+                         check=False, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "--budget-s 240 is the whole run's" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "out").exists()
