@@ -139,7 +139,8 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
         # them (settings.vision_priority), images through the tower two at a time (settings.prefill_chunk_images),
         # both; without its Triton kernels (settings.triton_kernels); two image chunks in the tower
         # (settings.vision_queue), also with the tower first; transformers' vision encoder layers (settings.vision_layers);
-        # the tower as CUDA graphs (settings.vision_graphs) with one or two image chunks in the tower; the eager tower
+        # the tower as CUDA graphs (settings.vision_graphs) with one or two image chunks in the tower; the eager tower;
+        # the graphs with the decode steps waiting for the tower's chunk (vision_priority "first")
         **{name: Design(name, f"the continuous engine, {title}", "continuous", max(levels), a.vp_levels,
                         a.rounds, a.min_requests, "round", 3.0, env=env)
            for name, title, env in [
@@ -165,6 +166,11 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
                 {"LLAMACTL_VISION_GRAPHS": "1", "LLAMACTL_VISION_QUEUE": "2"}),
                ("continuous-eager", "the eager tower, one image chunk at a time (the default, but in Session 15)",
                 {"LLAMACTL_VISION_GRAPHS": "0", "LLAMACTL_VISION_QUEUE": "1"}),
+               # the decode steps wait on the device for the chunk in the tower (vision_priority "first")
+               ("continuous-vf", "the tower as CUDA graphs and first (decode steps wait for its chunk), two chunks",
+                {"LLAMACTL_VISION_GRAPHS": "1", "LLAMACTL_VISION_PRIORITY": "first"}),
+               ("continuous-vf1", "the tower as CUDA graphs and first, one chunk at a time",
+                {"LLAMACTL_VISION_GRAPHS": "1", "LLAMACTL_VISION_PRIORITY": "first", "LLAMACTL_VISION_QUEUE": "1"}),
            ]},
         "seed": Design("seed", "one request at a time (hf engine, max batch 1: the seed article's design)", "hf", 1,
                        a.seed_levels, 1, a.seed_min_requests, "first", 1.5, a.hf_max_wait_ms),
@@ -587,7 +593,8 @@ def main() -> None:
     ap.add_argument("--levels", type=ints, help="clients per level (default 1,8,32,64; tiny 1,2,4)")
     ap.add_argument("--sm-levels", type=ints, default=[32], help="levels of the continuous-sm design")
     ap.add_argument("--vp-levels", type=ints, default=[32, 64],
-                    help="levels of the continuous-vp, -c2, -c2vp, -pt, -q2, -q2vp and -tl designs")
+                    help="levels of the continuous-vp, -vl, -c2, -c2vp, -pt, -q2, -q2vp, -tl, -vg, -vgq2, -eager, "
+                    "-vf and -vf1 designs")
     ap.add_argument("--seed-levels", type=ints, help="levels of the one-at-a-time design (default 1,8; tiny 1,2)")
     ap.add_argument("--hf-max-batch", type=int, help="the hf design's max batch (default 32; tiny 2)")
     ap.add_argument("--max-tokens", type=int, help="answer length (default 128; tiny 8)")

@@ -65,8 +65,14 @@ class Settings(BaseModel):
     # tower first. Until Session 15 the setting said "low" but did "equal": a CUDA graph's kernels keep the
     # priority of the stream they were captured on, and the decode graphs were captured at the tower's; every
     # figure recorded as "low" before is "equal". An H100 at 32 clients, high vs equal: 1,091 vs 1,149 tok/s,
-    # TTFT p50 1.12 vs 0.82 s, p95 2.09 vs 2.39 s (bench/results/engine_bench_run12.md). "low" is not measured.
-    vision_priority: Literal["equal", "low", "high"] = "equal"
+    # TTFT p50 1.12 vs 0.82 s, p95 2.09 vs 2.39 s (bench/results/engine_bench_run12.md); an H200 with the tower's
+    # graphs, high / low / equal: 1,581 / 1,613 / 1,621 tok/s, TTFT p95 1.60 / 1.74 / 1.56 s (run 47). Priorities
+    # cannot preempt the tower's resident kernels. "first" orders by a wait instead: each decode step waits on the
+    # device for the image chunk in the tower (encoding.decode_waits_for_tower; /health engine.tower_holds counts
+    # them), so a chunk gets the whole GPU and the running rows wait up to one chunk between two tokens. It is what
+    # the eager tower does by accident (its launches hold the decode steps back) made deliberate, for the tower's
+    # graphs (not measured on a GPU yet).
+    vision_priority: Literal["equal", "low", "high", "first"] = "equal"
     # Images that go through the tower together and join the batch together (continuous engine); 0 = the
     # engine's default (8 on CUDA, 4 on the CPU). Smaller: first tokens come sooner, throughput drops (an H100 at
     # 32 clients with 2: TTFT p50 0.37 vs 0.83 s, 1,021 vs 1,164 tok/s; bench/results/engine_bench_run13.md).

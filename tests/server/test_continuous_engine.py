@@ -250,6 +250,13 @@ class _LaterLane(VisionLane):
         super().__init__(stream="a stand-in stream", description="test")
         self.depths: list[int] = []
         self.order: list[list[GenRequest]] = []
+        self.holds = 0
+
+    def hold(self, encoding: Encoding, stream: Any = None) -> bool:
+        """A decode step would wait for this chunk on the device (vision_priority "first"): counted."""
+        held = encoding.done.polls > 0  # still "running" (looked at without using up a poll)
+        self.holds += held
+        return held
 
     def start(self, encode: Any, reqs: list[GenRequest], rows: list[Any]) -> Encoding:
         self.order.append(reqs)
@@ -287,6 +294,34 @@ def test_image_chunks_queue_in_the_tower_and_join_in_order(tiny_checkpoint: Path
         for req, result in zip(reqs, results):
             ref = reference_ids(eng, GenRequest(prompt=req.prompt, image=req.image, params=req.params))
             assert result.text == tok.decode(ref, skip_special_tokens=True)
+
+
+def test_with_the_tower_first_decode_steps_wait_for_its_chunk_and_answers_stay_equal(tiny_checkpoint: Path) -> None:
+    """settings.vision_priority "first": while an image chunk is in the tower each decode step is made to wait
+    for it (counted in /health engine.tower_holds); the answers stay equal to generate's."""
+    with running_engine(tiny_checkpoint, max_batch_size=8, gen_max_new_tokens=64, prefill_chunk_images=1,
+                        vision_priority="first") as eng:
+        lane = _LaterLane()
+        eng._lane = lane
+        reqs = [GenRequest(prompt=image_prompt(eng), image=trained_image(c), params=GenParams(max_new_tokens=12))
+                for c in ("red", "blue", "red", "blue")]
+        for r in reqs:
+            eng.prepare(r)
+        results = run_all(eng, reqs)
+        assert lane.holds > 0 and eng.describe()["tower_holds"] == lane.holds
+        tok = eng.hf.processor.tokenizer
+        for req, result in zip(reqs, results):
+            ref = reference_ids(eng, GenRequest(prompt=req.prompt, image=req.image, params=req.params))
+            assert result.text == tok.decode(ref, skip_special_tokens=True)
+    with running_engine(tiny_checkpoint, max_batch_size=8, gen_max_new_tokens=64, prefill_chunk_images=1) as eng:
+        lane = _LaterLane()
+        eng._lane = lane
+        reqs = [GenRequest(prompt=image_prompt(eng), image=trained_image(c), params=GenParams(max_new_tokens=12))
+                for c in ("red", "blue")]
+        for r in reqs:
+            eng.prepare(r)
+        run_all(eng, reqs)
+        assert lane.holds == 0 and eng.describe()["tower_holds"] == 0  # "equal" (the default) never holds
 
 
 def test_only_a_full_chunk_queues_behind_one_in_the_tower(tiny_checkpoint: Path) -> None:

@@ -107,9 +107,9 @@ def test_api_keys_file(tmp_path: Path) -> None:
             "LLAMACTL_GEN_TOP_P: Input should be greater",
         ),
         (
-            {"LLAMACTL_MODEL": "m", "LLAMACTL_VISION_PRIORITY": "first"},
+            {"LLAMACTL_MODEL": "m", "LLAMACTL_VISION_PRIORITY": "last"},
             {},
-            "LLAMACTL_VISION_PRIORITY: Input should be 'equal', 'low' or 'high'",
+            "LLAMACTL_VISION_PRIORITY: Input should be 'equal', 'low', 'high' or 'first'",
         ),
         (
             {"LLAMACTL_MODEL": "m", "LLAMACTL_API_KEYS_FILE": "/nonexistent/keys"},

@@ -4,8 +4,14 @@ engine creates its streams and graph capture streams from it; CUDA serves a lowe
 from __future__ import annotations
 
 import pytest
+import torch
 
-from llamactl.server.engine.continuous.encoding import stream_priorities
+from llamactl.server.engine.continuous.encoding import (
+    Encoding,
+    VisionLane,
+    decode_waits_for_tower,
+    stream_priorities,
+)
 
 
 def test_equal_is_what_the_engine_did_before_the_setting_meant_it() -> None:
@@ -25,9 +31,41 @@ def test_high_puts_the_tower_and_its_graphs_first() -> None:
     assert p.lane < p.main and p.tower_graphs < (p.decode_graphs or 0) and p.tower_graphs == p.lane
 
 
+def test_first_keeps_equals_priorities_and_orders_by_a_wait_instead() -> None:
+    assert stream_priorities("first") == stream_priorities("equal")
+    assert [decode_waits_for_tower(s) for s in ("equal", "low", "high", "first")] == [False, False, False, True]
+
+
+class _Event:
+    def __init__(self, done: bool) -> None:
+        self.done = done
+
+    def query(self) -> bool:
+        return self.done
+
+
+class _Stream:
+    def __init__(self) -> None:
+        self.waited: list[object] = []
+
+    def wait_event(self, event: object) -> None:
+        self.waited.append(event)
+
+
+def test_a_hold_makes_the_stream_wait_only_for_a_tower_still_running() -> None:
+    running, finished = _Event(False), _Event(True)
+    lane, stream = VisionLane(stream="the tower's stream"), _Stream()
+    assert lane.hold(Encoding([], torch.zeros(1), running, 0.0), stream) is True
+    assert lane.hold(Encoding([], torch.zeros(1), finished, 0.0), stream) is False
+    assert stream.waited == [running]
+    # the CPU's tower runs at once, on the loop's thread: nothing to wait for
+    assert VisionLane().hold(Encoding([], torch.zeros(1), None, 0.0), stream) is False
+    assert stream.waited == [running]
+
+
 def test_an_unknown_value_is_refused() -> None:
-    with pytest.raises(ValueError, match="expected equal, low or high"):
-        stream_priorities("first")
+    with pytest.raises(ValueError, match="expected equal, low, high or first"):
+        stream_priorities("last")
 
 
 def test_the_default_setting_is_equal() -> None:

@@ -54,14 +54,24 @@ class StreamPriorities:
 def stream_priorities(setting: str) -> StreamPriorities:
     """The priorities for a vision_priority: "equal", the decode steps' graphs and the tower at one priority, the
     joins first (what every run before Session 15 measured as "low": its decode graphs were captured at priority
-    0, the tower's); "low", the tower below everything, the decode graphs included; "high", the tower first."""
+    0, the tower's); "low", the tower below everything, the decode graphs included; "high", the tower first;
+    "first", equal's priorities, the order given by waits instead (``decode_waits_for_tower``)."""
     if setting == "high":
         return StreamPriorities(main=0, lane=-1, decode_graphs=None, tower_graphs=-1)
     if setting == "low":
         return StreamPriorities(main=-1, lane=0, decode_graphs=-1, tower_graphs=0)
-    if setting == "equal":
+    if setting in ("equal", "first"):
         return StreamPriorities(main=-1, lane=0, decode_graphs=None, tower_graphs=0)
-    raise ValueError(f"vision_priority {setting!r}: expected equal, low or high")
+    raise ValueError(f"vision_priority {setting!r}: expected equal, low, high or first")
+
+
+def decode_waits_for_tower(setting: str) -> bool:
+    """Whether a decode step waits on the device for the image chunk in the tower (vision_priority "first").
+    A stream's priority only orders thread blocks waiting for an SM: the tower's large kernels, once resident,
+    are not preempted, and "high" changed nothing measurable (an H200, bench/results/engine_bench_run47_h200.md).
+    A wait does order them: the chunk gets the whole GPU, its first tokens come sooner, the running rows wait
+    up to one chunk's tower (~45 ms for one image, ~280 ms for eight on an H200) between two tokens."""
+    return setting == "first"
 
 
 class VisionLane:
@@ -105,6 +115,15 @@ class VisionLane:
             done = torch.cuda.Event()  # type: ignore[no-untyped-call]
             done.record()
         return Encoding(reqs, states, done, started)
+
+    def hold(self, encoding: Encoding, stream: Any = None) -> bool:
+        """Make ``stream``'s (default: the current CUDA stream's) next work wait on the device until
+        ``encoding``'s tower is done; the host does not wait. False when there is nothing to wait for: the tower
+        runs synchronously (CPU), or is done."""
+        if self.stream is None or encoding.ready():
+            return False
+        (stream or torch.cuda.current_stream()).wait_event(encoding.done)
+        return True
 
     @staticmethod
     def hand_over(encoding: Encoding) -> torch.Tensor:

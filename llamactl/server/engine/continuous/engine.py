@@ -34,7 +34,12 @@ import torch
 from llamactl.server.engine.continuous import fp8
 from llamactl.server.engine.continuous.cross_attention import choose as choose_cross
 from llamactl.server.engine.continuous.decode_attention import available as decode_attention_available
-from llamactl.server.engine.continuous.encoding import Encoding, VisionLane, stream_priorities
+from llamactl.server.engine.continuous.encoding import (
+    Encoding,
+    VisionLane,
+    decode_waits_for_tower,
+    stream_priorities,
+)
 from llamactl.server.engine.continuous.gemv import choose as choose_gemv
 from llamactl.server.engine.continuous.graphs import DecodeGraphs, batch_buckets, bucket, length_buckets
 from llamactl.server.engine.continuous.kernel_choice import (
@@ -160,6 +165,7 @@ class ContinuousEngine(EngineStatus):
         self._b_buckets: list[int] = []
         self._l_buckets: list[int] = []
         self.steps = 0
+        self.tower_holds = 0  # decode steps that waited for a chunk in the tower (vision_priority "first")
         self.batches = 0  # prefill chunks (newcomers admitted together)
         self.on_batch: Callable[[int], None] | None = None  # newcomers per chunk (the batch-size histogram)
         self.on_batch_done: Callable[[float], None] | None = None  # seconds per chunk (vision + prefill)
@@ -227,6 +233,7 @@ class ContinuousEngine(EngineStatus):
             "image_pixels": self._pixels_name(),
             "threads": hf["threads"],
             "steps": self.steps,
+            "tower_holds": self.tower_holds,
             "prefill_s_total": round(self.prefill_s, 3),
             "decode_s_total": round(self.decode_s, 3),
             "host_s": self.host.snapshot(),
@@ -814,6 +821,9 @@ class ContinuousEngine(EngineStatus):
         seqs = list(self._running)
         n = len(seqs)
         longest = max(s.length for s in seqs) + 1
+        # the chunk in the tower (the oldest queued) first: this step starts on the device when it is done
+        if decode_waits_for_tower(self.settings.vision_priority) and self._encodings:
+            self.tower_holds += self._lane.hold(self._encodings[0])
         tokens_in, positions_in = self._tokens_in, self._positions_in
         if self.graphs is not None:
             rows = bucket(n, self._b_buckets)
