@@ -5,7 +5,9 @@ loop's pinned copies and events, the vision tower on its SM partition) run here 
 float32, in both loop orders (the pipelined one with the tower on an SM partition and the Triton kernels forced
 on: gemv.py's projections for batch-1 steps, decode_attention.py's self- and cross-attention for every step): 12
 staggered requests (images of several sizes, text-only rows, different lengths) through the engine,
-each answer compared with ``generate`` for that request alone. Exits 1 on any difference.
+each answer compared with ``generate`` for that request alone. Exits 1 on any difference. Other settings come
+from the environment (``LLAMACTL_VISION_PRIORITY=first LLAMACTL_VISION_GRAPHS=1``: the tower's graphs with the
+decode steps waiting for them).
 
     python3 bench/engine_gpu_check.py        # on the GPU machine, ~30 s
 """
@@ -87,8 +89,8 @@ def main() -> int:
         # ordinary stream and the measured choices
         engine_module.choose_gemv, engine_module.choose_cross, engine_module.choose_fastest = (
             forced if pipelined else measured)
-        eng = ContinuousEngine(Settings(model=str(path), device=device, dtype="float32", max_batch_size=8,
-                                        vision_sms=-1 if pipelined else 0, gen_max_new_tokens=256))
+        eng = ContinuousEngine(Settings.from_env(model=str(path), device=device, dtype="float32", max_batch_size=8,
+                                                 vision_sms=-1 if pipelined else 0, gen_max_new_tokens=256))
         eng.pipelined = pipelined
         eng.start()
         thread = threading.Thread(target=eng.run_forever, daemon=True)
@@ -110,8 +112,11 @@ def main() -> int:
             if result.text != ref:
                 failures += 1
                 print(f"DIFFERS (pipelined={pipelined}): {result.text!r} vs generate {ref!r}", flush=True)
+        end = eng.describe()
         print(f"pipelined={pipelined}: {len(reqs) - failures} of {len(reqs)} equal generate; "
-              f"batch sizes {sorted({r.batch_size for r in results})}", flush=True)
+              f"batch sizes {sorted({r.batch_size for r in results})}; steps {end['steps']}, tower holds "
+              f"{end['tower_holds']} (vision_priority {end['vision_priority']}, vision_graphs {end['vision_graphs']})",
+              flush=True)
         eng.stop()
         thread.join(10)
         eng.close()
