@@ -601,7 +601,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8, help="measured requests = rounds x clients (at least "
                     "--min-requests), fewer when the level's time share is short. 8 since Session 16 (was 2): in "
                     "short runs the opening burst, every client at once, is a quarter to half of the requests and "
-                    "sets TTFT p95, and two settings compared over 4 and 12 rounds came out in opposite orders")
+                    "sets the whole run's TTFT p95; two tower settings ranked one way by it over 4 rounds "
+                    "(Session 15) ranked the other way over 12 (run 50)")
     ap.add_argument("--min-requests", type=int, default=6)
     ap.add_argument("--seed-min-requests", type=int, default=4)
     ap.add_argument("--hf-max-wait-ms", type=int, default=200, help="LLAMACTL_MAX_WAIT_MS of the hf designs "

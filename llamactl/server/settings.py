@@ -97,12 +97,13 @@ class Settings(BaseModel):
     # launch, so the tower runs at the GPU's pace while request threads hold the GIL (a burst's first chunk of one
     # image: 196-534 ms eagerly, 45-74 ms replayed on an H200) and the decode steps run beside it. Off by default
     # since Session 16: the same GPU work in another order. An H200 at 32 clients, 12 closed-loop rounds, same
-    # call (bench/results/engine_bench_run50_h200.md), graphs (with 2 chunks) vs the eager tower: 1,406 vs
-    # 1,413 tok/s, end-to-end p50 2.85 s both, but TTFT p50 1.05 vs 0.60 s and p95 1.57 vs 1.33 s, against
-    # ITL p95 54 vs 98 ms and the opening burst's TTFT p95 1.97 vs 2.09 s: the eager tower's launches hold the
-    # decode steps back, so the tower finishes sooner. Short runs (4 rounds, Session 15) favoured the graphs
-    # (TTFT p95 1.38-1.73 vs 1.79-1.84 s, 64 clients +5-13 % tok/s): there the opening burst is a quarter of the
-    # requests. True suits a service that values smooth streams, bursts or many clients over the first token.
+    # call, cuDNN's attention in the tower (bench/results/engine_bench_run50_h200.md), graphs (2 chunks) vs the
+    # eager tower: 1,406 vs 1,413 tok/s, end-to-end p50 2.85 s both, but TTFT p50 1.05 vs 0.60 s and p95 1.57 vs
+    # 1.33 s, against ITL p95 54 vs 98 ms and the opening burst's TTFT p95 1.97 vs 2.09 s: the eager tower's
+    # launches hold the decode steps back, so the tower finishes sooner. Short runs (4 rounds, FlashAttention 4,
+    # Session 15) favoured the graphs (TTFT p95 1.38-1.73 vs 1.79-1.84 s, 64 clients +5-13 % tok/s): there the
+    # opening burst is a quarter of the requests. True suits a service that values smooth streams, bursts or many
+    # clients over the first token; vision_priority "first" is meant to give the graphs the eager tower's order.
     # Off on a vision_sms partition (a green context is a context of its own).
     vision_graphs: bool = False
     # The continuous engine's own Triton kernels on CUDA (one-row projections, decode self- and cross-attention,
