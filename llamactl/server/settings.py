@@ -84,7 +84,8 @@ class Settings(BaseModel):
     # the model thread launches the previous chunk's join; eagerly the one thread launches both and 2 gained
     # nothing clear (an H200, bench/results/engine_bench_run20_h200.md: 32 clients 1,362 vs 1,390 tok/s, TTFT p95
     # 2.10 vs 2.20 s). The price of 2 with graphs: a chunk joins while the next one's tower holds the GPU (an
-    # H200, closed loops at 32 clients: the join 0.12 instead of 0.06 s; bench/results/engine.md, Session 16).
+    # H200, closed loops at 32 clients, graphs and 2 against the eager tower and 1: the join 0.125 instead of
+    # 0.061 s; bench/results/engine.md, Session 16).
     vision_queue: int = Field(0, ge=0, le=16)
     # The vision tower's encoder layers (continuous engine): "fused" = q/k/v as one GEMM, GELU inside the fc1 GEMM
     # on GPUs (its tanh form, < 5e-4 from the erf form), residual + layer norm in one pass (engine/continuous/
