@@ -5,8 +5,9 @@ an H200) sets the whole run's, while straight into the engine with inputs prepar
 the same 32 requests get their first tokens within 1.3 s. This probe serves the checkpoint with `llamactl serve`
 in a child process whose functions are wrapped to stamp each request's way through the server (wall clock):
 image decode (start, end), preparation (start, end: the processor), hand-over to the engine, the engine taking
-it (into a tower chunk), the chunk's tower time on the device (CUDA events around it on the vision stream), the
-join (cross K/V, prefill) and the first token. The parent sends bursts of ``--clients`` simultaneous streamed
+it (into a tower chunk), the chunk's tower on the device (CUDA events around it on the vision stream, dated
+against a reference event done at a known wall time: how long it waited on the stream behind earlier work, and
+its own time), the join (cross K/V, prefill) and the first token. The parent sends bursts of ``--clients`` simultaneous streamed
 requests (gpu_load.py, as engine_bench does, different JPEGs each), waits for them to end, and lines up the
 client's send / first-chunk times with the server's stamps per request (matched by image).
 
@@ -41,7 +42,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-STAGES = ("upload", "decode", "prepare_wait", "prepare", "queue", "tower", "join_wait", "join",
+STAGES = ("upload", "decode", "prepare_wait", "prepare", "queue", "tower_wait", "tower", "join_wait", "join",
           "delivery")
 COLUMNS = (*STAGES, "ttft")  # a request's stages and its client TTFT
 
@@ -113,16 +114,23 @@ def _child(trace: Path, images: list[str]) -> None:
             emit({"kind": "add", "image": i, "at": t0})
 
     def joined(self: Any, t0: float, t1: float, encoding: Any) -> None:
-        tower_ms = None
+        tower_ms = tower_begin = tower_end = None
         if getattr(encoding, "probe_events", None) is not None:
             start, end = encoding.probe_events
+            end.synchronize()  # recorded right behind the engine's own event, which the join waited for
             tower_ms = start.elapsed_time(end)
+            ref, ref_wall = clock
+            # when the tower began and ended on the device, in wall time (the events' own times against the
+            # reference's: a host thread stamping them would wait for the GIL)
+            tower_begin = ref_wall + ref.elapsed_time(start) / 1e3
+            tower_end = ref_wall + ref.elapsed_time(end) / 1e3
         taken = [getattr(r, "taken_at", None) for r in encoding.reqs]
         mono_to_wall = time.time() - time.monotonic()
         emit({"kind": "chunk", "images": [getattr(r, "probe_image", None) for r in encoding.reqs],
               "taken": min((t for t in taken if t is not None), default=0.0) + mono_to_wall,
               "started": encoding.started + mono_to_wall, "joined": t0, "first_tokens": t1,
-              "tower_ms": tower_ms, "running_after": len(self._running)})
+              "tower_ms": tower_ms, "tower_begin": tower_begin, "tower_end": tower_end,
+              "running_after": len(self._running)})
 
     def iterated(self: Any, t0: float, t1: float, newcomers: list[Any]) -> None:
         iterations.append([round(t0, 4), round(t1 - t0, 4), len(self._running), len(newcomers)])
@@ -136,11 +144,17 @@ def _child(trace: Path, images: list[str]) -> None:
     wrap("_iterate", after=iterated)
 
     start = encoding_mod.VisionLane.start
+    clock: list[Any] = []  # [an event done at a known wall time, that time]: the device's clock on the host's
 
     @functools.wraps(start)
     def timed_start(self: Any, encode: Any, reqs: list[Any], rows: list[Any]) -> Any:
         if self.stream is None:
             return start(self, encode, reqs, rows)
+        if not clock:  # the first chunk: the engine's start is over, the device idle
+            ref = torch.cuda.Event(enable_timing=True)
+            ref.record(torch.cuda.Stream())  # type: ignore[no-untyped-call]
+            ref.synchronize()
+            clock.extend([ref, time.time()])
         with torch.cuda.stream(self.stream):
             begin = torch.cuda.Event(enable_timing=True)
             begin.record()
@@ -183,7 +197,9 @@ def lineup(outcomes: list[Any], records: list[dict[str, Any]]) -> dict[str, Any]
             rows.append({"image": i, "ttft": o.ttft_s, "missing": True})
             continue
         d, p, a, c = decode[i], prepare[i], add[i], chunk_of[i]
-        tower_end = c["started"] + (c["tower_ms"] or 0.0) / 1e3
+        # the device's begin and end of the chunk's tower (older traces: its launch plus its device time)
+        tower_end = c.get("tower_end") or c["started"] + (c["tower_ms"] or 0.0) / 1e3
+        tower_begin = c.get("tower_begin") or c["started"]
         first_chunk = o.started_at + o.ttft_s
         rows.append({
             "image": i, "sent": round(o.started_at - t0, 4), "ttft": round(o.ttft_s, 4), "first_round": o.first_round,
@@ -192,7 +208,8 @@ def lineup(outcomes: list[Any], records: list[dict[str, Any]]) -> dict[str, Any]
             "prepare_wait": p["start"] - d["end"],  # the worker thread hop (and any queue for a thread)
             "prepare": p["end"] - p["start"],
             "queue": c["taken"] - a["at"],  # in the engine's queue (the tower busy, or the loop in a step)
-            "tower": (c["tower_ms"] or 0.0) / 1e3,  # its chunk's tower on the device, queueing on the stream in
+            "tower_wait": max(0.0, tower_begin - c["started"]),  # on the tower's stream behind earlier work
+            "tower": (c["tower_ms"] or 0.0) / 1e3,  # its chunk's tower on the device
             "join_wait": max(0.0, c["joined"] - max(tower_end, c["taken"])),  # done -> seen by the loop
             "join": c["first_tokens"] - c["joined"],  # cross K/V + prefill + first token
             "delivery": first_chunk - c["first_tokens"],  # first token -> the client's first chunk

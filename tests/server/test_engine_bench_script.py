@@ -334,6 +334,34 @@ def test_burst_probe_summary_parts_the_closed_loops_later_rounds_from_the_burst(
     assert "mean_request_after_burst" not in summarize([{"requests": sorted(burst, key=lambda r: r["ttft"])}])
 
 
+def test_burst_probe_lineup_dates_a_chunks_tower_by_the_device_and_its_stages_add_up() -> None:
+    """engine_burst_probe.lineup: a chunk queued on the tower's stream behind another waits there (tower_wait)
+    before its own device time, and the loop sees it done after (join_wait); with the device's begin and end in
+    the trace each stage is measured, and the stages add up to the client's TTFT."""
+    from engine_burst_probe import STAGES, lineup
+    from gpu_load import Outcome
+
+    sent = 1000.0
+    out = Outcome(ok=True, e2e_s=2.0, ttft_s=1.0, completion_tokens=8, upstream="-", started_at=sent, image=7)
+    records = [
+        {"kind": "decode", "image": 7, "start": sent + 0.02, "end": sent + 0.03},
+        {"kind": "prepare", "image": 7, "start": sent + 0.04, "end": sent + 0.06},
+        {"kind": "add", "image": 7, "at": sent + 0.06},
+        # launched at +0.10 behind another chunk: began on the device at +0.30, ended at +0.58
+        {"kind": "chunk", "images": [7], "taken": sent + 0.10, "started": sent + 0.10, "tower_ms": 280.0,
+         "tower_begin": sent + 0.30, "tower_end": sent + 0.58, "joined": sent + 0.70, "first_tokens": sent + 0.95,
+         "running_after": 1},
+    ]
+    [row] = lineup([out], records)["requests"]
+    assert (row["tower_wait"], row["tower"], row["join_wait"]) == (0.2, 0.28, 0.12)
+    assert round(sum(row[k] for k in STAGES), 4) == row["ttft"] == 1.0
+    # an older trace (no device dates): the tower counted from its launch, the wait folded into join_wait
+    old = [r if r["kind"] != "chunk" else {k: v for k, v in r.items() if k not in ("tower_begin", "tower_end")}
+           for r in records]
+    [row] = lineup([out], old)["requests"]
+    assert (row["tower_wait"], row["tower"], row["join_wait"]) == (0.0, 0.28, 0.32)
+
+
 def test_gpu_sampler_means_sm_clock_and_power_over_the_marked_window(tmp_path: Path) -> None:
     from gpu_stack import GpuSampler
 
