@@ -7,9 +7,10 @@ in a child process whose functions are wrapped to stamp each request's way throu
 image decode (start, end), preparation (start, end: the processor), hand-over to the engine, the engine taking
 it (into a tower chunk), the chunk's tower on the device (CUDA events around it on the vision stream, dated
 against a reference event done at a known wall time: how long it waited on the stream behind earlier work, and
-its own time), the join (cross K/V, prefill) and the first token. The parent sends bursts of ``--clients`` simultaneous streamed
-requests (gpu_load.py, as engine_bench does, different JPEGs each), waits for them to end, and lines up the
-client's send / first-chunk times with the server's stamps per request (matched by image).
+its own time), the join (cross K/V, prefill) and the first token. The parent sends bursts of ``--clients``
+simultaneous streamed requests (gpu_load.py, as engine_bench does, different JPEGs each), waits for them to
+end, and lines up the client's send / first-chunk times with the server's stamps per request (matched by
+image).
 
 Per burst: the requests sorted by client TTFT, each stage's seconds; the chunks (size, taken, tower ms, joined);
 the step loop's iterations during the burst. Summary: per stage, the median over bursts of the p95 request's

@@ -36,6 +36,7 @@ from llamactl.server.engine.continuous.cross_attention import choose as choose_c
 from llamactl.server.engine.continuous.decode_attention import available as decode_attention_available
 from llamactl.server.engine.continuous.encoding import (
     Encoding,
+    StreamPriorities,
     VisionLane,
     decode_waits_for_tower,
     stream_priorities,
@@ -154,7 +155,8 @@ class ContinuousEngine(EngineStatus):
         self.vision_timings: dict[str, float] = {}  # seconds for 2 images per unmasked-attention kernel
         self.vision_layer_timings: dict[str, float] = {}  # seconds for 2 images per encoder-layer form
         self.vision_graphs = "off (CPU)"  # the tower as CUDA graphs, or why not (/health)
-        self.stream_priorities: dict[str, int] | None = None  # CUDA priority per kind of work (GPUs; /health)
+        self._priorities: StreamPriorities | None = None  # CUDA priority per kind of work (GPUs; /health)
+        self._tower_first = decode_waits_for_tower(settings.vision_priority)  # each decode step waits for it
         self.cross_attention = "matmul"  # the decode step's cross-attention forms (timed at start on GPUs)
         self.self_attention = "torch"  # the decode step's self-attention: PyTorch ops or Triton (timed on GPUs)
         self.gemv: dict[str, str] = {}  # one-row projections per weight shape: Triton or cuBLAS (timed on GPUs)
@@ -219,7 +221,9 @@ class ContinuousEngine(EngineStatus):
             "vision_overlaps_decode": self._lane.stream is not None,
             "vision_sms": self._lane.description,
             "vision_priority": self.settings.vision_priority,
-            "stream_priorities": self.stream_priorities,
+            "stream_priorities": None if (p := self._priorities) is None else {
+                "main": p.main, "vision_lane": p.lane, "decode_graphs": p.decode_graphs or 0,
+                "vision_graphs": p.tower_graphs},
             "vision_queue": self._vision_queue,
             "pipelined": bool(self.pipelined),
             "vision_attention": self._vision_attention(),
@@ -359,7 +363,7 @@ class ContinuousEngine(EngineStatus):
             self._l_buckets = length_buckets(self.max_len)
             if device == "cuda":
                 # CUDA serves the lower priority number first; graphs keep their capture stream's (encoding.py)
-                prio = stream_priorities(self.settings.vision_priority)
+                prio = self._priorities = stream_priorities(self.settings.vision_priority)
                 self._main_stream = torch.cuda.Stream(priority=prio.main)  # type: ignore[no-untyped-call]
                 self._lane = VisionLane.on_gpu(self.settings.vision_sms, priority=prio.lane)
                 self._capture_tower(self.runner, vision, prio.tower_graphs)
@@ -368,9 +372,6 @@ class ContinuousEngine(EngineStatus):
                     self.runner.decode, self._b_buckets[-1], device, small=small, small_rows=_COMPILED_ROWS,
                     capture_stream=None if prio.decode_graphs is None else own_stream(prio.decode_graphs),
                 )
-                self.stream_priorities = {"main": prio.main, "vision_lane": prio.lane,
-                                          "decode_graphs": prio.decode_graphs or 0,
-                                          "vision_graphs": prio.tower_graphs}
             if self.graphs is not None:
                 self._tokens_in, self._positions_in = self.graphs.tokens, self.graphs.positions
             else:
@@ -822,7 +823,7 @@ class ContinuousEngine(EngineStatus):
         n = len(seqs)
         longest = max(s.length for s in seqs) + 1
         # the chunk in the tower (the oldest queued) first: this step starts on the device when it is done
-        if decode_waits_for_tower(self.settings.vision_priority) and self._encodings:
+        if self._tower_first and self._encodings:
             self.tower_holds += self._lane.hold(self._encodings[0])
         tokens_in, positions_in = self._tokens_in, self._positions_in
         if self.graphs is not None:
