@@ -182,7 +182,7 @@ async def _stream(
     cache_key: str | None,
 ) -> StreamingResponse:
     loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue[str] = asyncio.Queue()
+    pieces: asyncio.Queue[str | None] = asyncio.Queue()  # None: the request ended (after its last piece)
 
     def on_text(text: str) -> None:  # model thread
         loop.call_soon_threadsafe(pieces.put_nowait, text)
@@ -191,6 +191,11 @@ async def _stream(
     # A cached answer arrives whole (on_text is never called); a generated one is stored when it completes.
     waiter = await state.inference.enqueue(prompt, image, params, on_text=on_text, cache_key=cache_key)
     task: asyncio.Future[Outcome] = asyncio.ensure_future(waiter)
+    # One await a piece, and no task or wait per token: the pieces were queued (call_soon_threadsafe, in order)
+    # before the request's end resolved the waiter, so the end comes after them. At 32 streams that per-token
+    # task and wait were a share of the event loop's hold on the GIL, which the model thread waits for
+    # (bench/results/engine.md, Session 17).
+    task.add_done_callback(lambda _: pieces.put_nowait(None))
 
     def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, int] | None = None,
               cached: bool | None = None) -> str:
@@ -212,17 +217,8 @@ async def _stream(
     async def events() -> AsyncIterator[str]:
         try:
             yield chunk({"role": "assistant", "content": ""})
-            while True:
-                get: asyncio.Future[str] = asyncio.ensure_future(pieces.get())
-                pending: set[asyncio.Future[Any]] = {get, task}
-                await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                if get.done():
-                    yield chunk({"content": get.result()})
-                    continue
-                get.cancel()
-                break
-            while not pieces.empty():
-                yield chunk({"content": pieces.get_nowait()})
+            while (piece := await pieces.get()) is not None:
+                yield chunk({"content": piece})
             try:
                 outcome = task.result()
             except ApiError as exc:  # the status line is gone: report in-band, as OpenAI does
