@@ -18,11 +18,14 @@ import functools
 import sys
 import threading
 import time
+import warnings
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import torch
 from PIL import Image
 
 import llamactl.server.engine.continuous.engine as engine_module
@@ -104,7 +107,24 @@ def main() -> int:
                 continue
             img = trained_image(("red", "blue")[i % 2]) if i % 3 else Image.new("RGB", (90 + 20 * i, 60), (30, 200, 60))
             reqs.append(GenRequest(prompt=image_prompt(eng), image=img, params=GenParams(max_new_tokens=8 + 5 * i)))
-        results = run_all(eng, reqs, gaps_s=[0.0, 0.02, 0.0, 0.05])
+        syncs: Counter[str] = Counter()
+        with warnings.catch_warnings(record=True) as caught:
+            # the pipelined pass under CUDA's sync debug mode: every call that makes the host wait for the device
+            # (blocking copies, .tolist(), stream syncs) is reported with the Python line that made it, so a
+            # sync that empties the step loop's pipeline shows up here (event waits are not counted)
+            warnings.simplefilter("always")
+            if pipelined and device == "cuda":
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                results = run_all(eng, reqs, gaps_s=[0.0, 0.02, 0.0, 0.05])
+            finally:
+                if device == "cuda":
+                    torch.cuda.set_sync_debug_mode("default")
+        for w in caught:
+            if "synchroniz" in str(w.message):
+                syncs[f"{Path(w.filename).name}:{w.lineno}"] += 1
+        if syncs:
+            print(f"pipelined={pipelined}: host syncs by line: {dict(syncs.most_common())}", flush=True)
         tok = eng.hf.processor.tokenizer
         for req, result in zip(reqs, results):
             ref = tok.decode(reference_ids(eng, GenRequest(prompt=req.prompt, image=req.image, params=req.params)),

@@ -42,7 +42,7 @@ from llamactl.server.engine.continuous.gemv import Projections
 from llamactl.server.engine.continuous.kernel_choice import for_rows
 from llamactl.server.engine.continuous.pools import SlotPools
 from llamactl.server.engine.continuous.tower_graphs import TowerGraphs
-from llamactl.server.engine.continuous.vision import VisionEncoder
+from llamactl.server.engine.continuous.vision import VisionEncoder, to_device
 
 
 @dataclass
@@ -140,14 +140,14 @@ class MllamaRunner:
         dev = self.pools.device
         pixel = torch.cat([r.pixel_values.to(dev, self.dtype, non_blocking=True) for r in rows])  # type: ignore[union-attr]
         ar_mask = torch.cat([r.aspect_ratio_mask for r in rows])  # type: ignore[misc]
-        ar_ids = torch.cat([r.aspect_ratio_ids for r in rows]).to(dev)  # type: ignore[misc]
-        return self.encoder(pixel, ar_ids, ar_mask.to(dev), ar_mask)
+        ar_ids = to_device(torch.cat([r.aspect_ratio_ids for r in rows]), dev)  # type: ignore[misc]
+        return self.encoder(pixel, ar_ids, to_device(ar_mask, dev), ar_mask)
 
     def write_cross(self, rows: list[Newcomer], states: torch.Tensor) -> None:
         """Each cross layer's K/V of the rows' image states into the rows' slots."""
         pools = self.pools
         n, length, _ = states.shape
-        slots = torch.tensor([r.slot for r in rows], device=pools.device)
+        slots = to_device(torch.tensor([r.slot for r in rows]), pools.device)
         for layer_idx in sorted(self.cross_layers):
             ca = self.layers[layer_idx].cross_attn
             k = ca.k_proj(states).view(n, length, self.nkv, self.hd).transpose(1, 2)
@@ -156,16 +156,20 @@ class MllamaRunner:
             pools.write_image_kv(pools.cross_index[layer_idx], slots, k, v)
 
     def set_cross_rows(self, rows: list[Newcomer]) -> None:
-        """Per-slot decode masks: which image positions a generated token sees (the prompt's last mask row)."""
+        """Per-slot decode masks: which image positions a generated token sees (the prompt's last mask row).
+
+        Fills and pinned copies only: on CUDA ``tensor[i] = number`` (and a blocking copy from the CPU) waits for
+        every step queued on the stream, which empties the step loop's pipeline."""
         pools = self.pools
         for r in rows:
+            flag = pools.has_image[r.slot : r.slot + 1]
             if r.cross_mask is None:
-                pools.has_image[r.slot] = 0
+                flag.zero_()
                 pools.cross_bias[r.slot].zero_()
-                pools.cross_rowmask[r.slot] = 0
+                pools.cross_rowmask[r.slot].zero_()
                 continue
-            bias, rowmask = self._cross_bias(r.cross_mask[-1:].to(pools.device))
-            pools.has_image[r.slot] = 1
+            bias, rowmask = self._cross_bias(to_device(r.cross_mask[-1:], pools.device))
+            flag.fill_(1)
             pools.cross_bias[r.slot].fill_(self.min_value)
             pools.cross_bias[r.slot, : bias.shape[-1]] = bias[0]
             pools.cross_rowmask[r.slot] = rowmask[0]
@@ -193,9 +197,10 @@ class MllamaRunner:
         ids = torch.zeros(n, t, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : lens[i]] = torch.tensor(r.input_ids)
-        ids = ids.to(dev)
-        len_t = torch.tensor(lens, device=dev)
-        slots = torch.tensor([r.slot for r in rows], device=dev)
+        # pinned copies, queued: a blocking copy (as torch.tensor(..., device=cuda) makes) waits for the stream
+        ids = to_device(ids, dev)
+        len_t = to_device(torch.tensor(lens), dev)
+        slots = to_device(torch.tensor([r.slot for r in rows]), dev)
         h = self.embed(ids)
         cos, sin = self.cos[:t][None, :, None], self._sin_table[:t][None, :, None]  # [1, t, 1, head_dim]
         # causal and key-padding bias [n, 1, t, t]
@@ -203,7 +208,7 @@ class MllamaRunner:
         allowed = (q_pos[None, :, None] >= q_pos[None, None, :]) & (q_pos[None, None, :] < len_t[:, None, None])
         self_bias = torch.zeros(n, 1, t, t, dtype=self.dtype, device=dev)
         self_bias.masked_fill_(~allowed[:, None], self.min_value)
-        has_image = torch.tensor([r.cross_mask is not None for r in rows], device=dev).to(self.dtype)
+        has_image = to_device(torch.tensor([r.cross_mask is not None for r in rows]), dev).to(self.dtype)
         cross_bias, cross_rowmask = self._prefill_cross_masks(rows, t)
         for layer_idx, w in enumerate(self.weights):
             if isinstance(w, CrossWeights):
@@ -223,7 +228,7 @@ class MllamaRunner:
         for i, r in enumerate(rows):
             if r.cross_mask is None:
                 continue
-            b, m = self._cross_bias(r.cross_mask.to(pools.device))
+            b, m = self._cross_bias(to_device(r.cross_mask, pools.device))
             width = b.shape[-1]
             bias[i, 0, : b.shape[0], :width] = b
             if width < c_len:  # positions beyond this image's tiles: never attended

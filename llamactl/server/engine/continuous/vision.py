@@ -180,10 +180,10 @@ class VisionEncoder:
         return self._projector_weight
 
 
-def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """A CPU tensor onto ``device``, pinned first on CUDA: the copy is queued without the host waiting for the
     stream (a copy from pageable memory waits for the stream's earlier work, e.g. a tower still running)."""
-    if device.type != "cuda":
+    if torch.device(device).type != "cuda":
         return x.to(device)
     return x.pin_memory().to(device, non_blocking=True)
 
