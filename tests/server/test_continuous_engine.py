@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import httpx
 import pytest
 import torch
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 
 from llamactl.server.engine.continuous import ContinuousEngine
 from llamactl.server.engine.continuous.encoding import Encoding, VisionLane
@@ -195,6 +197,55 @@ def test_a_short_request_does_not_wait_for_long_ones(engine: ContinuousEngine) -
     long_left_s = min(done[f"long{i}"] for i in range(3)) - t0
     # about its own time (a prefill and 3 decode steps), not the batch's (hundreds of steps still to go)
     assert short_s < long_left_s / 5, (short_s, long_left_s)
+
+
+class HostWaits(TorchFunctionMode):
+    """Records the calls that, on CUDA, make the host wait for all the work queued on the stream: a single
+    element set from a Python number (a blocking copy of a CPU scalar) and a tensor made from data straight onto
+    a device (``torch.tensor(..., device=...)``, also a blocking copy). In the step loop such a wait empties the
+    pipeline (one step queued ahead). The CPU cannot show the wait itself; bench/engine_gpu_check.py counts the
+    real ones on a GPU (CUDA's sync debug mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        caller = traceback.extract_stack(limit=2)[0]
+        where = f"{Path(caller.filename).name}:{caller.lineno}"
+        if func is torch.Tensor.__setitem__ and isinstance(args[2], (bool, int, float)) and args[0][args[1]].dim() == 0:
+            self.seen.append(f"element set from a number: {where}")
+        elif func is torch.tensor and kwargs.get("device") is not None:
+            self.seen.append(f"torch.tensor onto a device: {where}")
+        return func(*args, **kwargs)
+
+
+def test_the_step_loop_makes_no_blocking_copies_to_the_device(tiny_checkpoint: Path) -> None:
+    """Finished rows released (slots moved and vacated), image and text rows joined (masks, prefill inputs):
+    none of it through a call that would wait for the queued steps on a GPU."""
+    eng = ContinuousEngine(make_settings(tiny_checkpoint, max_batch_size=4, gen_max_new_tokens=64))
+    eng.pipelined = True
+    eng.start()
+    waits = HostWaits()
+
+    def loop() -> None:
+        with waits:
+            eng.run_forever()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        text = eng.render_prompt([{"role": "user", "content": [{"type": "text", "text": "Count to 5"}]}])
+        reqs = [GenRequest(prompt=image_prompt(eng), image=trained_image(("red", "blue")[i % 2]),
+                           params=GenParams(max_new_tokens=3 + 2 * i)) for i in range(5)]
+        reqs += [GenRequest(prompt=text, image=None, params=GenParams(max_new_tokens=4 + i)) for i in range(3)]
+        results = run_all(eng, reqs, gaps_s=[0.0, 0.03])
+    finally:
+        eng.stop()
+        thread.join(10)
+    assert max(r.batch_size for r in results) > 1  # rows joined a running batch and left it
+    assert waits.seen == []
 
 
 def test_more_requests_than_slots_wait_for_memory_and_all_finish(tiny_checkpoint: Path) -> None:
