@@ -45,9 +45,12 @@ def context_limit(settings: Settings, model: Any) -> int:
 
 
 class HFEngine(EngineStatus):
-    def __init__(self, settings: Settings, threads: int | None = None) -> None:
+    def __init__(self, settings: Settings, threads: int | None = None, pillow_images: bool = False) -> None:
         self.settings = settings
         self.threads = threads  # torch intra-op threads (the process's CPU budget); None = torch's default
+        # the continuous engine's: Pillow's image processor even where torchvision is installed (_pillow_image_processor);
+        # this engine otherwise keeps transformers' choice, whose torchvision backend it may run on the GPU
+        self.pillow_images = pillow_images
         self.model_name = settings.model
         super().__init__()
         self._lock = threading.Lock()  # guards state/error only
@@ -99,9 +102,9 @@ class HFEngine(EngineStatus):
 
             torch.backends.cuda.enable_cudnn_sdp(False)
         t0 = time.monotonic()
-        self.processor = tf.AutoProcessor.from_pretrained(
-            s.model, **({"revision": s.revision} if s.revision else {})
-        )
+        revision = {"revision": s.revision} if s.revision else {}
+        images = _pillow_image_processor(tf, s.model, revision) if self.pillow_images else {}
+        self.processor = tf.AutoProcessor.from_pretrained(s.model, **images, **revision)
         model = tf.AutoModelForImageTextToText.from_pretrained(s.model, **kwargs)
         if not has_accelerate:
             model = model.to(self.device)
@@ -349,6 +352,20 @@ def _bnb_config(quantization: str, dtype: Any, skip: list[str] | None) -> Any:
             llm_int8_skip_modules=skip,
         )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+
+
+def _pillow_image_processor(tf: Any, model: str, revision: dict[str, str]) -> dict[str, Any]:
+    """``{"image_processor": ...}``: the checkpoint's image processor with Pillow's backend, also where torchvision
+    is installed (transformers would take it there, as on the GPU test machines; deployments never install it).
+    Every continuous-engine host then makes the same pixel values (the backends resize differently), and its
+    table pixels (pixels.py: 3x less CPU a request, mostly outside the GIL the step loop needs) apply. Empty (the
+    processor's own choice) for a checkpoint without a Pillow variant. Passed as the processor's component: a
+    ``backend`` argument to AutoProcessor would reach its tokenizer too."""
+    try:
+        return {"image_processor": tf.AutoImageProcessor.from_pretrained(model, backend="pil", **revision)}
+    except Exception as exc:  # noqa: BLE001 - any checkpoint without one keeps the processor's default
+        log.info("image processor: the checkpoint's default backend (no Pillow variant: %s)", exc)
+        return {}
 
 
 def _eos_ids(model: Any, tok: Any) -> frozenset[int]:

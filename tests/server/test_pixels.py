@@ -151,3 +151,27 @@ def test_image_decoding_and_preparation_run_in_the_image_threads(tiny_checkpoint
         assert httpx.get(srv.url + "/health").json()["image_threads"] == 3
     finally:
         srv.stop()
+
+
+def test_the_server_takes_pillows_image_processor_where_torchvision_would_be_the_default() -> None:
+    """Pure logic, beside the real load above (the tiny checkpoint through HFEngine.load gets the table): the
+    image processor is asked for with backend "pil" and handed to the processor as its component (a ``backend``
+    argument to AutoProcessor would reach its tokenizer); a checkpoint without a Pillow variant keeps the default."""
+    from llamactl.server.hf_engine import _pillow_image_processor
+
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    class Auto:
+        @staticmethod
+        def from_pretrained(model: str, **kwargs: Any) -> str:
+            calls.append((model, kwargs))
+            if model == "no-pillow":
+                raise ValueError("no Pillow backend for this processor")
+            return "pillow image processor"
+
+    class Transformers:
+        AutoImageProcessor = Auto
+
+    assert _pillow_image_processor(Transformers, "m", {"revision": "abc"}) == {"image_processor": "pillow image processor"}
+    assert calls == [("m", {"backend": "pil", "revision": "abc"})]
+    assert _pillow_image_processor(Transformers, "no-pillow", {}) == {}

@@ -123,7 +123,8 @@ class ContinuousEngine(EngineStatus):
 
     def __init__(self, settings: Settings, threads: int | None = None) -> None:
         self.settings = settings
-        self.hf = HFEngine(settings, threads=threads)  # loading, processor, chat template, stop tokens
+        # loading, processor (Pillow's images: the table pixels, the same values on every host), chat template, stops
+        self.hf = HFEngine(settings, threads=threads, pillow_images=True)
         self.model_name = settings.model
         super().__init__()
         self._cv = threading.Condition()
