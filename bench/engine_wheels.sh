@@ -1,9 +1,10 @@
 # The wheels bench/engine_device.sh installs on the GPU machine (Python 3.12; torch, transformers, httpx, anyio,
 # h11, pillow, prometheus-client, shellingham, markdown-it-py, pygments are already there): the server's web stack
 # (fastapi needs opentelemetry-api since 0.16x), pydantic 2 with its compiled core, and the CLI's typer/click/rich
-# at the versions this project is tested with (httptools: uvicorn's C HTTP parser); NVML's bindings (the /health GPU reading) and paramiko with its
-# dependencies (`llamactl status --deep` under load); the redis client (the server imports it for shared state). One version of each; ~3.7 MB. Run from the repository root that
-# the device copies (the lead's checkout): .whl/ is ignored by .gitignore.
+# at the versions this project is tested with, and httptools (uvicorn's C HTTP parser); NVML's bindings (the
+# /health GPU reading) and paramiko with its dependencies (`llamactl status --deep` under load); the redis client
+# (the server imports it for shared state). One version of each; ~4 MB. Run from the repository root that the
+# device copies (the lead's checkout): .whl/ is ignored by .gitignore.
 set -eu
 mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
