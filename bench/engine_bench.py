@@ -140,7 +140,8 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
         # both; without its Triton kernels (settings.triton_kernels); two image chunks in the tower
         # (settings.vision_queue), also with the tower first; transformers' vision encoder layers (settings.vision_layers);
         # the tower as CUDA graphs (settings.vision_graphs) with one or two image chunks in the tower; the eager tower;
-        # the graphs with the decode steps waiting for the tower's chunk (vision_priority "first")
+        # the graphs with the decode steps waiting for the tower's chunk (vision_priority "first"); two decode steps
+        # queued ahead of the host (pipeline_depth)
         **{name: Design(name, f"the continuous engine, {title}", "continuous", max(levels), a.vp_levels,
                         a.rounds, a.min_requests, "round", 3.0, env=env)
            for name, title, env in [
@@ -171,6 +172,8 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
                 {"LLAMACTL_VISION_GRAPHS": "1", "LLAMACTL_VISION_PRIORITY": "first"}),
                ("continuous-vf1", "the tower as CUDA graphs and first, one chunk at a time",
                 {"LLAMACTL_VISION_GRAPHS": "1", "LLAMACTL_VISION_PRIORITY": "first", "LLAMACTL_VISION_QUEUE": "1"}),
+               # two decode steps queued ahead of the host instead of one (settings.pipeline_depth)
+               ("continuous-pd2", "two decode steps queued ahead of the host", {"LLAMACTL_PIPELINE_DEPTH": "2"}),
            ]},
         "seed": Design("seed", "one request at a time (hf engine, max batch 1: the seed article's design)", "hf", 1,
                        a.seed_levels, 1, a.seed_min_requests, "first", 1.5, a.hf_max_wait_ms),

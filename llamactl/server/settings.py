@@ -87,6 +87,12 @@ class Settings(BaseModel):
     # H200, closed loops at 32 clients, graphs and 2 against the eager tower and 1: the join 0.125 instead of
     # 0.061 s; bench/results/engine.md, Session 16).
     vision_queue: int = Field(0, ge=0, le=16)
+    # Decode steps the continuous engine keeps queued on the GPU ahead of the host (CUDA; the CPU steps one at a
+    # time): it reads a step's tokens back while the next ``pipeline_depth`` run, so the GPU idles only when the
+    # step loop falls that many steps (~8 ms each at 32 rows on an H200) behind, e.g. waiting for the GIL under
+    # HTTP load. A row that ends rides along that many steps (its tokens dropped), and a request's context is
+    # that many tokens minus one shorter. 1 = the loop as measured up to Session 17; 2 or more not measured yet.
+    pipeline_depth: int = Field(1, ge=1, le=4)
     # The vision tower's encoder layers (continuous engine): "fused" = q/k/v as one GEMM, GELU inside the fc1 GEMM
     # on GPUs (its tanh form, < 5e-4 from the erf form), residual + layer norm in one pass (engine/continuous/
     # tower.py); "transformers" = its modules as written; "auto" = on GPUs the faster of the two at start (the

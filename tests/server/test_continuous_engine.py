@@ -24,6 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from llamactl.server.engine.continuous import ContinuousEngine
 from llamactl.server.engine.continuous.encoding import Encoding, VisionLane
+from llamactl.server.engine.continuous.pixels import prompt_ids
 from llamactl.server.engine.continuous.pools import PoolShape, plan_slots
 from llamactl.server.engine.protocol import GenParams, GenRequest, GenResult
 from llamactl.server.tiny import trained_image, trained_messages
@@ -246,6 +247,57 @@ def test_the_step_loop_makes_no_blocking_copies_to_the_device(tiny_checkpoint: P
         thread.join(10)
     assert max(r.batch_size for r in results) > 1  # rows joined a running batch and left it
     assert waits.seen == []
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_with_more_steps_queued_ahead_answers_stay_equal(tiny_checkpoint: Path, depth: int) -> None:
+    """settings.pipeline_depth: the newest ``depth`` steps stay queued while older ones are read back, so rows that
+    ended ride along ``depth`` steps and rows join between queued steps; greedy answers still equal generate."""
+    with running_engine(tiny_checkpoint, pipelined=True, pipeline_depth=depth, max_batch_size=6,
+                        gen_max_new_tokens=64) as eng:
+        assert eng.describe()["pipeline_depth"] == depth
+        text = eng.render_prompt([{"role": "user", "content": [{"type": "text", "text": "Count to 9"}]}])
+        reqs = []
+        for i in range(10):
+            if i % 4 == 3:
+                reqs.append(GenRequest(prompt=text, image=None, params=GenParams(max_new_tokens=2 + i)))
+            else:
+                reqs.append(GenRequest(prompt=image_prompt(eng), image=trained_image(("red", "blue")[i % 2]),
+                                       params=GenParams(max_new_tokens=1 + 3 * i)))
+        results = run_all(eng, reqs, gaps_s=[0.0, 0.02, 0.0, 0.05])
+        tok = eng.hf.processor.tokenizer
+        for req, result in zip(reqs, results):
+            ref = reference_ids(eng, GenRequest(prompt=req.prompt, image=req.image, params=req.params))
+            assert result.text == tok.decode(ref, skip_special_tokens=True), req.params
+            assert result.completion_tokens == len(ref) + (result.finish_reason == "stop")
+        assert max(r.batch_size for r in results) > 1
+
+
+def test_a_request_at_the_context_limit_finishes_with_steps_queued_ahead(tiny_checkpoint: Path) -> None:
+    """The steps queued past a row's end write one position each: with pipeline_depth 3 a request's context is two
+    tokens shorter (the slot's K/V stays in bounds), one exactly at it generates all its tokens, one token more is a
+    clear error."""
+    with running_engine(tiny_checkpoint, pipelined=True, pipeline_depth=3, max_batch_size=2,
+                        gen_max_new_tokens=8) as eng:
+        limit = eng.max_len - 2
+
+        def prompt_of(words: int) -> tuple[str, int]:
+            prompt = eng.render_prompt([{"role": "user", "content": [{"type": "text", "text": "ab " * words}]}])
+            return prompt, len(prompt_ids(eng.hf.processor, prompt))
+
+        low, high = 1, 4 * limit  # the most words whose prompt leaves room for 8 new tokens
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if prompt_of(mid)[1] + 8 <= limit else (low, mid - 1)
+        prompt, length = prompt_of(low)
+        room = limit - length
+        assert 1 <= room <= 8, (length, limit)
+        fits = GenRequest(prompt=prompt, image=None, params=GenParams(max_new_tokens=room, min_new_tokens=room))
+        (result,) = run_all(eng, [fits])
+        assert result.completion_tokens == room and result.finish_reason == "length"
+        too_long = GenRequest(prompt=prompt, image=None, params=GenParams(max_new_tokens=room + 1))
+        with pytest.raises(ValueError, match=f"context of {limit} tokens"):
+            eng.prepare(too_long)
 
 
 def test_more_requests_than_slots_wait_for_memory_and_all_finish(tiny_checkpoint: Path) -> None:

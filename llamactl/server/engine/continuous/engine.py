@@ -134,7 +134,9 @@ class ContinuousEngine(EngineStatus):
         self._admitted = 0  # requests taken from the queue whose prefill has not finished
         self._encodings: deque[Encoding] = deque()  # image chunks in the tower, in order (at most vision_queue)
         self._lane = VisionLane()  # where the vision tower runs (a stream of its own on GPUs)
-        self._inflight: _Step | None = None  # the decode step launched last, its tokens not read yet
+        # decode steps launched whose tokens are not read yet, oldest first (at most settings.pipeline_depth once
+        # an iteration is done: the device always has that many queued while the host reads back older ones)
+        self._inflight: deque[_Step] = deque()
         # Each row's next input token and position live on the device (sampled there, moved there), so a step
         # is launched before the previous one's tokens reach the host: the GPU never waits for the step loop.
         self._tokens_in: torch.Tensor | None = None
@@ -227,6 +229,7 @@ class ContinuousEngine(EngineStatus):
                 "vision_graphs": p.tower_graphs},
             "vision_queue": self._vision_queue,
             "pipelined": bool(self.pipelined),
+            "pipeline_depth": self.settings.pipeline_depth if self.pipelined else 0,
             "vision_attention": self._vision_attention(),
             "vision_layers": self._vision_layers(),
             "vision_graphs": self.vision_graphs,
@@ -567,7 +570,7 @@ class ContinuousEngine(EngineStatus):
             self.prepare(r)
         for r in reqs:  # one at a time: a server may have a single slot
             self._prefill([r])
-            while self._running or self._inflight is not None:
+            while self._running or self._inflight:
                 self._iterate([])
         if self.graphs is not None:  # the common small shapes now, so the first requests do not capture
             for rows in self._b_buckets:
@@ -594,7 +597,10 @@ class ContinuousEngine(EngineStatus):
                 return_tensors="pt",
             )
             ids = [int(t) for t in out["input_ids"][0].tolist()]
+        # the steps queued ahead (pipeline_depth) each write one more position, also for a row that just ended
+        # or joined: the context is depth - 1 tokens shorter, so they stay inside the slot
         limit = self.max_len or (self.settings.gen_max_new_tokens + PROMPT_ALLOWANCE)
+        limit -= self.settings.pipeline_depth - 1
         if len(ids) + req.params.max_new_tokens > limit:
             raise ValueError(
                 f"the prompt ({len(ids)} tokens) plus max_tokens ({req.params.max_new_tokens}) is longer than "
@@ -681,7 +687,8 @@ class ContinuousEngine(EngineStatus):
         """One iteration: launch a decode step for every running row (its inputs are already on the device),
         queue new images on the vision stream, then read back the PREVIOUS step's tokens while this one runs
         (stream, end, free slots), then prefill text newcomers and join encoded images (they decode from the
-        next step). A row that ended in the previous step rides along in this one once; its token is dropped."""
+        next step). With ``pipeline_depth`` d the newest d steps stay queued and older ones are read back; a row
+        that ended rides along in the d steps launched before its end was read; their tokens are dropped."""
         clock = self.host
         with clock.phase("launch"):
             step = self._launch_decode() if self._running else None
@@ -691,13 +698,13 @@ class ContinuousEngine(EngineStatus):
             with clock.phase("encode"):
                 self._start_encoding(images)
         self._admitted = len(texts)
-        previous, self._inflight = self._inflight, step
+        if step is not None:
+            self._inflight.append(step)
+        # read back all but the newest ``depth`` steps (all of them when none was launched, or step by step)
+        keep = self.settings.pipeline_depth if self.pipelined and step is not None else 0
         with clock.phase("process"):
-            if previous is not None:
-                self._process(previous)
-            if step is not None and not self.pipelined:
-                self._inflight = None
-                self._process(step)
+            while len(self._inflight) > keep:
+                self._process(self._inflight.popleft())
         if texts:
             with clock.phase("prefill"):
                 self._prefill(texts)
@@ -709,7 +716,7 @@ class ContinuousEngine(EngineStatus):
             with clock.phase("join"):
                 self._join(encoding)
         if not self._running:
-            self._inflight = None  # every row it carried has ended
+            self._inflight.clear()  # every row they carried has ended
 
     def _take_newcomers(self) -> list[GenRequest]:
         taken = take_chunk(
@@ -916,7 +923,7 @@ class ContinuousEngine(EngineStatus):
         failure = EngineFailure(f"inference failed ({type(exc).__name__})")
         encodings = list(self._encodings)
         self._encodings.clear()
-        self._inflight = None
+        self._inflight.clear()
         reported = set()
         for req in [*(s.req for s in self._running), *newcomers, *(r for e in encodings for r in e.reqs)]:
             if id(req) not in reported:
