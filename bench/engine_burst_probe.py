@@ -253,12 +253,39 @@ def summarize(bursts: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def pythonpath() -> str:
+    """This checkout first, then what the caller had (the device's carried packages)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+
+def checkpoint(model_dir: Path | None, tiny: bool) -> Path:
+    """The checkpoint to serve (default /dev/shm/llamactl-11b, tiny: /tmp/llamactl-tiny), built if missing."""
+    model_dir = model_dir or Path("/tmp/llamactl-tiny" if tiny else "/dev/shm/llamactl-11b")
+    if not (model_dir / "config.json").exists():
+        subprocess.run([sys.executable, str(REPO / "bench/engine_prep.py"), "--model-dir", str(model_dir),
+                        "--batches", ""] + (["--tiny"] if tiny else []), check=True, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": pythonpath()})
+    return model_dir
+
+
+def server_env(tiny: bool, clients: int, extra: dict[str, str]) -> dict[str, str]:
+    """`llamactl serve`'s environment for the probes: the continuous engine with a slot per client (64 at least),
+    no cache, limits out of the way; ``extra`` on top (the variant's settings)."""
+    from engine_bench import SAFETY_ENV
+
+    return {**os.environ, **SAFETY_ENV, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath(),
+            "LLAMACTL_ENGINE": "continuous", "LLAMACTL_MAX_BATCH_SIZE": str(max(64, clients)),
+            "LLAMACTL_CACHE_MAX_ENTRIES": "0", "LLAMACTL_QUEUE_LIMIT": "1024", "LLAMACTL_REQUEST_TIMEOUT_S": "900",
+            "LLAMACTL_GEN_MAX_NEW_TOKENS": "4096", "LLAMACTL_DEVICE": "cpu" if tiny else "cuda",
+            "CUDA_VISIBLE_DEVICES": "" if tiny else "0", **extra}
+
+
 def run_variant(a: argparse.Namespace, name: str, env_extra: dict[str, str], images: list[str],
                 model_dir: Path) -> dict[str, Any]:
     import signal
 
     import httpx
-    from engine_bench import SAFETY_ENV, free_port
+    from engine_bench import free_port
     from gpu_load import _run_processes
     from gpu_stack import stop, wait_ready
 
@@ -268,12 +295,7 @@ def run_variant(a: argparse.Namespace, name: str, env_extra: dict[str, str], ima
     trace.unlink(missing_ok=True)
     images_file = a.work / "images.json"
     images_file.write_text(json.dumps(images))
-    env = {**os.environ, **SAFETY_ENV, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
-           "LLAMACTL_ENGINE": "continuous", "LLAMACTL_MAX_BATCH_SIZE": str(max(64, a.clients)),
-           "LLAMACTL_CACHE_MAX_ENTRIES": "0", "LLAMACTL_QUEUE_LIMIT": "1024", "LLAMACTL_REQUEST_TIMEOUT_S": "900",
-           "LLAMACTL_GEN_MAX_NEW_TOKENS": "4096", "LLAMACTL_DEVICE": "cpu" if a.tiny else "cuda",
-           "CUDA_VISIBLE_DEVICES": "" if a.tiny else "0", **env_extra}
+    env = server_env(a.tiny, a.clients, env_extra)
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", str(trace), "--images-file", str(images_file),
             "--", "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
             "--log-level", "warning"]
@@ -352,12 +374,7 @@ def main() -> None:
     a.clients = a.clients or (4 if a.tiny else 32)
     a.max_tokens = a.max_tokens or (8 if a.tiny else 128)
     a.work.mkdir(parents=True, exist_ok=True)
-    model_dir = a.model_dir or Path("/tmp/llamactl-tiny" if a.tiny else "/dev/shm/llamactl-11b")
-    if not (model_dir / "config.json").exists():
-        subprocess.run([sys.executable, str(REPO / "bench/engine_prep.py"), "--model-dir", str(model_dir),
-                        "--batches", ""] + (["--tiny"] if a.tiny else []), check=True, cwd=REPO,
-                       env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                           p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)})
+    model_dir = checkpoint(a.model_dir, a.tiny)
     from gpu_load import noise_jpeg
 
     images = [noise_jpeg(seed, 1120) for seed in range((a.warm + a.bursts) * a.clients * a.rounds)]

@@ -99,25 +99,17 @@ def main() -> None:
     a.max_tokens = a.max_tokens or (8 if a.tiny else 128)
     a.work.mkdir(parents=True, exist_ok=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    model_dir = a.model_dir or Path("/tmp/llamactl-tiny" if a.tiny else "/dev/shm/llamactl-11b")
-    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    if not (model_dir / "config.json").exists():
-        subprocess.run([sys.executable, str(REPO / "bench/engine_prep.py"), "--model-dir", str(model_dir),
-                        "--batches", ""] + (["--tiny"] if a.tiny else []), check=True, cwd=REPO,
-                       env={**os.environ, "PYTHONPATH": pythonpath})
     import httpx
-    from engine_bench import SAFETY_ENV, free_port
+    from engine_bench import free_port
+    from engine_burst_probe import checkpoint, server_env
     from gpu_load import noise_jpeg, run_load
     from gpu_stack import stop, wait_ready
 
+    model_dir = checkpoint(a.model_dir, a.tiny)
     env_extra = dict(item.split("=", 1) for item in a.env.split(",") if item)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, **SAFETY_ENV, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath,
-           "LLAMACTL_ENGINE": "continuous", "LLAMACTL_MAX_BATCH_SIZE": str(max(64, a.clients)),
-           "LLAMACTL_CACHE_MAX_ENTRIES": "0", "LLAMACTL_QUEUE_LIMIT": "1024", "LLAMACTL_REQUEST_TIMEOUT_S": "900",
-           "LLAMACTL_GEN_MAX_NEW_TOKENS": "4096", "LLAMACTL_DEVICE": "cpu" if a.tiny else "cuda",
-           "CUDA_VISIBLE_DEVICES": "" if a.tiny else "0", **env_extra}
+    env = server_env(a.tiny, a.clients, env_extra)
     argv = [sys.executable, "-m", "llamactl", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
             "--port", str(port), "--log-level", "warning"]
     images = [noise_jpeg(seed, 448 if a.tiny else 1120) for seed in range(64)]

@@ -213,13 +213,17 @@ class HostWaits(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        caller = traceback.extract_stack(limit=2)[0]
-        where = f"{Path(caller.filename).name}:{caller.lineno}"
         if func is torch.Tensor.__setitem__ and isinstance(args[2], (bool, int, float)) and args[0][args[1]].dim() == 0:
-            self.seen.append(f"element set from a number: {where}")
+            self.seen.append(f"element set from a number: {_caller()}")
         elif func is torch.tensor and kwargs.get("device") is not None:
-            self.seen.append(f"torch.tensor onto a device: {where}")
+            self.seen.append(f"torch.tensor onto a device: {_caller()}")
         return func(*args, **kwargs)
+
+
+def _caller() -> str:
+    """file:line of the code that made the torch call being recorded (two frames up)."""
+    frame = traceback.extract_stack(limit=3)[0]
+    return f"{Path(frame.filename).name}:{frame.lineno}"
 
 
 def test_the_step_loop_makes_no_blocking_copies_to_the_device(tiny_checkpoint: Path) -> None:
