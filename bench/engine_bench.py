@@ -95,13 +95,13 @@ def design_shares(budget_s: float, prep_s: float, designs: list[Design]) -> list
 def budget_problem(budget_s: float, prep_s: float, designs: list[Design]) -> str | None:
     """Why ``budget_s`` cannot run these designs on a GPU (None: it can). --budget-s is the whole run's; a design
     given less than its server's start records nothing (Session 16 lost 227 device-seconds that way)."""
-    shares = design_shares(budget_s, prep_s, designs)
-    short = [(d, s) for d, s in zip(designs, shares) if s < MIN_GPU_DESIGN_S.get(d.engine, 75.0)]
+    least = [MIN_GPU_DESIGN_S.get(d.engine, 75.0) for d in designs]
+    short = [(d, s, m) for d, s, m in zip(designs, design_shares(budget_s, prep_s, designs), least) if s < m]
     if not short:
         return None
     total = sum(d.weight for d in designs)
-    need = 15 + prep_s + max(MIN_GPU_DESIGN_S.get(d.engine, 75.0) * total / d.weight for d, _ in short)
-    names = ", ".join(f"{d.name} ~{s:.0f} s" for d, s in short)
+    need = 15 + prep_s + max(m * total / d.weight for d, _, m in short)
+    names = ", ".join(f"{d.name} ~{s:.0f} s" for d, s, _ in short)
     return (f"--budget-s {budget_s:.0f} is the whole run's (prep ~{prep_s:.0f} s and every design): it leaves "
             f"{names}, less than a server's start and a level take; give --budget-s {need:.0f} or more, or fewer "
             f"designs")
@@ -597,7 +597,7 @@ def main() -> None:
     ap.add_argument("--sm-levels", type=ints, default=[32], help="levels of the continuous-sm design")
     ap.add_argument("--vp-levels", type=ints, default=[32, 64],
                     help="levels of the continuous-vp, -vl, -c2, -c2vp, -pt, -q2, -q2vp, -tl, -vg, -vgq2, -eager, "
-                    "-vf and -vf1 designs")
+                    "-vf, -vf1 and -pd2 designs")
     ap.add_argument("--seed-levels", type=ints, help="levels of the one-at-a-time design (default 1,8; tiny 1,2)")
     ap.add_argument("--hf-max-batch", type=int, help="the hf design's max batch (default 32; tiny 2)")
     ap.add_argument("--max-tokens", type=int, help="answer length (default 128; tiny 8)")
