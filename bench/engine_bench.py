@@ -349,6 +349,19 @@ class HealthPoller:
         self._thread.join(timeout=10)
 
 
+def start_ballast(free_gib: float) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """gpu_ballast.py on GPU 0, holding all but ``free_gib`` until its stdin closes; its figures once it holds."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="0")
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("gpu_ballast.py")), "--leave-gib",
+                             str(free_gib)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait(30)
+        raise RuntimeError(f"the GPU ballast exited ({proc.returncode}) before holding {free_gib} GiB free")
+    return proc, json.loads(line)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -621,6 +634,10 @@ def main() -> None:
     ap.add_argument("--prev", type=Path, help="a folder holding another version's llamactl/ package (e.g. `mkdir "
                     ".prev-C && git archive C llamactl | tar -x -C .prev-C`; .gitignore keeps .prev-*/ out of git, "
                     "carry it to the GPU machine): adds the design continuous-prev, served from it")
+    ap.add_argument("--gpu-free-gib", type=float, help="before the designs, hold GPU 0's memory but this much in a "
+                    "ballast process (gpu_ballast.py), so the servers size their pools for a smaller card: 79.18 is "
+                    "what an idle 80 GB H100 reports free (run 11: 85,017,493,504 bytes); memory figures then "
+                    "include the ballast")
     a = ap.parse_args()
     if a.prev and not (a.prev / "llamactl" / "__init__.py").is_file():
         ap.error(f"--prev {a.prev}: no llamactl/__init__.py there")
@@ -652,6 +669,7 @@ def main() -> None:
                 "designs": {}, "status": "running"}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally below stops the server and writes
     bench: Bench | None = None
+    ballast: subprocess.Popen[str] | None = None
     try:
         rec.info["env"] = environment(tiny)
         rec.log(json.dumps(rec.info["env"]))
@@ -672,6 +690,9 @@ def main() -> None:
         if not (a.model_dir / "config.json").exists():
             raise RuntimeError(f"no checkpoint in {a.model_dir} after the prep stage")
         bench = Bench(a, rec, images, end)
+        if a.gpu_free_gib:
+            ballast, rec.info["gpu_ballast"] = start_ballast(a.gpu_free_gib)
+            rec.log(f"== ballast: {rec.info['gpu_ballast']}")
         if not tiny and shutil.which("nvidia-smi"):
             bench.sampler = GpuSampler(a.work / "gpu_samples.csv")
             bench.sampler.start()
@@ -698,6 +719,8 @@ def main() -> None:
             if bench.sampler:
                 bench.sampler.stop()
                 shutil.copy(bench.sampler.path, a.out / "gpu_samples.csv")
+        if ballast is not None:
+            ballast.communicate(timeout=30)  # closing its stdin lets it go
         rec.info["elapsed_s"] = round(time.monotonic() - t0, 1)
         logs = [f"==== {p.name}\n{p.read_text(errors='replace')[-8000:]}" for p in sorted(a.work.glob("serve-*.log"))]
         (a.out / "server_logs.txt").write_text("\n".join(logs))

@@ -198,6 +198,10 @@ def markdown(info: dict[str, Any]) -> str:
            f"Device: {env.get('gpu', '-')}; driver {env.get('driver', '-')}; CPU: {env.get('cpu', '-')}.", "",
            (f"Roofline: {info.get('roofline', {}).get('formula', '-')}; "
            f"{info.get('roofline', {}).get('bandwidth_note', '')}."), ""]
+    if ballast := info.get("gpu_ballast"):
+        out += [(f"**Memory held back** (bench/gpu_ballast.py, for the servers): {ballast['held_gib']} GiB of "
+                 f"{ballast['total_gib']}, leaving {ballast['free_gib']} GiB free (an idle 80 GB H100 reports 79.18); "
+                 "the GPU memory figures include the held part."), ""]
     if info.get("status"):
         out += [f"**Status: {info['status']}**", ""]
     base = info.get("baseline") or {}

@@ -405,3 +405,19 @@ def test_the_bench_refuses_a_short_budget_with_a_usage_error(tmp_path: Path) -> 
     assert out.returncode == 2, out.stderr
     assert "--budget-s 240 is the whole run's" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_markdown_names_memory_held_back_by_a_ballast() -> None:
+    info: dict[str, Any] = {"mode": "11b-shape-random-bf16", "env": {"gpu_name": "NVIDIA H200"}, "designs": {},
+                            "gpu_ballast": {"held_gib": 60.1, "free_gib": 79.18, "total_gib": 139.8}}
+    md = ef.markdown(info)
+    assert "60.1 GiB of 139.8, leaving 79.18 GiB free" in md
+    assert "Memory held back" not in ef.markdown({**info, "gpu_ballast": None})
+
+
+def test_a_ballast_that_cannot_hold_is_an_error_not_a_silent_full_card() -> None:
+    import engine_bench
+
+    # no CUDA device here: the ballast process exits before its line, and the bench must not go on as if held
+    with pytest.raises(RuntimeError, match="ballast exited"):
+        engine_bench.start_ballast(79.18)
