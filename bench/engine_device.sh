@@ -22,4 +22,6 @@ else
 fi
 nvidia-smi -L
 python3 bench/engine_bench.py --budget-s "${BUDGET_S:-540}" --designs continuous,hf,seed --out "$OUT" > "$OUT/stdout.txt" 2>&1
+rc=$?
 tail -n 40 "$OUT/engine_bench.log" 2>/dev/null || tail -n 5 "$OUT/stdout.txt"
+exit $rc
