@@ -141,7 +141,7 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
         # (settings.vision_queue), also with the tower first; transformers' vision encoder layers (settings.vision_layers);
         # the tower as CUDA graphs (settings.vision_graphs) with one or two image chunks in the tower; the eager tower;
         # the graphs with the decode steps waiting for the tower's chunk (vision_priority "first"); two decode steps
-        # queued ahead of the host (pipeline_depth)
+        # queued ahead of the host (pipeline_depth); a burst gathered into full chunks (burst_gather_ms)
         **{name: Design(name, f"the continuous engine, {title}", "continuous", max(levels), a.vp_levels,
                         a.rounds, a.min_requests, "round", 3.0, env=env)
            for name, title, env in [
@@ -174,6 +174,9 @@ def designs_from(a: argparse.Namespace) -> list[Design]:
                 {"LLAMACTL_VISION_GRAPHS": "1", "LLAMACTL_VISION_PRIORITY": "first", "LLAMACTL_VISION_QUEUE": "1"}),
                # two decode steps queued ahead of the host instead of one (settings.pipeline_depth)
                ("continuous-pd2", "two decode steps queued ahead of the host", {"LLAMACTL_PIPELINE_DEPTH": "2"}),
+               # an idle tower holds up to 150 ms for a burst's images to fill its first chunk (burst_gather_ms)
+               ("continuous-gather", "an idle tower waits up to 150 ms for a burst to fill its chunk",
+                {"LLAMACTL_BURST_GATHER_MS": "150"}),
            ]},
         "seed": Design("seed", "one request at a time (hf engine, max batch 1: the seed article's design)", "hf", 1,
                        a.seed_levels, 1, a.seed_min_requests, "first", 1.5, a.hf_max_wait_ms),
@@ -610,7 +613,7 @@ def main() -> None:
     ap.add_argument("--sm-levels", type=ints, default=[32], help="levels of the continuous-sm design")
     ap.add_argument("--vp-levels", type=ints, default=[32, 64],
                     help="levels of the continuous-vp, -vl, -c2, -c2vp, -pt, -q2, -q2vp, -tl, -vg, -vgq2, -eager, "
-                    "-vf, -vf1 and -pd2 designs")
+                    "-vf, -vf1, -pd2 and -gather designs")
     ap.add_argument("--seed-levels", type=ints, help="levels of the one-at-a-time design (default 1,8; tiny 1,2)")
     ap.add_argument("--hf-max-batch", type=int, help="the hf design's max batch (default 32; tiny 2)")
     ap.add_argument("--max-tokens", type=int, help="answer length (default 128; tiny 8)")

@@ -92,8 +92,14 @@ class Settings(BaseModel):
     # time): it reads a step's tokens back while the next ``pipeline_depth`` run, so the GPU idles only when the
     # step loop falls that many steps (~8 ms each at 32 rows on an H200) behind, e.g. waiting for the GIL under
     # HTTP load. A row that ends rides along that many steps (its tokens dropped), and a request's context is
-    # that many tokens minus one shorter. 1 = the loop as measured up to Session 17; 2 or more not measured yet.
+    # that many tokens minus one shorter. 1 = the loop as measured; 2 gained nothing once the loop stopped waiting
+    # on the GPU at each finished request (an H200, 32 clients: 1,674 vs 1,701 tok/s, TTFT p50 0.60 vs 0.47 s;
+    # bench/results/engine_bench_run54_h200.md).
     pipeline_depth: int = Field(1, ge=1, le=4)
+    # How long an idle vision tower may hold the images waiting for it while a burst's other images are still
+    # being prepared, so that its first chunk is a full one (scheduler.gather_left); 0 = never hold: the first
+    # ready image starts at once (the behaviour measured up to Session 18). Never holds for a lone request.
+    burst_gather_ms: int = Field(0, ge=0, le=1000)
     # The vision tower's encoder layers (continuous engine): "fused" = q/k/v as one GEMM, GELU inside the fc1 GEMM
     # on GPUs (its tanh form, < 5e-4 from the erf form), residual + layer norm in one pass (engine/continuous/
     # tower.py); "transformers" = its modules as written; "auto" = on GPUs the faster of the two at start (the

@@ -431,6 +431,84 @@ def test_with_the_tower_first_decode_steps_wait_for_its_chunk_and_answers_stay_e
         assert lane.holds == 0 and eng.describe()["tower_holds"] == 0  # "equal" (the default) never holds
 
 
+def _blocked_preparations(eng: ContinuousEngine, reqs: list[GenRequest], gate: threading.Event
+                          ) -> list[threading.Thread]:
+    """``reqs`` prepared in threads, as the server's image threads do, each held at its start until ``gate``."""
+    real = eng._prepare_inputs
+
+    def slow(req: GenRequest) -> None:
+        if any(req is r for r in reqs):
+            assert gate.wait(30)
+        real(req)
+
+    eng._prepare_inputs = slow  # type: ignore[method-assign]
+    threads = [threading.Thread(target=eng.prepare, args=(r,)) for r in reqs]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while eng._preparing_images < len(reqs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert eng._preparing_images == len(reqs)
+    return threads
+
+
+def test_an_idle_tower_waits_for_a_bursts_images_to_fill_its_first_chunk(tiny_checkpoint: Path) -> None:
+    """settings.burst_gather_ms: with the tower idle, one image ready and three more being prepared (a chunk's
+    worth), the ready one waits for them and the four go through the tower and join as one chunk; a lone
+    request never waits; the wait is bounded by the setting."""
+    gate = threading.Event()
+    with running_engine(tiny_checkpoint, max_batch_size=8, gen_max_new_tokens=64, prefill_chunk_images=4,
+                        burst_gather_ms=1000) as eng:
+        assert eng.describe()["burst_gather_ms"] == 1000
+        # longer than the setting allows (1 s), so that a slow test machine cannot run out the hold
+        eng.settings = eng.settings.model_copy(update={"burst_gather_ms": 20_000})
+        make = lambda: GenRequest(prompt=image_prompt(eng), image=trained_image("red"),
+                                  params=GenParams(max_new_tokens=6))
+        lone = run_all(eng, [make()])[0]
+        assert eng.describe()["host_s"].get("gather", 0.0) == 0.0  # nothing on its way: no hold
+
+        first, rest = make(), [make() for _ in range(3)]
+        joined: list[int] = []
+        eng.on_batch = joined.append
+        done: list[Any] = []
+        for r in [first, *rest]:
+            r.on_finish = done.append
+        try:
+            threads = _blocked_preparations(eng, rest, gate)
+            eng.prepare(first)
+            eng.add(first)
+            time.sleep(0.5)
+            assert not done and list(eng._waiting) == [first]  # held while the other three are prepared
+        finally:
+            gate.set()
+        for t in threads:
+            t.join(10)
+        for r in rest:
+            eng.add(r)
+        deadline = time.monotonic() + 60
+        while len(done) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(done) == 4 and joined == [4]  # one chunk of four
+        assert {r.text for r in done} == {lone.text}
+        assert eng.describe()["host_s"]["gather"] >= 0.4
+
+    late_gate = threading.Event()
+    with running_engine(tiny_checkpoint, max_batch_size=8, gen_max_new_tokens=64, prefill_chunk_images=4,
+                        burst_gather_ms=300) as eng:
+        first, late = (GenRequest(prompt=image_prompt(eng), image=trained_image("red"),
+                                  params=GenParams(max_new_tokens=6)) for _ in range(2))
+        eng.chunk_images = 2  # one waiting + one being prepared fill a chunk
+        try:
+            threads = _blocked_preparations(eng, [late], late_gate)
+            t0 = time.monotonic()
+            run_all(eng, [first])
+            assert time.monotonic() - t0 >= 0.3  # it waited the setting's 300 ms for the other one ...
+            assert eng._preparing_images == 1  # ... and went on without it
+        finally:
+            late_gate.set()
+        threads[0].join(10)
+
+
 def test_only_a_full_chunk_queues_behind_one_in_the_tower(tiny_checkpoint: Path) -> None:
     """Behind a chunk in the tower a partial chunk waits (queueing it would only delay the next arrivals by a
     chunk); a full one (a burst) queues, up to vision_queue chunks; nothing is queued on the CPU's own lane."""

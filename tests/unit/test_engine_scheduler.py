@@ -6,7 +6,7 @@ from collections import deque
 from types import SimpleNamespace
 from typing import Any
 
-from llamactl.server.engine.continuous.scheduler import take_chunk, vision_queue_depth
+from llamactl.server.engine.continuous.scheduler import gather_left, take_chunk, vision_queue_depth
 
 
 def req(tokens: int, image: bool = False, cancelled: bool = False) -> Any:
@@ -71,3 +71,20 @@ def test_the_tower_runs_eagerly_with_the_queue_chosen_by_default() -> None:
     fields = Settings.model_fields
     assert fields["vision_graphs"].default is False and fields["vision_queue"].default == 0
     assert vision_queue_depth(fields["vision_queue"].default, on_gpu=True, tower_graphs=False) == 1
+
+
+def test_an_idle_tower_holds_only_while_a_bursts_images_can_fill_its_chunk() -> None:
+    # 2 waiting, 6 being prepared, chunks of 8, the oldest waited 10 ms of 50: hold 40 ms more
+    assert abs(gather_left(2, 6, 8, 0.010, 0.050) - 0.040) < 1e-9
+    assert gather_left(2, 5, 8, 0.010, 0.050) == 0.0  # not enough on its way to fill the chunk
+    assert gather_left(8, 9, 8, 0.010, 0.050) == 0.0  # a full chunk is waiting: go
+    assert gather_left(0, 9, 8, 0.010, 0.050) == 0.0  # nothing waiting, nothing to hold
+    assert gather_left(2, 6, 8, 0.060, 0.050) == 0.0  # held long enough
+    assert gather_left(2, 6, 8, 0.010, 0.0) == 0.0  # the setting off (the default)
+    assert gather_left(1, 30, 1, 0.0, 0.050) == 0.0  # chunks of one (or one free slot) are always full
+
+
+def test_burst_gathering_is_off_by_default() -> None:
+    from llamactl.server.settings import Settings
+
+    assert Settings.model_fields["burst_gather_ms"].default == 0

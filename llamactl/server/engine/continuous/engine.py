@@ -54,7 +54,7 @@ from llamactl.server.engine.continuous.output import OutputWorker, run_all
 from llamactl.server.engine.continuous.pixels import FastPixels, image_token_mask, prompt_ids
 from llamactl.server.engine.continuous.pools import PoolShape, SlotPools, plan_slots
 from llamactl.server.engine.continuous.sampler import RowSampling, sample_tokens
-from llamactl.server.engine.continuous.scheduler import take_chunk, vision_queue_depth
+from llamactl.server.engine.continuous.scheduler import gather_left, take_chunk, vision_queue_depth
 from llamactl.server.engine.continuous.sequence import Prepared, Sequence
 from llamactl.server.engine.continuous.tower_graphs import TowerGraphs, cuda_capture, own_stream
 from llamactl.server.engine.continuous.vision import VisionEncoder, choose_backend, choose_layers
@@ -132,6 +132,8 @@ class ContinuousEngine(EngineStatus):
         self._running: list[Sequence] = []  # index == slot
         self._stopping = False
         self._admitted = 0  # requests taken from the queue whose prefill has not finished
+        self._preparing_images = 0  # image requests in prepare() now (image threads): a burst on its way
+        self._hold_s = 0.0  # how long the idle tower still holds its waiting images for a fuller chunk
         self._encodings: deque[Encoding] = deque()  # image chunks in the tower, in order (at most vision_queue)
         self._lane = VisionLane()  # where the vision tower runs (a stream of its own on GPUs)
         # decode steps launched whose tokens are not read yet, oldest first (at most settings.pipeline_depth once
@@ -230,6 +232,7 @@ class ContinuousEngine(EngineStatus):
             "vision_queue": self._vision_queue,
             "pipelined": bool(self.pipelined),
             "pipeline_depth": self.settings.pipeline_depth if self.pipelined else 0,
+            "burst_gather_ms": self.settings.burst_gather_ms,
             "vision_attention": self._vision_attention(),
             "vision_layers": self._vision_layers(),
             "vision_graphs": self.vision_graphs,
@@ -582,6 +585,18 @@ class ContinuousEngine(EngineStatus):
     def prepare(self, req: GenRequest) -> None:
         if req.prepared is not None:
             return
+        counted = req.image is not None
+        if counted:
+            with self._cv:
+                self._preparing_images += 1
+        try:
+            self._prepare_inputs(req)
+        finally:
+            if counted:
+                with self._cv:  # no notify: add() wakes the step loop once the request is in the queue
+                    self._preparing_images -= 1
+
+    def _prepare_inputs(self, req: GenRequest) -> None:
         hf = self.hf
         if hf.processor is None:
             raise ValueError("the model is not loaded yet")
@@ -672,6 +687,11 @@ class ContinuousEngine(EngineStatus):
                         return
                     with self.host.phase("admit"):
                         newcomers = self._take_newcomers()
+                    while not newcomers and self._hold_s > 0 and not self._running and not self._encodings:
+                        with self.host.phase("gather"):  # a burst's images are still being prepared
+                            self._cv.wait(self._hold_s)
+                        with self.host.phase("admit"):
+                            newcomers = self._take_newcomers()
                     self._admitted = len(newcomers)
                 if self.step_hook is not None:
                     self.step_hook()
@@ -719,15 +739,28 @@ class ContinuousEngine(EngineStatus):
             self._inflight.clear()  # every row they carried has ended
 
     def _take_newcomers(self) -> list[GenRequest]:
+        free = self.slots - len(self._running) - self._encoding_reqs()
+        self._hold_s = self._gather_hold(free)
         taken = take_chunk(
-            self._waiting, self.slots - len(self._running) - self._encoding_reqs(), self.chunk_images,
-            self.chunk_tokens, images_busy=self._tower_busy(),
+            self._waiting, free, self.chunk_images,
+            self.chunk_tokens, images_busy=self._hold_s > 0 or self._tower_busy(),
             on_cancelled=lambda req: _report(req, _cancelled_result(req)),
         )
         now = time.monotonic()
         for req in taken:
             req.taken_at = now
         return taken
+
+    def _gather_hold(self, free: int) -> float:
+        """Seconds the idle tower still holds the waiting images for a fuller first chunk (burst_gather_ms)."""
+        gather_s = self.settings.burst_gather_ms / 1000
+        if not gather_s or self._encodings or not self._waiting:
+            return 0.0
+        images = [r for r in list(self._waiting) if r.image is not None]
+        if not images:
+            return 0.0
+        oldest = time.monotonic() - (images[0].queued_at or time.monotonic())
+        return gather_left(len(images), self._preparing_images, min(self.chunk_images, free), oldest, gather_s)
 
     @property
     def _vision_queue(self) -> int:
