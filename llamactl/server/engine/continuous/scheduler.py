@@ -46,8 +46,9 @@ def gather_left(waiting_images: int, preparing_images: int, chunk_images: int, o
     burst_gather_ms), else 0. Only in a burst: fewer than a chunk waiting, but enough still being prepared in the
     image threads to fill one. Launching the first ready image alone there costs the rest a whole tower pass and
     join (an H200, 32 clients at once: first tokens in groups of 1, 8, 8, 8 and 7, one group a chunk, the last
-    1.72 s after the first send; bench/results/engine_bench_run56_h200.json). A steady trickle never holds: a chunk's worth is
-    rarely in preparation at once. Bounded by ``gather_s`` from the oldest waiting image's arrival."""
+    1.72 s after the first send; bench/results/engine_bench_run56_h200.json). A steady trickle never holds: a
+    chunk's worth is rarely in preparation at once. Bounded by ``gather_s`` from the oldest waiting image's
+    arrival."""
     if gather_s <= 0 or not 0 < waiting_images < chunk_images:
         return 0.0
     if waiting_images + preparing_images < chunk_images:
