@@ -9,6 +9,7 @@ import asyncio
 import contextvars
 import os
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -81,6 +82,15 @@ class Inference:
         # image decoding and preparation (CPU work outside the GIL for the most part), first come first served
         self.image_threads = image_threads
         self.image_pool = ThreadPoolExecutor(image_threads, thread_name_prefix="llamactl-image")
+        # Image requests on their way to the engine (its burst_gather_ms reads the count): being decoded, or
+        # decoded and not yet handed over. The decoded ones by id, weakly: an image its request drops (an error,
+        # a cached answer, a check-only decode) leaves the count with its last reference.
+        self._decoding = 0
+        self._decoded: weakref.WeakValueDictionary[int, Image] = weakref.WeakValueDictionary()
+
+    def images_on_the_way(self) -> int:
+        """Image requests being decoded or prepared here and not yet in the engine's queue (any thread)."""
+        return self._decoding + len(self._decoded)
 
     async def _in_image_pool(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in the image threads (the caller's context variables with it, as asyncio.to_thread)."""
@@ -152,11 +162,15 @@ class Inference:
             max_bytes=int(self.settings.max_image_mb * 1024 * 1024), max_pixels=self.settings.max_image_pixels
         )
         t0 = time.monotonic()
+        self._decoding += 1
         try:
             image = await self._in_image_pool(decode_base64_image, data, limits)
         except ImageError as exc:
             self.error("invalid_image")
             raise ApiError(exc.status, exc.message, "invalid_image") from None
+        finally:
+            self._decoding -= 1
+        self._decoded[id(image)] = image
         self.metrics.image_decode.observe(time.monotonic() - t0)
         return image
 
@@ -179,6 +193,17 @@ class Inference:
         """Admit a request (prepared in a worker thread, then handed to the engine) and return an awaitable of
         its outcome. Refusals (400 for a request the engine cannot take, 429, 503) raise here, before a caller
         starts a response, so a streamed request gets them as its HTTP status."""
+        try:
+            return await self._enqueue(prompt, image, params, cache_key, on_text)
+        finally:
+            self._handed_over(image)  # to the engine, or answered or refused without it
+
+    def _handed_over(self, image: Image | None) -> None:
+        if image is not None:
+            self._decoded.pop(id(image), None)
+
+    async def _enqueue(self, prompt: str, image: Image | None, params: GenParams, cache_key: str | None,
+                       on_text: Callable[[str], None] | None) -> Awaitable[Outcome]:
         started = time.monotonic()
         if cache_key is not None and self.cache is not None:
             hit = self.cache.get(cache_key)
@@ -212,6 +237,7 @@ class Inference:
             self.error("invalid_request")
             raise ApiError(400, str(exc), "invalid_request") from None
         self.metrics.processor.observe(time.monotonic() - t0)
+        self._handed_over(req.image)  # before it is in the engine's queue: never counted twice
         try:
             return self.batcher.enqueue(req)
         except QueueFull as exc:

@@ -96,9 +96,10 @@ class Settings(BaseModel):
     # on the GPU at each finished request (an H200, 32 clients: 1,674 vs 1,701 tok/s, TTFT p50 0.60 vs 0.47 s;
     # bench/results/engine_bench_run54_h200.md).
     pipeline_depth: int = Field(1, ge=1, le=4)
-    # How long an idle vision tower may hold the images waiting for it while a burst's other images are still
-    # being prepared, so that its first chunk is a full one (scheduler.gather_left); 0 = never hold: the first
-    # ready image starts at once (the behaviour measured up to Session 18). Never holds for a lone request.
+    # How long an idle vision tower may hold the images waiting for it while enough of a burst's other images are
+    # still on their way (decoded or prepared in the image threads) to fill its chunk (scheduler.gather_left); 0 =
+    # never hold: the first ready image starts at once (the behaviour measured up to Session 18). A lone request
+    # never waits.
     burst_gather_ms: int = Field(0, ge=0, le=1000)
     # The vision tower's encoder layers (continuous engine): "fused" = q/k/v as one GEMM, GELU inside the fc1 GEMM
     # on GPUs (its tanh form, < 5e-4 from the erf form), residual + layer norm in one pass (engine/continuous/

@@ -133,6 +133,8 @@ class ServerState:
             image_threads=image_thread_count(settings.image_threads, cpu.threads if cpu is not None else None),
         )
         self.inference.shared_cache = _shared_cache(settings, self.metrics)
+        if hasattr(hooks, "images_on_the_way"):
+            hooks.images_on_the_way = self.inference.images_on_the_way
         self.quotas = _quotas(settings, self.metrics)  # None without API keys
         self.thread: threading.Thread | None = None
 

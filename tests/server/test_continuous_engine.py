@@ -431,37 +431,17 @@ def test_with_the_tower_first_decode_steps_wait_for_its_chunk_and_answers_stay_e
         assert lane.holds == 0 and eng.describe()["tower_holds"] == 0  # "equal" (the default) never holds
 
 
-def _blocked_preparations(eng: ContinuousEngine, reqs: list[GenRequest], gate: threading.Event
-                          ) -> list[threading.Thread]:
-    """``reqs`` prepared in threads, as the server's image threads do, each held at its start until ``gate``."""
-    real = eng._prepare_inputs
-
-    def slow(req: GenRequest) -> None:
-        if any(req is r for r in reqs):
-            assert gate.wait(30)
-        real(req)
-
-    eng._prepare_inputs = slow  # type: ignore[method-assign]
-    threads = [threading.Thread(target=eng.prepare, args=(r,)) for r in reqs]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 10
-    while eng._preparing_images < len(reqs) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert eng._preparing_images == len(reqs)
-    return threads
-
-
 def test_an_idle_tower_waits_for_a_bursts_images_to_fill_its_first_chunk(tiny_checkpoint: Path) -> None:
-    """settings.burst_gather_ms: with the tower idle, one image ready and three more being prepared (a chunk's
-    worth), the ready one waits for them and the four go through the tower and join as one chunk; a lone
-    request never waits; the wait is bounded by the setting."""
-    gate = threading.Event()
+    """settings.burst_gather_ms: with the tower idle, one image waiting and three more on their way (the server's
+    count: being decoded or prepared), the waiting one is held until they arrive, and the four go through the
+    tower and join as one chunk; a lone request never waits; the wait is bounded by the setting."""
+    on_the_way = [0]
     with running_engine(tiny_checkpoint, max_batch_size=8, gen_max_new_tokens=64, prefill_chunk_images=4,
                         burst_gather_ms=1000) as eng:
         assert eng.describe()["burst_gather_ms"] == 1000
         # longer than the setting allows (1 s), so that a slow test machine cannot run out the hold
         eng.settings = eng.settings.model_copy(update={"burst_gather_ms": 20_000})
+        eng.images_on_the_way = lambda: on_the_way[0]
         make = lambda: GenRequest(prompt=image_prompt(eng), image=trained_image("red"),
                                   params=GenParams(max_new_tokens=6))
         lone = run_all(eng, [make()])[0]
@@ -472,18 +452,14 @@ def test_an_idle_tower_waits_for_a_bursts_images_to_fill_its_first_chunk(tiny_ch
         eng.on_batch = joined.append
         done: list[Any] = []
         for r in [first, *rest]:
+            eng.prepare(r)
             r.on_finish = done.append
-        try:
-            threads = _blocked_preparations(eng, rest, gate)
-            eng.prepare(first)
-            eng.add(first)
-            time.sleep(0.5)
-            assert not done and list(eng._waiting) == [first]  # held while the other three are prepared
-        finally:
-            gate.set()
-        for t in threads:
-            t.join(10)
+        on_the_way[0] = 3
+        eng.add(first)
+        time.sleep(0.5)
+        assert not done and list(eng._waiting) == [first]  # held while the other three are on their way
         for r in rest:
+            on_the_way[0] -= 1
             eng.add(r)
         deadline = time.monotonic() + 60
         while len(done) < 4 and time.monotonic() < deadline:
@@ -492,21 +468,13 @@ def test_an_idle_tower_waits_for_a_bursts_images_to_fill_its_first_chunk(tiny_ch
         assert {r.text for r in done} == {lone.text}
         assert eng.describe()["host_s"]["gather"] >= 0.4
 
-    late_gate = threading.Event()
-    with running_engine(tiny_checkpoint, max_batch_size=8, gen_max_new_tokens=64, prefill_chunk_images=4,
+    with running_engine(tiny_checkpoint, max_batch_size=8, gen_max_new_tokens=64, prefill_chunk_images=2,
                         burst_gather_ms=300) as eng:
-        first, late = (GenRequest(prompt=image_prompt(eng), image=trained_image("red"),
-                                  params=GenParams(max_new_tokens=6)) for _ in range(2))
-        eng.chunk_images = 2  # one waiting + one being prepared fill a chunk
-        try:
-            threads = _blocked_preparations(eng, [late], late_gate)
-            t0 = time.monotonic()
-            run_all(eng, [first])
-            assert time.monotonic() - t0 >= 0.3  # it waited the setting's 300 ms for the other one ...
-            assert eng._preparing_images == 1  # ... and went on without it
-        finally:
-            late_gate.set()
-        threads[0].join(10)
+        eng.images_on_the_way = lambda: 1  # one more always on its way: enough to fill a chunk of two
+        t0 = time.monotonic()
+        run_all(eng, [GenRequest(prompt=image_prompt(eng), image=trained_image("red"),
+                                 params=GenParams(max_new_tokens=6))])
+        assert time.monotonic() - t0 >= 0.3  # it waited the setting's 300 ms for the other one, then went alone
 
 
 def test_only_a_full_chunk_queues_behind_one_in_the_tower(tiny_checkpoint: Path) -> None:
@@ -591,6 +559,35 @@ def test_a_blocked_step_loop_is_reported_stalled_then_recovers(hooked: ThreadSer
     gate.set()
     pending.join(60)
     assert httpx.get(srv.url + "/ready").status_code == 200
+
+
+def test_the_server_counts_image_requests_on_their_way_to_the_engine(hooked: ThreadServer) -> None:
+    """What burst_gather_ms reads (Inference.images_on_the_way, wired to the engine): an image request counts
+    from its decoding until it is handed to the engine (so during its preparation), and none stays counted
+    after an answer, a refused prompt or an image that does not decode."""
+    srv = hooked
+    eng, svc = srv.state.engine, srv.state.inference
+    assert eng.images_on_the_way == svc.images_on_the_way
+    seen: list[int] = []
+    real = eng.prepare
+
+    def prepare(req: GenRequest) -> None:
+        if req.prepared is None:  # the server's call (the step loop's find it prepared)
+            seen.append(svc.images_on_the_way())
+        real(req)
+
+    eng.prepare = prepare  # type: ignore[method-assign]
+    try:
+        ok = httpx.post(srv.url + "/infer", json={"image": png_b64("red"), "max_tokens": 4}, timeout=60)
+        assert ok.status_code == 200 and seen == [1] and svc.images_on_the_way() == 0
+        too_long = httpx.post(srv.url + "/infer", json={"image": png_b64("red"), "max_tokens": 4,
+                                                         "question": "why " * 5000}, timeout=60)
+        assert too_long.status_code == 400, too_long.text
+        assert "context" in too_long.text and svc.images_on_the_way() == 0  # refused in its preparation
+        bad = httpx.post(srv.url + "/infer", json={"image": "bm90IGFuIGltYWdl", "max_tokens": 4}, timeout=60)
+        assert bad.status_code == 415 and svc.images_on_the_way() == 0  # not an image
+    finally:
+        eng.prepare = real  # type: ignore[method-assign]
 
 
 @pytest.fixture

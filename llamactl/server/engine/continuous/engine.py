@@ -132,7 +132,6 @@ class ContinuousEngine(EngineStatus):
         self._running: list[Sequence] = []  # index == slot
         self._stopping = False
         self._admitted = 0  # requests taken from the queue whose prefill has not finished
-        self._preparing_images = 0  # image requests in prepare() now (image threads): a burst on its way
         self._hold_s = 0.0  # how long the idle tower still holds its waiting images for a fuller chunk
         self._encodings: deque[Encoding] = deque()  # image chunks in the tower, in order (at most vision_queue)
         self._lane = VisionLane()  # where the vision tower runs (a stream of its own on GPUs)
@@ -149,6 +148,8 @@ class ContinuousEngine(EngineStatus):
         self.liveness: Any = None  # llamactl.server.liveness.Liveness, set by the server
         self.metrics: Any = None  # llamactl.server.metrics.Metrics, set by the server
         self.step_hook: Callable[[], None] | None = None  # tests: runs at the top of every iteration
+        # image requests the server is decoding or preparing, not yet added here (burst_gather_ms); set by the server
+        self.images_on_the_way: Callable[[], int] = lambda: 0
         self.runner: MllamaRunner | None = None
         self.pools: SlotPools | None = None
         self.graphs: DecodeGraphs | None = None
@@ -585,18 +586,6 @@ class ContinuousEngine(EngineStatus):
     def prepare(self, req: GenRequest) -> None:
         if req.prepared is not None:
             return
-        counted = req.image is not None
-        if counted:
-            with self._cv:
-                self._preparing_images += 1
-        try:
-            self._prepare_inputs(req)
-        finally:
-            if counted:
-                with self._cv:  # no notify: add() wakes the step loop once the request is in the queue
-                    self._preparing_images -= 1
-
-    def _prepare_inputs(self, req: GenRequest) -> None:
         hf = self.hf
         if hf.processor is None:
             raise ValueError("the model is not loaded yet")
@@ -760,7 +749,7 @@ class ContinuousEngine(EngineStatus):
         if not images:
             return 0.0
         oldest = time.monotonic() - (images[0].queued_at or time.monotonic())
-        return gather_left(len(images), self._preparing_images, min(self.chunk_images, free), oldest, gather_s)
+        return gather_left(len(images), self.images_on_the_way(), min(self.chunk_images, free), oldest, gather_s)
 
     @property
     def _vision_queue(self) -> int:
