@@ -677,7 +677,7 @@ class ContinuousEngine(EngineStatus):
                     with self.host.phase("admit"):
                         newcomers = self._take_newcomers()
                     while not newcomers and self._hold_s > 0 and not self._running and not self._encodings:
-                        with self.host.phase("gather"):  # a burst's images are still being prepared
+                        with self.host.phase("gather"):  # a burst's images are still on their way (add() wakes us)
                             self._cv.wait(self._hold_s)
                         with self.host.phase("admit"):
                             newcomers = self._take_newcomers()

@@ -44,11 +44,11 @@ def gather_left(waiting_images: int, images_on_the_way: int, chunk_images: int, 
                 gather_s: float) -> float:
     """Seconds an idle vision tower should still hold its waiting images for a fuller chunk (settings.
     burst_gather_ms), else 0. Only in a burst: fewer than a chunk waiting, but enough still on their way (being
-    decoded or prepared in the server's image threads) to fill one. Launching the first ready image alone there costs the rest a whole tower pass and
-    join (an H200, 32 clients at once: first tokens in groups of 1, 8, 8, 8 and 7, one group a chunk, the last
-    1.72 s after the first send; bench/results/engine_bench_run56_h200.json). A steady trickle never holds: a
-    chunk's worth is rarely on its way at once. Bounded by ``gather_s`` from the oldest waiting image's
-    arrival."""
+    decoded or prepared in the server's image threads) to fill one. Launching the first ready image alone there
+    costs the rest a whole tower pass and join (an H200, 32 clients at once: first tokens in groups of 1, 8, 8, 8
+    and 7, one group a chunk, the last 1.72 s after the first send; bench/results/engine_bench_run56_h200.json).
+    A steady trickle never holds: a chunk's worth is rarely on its way at once. Bounded by ``gather_s`` from the
+    oldest waiting image's arrival."""
     if gather_s <= 0 or not 0 < waiting_images < chunk_images:
         return 0.0
     if waiting_images + images_on_the_way < chunk_images:
