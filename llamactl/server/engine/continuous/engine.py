@@ -743,13 +743,17 @@ class ContinuousEngine(EngineStatus):
     def _gather_hold(self, free: int) -> float:
         """Seconds the idle tower still holds the waiting images for a fuller first chunk (burst_gather_ms)."""
         gather_s = self.settings.burst_gather_ms / 1000
-        if not gather_s or self._encodings or not self._waiting:
+        if not gather_s or self._encodings:
             return 0.0
-        images = [r for r in list(self._waiting) if r.image is not None]
+        images = self._waiting_images()
         if not images:
             return 0.0
-        oldest = time.monotonic() - (images[0].queued_at or time.monotonic())
-        return gather_left(len(images), self.images_on_the_way(), min(self.chunk_images, free), oldest, gather_s)
+        waited = time.monotonic() - (images[0].queued_at or 0.0)  # set by add() for every waiting request
+        return gather_left(len(images), self.images_on_the_way(), min(self.chunk_images, free), waited, gather_s)
+
+    def _waiting_images(self) -> list[GenRequest]:
+        """The waiting requests with an image, oldest first."""
+        return [r for r in list(self._waiting) if r.image is not None]
 
     @property
     def _vision_queue(self) -> int:
@@ -766,7 +770,7 @@ class ContinuousEngine(EngineStatus):
             return False
         if queued >= self._vision_queue:
             return True
-        return sum(1 for r in list(self._waiting) if r.image is not None) < self.chunk_images
+        return len(self._waiting_images()) < self.chunk_images
 
     def _prepared(self, reqs: list[GenRequest]) -> list[GenRequest]:
         """The requests whose inputs are ready (prepared here if they came without ``prepare``: benches, tests)."""
